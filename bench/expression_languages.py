@@ -70,9 +70,11 @@ def cedar() -> float:
 
 
 def main() -> None:
-    rows = [("CEL, common-expression-language (Rust)", cel_rust()),
-            ("CEL, cel-python (pure Python)", cel_python()),
-            ("Cedar, cedarpy (Rust, per request)", cedar())]
+    rows = [
+        ("CEL, common-expression-language (Rust)", cel_rust()),
+        ("CEL, cel-python (pure Python)", cel_python()),
+        ("Cedar, cedarpy (Rust, per request)", cedar()),
+    ]
     print(f"{'candidate':<42} {'µs per evaluation':>18}")
     for name, micros in rows:
         print(f"{name:<42} {micros:>18.1f}")

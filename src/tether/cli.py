@@ -1,0 +1,372 @@
+"""The `tether` command line: run, inspect, approve and resume governed runs.
+
+Exit codes: 0 when a run completes, pauses or is handed off (a normal stop); 1 when it
+fails, escalates or has an effect in doubt; 2 for bad input (nothing was changed).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import getpass
+import json
+import time
+from collections.abc import Coroutine
+from pathlib import Path
+from typing import Annotated, Any, NoReturn, TypeVar
+
+import typer
+from rich.console import Console
+from rich.table import Table
+
+from tether.errors import TetherError
+from tether.journal import DB_ENV, Journal, open_journal, verify_chain
+from tether.loader import load_workflow, workflow_ref
+from tether.models import Model, resolve_model
+from tether.runtime import RunResult, Runtime
+from tether.timeline import timeline
+
+app = typer.Typer(
+    help="tether: run governed AI workflows and audit what they did.",
+    no_args_is_help=True,
+    add_completion=False,
+    pretty_exceptions_enable=False,
+)
+out = Console(highlight=False)
+err = Console(stderr=True, highlight=False)
+T = TypeVar("T")
+
+DbOption = Annotated[
+    str | None,
+    typer.Option(
+        "--db", envvar=DB_ENV, help="Journal: a SQLite path or sqlite:///path. Default ./tether.db."
+    ),
+]
+JsonOption = Annotated[bool, typer.Option("--json", help="Print JSON for machines.")]
+ModelOption = Annotated[
+    str | None, typer.Option("--model", help="Who proposes steps, e.g. script:proposals.json.")
+]
+WaitOption = Annotated[
+    bool, typer.Option("--wait", help="When the run pauses on a ticket, wait for the decision and go on.")
+]
+ByOption = Annotated[str | None, typer.Option("--by", help="Who decides (default: your user name).")]
+FAILED_STATUSES = {"failed", "escalated", "effect_in_doubt"}
+
+
+def _fail(message: str) -> NoReturn:
+    err.print(f"[bold red]error:[/] {message}")
+    raise typer.Exit(2)
+
+
+def _run(coro: Coroutine[Any, Any, T]) -> T:
+    try:
+        return asyncio.run(coro)
+    except TetherError as exc:
+        _fail(str(exc))
+
+
+def _journal(db: str | None) -> Journal:
+    try:
+        return open_journal(db)
+    except TetherError as exc:
+        _fail(str(exc))
+
+
+def _model(spec: str | None) -> tuple[Model | None, str | None]:
+    if spec is None:
+        return None, None
+    prefix, _, arg = spec.partition(":")
+    if prefix == "script" and arg:  # pin the absolute path so `resume` works from anywhere
+        spec = f"script:{Path(arg).resolve()}"
+    try:
+        return resolve_model(spec), spec
+    except TetherError as exc:
+        _fail(str(exc))
+
+
+def _report(result: RunResult, as_json: bool) -> None:
+    if as_json:
+        out.print_json(json.dumps(result.__dict__, default=str))
+    else:
+        colour = {"completed": "green", "paused": "yellow"}.get(result.status, "red")
+        out.print(
+            f"run [bold]{result.run_id}[/] is [bold {colour}]{result.status}[/] in state {result.state}"
+        )
+        if result.status == "paused" and result.ticket_id:
+            out.print(
+                f"  waiting on ticket [bold]{result.ticket_id}[/] for {result.owner}: "
+                f"tether approve {result.ticket_id}  |  tether deny {result.ticket_id} "
+                f"--reason TEXT  |  then: tether resume {result.run_id}"
+            )
+        elif result.message:
+            out.print(f"  {result.reason_code}: {result.message}")
+    if result.status in FAILED_STATUSES:
+        raise typer.Exit(1)
+
+
+async def _wait_and_resume(
+    runtime: Runtime, result: RunResult, workflow: Any, model: Model | None, quiet: bool
+) -> RunResult:
+    while result.status == "paused" and result.ticket_id:
+        if not quiet:
+            err.print(
+                f"waiting for a decision on ticket {result.ticket_id} "
+                f"({result.owner}); decide from another shell: tether approve "
+                f"{result.ticket_id}"
+            )
+        while (await runtime.journal.get_ticket(result.ticket_id)).status == "pending":
+            ticket = await runtime.journal.get_ticket(result.ticket_id)
+            if ticket.expires_at <= runtime.clock():
+                break
+            await asyncio.sleep(0.2)
+        result = await runtime.resume(result.run_id, workflow, model)
+    return result
+
+
+@app.command()
+def run(
+    workflow: Annotated[str, typer.Argument(help="Directory, workflow YAML file, or module:attr.")],
+    input: Annotated[str, typer.Option("--input", help="Run input as a JSON object.")] = "{}",
+    model: ModelOption = None,
+    policy: Annotated[Path | None, typer.Option(help="Policy file overriding the workflow's.")] = None,
+    db: DbOption = None,
+    wait: WaitOption = False,
+    as_json: JsonOption = False,
+) -> None:
+    """Start a run and drive it until it completes, pauses or stops."""
+    try:
+        data = json.loads(input)
+    except json.JSONDecodeError as exc:
+        _fail(f"--input is not JSON: {exc}")
+    if not isinstance(data, dict):
+        _fail("--input must be a JSON object")
+    try:
+        wf = load_workflow(workflow, policy=policy)
+    except TetherError as exc:
+        _fail(str(exc))
+    proposer, spec = _model(model)
+    runtime = Runtime(_journal(db))
+
+    async def go() -> RunResult:
+        result = await runtime.start(
+            wf, proposer, input=data, workflow_ref=workflow_ref(workflow), model_spec=spec
+        )
+        return await _wait_and_resume(runtime, result, wf, proposer, as_json) if wait else result
+
+    _report(_run(go()), as_json)
+
+
+@app.command()
+def resume(
+    run_id: Annotated[str, typer.Argument(metavar="RUN")],
+    model: ModelOption = None,
+    db: DbOption = None,
+    wait: WaitOption = False,
+    as_json: JsonOption = False,
+) -> None:
+    """Continue a paused or interrupted run from its last committed step."""
+    journal = _journal(db)
+    runtime = Runtime(journal)
+
+    async def go() -> RunResult:
+        record = await journal.get_run(run_id)
+        wf = load_workflow(record.workflow_ref)
+        proposer, _ = _model(model or record.model_spec)
+        result = await runtime.resume(run_id, wf, proposer)
+        return await _wait_and_resume(runtime, result, wf, proposer, as_json) if wait else result
+
+    _report(_run(go()), as_json)
+
+
+@app.command()
+def runs(
+    status: Annotated[str | None, typer.Option(help="Only runs with this status.")] = None,
+    limit: int = 50,
+    db: DbOption = None,
+    as_json: JsonOption = False,
+) -> None:
+    """List runs, newest first."""
+    records = _run(_journal(db).list_runs(status, limit))
+    if as_json:
+        out.print_json(json.dumps([r.model_dump(exclude={"checkpoint"}) for r in records]))
+        return
+    table = Table("run", "workflow", "status", "state", "owner", "reason", "updated")
+    for r in records:
+        table.add_row(
+            r.run_id,
+            f"{r.workflow_name} {r.workflow_version}",
+            r.status,
+            r.state,
+            r.owner or "",
+            r.reason_code or "",
+            time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(r.updated_at)),
+        )
+    out.print(table)
+
+
+@app.command()
+def show(
+    run_id: Annotated[str, typer.Argument(metavar="RUN")],
+    db: DbOption = None,
+    as_json: JsonOption = False,
+) -> None:
+    """A run's timeline: each step's proposal, decision and rule, result and verification."""
+    journal = _journal(db)
+    record = _run(journal.get_run(run_id))
+    entries = _run(journal.read_entries(run_id))
+    steps = timeline(entries)
+    problems = verify_chain(entries)
+    if as_json:
+        out.print_json(
+            json.dumps(
+                {
+                    "run": record.model_dump(),
+                    "steps": steps,
+                    "chain": {"intact": not problems, "problems": problems},
+                    "entries": [e.model_dump() for e in entries],
+                },
+                default=str,
+            )
+        )
+        return
+    out.print(
+        f"[bold]{record.run_id}[/]  {record.workflow_name} {record.workflow_version}  "
+        f"status [bold]{record.status}[/]  state {record.state}"
+    )
+    out.print(f"  workflow {record.workflow_hash[:23]}…  policy {record.policy_hash[:23]}…")
+    out.print(
+        f"  model {record.model_spec or '-'}  journal "
+        f"{'intact' if not problems else '[red]BROKEN[/]: ' + '; '.join(problems)}"
+    )
+    for row in steps:
+        out.print(_timeline_row(row), soft_wrap=True)
+    if record.message:
+        out.print(f"[bold]{record.reason_code}[/]: {record.message}")
+
+
+def _timeline_row(row: dict[str, Any]) -> str:
+    """Two or three lines per entry: what was proposed, what was decided, what happened."""
+    head = f"\n[bold]{row['seq']:>3}[/] {row['step_id'] or '--':<4} {row['state'] or '':<10} "
+    proposal = row.get("proposal")
+    if isinstance(proposal, dict) and proposal.get("kind") == "tool_call":
+        args = ", ".join(f"{k}={json.dumps(v)}" for k, v in proposal.get("args", {}).items())
+        head += f"[cyan]{proposal['tool']}[/]({_short(args, 60)})"
+    elif isinstance(proposal, dict):
+        label = proposal.get("exit") or proposal.get("question") or proposal.get("to") or ""
+        head += f"[cyan]{proposal.get('kind')}[/] {_short(label, 60)}"
+    elif proposal is not None:
+        head += f"[red]unparseable[/] {_short(proposal, 60)}"
+    else:
+        head += f"[dim]{row['kind']}[/]"
+    lines = [head]
+    if row.get("decision"):
+        colour = {"allow": "green", "ask": "yellow", "defer": "yellow"}.get(row["decision"], "red")
+        reason = f" — {_short(row['reason'], 70)}" if row.get("reason") else ""
+        lines.append(f"               [{colour}]{row['decision']}[/] by {row['rule_id']}{reason}")
+    outcome = f"               → {row['outcome']}"
+    if row.get("reason_code") and row["reason_code"] not in ("policy_allowed", "approval_required"):
+        outcome += f" ({row['reason_code']})"
+    shown = row.get("result") if row.get("result") is not None else row.get("detail")
+    if shown is not None:
+        outcome += f": {_short(shown, 80)}"
+    lines.append(outcome)
+    if row.get("verification"):
+        v = row["verification"]
+        mark = "[green]verified[/]" if v.get("ok") else "[red]verification failed[/]"
+        lines.append(f"               {mark}: {_short(v.get('detail') or v.get('error'), 80)}")
+    return "\n".join(lines)
+
+
+def _short(value: Any, width: int = 70) -> str:
+    if value is None:
+        return ""
+    text = value if isinstance(value, str) else json.dumps(value, default=str)
+    return text if len(text) <= width else text[: width - 1] + "…"
+
+
+@app.command()
+def approvals(
+    all_: Annotated[bool, typer.Option("--all", help="Include decided and used tickets.")] = False,
+    db: DbOption = None,
+    as_json: JsonOption = False,
+) -> None:
+    """List approval and question tickets (pending ones by default)."""
+    tickets = _run(_journal(db).list_tickets(None if all_ else "pending"))
+    if as_json:
+        out.print_json(json.dumps([t.model_dump() for t in tickets]))
+        return
+    if not tickets:
+        out.print("no pending tickets" if not all_ else "no tickets")
+    for t in tickets:
+        what = t.question or ", ".join(f"{k}={json.dumps(v)}" for k, v in t.args.items())
+        expires = time.strftime("%Y-%m-%d %H:%M", time.localtime(t.expires_at))
+        out.print(
+            f"[bold]{t.ticket_id}[/]  {t.status}  run {t.run_id}  for {t.approver}  "
+            f"expires {expires}\n    {t.kind}: [cyan]{t.subject}[/]({what})"
+        )
+
+
+def _decide(
+    ticket_id: str, *, approve: bool, by: str | None, reason: str, answer: str | None, db: str | None
+) -> None:
+    journal = _journal(db)
+    ticket = _run(
+        journal.decide_ticket(
+            ticket_id,
+            approve=approve,
+            by=by or getpass.getuser(),
+            reason=reason,
+            answer=answer,
+            now=time.time(),
+        )
+    )
+    out.print(
+        f"ticket {ticket.ticket_id} {ticket.status}; run {ticket.run_id} can continue: "
+        f"tether resume {ticket.run_id}"
+    )
+
+
+@app.command()
+def approve(
+    ticket_id: Annotated[str, typer.Argument(metavar="TICKET")],
+    by: ByOption = None,
+    reason: Annotated[str, typer.Option(help="Why (recorded).")] = "",
+    db: DbOption = None,
+) -> None:
+    """Approve a pending ticket: exactly the arguments it shows, once."""
+    _decide(ticket_id, approve=True, by=by, reason=reason, answer=None, db=db)
+
+
+@app.command()
+def deny(
+    ticket_id: Annotated[str, typer.Argument(metavar="TICKET")],
+    reason: Annotated[str, typer.Option(help="Why (recorded and shown to the model).")],
+    by: ByOption = None,
+    db: DbOption = None,
+) -> None:
+    """Deny a pending ticket; the model is told why."""
+    _decide(ticket_id, approve=False, by=by, reason=reason, answer=None, db=db)
+
+
+@app.command()
+def answer(
+    ticket_id: Annotated[str, typer.Argument(metavar="TICKET")],
+    text: Annotated[str, typer.Argument(help="The answer given to the model.")],
+    by: ByOption = None,
+    db: DbOption = None,
+) -> None:
+    """Answer a question a model asked."""
+    _decide(ticket_id, approve=True, by=by, reason="", answer=text, db=db)
+
+
+@app.command()
+def resolve(
+    run_id: Annotated[str, typer.Argument(metavar="RUN")],
+    done: Annotated[bool, typer.Option("--done/--not-done", help="Whether the in-doubt effect happened.")],
+    by: ByOption = None,
+    note: str = "",
+    db: DbOption = None,
+) -> None:
+    """Settle an effect in doubt after checking the real system; then resume the run."""
+    runtime = Runtime(_journal(db))
+    result = _run(runtime.resolve(run_id, done=done, by=by or getpass.getuser(), note=note))
+    out.print(f"run {result.run_id} is {result.status}: tether resume {result.run_id}")

@@ -1,0 +1,148 @@
+"""The records every journal store keeps, with the same meaning on every store."""
+
+from __future__ import annotations
+
+from typing import Any, Literal
+
+from pydantic import BaseModel, Field
+
+from tether.hashing import canonical_json, sha256_hex
+
+RunStatus = Literal["running", "paused", "completed", "failed", "escalated", "handed_off", "effect_in_doubt"]
+FINISHED: frozenset[str] = frozenset({"completed", "failed", "escalated", "handed_off"})
+TicketKind = Literal["approval", "question"]
+TicketStatus = Literal["pending", "approved", "denied", "answered", "consumed", "expired"]
+GENESIS_HASH = "0" * 64
+
+
+class RunRecord(BaseModel):
+    """A run and its checkpoint: where it is, its data and facts, its counters."""
+
+    run_id: str
+    workflow_name: str
+    workflow_version: str
+    workflow_hash: str
+    workflow_ref: str
+    policy_hash: str
+    model_spec: str | None = None
+    status: RunStatus = "running"
+    state: str
+    input: dict[str, Any] = Field(default_factory=dict)
+    data: dict[str, Any] = Field(default_factory=dict)
+    facts: dict[str, Any] = Field(default_factory=dict)
+    checkpoint: dict[str, Any] = Field(default_factory=dict)
+    owner: str | None = None
+    reason_code: str | None = None
+    message: str | None = None
+    created_at: float
+    updated_at: float
+    last_seq: int = 0
+    last_hash: str = GENESIS_HASH
+
+
+class NewEntry(BaseModel):
+    kind: str
+    step_id: str | None = None
+    state: str | None = None
+    body: dict[str, Any] = Field(default_factory=dict)
+
+
+class Entry(NewEntry):
+    """An append-only journal entry; `hash` chains it to the run's previous entry."""
+
+    run_id: str
+    seq: int
+    prev_hash: str
+    hash: str
+    created_at: float
+
+
+def entry_hash(run_id: str, seq: int, entry: NewEntry, prev_hash: str, created_at: float) -> str:
+    payload = {
+        "run_id": run_id,
+        "seq": seq,
+        "kind": entry.kind,
+        "step_id": entry.step_id,
+        "state": entry.state,
+        "body": entry.body,
+        "created_at": created_at,
+    }
+    return sha256_hex(prev_hash + canonical_json(payload))
+
+
+def chain(run_id: str, start_seq: int, prev_hash: str, entries: list[NewEntry], now: float) -> list[Entry]:
+    """Number and hash new entries after (start_seq, prev_hash)."""
+    out: list[Entry] = []
+    for i, e in enumerate(entries, start=start_seq + 1):
+        h = entry_hash(run_id, i, e, prev_hash, now)
+        out.append(Entry(**e.model_dump(), run_id=run_id, seq=i, prev_hash=prev_hash, hash=h, created_at=now))
+        prev_hash = h
+    return out
+
+
+def verify_chain(entries: list[Entry]) -> list[str]:
+    """Return the problems found in a run's chain (gaps, edits); empty when intact."""
+    problems: list[str] = []
+    prev, expected_seq = GENESIS_HASH, 1
+    for e in entries:
+        if e.seq != expected_seq:
+            problems.append(f"seq {expected_seq} missing (found {e.seq})")
+        if e.prev_hash != prev:
+            problems.append(f"seq {e.seq}: previous-hash link broken")
+        if entry_hash(e.run_id, e.seq, e, e.prev_hash, e.created_at) != e.hash:
+            problems.append(f"seq {e.seq}: content does not match its hash")
+        prev, expected_seq = e.hash, e.seq + 1
+    return problems
+
+
+class Ticket(BaseModel):
+    """A durable, single-use ticket: an approval bound to exact arguments, or a question."""
+
+    ticket_id: str
+    run_id: str
+    step_id: str
+    kind: TicketKind
+    subject: str
+    args: dict[str, Any] = Field(default_factory=dict)
+    args_hash: str
+    approver: str
+    question: str | None = None
+    status: TicketStatus = "pending"
+    created_at: float
+    expires_at: float
+    decided_at: float | None = None
+    decided_by: str | None = None
+    reason: str | None = None
+    answer: str | None = None
+    consumed_at: float | None = None
+
+
+class RunUpdate(BaseModel):
+    """Fields of the run's checkpoint to change; unset fields stay as they are."""
+
+    status: RunStatus | None = None
+    state: str | None = None
+    data: dict[str, Any] | None = None
+    facts: dict[str, Any] | None = None
+    checkpoint: dict[str, Any] | None = None
+    owner: str | None = None
+    reason_code: str | None = None
+    message: str | None = None
+
+
+class Commit(BaseModel):
+    """Everything one governed step writes, applied in one transaction or not at all.
+
+    `expected_seq` is the run's last sequence number as the writer knows it; if another
+    process appended meanwhile the commit is refused. `consume` marks an approved ticket
+    used, only if it is bound to `args_hash`. `durable` forces a sync to disk (intents).
+    """
+
+    run_id: str
+    expected_seq: int
+    expected_hash: str
+    entries: list[NewEntry] = Field(default_factory=list)
+    update: RunUpdate | None = None
+    new_tickets: list[Ticket] = Field(default_factory=list)
+    consume: tuple[str, str] | None = None
+    durable: bool = False

@@ -1,0 +1,219 @@
+"""Loading workflows from YAML files (tools named by import path) or Python objects.
+
+`load_workflow(target)` accepts a directory holding `workflow.yaml`, a YAML file, or
+`module:attribute` naming a `Workflow`. Import paths in YAML resolve against the file's
+own directory first. Every problem is reported as a DefinitionError naming its place.
+"""
+
+from __future__ import annotations
+
+import importlib
+import sys
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Annotated, Any, Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError
+
+from tether.errors import DefinitionError
+from tether.policy import Policy
+from tether.tools import Effect, Tool
+from tether.workflow import AgentState, Budget, State, Step, Terminal, Workflow
+
+WORKFLOW_FILE = "workflow.yaml"
+POLICY_FILE = "policy.yaml"
+
+
+class _Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+
+class ToolRef(_Strict):
+    ref: str
+    effect: Effect | None = None
+    idempotent: bool | None = None
+    verify: str | None = None
+    name: str | None = None
+
+
+class StepDoc(_Strict):
+    kind: Literal["step"]
+    run: str
+    next: list[str] = Field(min_length=1)
+    checkpoint: bool = True
+
+
+class AgentDoc(_Strict):
+    kind: Literal["agent"]
+    instructions: str
+    tools: list[str | ToolRef] = Field(default_factory=list)
+    exits: dict[str, str]
+    budget: Budget = Field(default_factory=Budget)
+    escalate_to: str = "operator"
+    handoff_to: list[str] = Field(default_factory=list)
+    on_budget_exhausted: Literal["escalate", "fail"] = "escalate"
+    on_verification_failed: Literal["retry", "escalate", "fail"] = "retry"
+    checkpoint: bool = True
+
+
+class TerminalDoc(_Strict):
+    kind: Literal["terminal"]
+    failed: bool = False
+
+
+class WorkflowDoc(_Strict):
+    name: str = Field(min_length=1)
+    version: str | int
+    description: str = ""
+    start: str
+    policy: str | None = None
+    states: dict[str, Annotated[StepDoc | AgentDoc | TerminalDoc, Field(discriminator="kind")]] = Field(
+        min_length=1
+    )
+
+
+def load_workflow(target: str | Path, *, policy: str | Path | None = None) -> Workflow:
+    """Load and validate a workflow; `policy` overrides the one the workflow names."""
+    path = Path(target)
+    if path.is_dir():
+        path = path / WORKFLOW_FILE
+        if not path.exists():
+            raise DefinitionError(f"no {WORKFLOW_FILE} in directory {target}")
+    if path.suffix in (".yaml", ".yml") or path.exists():
+        return _from_yaml(path, policy)
+    if ":" in str(target):
+        return _from_python(str(target), policy)
+    raise DefinitionError(
+        f"workflow not found: {target} (give a directory, a YAML file, or module:attribute)"
+    )
+
+
+def workflow_ref(target: str | Path) -> str:
+    """A reference that `load_workflow` accepts from any working directory."""
+    path = Path(target)
+    return str(path.resolve()) if path.exists() else str(target)
+
+
+def _from_python(ref: str, policy: str | Path | None) -> Workflow:
+    obj = _import(ref, where="workflow", base=Path.cwd())
+    if not isinstance(obj, Workflow):
+        raise DefinitionError(f"{ref} is a {type(obj).__name__}, not a tether.Workflow")
+    if policy is not None:
+        obj.policy = Policy.from_file(policy)
+        obj.validate()
+    return obj
+
+
+def _from_yaml(path: Path, policy_override: str | Path | None) -> Workflow:
+    try:
+        content = yaml.safe_load(path.read_text())
+    except FileNotFoundError:
+        raise DefinitionError(f"workflow file not found: {path}") from None
+    except yaml.YAMLError as exc:
+        raise DefinitionError(f"{path}: not valid YAML: {exc}") from None
+    if not isinstance(content, dict):
+        raise DefinitionError(f"{path}: a workflow file must be a mapping")
+    try:
+        doc = WorkflowDoc.model_validate(content)
+    except ValidationError as exc:
+        raise DefinitionError(f"{path}: " + _explain(exc)) from None
+    base = path.parent.resolve()
+    states = [_state(name, s, base, f"{path}: state {name!r}") for name, s in doc.states.items()]
+    policy_path = policy_override or (base / doc.policy if doc.policy else base / POLICY_FILE)
+    if doc.policy and not Path(policy_path).exists():
+        raise DefinitionError(f"{path}: policy file {doc.policy!r} not found next to the workflow")
+    policy = Policy.from_file(policy_path) if Path(policy_path).exists() else None
+    return Workflow(doc.name, str(doc.version), doc.start, states, policy=policy, description=doc.description)
+
+
+def _state(name: str, doc: StepDoc | AgentDoc | TerminalDoc, base: Path, where: str) -> State:
+    if isinstance(doc, TerminalDoc):
+        return Terminal(name, failed=doc.failed)
+    if isinstance(doc, StepDoc):
+        fn = _import(doc.run, where=f"{where}, run", base=base)
+        if not callable(fn):
+            raise DefinitionError(f"{where}: {doc.run} is not callable")
+        return Step(name, fn, tuple(doc.next), checkpoint=doc.checkpoint)
+    tools = [_tool(t, base, f"{where}, tool {i + 1}") for i, t in enumerate(doc.tools)]
+    return AgentState(
+        name,
+        doc.instructions,
+        tuple(tools),
+        dict(doc.exits),
+        budget=doc.budget,
+        escalate_to=doc.escalate_to,
+        handoff_to=tuple(doc.handoff_to),
+        on_budget_exhausted=doc.on_budget_exhausted,
+        on_verification_failed=doc.on_verification_failed,
+        checkpoint=doc.checkpoint,
+    )
+
+
+def _tool(spec: str | ToolRef, base: Path, where: str) -> Tool:
+    ref = ToolRef(ref=spec) if isinstance(spec, str) else spec
+    obj = _import(ref.ref, where=where, base=base)
+    overrides = ref.effect, ref.idempotent, ref.verify, ref.name
+    if isinstance(obj, Tool) and overrides == (None, None, None, None):
+        return obj
+    fn: Callable[..., Any] = obj.fn if isinstance(obj, Tool) else obj
+    if not callable(fn):
+        raise DefinitionError(f"{where}: {ref.ref} is not a function")
+    verify = (
+        _import(ref.verify, where=f"{where}, verify", base=base)
+        if ref.verify
+        else (obj.verifier if isinstance(obj, Tool) else None)
+    )
+    effect = ref.effect or (obj.effect if isinstance(obj, Tool) else "read")
+    try:
+        return Tool(
+            fn,
+            name=ref.name or (obj.name if isinstance(obj, Tool) else None),
+            effect=effect,
+            idempotent=ref.idempotent,
+            verify=verify,
+        )
+    except (TypeError, ValueError) as exc:
+        raise DefinitionError(f"{where}: {ref.ref}: {exc}") from None
+
+
+@contextmanager
+def _importable_from(base: Path) -> Iterator[None]:
+    sys.path.insert(0, str(base))
+    try:
+        yield
+    finally:
+        sys.path.remove(str(base))
+
+
+def _import(ref: str, *, where: str, base: Path) -> Any:
+    module_name, _, attr = ref.partition(":")
+    if not module_name or not attr:
+        raise DefinitionError(f"{where}: {ref!r} is not an import path of the form module:name")
+    with _importable_from(base):
+        try:
+            module = importlib.import_module(module_name)
+        except ImportError as exc:
+            raise DefinitionError(f"{where}: cannot import module {module_name!r}: {exc}") from None
+        except Exception as exc:  # the module itself is broken
+            raise DefinitionError(
+                f"{where}: importing {module_name!r} failed: {type(exc).__name__}: {exc}"
+            ) from None
+    obj: Any = module
+    for part in attr.split("."):
+        if not hasattr(obj, part):
+            raise DefinitionError(f"{where}: module {module_name!r} has no attribute {attr!r}")
+        obj = getattr(obj, part)
+    return obj
+
+
+def _explain(exc: ValidationError) -> str:
+    problems = []
+    for e in exc.errors():
+        loc = [str(p) for p in e["loc"]]
+        if len(loc) > 2 and loc[0] == "states":
+            del loc[2]  # the union tag ("agent", "step"...), which the file does not spell out
+        loc = [p for p in loc if p not in ("str", "ToolRef")]
+        problems.append(f"{'.'.join(loc) or '(workflow)'}: {e['msg']}")
+    return "; ".join(dict.fromkeys(problems))

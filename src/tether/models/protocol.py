@@ -1,0 +1,78 @@
+"""The one narrow interface between the runtime and whatever proposes steps.
+
+Context in: instructions, the transcript of this state visit, the allowed tools and exits
+with their schemas, the budget left. Reply out: raw output the runtime parses into a
+proposal, plus usage. A model never executes anything; vendor adapters implement this.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Literal, Protocol, runtime_checkable
+
+from pydantic import BaseModel, Field
+
+
+class Usage(BaseModel):
+    input_tokens: int = 0
+    output_tokens: int = 0
+    cost: float = 0.0
+
+    @property
+    def tokens(self) -> int:
+        return self.input_tokens + self.output_tokens
+
+
+class ToolSpec(BaseModel):
+    name: str
+    description: str
+    effect: str
+    parameters: dict[str, Any]
+
+
+class ExitSpec(BaseModel):
+    name: str
+    target: str
+
+
+class BudgetLeft(BaseModel):
+    steps: int
+    tool_calls: int
+    seconds: float
+    tokens: int | None = None
+    cost: float | None = None
+
+
+class Message(BaseModel):
+    """One transcript entry: the model's proposal, or what the runtime observed."""
+
+    role: Literal["proposal", "observation", "person"]
+    content: Any
+
+
+class ModelContext(BaseModel):
+    run_id: str
+    state: str
+    instructions: str
+    transcript: list[Message] = Field(default_factory=list)
+    tools: list[ToolSpec] = Field(default_factory=list)
+    exits: list[ExitSpec] = Field(default_factory=list)
+    budget_left: BudgetLeft
+    data: dict[str, Any] = Field(default_factory=dict)
+
+    @property
+    def proposals_made(self) -> int:
+        return sum(1 for m in self.transcript if m.role == "proposal")
+
+
+class ModelReply(BaseModel):
+    """Raw output (JSON text, a dict, or a proposal object) and what it cost."""
+
+    output: Any
+    usage: Usage = Field(default_factory=Usage)
+
+
+@runtime_checkable
+class Model(Protocol):
+    name: str
+
+    async def propose(self, ctx: ModelContext) -> ModelReply: ...

@@ -1,0 +1,30 @@
+"""The one fixed vocabulary of reason codes every decision and failure is recorded with."""
+
+from __future__ import annotations
+
+from enum import StrEnum
+
+
+class ReasonCode(StrEnum):
+    # Decisions taken by policy.
+    POLICY_ALLOWED = "policy_allowed"
+    POLICY_DENIED = "policy_denied"
+    APPROVAL_REQUIRED = "approval_required"
+    DEFERRED = "deferred"
+    # Refusals before policy is consulted.
+    MALFORMED_OUTPUT = "malformed_output"
+    OUT_OF_SCOPE = "out_of_scope"
+    UNKNOWN_TOOL = "unknown_tool"
+    INVALID_ARGUMENTS = "invalid_arguments"
+    POLICY_ERROR = "policy_error"
+    # What happened when acting.
+    TOOL_ERROR = "tool_error"
+    MODEL_ERROR = "model_error"
+    VERIFICATION_FAILED = "verification_failed"
+    EVIDENCE_MISSING = "evidence_missing"
+    BUDGET_EXHAUSTED = "budget_exhausted"
+    LOOP_DETECTED = "loop_detected"
+    APPROVAL_DENIED = "approval_denied"
+    APPROVAL_EXPIRED = "approval_expired"
+    EFFECT_IN_DOUBT = "effect_in_doubt"
+    STEP_FAILED = "step_failed"

@@ -1,0 +1,173 @@
+"""The in-memory view of a run being driven: its record, transcript and visit counters.
+
+Everything here is rebuilt from the journal on resume; nothing lives only in memory
+across a commit. `RunCursor.commit` is the one way the runtime writes.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable
+from typing import Any
+
+from tether.journal import Commit, Entry, Journal, NewEntry, RunRecord, RunUpdate, Ticket
+from tether.models.protocol import Message
+from tether.policy import Policy
+from tether.workflow import Workflow
+
+
+def new_visit(state: str, number: int, started_seq: int) -> dict[str, Any]:
+    """Counters of one visit to a state; budgets apply per visit."""
+    return {
+        "state": state,
+        "number": number,
+        "started_seq": started_seq,
+        "steps": 0,
+        "tool_calls": 0,
+        "tokens": 0,
+        "cost": 0.0,
+        "active_seconds": 0.0,
+        "calls": {},
+    }
+
+
+class RunCursor:
+    def __init__(
+        self,
+        record: RunRecord,
+        workflow: Workflow,
+        policy: Policy,
+        journal: Journal,
+        *,
+        clock: Callable[[], float] = time.time,
+    ) -> None:
+        self.record = record
+        self.workflow = workflow
+        self.policy = policy
+        self.journal = journal
+        self.clock = clock
+        self.transcript: list[Message] = []
+        self._since = time.monotonic()
+        self._buffered: list[NewEntry] = []
+        self._dirty: set[str] = set()
+
+    @property
+    def run_id(self) -> str:
+        return self.record.run_id
+
+    @property
+    def checkpoint(self) -> dict[str, Any]:
+        return self.record.checkpoint
+
+    @property
+    def visit(self) -> dict[str, Any]:
+        visit: dict[str, Any] = self.record.checkpoint["visit"]
+        return visit
+
+    def clear_notice(self) -> None:
+        """The next commit clears the run's owner, reason and message (it moves on)."""
+        self.record.owner = self.record.reason_code = self.record.message = None
+        self._dirty |= {"owner", "reason_code", "message"}
+
+    def new_step_id(self) -> str:
+        self.checkpoint["steps"] = self.checkpoint.get("steps", 0) + 1
+        return f"s{self.checkpoint['steps']}"
+
+    def active_seconds(self) -> float:
+        """Time spent working in this visit; time paused between processes is not counted."""
+        return float(self.visit["active_seconds"]) + (time.monotonic() - self._since)
+
+    def enter(self, state: str, *, entries_in_commit: int = 0) -> None:
+        """Start a new visit; the caller commits it with `entries_in_commit` entries."""
+        number = self.visit["number"] + 1 if self.checkpoint.get("visit") else 1
+        self.record.state = state
+        started = self.record.last_seq + len(self._buffered) + entries_in_commit
+        self.checkpoint["visit"] = new_visit(state, number, started)
+        self.transcript = []
+        self._since = time.monotonic()
+
+    async def commit(
+        self,
+        entries: list[NewEntry],
+        *,
+        status: str | None = None,
+        data: dict[str, Any] | None = None,
+        facts: dict[str, Any] | None = None,
+        owner: str | None = None,
+        reason_code: str | None = None,
+        message: str | None = None,
+        tickets: list[Ticket] | None = None,
+        consume: tuple[str, str] | None = None,
+        durable: bool = False,
+        buffer: bool = False,
+    ) -> list[Entry]:
+        """Write entries with the run's checkpoint in one transaction.
+
+        `buffer=True` (a state declared `checkpoint: false`) keeps the entries in memory
+        to be written with the next commit; a crash before then redoes that state.
+        """
+        changes = {
+            "status": status,
+            "data": data,
+            "facts": facts,
+            "owner": owner,
+            "reason_code": reason_code,
+            "message": message,
+        }
+        for key, value in changes.items():
+            if value is not None:
+                setattr(self.record, key, value)
+                self._dirty.add(key)
+        if buffer:
+            self._buffered.extend(entries)
+            return []
+        if "visit" in self.checkpoint:
+            self.visit["active_seconds"] = self.active_seconds()
+            self._since = time.monotonic()
+        fields = {k: getattr(self.record, k) for k in ("state", "checkpoint", "status", *self._dirty)}
+        written = await self.journal.commit(
+            Commit(
+                run_id=self.run_id,
+                expected_seq=self.record.last_seq,
+                expected_hash=self.record.last_hash,
+                entries=[*self._buffered, *entries],
+                update=RunUpdate(**fields),
+                new_tickets=tickets or [],
+                consume=consume,
+                durable=durable,
+            )
+        )
+        self._buffered, self._dirty = [], set()
+        if written:
+            self.record.last_seq, self.record.last_hash = written[-1].seq, written[-1].hash
+        return written
+
+    def policy_variables(self, tool: dict[str, Any], args: dict[str, Any]) -> dict[str, Any]:
+        return {
+            "args": args,
+            "data": self.record.data,
+            "facts": self.record.facts,
+            "tool": tool,
+            "run": {
+                "id": self.run_id,
+                "workflow": self.record.workflow_name,
+                "version": self.record.workflow_version,
+                "state": self.record.state,
+            },
+        }
+
+
+def transcript_from(entries: list[Entry]) -> list[Message]:
+    """Rebuild a visit's transcript from its journal entries."""
+    messages: list[Message] = []
+    for e in entries:
+        if e.kind != "step" or "observation" not in e.body:
+            continue
+        if not e.body.get("continuation"):
+            proposal = e.body.get("proposal")
+            messages.append(
+                Message(role="proposal", content=proposal if proposal is not None else e.body.get("raw"))
+            )
+        role = "person" if e.body.get("outcome") == "answered" else "observation"
+        messages.append(Message(role=role, content=e.body["observation"]))
+    return messages

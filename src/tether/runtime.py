@@ -1,0 +1,481 @@
+"""The runtime: starts, drives, pauses, resumes and recovers runs.
+
+    drive:  terminal? -> finish | deterministic step -> record + move
+            | agent state -> budget check -> model proposes -> governed step -> apply
+
+A paused run holds no memory or process: `resume` rebuilds everything from the journal,
+first settling any effect left in doubt by a crash, then any ticket a person decided.
+"""
+
+from __future__ import annotations
+
+import inspect
+import secrets
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any
+
+from tether.errors import RunStateError
+from tether.hashing import fingerprint
+from tether.journal import FINISHED, Commit, Entry, Journal, NewEntry, RunRecord, RunUpdate, Ticket
+from tether.models.protocol import BudgetLeft, ExitSpec, Model, ModelContext, ToolSpec, Usage
+from tether.policy import Decision, Policy
+from tether.proposals import Exit, Finish, ToolCall, parse_proposal
+from tether.reasons import ReasonCode
+from tether.run import RunCursor, new_visit, transcript_from
+from tether.step import CONTINUE, GovernedStep, StepOutcome
+from tether.workflow import AgentState, Next, Step, Terminal, Workflow
+
+
+@dataclass(frozen=True)
+class RunResult:
+    """Where a run stands after `start` or `resume` returns."""
+
+    run_id: str
+    status: str
+    state: str
+    data: dict[str, Any]
+    reason_code: str | None = None
+    message: str | None = None
+    owner: str | None = None
+    ticket_id: str | None = None
+
+    @classmethod
+    def of(cls, record: RunRecord) -> RunResult:
+        pending = record.checkpoint.get("pending") or {}
+        return cls(
+            run_id=record.run_id,
+            status=record.status,
+            state=record.state,
+            data=record.data,
+            reason_code=record.reason_code,
+            message=record.message,
+            owner=record.owner,
+            ticket_id=pending.get("ticket_id") if record.status == "paused" else None,
+        )
+
+
+class Runtime:
+    """Drives runs of any workflow against one journal. Many may live in one process."""
+
+    def __init__(self, journal: Journal, *, clock: Callable[[], float] = time.time) -> None:
+        self.journal = journal
+        self.clock = clock
+        self._specs: dict[tuple[str, str], tuple[list[ToolSpec], list[ExitSpec]]] = {}
+
+    # -- lifecycle -------------------------------------------------------------------
+
+    async def start(
+        self,
+        workflow: Workflow,
+        model: Model | None = None,
+        *,
+        input: dict[str, Any] | None = None,
+        workflow_ref: str = "",
+        model_spec: str | None = None,
+    ) -> RunResult:
+        """Start a run pinned to this workflow's hash and drive it until it stops."""
+        policy = workflow.policy or Policy.default()
+        now = self.clock()
+        data = dict(input or {})
+        record = RunRecord(
+            run_id="run_" + secrets.token_hex(6),
+            workflow_name=workflow.name,
+            workflow_version=workflow.version,
+            workflow_hash=workflow.hash,
+            workflow_ref=workflow_ref or f"<python:{workflow.name}>",
+            policy_hash=policy.hash,
+            model_spec=model_spec or (model.name if model else None),
+            state=workflow.start,
+            input=data,
+            data=data,
+            checkpoint={"steps": 0, "visit": new_visit(workflow.start, 1, 1)},
+            created_at=now,
+            updated_at=now,
+        )
+        await self.journal.create_run(
+            record,
+            [
+                NewEntry(
+                    kind="run_started",
+                    state=workflow.start,
+                    body={
+                        "workflow": {
+                            "name": workflow.name,
+                            "version": workflow.version,
+                            "hash": workflow.hash,
+                            "ref": record.workflow_ref,
+                        },
+                        "policy_hash": policy.hash,
+                        "input": data,
+                        "model": record.model_spec,
+                    },
+                )
+            ],
+        )
+        record = await self.journal.get_run(record.run_id)
+        return await self._drive(RunCursor(record, workflow, policy, self.journal, clock=self.clock), model)
+
+    async def resume(self, run_id: str, workflow: Workflow, model: Model | None = None) -> RunResult:
+        """Continue a paused or crashed run from its last committed step."""
+        record = await self.journal.get_run(run_id)
+        if record.status in FINISHED:
+            raise RunStateError(f"run {run_id} is {record.status}; there is nothing to resume")
+        if record.status == "effect_in_doubt":
+            raise RunStateError(
+                f"run {run_id} has an effect in doubt ({record.message}); a person must say "
+                f"whether it happened: tether resolve {run_id} --done | --not-done"
+            )
+        if workflow.hash != record.workflow_hash:
+            raise RunStateError(
+                f"run {run_id} is pinned to {record.workflow_name} {record.workflow_version} "
+                f"({record.workflow_hash[:19]}…), but the definition given hashes to "
+                f"{workflow.hash[:19]}… (version {workflow.version}); load the version the run "
+                "started on"
+            )
+        cursor = RunCursor(
+            record, workflow, workflow.policy or Policy.default(), self.journal, clock=self.clock
+        )
+        entries = await self.journal.read_entries(run_id, after_seq=cursor.visit["started_seq"])
+        cursor.transcript = transcript_from(entries)
+        doubt = _intent_without_result(entries)
+        if doubt is not None:
+            outcome = await self._recover(cursor, doubt)
+            await self._apply(cursor, outcome)
+        elif record.status == "paused":
+            outcome = await self._continue_pending(cursor)
+            if outcome is None:
+                return RunResult.of(cursor.record)
+            await self._apply(cursor, outcome)
+        return await self._drive(cursor, model)
+
+    async def resolve(self, run_id: str, *, done: bool, by: str, note: str = "") -> RunResult:
+        """A person settles an effect in doubt; the run can then be resumed."""
+        record = await self.journal.get_run(run_id)
+        if record.status != "effect_in_doubt":
+            raise RunStateError(f"run {run_id} is {record.status}, not effect_in_doubt")
+        doubt = next(
+            e for e in reversed(await self.journal.read_entries(run_id)) if e.kind == "effect_in_doubt"
+        )
+        outcome = "executed" if done else "not_executed"
+        observation = {"step_id": doubt.step_id, "outcome": outcome, "resolved_by": by, "note": note}
+        body = {
+            **doubt.body,
+            "outcome": outcome,
+            "resolved_by": by,
+            "note": note,
+            "reason_code": ReasonCode.EFFECT_IN_DOUBT,
+            "result": None,
+            "source": {"kind": "person", "by": by},
+            "observation": observation,
+        }
+        await self.journal.commit(
+            Commit(
+                run_id=run_id,
+                expected_seq=record.last_seq,
+                expected_hash=record.last_hash,
+                entries=[NewEntry(kind="step", step_id=doubt.step_id, state=doubt.state, body=body)],
+                update=RunUpdate(status="running", message=f"effect {outcome} per {by}"),
+                durable=True,
+            )
+        )
+        return RunResult.of(await self.journal.get_run(run_id))
+
+    # -- driving ---------------------------------------------------------------------
+
+    async def _drive(self, cursor: RunCursor, model: Model | None) -> RunResult:
+        while cursor.record.status == "running":
+            state = cursor.workflow.states[cursor.record.state]
+            if isinstance(state, Terminal):
+                status = "failed" if state.failed else "completed"
+                await cursor.commit(
+                    [
+                        NewEntry(
+                            kind="run_finished",
+                            state=state.name,
+                            body={"status": status, "data": cursor.record.data},
+                        )
+                    ],
+                    status=status,
+                )
+            elif isinstance(state, Step):
+                await self._deterministic(cursor, state)
+            else:
+                if model is None:
+                    raise RunStateError(f"state {state.name!r} needs a model to propose steps")
+                await self._apply(cursor, await self._agent_turn(cursor, state, model))
+        return RunResult.of(cursor.record)
+
+    async def _deterministic(self, cursor: RunCursor, state: Step) -> None:
+        step_id = cursor.new_step_id()
+        decision = Decision(
+            decision="allow",
+            rule_id=f"workflow:{state.name}",
+            policy_hash=cursor.policy.hash,
+            reason_code=ReasonCode.POLICY_ALLOWED,
+            reason="deterministic step of the workflow",
+        )
+        try:
+            result = state.fn(dict(cursor.record.data))
+            nxt = await result if inspect.isawaitable(result) else result
+            if not isinstance(nxt, Next):
+                raise TypeError(f"step function returned {type(nxt).__name__}, expected tether.Next")
+            if nxt.to not in state.next:
+                raise ValueError(f"step went to {nxt.to!r}; declared next states: {', '.join(state.next)}")
+        except Exception as exc:  # the step's own failure fails the run, recorded
+            message = f"{type(exc).__name__}: {exc}"
+            await cursor.commit(
+                [
+                    NewEntry(
+                        kind="step",
+                        step_id=step_id,
+                        state=state.name,
+                        body={
+                            "decision": decision.model_dump(mode="json"),
+                            "outcome": "step_failed",
+                            "reason_code": ReasonCode.STEP_FAILED,
+                            "error": message,
+                        },
+                    )
+                ],
+                status="failed",
+                reason_code=ReasonCode.STEP_FAILED,
+                message=message,
+            )
+            return
+        body = {
+            "decision": decision.model_dump(mode="json"),
+            "outcome": "transition",
+            "reason_code": ReasonCode.POLICY_ALLOWED,
+            "update": nxt.update,
+            "facts": nxt.facts,
+            "next": nxt.to,
+        }
+        cursor.enter(nxt.to, entries_in_commit=1)
+        await cursor.commit(
+            [NewEntry(kind="step", step_id=step_id, state=state.name, body=body)],
+            data={**cursor.record.data, **nxt.update},
+            facts={**cursor.record.facts, **nxt.facts} if nxt.facts else None,
+            buffer=not state.checkpoint,
+        )
+
+    async def _agent_turn(self, cursor: RunCursor, state: AgentState, model: Model) -> StepOutcome:
+        exhausted = _exhausted(cursor, state)
+        if exhausted:
+            kind = "escalate" if state.on_budget_exhausted == "escalate" else "fail"
+            return StepOutcome(
+                kind, reason_code=ReasonCode.BUDGET_EXHAUSTED, message=exhausted, owner=state.escalate_to
+            )
+        visit, budget = cursor.visit, state.budget
+        tools, exits = self._spec(cursor.workflow, state)
+        context = ModelContext(
+            run_id=cursor.run_id,
+            state=state.name,
+            instructions=state.instructions,
+            transcript=list(cursor.transcript),
+            tools=tools,
+            exits=exits,
+            data=cursor.record.data,
+            budget_left=BudgetLeft(
+                steps=budget.max_steps - visit["steps"],
+                tool_calls=budget.max_tool_calls - visit["tool_calls"],
+                seconds=budget.max_seconds - cursor.active_seconds(),
+                tokens=budget.max_tokens - visit["tokens"] if budget.max_tokens else None,
+                cost=budget.max_cost - visit["cost"] if budget.max_cost else None,
+            ),
+        )
+        visit["steps"] += 1
+        try:
+            reply = await model.propose(context)
+        except Exception as exc:  # a failing model is recorded and escalated, never a crash
+            return StepOutcome(
+                "escalate",
+                reason_code=ReasonCode.MODEL_ERROR,
+                message=f"{type(exc).__name__}: {exc}",
+                owner=state.escalate_to,
+            )
+        visit["tokens"] += reply.usage.tokens
+        visit["cost"] += reply.usage.cost
+        return await GovernedStep(cursor, state, reply.usage).run(reply.output)
+
+    async def _apply(self, cursor: RunCursor, outcome: StepOutcome) -> None:
+        """Carry out the next-step decision a governed step returned."""
+        state_name = cursor.record.state
+        if outcome.kind == "transition":
+            assert outcome.to is not None
+            step_id = outcome.update["observation"]["step_id"]
+            entry = NewEntry(kind="step", step_id=step_id, state=state_name, body=outcome.update)
+            cursor.enter(outcome.to, entries_in_commit=1)
+            await cursor.commit([entry], status="running", data=cursor.record.data, consume=outcome.consume)
+        elif outcome.kind == "handoff":
+            handed = outcome.update["handoff"]
+            await cursor.commit(
+                [NewEntry(kind="handoff", step_id=None, state=state_name, body=outcome.update)],
+                status="handed_off",
+                owner=handed["owner"],
+                reason_code=outcome.reason_code,
+                message=f"handed off to {handed['owner']}: {outcome.message}",
+            )
+        elif outcome.kind in ("escalate", "fail"):
+            status = "escalated" if outcome.kind == "escalate" else "failed"
+            await cursor.commit(
+                [
+                    NewEntry(
+                        kind=status,
+                        state=state_name,
+                        body={
+                            "reason_code": outcome.reason_code,
+                            "message": outcome.message,
+                            "owner": outcome.owner if status == "escalated" else None,
+                            "data": cursor.record.data,
+                            "facts": cursor.record.facts,
+                        },
+                    )
+                ],
+                status=status,
+                owner=outcome.owner if status == "escalated" else None,
+                reason_code=outcome.reason_code,
+                message=outcome.message,
+            )
+
+    def _spec(self, workflow: Workflow, state: AgentState) -> tuple[list[ToolSpec], list[ExitSpec]]:
+        key = (workflow.hash, state.name)
+        if key not in self._specs:
+            self._specs[key] = (
+                [
+                    ToolSpec(
+                        name=t.name, description=t.description, effect=t.effect, parameters=t.json_schema()
+                    )
+                    for t in state.tools
+                ],
+                [ExitSpec(name=n, target=t) for n, t in state.exits.items()],
+            )
+        return self._specs[key]
+
+    # -- resuming --------------------------------------------------------------------
+
+    async def _recover(self, cursor: RunCursor, intent: Entry) -> StepOutcome:
+        """An intent with no result: the process died while the effect was under way."""
+        state = cursor.workflow.states[intent.state or ""]
+        assert isinstance(state, AgentState)
+        tool = state.tool(intent.body["tool"]["name"])
+        body = intent.body
+        if tool is not None and tool.idempotent:
+            cursor.record.status = "running"
+            cursor.clear_notice()
+            step = GovernedStep(
+                cursor, state, Usage.model_validate(body.get("usage", {})), step_id=intent.step_id
+            )
+            return await step.finish_execution(tool, body["args"], {**body, "recovered": True})
+        message = (
+            f"step {intent.step_id}: {body['tool']['name']} (not idempotent) was started "
+            "but its result was never recorded; it will not be re-run without a person"
+        )
+        await cursor.commit(
+            [
+                NewEntry(
+                    kind="effect_in_doubt",
+                    step_id=intent.step_id,
+                    state=intent.state,
+                    body={**body, "message": message},
+                )
+            ],
+            status="effect_in_doubt",
+            owner=state.escalate_to,
+            reason_code=ReasonCode.EFFECT_IN_DOUBT,
+            message=message,
+        )
+        return StepOutcome("continue")
+
+    async def _continue_pending(self, cursor: RunCursor) -> StepOutcome | None:
+        """Act on the ticket a paused run waits for; None while it is still undecided."""
+        pending = cursor.checkpoint["pending"]
+        ticket = await self.journal.get_ticket(pending["ticket_id"])
+        if ticket.status == "pending":
+            if ticket.expires_at > self.clock():
+                return None
+            ticket = await self.journal.expire_ticket(ticket.ticket_id, self.clock())
+        state = cursor.workflow.states[cursor.record.state]
+        assert isinstance(state, AgentState)
+        del cursor.checkpoint["pending"]
+        cursor.record.status = "running"
+        cursor.clear_notice()
+        step = GovernedStep(cursor, state, Usage(), step_id=pending["step_id"])
+        proposal = parse_proposal(pending["proposal"])
+        if ticket.kind == "question":
+            return await _answer(step, ticket)
+        if ticket.status != "approved":
+            code = ReasonCode.APPROVAL_EXPIRED if ticket.status == "expired" else ReasonCode.APPROVAL_DENIED
+            reason = ticket.reason or f"ticket {ticket.ticket_id} {ticket.status}"
+            denial = Decision(
+                decision="deny",
+                rule_id=f"approval:{ticket.ticket_id}",
+                policy_hash=cursor.policy.hash,
+                reason_code=code,
+                reason=f"{reason} (by {ticket.decided_by or 'nobody'})",
+            )
+            return await step.refuse(proposal, denial, args_hash=ticket.args_hash, continuation=True)
+        decision = Decision.model_validate(pending["decision"])
+        if isinstance(proposal, ToolCall):
+            tool = state.tool(proposal.tool)
+            assert tool is not None
+            args = tool.validate(proposal.args)
+            return await step.execute(
+                tool,
+                proposal,
+                args,
+                fingerprint({"tool": tool.name, "args": args}),
+                decision,
+                ticket_id=ticket.ticket_id,
+            )
+        assert isinstance(proposal, Exit | Finish)
+        name = proposal.exit if isinstance(proposal, Exit) else "finish"
+        return await step.take_exit(
+            proposal, decision, name, state.exits[name], ticket.args_hash, ticket_id=ticket.ticket_id
+        )
+
+
+async def _answer(step: GovernedStep, ticket: Ticket) -> StepOutcome:
+    answered = ticket.status == "answered"
+    observation = {
+        "step_id": step.step_id,
+        "outcome": "answered" if answered else "unanswered",
+        "answer": ticket.answer,
+        "by": ticket.decided_by,
+        "reason": ticket.reason,
+    }
+    body = {
+        "proposal": None,
+        "outcome": "answered" if answered else "unanswered",
+        "reason_code": None if answered else ReasonCode.APPROVAL_DENIED,
+        "ticket_id": ticket.ticket_id,
+        "continuation": True,
+        "observation": observation,
+        "source": {"kind": "person", "by": ticket.decided_by},
+    }
+    await step.cursor.commit([NewEntry(kind="step", step_id=step.step_id, state=step.state.name, body=body)])
+    step._observe(body)
+    return CONTINUE
+
+
+def _intent_without_result(entries: list[Entry]) -> Entry | None:
+    """The last intent of the visit, if no step entry after it records its result."""
+    for e in reversed(entries):
+        if e.kind == "intent":
+            settled = any(x.kind == "step" and x.step_id == e.step_id and x.seq > e.seq for x in entries)
+            return None if settled else e
+    return None
+
+
+def _exhausted(cursor: RunCursor, state: AgentState) -> str | None:
+    visit, budget = cursor.visit, state.budget
+    if visit["steps"] >= budget.max_steps:
+        return f"step budget of {budget.max_steps} for state {state.name!r} is spent"
+    if cursor.active_seconds() >= budget.max_seconds:
+        return f"time budget of {budget.max_seconds:g}s for state {state.name!r} is spent"
+    if budget.max_tokens is not None and visit["tokens"] >= budget.max_tokens:
+        return f"token budget of {budget.max_tokens} for state {state.name!r} is spent"
+    if budget.max_cost is not None and visit["cost"] >= budget.max_cost:
+        return f"cost budget of {budget.max_cost:g} for state {state.name!r} is spent"
+    return None

@@ -1,0 +1,258 @@
+"""Workflow definitions: states, agent envelopes, budgets, and the checks run at load.
+
+A workflow fixes the allowed path. Deterministic `Step`s are Python functions that return
+`Next`; `AgentState`s let a model propose inside a declared envelope (tools, exits,
+budget, escalation); `Terminal`s end the run. `Workflow.validate()` refuses a broken
+definition with a message naming what is wrong, before anything runs.
+"""
+
+from __future__ import annotations
+
+import inspect
+from collections.abc import Awaitable, Callable
+from dataclasses import dataclass, field
+from typing import Any, Literal
+
+from pydantic import BaseModel, ConfigDict, Field
+
+from tether.errors import DefinitionError
+from tether.hashing import fingerprint
+from tether.policy import Policy
+from tether.tools import Tool
+
+
+class Budget(BaseModel):
+    """Limits of one visit to an agent state, checked before every model and tool call."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    max_steps: int = Field(20, ge=1, description="proposals, including refused ones")
+    max_tool_calls: int = Field(10, ge=0)
+    max_seconds: float = Field(300.0, gt=0, description="active time; paused time is not counted")
+    max_tokens: int | None = Field(None, ge=1)
+    max_cost: float | None = Field(None, gt=0)
+    max_repeats: int = Field(3, ge=1, description="same tool call, same arguments, in a row")
+
+
+@dataclass(frozen=True)
+class Next:
+    """What a deterministic step returns: the next state, data to merge, facts established."""
+
+    to: str
+    update: dict[str, Any] = field(default_factory=dict)
+    facts: dict[str, Any] = field(default_factory=dict)
+
+
+StepFn = Callable[[dict[str, Any]], "Next | Awaitable[Next]"]
+OnFailure = Literal["escalate", "fail"]
+
+
+@dataclass(frozen=True)
+class Step:
+    """A deterministic state: `fn(data) -> Next`, allowed to go only to `next`."""
+
+    name: str
+    fn: StepFn
+    next: tuple[str, ...]
+    checkpoint: bool = True
+
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "next", tuple(self.next))
+
+
+@dataclass(frozen=True)
+class AgentState:
+    """A state in which a model proposes steps inside a declared envelope."""
+
+    name: str
+    instructions: str
+    tools: tuple[Tool, ...]
+    exits: dict[str, str]
+    budget: Budget = field(default_factory=Budget)
+    escalate_to: str = "operator"
+    handoff_to: tuple[str, ...] = ()
+    on_budget_exhausted: OnFailure = "escalate"
+    on_verification_failed: Literal["retry", "escalate", "fail"] = "retry"
+    checkpoint: bool = True
+
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "tools", tuple(self.tools))
+        object.__setattr__(self, "handoff_to", tuple(self.handoff_to))
+
+    def tool(self, name: str) -> Tool | None:
+        return next((t for t in self.tools if t.name == name), None)
+
+
+@dataclass(frozen=True)
+class Terminal:
+    """An end state; `failed=True` marks the run failed rather than completed."""
+
+    name: str
+    failed: bool = False
+    checkpoint: bool = True
+
+
+State = Step | AgentState | Terminal
+
+
+class Workflow:
+    """A named, versioned graph of states. Construct, then `validate()` (loaders do)."""
+
+    def __init__(
+        self,
+        name: str,
+        version: str,
+        start: str,
+        states: list[State],
+        *,
+        policy: Policy | None = None,
+        description: str = "",
+    ) -> None:
+        self.name = name
+        self.version = str(version)
+        self.start = start
+        self.description = description
+        self.policy = policy
+        self._state_list = list(states)
+        self.states: dict[str, State] = {s.name: s for s in states}
+        self.validate()
+
+    def __repr__(self) -> str:
+        return f"Workflow({self.name!r}, version={self.version!r})"
+
+    def tools(self) -> dict[str, Tool]:
+        return {t.name: t for s in self.states.values() if isinstance(s, AgentState) for t in s.tools}
+
+    def successors(self, state: State) -> tuple[str, ...]:
+        if isinstance(state, Step):
+            return state.next
+        if isinstance(state, AgentState):
+            return tuple(state.exits.values())
+        return ()
+
+    def validate(self) -> None:
+        """Refuse a broken definition; each message names the offending part."""
+        _check_names(self.name, self._state_list)
+        if self.start not in self.states:
+            raise DefinitionError(f"workflow {self.name!r}: start state {self.start!r} is not defined")
+        for state in self._state_list:
+            for target in self.successors(state):
+                if target not in self.states:
+                    raise DefinitionError(
+                        f"workflow {self.name!r}: state {state.name!r} leads to {target!r}, "
+                        "which is not a state"
+                    )
+            if isinstance(state, AgentState):
+                _check_envelope(self.name, state)
+        self._check_reachability()
+        seen: dict[str, Tool] = {}
+        for t in (t for s in self._state_list if isinstance(s, AgentState) for t in s.tools):
+            if seen.setdefault(t.name, t) is not t and seen[t.name].fn is not t.fn:
+                raise DefinitionError(f"workflow {self.name!r}: two different tools are named {t.name!r}")
+        if self.policy is not None:
+            self.policy.check_targets(self.tools(), self.exit_names())
+
+    def exit_names(self) -> set[str]:
+        return {e for s in self.states.values() if isinstance(s, AgentState) for e in s.exits}
+
+    def _check_reachability(self) -> None:
+        reachable, frontier = {self.start}, [self.start]
+        while frontier:
+            for target in self.successors(self.states[frontier.pop()]):
+                if target not in reachable:
+                    reachable.add(target)
+                    frontier.append(target)
+        terminals = [s.name for s in self._state_list if isinstance(s, Terminal)]
+        if not terminals:
+            raise DefinitionError(f"workflow {self.name!r}: no terminal state; a run could never end")
+        for state in self._state_list:
+            if state.name not in reachable:
+                kind = "terminal state" if isinstance(state, Terminal) else "state"
+                raise DefinitionError(
+                    f"workflow {self.name!r}: {kind} {state.name!r} is unreachable from start {self.start!r}"
+                )
+
+    def describe(self) -> dict[str, Any]:
+        """A JSON description of the definition; its fingerprint is the workflow hash."""
+        return {
+            "name": self.name,
+            "version": self.version,
+            "start": self.start,
+            "states": [_describe_state(s) for s in self._state_list],
+        }
+
+    @property
+    def hash(self) -> str:
+        return fingerprint(self.describe())
+
+
+def _check_names(workflow: str, states: list[State]) -> None:
+    names: set[str] = set()
+    for state in states:
+        if not state.name or not isinstance(state.name, str):
+            raise DefinitionError(f"workflow {workflow!r}: a state has no name")
+        if state.name in names:
+            raise DefinitionError(f"workflow {workflow!r}: duplicate state name {state.name!r}")
+        names.add(state.name)
+
+
+def _check_envelope(workflow: str, state: AgentState) -> None:
+    where = f"workflow {workflow!r}, agent state {state.name!r}"
+    if not state.exits:
+        raise DefinitionError(f"{where}: declares no exits; the model could never leave it")
+    names = [t.name for t in state.tools]
+    duplicates = sorted({n for n in names if names.count(n) > 1})
+    if duplicates:
+        raise DefinitionError(f"{where}: duplicate tool name(s) {', '.join(duplicates)}")
+    for t in state.tools:
+        if not isinstance(t, Tool):
+            raise DefinitionError(f"{where}: {t!r} is not a tool (decorate it with @tether.tool)")
+
+
+def _ref(fn: Any) -> str:
+    return f"{getattr(fn, '__module__', '?')}:{getattr(fn, '__qualname__', repr(fn))}"
+
+
+def _source_hash(fn: Any) -> str | None:
+    try:
+        return fingerprint(inspect.getsource(fn))
+    except (OSError, TypeError):
+        return None
+
+
+def _describe_state(state: State) -> dict[str, Any]:
+    if isinstance(state, Step):
+        return {
+            "kind": "step",
+            "name": state.name,
+            "fn": _ref(state.fn),
+            "source": _source_hash(state.fn),
+            "next": list(state.next),
+            "checkpoint": state.checkpoint,
+        }
+    if isinstance(state, AgentState):
+        return {
+            "kind": "agent",
+            "name": state.name,
+            "instructions": state.instructions,
+            "tools": [
+                {
+                    "name": t.name,
+                    "fn": _ref(t.fn),
+                    "source": _source_hash(t.fn),
+                    "effect": t.effect,
+                    "idempotent": t.idempotent,
+                    "verifier": _ref(t.verifier) if t.verifier else None,
+                    "schema": t.json_schema(),
+                }
+                for t in state.tools
+            ],
+            "exits": state.exits,
+            "budget": state.budget.model_dump(),
+            "escalate_to": state.escalate_to,
+            "handoff_to": list(state.handoff_to),
+            "on_budget_exhausted": state.on_budget_exhausted,
+            "on_verification_failed": state.on_verification_failed,
+            "checkpoint": state.checkpoint,
+        }
+    return {"kind": "terminal", "name": state.name, "failed": state.failed}
