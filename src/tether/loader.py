@@ -19,6 +19,7 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
 from tether.errors import DefinitionError
 from tether.policy import Policy
+from tether.strict_yaml import load_yaml
 from tether.tools import Effect, Tool
 from tether.workflow import AgentState, Budget, State, Step, Terminal, Workflow
 
@@ -108,7 +109,7 @@ def _from_python(ref: str, policy: str | Path | None) -> Workflow:
 
 def _from_yaml(path: Path, policy_override: str | Path | None) -> Workflow:
     try:
-        content = yaml.safe_load(path.read_text())
+        content = load_yaml(path.read_text())
     except FileNotFoundError:
         raise DefinitionError(f"workflow file not found: {path}") from None
     except yaml.YAMLError as exc:
@@ -194,6 +195,7 @@ def _import(ref: str, *, where: str, base: Path) -> Any:
     with _importable_from(base):
         try:
             module = importlib.import_module(module_name)
+            _check_origin(module, module_name, base, where)
         except ImportError as exc:
             raise DefinitionError(f"{where}: cannot import module {module_name!r}: {exc}") from None
         except Exception as exc:  # the module itself is broken
@@ -206,6 +208,17 @@ def _import(ref: str, *, where: str, base: Path) -> Any:
             raise DefinitionError(f"{where}: module {module_name!r} has no attribute {attr!r}")
         obj = getattr(obj, part)
     return obj
+
+
+def _check_origin(module: Any, name: str, base: Path, where: str) -> None:
+    """Refuse a module of the same name already imported from another workflow's folder."""
+    local = base / (name.replace(".", "/") + ".py")
+    origin = getattr(module, "__file__", None)
+    if local.exists() and origin is not None and Path(origin).resolve() != local.resolve():
+        raise DefinitionError(
+            f"{where}: module {name!r} is already imported from {origin}, not from {base}; "
+            "give this workflow's module a distinct name"
+        )
 
 
 def _explain(exc: ValidationError) -> str:

@@ -24,6 +24,7 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_valida
 from tether.errors import PolicyFileError
 from tether.hashing import fingerprint
 from tether.reasons import ReasonCode
+from tether.strict_yaml import load_yaml
 from tether.tools import Tool
 
 DecisionKind = Literal["allow", "deny", "ask", "defer"]
@@ -150,7 +151,7 @@ class Policy:
     @classmethod
     def from_yaml(cls, text: str, source: str = "<policy>") -> Policy:
         try:
-            content = yaml.safe_load(text)
+            content = load_yaml(text)
         except yaml.YAMLError as exc:
             raise PolicyFileError(f"{source}: not valid YAML: {exc}") from None
         return cls.from_dict(content, source)

@@ -157,17 +157,20 @@ class RunCursor:
         }
 
 
+def messages_for(body: dict[str, Any]) -> list[Message]:
+    """What one step entry adds to the transcript: the proposal (unless it continues a
+    paused step, whose proposal is already there) and what the runtime observed."""
+    messages = []
+    if not body.get("continuation"):
+        proposal = body.get("proposal")
+        messages.append(
+            Message(role="proposal", content=proposal if proposal is not None else body.get("raw"))
+        )
+    role = "person" if body.get("outcome") == "answered" else "observation"
+    messages.append(Message(role=role, content=body["observation"]))
+    return messages
+
+
 def transcript_from(entries: list[Entry]) -> list[Message]:
     """Rebuild a visit's transcript from its journal entries."""
-    messages: list[Message] = []
-    for e in entries:
-        if e.kind != "step" or "observation" not in e.body:
-            continue
-        if not e.body.get("continuation"):
-            proposal = e.body.get("proposal")
-            messages.append(
-                Message(role="proposal", content=proposal if proposal is not None else e.body.get("raw"))
-            )
-        role = "person" if e.body.get("outcome") == "answered" else "observation"
-        messages.append(Message(role=role, content=e.body["observation"]))
-    return messages
+    return [m for e in entries if e.kind == "step" and "observation" in e.body for m in messages_for(e.body)]

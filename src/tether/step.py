@@ -17,7 +17,7 @@ from typing import Any, Literal
 
 from tether.hashing import fingerprint
 from tether.journal import NewEntry, Ticket
-from tether.models.protocol import Message, Usage
+from tether.models.protocol import Usage
 from tether.policy import Decision
 from tether.proposals import (
     Exit,
@@ -29,7 +29,7 @@ from tether.proposals import (
     parse_proposal,
 )
 from tether.reasons import ReasonCode
-from tether.run import RunCursor
+from tether.run import RunCursor, messages_for
 from tether.tools import ArgumentError, Tool, ToolContext
 from tether.workflow import AgentState
 
@@ -474,12 +474,7 @@ class GovernedStep:
         return NewEntry(kind="step", step_id=self.step_id, state=self.state.name, body=body)
 
     def _observe(self, body: dict[str, Any]) -> None:
-        if not body.get("continuation"):
-            proposal = body.get("proposal")
-            self.cursor.transcript.append(
-                Message(role="proposal", content=proposal if proposal is not None else body.get("raw"))
-            )
-        self.cursor.transcript.append(Message(role="observation", content=body["observation"]))
+        self.cursor.transcript.extend(messages_for(body))
 
 
 def _on_exhausted(state: AgentState) -> OutcomeKind:

@@ -1,0 +1,107 @@
+"""Shared fixtures: a real SQLite journal per test and a small shop workflow to govern."""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from tether import AgentState, Budget, Evidence, Policy, Terminal, ToolContext, Workflow, tool
+from tether.journal import Journal, open_journal
+
+
+@pytest.fixture
+def journal(tmp_path: Path) -> Iterator[Journal]:
+    j = open_journal(str(tmp_path / "journal.db"))
+    yield j
+    j.close()
+
+
+class Shop:
+    """Tools over an in-memory order book that record every real execution."""
+
+    def __init__(self) -> None:
+        self.orders: dict[str, dict[str, Any]] = {"A1": {"total": 80.0, "status": "paid"}}
+        self.refunds: list[tuple[str, float]] = []
+        self.executed: list[str] = []
+
+        def refunded(args: dict[str, Any], result: Any, ctx: ToolContext) -> Evidence:
+            ok = (args["order_id"], args["amount"]) in self.refunds
+            return Evidence(ok=ok, detail={"refunds": len(self.refunds)})
+
+        def order_read(args: dict[str, Any], result: Any, ctx: ToolContext) -> Evidence:
+            return Evidence(facts={"order_total": self.orders[args["order_id"]]["total"]})
+
+        @tool(verify=order_read)
+        def read_order(order_id: str) -> dict[str, Any]:
+            """Read an order."""
+            self.executed.append("read_order")
+            return self.orders[order_id]
+
+        @tool(effect="write", verify=refunded)
+        def refund(order_id: str, amount: float) -> dict[str, Any]:
+            """Refund part of an order."""
+            self.executed.append("refund")
+            self.refunds.append((order_id, amount))
+            return {"ok": True}
+
+        @tool(effect="write")
+        def delete_order(order_id: str) -> None:
+            """Never allowed in the shop state."""
+            self.executed.append("delete_order")
+
+        self.read_order, self.refund, self.delete_order = read_order, refund, delete_order
+
+    def workflow(
+        self, policy: dict[str, Any] | None = None, budget: Budget | None = None, **agent: Any
+    ) -> Workflow:
+        shop = AgentState(
+            "shop",
+            "Help the customer.",
+            (self.read_order, self.refund),
+            {"done": "done", "finish": "done", "to_admin": "admin"},
+            budget=budget or Budget(max_steps=10, max_tool_calls=5),
+            escalate_to="supervisor",
+            handoff_to=("billing",),
+            **agent,
+        )
+        admin = AgentState("admin", "Admin only.", (self.delete_order,), {"done": "done"})
+        rules = (
+            policy
+            if policy is not None
+            else {
+                "rules": [
+                    {
+                        "id": "refund-ask",
+                        "tool": "refund",
+                        "when": "args.amount > 50.0",
+                        "decision": "ask",
+                        "approver": "supervisor",
+                    },
+                    {"id": "refund-ok", "tool": "refund", "decision": "allow"},
+                ]
+            }
+        )
+        return Workflow(
+            "shop",
+            "1",
+            "shop",
+            [shop, admin, Terminal("done")],
+            policy=Policy.from_dict(rules, "test-policy"),
+        )
+
+
+@pytest.fixture
+def shop() -> Shop:
+    return Shop()
+
+
+def run(coro: Any) -> Any:
+    return asyncio.run(coro)
+
+
+def call(tool_name: str, **args: Any) -> dict[str, Any]:
+    return {"kind": "tool_call", "tool": tool_name, "args": args}
