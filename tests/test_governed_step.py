@@ -119,6 +119,19 @@ def test_allowed_write_commits_an_intent_then_the_verified_result(journal: Journ
     assert verify_chain(entries) == []
 
 
+def test_a_write_without_a_verifier_is_recorded_as_unshown(journal: Journal, shop: Shop) -> None:
+    wf = shop.workflow()
+    wf.states["shop"].tools[1].verifier = None
+    result = run(
+        Runtime(journal).start(
+            wf, ScriptedModel([call("refund", order_id="A1", amount=9.0), {"kind": "finish"}])
+        )
+    )
+    executed = next(s for s in steps(journal, result.run_id) if s["outcome"] == "executed")
+    assert executed["verification"]["reason_code"] == ReasonCode.EVIDENCE_MISSING
+    assert executed["verification"]["ok"] is None
+
+
 def test_failed_verification_is_recorded_and_escalates_when_declared(journal: Journal, shop: Shop) -> None:
     shop.refunds.append(("nothing", 0.0))  # noise the verifier must not be fooled by
     wf = shop.workflow(on_verification_failed="escalate")

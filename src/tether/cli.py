@@ -271,7 +271,9 @@ def _timeline_row(row: dict[str, Any]) -> str:
     lines.append(outcome)
     if row.get("verification"):
         v = row["verification"]
-        mark = "[green]verified[/]" if v.get("ok") else "[red]verification failed[/]"
+        mark = {True: "[green]verified[/]", False: "[red]verification failed[/]"}.get(
+            v.get("ok"), "[yellow]unverified[/]"
+        )
         lines.append(f"               {mark}: {_short(v.get('detail') or v.get('error'), 80)}")
     return "\n".join(lines)
 

@@ -245,7 +245,18 @@ class GovernedStep:
         except Exception as exc:  # a verifier that crashes has not shown the effect
             return {"ok": False, "error": f"{type(exc).__name__}: {exc}"}, {}, True
         if evidence is None:
-            return None, {}, False
+            if tool.effect == "read":
+                return None, {}, False
+            # An effect nobody re-read: recorded as unshown, not as a failure.
+            return (
+                {
+                    "ok": None,
+                    "reason_code": ReasonCode.EVIDENCE_MISSING,
+                    "detail": "the tool declares no verifier; its effect was not re-read",
+                },
+                {},
+                False,
+            )
         return evidence.model_dump(), evidence.facts if evidence.ok else {}, not evidence.ok
 
     # -- stages for exits, questions and handoffs ------------------------------------
