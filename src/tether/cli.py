@@ -31,7 +31,7 @@ app = typer.Typer(
     add_completion=False,
     pretty_exceptions_enable=False,
 )
-out = Console(highlight=False)
+out = Console(highlight=False, soft_wrap=True)
 err = Console(stderr=True, highlight=False)
 T = TypeVar("T")
 
@@ -92,11 +92,12 @@ def _report(result: RunResult, as_json: bool) -> None:
             f"run [bold]{result.run_id}[/] is [bold {colour}]{result.status}[/] in state {result.state}"
         )
         if result.status == "paused" and result.ticket_id:
+            out.print(f"  waiting on ticket [bold]{result.ticket_id}[/] ({result.owner})")
             out.print(
-                f"  waiting on ticket [bold]{result.ticket_id}[/] for {result.owner}: "
-                f"tether approve {result.ticket_id}  |  tether deny {result.ticket_id} "
-                f"--reason TEXT  |  then: tether resume {result.run_id}"
+                f"  decide:   tether approve {result.ticket_id}   or   tether deny "
+                f"{result.ticket_id} --reason TEXT"
             )
+            out.print(f"  continue: tether resume {result.run_id}")
         elif result.message:
             out.print(f"  {result.reason_code}: {result.message}")
     if result.status in FAILED_STATUSES:
@@ -256,7 +257,7 @@ def _timeline_row(row: dict[str, Any]) -> str:
     elif proposal is not None:
         head += f"[red]unparseable[/] {_short(proposal, 60)}"
     else:
-        head += f"[dim]{row['kind']}[/]"
+        head += f"[dim]{'deterministic step' if row['kind'] == 'step' else row['kind']}[/]"
     lines = [head]
     if row.get("decision"):
         colour = {"allow": "green", "ask": "yellow", "defer": "yellow"}.get(row["decision"], "red")

@@ -53,12 +53,8 @@ def _outcome_of(e: Entry) -> str:
 def _detail(e: Entry) -> Any:
     body = e.body
     if e.kind == "ticket_decided":
-        return {
-            "ticket_id": body.get("ticket_id"),
-            "by": body.get("by"),
-            "reason": body.get("reason") or None,
-            "answer": body.get("answer"),
-        }
+        said = body.get("answer") or body.get("reason")
+        return f"{body.get('ticket_id')} by {body.get('by')}" + (f": {said}" if said else "")
     if e.kind in ("escalated", "failed", "effect_in_doubt"):
         return body.get("message")
     if e.kind == "handoff":
