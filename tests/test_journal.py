@@ -183,3 +183,20 @@ def test_token_budget_uses_reported_usage(journal: Journal, shop: Shop) -> None:
     result = run(Runtime(journal).start(shop.workflow(budget=Budget(max_tokens=1000)), ScriptedModel(script)))
     assert (result.status, result.reason_code) == ("escalated", "budget_exhausted")
     assert "token budget of 1000" in str(result.message)
+
+
+def test_resume_refuses_a_different_policy(journal: Journal, shop: Shop) -> None:
+    paused = run(
+        Runtime(journal).start(shop.workflow(), ScriptedModel([call("refund", order_id="A1", amount=70.0)]))
+    )
+    looser = shop.workflow(policy={"rules": [{"id": "anything-goes", "tool": "refund", "decision": "allow"}]})
+    with pytest.raises(RunStateError, match="is pinned to policy"):
+        run(Runtime(journal).resume(paused.run_id, looser, ScriptedModel([])))
+
+
+def test_an_agent_workflow_without_a_model_is_refused_before_a_run_exists(
+    journal: Journal, shop: Shop
+) -> None:
+    with pytest.raises(RunStateError, match="give a model to propose their steps"):
+        run(Runtime(journal).start(shop.workflow()))
+    assert run(journal.list_runs()) == []

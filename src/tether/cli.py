@@ -9,6 +9,7 @@ from __future__ import annotations
 import asyncio
 import getpass
 import json
+import sys
 import time
 from collections.abc import Coroutine
 from pathlib import Path
@@ -57,6 +58,11 @@ def _fail(message: str) -> NoReturn:
     raise typer.Exit(2)
 
 
+def _print_json(value: Any) -> None:
+    """Plain JSON on stdout: never colour codes, whatever the terminal or FORCE_COLOR say."""
+    sys.stdout.write(json.dumps(value, indent=2, default=str) + "\n")
+
+
 def _run(coro: Coroutine[Any, Any, T]) -> T:
     try:
         return asyncio.run(coro)
@@ -85,7 +91,7 @@ def _model(spec: str | None) -> tuple[Model | None, str | None]:
 
 def _report(result: RunResult, as_json: bool) -> None:
     if as_json:
-        out.print_json(json.dumps(result.__dict__, default=str))
+        _print_json(result.__dict__)
     else:
         colour = {"completed": "green", "paused": "yellow"}.get(result.status, "red")
         out.print(
@@ -149,7 +155,12 @@ def run(
 
     async def go() -> RunResult:
         result = await runtime.start(
-            wf, proposer, input=data, workflow_ref=workflow_ref(workflow), model_spec=spec
+            wf,
+            proposer,
+            input=data,
+            workflow_ref=workflow_ref(workflow),
+            policy_ref=str(policy.resolve()) if policy else None,
+            model_spec=spec,
         )
         return await _wait_and_resume(runtime, result, wf, proposer, as_json) if wait else result
 
@@ -170,7 +181,7 @@ def resume(
 
     async def go() -> RunResult:
         record = await journal.get_run(run_id)
-        wf = load_workflow(record.workflow_ref)
+        wf = load_workflow(record.workflow_ref, policy=record.policy_ref)
         proposer, _ = _model(model or record.model_spec)
         result = await runtime.resume(run_id, wf, proposer)
         return await _wait_and_resume(runtime, result, wf, proposer, as_json) if wait else result
@@ -188,7 +199,7 @@ def runs(
     """List runs, newest first."""
     records = _run(_journal(db).list_runs(status, limit))
     if as_json:
-        out.print_json(json.dumps([r.model_dump(exclude={"checkpoint"}) for r in records]))
+        _print_json([r.model_dump(exclude={"checkpoint"}) for r in records])
         return
     table = Table("run", "workflow", "status", "state", "owner", "reason", "updated")
     for r in records:
@@ -217,16 +228,13 @@ def show(
     steps = timeline(entries)
     problems = verify_chain(entries)
     if as_json:
-        out.print_json(
-            json.dumps(
-                {
-                    "run": record.model_dump(),
-                    "steps": steps,
-                    "chain": {"intact": not problems, "problems": problems},
-                    "entries": [e.model_dump() for e in entries],
-                },
-                default=str,
-            )
+        _print_json(
+            {
+                "run": record.model_dump(),
+                "steps": steps,
+                "chain": {"intact": not problems, "problems": problems},
+                "entries": [e.model_dump() for e in entries],
+            }
         )
         return
     out.print(
@@ -295,7 +303,7 @@ def approvals(
     """List approval and question tickets (pending ones by default)."""
     tickets = _run(_journal(db).list_tickets(None if all_ else "pending"))
     if as_json:
-        out.print_json(json.dumps([t.model_dump() for t in tickets]))
+        _print_json([t.model_dump() for t in tickets])
         return
     if not tickets:
         out.print("no pending tickets" if not all_ else "no tickets")

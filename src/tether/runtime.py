@@ -73,10 +73,21 @@ class Runtime:
         *,
         input: dict[str, Any] | None = None,
         workflow_ref: str = "",
+        policy_ref: str | None = None,
         model_spec: str | None = None,
     ) -> RunResult:
-        """Start a run pinned to this workflow's hash and drive it until it stops."""
+        """Start a run pinned to this workflow's and policy's hashes; drive it until it stops.
+
+        `workflow_ref` and `policy_ref` (a policy file overriding the workflow's) are what
+        `tether resume` loads the definition from in another process.
+        """
         policy = workflow.policy or Policy.default()
+        needs_model = [s.name for s in workflow.states.values() if isinstance(s, AgentState)]
+        if model is None and needs_model:
+            raise RunStateError(
+                f"workflow {workflow.name!r} has agent state(s) {', '.join(needs_model)}: "
+                "give a model to propose their steps (e.g. --model script:FILE.json)"
+            )
         now = self.clock()
         data = dict(input or {})
         record = RunRecord(
@@ -86,6 +97,7 @@ class Runtime:
             workflow_hash=workflow.hash,
             workflow_ref=workflow_ref or f"<python:{workflow.name}>",
             policy_hash=policy.hash,
+            policy_ref=policy_ref,
             model_spec=model_spec or (model.name if model else None),
             state=workflow.start,
             input=data,
@@ -134,9 +146,14 @@ class Runtime:
                 f"{workflow.hash[:19]}… (version {workflow.version}); load the version the run "
                 "started on"
             )
-        cursor = RunCursor(
-            record, workflow, workflow.policy or Policy.default(), self.journal, clock=self.clock
-        )
+        policy = workflow.policy or Policy.default()
+        if policy.hash != record.policy_hash:
+            raise RunStateError(
+                f"run {run_id} is pinned to policy {record.policy_hash[:19]}…, but the policy given "
+                f"({policy.source}) hashes to {policy.hash[:19]}…; resume with the policy the run "
+                "started with"
+            )
+        cursor = RunCursor(record, workflow, policy, self.journal, clock=self.clock)
         entries = await self.journal.read_entries(run_id, after_seq=cursor.visit["started_seq"])
         cursor.transcript = transcript_from(entries)
         doubt = _intent_without_result(entries)
@@ -176,7 +193,7 @@ class Runtime:
                 expected_seq=record.last_seq,
                 expected_hash=record.last_hash,
                 entries=[NewEntry(kind="step", step_id=doubt.step_id, state=doubt.state, body=body)],
-                update=RunUpdate(status="running", message=f"effect {outcome} per {by}"),
+                update=RunUpdate(status="running", owner=None, reason_code=None, message=None),
                 durable=True,
             )
         )

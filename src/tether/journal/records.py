@@ -24,6 +24,7 @@ class RunRecord(BaseModel):
     workflow_hash: str
     workflow_ref: str
     policy_hash: str
+    policy_ref: str | None = None
     model_spec: str | None = None
     status: RunStatus = "running"
     state: str

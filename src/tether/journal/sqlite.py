@@ -31,7 +31,7 @@ CREATE TABLE IF NOT EXISTS meta (key TEXT PRIMARY KEY, value TEXT NOT NULL);
 CREATE TABLE IF NOT EXISTS runs (
     run_id TEXT PRIMARY KEY, workflow_name TEXT NOT NULL, workflow_version TEXT NOT NULL,
     workflow_hash TEXT NOT NULL, workflow_ref TEXT NOT NULL, policy_hash TEXT NOT NULL,
-    model_spec TEXT, status TEXT NOT NULL, state TEXT NOT NULL, input TEXT NOT NULL,
+    policy_ref TEXT, model_spec TEXT, status TEXT NOT NULL, state TEXT NOT NULL, input TEXT NOT NULL,
     data TEXT NOT NULL, facts TEXT NOT NULL, checkpoint TEXT NOT NULL, owner TEXT,
     reason_code TEXT, message TEXT, created_at REAL NOT NULL, updated_at REAL NOT NULL,
     last_seq INTEGER NOT NULL, last_hash TEXT NOT NULL);
