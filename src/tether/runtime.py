@@ -264,7 +264,7 @@ class Runtime:
         body = {
             "decision": decision.model_dump(mode="json"),
             "outcome": "transition",
-            "reason_code": ReasonCode.POLICY_ALLOWED,
+            "reason_code": None,
             "update": nxt.update,
             "facts": nxt.facts,
             "next": nxt.to,
@@ -387,7 +387,8 @@ class Runtime:
             return await step.finish_execution(tool, body["args"], {**body, "recovered": True})
         message = (
             f"step {intent.step_id}: {body['tool']['name']} (not idempotent) was started "
-            "but its result was never recorded; it will not be re-run without a person"
+            "but its result was never recorded; it will not be re-run without a person: check, then "
+            f"tether resolve {cursor.run_id} --done | --not-done"
         )
         await cursor.commit(
             [

@@ -223,7 +223,8 @@ class GovernedStep:
             "source": source,
             "verification": verification,
             "observation": observation,
-            "reason_code": ReasonCode.VERIFICATION_FAILED if failed else ReasonCode.POLICY_ALLOWED,
+            # Reason codes explain refusals and failures; a verified execution has none.
+            "reason_code": ReasonCode.VERIFICATION_FAILED if failed else None,
         }
         new_facts = {**cursor.record.facts, **facts} if facts else None
         await cursor.commit([self._entry(body)], facts=new_facts, consume=consume)
@@ -305,7 +306,7 @@ class GovernedStep:
             "args_hash": args_hash,
             "decision": decision.model_dump(mode="json"),
             "outcome": "transition",
-            "reason_code": decision.reason_code,
+            "reason_code": None,
             "exit": name,
             "next": target,
             "ticket_id": ticket_id,
