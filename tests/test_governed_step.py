@@ -351,3 +351,28 @@ def test_most_restrictive_matching_rule_wins(journal: Journal, shop: Shop) -> No
     )
     decided = [(s["decision"]["decision"], s["decision"]["rule_id"]) for s in steps(journal, result.run_id)]
     assert decided[:3] == [("allow", "allow-all"), ("deny", "deny-huge"), ("ask", "ask-big")]
+
+
+def test_async_tools_and_a_function_model_from_a_model_string(
+    journal: Journal, tmp_path: Any, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from tether import AgentState, Terminal, Workflow, tool
+    from tether.models import resolve_model
+
+    @tool
+    async def slow_read(key: str) -> str:
+        """An async tool."""
+        return key.upper()
+
+    (tmp_path / "my_agent.py").write_text(
+        "def propose(ctx):\n"
+        "    if ctx.proposals_made == 0:\n"
+        "        return {'kind': 'tool_call', 'tool': 'slow_read', 'args': {'key': 'abc'}}\n"
+        "    return {'kind': 'finish', 'update': {'seen': ctx.transcript[-1].content['result']}}\n"
+    )
+    model = resolve_model("function:my_agent:propose", base=tmp_path)
+    wf = Workflow("w", "1", "a", [AgentState("a", "Read.", (slow_read,), {"finish": "end"}), Terminal("end")])
+
+    result = run(Runtime(journal).start(wf, model))
+
+    assert (result.status, result.data) == ("completed", {"seen": "ABC"})

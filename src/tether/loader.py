@@ -56,7 +56,6 @@ class AgentDoc(_Strict):
     handoff_to: list[str] = Field(default_factory=list)
     on_budget_exhausted: Literal["escalate", "fail"] = "escalate"
     on_verification_failed: Literal["retry", "escalate", "fail"] = "retry"
-    checkpoint: bool = True
 
 
 class TerminalDoc(_Strict):
@@ -148,7 +147,6 @@ def _state(name: str, doc: StepDoc | AgentDoc | TerminalDoc, base: Path, where: 
         handoff_to=tuple(doc.handoff_to),
         on_budget_exhausted=doc.on_budget_exhausted,
         on_verification_failed=doc.on_verification_failed,
-        checkpoint=doc.checkpoint,
     )
 
 

@@ -49,7 +49,12 @@ OnFailure = Literal["escalate", "fail"]
 
 @dataclass(frozen=True)
 class Step:
-    """A deterministic state: `fn(data) -> Next`, allowed to go only to `next`."""
+    """A deterministic state: `fn(data) -> Next`, allowed to go only to `next`.
+
+    `checkpoint=False` writes this step's record together with the next checkpoint
+    instead of on its own; a crash in between re-runs it (it is deterministic). Agent
+    states always checkpoint every governed step: their decisions are never held back.
+    """
 
     name: str
     fn: StepFn
@@ -73,7 +78,6 @@ class AgentState:
     handoff_to: tuple[str, ...] = ()
     on_budget_exhausted: OnFailure = "escalate"
     on_verification_failed: Literal["retry", "escalate", "fail"] = "retry"
-    checkpoint: bool = True
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "tools", tuple(self.tools))
@@ -89,7 +93,6 @@ class Terminal:
 
     name: str
     failed: bool = False
-    checkpoint: bool = True
 
 
 State = Step | AgentState | Terminal
@@ -253,6 +256,5 @@ def _describe_state(state: State) -> dict[str, Any]:
             "handoff_to": list(state.handoff_to),
             "on_budget_exhausted": state.on_budget_exhausted,
             "on_verification_failed": state.on_verification_failed,
-            "checkpoint": state.checkpoint,
         }
     return {"kind": "terminal", "name": state.name, "failed": state.failed}

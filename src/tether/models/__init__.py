@@ -1,12 +1,15 @@
 """Models: the protocol the kernel speaks, and the adapters that implement it.
 
-`resolve_model("script:FILE.json")` turns a model string into a model; each prefix maps to
-a factory in one registry, so adding a vendor adapter changes nothing in the kernel.
+`resolve_model("script:FILE.json")` (or `"function:module:attr"`) turns a model string into
+a model; each prefix maps to a factory in one registry, so adding a vendor adapter changes
+nothing in the kernel.
 """
 
 from __future__ import annotations
 
 import difflib
+import importlib
+import sys
 from collections.abc import Callable
 from pathlib import Path
 
@@ -33,7 +36,24 @@ def _script(arg: str, base: Path) -> Model:
     return ScriptedModel.from_file(path if path.is_absolute() else base / path)
 
 
-REGISTRY: dict[str, ModelFactory] = {"script": _script}
+def _function(arg: str, base: Path) -> Model:
+    """`function:module:attr`: a Python callable taking the context, as a FunctionModel."""
+    module_name, _, attr = arg.partition(":")
+    if not module_name or not attr:
+        raise ModelSpecError(f"function model needs module:attribute, got {arg!r}")
+    sys.path.insert(0, str(base))
+    try:
+        fn = getattr(importlib.import_module(module_name), attr)
+    except (ImportError, AttributeError) as exc:
+        raise ModelSpecError(f"cannot load function model {arg!r}: {exc}") from None
+    finally:
+        sys.path.remove(str(base))
+    if not callable(fn):
+        raise ModelSpecError(f"function model {arg!r} is not callable")
+    return FunctionModel(fn, name=f"function:{arg}")
+
+
+REGISTRY: dict[str, ModelFactory] = {"script": _script, "function": _function}
 
 
 def resolve_model(spec: str, base: Path | None = None) -> Model:
