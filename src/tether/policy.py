@@ -192,11 +192,12 @@ class Policy:
         """Evaluate every governing rule and return the winning decision."""
         best: _CompiledRule | None = None
         matched: list[str] = []
+        context = cel.Context(dict(variables))  # converted once, shared by every rule
         for c in self._rules:
             if not c.governs(kind, name):
                 continue
             try:
-                holds = _holds(c, variables)
+                holds = _holds(c, context)
             except _ConditionError as exc:
                 return Decision(
                     decision="deny",
@@ -237,11 +238,11 @@ class _ConditionError(Exception):
     pass
 
 
-def _holds(c: _CompiledRule, variables: Mapping[str, Any]) -> bool:
+def _holds(c: _CompiledRule, context: cel.Context) -> bool:
     if c.program is None:
         return True
     try:
-        value = c.program.execute(dict(variables))
+        value = c.program.execute(context)
     except Exception as exc:  # the CEL runtime raises KeyError, TypeError, ValueError...
         detail = f"missing field {exc}" if isinstance(exc, KeyError) else str(exc).split("\n")[0]
         raise _ConditionError(f"rule {c.rule.id!r}: condition could not be evaluated: {detail}") from None

@@ -27,7 +27,8 @@ def new_visit(state: str, number: int, started_seq: int) -> dict[str, Any]:
         "tokens": 0,
         "cost": 0.0,
         "active_seconds": 0.0,
-        "calls": {},
+        "last_call": None,
+        "repeats": 0,
     }
 
 
@@ -126,12 +127,13 @@ class RunCursor:
             self._since = time.monotonic()
         fields = {k: getattr(self.record, k) for k in ("state", "checkpoint", "status", *self._dirty)}
         written = await self.journal.commit(
-            Commit(
+            # Built from values this class already holds typed: no need to validate them again.
+            Commit.model_construct(
                 run_id=self.run_id,
                 expected_seq=self.record.last_seq,
                 expected_hash=self.record.last_hash,
                 entries=[*self._buffered, *entries],
-                update=RunUpdate(**fields),
+                update=RunUpdate.model_construct(**fields),
                 new_tickets=tickets or [],
                 consume=consume,
                 durable=durable,
@@ -167,7 +169,12 @@ def messages_for(body: dict[str, Any]) -> list[Message]:
             Message(role="proposal", content=proposal if proposal is not None else body.get("raw"))
         )
     role = "person" if body.get("outcome") == "answered" else "observation"
-    messages.append(Message(role=role, content=body["observation"]))
+    content = body["observation"]
+    if body.get("outcome") in ("executed", "verification_failed"):
+        content = {**content, "result": body.get("result")}
+        if body.get("verification") is not None:
+            content["verification"] = body["verification"]
+    messages.append(Message(role=role, content=content))
     return messages
 
 

@@ -286,7 +286,7 @@ class Runtime:
             )
         visit, budget = cursor.visit, state.budget
         tools, exits = self._spec(cursor.workflow, state)
-        context = ModelContext(
+        context = ModelContext.model_construct(
             run_id=cursor.run_id,
             state=state.name,
             instructions=state.instructions,

@@ -115,8 +115,9 @@ class GovernedStep:
                 message=reason,
                 owner=self.state.escalate_to,
             )
-        repeats = visit["calls"].get(args_hash, 0) + 1
-        visit["calls"][args_hash] = repeats
+        # Only the last call is kept: the checkpoint stays the same size however long the run.
+        repeats = visit["repeats"] + 1 if visit["last_call"] == args_hash else 1
+        visit["last_call"], visit["repeats"] = args_hash, repeats
         if repeats > budget.max_repeats:
             reason = (
                 f"{tool.name} proposed {repeats} times with the same arguments (limit {budget.max_repeats})"
@@ -213,9 +214,8 @@ class GovernedStep:
             return CONTINUE
         verification, facts, failed = await self._verify(tool, args, result, ctx)
         outcome = "verification_failed" if failed else "executed"
-        observation: dict[str, Any] = {"step_id": self.step_id, "outcome": outcome, "result": result}
-        if verification is not None:
-            observation["verification"] = verification
+        # The model also sees `result` and `verification`; they are stored once, in the body.
+        observation: dict[str, Any] = {"step_id": self.step_id, "outcome": outcome}
         body = {
             **base,
             "outcome": outcome,

@@ -118,6 +118,7 @@ class Workflow:
         self.policy = policy
         self._state_list = list(states)
         self.states: dict[str, State] = {s.name: s for s in states}
+        self._hash: str | None = None
         self.validate()
 
     def __repr__(self) -> str:
@@ -186,7 +187,10 @@ class Workflow:
 
     @property
     def hash(self) -> str:
-        return fingerprint(self.describe())
+        """Computed once: reading sources and schemas costs milliseconds."""
+        if self._hash is None:
+            self._hash = fingerprint(self.describe())
+        return self._hash
 
 
 def _check_names(workflow: str, states: list[State]) -> None:

@@ -49,34 +49,55 @@ class NewEntry(BaseModel):
 
 
 class Entry(NewEntry):
-    """An append-only journal entry; `hash` chains it to the run's previous entry."""
+    """An append-only journal entry; `hash` chains it to the run's previous entry.
+
+    `body_json` is the body's canonical JSON: the exact text hashed and stored.
+    """
 
     run_id: str
     seq: int
     prev_hash: str
     hash: str
     created_at: float
+    body_json: str = Field(default="", exclude=True, repr=False)
 
 
-def entry_hash(run_id: str, seq: int, entry: NewEntry, prev_hash: str, created_at: float) -> str:
-    payload = {
-        "run_id": run_id,
-        "seq": seq,
-        "kind": entry.kind,
-        "step_id": entry.step_id,
-        "state": entry.state,
-        "body": entry.body,
-        "created_at": created_at,
-    }
-    return sha256_hex(prev_hash + canonical_json(payload))
+def entry_hash(
+    run_id: str, seq: int, entry: NewEntry, body_json: str, prev_hash: str, created_at: float
+) -> str:
+    header = canonical_json(
+        {
+            "run_id": run_id,
+            "seq": seq,
+            "kind": entry.kind,
+            "step_id": entry.step_id,
+            "state": entry.state,
+            "created_at": created_at,
+        }
+    )
+    return sha256_hex(prev_hash + header + body_json)
 
 
 def chain(run_id: str, start_seq: int, prev_hash: str, entries: list[NewEntry], now: float) -> list[Entry]:
     """Number and hash new entries after (start_seq, prev_hash)."""
     out: list[Entry] = []
     for i, e in enumerate(entries, start=start_seq + 1):
-        h = entry_hash(run_id, i, e, prev_hash, now)
-        out.append(Entry(**e.model_dump(), run_id=run_id, seq=i, prev_hash=prev_hash, hash=h, created_at=now))
+        body_json = canonical_json(e.body)
+        h = entry_hash(run_id, i, e, body_json, prev_hash, now)
+        out.append(
+            Entry.model_construct(
+                kind=e.kind,
+                step_id=e.step_id,
+                state=e.state,
+                body=e.body,
+                run_id=run_id,
+                seq=i,
+                prev_hash=prev_hash,
+                hash=h,
+                created_at=now,
+                body_json=body_json,
+            )
+        )
         prev_hash = h
     return out
 
@@ -90,7 +111,7 @@ def verify_chain(entries: list[Entry]) -> list[str]:
             problems.append(f"seq {expected_seq} missing (found {e.seq})")
         if e.prev_hash != prev:
             problems.append(f"seq {e.seq}: previous-hash link broken")
-        if entry_hash(e.run_id, e.seq, e, e.prev_hash, e.created_at) != e.hash:
+        if entry_hash(e.run_id, e.seq, e, canonical_json(e.body), e.prev_hash, e.created_at) != e.hash:
             problems.append(f"seq {e.seq}: content does not match its hash")
         prev, expected_seq = e.hash, e.seq + 1
     return problems

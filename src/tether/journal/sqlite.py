@@ -35,11 +35,11 @@ CREATE TABLE IF NOT EXISTS runs (
     data TEXT NOT NULL, facts TEXT NOT NULL, checkpoint TEXT NOT NULL, owner TEXT,
     reason_code TEXT, message TEXT, created_at REAL NOT NULL, updated_at REAL NOT NULL,
     last_seq INTEGER NOT NULL, last_hash TEXT NOT NULL);
-CREATE INDEX IF NOT EXISTS runs_by_status ON runs (status, updated_at);
+CREATE INDEX IF NOT EXISTS runs_by_status ON runs (status, created_at);
 CREATE TABLE IF NOT EXISTS entries (
     run_id TEXT NOT NULL, seq INTEGER NOT NULL, kind TEXT NOT NULL, step_id TEXT,
     state TEXT, body TEXT NOT NULL, prev_hash TEXT NOT NULL, hash TEXT NOT NULL,
-    created_at REAL NOT NULL, PRIMARY KEY (run_id, seq)) WITHOUT ROWID;
+    created_at REAL NOT NULL, PRIMARY KEY (run_id, seq));
 CREATE TRIGGER IF NOT EXISTS entries_no_update BEFORE UPDATE ON entries
     BEGIN SELECT RAISE(ABORT, 'journal entries are append-only'); END;
 CREATE TRIGGER IF NOT EXISTS entries_no_delete BEFORE DELETE ON entries
@@ -238,6 +238,7 @@ class SQLiteJournal:
                 prev_hash=r[6],
                 hash=r[7],
                 created_at=r[8],
+                body_json=r[5],
             )
             for r in rows
         ]
@@ -281,7 +282,7 @@ class SQLiteJournal:
                     e.kind,
                     e.step_id,
                     e.state,
-                    json.dumps(e.body, default=str),
+                    e.body_json,
                     e.prev_hash,
                     e.hash,
                     e.created_at,
