@@ -126,6 +126,7 @@ class Policy:
         self.hash = fingerprint(document.model_dump(mode="json"))
         ids: set[str] = set()
         self._rules: list[_CompiledRule] = []
+        self._by_target: dict[tuple[str, str], list[_CompiledRule]] = {}
         for rule in document.rules:
             if rule.id in ids:
                 raise PolicyFileError(f"{source}: duplicate rule id {rule.id!r}")
@@ -165,6 +166,13 @@ class Policy:
             raise PolicyFileError(f"policy file not found: {file}") from None
         return cls.from_yaml(text, str(file))
 
+    def _governing(self, kind: str, name: str) -> list[_CompiledRule]:
+        """The rules naming this tool or exit (or "*"), in file order; memoized per target."""
+        key = (kind, name)
+        if key not in self._by_target:
+            self._by_target[key] = [c for c in self._rules if c.governs(kind, name)]
+        return self._by_target[key]
+
     @property
     def rules(self) -> list[Rule]:
         return [c.rule for c in self._rules]
@@ -193,9 +201,7 @@ class Policy:
         best: _CompiledRule | None = None
         matched: list[str] = []
         context = cel.Context(dict(variables))  # converted once, shared by every rule
-        for c in self._rules:
-            if not c.governs(kind, name):
-                continue
+        for c in self._governing(kind, name):
             try:
                 holds = _holds(c, context)
             except _ConditionError as exc:
