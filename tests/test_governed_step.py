@@ -315,6 +315,7 @@ def test_handoff_and_defer_name_an_owner_and_keep_the_state_handed_over(journal:
     handoff = next(e for e in run(journal.read_entries(result.run_id)) if e.kind == "handoff")
     assert handoff.body["handoff"]["owner"] == "billing"
     assert handoff.body["handoff"]["state"] == "shop"
+    assert handoff.step_id == "s1"
 
     policy = {
         "rules": [

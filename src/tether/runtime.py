@@ -328,7 +328,14 @@ class Runtime:
         elif outcome.kind == "handoff":
             handed = outcome.update["handoff"]
             await cursor.commit(
-                [NewEntry(kind="handoff", step_id=None, state=state_name, body=outcome.update)],
+                [
+                    NewEntry(
+                        kind="handoff",
+                        step_id=outcome.update["step_id"],
+                        state=state_name,
+                        body=outcome.update,
+                    )
+                ],
                 status="handed_off",
                 owner=handed["owner"],
                 reason_code=outcome.reason_code,

@@ -451,6 +451,7 @@ class GovernedStep:
             "at_seq": cursor.record.last_seq,
         }
         body = {
+            "step_id": self.step_id,
             "proposal": proposal.model_dump(),
             "args_hash": args_hash,
             "decision": decision.model_dump(mode="json"),
