@@ -69,6 +69,7 @@ class WorkflowDoc(_Strict):
     description: str = ""
     start: str
     policy: str | None = None
+    resolvers: dict[str, str] = Field(default_factory=dict)
     states: dict[str, Annotated[StepDoc | AgentDoc | TerminalDoc, Field(discriminator="kind")]] = Field(
         min_length=1
     )
@@ -125,7 +126,18 @@ def _from_yaml(path: Path, policy_override: str | Path | None) -> Workflow:
     if doc.policy and not Path(policy_path).exists():
         raise DefinitionError(f"{path}: policy file {doc.policy!r} not found next to the workflow")
     policy = Policy.from_file(policy_path) if Path(policy_path).exists() else None
-    return Workflow(doc.name, str(doc.version), doc.start, states, policy=policy, description=doc.description)
+    resolvers = {
+        n: _import(ref, where=f"{path}: resolver {n!r}", base=base) for n, ref in doc.resolvers.items()
+    }
+    return Workflow(
+        doc.name,
+        str(doc.version),
+        doc.start,
+        states,
+        policy=policy,
+        resolvers=resolvers,
+        description=doc.description,
+    )
 
 
 def _state(name: str, doc: StepDoc | AgentDoc | TerminalDoc, base: Path, where: str) -> State:

@@ -2,7 +2,9 @@
 
 A policy is a YAML file of rules. Each rule matches a tool (or an exit) and optionally a
 condition written in CEL (Common Expression Language: no loops, no side effects, no
-Python `eval`) over `args`, `data`, `facts`, `tool` and `run`. Every matching rule whose
+Python `eval`) over `args`, `data`, `facts`, `history`, `tool` and `run`, and may call the
+workflow's resolvers (registered read-only lookups, e.g. `order(args.order_id).status`)
+and the helpers `zip` and `sum`. Every matching rule whose
 condition holds is a candidate; the most restrictive decision wins (deny > defer > ask >
 allow), and among equals the first in the file. With no candidate, a default applies:
 reads and exits are allowed; writes and external effects are denied. A condition that
@@ -12,8 +14,9 @@ Every decision names its rule id and the policy hash.
 
 from __future__ import annotations
 
+import json
 import re
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from pathlib import Path
 from typing import Any, Literal
 
@@ -35,7 +38,49 @@ _REASON_OF: dict[str, ReasonCode] = {
     "ask": ReasonCode.APPROVAL_REQUIRED,
     "defer": ReasonCode.DEFERRED,
 }
-VARIABLES = frozenset({"args", "data", "facts", "tool", "run"})
+VARIABLES = frozenset({"args", "data", "facts", "history", "tool", "run"})
+# Functions CEL itself provides, plus the two helpers every policy gets.
+HELPERS: dict[str, Callable[..., Any]] = {
+    "zip": lambda a, b: [list(pair) for pair in zip(a, b, strict=False)],
+    "sum": lambda values: sum(values, 0.0),
+}
+CEL_FUNCTIONS = frozenset(
+    {
+        "size",
+        "startsWith",
+        "endsWith",
+        "contains",
+        "matches",
+        "int",
+        "uint",
+        "double",
+        "string",
+        "bytes",
+        "bool",
+        "type",
+        "timestamp",
+        "duration",
+        "dyn",
+        "has",
+        "all",
+        "exists",
+        "exists_one",
+        "map",
+        "filter",
+        "max",
+        "min",
+        "getFullYear",
+        "getMonth",
+        "getDate",
+        "getDayOfMonth",
+        "getDayOfWeek",
+        "getDayOfYear",
+        "getHours",
+        "getMinutes",
+        "getSeconds",
+        "getMilliseconds",
+    }
+)
 DEFAULT_APPROVAL_SECONDS = 24 * 3600.0
 
 
@@ -105,6 +150,10 @@ class Decision(BaseModel):
     owner: str | None = None
     expires_in: float | None = None
     matched: list[str] = Field(default_factory=list)
+    # How each governing rule's condition came out (true, false or the error), and what the
+    # resolvers returned: enough to explain the decision later without re-reading live state.
+    evaluated: dict[str, bool | str] = Field(default_factory=dict)
+    resolved: dict[str, Any] = Field(default_factory=dict)
 
 
 class _CompiledRule:
@@ -112,6 +161,8 @@ class _CompiledRule:
         self.rule = rule
         self.kind, self.names = rule.targets()
         self.program = program
+        self.variables = set(program.variables()) & VARIABLES if program else set()
+        self.functions = _called_functions(program) if program else set()
 
     def governs(self, kind: str, name: str) -> bool:
         return kind == self.kind and ("*" in self.names or name in self.names)
@@ -177,9 +228,18 @@ class Policy:
     def rules(self) -> list[Rule]:
         return [c.rule for c in self._rules]
 
-    def check_targets(self, tools: Mapping[str, Tool], exits: set[str]) -> None:
-        """Refuse rules naming a tool or exit the workflow does not have."""
+    def check_targets(
+        self, tools: Mapping[str, Tool], exits: set[str], resolvers: Mapping[str, Any] | None = None
+    ) -> None:
+        """Refuse rules naming a tool, exit or resolver the workflow does not have."""
         for c in self._rules:
+            missing = sorted(c.functions - set(resolvers or {}))
+            if missing:
+                known = ", ".join(sorted(resolvers or {})) or "none"
+                raise PolicyFileError(
+                    f"{self.source}: rule {c.rule.id!r} calls unknown function(s) {', '.join(missing)} "
+                    f"(the workflow's resolvers: {known}; helpers: {', '.join(sorted(HELPERS))})"
+                )
             known = set(tools) if c.kind == "tool" else exits
             for name in c.names:
                 if name != "*" and name not in known:
@@ -196,15 +256,25 @@ class Policy:
         name: str,
         effect: str,
         variables: Mapping[str, Any],
+        resolvers: Mapping[str, Callable[..., Any]] | None = None,
     ) -> Decision:
-        """Evaluate every governing rule and return the winning decision."""
+        """Evaluate every governing rule and return the winning decision.
+
+        `variables` may hold zero-argument callables for costly values (e.g. `history`):
+        they are computed only when a governing rule uses them. `resolvers` are the
+        lookups conditions may call; each call is memoized and recorded in the decision.
+        """
+        rules = self._governing(kind, name)
+        resolved: dict[str, Any] = {}
+        context = _context(rules, variables, resolvers or {}, resolved)
         best: _CompiledRule | None = None
         matched: list[str] = []
-        context = cel.Context(dict(variables))  # converted once, shared by every rule
-        for c in self._governing(kind, name):
+        evaluated: dict[str, bool | str] = {}
+        for c in rules:
             try:
                 holds = _holds(c, context)
             except _ConditionError as exc:
+                evaluated[c.rule.id] = f"error: {exc}"
                 return Decision(
                     decision="deny",
                     rule_id=c.rule.id,
@@ -212,7 +282,10 @@ class Policy:
                     reason_code=ReasonCode.POLICY_ERROR,
                     reason=str(exc),
                     matched=[*matched, c.rule.id],
+                    evaluated=evaluated,
+                    resolved=resolved,
                 )
+            evaluated[c.rule.id] = holds
             if holds:
                 matched.append(c.rule.id)
                 if best is None or _SEVERITY[c.rule.decision] > _SEVERITY[best.rule.decision]:
@@ -225,6 +298,8 @@ class Policy:
                 policy_hash=self.hash,
                 reason_code=_REASON_OF[default],
                 reason=f"no rule matched; default for {effect} is {default}",
+                evaluated=evaluated,
+                resolved=resolved,
             )
         rule = best.rule
         return Decision(
@@ -237,7 +312,34 @@ class Policy:
             owner=rule.owner,
             expires_in=(rule.expires_in or DEFAULT_APPROVAL_SECONDS) if rule.decision == "ask" else None,
             matched=matched,
+            evaluated=evaluated,
+            resolved=resolved,
         )
+
+
+def _context(
+    rules: list[_CompiledRule],
+    variables: Mapping[str, Any],
+    resolvers: Mapping[str, Callable[..., Any]],
+    resolved: dict[str, Any],
+) -> cel.Context:
+    """One CEL context per decision, holding only what the governing rules use."""
+    used = set().union(*(c.variables for c in rules)) if rules else set()
+    values = {k: (v() if callable(v) else v) for k, v in variables.items() if k in used}
+    functions: dict[str, Callable[..., Any]] = dict(HELPERS)
+    for fname, fn in resolvers.items():
+        functions[fname] = _recording(fname, fn, resolved)
+    return cel.Context(values, functions=functions)
+
+
+def _recording(name: str, fn: Callable[..., Any], resolved: dict[str, Any]) -> Callable[..., Any]:
+    def call(*args: Any) -> Any:
+        key = f"{name}({', '.join(json.dumps(a, default=str) for a in args)})"
+        if key not in resolved:
+            resolved[key] = fn(*args)
+        return resolved[key]
+
+    return call
 
 
 class _ConditionError(Exception):
@@ -273,6 +375,12 @@ def _compile(rule: Rule, source: str) -> cel.Program | None:
             f"(conditions may use: {', '.join(sorted(VARIABLES))})"
         )
     return program
+
+
+def _called_functions(program: cel.Program) -> set[str]:
+    """Named functions a condition calls, other than CEL's own and the helpers."""
+    names = {f for f in program.functions() if re.fullmatch(r"[A-Za-z_]\w*", f)}
+    return names - CEL_FUNCTIONS - set(HELPERS)
 
 
 def _bound_names(expression: str) -> set[str]:

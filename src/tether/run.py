@@ -6,14 +6,18 @@ across a commit. `RunCursor.commit` is the one way the runtime writes.
 
 from __future__ import annotations
 
+import functools
 import time
 from collections.abc import Callable
 from typing import Any
 
 from tether.journal import Commit, Entry, Journal, NewEntry, RunRecord, RunUpdate, Ticket
 from tether.models.protocol import Message
-from tether.policy import Policy
+from tether.policy import Decision, Policy
+from tether.tools import ToolContext
 from tether.workflow import Workflow
+
+EXECUTED = ("executed", "verification_failed")
 
 
 def new_visit(state: str, number: int, started_seq: int) -> dict[str, Any]:
@@ -48,6 +52,7 @@ class RunCursor:
         self.journal = journal
         self.clock = clock
         self.transcript: list[Message] = []
+        self.history: list[dict[str, Any]] = []
         self._since = time.monotonic()
         self._buffered: list[NewEntry] = []
         self._dirty: set[str] = set()
@@ -144,11 +149,16 @@ class RunCursor:
             self.record.last_seq, self.record.last_hash = written[-1].seq, written[-1].hash
         return written
 
-    def policy_variables(self, tool: dict[str, Any], args: dict[str, Any]) -> dict[str, Any]:
-        return {
+    def decide(self, *, kind: str, name: str, effect: str, args: dict[str, Any], step_id: str) -> Decision:
+        """Ask the policy about a proposal, with this run's variables and resolvers."""
+        tool = {"name": name, "effect": effect}
+        if kind == "tool":
+            tool["idempotent"] = self.workflow.tools()[name].idempotent
+        variables = {
             "args": args,
             "data": self.record.data,
             "facts": self.record.facts,
+            "history": lambda: self.history,
             "tool": tool,
             "run": {
                 "id": self.run_id,
@@ -157,6 +167,25 @@ class RunCursor:
                 "state": self.record.state,
             },
         }
+        ctx = ToolContext(
+            run_id=self.run_id,
+            step_id=step_id,
+            idempotency_key=f"{self.run_id}:{step_id}",
+            data=self.record.data,
+            facts=self.record.facts,
+        )
+        resolvers = {n: functools.partial(fn, ctx) for n, fn in self.workflow.resolvers.items()}
+        return self.policy.decide(
+            kind=kind,
+            name=name,
+            effect=effect,
+            variables=variables,  # type: ignore[arg-type]
+            resolvers=resolvers,
+        )
+
+    def executed(self, entry_body: dict[str, Any], step_id: str, state: str) -> None:
+        """Remember a tool call whose effect happened, for conditions over `history`."""
+        self.history.append(_history_item(entry_body, step_id, state))
 
 
 def messages_for(body: dict[str, Any]) -> list[Message]:
@@ -176,6 +205,25 @@ def messages_for(body: dict[str, Any]) -> list[Message]:
             content["verification"] = body["verification"]
     messages.append(Message(role=role, content=content))
     return messages
+
+
+def _history_item(body: dict[str, Any], step_id: str | None, state: str | None) -> dict[str, Any]:
+    return {
+        "tool": body["tool"]["name"],
+        "args": body["args"],
+        "step_id": step_id,
+        "state": state,
+        "outcome": body["outcome"],
+    }
+
+
+def history_from(entries: list[Entry]) -> list[dict[str, Any]]:
+    """Rebuild the run's executed tool calls from its journal."""
+    return [
+        _history_item(e.body, e.step_id, e.state)
+        for e in entries
+        if e.kind == "step" and e.body.get("outcome") in EXECUTED
+    ]
 
 
 def transcript_from(entries: list[Entry]) -> list[Message]:

@@ -23,7 +23,7 @@ from tether.models.protocol import BudgetLeft, ExitSpec, Model, ModelContext, To
 from tether.policy import Decision, Policy
 from tether.proposals import Exit, Finish, ToolCall, parse_proposal
 from tether.reasons import ReasonCode
-from tether.run import RunCursor, new_visit, transcript_from
+from tether.run import RunCursor, history_from, new_visit, transcript_from
 from tether.step import CONTINUE, GovernedStep, StepOutcome
 from tether.workflow import AgentState, Next, Step, Terminal, Workflow
 
@@ -154,7 +154,9 @@ class Runtime:
                 "started with"
             )
         cursor = RunCursor(record, workflow, policy, self.journal, clock=self.clock)
-        entries = await self.journal.read_entries(run_id, after_seq=cursor.visit["started_seq"])
+        everything = await self.journal.read_entries(run_id)
+        cursor.history = history_from(everything)
+        entries = [e for e in everything if e.seq > cursor.visit["started_seq"]]
         cursor.transcript = transcript_from(entries)
         doubt = _intent_without_result(entries)
         if doubt is not None:

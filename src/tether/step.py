@@ -130,13 +130,8 @@ class GovernedStep:
             return StepOutcome(
                 "escalate", reason_code=ReasonCode.LOOP_DETECTED, message=reason, owner=self.state.escalate_to
             )
-        decision = self.cursor.policy.decide(
-            kind="tool",
-            name=tool.name,
-            effect=tool.effect,
-            variables=self.cursor.policy_variables(
-                {"name": tool.name, "effect": tool.effect, "idempotent": tool.idempotent}, args
-            ),
+        decision = self.cursor.decide(
+            kind="tool", name=tool.name, effect=tool.effect, args=args, step_id=self.step_id
         )
         if decision.decision == "deny":
             return await self.refuse(proposal, decision, args_hash=args_hash)
@@ -229,6 +224,7 @@ class GovernedStep:
         new_facts = {**cursor.record.facts, **facts} if facts else None
         await cursor.commit([self._entry(body)], facts=new_facts, consume=consume)
         self._observe(body)
+        cursor.executed(body, self.step_id, self.state.name)
         if failed and self.state.on_verification_failed != "retry":
             return StepOutcome(
                 self.state.on_verification_failed,
@@ -278,12 +274,7 @@ class GovernedStep:
             )
         args = {"exit": name, "update": proposal.update}
         args_hash = fingerprint(args)
-        decision = self.cursor.policy.decide(
-            kind="exit",
-            name=name,
-            effect="exit",
-            variables=self.cursor.policy_variables({"name": name, "effect": "exit"}, args),
-        )
+        decision = self.cursor.decide(kind="exit", name=name, effect="exit", args=args, step_id=self.step_id)
         if decision.decision == "deny":
             return await self.refuse(proposal, decision, args_hash=args_hash)
         if decision.decision == "defer":

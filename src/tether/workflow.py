@@ -9,7 +9,7 @@ definition with a message naming what is wrong, before anything runs.
 from __future__ import annotations
 
 import inspect
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Mapping
 from dataclasses import dataclass, field
 from typing import Any, Literal
 
@@ -109,6 +109,7 @@ class Workflow:
         states: list[State],
         *,
         policy: Policy | None = None,
+        resolvers: Mapping[str, Callable[..., Any]] | None = None,
         description: str = "",
     ) -> None:
         self.name = name
@@ -116,6 +117,8 @@ class Workflow:
         self.start = start
         self.description = description
         self.policy = policy
+        # Read-only lookups policy conditions may call: `fn(ctx: ToolContext, *args)`.
+        self.resolvers: dict[str, Callable[..., Any]] = dict(resolvers or {})
         self._state_list = list(states)
         self.states: dict[str, State] = {s.name: s for s in states}
         self._hash: str | None = None
@@ -154,7 +157,7 @@ class Workflow:
             if seen.setdefault(t.name, t) is not t and seen[t.name].fn is not t.fn:
                 raise DefinitionError(f"workflow {self.name!r}: two different tools are named {t.name!r}")
         if self.policy is not None:
-            self.policy.check_targets(self.tools(), self.exit_names())
+            self.policy.check_targets(self.tools(), self.exit_names(), self.resolvers)
 
     def exit_names(self) -> set[str]:
         return {e for s in self.states.values() if isinstance(s, AgentState) for e in s.exits}
@@ -183,6 +186,9 @@ class Workflow:
             "version": self.version,
             "start": self.start,
             "states": [_describe_state(s) for s in self._state_list],
+            "resolvers": {
+                n: {"fn": _ref(f), "source": _source_hash(f)} for n, f in sorted(self.resolvers.items())
+            },
         }
 
     @property
