@@ -31,7 +31,7 @@ from tether.strict_yaml import load_yaml
 from tether.tools import Tool
 
 DecisionKind = Literal["allow", "deny", "ask", "defer"]
-_SEVERITY: dict[str, int] = {"allow": 0, "ask": 1, "defer": 2, "deny": 3}
+SEVERITY: dict[str, int] = {"allow": 0, "ask": 1, "defer": 2, "deny": 3}
 _REASON_OF: dict[str, ReasonCode] = {
     "allow": ReasonCode.POLICY_ALLOWED,
     "deny": ReasonCode.POLICY_DENIED,
@@ -288,7 +288,7 @@ class Policy:
             evaluated[c.rule.id] = holds
             if holds:
                 matched.append(c.rule.id)
-                if best is None or _SEVERITY[c.rule.decision] > _SEVERITY[best.rule.decision]:
+                if best is None or SEVERITY[c.rule.decision] > SEVERITY[best.rule.decision]:
                     best = c
         if best is None:
             default = getattr(self.document.defaults, "exit" if kind == "exit" else effect)

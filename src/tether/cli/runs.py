@@ -1,4 +1,4 @@
-"""The `tether` command line: run, inspect, approve and resume governed runs.
+"""Commands that run, inspect, approve and resume governed runs.
 
 Exit codes: 0 when a run completes, pauses or is handed off (a normal stop); 1 when it
 fails, escalates or has an effect in doubt; 2 for bad input (nothing was changed).
@@ -9,72 +9,35 @@ from __future__ import annotations
 import asyncio
 import getpass
 import json
-import sys
 import time
-from collections.abc import Coroutine
 from pathlib import Path
-from typing import Annotated, Any, NoReturn, TypeVar
+from typing import Annotated, Any
 
 import typer
-from rich.console import Console
 from rich.table import Table
 
+from tether.cli.common import (
+    FAILED_STATUSES,
+    ByOption,
+    DbOption,
+    JsonOption,
+    ModelOption,
+    WaitOption,
+    err,
+    fail,
+    open_store,
+    out,
+    print_json,
+    run_async,
+)
 from tether.errors import TetherError
-from tether.journal import DB_ENV, Journal, open_journal, verify_chain
+from tether.journal import verify_chain
 from tether.loader import load_workflow, workflow_ref
 from tether.models import Model, resolve_model
 from tether.runtime import RunResult, Runtime
 from tether.timeline import timeline
 
-app = typer.Typer(
-    help="tether: run governed AI workflows and audit what they did.",
-    no_args_is_help=True,
-    add_completion=False,
-    pretty_exceptions_enable=False,
-)
-out = Console(highlight=False, soft_wrap=True)
-err = Console(stderr=True, highlight=False, soft_wrap=True)
-T = TypeVar("T")
-
-DbOption = Annotated[
-    str | None,
-    typer.Option(
-        "--db", envvar=DB_ENV, help="Journal: a SQLite path or sqlite:///path. Default ./tether.db."
-    ),
-]
-JsonOption = Annotated[bool, typer.Option("--json", help="Print JSON for machines.")]
-ModelOption = Annotated[
-    str | None, typer.Option("--model", help="Who proposes steps, e.g. script:proposals.json.")
-]
-WaitOption = Annotated[
-    bool, typer.Option("--wait", help="When the run pauses on a ticket, wait for the decision and go on.")
-]
-ByOption = Annotated[str | None, typer.Option("--by", help="Who decides (default: your user name).")]
-FAILED_STATUSES = {"failed", "escalated", "effect_in_doubt"}
-
-
-def _fail(message: str) -> NoReturn:
-    err.print(f"[bold red]error:[/] {message}")
-    raise typer.Exit(2)
-
-
-def _print_json(value: Any) -> None:
-    """Plain JSON on stdout: never colour codes, whatever the terminal or FORCE_COLOR say."""
-    sys.stdout.write(json.dumps(value, indent=2, default=str) + "\n")
-
-
-def _run(coro: Coroutine[Any, Any, T]) -> T:
-    try:
-        return asyncio.run(coro)
-    except TetherError as exc:
-        _fail(str(exc))
-
-
-def _journal(db: str | None) -> Journal:
-    try:
-        return open_journal(db)
-    except TetherError as exc:
-        _fail(str(exc))
+app = typer.Typer()
 
 
 def _model(spec: str | None) -> tuple[Model | None, str | None]:
@@ -86,12 +49,12 @@ def _model(spec: str | None) -> tuple[Model | None, str | None]:
     try:
         return resolve_model(spec), spec
     except TetherError as exc:
-        _fail(str(exc))
+        fail(str(exc))
 
 
 def _report(result: RunResult, as_json: bool) -> None:
     if as_json:
-        _print_json(result.__dict__)
+        print_json(result.__dict__)
     else:
         colour = {"completed": "green", "paused": "yellow"}.get(result.status, "red")
         out.print(
@@ -143,15 +106,15 @@ def run(
     try:
         data = json.loads(input)
     except json.JSONDecodeError as exc:
-        _fail(f"--input is not JSON: {exc}")
+        fail(f"--input is not JSON: {exc}")
     if not isinstance(data, dict):
-        _fail("--input must be a JSON object")
+        fail("--input must be a JSON object")
     try:
         wf = load_workflow(workflow, policy=policy)
     except TetherError as exc:
-        _fail(str(exc))
+        fail(str(exc))
     proposer, spec = _model(model)
-    runtime = Runtime(_journal(db))
+    runtime = Runtime(open_store(db))
 
     async def go() -> RunResult:
         result = await runtime.start(
@@ -164,7 +127,7 @@ def run(
         )
         return await _wait_and_resume(runtime, result, wf, proposer, as_json) if wait else result
 
-    _report(_run(go()), as_json)
+    _report(run_async(go()), as_json)
 
 
 @app.command()
@@ -176,7 +139,7 @@ def resume(
     as_json: JsonOption = False,
 ) -> None:
     """Continue a paused or interrupted run from its last committed step."""
-    journal = _journal(db)
+    journal = open_store(db)
     runtime = Runtime(journal)
 
     async def go() -> RunResult:
@@ -186,7 +149,7 @@ def resume(
         result = await runtime.resume(run_id, wf, proposer)
         return await _wait_and_resume(runtime, result, wf, proposer, as_json) if wait else result
 
-    _report(_run(go()), as_json)
+    _report(run_async(go()), as_json)
 
 
 @app.command()
@@ -197,9 +160,9 @@ def runs(
     as_json: JsonOption = False,
 ) -> None:
     """List runs, newest first."""
-    records = _run(_journal(db).list_runs(status, limit))
+    records = run_async(open_store(db).list_runs(status, limit))
     if as_json:
-        _print_json([r.model_dump(exclude={"checkpoint"}) for r in records])
+        print_json([r.model_dump(exclude={"checkpoint"}) for r in records])
         return
     table = Table("run", "workflow", "status", "state", "owner", "reason", "updated")
     for r in records:
@@ -222,13 +185,13 @@ def show(
     as_json: JsonOption = False,
 ) -> None:
     """A run's timeline: each step's proposal, decision and rule, result and verification."""
-    journal = _journal(db)
-    record = _run(journal.get_run(run_id))
-    entries = _run(journal.read_entries(run_id))
+    journal = open_store(db)
+    record = run_async(journal.get_run(run_id))
+    entries = run_async(journal.read_entries(run_id))
     steps = timeline(entries)
     problems = verify_chain(entries)
     if as_json:
-        _print_json(
+        print_json(
             {
                 "run": record.model_dump(),
                 "steps": steps,
@@ -301,9 +264,9 @@ def approvals(
     as_json: JsonOption = False,
 ) -> None:
     """List approval and question tickets (pending ones by default)."""
-    tickets = _run(_journal(db).list_tickets(None if all_ else "pending"))
+    tickets = run_async(open_store(db).list_tickets(None if all_ else "pending"))
     if as_json:
-        _print_json([t.model_dump() for t in tickets])
+        print_json([t.model_dump() for t in tickets])
         return
     if not tickets:
         out.print("no pending tickets" if not all_ else "no tickets")
@@ -319,8 +282,8 @@ def approvals(
 def _decide(
     ticket_id: str, *, approve: bool, by: str | None, reason: str, answer: str | None, db: str | None
 ) -> None:
-    journal = _journal(db)
-    ticket = _run(
+    journal = open_store(db)
+    ticket = run_async(
         journal.decide_ticket(
             ticket_id,
             approve=approve,
@@ -378,6 +341,6 @@ def resolve(
     db: DbOption = None,
 ) -> None:
     """Settle an effect in doubt after checking the real system; then resume the run."""
-    runtime = Runtime(_journal(db))
-    result = _run(runtime.resolve(run_id, done=done, by=by or getpass.getuser(), note=note))
+    runtime = Runtime(open_store(db))
+    result = run_async(runtime.resolve(run_id, done=done, by=by or getpass.getuser(), note=note))
     out.print(f"run {result.run_id} is {result.status}: tether resume {result.run_id}")

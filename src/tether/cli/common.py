@@ -1,0 +1,59 @@
+"""What every `tether` command shares: consoles, options, error handling, JSON output."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import sys
+from collections.abc import Coroutine
+from typing import Annotated, Any, NoReturn, TypeVar
+
+import typer
+from rich.console import Console
+
+from tether.errors import TetherError
+from tether.journal import DB_ENV, Journal, open_journal
+
+out = Console(highlight=False, soft_wrap=True)
+err = Console(stderr=True, highlight=False, soft_wrap=True)
+T = TypeVar("T")
+
+DbOption = Annotated[
+    str | None,
+    typer.Option(
+        "--db", envvar=DB_ENV, help="Journal: a SQLite path or sqlite:///path. Default ./tether.db."
+    ),
+]
+JsonOption = Annotated[bool, typer.Option("--json", help="Print JSON for machines.")]
+ModelOption = Annotated[
+    str | None, typer.Option("--model", help="Who proposes steps, e.g. script:proposals.json.")
+]
+WaitOption = Annotated[
+    bool, typer.Option("--wait", help="When the run pauses on a ticket, wait for the decision and go on.")
+]
+ByOption = Annotated[str | None, typer.Option("--by", help="Who decides (default: your user name).")]
+FAILED_STATUSES = {"failed", "escalated", "effect_in_doubt"}
+
+
+def fail(message: str) -> NoReturn:
+    err.print(f"[bold red]error:[/] {message}")
+    raise typer.Exit(2)
+
+
+def print_json(value: Any) -> None:
+    """Plain JSON on stdout: never colour codes, whatever the terminal or FORCE_COLOR say."""
+    sys.stdout.write(json.dumps(value, indent=2, default=str) + "\n")
+
+
+def run_async(coro: Coroutine[Any, Any, T]) -> T:
+    try:
+        return asyncio.run(coro)
+    except TetherError as exc:
+        fail(str(exc))
+
+
+def open_store(db: str | None) -> Journal:
+    try:
+        return open_journal(db)
+    except TetherError as exc:
+        fail(str(exc))
