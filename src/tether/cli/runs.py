@@ -31,7 +31,7 @@ from tether.cli.common import (
     run_async,
 )
 from tether.errors import TetherError
-from tether.journal import verify_chain
+from tether.journal import Journal, verify_chain
 from tether.loader import load_workflow, workflow_ref
 from tether.models import Model, resolve_model
 from tether.runtime import RunResult, Runtime
@@ -52,9 +52,11 @@ def _model(spec: str | None) -> tuple[Model | None, str | None]:
         fail(str(exc))
 
 
-def _report(result: RunResult, as_json: bool) -> None:
+def _report(result: RunResult, as_json: bool, journal: Journal | None = None) -> None:
+    """Print where the run stands; with --json from `run`, every step's decision too."""
     if as_json:
-        print_json(result.__dict__)
+        steps = timeline(run_async(journal.read_entries(result.run_id))) if journal else None
+        print_json({**result.__dict__, **({"steps": steps} if steps is not None else {})})
     else:
         colour = {"completed": "green", "paused": "yellow"}.get(result.status, "red")
         out.print(
@@ -71,6 +73,24 @@ def _report(result: RunResult, as_json: bool) -> None:
             out.print(f"  {result.reason_code}: {result.message}")
     if result.status in FAILED_STATUSES:
         raise typer.Exit(1)
+
+
+async def _answer_all(
+    runtime: Runtime, result: RunResult, workflow: Any, model: Model | None, *, approve: bool
+) -> RunResult:
+    by = "script:approve-all" if approve else "script:deny-all"
+    while result.status == "paused" and result.ticket_id:
+        ticket = await runtime.journal.get_ticket(result.ticket_id)
+        await runtime.journal.decide_ticket(
+            ticket.ticket_id,
+            approve=approve,
+            by=by,
+            reason="" if approve else "denied by the scripted answer",
+            answer="yes" if ticket.kind == "question" and approve else None,
+            now=runtime.clock(),
+        )
+        result = await runtime.resume(result.run_id, workflow, model)
+    return result
 
 
 async def _wait_and_resume(
@@ -100,9 +120,18 @@ def run(
     policy: Annotated[Path | None, typer.Option(help="Policy file overriding the workflow's.")] = None,
     db: DbOption = None,
     wait: WaitOption = False,
+    answer: Annotated[
+        str | None,
+        typer.Option(
+            help="Scripted replays: answer every ticket of this run at once, approve-all or deny-all "
+            "(recorded as decided by script:approve-all / script:deny-all)."
+        ),
+    ] = None,
     as_json: JsonOption = False,
 ) -> None:
     """Start a run and drive it until it completes, pauses or stops."""
+    if answer not in (None, "approve-all", "deny-all"):
+        fail(f"--answer must be approve-all or deny-all, not {answer!r}")
     try:
         data = json.loads(input)
     except json.JSONDecodeError as exc:
@@ -125,9 +154,12 @@ def run(
             policy_ref=str(policy.resolve()) if policy else None,
             model_spec=spec,
         )
+        if answer:
+            result = await _answer_all(runtime, result, wf, proposer, approve=answer == "approve-all")
         return await _wait_and_resume(runtime, result, wf, proposer, as_json) if wait else result
 
-    _report(run_async(go()), as_json)
+    result = run_async(go())
+    _report(result, as_json, runtime.journal if as_json else None)
 
 
 @app.command()
