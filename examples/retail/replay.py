@@ -62,7 +62,9 @@ def proposals(actions: list[dict[str, Any]]) -> list[dict[str, Any]]:
     return [{"kind": "tool_call", "tool": a["name"], "args": a["arguments"]} for a in actions]
 
 
-def split_authentication(actions: list[dict[str, Any]], db: dict[str, Any]) -> tuple[list[Any], list[Any], bool]:
+def split_authentication(
+    actions: list[dict[str, Any]], db: dict[str, Any]
+) -> tuple[list[Any], list[Any], bool]:
     """(authentication calls, the rest, whether the authentication was added by the replay)."""
     lead = 0
     while lead < len(actions) and actions[lead]["name"] in AUTH_TOOLS:
@@ -140,8 +142,16 @@ async def replay(
         if e.body.get("outcome") in ("awaiting_approval",):
             continue
         decision = e.body["decision"]
-        steps.append(StepDecision(proposal["tool"], proposal["args"], decision["decision"], decision["rule_id"],
-                                  e.body.get("outcome", e.kind), e.body.get("reason_code")))
+        steps.append(
+            StepDecision(
+                proposal["tool"],
+                proposal["args"],
+                decision["decision"],
+                decision["rule_id"],
+                e.body.get("outcome", e.kind),
+                e.body.get("reason_code"),
+            )
+        )
     expected = copy.deepcopy(source_db)
     retail_tools.apply_actions(expected, actions)
     actual = json.loads(db_file.read_text())
