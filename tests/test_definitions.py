@@ -187,3 +187,23 @@ def test_the_workflow_hash_changes_with_the_definition(tmp_path: Path) -> None:
     first = load_workflow(write(tmp_path, GOOD)).hash
     second = load_workflow(write(tmp_path, GOOD.replace("Do the work.", "Do the work well."))).hash
     assert first != second
+
+
+def test_yaml_overrides_keep_what_the_decorator_declared(tmp_path: Path) -> None:
+    (tmp_path / "declared.py").write_text(
+        "from tether import tool\n\n"
+        "@tool(effect='external', idempotent=True)\n"
+        "def notify(to: str) -> None:\n"
+        "    '''Notify someone.'''\n\n"
+        "def check(args, result, ctx):\n"
+        "    from tether import Evidence\n"
+        "    return Evidence()\n"
+    )
+    text = GOOD.replace(
+        'tools: ["good_tools:look", "good_tools:change"]',
+        'tools: [{ref: "declared:notify", verify: "declared:check"}]',
+    )
+    wf = load_workflow(write(tmp_path, text))
+    notify = wf.tools()["notify"]
+    assert (notify.effect, notify.idempotent, notify.description) == ("external", True, "Notify someone.")
+    assert notify.verifier is not None

@@ -3,7 +3,7 @@
 Each takes the step's `ToolContext` first (the runtime binds it) and finds the database at
 `ctx.data["db"]`. They return the database's own records, or null when there is none, so a
 condition can say `order(args.order_id) != null && order(args.order_id).status == "pending"`.
-The file is parsed once per version of it (path, size, modification time) and never copied:
+The file is parsed once per version of it (inode, size, modification time) and never copied:
 resolvers only read.
 """
 
@@ -15,13 +15,13 @@ from typing import Any
 
 from tether import ToolContext
 
-_snapshots: dict[str, tuple[tuple[int, int], dict[str, Any], dict[str, dict[str, Any]]]] = {}
+_snapshots: dict[str, tuple[tuple[int, int, int], dict[str, Any], dict[str, dict[str, Any]]]] = {}
 
 
 def _db(ctx: ToolContext) -> tuple[dict[str, Any], dict[str, dict[str, Any]]]:
     path = os.path.abspath(str(ctx.data["db"]))
     st = os.stat(path)
-    stamp = (st.st_mtime_ns, st.st_size)
+    stamp = (st.st_ino, st.st_mtime_ns, st.st_size)  # writers replace the file: a new inode
     cached = _snapshots.get(path)
     if cached is None or cached[0] != stamp:
         with open(path, encoding="utf-8") as f:

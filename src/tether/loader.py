@@ -177,13 +177,17 @@ def _tool(spec: str | ToolRef, base: Path, where: str) -> Tool:
         else (obj.verifier if isinstance(obj, Tool) else None)
     )
     effect = ref.effect or (obj.effect if isinstance(obj, Tool) else "read")
+    idempotent = ref.idempotent
+    if idempotent is None and isinstance(obj, Tool) and ref.effect is None:
+        idempotent = obj.idempotent  # keep what the decorator declared unless the effect changes
     try:
         return Tool(
             fn,
             name=ref.name or (obj.name if isinstance(obj, Tool) else None),
             effect=effect,
-            idempotent=ref.idempotent,
+            idempotent=idempotent,
             verify=verify,
+            description=obj.description if isinstance(obj, Tool) else None,
         )
     except (TypeError, ValueError) as exc:
         raise DefinitionError(f"{where}: {ref.ref}: {exc}") from None
