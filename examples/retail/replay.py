@@ -26,7 +26,7 @@ if str(HERE) not in sys.path:
 
 import retail_tools  # noqa: E402  (the example folder is not a package)
 
-from tether import Policy, Runtime, ScriptedModel, Workflow, load_workflow  # noqa: E402
+from tether import Runtime, ScriptedModel, Workflow, load_workflow  # noqa: E402
 from tether.journal import Journal  # noqa: E402
 
 AUTH_TOOLS = ("find_user_id_by_email", "find_user_id_by_name_zip")
@@ -52,6 +52,7 @@ class TaskReplay:
     db_matches: bool
     decision_seconds: list[float] = field(default_factory=list)
     run_id: str = ""
+    lookup_seconds: list[float] = field(default_factory=list)
 
     @property
     def ground_truth_denied(self) -> list[StepDecision]:
@@ -99,8 +100,18 @@ def scripted_model(actions: list[dict[str, Any]], db: dict[str, Any]) -> tuple[S
     return ScriptedModel(script, name="ground-truth"), synthetic
 
 
-def timed(policy: Policy, sink: list[float]) -> None:
-    """Record how long each policy decision takes (wraps this policy object's `decide`)."""
+def timed(workflow: Workflow, decisions: list[float], lookups: list[float]) -> None:
+    """Record each policy decision's time, and how much of it went to resolver lookups.
+
+    Wraps this workflow object's policy and resolvers (once; later calls reuse the wrappers).
+    """
+    policy = workflow.policy
+    assert policy is not None
+    if getattr(policy, "_timed", False):
+        policy._sinks = (decisions, lookups)  # type: ignore[attr-defined]
+        return
+    policy._timed, policy._sinks = True, (decisions, lookups)  # type: ignore[attr-defined]
+    assert workflow.hash  # fix the recorded hash to the real resolvers before wrapping them
     decide = policy.decide
 
     def measured(**kwargs: Any) -> Any:
@@ -108,9 +119,20 @@ def timed(policy: Policy, sink: list[float]) -> None:
         try:
             return decide(**kwargs)
         finally:
-            sink.append(time.perf_counter() - start)
+            policy._sinks[0].append(time.perf_counter() - start)  # type: ignore[attr-defined]
+
+    def timed_lookup(fn: Any) -> Any:
+        def lookup(*args: Any) -> Any:
+            start = time.perf_counter()
+            try:
+                return fn(*args)
+            finally:
+                policy._sinks[1].append(time.perf_counter() - start)  # type: ignore[attr-defined]
+
+        return lookup
 
     policy.decide = measured  # type: ignore[method-assign]
+    workflow.resolvers = {name: timed_lookup(fn) for name, fn in workflow.resolvers.items()}
 
 
 async def replay(
@@ -127,8 +149,8 @@ async def replay(
     db_file.write_text(json.dumps(source_db))
     model, synthetic = scripted_model(actions, source_db)
     times: list[float] = []
-    assert workflow.policy is not None
-    timed(workflow.policy, times)
+    lookups: list[float] = []
+    timed(workflow, times, lookups)
     runtime = Runtime(journal)
     result = await runtime.start(workflow, model, input={"db": str(db_file)}, workflow_ref=str(HERE))
     while result.status == "paused" and result.ticket_id:
@@ -155,4 +177,6 @@ async def replay(
     expected = copy.deepcopy(source_db)
     retail_tools.apply_actions(expected, actions)
     actual = json.loads(db_file.read_text())
-    return TaskReplay(task_id, result.status, steps, synthetic, actual == expected, times, result.run_id)
+    return TaskReplay(
+        task_id, result.status, steps, synthetic, actual == expected, times, result.run_id, lookups
+    )
