@@ -56,7 +56,11 @@ class Shop:
         self.read_order, self.refund, self.delete_order = read_order, refund, delete_order
 
     def workflow(
-        self, policy: dict[str, Any] | None = None, budget: Budget | None = None, **agent: Any
+        self,
+        policy: dict[str, Any] | None = None,
+        budget: Budget | None = None,
+        resolvers: dict[str, Any] | None = None,
+        **agent: Any,
     ) -> Workflow:
         shop = AgentState(
             "shop",
@@ -91,6 +95,7 @@ class Shop:
             "shop",
             [shop, admin, Terminal("done")],
             policy=Policy.from_dict(rules, "test-policy"),
+            resolvers=resolvers,
         )
 
 
