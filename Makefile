@@ -23,6 +23,7 @@ bench: $(STAMP)
 	$(BIN)/pip install --quiet -e '.[dev,bench]'
 	$(BIN)/python bench/step_overhead.py
 	$(BIN)/python bench/expression_languages.py
+	$(BIN)/python bench/retail_conformance.py
 
 clean:
 	rm -rf $(VENV) .pytest_cache tether.db demo-run
