@@ -9,7 +9,7 @@ from typing import Any
 
 import pytest
 
-from tether import AgentState, Budget, Evidence, Policy, Terminal, ToolContext, Workflow, tool
+from tether import AgentState, Budget, Evidence, Policy, RunBudget, Terminal, ToolContext, Workflow, tool
 from tether.journal import Journal, open_journal
 
 
@@ -60,6 +60,7 @@ class Shop:
         policy: dict[str, Any] | None = None,
         budget: Budget | None = None,
         resolvers: dict[str, Any] | None = None,
+        run_budget: RunBudget | None = None,
         **agent: Any,
     ) -> Workflow:
         shop = AgentState(
@@ -96,6 +97,7 @@ class Shop:
             [shop, admin, Terminal("done")],
             policy=Policy.from_dict(rules, "test-policy"),
             resolvers=resolvers,
+            budget=run_budget,
         )
 
 

@@ -377,3 +377,18 @@ def test_async_tools_and_a_function_model_from_a_model_string(
     result = run(Runtime(journal).start(wf, model))
 
     assert (result.status, result.data) == ("completed", {"seen": "ABC"})
+
+
+def test_a_run_budget_spans_every_state(journal: Journal, shop: Shop) -> None:
+    from tether import RunBudget
+
+    script = {
+        "shop": [call("read_order", order_id="A1"), {"kind": "exit", "exit": "to_admin"}],
+        "admin": [{"raw": "thinking..."}, {"raw": "still thinking..."}],
+    }
+    wf = shop.workflow(run_budget=RunBudget(max_steps=3))
+    result = run(Runtime(journal).start(wf, ScriptedModel(script)))
+
+    assert (result.status, result.state, result.reason_code) == ("escalated", "admin", "budget_exhausted")
+    assert result.message == "the run's step budget of 3 is spent"
+    assert run(journal.get_run(result.run_id)).checkpoint["totals"]["steps"] == 3

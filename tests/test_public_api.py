@@ -27,6 +27,7 @@ EXPECTED = {
     "Question",
     "ReasonCode",
     "RunNotFound",
+    "RunBudget",
     "RunResult",
     "RunStateError",
     "Runtime",

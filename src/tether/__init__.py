@@ -23,7 +23,7 @@ from tether.proposals import Exit, Finish, Handoff, Question, ToolCall
 from tether.reasons import ReasonCode
 from tether.runtime import RunResult, Runtime
 from tether.tools import Evidence, Tool, ToolContext, tool
-from tether.workflow import AgentState, Budget, Next, Step, Terminal, Workflow
+from tether.workflow import AgentState, Budget, Next, RunBudget, Step, Terminal, Workflow
 
 __version__ = "0.1.0"
 
@@ -49,6 +49,7 @@ __all__ = [
     "PolicyFileError",
     "Question",
     "ReasonCode",
+    "RunBudget",
     "RunNotFound",
     "RunResult",
     "RunStateError",

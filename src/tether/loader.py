@@ -21,7 +21,7 @@ from tether.errors import DefinitionError
 from tether.policy import Policy
 from tether.strict_yaml import load_yaml
 from tether.tools import Effect, Tool
-from tether.workflow import AgentState, Budget, State, Step, Terminal, Workflow
+from tether.workflow import AgentState, Budget, RunBudget, State, Step, Terminal, Workflow
 
 WORKFLOW_FILE = "workflow.yaml"
 POLICY_FILE = "policy.yaml"
@@ -70,6 +70,7 @@ class WorkflowDoc(_Strict):
     start: str
     policy: str | None = None
     resolvers: dict[str, str] = Field(default_factory=dict)
+    budget: RunBudget = Field(default_factory=RunBudget)
     states: dict[str, Annotated[StepDoc | AgentDoc | TerminalDoc, Field(discriminator="kind")]] = Field(
         min_length=1
     )
@@ -136,6 +137,7 @@ def _from_yaml(path: Path, policy_override: str | Path | None) -> Workflow:
         states,
         policy=policy,
         resolvers=resolvers,
+        budget=doc.budget,
         description=doc.description,
     )
 

@@ -75,6 +75,15 @@ class RunCursor:
         self.record.owner = self.record.reason_code = self.record.message = None
         self._dirty |= {"owner", "reason_code", "message"}
 
+    def count(self, key: str, amount: float = 1) -> None:
+        """Spend budget: in this visit and in the run's totals (`steps`, `tool_calls`, `tokens`, `cost`)."""
+        self.visit[key] += amount
+        totals = self.checkpoint.setdefault("totals", {})
+        totals[key] = totals.get(key, 0) + amount
+
+    def total(self, key: str) -> float:
+        return float(self.checkpoint.get("totals", {}).get(key, 0))
+
     def new_step_id(self) -> str:
         self.checkpoint["steps"] = self.checkpoint.get("steps", 0) + 1
         return f"s{self.checkpoint['steps']}"

@@ -304,7 +304,7 @@ class Runtime:
                 cost=budget.max_cost - visit["cost"] if budget.max_cost else None,
             ),
         )
-        visit["steps"] += 1
+        cursor.count("steps")
         try:
             reply = await model.propose(context)
         except Exception as exc:  # a failing model is recorded and escalated, never a crash
@@ -314,8 +314,8 @@ class Runtime:
                 message=f"{type(exc).__name__}: {exc}",
                 owner=state.escalate_to,
             )
-        visit["tokens"] += reply.usage.tokens
-        visit["cost"] += reply.usage.cost
+        cursor.count("tokens", reply.usage.tokens)
+        cursor.count("cost", reply.usage.cost)
         return await GovernedStep(cursor, state, reply.usage).run(reply.output)
 
     async def _apply(self, cursor: RunCursor, outcome: StepOutcome) -> None:
@@ -496,6 +496,14 @@ def _intent_without_result(entries: list[Entry]) -> Entry | None:
 
 
 def _exhausted(cursor: RunCursor, state: AgentState) -> str | None:
+    run_budget = cursor.workflow.budget
+    for key, limit in (
+        ("steps", run_budget.max_steps),
+        ("tokens", run_budget.max_tokens),
+        ("cost", run_budget.max_cost),
+    ):
+        if limit is not None and cursor.total(key) >= limit:
+            return f"the run's {key.rstrip('s')} budget of {limit:g} is spent"
     visit, budget = cursor.visit, state.budget
     if visit["steps"] >= budget.max_steps:
         return f"step budget of {budget.max_steps} for state {state.name!r} is spent"

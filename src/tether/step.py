@@ -102,8 +102,15 @@ class GovernedStep:
             )
         args_hash = fingerprint({"tool": tool.name, "args": args})
         visit, budget = self.cursor.visit, self.state.budget
-        if visit["tool_calls"] >= budget.max_tool_calls:
-            reason = f"tool-call budget of {budget.max_tool_calls} for this state is spent"
+        run_limit = self.cursor.workflow.budget.max_tool_calls
+        if visit["tool_calls"] >= budget.max_tool_calls or (
+            run_limit is not None and self.cursor.total("tool_calls") >= run_limit
+        ):
+            reason = (
+                f"tool-call budget of {budget.max_tool_calls} for this state is spent"
+                if visit["tool_calls"] >= budget.max_tool_calls
+                else f"the run's tool-call budget of {run_limit} is spent"
+            )
             await self.refuse(
                 proposal,
                 runtime_decision(self.cursor, "budget", ReasonCode.BUDGET_EXHAUSTED, reason),
@@ -151,7 +158,7 @@ class GovernedStep:
         ticket_id: str | None = None,
     ) -> StepOutcome:
         cursor = self.cursor
-        cursor.visit["tool_calls"] += 1
+        cursor.count("tool_calls")
         key = f"{cursor.run_id}:{self.step_id}"
         base = {
             "proposal": proposal.model_dump(),

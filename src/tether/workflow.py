@@ -34,6 +34,17 @@ class Budget(BaseModel):
     max_repeats: int = Field(3, ge=1, description="same tool call, same arguments, in a row")
 
 
+class RunBudget(BaseModel):
+    """Limits over the whole run, across every state and visit (all optional)."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    max_steps: int | None = Field(None, ge=1, description="proposals in all agent states together")
+    max_tool_calls: int | None = Field(None, ge=0)
+    max_tokens: int | None = Field(None, ge=1)
+    max_cost: float | None = Field(None, gt=0)
+
+
 @dataclass(frozen=True)
 class Next:
     """What a deterministic step returns: the next state, data to merge, facts established."""
@@ -110,6 +121,7 @@ class Workflow:
         *,
         policy: Policy | None = None,
         resolvers: Mapping[str, Callable[..., Any]] | None = None,
+        budget: RunBudget | None = None,
         description: str = "",
     ) -> None:
         self.name = name
@@ -119,6 +131,7 @@ class Workflow:
         self.policy = policy
         # Read-only lookups policy conditions may call: `fn(ctx: ToolContext, *args)`.
         self.resolvers: dict[str, Callable[..., Any]] = dict(resolvers or {})
+        self.budget = budget or RunBudget()
         self._state_list = list(states)
         self.states: dict[str, State] = {s.name: s for s in states}
         self._hash: str | None = None
@@ -186,6 +199,7 @@ class Workflow:
             "version": self.version,
             "start": self.start,
             "states": [_describe_state(s) for s in self._state_list],
+            "budget": self.budget.model_dump(),
             "resolvers": {
                 n: {"fn": _ref(f), "source": _source_hash(f)} for n, f in sorted(self.resolvers.items())
             },
