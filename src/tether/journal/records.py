@@ -39,6 +39,9 @@ class RunRecord(BaseModel):
     updated_at: float
     last_seq: int = 0
     last_hash: str = GENESIS_HASH
+    # Who is driving the run, until when (a process renews it while it works).
+    lease_owner: str | None = None
+    lease_expires_at: float | None = None
 
 
 class NewEntry(BaseModel):
@@ -168,3 +171,7 @@ class Commit(BaseModel):
     new_tickets: list[Ticket] = Field(default_factory=list)
     consume: tuple[str, str] | None = None
     durable: bool = False
+    # Fencing: with a lease owner the commit applies only while that owner holds the run's
+    # lease, and renews it for `lease_seconds`; without one, only while nobody holds it.
+    lease_owner: str | None = None
+    lease_seconds: float | None = None
