@@ -8,7 +8,9 @@ from pydantic import BaseModel, Field
 
 from tether.hashing import canonical_json, sha256_hex
 
-RunStatus = Literal["running", "paused", "completed", "failed", "escalated", "handed_off", "effect_in_doubt"]
+RunStatus = Literal[
+    "queued", "running", "paused", "completed", "failed", "escalated", "handed_off", "effect_in_doubt"
+]
 FINISHED: frozenset[str] = frozenset({"completed", "failed", "escalated", "handed_off"})
 TicketKind = Literal["approval", "question"]
 TicketStatus = Literal["pending", "approved", "denied", "answered", "consumed", "expired"]
