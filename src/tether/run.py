@@ -45,6 +45,7 @@ class RunCursor:
         journal: Journal,
         *,
         clock: Callable[[], float] = time.time,
+        lease: tuple[str, float] | None = None,
     ) -> None:
         self.record = record
         self.workflow = workflow
@@ -53,6 +54,8 @@ class RunCursor:
         self.clock = clock
         self.transcript: list[Message] = []
         self.history: list[dict[str, Any]] = []
+        # (owner, seconds): every commit is fenced by this lease and renews it.
+        self.lease = lease
         self._since = time.monotonic()
         self._buffered: list[NewEntry] = []
         self._dirty: set[str] = set()
@@ -151,6 +154,8 @@ class RunCursor:
                 new_tickets=tickets or [],
                 consume=consume,
                 durable=durable,
+                lease_owner=self.lease[0] if self.lease else None,
+                lease_seconds=self.lease[1] if self.lease else None,
             )
         )
         self._buffered, self._dirty = [], set()

@@ -9,22 +9,24 @@ first settling any effect left in doubt by a crash, then any ticket a person dec
 
 from __future__ import annotations
 
+import asyncio
 import inspect
+import os
 import secrets
+import socket
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
 from tether.errors import RunStateError
-from tether.hashing import fingerprint
-from tether.journal import FINISHED, Commit, Entry, Journal, NewEntry, RunRecord, RunUpdate, Ticket
-from tether.models.protocol import BudgetLeft, ExitSpec, Model, ModelContext, ToolSpec, Usage
+from tether.journal import FINISHED, Commit, Journal, NewEntry, RunRecord, RunUpdate
+from tether.models.protocol import BudgetLeft, ExitSpec, Model, ModelContext, ToolSpec
 from tether.policy import Decision, Policy
-from tether.proposals import Exit, Finish, ToolCall, parse_proposal
 from tether.reasons import ReasonCode
+from tether.recovery import continue_pending, intent_without_result, recover
 from tether.run import RunCursor, history_from, new_visit, transcript_from
-from tether.step import CONTINUE, GovernedStep, StepOutcome
+from tether.step import GovernedStep, StepOutcome
 from tether.workflow import AgentState, Next, Step, Terminal, Workflow
 
 
@@ -57,12 +59,30 @@ class RunResult:
 
 
 class Runtime:
-    """Drives runs of any workflow against one journal. Many may live in one process."""
+    """Drives runs of any workflow against one journal. Many may live in one process.
 
-    def __init__(self, journal: Journal, *, clock: Callable[[], float] = time.time) -> None:
+    While it drives a run it holds the run's lease (as `worker_id`), renews it every third
+    of `lease_seconds`, and releases it when the run stops; every commit is fenced by the
+    lease, so a process that lost it can no longer write. `stopping = True` drains: each
+    run stops between two steps, keeping everything it committed, for another to resume.
+    """
+
+    def __init__(
+        self,
+        journal: Journal,
+        *,
+        clock: Callable[[], float] = time.time,
+        worker_id: str | None = None,
+        lease_seconds: float = 30.0,
+    ) -> None:
         self.journal = journal
         self.clock = clock
+        self.worker_id = worker_id or f"{socket.gethostname()}:{os.getpid()}:{secrets.token_hex(3)}"
+        self.lease_seconds = lease_seconds
+        self.stopping = False
         self._specs: dict[tuple[str, str], tuple[list[ToolSpec], list[ExitSpec]]] = {}
+        self._driving: dict[str, RunCursor] = {}
+        self._heartbeat: asyncio.Task[None] | None = None
 
     # -- lifecycle -------------------------------------------------------------------
 
@@ -79,11 +99,63 @@ class Runtime:
         """Start a run pinned to this workflow's and policy's hashes; drive it until it stops.
 
         `workflow_ref` and `policy_ref` (a policy file overriding the workflow's) are what
-        `tether resume` loads the definition from in another process.
+        `tether resume` and workers load the definition from in another process.
         """
+        record = await self.create(
+            workflow,
+            model,
+            input=input,
+            workflow_ref=workflow_ref,
+            policy_ref=policy_ref,
+            model_spec=model_spec,
+            queued=False,
+        )
+        cursor = RunCursor(
+            record,
+            workflow,
+            workflow.policy or Policy.default(),
+            self.journal,
+            clock=self.clock,
+            lease=(self.worker_id, self.lease_seconds),
+        )
+        return await self._drive(cursor, model)
+
+    async def submit(
+        self,
+        workflow: Workflow,
+        *,
+        input: dict[str, Any] | None = None,
+        workflow_ref: str,
+        policy_ref: str | None = None,
+        model_spec: str | None = None,
+    ) -> RunResult:
+        """Enqueue a run for a worker to drive (`tether submit`); nothing runs here."""
+        record = await self.create(
+            workflow,
+            None,
+            input=input,
+            workflow_ref=workflow_ref,
+            policy_ref=policy_ref,
+            model_spec=model_spec,
+            queued=True,
+        )
+        return RunResult.of(record)
+
+    async def create(
+        self,
+        workflow: Workflow,
+        model: Model | None,
+        *,
+        input: dict[str, Any] | None,
+        workflow_ref: str,
+        policy_ref: str | None,
+        model_spec: str | None,
+        queued: bool,
+    ) -> RunRecord:
+        """Record a new run: queued for a worker, or leased to this runtime to drive now."""
         policy = workflow.policy or Policy.default()
         needs_model = [s.name for s in workflow.states.values() if isinstance(s, AgentState)]
-        if model is None and needs_model:
+        if model is None and not (queued and model_spec) and needs_model:
             raise RunStateError(
                 f"workflow {workflow.name!r} has agent state(s) {', '.join(needs_model)}: "
                 "give a model to propose their steps (e.g. --model script:FILE.json)"
@@ -105,6 +177,9 @@ class Runtime:
             checkpoint={"steps": 0, "visit": new_visit(workflow.start, 1, 1)},
             created_at=now,
             updated_at=now,
+            status="queued" if queued else "running",
+            lease_owner=None if queued else self.worker_id,
+            lease_expires_at=None if queued else now + self.lease_seconds,
         )
         await self.journal.create_run(
             record,
@@ -126,12 +201,25 @@ class Runtime:
                 )
             ],
         )
-        record = await self.journal.get_run(record.run_id)
-        return await self._drive(RunCursor(record, workflow, policy, self.journal, clock=self.clock), model)
+        return await self.journal.get_run(record.run_id)
 
     async def resume(self, run_id: str, workflow: Workflow, model: Model | None = None) -> RunResult:
-        """Continue a paused or crashed run from its last committed step."""
-        record = await self.journal.get_run(run_id)
+        """Continue a queued, paused or interrupted run from its last committed step.
+
+        Takes the run's lease first: a run another live process is driving is refused
+        (`LeaseHeld`), so resuming can never race the process that is still working on it.
+        """
+        record = await self.journal.acquire(
+            run_id, self.worker_id, lease_seconds=self.lease_seconds, now=self.clock()
+        )
+        try:
+            return await self._resume(record, workflow, model)
+        except BaseException:
+            await self.journal.release(run_id, self.worker_id)
+            raise
+
+    async def _resume(self, record: RunRecord, workflow: Workflow, model: Model | None) -> RunResult:
+        run_id = record.run_id
         if record.status in FINISHED:
             raise RunStateError(f"run {run_id} is {record.status}; there is nothing to resume")
         if record.status == "effect_in_doubt":
@@ -153,17 +241,26 @@ class Runtime:
                 f"({policy.source}) hashes to {policy.hash[:19]}…; resume with the policy the run "
                 "started with"
             )
-        cursor = RunCursor(record, workflow, policy, self.journal, clock=self.clock)
+        cursor = RunCursor(
+            record,
+            workflow,
+            policy,
+            self.journal,
+            clock=self.clock,
+            lease=(self.worker_id, self.lease_seconds),
+        )
+        if record.status == "queued":
+            cursor.record.status = "running"
         everything = await self.journal.read_entries(run_id)
         cursor.history = history_from(everything)
         entries = [e for e in everything if e.seq > cursor.visit["started_seq"]]
         cursor.transcript = transcript_from(entries)
-        doubt = _intent_without_result(entries)
+        doubt = intent_without_result(entries)
         if doubt is not None:
-            outcome = await self._recover(cursor, doubt)
+            outcome = await recover(cursor, doubt)
             await self._apply(cursor, outcome)
         elif record.status == "paused":
-            outcome = await self._continue_pending(cursor)
+            outcome = await continue_pending(cursor)
             if outcome is None:
                 return RunResult.of(cursor.record)
             await self._apply(cursor, outcome)
@@ -204,7 +301,28 @@ class Runtime:
     # -- driving ---------------------------------------------------------------------
 
     async def _drive(self, cursor: RunCursor, model: Model | None) -> RunResult:
-        while cursor.record.status == "running":
+        """Drive until the run stops or the runtime drains; the lease is held throughout."""
+        self._driving[cursor.run_id] = cursor
+        if self._heartbeat is None or self._heartbeat.done():
+            self._heartbeat = asyncio.create_task(self._renew_leases())
+        try:
+            await self._steps(cursor, model)
+        finally:
+            del self._driving[cursor.run_id]
+            await self.journal.release(cursor.run_id, self.worker_id)
+        return RunResult.of(cursor.record)
+
+    async def _renew_leases(self) -> None:
+        """One task per runtime renews the lease of every run it is driving."""
+        while self._driving:
+            await asyncio.sleep(self.lease_seconds / 3)
+            for run_id in list(self._driving):
+                await self.journal.heartbeat(
+                    run_id, self.worker_id, lease_seconds=self.lease_seconds, now=self.clock()
+                )
+
+    async def _steps(self, cursor: RunCursor, model: Model | None) -> None:
+        while cursor.record.status == "running" and not self.stopping:
             state = cursor.workflow.states[cursor.record.state]
             if isinstance(state, Terminal):
                 status = "failed" if state.failed else "completed"
@@ -224,7 +342,6 @@ class Runtime:
                 if model is None:
                     raise RunStateError(f"state {state.name!r} needs a model to propose steps")
                 await self._apply(cursor, await self._agent_turn(cursor, state, model))
-        return RunResult.of(cursor.record)
 
     async def _deterministic(self, cursor: RunCursor, state: Step) -> None:
         step_id = cursor.new_step_id()
@@ -378,121 +495,6 @@ class Runtime:
                 [ExitSpec(name=n, target=t) for n, t in state.exits.items()],
             )
         return self._specs[key]
-
-    # -- resuming --------------------------------------------------------------------
-
-    async def _recover(self, cursor: RunCursor, intent: Entry) -> StepOutcome:
-        """An intent with no result: the process died while the effect was under way."""
-        state = cursor.workflow.states[intent.state or ""]
-        assert isinstance(state, AgentState)
-        tool = state.tool(intent.body["tool"]["name"])
-        body = intent.body
-        if tool is not None and tool.idempotent:
-            cursor.record.status = "running"
-            cursor.clear_notice()
-            step = GovernedStep(
-                cursor, state, Usage.model_validate(body.get("usage", {})), step_id=intent.step_id
-            )
-            return await step.finish_execution(tool, body["args"], {**body, "recovered": True})
-        message = (
-            f"step {intent.step_id}: {body['tool']['name']} (not idempotent) was started "
-            "but its result was never recorded; it will not be re-run without a person: check, then "
-            f"tether resolve {cursor.run_id} --done | --not-done"
-        )
-        await cursor.commit(
-            [
-                NewEntry(
-                    kind="effect_in_doubt",
-                    step_id=intent.step_id,
-                    state=intent.state,
-                    body={**body, "message": message},
-                )
-            ],
-            status="effect_in_doubt",
-            owner=state.escalate_to,
-            reason_code=ReasonCode.EFFECT_IN_DOUBT,
-            message=message,
-        )
-        return StepOutcome("continue")
-
-    async def _continue_pending(self, cursor: RunCursor) -> StepOutcome | None:
-        """Act on the ticket a paused run waits for; None while it is still undecided."""
-        pending = cursor.checkpoint["pending"]
-        ticket = await self.journal.get_ticket(pending["ticket_id"])
-        if ticket.status == "pending":
-            if ticket.expires_at > self.clock():
-                return None
-            ticket = await self.journal.expire_ticket(ticket.ticket_id, self.clock())
-        state = cursor.workflow.states[cursor.record.state]
-        assert isinstance(state, AgentState)
-        del cursor.checkpoint["pending"]
-        cursor.record.status = "running"
-        cursor.clear_notice()
-        step = GovernedStep(cursor, state, Usage(), step_id=pending["step_id"])
-        proposal = parse_proposal(pending["proposal"])
-        if ticket.kind == "question":
-            return await _answer(step, ticket)
-        if ticket.status != "approved":
-            code = ReasonCode.APPROVAL_EXPIRED if ticket.status == "expired" else ReasonCode.APPROVAL_DENIED
-            reason = ticket.reason or f"ticket {ticket.ticket_id} {ticket.status}"
-            denial = Decision(
-                decision="deny",
-                rule_id=f"approval:{ticket.ticket_id}",
-                policy_hash=cursor.policy.hash,
-                reason_code=code,
-                reason=f"{reason} (by {ticket.decided_by or 'nobody'})",
-            )
-            return await step.refuse(proposal, denial, args_hash=ticket.args_hash, continuation=True)
-        decision = Decision.model_validate(pending["decision"])
-        if isinstance(proposal, ToolCall):
-            tool = state.tool(proposal.tool)
-            assert tool is not None
-            args = tool.validate(proposal.args)
-            return await step.execute(
-                tool,
-                proposal,
-                args,
-                fingerprint({"tool": tool.name, "args": args}),
-                decision,
-                ticket_id=ticket.ticket_id,
-            )
-        assert isinstance(proposal, Exit | Finish)
-        name = proposal.exit if isinstance(proposal, Exit) else "finish"
-        return await step.take_exit(
-            proposal, decision, name, state.exits[name], ticket.args_hash, ticket_id=ticket.ticket_id
-        )
-
-
-async def _answer(step: GovernedStep, ticket: Ticket) -> StepOutcome:
-    answered = ticket.status == "answered"
-    observation = {
-        "step_id": step.step_id,
-        "outcome": "answered" if answered else "unanswered",
-        "answer": ticket.answer,
-        "by": ticket.decided_by,
-        "reason": ticket.reason,
-    }
-    body = {
-        "proposal": None,
-        "outcome": "answered" if answered else "unanswered",
-        "reason_code": None if answered else ReasonCode.APPROVAL_DENIED,
-        "ticket_id": ticket.ticket_id,
-        "continuation": True,
-        "observation": observation,
-        "source": {"kind": "person", "by": ticket.decided_by},
-    }
-    await step.cursor.commit([NewEntry(kind="step", step_id=step.step_id, state=step.state.name, body=body)])
-    step._observe(body)
-    return CONTINUE
-
-
-def _intent_without_result(entries: list[Entry]) -> Entry | None:
-    """The last intent of the visit, if no step entry after it records its result."""
-    for e in reversed(entries):
-        if e.kind == "intent":
-            settled = any(x.kind == "step" and x.step_id == e.step_id and x.seq > e.seq for x in entries)
-            return None if settled else e
-    return None
 
 
 def _exhausted(cursor: RunCursor, state: AgentState) -> str | None:

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import typer
 
-from tether.cli import policy, runs
+from tether.cli import policy, runs, workers
 
 app = typer.Typer(
     help="tether: run governed AI workflows and audit what they did.",
@@ -17,8 +17,8 @@ app = typer.Typer(
     add_completion=False,
     pretty_exceptions_enable=False,
 )
-for command in runs.app.registered_commands:
-    app.registered_commands.append(command)
+for group in (runs, workers):
+    app.registered_commands.extend(group.app.registered_commands)
 app.add_typer(policy.app, name="policy", help="Check, explain and test policies.")
 
 __all__ = ["app"]

@@ -1,0 +1,232 @@
+"""Workers against a real journal: queued runs, leases, crashes, graceful drains.
+
+The PostgreSQL tests need the server on 127.0.0.1:5432 (user postgres, database test); they
+skip with a message without it, and fail instead when CI=true.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import random
+import signal
+import subprocess
+import sys
+import time
+import uuid
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from tether import Runtime, load_workflow, open_journal
+from tether.journal import Journal, verify_chain
+
+ROOT = Path(__file__).resolve().parents[1]
+CHAOS = Path(__file__).resolve().parent / "fixtures" / "chaos"
+SCRIPT = f"script:{CHAOS / 'proposals.json'}"
+PG = os.environ.get("TETHER_TEST_PG", "postgresql://postgres@127.0.0.1:5432/test")
+
+
+def run(coro: Any) -> Any:
+    return asyncio.run(coro)
+
+
+@pytest.fixture
+def pg_url() -> Iterator[str]:
+    """A fresh schema in the test database, dropped afterwards."""
+    try:
+        import psycopg
+
+        admin = psycopg.connect(PG, autocommit=True, connect_timeout=3)
+    except Exception as exc:  # not installed, or no server
+        if os.environ.get("CI") == "true":
+            raise RuntimeError(f"PostgreSQL not reachable at {PG}: CI must run the PostgreSQL tests") from exc
+        pytest.skip(f"PostgreSQL not reachable at {PG} ({exc}); set TETHER_TEST_PG to a server URL")
+    schema = f"tether_workers_{uuid.uuid4().hex[:10]}"
+    admin.execute(f"CREATE SCHEMA {schema}")
+    try:
+        yield f"{PG}?options=-csearch_path%3D{schema}"
+    finally:
+        admin.execute(f"DROP SCHEMA {schema} CASCADE")
+        admin.close()
+
+
+def effects(url: str, sql: str) -> list[tuple[Any, ...]]:
+    if url.startswith("postgres"):
+        import psycopg
+
+        with psycopg.connect(url) as conn:
+            return list(conn.execute(sql).fetchall())
+    import sqlite3
+
+    with sqlite3.connect(url) as conn:
+        return conn.execute(sql).fetchall()
+
+
+def submit(journal: Journal, count: int) -> list[str]:
+    workflow = load_workflow(CHAOS)
+    runtime = Runtime(journal)
+    return [
+        run(runtime.submit(workflow, workflow_ref=str(CHAOS), model_spec=SCRIPT)).run_id for _ in range(count)
+    ]
+
+
+def spawn_worker(db: str, env: dict[str, str], *extra: str) -> subprocess.Popen[bytes]:
+    return subprocess.Popen(
+        [sys.executable, "-m", "tether", "worker", "--db", db, "--lease", "2", "--concurrency", "8", *extra],
+        env=env,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.PIPE,
+        cwd=ROOT,
+    )
+
+
+def statuses(journal: Journal) -> dict[str, str]:
+    return {r.run_id: r.status for r in run(journal.list_runs(limit=10_000))}
+
+
+def worker_env(effects_url: str) -> dict[str, str]:
+    return {**os.environ, "EFFECTS_URL": effects_url, "PYTHONPATH": str(CHAOS)}
+
+
+def wait_until_settled(journal: Journal, ids: list[str], seconds: float, tick: Any = None) -> dict[str, str]:
+    deadline = time.time() + seconds
+    while True:
+        now = statuses(journal)
+        if all(now[i] in ("completed", "effect_in_doubt") for i in ids) or time.time() > deadline:
+            return now
+        if tick:
+            tick()
+        time.sleep(0.5)
+
+
+def test_chaos_200_runs_4_workers_killed_at_random(pg_url: str) -> None:
+    journal = open_journal(pg_url)
+    ids = submit(journal, 200)
+    env = worker_env(pg_url)
+    workers = [spawn_worker(pg_url, env) for _ in range(4)]
+    kills = 0
+
+    def kill_one() -> None:
+        nonlocal kills
+        victim = random.choice(workers)
+        victim.kill()
+        victim.wait()
+        workers.remove(victim)
+        workers.append(spawn_worker(pg_url, env))
+        kills += 1
+
+    try:
+        final = wait_until_settled(journal, ids, 240, tick=kill_one)
+    finally:
+        for w in workers:
+            w.send_signal(signal.SIGTERM)
+        for w in workers:
+            w.wait(timeout=30)
+
+    assert kills >= 5
+    assert {final[i] for i in ids} <= {"completed", "effect_in_doubt"}, final
+    shipped = dict(
+        effects(pg_url, "SELECT run_id, count(*) FROM effects WHERE kind = 'ship' GROUP BY run_id")
+    )
+    charged = dict(
+        effects(pg_url, "SELECT run_id, count(*) FROM effects WHERE kind = 'charge' GROUP BY run_id")
+    )
+    for run_id in ids:
+        entries = run(journal.read_entries(run_id))
+        assert verify_chain(entries) == [], run_id  # contiguous and intact
+        assert charged.get(run_id, 0) <= 1, f"{run_id}: a non-idempotent charge was applied twice"
+        if final[run_id] == "completed":
+            assert shipped.get(run_id) == 2, f"{run_id}: each idempotent shipment exactly once"
+            assert charged.get(run_id) == 1
+            assert entries[-1].kind == "run_finished"
+        else:
+            assert entries[-1].kind == "effect_in_doubt"
+            assert shipped.get(run_id, 0) <= 2
+    journal.close()
+
+
+def test_two_workers_never_execute_the_same_step(pg_url: str) -> None:
+    journal = open_journal(pg_url)
+    ids = submit(journal, 60)
+    env = worker_env(pg_url)
+    workers = [spawn_worker(pg_url, env) for _ in range(2)]
+    try:
+        final = wait_until_settled(journal, ids, 120)
+    finally:
+        for w in workers:
+            w.send_signal(signal.SIGTERM)
+        for w in workers:
+            w.wait(timeout=30)
+    assert all(final[i] == "completed" for i in ids)
+    per_step = effects(
+        pg_url, "SELECT run_id, step_id, count(*), count(DISTINCT pid) FROM attempts GROUP BY run_id, step_id"
+    )
+    assert len(per_step) == 60 * 3
+    assert all(count == 1 for _, _, count, _ in per_step), "a step was executed twice"
+    pids = {row[0] for row in effects(pg_url, "SELECT DISTINCT pid FROM attempts")}
+    assert len(pids) == 2, "both workers took part"
+    journal.close()
+
+
+def test_sigterm_drains_and_another_worker_finishes(tmp_path: Path) -> None:
+    db = str(tmp_path / "journal.db")
+    effects_db = str(tmp_path / "effects.db")
+    journal = open_journal(db)
+    ids = submit(journal, 30)
+    env = worker_env(effects_db)
+    first = spawn_worker(db, env, "--concurrency", "2")
+    deadline = time.time() + 30
+    while not any(s != "queued" for s in statuses(journal).values()) and time.time() < deadline:
+        time.sleep(0.05)
+    first.send_signal(signal.SIGTERM)
+    assert first.wait(timeout=30) == 0
+    records = run(journal.list_runs(limit=100))
+    assert all(r.lease_owner is None for r in records), "a drained worker leaves no lease behind"
+
+    second = subprocess.run(
+        [sys.executable, "-m", "tether", "worker", "--db", db, "--until-idle"],
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=120,
+        cwd=ROOT,
+    )
+    assert second.returncode == 0, second.stderr
+    final = statuses(journal)
+    assert all(final[i] == "completed" for i in ids)
+    per_step = effects(effects_db, "SELECT run_id, step_id, count(*) FROM attempts GROUP BY run_id, step_id")
+    assert all(count == 1 for _, _, count in per_step)
+    journal.close()
+
+
+def test_submit_from_the_command_line_then_a_worker_runs_it(tmp_path: Path) -> None:
+    db = str(tmp_path / "journal.db")
+    env = worker_env(str(tmp_path / "effects.db"))
+    submitted = subprocess.run(
+        [sys.executable, "-m", "tether", "submit", str(CHAOS), "--model", SCRIPT, "--db", db, "--json"],
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=60,
+        cwd=ROOT,
+    )
+    assert submitted.returncode == 0, submitted.stderr
+    import json
+
+    run_id = json.loads(submitted.stdout)["run_id"]
+    journal = open_journal(db)
+    assert statuses(journal)[run_id] == "queued"
+    worker = subprocess.run(
+        [sys.executable, "-m", "tether", "worker", "--db", db, "--until-idle"],
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=60,
+        cwd=ROOT,
+    )
+    assert worker.returncode == 0, worker.stderr
+    assert statuses(journal)[run_id] == "completed"
+    journal.close()
