@@ -76,9 +76,18 @@ class WorkflowDoc(_Strict):
     )
 
 
-def load_workflow(target: str | Path, *, policy: str | Path | None = None) -> Workflow:
-    """Load and validate a workflow; `policy` overrides the one the workflow names."""
+def load_workflow(
+    target: str | Path, *, policy: str | Path | None = None, pinned: str | None = None
+) -> Workflow:
+    """Load and validate a workflow; `policy` overrides the one the workflow names.
+
+    With `pinned` (a workflow hash), a folder may hold several versions — `workflow.yaml`
+    (the newest, for new runs) and older ones kept as `workflow.<anything>.yaml` while runs
+    use them — and the one with that hash is loaded.
+    """
     path = Path(target)
+    if pinned is not None and path.is_dir():
+        return _pinned_version(path, policy, pinned)
     if path.is_dir():
         path = path / WORKFLOW_FILE
         if not path.exists():
@@ -89,6 +98,27 @@ def load_workflow(target: str | Path, *, policy: str | Path | None = None) -> Wo
         return _from_python(str(target), policy)
     raise DefinitionError(
         f"workflow not found: {target} (give a directory, a YAML file, or module:attribute)"
+    )
+
+
+def versions(folder: Path) -> list[Path]:
+    """The workflow files of a folder: the newest first, then older versions by name."""
+    newest = folder / WORKFLOW_FILE
+    older = sorted(p for p in folder.glob("workflow.*.yaml") if p != newest)
+    return ([newest] if newest.exists() else []) + older
+
+
+def _pinned_version(folder: Path, policy: str | Path | None, pinned: str) -> Workflow:
+    seen = []
+    for file in versions(folder):
+        workflow = _from_yaml(file, policy)
+        if workflow.hash == pinned:
+            return workflow
+        seen.append(f"{file.name} (version {workflow.version}, {workflow.hash[:19]}…)")
+    raise DefinitionError(
+        f"no workflow in {folder} has the hash {pinned[:19]}… the run is pinned to (found: "
+        f"{', '.join(seen) or 'none'}). Keep that version's file (e.g. workflow.v1.yaml) while runs "
+        "use it, or move the run to another version explicitly: tether migrate RUN --to FILE"
     )
 
 

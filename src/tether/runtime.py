@@ -298,6 +298,57 @@ class Runtime:
         )
         return RunResult.of(await self.journal.get_run(run_id))
 
+    async def migrate(
+        self, run_id: str, workflow: Workflow, *, by: str, workflow_ref: str, policy_ref: str | None = None
+    ) -> RunResult:
+        """Move an unfinished run to another version of its workflow, explicitly and on the record.
+
+        The run keeps its data, facts, history and any pending ticket; its current state must
+        exist in the new version, and a pending proposal's tool or exit must still be offered
+        there. The move is an entry in the run's journal; the next step runs on the new version.
+        """
+        record = await self.journal.get_run(run_id)
+        if record.status in FINISHED:
+            raise RunStateError(f"run {run_id} is {record.status}; only unfinished runs can be migrated")
+        if workflow.name != record.workflow_name:
+            raise RunStateError(
+                f"run {run_id} belongs to workflow {record.workflow_name!r}, not {workflow.name!r}"
+            )
+        _check_compatible(record, workflow)
+        policy = workflow.policy or Policy.default()
+        moved = {
+            "from": {
+                "version": record.workflow_version,
+                "hash": record.workflow_hash,
+                "policy_hash": record.policy_hash,
+                "ref": record.workflow_ref,
+            },
+            "to": {
+                "version": workflow.version,
+                "hash": workflow.hash,
+                "policy_hash": policy.hash,
+                "ref": workflow_ref,
+            },
+            "by": by,
+        }
+        await self.journal.commit(
+            Commit(
+                run_id=run_id,
+                expected_seq=record.last_seq,
+                expected_hash=record.last_hash,
+                entries=[NewEntry(kind="migrated", state=record.state, body=moved)],
+                update=RunUpdate(
+                    workflow_version=workflow.version,
+                    workflow_hash=workflow.hash,
+                    workflow_ref=workflow_ref,
+                    policy_hash=policy.hash,
+                    policy_ref=policy_ref,
+                ),
+                durable=True,
+            )
+        )
+        return RunResult.of(await self.journal.get_run(run_id))
+
     # -- driving ---------------------------------------------------------------------
 
     async def _drive(self, cursor: RunCursor, model: Model | None) -> RunResult:
@@ -495,6 +546,28 @@ class Runtime:
                 [ExitSpec(name=n, target=t) for n, t in state.exits.items()],
             )
         return self._specs[key]
+
+
+def _check_compatible(record: RunRecord, workflow: Workflow) -> None:
+    state = workflow.states.get(record.state)
+    if state is None:
+        raise RunStateError(
+            f"run {record.run_id} is in state {record.state!r}, which version "
+            f"{workflow.version} does not have"
+        )
+    pending = record.checkpoint.get("pending")
+    if pending and isinstance(state, AgentState):
+        proposal = pending["proposal"]
+        offered = (
+            state.tool(proposal.get("tool", "")) is not None
+            if proposal.get("kind") == "tool_call"
+            else proposal.get("exit", "finish") in state.exits
+        )
+        if not offered:
+            raise RunStateError(
+                f"run {record.run_id} waits on a ticket for {proposal}, which state "
+                f"{record.state!r} of version {workflow.version} no longer offers"
+            )
 
 
 def _exhausted(cursor: RunCursor, state: AgentState) -> str | None:

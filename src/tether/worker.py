@@ -50,7 +50,9 @@ class Worker:
         lease_seconds: float = 15.0,
         limits: Mapping[str, int] | None = None,
         poll_seconds: float = 1.0,
-        load: Callable[[str, str | None], Workflow] = lambda ref, policy: load_workflow(ref, policy=policy),
+        load: Callable[[str, str | None, str], Workflow] = lambda ref, policy, pinned: load_workflow(
+            ref, policy=policy, pinned=pinned
+        ),
         model_for: Callable[[str | None], Model | None] = lambda spec: resolve_model(spec) if spec else None,
     ) -> None:
         self.runtime = Runtime(journal, worker_id=worker_id, lease_seconds=lease_seconds)
@@ -127,7 +129,7 @@ class Worker:
     def _workflow(self, record: RunRecord) -> Workflow:
         key = (record.workflow_ref, record.policy_ref, record.workflow_hash)
         if key not in self._workflows:
-            self._workflows[key] = self._load(record.workflow_ref, record.policy_ref)
+            self._workflows[key] = self._load(record.workflow_ref, record.policy_ref, record.workflow_hash)
         return self._workflows[key]
 
 

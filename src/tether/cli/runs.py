@@ -176,7 +176,7 @@ def resume(
 
     async def go() -> RunResult:
         record = await journal.get_run(run_id)
-        wf = load_workflow(record.workflow_ref, policy=record.policy_ref)
+        wf = load_workflow(record.workflow_ref, policy=record.policy_ref, pinned=record.workflow_hash)
         proposer, _ = _model(model or record.model_spec)
         result = await runtime.resume(run_id, wf, proposer)
         return await _wait_and_resume(runtime, result, wf, proposer, as_json) if wait else result

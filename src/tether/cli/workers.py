@@ -60,6 +60,37 @@ def submit(
 
 
 @app.command()
+def migrate(
+    run_id: Annotated[str, typer.Argument(metavar="RUN")],
+    to: Annotated[str, typer.Option("--to", help="The workflow (folder, YAML file) to move the run to.")],
+    policy: Annotated[Path | None, typer.Option(help="Policy file overriding the workflow's.")] = None,
+    by: Annotated[str | None, typer.Option(help="Who moves it (recorded).")] = None,
+    db: DbOption = None,
+) -> None:
+    """Move an unfinished run to another version of its workflow (recorded in its journal)."""
+    import getpass
+
+    try:
+        wf = load_workflow(to, policy=policy)
+    except TetherError as exc:
+        fail(str(exc))
+    runtime = Runtime(open_store(db))
+    result = run_async(
+        runtime.migrate(
+            run_id,
+            wf,
+            by=by or getpass.getuser(),
+            workflow_ref=workflow_ref(to),
+            policy_ref=str(policy.resolve()) if policy else None,
+        )
+    )
+    out.print(
+        f"run {result.run_id} now runs on {wf.name} version {wf.version}; it is {result.status}: "
+        f"tether resume {result.run_id}"
+    )
+
+
+@app.command()
 def worker(
     db: DbOption = None,
     concurrency: Annotated[int, typer.Option(min=1, help="Runs driven at once by this process.")] = 8,
