@@ -23,8 +23,9 @@ def run(coro: Any) -> Any:
 
 
 @pytest.fixture
-def folder(tmp_path: Path) -> Path:
+def folder(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
     """A copy of the refund example whose workflow will change under a paused run."""
+    monkeypatch.delitem(sys.modules, "refund_tools", raising=False)  # each test has its own copy
     target = tmp_path / "refund"
     shutil.copytree(REFUND, target, ignore=shutil.ignore_patterns("__pycache__"))
     return target

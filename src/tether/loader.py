@@ -242,6 +242,8 @@ def _import(ref: str, *, where: str, base: Path) -> Any:
         try:
             module = importlib.import_module(module_name)
             _check_origin(module, module_name, base, where)
+        except DefinitionError:
+            raise
         except ImportError as exc:
             raise DefinitionError(f"{where}: cannot import module {module_name!r}: {exc}") from None
         except Exception as exc:  # the module itself is broken
