@@ -78,7 +78,7 @@ def spawn_worker(db: str, env: dict[str, str], *extra: str) -> subprocess.Popen[
         [sys.executable, "-m", "tether", "worker", "--db", db, "--lease", "2", "--concurrency", "8", *extra],
         env=env,
         stdout=subprocess.DEVNULL,
-        stderr=subprocess.PIPE,
+        stderr=subprocess.DEVNULL,
         cwd=ROOT,
     )
 
