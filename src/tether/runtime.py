@@ -20,7 +20,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from tether.errors import RunStateError
-from tether.journal import FINISHED, Commit, Journal, NewEntry, RunRecord, RunUpdate
+from tether.journal import FINISHED, Commit, Journal, LeaseHeld, NewEntry, RunRecord, RunUpdate
 from tether.models.protocol import BudgetLeft, ExitSpec, Model, ModelContext, ToolSpec
 from tether.policy import Decision, Policy
 from tether.reasons import ReasonCode
@@ -208,15 +208,30 @@ class Runtime:
 
         Takes the run's lease first: a run another live process is driving is refused
         (`LeaseHeld`), so resuming can never race the process that is still working on it.
+        A lease left by a crashed process of this machine is taken over at once.
         """
-        record = await self.journal.acquire(
-            run_id, self.worker_id, lease_seconds=self.lease_seconds, now=self.clock()
-        )
+        record = await self._acquire(run_id)
         try:
             return await self._resume(record, workflow, model)
         except BaseException:
             await self.journal.release(run_id, self.worker_id)
             raise
+
+    async def _acquire(self, run_id: str) -> RunRecord:
+        try:
+            return await self.journal.acquire(
+                run_id, self.worker_id, lease_seconds=self.lease_seconds, now=self.clock()
+            )
+        except LeaseHeld as held:
+            if not _dead_local_process(held.holder):
+                raise
+            holder = str(held.holder)
+        # The holder was a process on this machine that no longer exists (it crashed): its
+        # lease cannot be renewed, so waiting for it to expire would only delay recovery.
+        await self.journal.release(run_id, holder)
+        return await self.journal.acquire(
+            run_id, self.worker_id, lease_seconds=self.lease_seconds, now=self.clock()
+        )
 
     async def _resume(self, record: RunRecord, workflow: Workflow, model: Model | None) -> RunResult:
         run_id = record.run_id
@@ -546,6 +561,21 @@ class Runtime:
                 [ExitSpec(name=n, target=t) for n, t in state.exits.items()],
             )
         return self._specs[key]
+
+
+def _dead_local_process(holder: str | None) -> bool:
+    """Whether a lease holder named host:pid:… is a process of this host that has exited."""
+    host, _, rest = (holder or "").partition(":")
+    pid = rest.partition(":")[0]
+    if host != socket.gethostname() or not pid.isdigit():
+        return False
+    try:
+        os.kill(int(pid), 0)
+    except ProcessLookupError:
+        return True
+    except PermissionError:  # alive, someone else's
+        return False
+    return False
 
 
 def _check_compatible(record: RunRecord, workflow: Workflow) -> None:
