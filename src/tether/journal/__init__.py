@@ -1,13 +1,16 @@
 """The journal: runs with their checkpoints, append-only entries, and approval tickets.
 
-One interface, `Journal`; a URL or path picks the store (`sqlite:///path`, or a plain
-file path). Every store keeps the same contract: a `Commit` is applied whole or not at
-all, entries are numbered and hash-chained per run, tickets are single-use.
+One interface, `Journal`; a URL or path picks the store (`postgresql://…` or
+`postgres://…`, `sqlite:///path`, or a plain file path). Every store keeps the same
+contract, checked by one test suite run against each: a `Commit` is applied whole or not
+at all, entries are numbered and hash-chained per run, tickets are single-use, and a run
+leased to a worker takes commits from that worker only.
 """
 
 from __future__ import annotations
 
 import os
+from collections.abc import Mapping
 from pathlib import Path
 from typing import Protocol
 
@@ -16,6 +19,7 @@ from tether.journal.records import (
     FINISHED,
     Commit,
     Entry,
+    LeaseHeld,
     NewEntry,
     RunRecord,
     RunStatus,
@@ -29,13 +33,18 @@ DB_ENV = "TETHER_DB"
 
 
 class Journal(Protocol):
+    # (schema version found, schema version now): what opening this journal upgraded.
+    migrated: tuple[int, int]
+
     async def create_run(self, run: RunRecord, entries: list[NewEntry]) -> list[Entry]: ...
 
     async def commit(self, commit: Commit) -> list[Entry]: ...
 
     async def get_run(self, run_id: str) -> RunRecord: ...
 
-    async def list_runs(self, status: str | None = None, limit: int = 100) -> list[RunRecord]: ...
+    async def list_runs(
+        self, status: str | None = None, limit: int = 100, *, workflow: str | None = None
+    ) -> list[RunRecord]: ...
 
     async def read_entries(self, run_id: str, after_seq: int = 0) -> list[Entry]: ...
 
@@ -56,21 +65,88 @@ class Journal(Protocol):
 
     async def expire_ticket(self, ticket_id: str, now: float) -> Ticket: ...
 
+    # -- leases: which worker drives a run, until when --------------------------------
+
+    async def acquire(self, run_id: str, worker_id: str, *, lease_seconds: float, now: float) -> RunRecord:
+        """Lease this run to `worker_id` (renewed if it already holds it); LeaseHeld if
+        another worker holds a live lease."""
+        ...
+
+    async def claim(
+        self,
+        worker_id: str,
+        *,
+        lease_seconds: float,
+        now: float,
+        limits: Mapping[str, int] | None = None,
+    ) -> RunRecord | None:
+        """Lease the oldest runnable run to `worker_id`, or None if there is none.
+
+        Runnable: no live lease, and queued or running, or paused on a ticket that was
+        decided or has expired. `limits` caps, per workflow name, how many of its runs may
+        be leased at once. No two claimers ever get the same run.
+        """
+        ...
+
+    async def heartbeat(self, run_id: str, worker_id: str, *, lease_seconds: float, now: float) -> bool:
+        """Renew the lease if `worker_id` still holds it; False if it was lost."""
+        ...
+
+    async def release(self, run_id: str, worker_id: str) -> None:
+        """Give the lease up (if `worker_id` holds it): the run is claimable at once."""
+        ...
+
+    async def wait_for_work(self, timeout: float) -> None:
+        """Return when work may have appeared (a queued run, a decided ticket, a released
+        run), or after `timeout` seconds; may return early."""
+        ...
+
     def close(self) -> None: ...
 
+    async def aclose(self) -> None: ...
 
-def open_journal(target: str | None = None, *, durability: str = "normal") -> Journal:
-    """Open the store named by `target`, `$TETHER_DB`, or `./tether.db` by default."""
+
+def open_journal(
+    target: str | None = None,
+    *,
+    durability: str = "normal",
+    migrate: bool = True,
+    pool_size: int | None = None,
+) -> Journal:
+    """Open the store named by `target`, `$TETHER_DB`, or `./tether.db` by default.
+
+    `migrate=True` upgrades an older schema on opening; with False an older schema is
+    refused (`tether db upgrade` does it explicitly). A newer schema is always refused.
+    `pool_size` is PostgreSQL's connection-pool size (also `?pool_size=N` in the URL).
+    """
     target = target or os.environ.get(DB_ENV) or DEFAULT_DB
-    if target.startswith("sqlite://"):
+    scheme = target.split("://", 1)[0] if "://" in target else ""
+    if scheme in ("postgresql", "postgres"):
+        try:
+            from tether.journal.postgres import PostgresJournal
+        except ImportError as exc:
+            raise JournalError(
+                f"a PostgreSQL journal needs psycopg 3 and psycopg-pool ({exc}): "
+                "pip install 'tether[postgres]'"
+            ) from None
+        return PostgresJournal(target, durability=durability, migrate=migrate, pool_size=pool_size)
+    if scheme == "sqlite":
         # sqlite:///relative/path and sqlite:////absolute/path, as SQLAlchemy spells them.
         target = target.removeprefix("sqlite://").removeprefix("/") or DEFAULT_DB
-    elif "://" in target:
-        scheme = target.split("://", 1)[0]
-        raise JournalError(f"unsupported journal URL scheme {scheme!r} (supported: sqlite://)")
+    elif scheme:
+        raise JournalError(f"unsupported journal URL scheme {scheme!r} (supported: sqlite://, postgresql://)")
     from tether.journal.sqlite import SQLiteJournal
 
-    return SQLiteJournal(Path(target), durability=durability)
+    return SQLiteJournal(Path(target), durability=durability, migrate=migrate)
+
+
+def upgrade_journal(target: str | None = None) -> tuple[int, int]:
+    """Bring a journal's schema to this tether's version; return (from, to)."""
+    journal = open_journal(target, migrate=True)
+    try:
+        return journal.migrated
+    finally:
+        journal.close()
 
 
 __all__ = [
@@ -80,11 +156,13 @@ __all__ = [
     "Commit",
     "Entry",
     "Journal",
+    "LeaseHeld",
     "NewEntry",
     "RunRecord",
     "RunStatus",
     "RunUpdate",
     "Ticket",
     "open_journal",
+    "upgrade_journal",
     "verify_chain",
 ]

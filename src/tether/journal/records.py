@@ -6,6 +6,7 @@ from typing import Any, Literal
 
 from pydantic import BaseModel, Field
 
+from tether.errors import ConcurrentWriteError
 from tether.hashing import canonical_json, sha256_hex
 
 RunStatus = Literal[
@@ -155,6 +156,12 @@ class RunUpdate(BaseModel):
     owner: str | None = None
     reason_code: str | None = None
     message: str | None = None
+    # Set only by an explicit migration to another version of the workflow.
+    workflow_version: str | None = None
+    workflow_hash: str | None = None
+    workflow_ref: str | None = None
+    policy_hash: str | None = None
+    policy_ref: str | None = None
 
 
 class Commit(BaseModel):
@@ -177,3 +184,14 @@ class Commit(BaseModel):
     # lease, and renews it for `lease_seconds`; without one, only while nobody holds it.
     lease_owner: str | None = None
     lease_seconds: float | None = None
+
+
+class LeaseHeld(ConcurrentWriteError):
+    """The run's lease is not the writer's: another worker holds it, or it was given up.
+
+    `holder` and `expires_at` describe the lease as the journal has it (None: no lease).
+    """
+
+    def __init__(self, message: str, *, run_id: str, holder: str | None, expires_at: float | None) -> None:
+        super().__init__(message)
+        self.run_id, self.holder, self.expires_at = run_id, holder, expires_at

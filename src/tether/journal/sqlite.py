@@ -4,92 +4,83 @@ Durability: `synchronous=NORMAL` by default, which survives any process crash; a
 loss may drop the last few commits, so a commit that records an intent (before a `write`
 or `external` effect) is synced with `FULL`: the record of an effect about to happen is
 on disk before the effect. `durability="full"` syncs every commit.
+
+Every write is `BEGIN IMMEDIATE`: writers to one file are serialized, which is what
+makes `claim` atomic here (PostgreSQL needs row locks for the same guarantee).
 """
 
 from __future__ import annotations
 
-import json
+import asyncio
 import sqlite3
 import time
+from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
-from tether.errors import ConcurrentWriteError, JournalError, RunNotFound, TicketError
-from tether.journal.records import (
-    Commit,
-    Entry,
-    NewEntry,
-    RunRecord,
-    RunUpdate,
-    Ticket,
-    chain,
+from tether.errors import JournalError, RunNotFound, TicketError
+from tether.journal import migrations
+from tether.journal.common import (
+    ENTRY_COLUMNS,
+    RUN_COLUMNS,
+    TICKET_COLUMNS,
+    commit_values,
+    decided_status,
+    decision_entry,
+    decode_entry,
+    decode_run,
+    decode_ticket,
+    encode,
+    entry_row,
+    fence_sql,
+    lease_held,
+    lease_is_live,
+    refused_commit,
+    run_values,
+    runnable_sql,
 )
+from tether.journal.records import Commit, Entry, NewEntry, RunRecord, Ticket, chain
 
-SCHEMA_VERSION = 1
-_SCHEMA = """
-CREATE TABLE IF NOT EXISTS meta (key TEXT PRIMARY KEY, value TEXT NOT NULL);
-CREATE TABLE IF NOT EXISTS runs (
-    run_id TEXT PRIMARY KEY, workflow_name TEXT NOT NULL, workflow_version TEXT NOT NULL,
-    workflow_hash TEXT NOT NULL, workflow_ref TEXT NOT NULL, policy_hash TEXT NOT NULL,
-    policy_ref TEXT, model_spec TEXT, status TEXT NOT NULL, state TEXT NOT NULL, input TEXT NOT NULL,
-    data TEXT NOT NULL, facts TEXT NOT NULL, checkpoint TEXT NOT NULL, owner TEXT,
-    reason_code TEXT, message TEXT, created_at REAL NOT NULL, updated_at REAL NOT NULL,
-    last_seq INTEGER NOT NULL, last_hash TEXT NOT NULL);
-CREATE INDEX IF NOT EXISTS runs_by_status ON runs (status, created_at);
-CREATE TABLE IF NOT EXISTS entries (
-    run_id TEXT NOT NULL, seq INTEGER NOT NULL, kind TEXT NOT NULL, step_id TEXT,
-    state TEXT, body TEXT NOT NULL, prev_hash TEXT NOT NULL, hash TEXT NOT NULL,
-    created_at REAL NOT NULL, PRIMARY KEY (run_id, seq));
-CREATE TRIGGER IF NOT EXISTS entries_no_update BEFORE UPDATE ON entries
-    BEGIN SELECT RAISE(ABORT, 'journal entries are append-only'); END;
-CREATE TRIGGER IF NOT EXISTS entries_no_delete BEFORE DELETE ON entries
-    BEGIN SELECT RAISE(ABORT, 'journal entries are append-only'); END;
-CREATE TABLE IF NOT EXISTS tickets (
-    ticket_id TEXT PRIMARY KEY, run_id TEXT NOT NULL, step_id TEXT NOT NULL,
-    kind TEXT NOT NULL, subject TEXT NOT NULL, args TEXT NOT NULL, args_hash TEXT NOT NULL,
-    approver TEXT NOT NULL, question TEXT, status TEXT NOT NULL, created_at REAL NOT NULL,
-    expires_at REAL NOT NULL, decided_at REAL, decided_by TEXT, reason TEXT, answer TEXT,
-    consumed_at REAL);
-CREATE INDEX IF NOT EXISTS tickets_by_status ON tickets (status, created_at);
-"""
-_JSON_RUN_FIELDS = ("input", "data", "facts", "checkpoint")
-_RUN_COLUMNS = tuple(RunRecord.model_fields)
-_TICKET_COLUMNS = tuple(Ticket.model_fields)
+_RUN_SELECT = f"SELECT {', '.join(RUN_COLUMNS)} FROM runs"
 
 
 class SQLiteJournal:
-    def __init__(self, path: Path, *, durability: str = "normal") -> None:
+    def __init__(self, path: Path, *, durability: str = "normal", migrate: bool = True) -> None:
         if durability not in ("normal", "full"):
             raise JournalError(f"durability must be 'normal' or 'full', not {durability!r}")
         self.path = path
         self.durability = durability
         try:
             self._db = sqlite3.connect(path, isolation_level=None, timeout=30.0, check_same_thread=False)
-        except sqlite3.OperationalError as exc:
+            self._db.execute("PRAGMA journal_mode=WAL")
+        except sqlite3.DatabaseError as exc:
             raise JournalError(f"cannot open journal {path}: {exc}") from None
-        self._db.execute("PRAGMA journal_mode=WAL")
         self._db.execute("PRAGMA busy_timeout=30000")
         self._sync_default = "FULL" if durability == "full" else "NORMAL"
         self._db.execute(f"PRAGMA synchronous={self._sync_default}")
-        self._migrate()
+        # (schema version found, schema version now): what opening this journal upgraded.
+        self.migrated: tuple[int, int] = self._migrate(apply=migrate)
 
-    def _migrate(self) -> None:
-        # Every statement is IF NOT EXISTS, so concurrent first opens are harmless.
-        self._db.executescript(_SCHEMA)
-        self._db.execute("BEGIN IMMEDIATE")
-        row = self._db.execute("SELECT value FROM meta WHERE key='schema_version'").fetchone()
-        if row is None:
-            self._db.execute("INSERT INTO meta VALUES ('schema_version', ?)", (str(SCHEMA_VERSION),))
-        elif int(row[0]) > SCHEMA_VERSION:
-            self._db.execute("ROLLBACK")
-            raise JournalError(
-                f"journal {self.path} has schema version {row[0]}, newer than this tether "
-                f"understands ({SCHEMA_VERSION}); upgrade tether"
-            )
-        self._db.execute("COMMIT")
+    def _migrate(self, *, apply: bool) -> tuple[int, int]:
+        with self._transaction(durable=False):
+            self._db.execute(migrations.META_SQL)
+            row = self._db.execute("SELECT value FROM meta WHERE key = 'schema_version'").fetchone()
+            current = int(row[0]) if row else 0
+            todo = migrations.pending(migrations.SQLITE, current, str(self.path))
+            if todo and not apply:
+                raise JournalError(
+                    f"journal {self.path} has schema version {current}; this tether needs "
+                    f"{migrations.LATEST}: run `tether db upgrade --db {self.path}`"
+                )
+            for migration in todo:
+                migrations.apply(self._db, migration, "?")
+        return current, migrations.LATEST if todo else current
 
     def close(self) -> None:
         self._db.close()
+
+    async def aclose(self) -> None:
+        self.close()
 
     # -- writing ---------------------------------------------------------------------
 
@@ -97,39 +88,47 @@ class SQLiteJournal:
         written = chain(run.run_id, 0, run.last_hash, entries, run.created_at)
         if written:
             run = run.model_copy(update={"last_seq": written[-1].seq, "last_hash": written[-1].hash})
-        values = [_encode(k, getattr(run, k)) for k in _RUN_COLUMNS]
+        values = run_values(run)
         with self._transaction(durable=False):
-            self._db.execute(
-                f"INSERT INTO runs ({', '.join(_RUN_COLUMNS)}) VALUES ({', '.join('?' * len(_RUN_COLUMNS))})",
-                values,
-            )
+            try:
+                self._db.execute(
+                    f"INSERT INTO runs ({', '.join(values)}) VALUES ({', '.join('?' * len(values))})",
+                    tuple(values.values()),
+                )
+            except sqlite3.IntegrityError:
+                raise JournalError(f"run {run.run_id} already exists in {self.path}") from None
             self._insert_entries(written)
         return written
 
     async def commit(self, commit: Commit) -> list[Entry]:
         now = time.time()
         written = chain(commit.run_id, commit.expected_seq, commit.expected_hash, commit.entries, now)
+        sets = commit_values(commit, written, now)
+        fence, fence_args = fence_sql(commit.lease_owner, now, "?")
         with self._transaction(durable=commit.durable):
-            sets = {"updated_at": now}
-            if written:
-                sets |= {"last_seq": written[-1].seq, "last_hash": written[-1].hash}
-            if commit.update is not None:
-                sets |= {k: _encode(k, v) for k, v in _set_fields(commit.update).items()}
-            assignments = ", ".join(f"{k} = ?" for k in sets)
             cursor = self._db.execute(
-                f"UPDATE runs SET {assignments} WHERE run_id = ? AND last_seq = ?",
-                (*sets.values(), commit.run_id, commit.expected_seq),
+                f"UPDATE runs SET {', '.join(f'{k} = ?' for k in sets)} "
+                f"WHERE run_id = ? AND last_seq = ? AND {fence}",
+                (*sets.values(), commit.run_id, commit.expected_seq, *fence_args),
             )
             if cursor.rowcount != 1:
-                self._raise_conflict(commit.run_id, commit.expected_seq)
+                row = self._db.execute(
+                    "SELECT last_seq, lease_owner, lease_expires_at FROM runs WHERE run_id = ?",
+                    (commit.run_id,),
+                ).fetchone()
+                if row is None:
+                    raise RunNotFound(f"no run {commit.run_id!r} in {self.path}")
+                raise refused_commit(commit.run_id, commit.expected_seq, commit.lease_owner, row, now)
             self._insert_entries(written)
             for ticket in commit.new_tickets:
-                values = [_encode(k, getattr(ticket, k)) for k in _TICKET_COLUMNS]
-                self._db.execute(
-                    f"INSERT INTO tickets ({', '.join(_TICKET_COLUMNS)}) "
-                    f"VALUES ({', '.join('?' * len(_TICKET_COLUMNS))})",
-                    values,
-                )
+                try:
+                    self._db.execute(
+                        f"INSERT INTO tickets ({', '.join(TICKET_COLUMNS)}) "
+                        f"VALUES ({', '.join('?' * len(TICKET_COLUMNS))})",
+                        [encode(k, getattr(ticket, k)) for k in TICKET_COLUMNS],
+                    )
+                except sqlite3.IntegrityError:
+                    raise TicketError(f"ticket {ticket.ticket_id} already exists") from None
             if commit.consume is not None:
                 self._consume(*commit.consume, now=now)
         return written
@@ -166,31 +165,15 @@ class SQLiteJournal:
             if ticket.status != "pending":
                 raise TicketError(f"ticket {ticket_id} is already {ticket.status}")
             if ticket.expires_at <= now:
-                self._db.execute("UPDATE tickets SET status='expired' WHERE ticket_id=?", (ticket_id,))
                 raise TicketError(f"ticket {ticket_id} expired; the run will record it as expired")
-            if ticket.kind == "question":
-                status = "answered" if approve else "denied"
-            else:
-                status = "approved" if approve else "denied"
+            status = decided_status(ticket, approve)
             self._db.execute(
                 "UPDATE tickets SET status=?, decided_at=?, decided_by=?, reason=?, answer=? "
                 "WHERE ticket_id=?",
                 (status, now, by, reason, answer, ticket_id),
             )
             run = self._run(ticket.run_id)
-            entry = NewEntry(
-                kind="ticket_decided",
-                step_id=ticket.step_id,
-                state=run.state,
-                body={
-                    "ticket_id": ticket_id,
-                    "status": status,
-                    "by": by,
-                    "reason": reason,
-                    "answer": answer,
-                    "args_hash": ticket.args_hash,
-                },
-            )
+            entry = decision_entry(ticket, run, status, by, reason, answer)
             written = chain(run.run_id, run.last_seq, run.last_hash, [entry], now)
             self._db.execute(
                 "UPDATE runs SET last_seq=?, last_hash=?, updated_at=? WHERE run_id=? AND last_seq=?",
@@ -208,40 +191,102 @@ class SQLiteJournal:
             )
             return self._ticket(ticket_id)
 
+    # -- leases ----------------------------------------------------------------------
+
+    async def acquire(self, run_id: str, worker_id: str, *, lease_seconds: float, now: float) -> RunRecord:
+        with self._transaction(durable=False):
+            row = self._db.execute(
+                "SELECT lease_owner, lease_expires_at FROM runs WHERE run_id = ?", (run_id,)
+            ).fetchone()
+            if row is None:
+                raise RunNotFound(f"no run {run_id!r} in {self.path}")
+            if row[0] != worker_id and lease_is_live(row[0], row[1], now):
+                raise lease_held(run_id, row[0], row[1])
+            self._lease(run_id, worker_id, now + lease_seconds)
+            return self._run(run_id)
+
+    async def claim(
+        self,
+        worker_id: str,
+        *,
+        lease_seconds: float,
+        now: float,
+        limits: Mapping[str, int] | None = None,
+    ) -> RunRecord | None:
+        with self._transaction(durable=False):
+            full = self._workflows_at_limit(limits or {}, now)
+            skip = f"AND r.workflow_name NOT IN ({', '.join('?' * len(full))})" if full else ""
+            row = self._db.execute(
+                f"SELECT r.run_id FROM runs r WHERE {runnable_sql('?')} {skip} "
+                "ORDER BY r.updated_at, r.run_id LIMIT 1",
+                (now, now, *full),
+            ).fetchone()
+            if row is None:
+                return None
+            self._lease(row[0], worker_id, now + lease_seconds)
+            return self._run(row[0])
+
+    def _workflows_at_limit(self, limits: Mapping[str, int], now: float) -> list[str]:
+        if not limits:
+            return []
+        counts = dict(
+            self._db.execute(
+                "SELECT workflow_name, count(*) FROM runs WHERE lease_owner IS NOT NULL "
+                f"AND lease_expires_at > ? AND workflow_name IN ({', '.join('?' * len(limits))}) "
+                "GROUP BY workflow_name",
+                (now, *limits),
+            ).fetchall()
+        )
+        return [name for name, limit in limits.items() if counts.get(name, 0) >= limit]
+
+    async def heartbeat(self, run_id: str, worker_id: str, *, lease_seconds: float, now: float) -> bool:
+        with self._transaction(durable=False):
+            cursor = self._db.execute(
+                "UPDATE runs SET lease_expires_at = ? WHERE run_id = ? AND lease_owner = ?",
+                (now + lease_seconds, run_id, worker_id),
+            )
+            return cursor.rowcount == 1
+
+    async def release(self, run_id: str, worker_id: str) -> None:
+        with self._transaction(durable=False):
+            self._db.execute(
+                "UPDATE runs SET lease_owner = NULL, lease_expires_at = NULL "
+                "WHERE run_id = ? AND lease_owner = ?",
+                (run_id, worker_id),
+            )
+
+    async def wait_for_work(self, timeout: float) -> None:
+        """SQLite has no notifications: workers poll, at most every 0.2 s."""
+        await asyncio.sleep(max(0.0, min(timeout, 0.2)))
+
+    def _lease(self, run_id: str, worker_id: str, expires_at: float) -> None:
+        self._db.execute(
+            "UPDATE runs SET lease_owner = ?, lease_expires_at = ? WHERE run_id = ?",
+            (worker_id, expires_at, run_id),
+        )
+
     # -- reading ---------------------------------------------------------------------
 
     async def get_run(self, run_id: str) -> RunRecord:
         return self._run(run_id)
 
-    async def list_runs(self, status: str | None = None, limit: int = 100) -> list[RunRecord]:
-        where, params = ("WHERE status = ?", [status]) if status else ("", [])
+    async def list_runs(
+        self, status: str | None = None, limit: int = 100, *, workflow: str | None = None
+    ) -> list[RunRecord]:
+        filters = {"status": status, "workflow_name": workflow}
+        given = {k: v for k, v in filters.items() if v is not None}
+        where = ("WHERE " + " AND ".join(f"{k} = ?" for k in given)) if given else ""
         rows = self._db.execute(
-            f"SELECT {', '.join(_RUN_COLUMNS)} FROM runs {where} ORDER BY created_at DESC LIMIT ?",
-            (*params, limit),
+            f"{_RUN_SELECT} {where} ORDER BY created_at DESC, run_id DESC LIMIT ?", (*given.values(), limit)
         ).fetchall()
-        return [_decode_run(r) for r in rows]
+        return [decode_run(r) for r in rows]
 
     async def read_entries(self, run_id: str, after_seq: int = 0) -> list[Entry]:
         rows = self._db.execute(
-            "SELECT run_id, seq, kind, step_id, state, body, prev_hash, hash, created_at "
-            "FROM entries WHERE run_id = ? AND seq > ? ORDER BY seq",
+            f"SELECT {', '.join(ENTRY_COLUMNS)} FROM entries WHERE run_id = ? AND seq > ? ORDER BY seq",
             (run_id, after_seq),
         )
-        return [
-            Entry(
-                run_id=r[0],
-                seq=r[1],
-                kind=r[2],
-                step_id=r[3],
-                state=r[4],
-                body=json.loads(r[5]),
-                prev_hash=r[6],
-                hash=r[7],
-                created_at=r[8],
-                body_json=r[5],
-            )
-            for r in rows
-        ]
+        return [decode_entry(r) for r in rows]
 
     async def get_ticket(self, ticket_id: str) -> Ticket:
         return self._ticket(ticket_id)
@@ -249,55 +294,30 @@ class SQLiteJournal:
     async def list_tickets(self, status: str | None = "pending") -> list[Ticket]:
         where, params = ("WHERE status = ?", [status]) if status else ("", [])
         rows = self._db.execute(
-            f"SELECT {', '.join(_TICKET_COLUMNS)} FROM tickets {where} ORDER BY created_at", params
+            f"SELECT {', '.join(TICKET_COLUMNS)} FROM tickets {where} ORDER BY created_at", params
         ).fetchall()
-        return [_decode_ticket(r) for r in rows]
+        return [decode_ticket(r) for r in rows]
 
     # -- helpers ---------------------------------------------------------------------
 
     def _run(self, run_id: str) -> RunRecord:
-        row = self._db.execute(
-            f"SELECT {', '.join(_RUN_COLUMNS)} FROM runs WHERE run_id = ?", (run_id,)
-        ).fetchone()
+        row = self._db.execute(f"{_RUN_SELECT} WHERE run_id = ?", (run_id,)).fetchone()
         if row is None:
             raise RunNotFound(f"no run {run_id!r} in {self.path}")
-        return _decode_run(row)
+        return decode_run(row)
 
     def _ticket(self, ticket_id: str) -> Ticket:
         row = self._db.execute(
-            f"SELECT {', '.join(_TICKET_COLUMNS)} FROM tickets WHERE ticket_id = ?", (ticket_id,)
+            f"SELECT {', '.join(TICKET_COLUMNS)} FROM tickets WHERE ticket_id = ?", (ticket_id,)
         ).fetchone()
         if row is None:
             raise TicketError(f"no ticket {ticket_id!r} in {self.path}")
-        return _decode_ticket(row)
+        return decode_ticket(row)
 
     def _insert_entries(self, entries: list[Entry]) -> None:
         self._db.executemany(
-            "INSERT INTO entries (run_id, seq, kind, step_id, state, body, prev_hash, hash, "
-            "created_at) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?)",
-            [
-                (
-                    e.run_id,
-                    e.seq,
-                    e.kind,
-                    e.step_id,
-                    e.state,
-                    e.body_json,
-                    e.prev_hash,
-                    e.hash,
-                    e.created_at,
-                )
-                for e in entries
-            ],
-        )
-
-    def _raise_conflict(self, run_id: str, expected_seq: int) -> None:
-        row = self._db.execute("SELECT last_seq FROM runs WHERE run_id = ?", (run_id,)).fetchone()
-        if row is None:
-            raise RunNotFound(f"no run {run_id!r} in {self.path}")
-        raise ConcurrentWriteError(
-            f"run {run_id} moved on (journal at seq {row[0]}, writer expected {expected_seq}); "
-            "another process is working on it"
+            f"INSERT INTO entries ({', '.join(ENTRY_COLUMNS)}) VALUES ({', '.join('?' * 9)})",
+            [entry_row(e) for e in entries],
         )
 
     def _transaction(self, *, durable: bool) -> _Transaction:
@@ -321,26 +341,3 @@ class _Transaction:
         finally:
             if self.sync != self.default_sync:
                 self.db.execute(f"PRAGMA synchronous={self.default_sync}")
-
-
-def _set_fields(update: RunUpdate) -> dict[str, Any]:
-    return {k: getattr(update, k) for k in update.model_fields_set}
-
-
-def _encode(column: str, value: Any) -> Any:
-    if column in _JSON_RUN_FIELDS or column == "args":
-        return json.dumps(value, default=str)
-    return value
-
-
-def _decode_run(row: tuple[Any, ...]) -> RunRecord:
-    values = dict(zip(_RUN_COLUMNS, row, strict=True))
-    for k in _JSON_RUN_FIELDS:
-        values[k] = json.loads(values[k])
-    return RunRecord.model_validate(values)
-
-
-def _decode_ticket(row: tuple[Any, ...]) -> Ticket:
-    values = dict(zip(_TICKET_COLUMNS, row, strict=True))
-    values["args"] = json.loads(values["args"])
-    return Ticket.model_validate(values)

@@ -1,0 +1,183 @@
+"""What every store shares: column lists, encoding, lease rules and their error messages.
+
+A store only decides how to talk to its database; the meaning of each column, which
+run is runnable and what a refused write says are decided here, once.
+"""
+
+from __future__ import annotations
+
+import json
+from datetime import UTC, datetime
+from typing import Any
+
+from tether.errors import ConcurrentWriteError
+from tether.journal.records import (
+    Commit,
+    Entry,
+    LeaseHeld,
+    NewEntry,
+    RunRecord,
+    RunUpdate,
+    Ticket,
+    TicketStatus,
+)
+
+JSON_FIELDS = frozenset({"input", "data", "facts", "checkpoint", "args"})
+RUN_COLUMNS: tuple[str, ...] = tuple(RunRecord.model_fields)
+TICKET_COLUMNS: tuple[str, ...] = tuple(Ticket.model_fields)
+ENTRY_COLUMNS = ("run_id", "seq", "kind", "step_id", "state", "body", "prev_hash", "hash", "created_at")
+# Statuses a worker may pick up without a person; "paused" only once its ticket is settled.
+ACTIVE_STATUSES = ("queued", "running")
+WORK_CHANNEL = "tether_work"
+
+
+def encode(column: str, value: Any) -> Any:
+    return json.dumps(value, default=str) if column in JSON_FIELDS else value
+
+
+def decode_run(row: tuple[Any, ...]) -> RunRecord:
+    values = dict(zip(RUN_COLUMNS, row, strict=True))
+    for k in ("input", "data", "facts", "checkpoint"):
+        values[k] = json.loads(values[k])
+    return RunRecord.model_validate(values)
+
+
+def decode_ticket(row: tuple[Any, ...]) -> Ticket:
+    values = dict(zip(TICKET_COLUMNS, row, strict=True))
+    values["args"] = json.loads(values["args"])
+    return Ticket.model_validate(values)
+
+
+def decode_entry(row: tuple[Any, ...]) -> Entry:
+    values = dict(zip(ENTRY_COLUMNS, row, strict=True))
+    return Entry(**values | {"body": json.loads(values["body"]), "body_json": values["body"]})
+
+
+def entry_row(e: Entry) -> tuple[Any, ...]:
+    """An entry as stored: its body is the canonical JSON text its hash covers."""
+    return (e.run_id, e.seq, e.kind, e.step_id, e.state, e.body_json, e.prev_hash, e.hash, e.created_at)
+
+
+def run_values(run: RunRecord) -> dict[str, Any]:
+    """The row of a new run: every record field, plus the ticket it waits on."""
+    return {k: encode(k, getattr(run, k)) for k in RUN_COLUMNS} | {
+        "pending_ticket_id": pending_ticket_of(run.checkpoint)
+    }
+
+
+def commit_values(commit: Commit, written: list[Entry], now: float) -> dict[str, Any]:
+    """The run's columns a commit sets: its update, the chain's head, the renewed lease."""
+    sets: dict[str, Any] = {"updated_at": now, **update_values(commit.update)}
+    if written:
+        sets |= {"last_seq": written[-1].seq, "last_hash": written[-1].hash}
+    if commit.lease_owner is not None and commit.lease_seconds is not None:
+        sets["lease_expires_at"] = now + commit.lease_seconds
+    return sets
+
+
+def update_values(update: RunUpdate | None) -> dict[str, Any]:
+    """The columns a `RunUpdate` sets (only the fields it was given)."""
+    if update is None:
+        return {}
+    sets = {k: encode(k, getattr(update, k)) for k in update.model_fields_set}
+    if "checkpoint" in update.model_fields_set:
+        sets["pending_ticket_id"] = pending_ticket_of(update.checkpoint or {})
+    return sets
+
+
+def pending_ticket_of(checkpoint: dict[str, Any]) -> str | None:
+    """The ticket a paused run waits on, kept in its own column so `claim` can join on it."""
+    pending = checkpoint.get("pending")
+    ticket_id = pending.get("ticket_id") if isinstance(pending, dict) else None
+    return ticket_id if isinstance(ticket_id, str) else None
+
+
+def when(t: float | None) -> str:
+    if t is None:
+        return "-"
+    return datetime.fromtimestamp(t, UTC).isoformat(timespec="seconds").replace("+00:00", "Z")
+
+
+def lease_is_live(holder: str | None, expires_at: float | None, now: float) -> bool:
+    return holder is not None and expires_at is not None and expires_at > now
+
+
+def lease_held(run_id: str, holder: str | None, expires_at: float | None) -> LeaseHeld:
+    return LeaseHeld(
+        f"run {run_id} is leased to {holder} until {when(expires_at)}; wait for it to expire or be released",
+        run_id=run_id,
+        holder=holder,
+        expires_at=expires_at,
+    )
+
+
+def refused_commit(
+    run_id: str,
+    expected_seq: int,
+    writer: str | None,
+    row: tuple[int, str | None, float | None],
+    now: float,
+) -> ConcurrentWriteError:
+    """Why a commit matched no row, given the run's (last_seq, lease_owner, lease_expires_at)."""
+    last_seq, holder, expires_at = row
+    if writer is not None and holder != writer:
+        who = f"{holder} until {when(expires_at)}" if holder else "nobody (the lease was released)"
+        return LeaseHeld(
+            f"run {run_id} is leased to {who}, not to {writer}: this worker lost its lease and "
+            "must stop driving the run",
+            run_id=run_id,
+            holder=holder,
+            expires_at=expires_at,
+        )
+    if writer is None and lease_is_live(holder, expires_at, now):
+        return LeaseHeld(
+            f"run {run_id} is leased to {holder} until {when(expires_at)}; only that worker may write to it",
+            run_id=run_id,
+            holder=holder,
+            expires_at=expires_at,
+        )
+    return ConcurrentWriteError(
+        f"run {run_id} moved on (journal at seq {last_seq}, writer expected {expected_seq}); "
+        "another process is working on it"
+    )
+
+
+def fence_sql(writer: str | None, now: float, ph: str) -> tuple[str, tuple[Any, ...]]:
+    """The condition under which a commit by `writer` (a lease owner, or None) may apply."""
+    if writer is not None:
+        return f"lease_owner = {ph}", (writer,)
+    return f"(lease_owner IS NULL OR lease_expires_at <= {ph})", (now,)
+
+
+def runnable_sql(ph: str) -> str:
+    """Runs a worker may claim at time `now` (pass it twice): nobody holds a live lease, and
+    the run is queued or running, or paused on a ticket that was decided or has expired."""
+    return f"""(r.lease_owner IS NULL OR r.lease_expires_at <= {ph})
+        AND (r.status IN ('queued', 'running') OR (r.status = 'paused' AND EXISTS (
+            SELECT 1 FROM tickets t WHERE t.ticket_id = r.pending_ticket_id
+            AND (t.status <> 'pending' OR t.expires_at <= {ph}))))"""
+
+
+def decided_status(ticket: Ticket, approve: bool) -> TicketStatus:
+    if ticket.kind == "question":
+        return "answered" if approve else "denied"
+    return "approved" if approve else "denied"
+
+
+def decision_entry(
+    ticket: Ticket, run: RunRecord, status: str, by: str, reason: str, answer: str | None
+) -> NewEntry:
+    """The entry a ticket's decision appends to its run's journal."""
+    return NewEntry(
+        kind="ticket_decided",
+        step_id=ticket.step_id,
+        state=run.state,
+        body={
+            "ticket_id": ticket.ticket_id,
+            "status": status,
+            "by": by,
+            "reason": reason,
+            "answer": answer,
+            "args_hash": ticket.args_hash,
+        },
+    )

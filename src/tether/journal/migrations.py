@@ -1,0 +1,157 @@
+"""Numbered schema versions, side by side for each store.
+
+Version 1 is the schema of the first release; each later version lists what changes.
+A store applies the versions its journal lacks, in order, in one transaction, and
+records the result in its `meta` table (`schema_version`, and `migration:N` with when
+it was applied). A journal whose version is newer than `LATEST` is refused.
+"""
+
+from __future__ import annotations
+
+import json
+import sqlite3
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any
+
+from tether.errors import JournalError
+from tether.journal.common import pending_ticket_of, when
+
+
+@dataclass(frozen=True)
+class Migration:
+    version: int
+    description: str
+    # SQL statements, one each, or a function of the open connection for data changes.
+    steps: tuple[str | Callable[[Any], None], ...]
+
+
+META_SQL = "CREATE TABLE IF NOT EXISTS meta (key TEXT PRIMARY KEY, value TEXT NOT NULL)"
+
+
+def _sqlite_fill_pending_tickets(db: sqlite3.Connection) -> None:
+    rows = db.execute("SELECT run_id, checkpoint FROM runs WHERE status = 'paused'").fetchall()
+    for run_id, checkpoint in rows:
+        ticket_id = pending_ticket_of(json.loads(checkpoint))
+        db.execute("UPDATE runs SET pending_ticket_id = ? WHERE run_id = ?", (ticket_id, run_id))
+
+
+SQLITE: tuple[Migration, ...] = (
+    Migration(
+        1,
+        "runs, append-only entries, tickets",
+        (
+            """CREATE TABLE IF NOT EXISTS runs (
+    run_id TEXT PRIMARY KEY, workflow_name TEXT NOT NULL, workflow_version TEXT NOT NULL,
+    workflow_hash TEXT NOT NULL, workflow_ref TEXT NOT NULL, policy_hash TEXT NOT NULL,
+    policy_ref TEXT, model_spec TEXT, status TEXT NOT NULL, state TEXT NOT NULL, input TEXT NOT NULL,
+    data TEXT NOT NULL, facts TEXT NOT NULL, checkpoint TEXT NOT NULL, owner TEXT,
+    reason_code TEXT, message TEXT, created_at REAL NOT NULL, updated_at REAL NOT NULL,
+    last_seq INTEGER NOT NULL, last_hash TEXT NOT NULL)""",
+            "CREATE INDEX IF NOT EXISTS runs_by_status ON runs (status, created_at)",
+            """CREATE TABLE IF NOT EXISTS entries (
+    run_id TEXT NOT NULL, seq INTEGER NOT NULL, kind TEXT NOT NULL, step_id TEXT,
+    state TEXT, body TEXT NOT NULL, prev_hash TEXT NOT NULL, hash TEXT NOT NULL,
+    created_at REAL NOT NULL, PRIMARY KEY (run_id, seq))""",
+            """CREATE TRIGGER IF NOT EXISTS entries_no_update BEFORE UPDATE ON entries
+    BEGIN SELECT RAISE(ABORT, 'journal entries are append-only'); END""",
+            """CREATE TRIGGER IF NOT EXISTS entries_no_delete BEFORE DELETE ON entries
+    BEGIN SELECT RAISE(ABORT, 'journal entries are append-only'); END""",
+            """CREATE TABLE IF NOT EXISTS tickets (
+    ticket_id TEXT PRIMARY KEY, run_id TEXT NOT NULL, step_id TEXT NOT NULL,
+    kind TEXT NOT NULL, subject TEXT NOT NULL, args TEXT NOT NULL, args_hash TEXT NOT NULL,
+    approver TEXT NOT NULL, question TEXT, status TEXT NOT NULL, created_at REAL NOT NULL,
+    expires_at REAL NOT NULL, decided_at REAL, decided_by TEXT, reason TEXT, answer TEXT,
+    consumed_at REAL)""",
+            "CREATE INDEX IF NOT EXISTS tickets_by_status ON tickets (status, created_at)",
+        ),
+    ),
+    Migration(
+        2,
+        "run leases for workers",
+        (
+            "ALTER TABLE runs ADD COLUMN lease_owner TEXT",
+            "ALTER TABLE runs ADD COLUMN lease_expires_at REAL",
+            "ALTER TABLE runs ADD COLUMN pending_ticket_id TEXT",
+            "CREATE INDEX runs_leased ON runs (workflow_name) WHERE lease_owner IS NOT NULL",
+            _sqlite_fill_pending_tickets,
+        ),
+    ),
+)
+
+POSTGRES: tuple[Migration, ...] = (
+    Migration(
+        1,
+        "runs, append-only entries, tickets",
+        (
+            """CREATE TABLE runs (
+    run_id TEXT PRIMARY KEY, workflow_name TEXT NOT NULL, workflow_version TEXT NOT NULL,
+    workflow_hash TEXT NOT NULL, workflow_ref TEXT NOT NULL, policy_hash TEXT NOT NULL,
+    policy_ref TEXT, model_spec TEXT, status TEXT NOT NULL, state TEXT NOT NULL, input TEXT NOT NULL,
+    data TEXT NOT NULL, facts TEXT NOT NULL, checkpoint TEXT NOT NULL, owner TEXT,
+    reason_code TEXT, message TEXT, created_at DOUBLE PRECISION NOT NULL,
+    updated_at DOUBLE PRECISION NOT NULL, last_seq BIGINT NOT NULL, last_hash TEXT NOT NULL)""",
+            "CREATE INDEX runs_by_status ON runs (status, created_at)",
+            """CREATE TABLE entries (
+    run_id TEXT NOT NULL, seq BIGINT NOT NULL, kind TEXT NOT NULL, step_id TEXT,
+    state TEXT, body TEXT NOT NULL, prev_hash TEXT NOT NULL, hash TEXT NOT NULL,
+    created_at DOUBLE PRECISION NOT NULL, PRIMARY KEY (run_id, seq))""",
+            """CREATE FUNCTION tether_append_only() RETURNS trigger LANGUAGE plpgsql AS $$
+    BEGIN RAISE EXCEPTION 'journal entries are append-only'
+        USING ERRCODE = 'integrity_constraint_violation'; END $$""",
+            """CREATE TRIGGER entries_no_update_or_delete BEFORE UPDATE OR DELETE ON entries
+    FOR EACH ROW EXECUTE FUNCTION tether_append_only()""",
+            """CREATE TRIGGER entries_no_truncate BEFORE TRUNCATE ON entries
+    FOR EACH STATEMENT EXECUTE FUNCTION tether_append_only()""",
+            """CREATE TABLE tickets (
+    ticket_id TEXT PRIMARY KEY, run_id TEXT NOT NULL, step_id TEXT NOT NULL,
+    kind TEXT NOT NULL, subject TEXT NOT NULL, args TEXT NOT NULL, args_hash TEXT NOT NULL,
+    approver TEXT NOT NULL, question TEXT, status TEXT NOT NULL,
+    created_at DOUBLE PRECISION NOT NULL, expires_at DOUBLE PRECISION NOT NULL,
+    decided_at DOUBLE PRECISION, decided_by TEXT, reason TEXT, answer TEXT,
+    consumed_at DOUBLE PRECISION)""",
+            "CREATE INDEX tickets_by_status ON tickets (status, created_at)",
+        ),
+    ),
+    Migration(
+        2,
+        "run leases for workers",
+        (
+            "ALTER TABLE runs ADD COLUMN lease_owner TEXT",
+            "ALTER TABLE runs ADD COLUMN lease_expires_at DOUBLE PRECISION",
+            "ALTER TABLE runs ADD COLUMN pending_ticket_id TEXT",
+            "CREATE INDEX runs_leased ON runs (workflow_name) WHERE lease_owner IS NOT NULL",
+            """UPDATE runs SET pending_ticket_id = checkpoint::json -> 'pending' ->> 'ticket_id'
+    WHERE status = 'paused'""",
+        ),
+    ),
+)
+
+LATEST = SQLITE[-1].version
+assert POSTGRES[-1].version == LATEST, "both stores must reach the same schema version"
+
+
+def pending(migrations: tuple[Migration, ...], current: int, where: str) -> list[Migration]:
+    """The migrations a journal at `current` needs; refuse one newer than this code."""
+    if current > LATEST:
+        raise JournalError(
+            f"journal {where} has schema version {current}, newer than this tether "
+            f"understands ({LATEST}); upgrade tether"
+        )
+    return [m for m in migrations if m.version > current]
+
+
+def apply(db: Any, migration: Migration, placeholder: str) -> None:
+    """Run one migration's steps and record it, on a connection already in a transaction."""
+    for step in migration.steps:
+        if callable(step):
+            step(db)
+        else:
+            db.execute(step)
+    upsert = (
+        f"INSERT INTO meta (key, value) VALUES ({placeholder}, {placeholder}) "
+        "ON CONFLICT (key) DO UPDATE SET value = excluded.value"
+    )
+    db.execute(upsert, ("schema_version", str(migration.version)))
+    db.execute(upsert, (f"migration:{migration.version}", f"{migration.description}; {when(time.time())}"))

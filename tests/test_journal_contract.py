@@ -1,0 +1,746 @@
+"""One contract, every store: each test runs against SQLite and against PostgreSQL.
+
+PostgreSQL is `$TETHER_TEST_PG` (default postgresql://postgres@127.0.0.1:5432/test), one
+fresh schema per test, dropped afterwards. Unreachable, its tests are skipped, except
+under CI=true, where they fail.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import secrets
+import sqlite3
+import sys
+import time
+from collections.abc import Callable, Coroutine, Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, TypeVar
+
+import pytest
+from typer.testing import CliRunner
+
+from tether.cli import db as db_cli
+from tether.errors import ConcurrentWriteError, JournalError, RunNotFound, TicketError
+from tether.hashing import canonical_json
+from tether.journal import (
+    Commit,
+    Journal,
+    LeaseHeld,
+    NewEntry,
+    RunRecord,
+    RunUpdate,
+    Ticket,
+    migrations,
+    open_journal,
+    upgrade_journal,
+    verify_chain,
+)
+from tether.journal.common import ENTRY_COLUMNS, entry_row, run_values
+from tether.journal.records import GENESIS_HASH, chain
+
+T = TypeVar("T")
+PG_URL = os.environ.get("TETHER_TEST_PG", "postgresql://postgres@127.0.0.1:5432/test")
+
+
+def run(coro: Coroutine[Any, Any, T]) -> T:
+    return asyncio.run(coro)
+
+
+# -- the stores ----------------------------------------------------------------------
+
+
+@dataclass
+class Store:
+    """Where a journal lives, and a back door to its database for what tether must refuse."""
+
+    kind: str
+    target: str
+    path: Path | None = None
+    opened: list[Journal] = field(default_factory=list)
+
+    @property
+    def ph(self) -> str:
+        return "?" if self.kind == "sqlite" else "%s"
+
+    def open(self, **kw: Any) -> Journal:
+        journal = open_journal(self.target, **kw)
+        self.opened.append(journal)
+        return journal
+
+    def execute(self, sql: str, params: tuple[Any, ...] = ()) -> list[tuple[Any, ...]]:
+        """One statement on a connection of the database's own driver, committed."""
+        if self.kind == "sqlite":
+            db = sqlite3.connect(str(self.path), isolation_level=None)
+            try:
+                return db.execute(sql, params).fetchall()
+            finally:
+                db.close()
+        import psycopg
+
+        with psycopg.connect(self.target, autocommit=True) as conn:
+            cursor = conn.execute(sql, params)
+            return cursor.fetchall() if cursor.description else []
+
+    def size(self) -> int:
+        """Bytes the journal's tables take (SQLite: the file, after a WAL checkpoint)."""
+        if self.kind == "sqlite":
+            self.execute("PRAGMA wal_checkpoint(TRUNCATE)")
+            assert self.path is not None
+            return self.path.stat().st_size
+        rows = self.execute(
+            "SELECT sum(pg_total_relation_size(t::regclass)) "
+            "FROM unnest(array['runs', 'entries', 'tickets']) t"
+        )
+        return int(rows[0][0])
+
+    def close(self) -> None:
+        for journal in self.opened:
+            journal.close()
+
+
+@pytest.fixture(scope="session")
+def postgres_url() -> str:
+    try:
+        import psycopg
+
+        psycopg.connect(PG_URL, connect_timeout=3).close()
+    except Exception as exc:
+        message = f"PostgreSQL not reachable at {PG_URL} ({exc}); set TETHER_TEST_PG to a URL"
+        if os.environ.get("CI") == "true":
+            pytest.fail(message)
+        pytest.skip(message)
+    return PG_URL
+
+
+def with_schema(url: str, schema: str) -> str:
+    return f"{url}{'&' if '?' in url else '?'}options=-csearch_path%3D{schema}"
+
+
+@pytest.fixture(params=["sqlite", "postgres"])
+def store(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[Store]:
+    if request.param == "sqlite":
+        path = tmp_path / "journal.db"
+        sqlite_store = Store("sqlite", str(path), path)
+        yield sqlite_store
+        sqlite_store.close()
+        return
+    import psycopg
+
+    base = request.getfixturevalue("postgres_url")
+    schema = "tether_test_" + secrets.token_hex(6)
+    with psycopg.connect(base, autocommit=True) as conn:
+        conn.execute(f"CREATE SCHEMA {schema}")
+    pg_store = Store("postgres", with_schema(base, schema))
+    try:
+        yield pg_store
+    finally:
+        pg_store.close()
+        with psycopg.connect(base, autocommit=True) as conn:
+            conn.execute(f"DROP SCHEMA {schema} CASCADE")
+
+
+@pytest.fixture
+def journal(store: Store) -> Journal:
+    return store.open()
+
+
+# -- records to write ------------------------------------------------------------------
+
+NOW = time.time()
+
+
+def record(run_id: str, *, status: str = "queued", workflow: str = "w", age: float = 0.0) -> RunRecord:
+    """A run last touched `age` seconds ago (claim takes the oldest first)."""
+    at = NOW - 1000 - age
+    return RunRecord(
+        run_id=run_id,
+        workflow_name=workflow,
+        workflow_version="1",
+        workflow_hash="sha256:wf",
+        workflow_ref="tests",
+        policy_hash="sha256:policy",
+        status=status,  # type: ignore[arg-type]
+        state="start",
+        input={"order": "A1"},
+        checkpoint={"steps": 0},
+        created_at=at,
+        updated_at=at,
+    )
+
+
+def ticket(ticket_id: str, run_id: str, *, kind: str = "approval", expires_in: float = 3600) -> Ticket:
+    return Ticket(
+        ticket_id=ticket_id,
+        run_id=run_id,
+        step_id="s1",
+        kind=kind,  # type: ignore[arg-type]
+        subject="refund 80",
+        args={"amount": 80.0},
+        args_hash="sha256:args",
+        approver="supervisor",
+        created_at=time.time(),
+        expires_at=time.time() + expires_in,
+    )
+
+
+async def start(j: Journal, run_id: str, **kw: Any) -> RunRecord:
+    await j.create_run(record(run_id, **kw), [NewEntry(kind="run_started", body={"input": {"order": "A1"}})])
+    return await j.get_run(run_id)
+
+
+async def step(j: Journal, run: RunRecord, body: dict[str, Any] | None = None, **kw: Any) -> RunRecord:
+    await j.commit(
+        Commit(
+            run_id=run.run_id,
+            expected_seq=run.last_seq,
+            expected_hash=run.last_hash,
+            entries=[NewEntry(kind="step", step_id="s1", state=run.state, body=body or {"n": run.last_seq})],
+            **kw,
+        )
+    )
+    return await j.get_run(run.run_id)
+
+
+async def pause_on(j: Journal, run: RunRecord, t: Ticket, **kw: Any) -> RunRecord:
+    """What the runtime writes when a step asks for approval: the ticket, and a paused run."""
+    checkpoint = {**run.checkpoint, "pending": {"ticket_id": t.ticket_id, "step_id": t.step_id}}
+    return await step(j, run, new_tickets=[t], update=RunUpdate(status="paused", checkpoint=checkpoint), **kw)
+
+
+# -- runs, commits and the chain -------------------------------------------------------
+
+
+def test_runs_are_created_and_read_back(journal: Journal) -> None:
+    async def scenario() -> None:
+        written = await journal.create_run(
+            record("r1", status="running", age=1),
+            [NewEntry(kind="run_started", state="start", body={"é": 0.1})],
+        )
+        await start(journal, "r2", workflow="other")
+        got = await journal.get_run("r1")
+        assert got.model_dump(exclude={"last_seq", "last_hash"}) == record(
+            "r1", status="running", age=1
+        ).model_dump(exclude={"last_seq", "last_hash"})
+        assert (got.last_seq, got.last_hash) == (1, written[0].hash)
+        assert [r.run_id for r in await journal.list_runs()] == ["r2", "r1"]  # newest first
+        assert [r.run_id for r in await journal.list_runs(status="running")] == ["r1"]
+        assert [r.run_id for r in await journal.list_runs(workflow="other")] == ["r2"]
+        assert len(await journal.list_runs(limit=1)) == 1
+        with pytest.raises(RunNotFound):
+            await journal.get_run("nope")
+        with pytest.raises(JournalError, match="run r1 already exists"):
+            await journal.create_run(record("r1"), [])
+        assert await journal.get_run("r1") == got
+
+    run(scenario())
+
+
+def test_commits_extend_a_hash_chain_over_the_exact_stored_text(journal: Journal) -> None:
+    body = {
+        "text": "kettle arrived broken — ünïcode",
+        "amount": 0.1,
+        "big": 2**60,
+        "nested": {"b": [1, None]},
+    }
+
+    async def scenario() -> None:
+        r = await start(journal, "r1")
+        for i in range(3):
+            r = await step(journal, r, {**body, "i": i}, update=RunUpdate(data={"i": i}), durable=i == 1)
+        entries = await journal.read_entries("r1")
+        assert [e.seq for e in entries] == [1, 2, 3, 4]
+        assert verify_chain(entries) == []
+        assert entries[-1].hash == r.last_hash and r.data == {"i": 2}
+        assert entries[2].body == {**body, "i": 1}
+        assert entries[2].body_json == canonical_json(entries[2].body)
+        assert [e.seq for e in await journal.read_entries("r1", after_seq=2)] == [3, 4]
+
+    run(scenario())
+
+
+def test_a_stale_commit_is_refused_and_changes_nothing(journal: Journal) -> None:
+    async def scenario() -> None:
+        r = await step(journal, await start(journal, "r1"))
+        await pause_on(journal, await journal.get_run("r1"), ticket("t0", "r1"))
+        before = await journal.get_run("r1")
+        stale = Commit(
+            run_id="r1",
+            expected_seq=r.last_seq,  # one behind
+            expected_hash=r.last_hash,
+            entries=[NewEntry(kind="note", body={"x": 1})],
+            update=RunUpdate(status="failed"),
+            new_tickets=[ticket("t1", "r1")],
+        )
+        with pytest.raises(ConcurrentWriteError, match=r"moved on .* another process is working on it"):
+            await journal.commit(stale)
+        assert await journal.get_run("r1") == before
+        assert len(await journal.read_entries("r1")) == before.last_seq
+        assert [t.ticket_id for t in await journal.list_tickets()] == ["t0"]
+        with pytest.raises(RunNotFound):
+            await journal.commit(stale.model_copy(update={"run_id": "nope"}))
+
+    run(scenario())
+
+
+def test_entries_are_append_only_in_the_database_itself(store: Store, journal: Journal) -> None:
+    run(step(journal, run(start(journal, "r1"))))
+    error: Any = sqlite3.IntegrityError
+    if store.kind == "postgres":
+        import psycopg
+
+        error = psycopg.errors.IntegrityError
+    ph = store.ph
+    with pytest.raises(error, match="append-only"):
+        store.execute(f"UPDATE entries SET body = '{{}}' WHERE run_id = {ph}", ("r1",))
+    with pytest.raises(error, match="append-only"):
+        store.execute(f"DELETE FROM entries WHERE run_id = {ph}", ("r1",))
+    if store.kind == "postgres":
+        with pytest.raises(error, match="append-only"):
+            store.execute("TRUNCATE entries")
+    assert verify_chain(run(journal.read_entries("r1"))) == []
+
+
+# -- tickets ---------------------------------------------------------------------------
+
+
+def test_a_ticket_is_decided_once_and_used_once_for_its_own_arguments(journal: Journal) -> None:
+    async def scenario() -> None:
+        r = await pause_on(journal, await start(journal, "r1"), ticket("t1", "r1"))
+        decided = await journal.decide_ticket("t1", approve=True, by="sam", reason="ok", now=time.time())
+        assert (decided.status, decided.decided_by, decided.reason) == ("approved", "sam", "ok")
+        with pytest.raises(TicketError, match="already approved"):
+            await journal.decide_ticket("t1", approve=False, by="eve", now=time.time())
+        entries = await journal.read_entries("r1")
+        assert entries[-1].kind == "ticket_decided" and entries[-1].body["status"] == "approved"
+        assert verify_chain(entries) == []
+
+        r = await journal.get_run("r1")
+        with pytest.raises(TicketError, match="approves other arguments"):
+            await step(journal, r, consume=("t1", "sha256:other"), update=RunUpdate(status="running"))
+        assert await journal.get_run("r1") == r  # nothing of that commit was applied
+        r = await step(journal, r, consume=("t1", "sha256:args"), update=RunUpdate(status="running"))
+        used = await journal.get_ticket("t1")
+        assert used.status == "consumed" and used.consumed_at is not None
+        with pytest.raises(TicketError, match="is consumed, not approved"):
+            await step(journal, r, consume=("t1", "sha256:args"))
+        with pytest.raises(TicketError, match="no ticket"):
+            await step(journal, r, consume=("t9", "sha256:args"))
+        with pytest.raises(TicketError, match="no ticket"):
+            await journal.get_ticket("t9")
+
+        await pause_on(journal, await journal.get_run("r1"), ticket("q1", "r1", kind="question"))
+        answered = await journal.decide_ticket("q1", approve=True, by="sam", answer="yes", now=time.time())
+        assert (answered.status, answered.answer) == ("answered", "yes")
+        assert [t.ticket_id for t in await journal.list_tickets(status=None)] == ["t1", "q1"]
+        assert await journal.list_tickets() == []
+        with pytest.raises(TicketError, match="ticket q1 already exists"):
+            await step(journal, await journal.get_run("r1"), new_tickets=[ticket("q1", "r1")])
+
+    run(scenario())
+
+
+def test_an_expired_ticket_cannot_be_decided(journal: Journal) -> None:
+    async def scenario() -> None:
+        await pause_on(journal, await start(journal, "r1"), ticket("t1", "r1", expires_in=-1))
+        with pytest.raises(TicketError, match="expired"):
+            await journal.decide_ticket("t1", approve=True, by="sam", now=time.time())
+        assert (await journal.get_ticket("t1")).status == "pending"
+        assert (await journal.expire_ticket("t1", time.time())).status == "expired"
+        with pytest.raises(TicketError, match="already expired"):
+            await journal.decide_ticket("t1", approve=True, by="sam", now=time.time())
+
+    run(scenario())
+
+
+# -- leases ----------------------------------------------------------------------------
+
+
+def test_commits_are_fenced_by_the_runs_lease(journal: Journal) -> None:
+    async def scenario() -> None:
+        r = await start(journal, "r1")
+        r = await journal.acquire("r1", "w1", lease_seconds=30, now=time.time())
+        assert r.lease_owner == "w1"
+
+        r = await step(journal, r, lease_owner="w1", lease_seconds=120)
+        assert r.lease_owner == "w1" and r.lease_expires_at is not None
+        assert r.lease_expires_at > time.time() + 100  # renewed by the commit
+
+        for writer, message in [
+            ("w2", "leased to w1 .*not to w2"),
+            (None, "leased to w1 .*only that worker"),
+        ]:
+            with pytest.raises(LeaseHeld, match=message) as refused:
+                await step(journal, r, lease_owner=writer, update=RunUpdate(status="failed"))
+            assert (refused.value.holder, refused.value.run_id) == ("w1", "r1")
+            assert isinstance(refused.value, ConcurrentWriteError)
+            assert await journal.get_run("r1") == r
+
+        # Once the lease has expired, a writer without one may go on; the old holder may not.
+        r = await journal.acquire("r1", "w1", lease_seconds=1, now=time.time() - 10)
+        r = await step(journal, r)
+        await journal.acquire("r1", "w2", lease_seconds=60, now=time.time())
+        with pytest.raises(LeaseHeld, match="leased to w2"):
+            await step(journal, r, lease_owner="w1")
+        await journal.release("r1", "w2")
+        with pytest.raises(LeaseHeld, match="leased to nobody"):
+            await step(journal, r, lease_owner="w1")
+
+    run(scenario())
+
+
+def test_create_run_stores_the_lease_it_is_given(journal: Journal) -> None:
+    async def scenario() -> None:
+        leased = record("r1").model_copy(update={"lease_owner": "w1", "lease_expires_at": time.time() + 60})
+        await journal.create_run(leased, [])
+        got = await journal.get_run("r1")
+        assert (got.lease_owner, got.lease_expires_at) == (leased.lease_owner, leased.lease_expires_at)
+        assert await journal.claim("w2", lease_seconds=30, now=time.time()) is None
+
+    run(scenario())
+
+
+def test_acquire_heartbeat_and_release(journal: Journal) -> None:
+    async def scenario() -> None:
+        await start(journal, "r1")
+        now = time.time()
+        r = await journal.acquire("r1", "w1", lease_seconds=30, now=now)
+        assert (r.lease_owner, r.lease_expires_at) == ("w1", now + 30)
+        with pytest.raises(LeaseHeld, match="r1 is leased to w1 until") as held:
+            await journal.acquire("r1", "w2", lease_seconds=30, now=now + 1)
+        assert (held.value.holder, held.value.expires_at) == ("w1", now + 30)
+        assert (await journal.acquire("r1", "w1", lease_seconds=60, now=now + 1)).lease_expires_at == now + 61
+
+        assert await journal.heartbeat("r1", "w1", lease_seconds=30, now=now + 2) is True
+        assert (await journal.get_run("r1")).lease_expires_at == now + 32
+        assert await journal.heartbeat("r1", "w2", lease_seconds=30, now=now + 2) is False
+
+        await journal.release("r1", "w2")  # not the holder: nothing happens
+        assert (await journal.get_run("r1")).lease_owner == "w1"
+        r = await journal.acquire("r1", "w2", lease_seconds=30, now=now + 40)  # w1's lease expired
+        assert r.lease_owner == "w2"
+        assert await journal.heartbeat("r1", "w1", lease_seconds=30, now=now + 41) is False
+        await journal.release("r1", "w2")
+        r = await journal.get_run("r1")
+        assert (r.lease_owner, r.lease_expires_at) == (None, None)
+        with pytest.raises(RunNotFound):
+            await journal.acquire("nope", "w1", lease_seconds=30, now=now)
+
+    run(scenario())
+
+
+def test_claim_takes_the_oldest_runnable_run(journal: Journal) -> None:
+    async def scenario() -> None:
+        now = time.time()
+        await start(journal, "queued-young", age=1)
+        await start(journal, "queued-old", age=5)
+        await start(journal, "leased", age=9)
+        await journal.acquire("leased", "other", lease_seconds=60, now=now)
+        await start(journal, "lease-expired", age=3)
+        await journal.acquire("lease-expired", "gone", lease_seconds=5, now=now - 60)
+        await start(journal, "running", status="running", age=2)
+        for status in ("completed", "failed", "escalated", "handed_off", "effect_in_doubt"):
+            await start(journal, status, status=status, age=10)
+        waiting = await pause_on(
+            journal, await start(journal, "waiting", status="running"), ticket("t1", "waiting")
+        )
+        decided = await pause_on(
+            journal, await start(journal, "decided", status="running"), ticket("t2", "decided")
+        )
+        lapsed = await pause_on(
+            journal, await start(journal, "lapsed", status="running"), ticket("t3", "lapsed", expires_in=-1)
+        )
+        assert waiting.status == decided.status == lapsed.status == "paused"
+
+        claimed = []
+        while (r := await journal.claim("w1", lease_seconds=30, now=now)) is not None:
+            assert (r.lease_owner, r.lease_expires_at) == ("w1", now + 30)
+            claimed.append(r.run_id)
+        assert claimed == ["queued-old", "lease-expired", "running", "queued-young", "lapsed"]
+        await journal.decide_ticket("t2", approve=False, by="sam", reason="no", now=now)
+        assert (await journal.claim("w1", lease_seconds=30, now=now)).run_id == "decided"  # type: ignore[union-attr]
+        assert await journal.claim("w1", lease_seconds=30, now=now) is None
+
+        await journal.release("queued-old", "w1")  # released runs are claimable again
+        assert (await journal.claim("w2", lease_seconds=30, now=now)).run_id == "queued-old"  # type: ignore[union-attr]
+
+    run(scenario())
+
+
+def test_claim_respects_per_workflow_limits(journal: Journal) -> None:
+    async def scenario() -> None:
+        now = time.time()
+        for i in range(4):
+            await start(journal, f"a{i}", workflow="a", age=10 - i)
+            await start(journal, f"b{i}", workflow="b", age=5 - i)
+        await start(journal, "z0", workflow="z")
+        await journal.acquire("a0", "elsewhere", lease_seconds=60, now=now)
+        limits = {"a": 2, "b": 3, "z": 0}
+        claimed = []
+        while (r := await journal.claim("w1", lease_seconds=30, now=now, limits=limits)) is not None:
+            claimed.append(r.run_id)
+        assert claimed == ["a1", "b0", "b1", "b2"]
+        await journal.release("a1", "w1")
+        assert (await journal.claim("w1", lease_seconds=30, now=now, limits=limits)).run_id == "a1"  # type: ignore[union-attr]
+        # Expired leases do not count against the limit.
+        later = now + 120
+        assert (await journal.claim("w1", lease_seconds=30, now=later, limits=limits)).run_id == "a0"  # type: ignore[union-attr]
+
+    run(scenario())
+
+
+def test_concurrent_claimers_never_get_the_same_run(store: Store) -> None:
+    journals = [store.open(pool_size=4) for _ in range(3)]
+
+    async def scenario() -> None:
+        for i in range(30):
+            await start(journals[0], f"r{i:02}", workflow="limited" if i % 3 == 0 else "free")
+        now = time.time()
+
+        async def claimer(j: Journal, worker: str) -> list[str]:
+            got = []
+            while (r := await j.claim(worker, lease_seconds=60, now=now, limits={"limited": 4})) is not None:
+                got.append(r.run_id)
+            return got
+
+        results = await asyncio.gather(*(claimer(journals[i % 3], f"w{i}") for i in range(12)))
+        claimed = [run_id for got in results for run_id in got]
+        assert len(claimed) == len(set(claimed)) == 20 + 4
+        runs = {r.run_id: r for r in await journals[0].list_runs()}
+        assert sum(1 for r in runs.values() if r.workflow_name == "limited" and r.lease_owner) == 4
+        for worker, got in zip((f"w{i}" for i in range(12)), results, strict=True):
+            assert all(runs[run_id].lease_owner == worker for run_id in got)
+
+    run(scenario())
+
+
+def test_wait_for_work_wakes_when_work_appears(store: Store) -> None:
+    waiter, writer = store.open(), store.open()
+    expected_wake = 0.4 if store.kind == "sqlite" else 1.0  # SQLite polls every 0.2 s
+
+    async def woken_by(action: Callable[[], Coroutine[Any, Any, Any]]) -> float:
+        await waiter.wait_for_work(0)  # start listening
+        t0 = time.monotonic()
+
+        async def later() -> None:
+            await asyncio.sleep(0.05)
+            await action()
+
+        await asyncio.gather(waiter.wait_for_work(10), later())
+        return time.monotonic() - t0
+
+    async def scenario() -> None:
+        t0 = time.monotonic()
+        await waiter.wait_for_work(0.1)
+        assert 0.09 <= time.monotonic() - t0 < 0.5
+        assert await woken_by(lambda: start(writer, "r1")) < expected_wake
+        r = await pause_on(writer, await start(writer, "r2", status="running"), ticket("t1", "r2"))
+        now = time.time()
+        assert (
+            await woken_by(lambda: writer.decide_ticket("t1", approve=True, by="sam", now=now))
+            < expected_wake
+        )
+        await writer.acquire(r.run_id, "w1", lease_seconds=60, now=now)
+        assert await woken_by(lambda: writer.release(r.run_id, "w1")) < expected_wake
+
+    run(scenario())
+
+
+def test_a_journal_is_usable_from_one_event_loop_after_another(store: Store, journal: Journal) -> None:
+    run(start(journal, "r1"))
+    run(journal.acquire("r1", "w1", lease_seconds=30, now=time.time()))
+    assert run(journal.get_run("r1")).lease_owner == "w1"
+
+    async def closed_inside_the_loop() -> None:
+        assert (await journal.get_run("r1")).run_id == "r1"
+        await journal.aclose()
+
+    run(closed_inside_the_loop())
+
+
+# -- migrations ------------------------------------------------------------------------
+
+V1_SQLITE = """
+CREATE TABLE IF NOT EXISTS meta (key TEXT PRIMARY KEY, value TEXT NOT NULL);
+CREATE TABLE IF NOT EXISTS runs (
+    run_id TEXT PRIMARY KEY, workflow_name TEXT NOT NULL, workflow_version TEXT NOT NULL,
+    workflow_hash TEXT NOT NULL, workflow_ref TEXT NOT NULL, policy_hash TEXT NOT NULL,
+    policy_ref TEXT, model_spec TEXT, status TEXT NOT NULL, state TEXT NOT NULL, input TEXT NOT NULL,
+    data TEXT NOT NULL, facts TEXT NOT NULL, checkpoint TEXT NOT NULL, owner TEXT,
+    reason_code TEXT, message TEXT, created_at REAL NOT NULL, updated_at REAL NOT NULL,
+    last_seq INTEGER NOT NULL, last_hash TEXT NOT NULL);
+CREATE INDEX IF NOT EXISTS runs_by_status ON runs (status, created_at);
+CREATE TABLE IF NOT EXISTS entries (
+    run_id TEXT NOT NULL, seq INTEGER NOT NULL, kind TEXT NOT NULL, step_id TEXT,
+    state TEXT, body TEXT NOT NULL, prev_hash TEXT NOT NULL, hash TEXT NOT NULL,
+    created_at REAL NOT NULL, PRIMARY KEY (run_id, seq));
+CREATE TRIGGER IF NOT EXISTS entries_no_update BEFORE UPDATE ON entries
+    BEGIN SELECT RAISE(ABORT, 'journal entries are append-only'); END;
+CREATE TRIGGER IF NOT EXISTS entries_no_delete BEFORE DELETE ON entries
+    BEGIN SELECT RAISE(ABORT, 'journal entries are append-only'); END;
+CREATE TABLE IF NOT EXISTS tickets (
+    ticket_id TEXT PRIMARY KEY, run_id TEXT NOT NULL, step_id TEXT NOT NULL,
+    kind TEXT NOT NULL, subject TEXT NOT NULL, args TEXT NOT NULL, args_hash TEXT NOT NULL,
+    approver TEXT NOT NULL, question TEXT, status TEXT NOT NULL, created_at REAL NOT NULL,
+    expires_at REAL NOT NULL, decided_at REAL, decided_by TEXT, reason TEXT, answer TEXT,
+    consumed_at REAL);
+CREATE INDEX IF NOT EXISTS tickets_by_status ON tickets (status, created_at);
+INSERT INTO meta VALUES ('schema_version', '1');
+"""
+
+
+V2_COLUMNS = {"lease_owner", "lease_expires_at", "pending_ticket_id"}
+
+
+def make_version_1(store: Store) -> None:
+    """A journal as the first release left it (SQLite: that release's exact schema), holding a
+    running run and a run paused on a pending ticket."""
+    if store.kind == "sqlite":
+        db = sqlite3.connect(str(store.path))
+        db.executescript(V1_SQLITE)
+        db.close()
+    else:
+        store.execute(migrations.META_SQL)
+        for statement in migrations.POSTGRES[0].steps:
+            assert isinstance(statement, str)
+            store.execute(statement)
+        store.execute("INSERT INTO meta VALUES ('schema_version', '1')")
+    ph = store.ph
+    for run_id, status, checkpoint in [("old-running", "running", {}), ("old-paused", "paused", {"t": "t1"})]:
+        pending = {"pending": {"ticket_id": checkpoint["t"]}} if checkpoint else {}
+        rec = record(run_id, status=status).model_copy(update={"checkpoint": pending})
+        entries = chain(
+            run_id, 0, GENESIS_HASH, [NewEntry(kind="run_started", body={"v": 1})], rec.created_at
+        )
+        rec = rec.model_copy(update={"last_seq": 1, "last_hash": entries[0].hash})
+        values = {k: v for k, v in run_values(rec).items() if k not in V2_COLUMNS}
+        store.execute(
+            f"INSERT INTO runs ({', '.join(values)}) VALUES ({', '.join([ph] * len(values))})",
+            tuple(values.values()),
+        )
+        store.execute(
+            f"INSERT INTO entries ({', '.join(ENTRY_COLUMNS)}) VALUES ({', '.join([ph] * 9)})",
+            entry_row(entries[0]),
+        )
+    t = ticket("t1", "old-paused")
+    store.execute(
+        "INSERT INTO tickets (ticket_id, run_id, step_id, kind, subject, args, args_hash, approver, status, "
+        f"created_at, expires_at) VALUES ({', '.join([ph] * 11)})",
+        (
+            t.ticket_id,
+            t.run_id,
+            t.step_id,
+            t.kind,
+            t.subject,
+            "{}",
+            t.args_hash,
+            t.approver,
+            "pending",
+            t.created_at,
+            t.expires_at,
+        ),
+    )
+
+
+def test_a_fresh_journal_gets_the_latest_schema(store: Store) -> None:
+    assert store.open().migrated == (0, migrations.LATEST)
+    assert store.open().migrated == (migrations.LATEST, migrations.LATEST)
+    rows = dict(store.execute("SELECT key, value FROM meta"))
+    assert rows["schema_version"] == str(migrations.LATEST)
+    assert rows["migration:2"].startswith("run leases for workers; 20")
+
+
+def test_a_version_1_journal_is_upgraded_in_place(store: Store) -> None:
+    make_version_1(store)
+    with pytest.raises(
+        JournalError, match="has schema version 1; this tether needs 2: run `tether db upgrade"
+    ):
+        store.open(migrate=False)
+    journal = store.open()
+    assert journal.migrated == (1, 2)
+
+    async def scenario() -> None:
+        old = await journal.get_run("old-running")
+        assert (old.status, old.lease_owner, old.lease_expires_at) == ("running", None, None)
+        assert verify_chain(await journal.read_entries("old-paused")) == []
+        now = time.time()
+        assert (await journal.claim("w1", lease_seconds=30, now=now)).run_id == "old-running"  # type: ignore[union-attr]
+        assert await journal.claim("w1", lease_seconds=30, now=now) is None  # still waiting on t1
+        await journal.decide_ticket("t1", approve=True, by="sam", now=now)
+        assert (await journal.claim("w1", lease_seconds=30, now=now)).run_id == "old-paused"  # type: ignore[union-attr]
+
+    run(scenario())
+
+
+def test_tether_db_upgrade_says_what_it_did(store: Store) -> None:
+    make_version_1(store)
+    runner = CliRunner()
+    first = runner.invoke(db_cli.app, ["upgrade", "--db", store.target])
+    assert first.exit_code == 0, first.output
+    assert "schema version 1 → 2" in first.output
+    again = runner.invoke(db_cli.app, ["upgrade", "--db", store.target])
+    assert "is at schema version 2; nothing to do" in again.output
+    assert upgrade_journal(store.target) == (2, 2)
+
+
+def test_a_journal_from_a_newer_tether_is_refused(store: Store) -> None:
+    store.open()
+    store.execute("UPDATE meta SET value = '99' WHERE key = 'schema_version'")
+    with pytest.raises(JournalError, match="schema version 99, newer than this tether understands"):
+        store.open()
+    result = CliRunner().invoke(db_cli.app, ["upgrade", "--db", store.target])
+    assert result.exit_code == 2 and "newer than this tether" in result.output
+
+
+# -- storage ---------------------------------------------------------------------------
+
+
+def test_storage_grows_linearly_with_the_payload(store: Store, journal: Journal) -> None:
+    async def scenario() -> tuple[int, int]:
+        r = await start(journal, "r1", status="running")
+        before, payload = store.size(), 0
+        for i in range(1000):
+            body = {"i": i, "result": secrets.token_hex(500)}  # ~1 KB of new data per step
+            payload += len(canonical_json(body).encode())
+            checkpoint = {"steps": i, "visit": {"state": "s", "steps": i, "tool_calls": i}}
+            written = await journal.commit(
+                Commit(
+                    run_id="r1",
+                    expected_seq=r.last_seq,
+                    expected_hash=r.last_hash,
+                    entries=[NewEntry(kind="step", step_id=f"s{i}", state="s", body=body)],
+                    update=RunUpdate(checkpoint=checkpoint, data={"last": i}),
+                )
+            )
+            r = r.model_copy(update={"last_seq": written[-1].seq, "last_hash": written[-1].hash})
+        return store.size() - before, payload
+
+    grown, payload = run(scenario())
+    assert grown <= 2.5 * payload, f"{store.kind}: {grown} bytes stored for {payload} bytes of payload"
+
+
+# -- choosing a store ------------------------------------------------------------------
+
+
+def test_urls_choose_the_store(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    from tether.journal.sqlite import SQLiteJournal
+
+    monkeypatch.setenv("TETHER_DB", str(tmp_path / "env.db"))
+    journal = open_journal()
+    assert isinstance(journal, SQLiteJournal) and journal.path == tmp_path / "env.db"
+    journal.close()
+    with pytest.raises(JournalError, match="unsupported journal URL scheme 'mysql'"):
+        open_journal("mysql://localhost/x")
+
+    monkeypatch.setitem(sys.modules, "psycopg", None)  # as if the extra were not installed
+    monkeypatch.delitem(sys.modules, "tether.journal.postgres", raising=False)
+    for url in ("postgresql://localhost/x", "postgres://localhost/x"):
+        with pytest.raises(JournalError, match=r"pip install 'tether\[postgres\]'"):
+            open_journal(url)
+
+
+def test_an_unreachable_server_is_a_journal_error() -> None:
+    pytest.importorskip("psycopg")
+    with pytest.raises(JournalError, match=r"cannot open journal postgresql://tether:\*\*\*@127.0.0.1:1/x"):
+        open_journal("postgresql://tether:secret@127.0.0.1:1/x?connect_timeout=2&pool_size=2")
