@@ -21,7 +21,9 @@ T = TypeVar("T")
 DbOption = Annotated[
     str | None,
     typer.Option(
-        "--db", envvar=DB_ENV, help="Journal: a SQLite path or sqlite:///path. Default ./tether.db."
+        "--db",
+        envvar=DB_ENV,
+        help="Journal: a SQLite path, sqlite:///path or postgresql://…. Default ./tether.db.",
     ),
 ]
 JsonOption = Annotated[bool, typer.Option("--json", help="Print JSON for machines.")]
