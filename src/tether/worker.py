@@ -21,7 +21,7 @@ import signal
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 
-from tether.errors import TetherError
+from tether.errors import ConcurrentWriteError, TetherError
 from tether.journal import Journal, RunRecord
 from tether.loader import load_workflow
 from tether.models import Model, resolve_model
@@ -113,6 +113,12 @@ class Worker:
             workflow = self._workflow(record)
             model = self._model_for(record.model_spec)
             result = await self.runtime.resume(record.run_id, workflow, model)
+        except ConcurrentWriteError as exc:
+            # Another process took the run over (this worker stalled past its lease): the
+            # fencing refused our write and nothing was changed; the run is in good hands.
+            self.stats.errors += 1
+            log.warning("run %s: %s", record.run_id, exc)
+            return
         except TetherError as exc:
             # A run this worker cannot drive (its definition changed or is gone, a model it
             # cannot build): leave it untouched for a person, and do not claim it again.
@@ -120,6 +126,10 @@ class Worker:
             self._unloadable.add(record.run_id)
             await self.journal.release(record.run_id, self.worker_id)
             log.error("run %s cannot be driven here: %s", record.run_id, exc)
+            return
+        except Exception:  # a bug or a lost database: the lease expires and another worker resumes
+            self.stats.errors += 1
+            log.exception("run %s: driving failed", record.run_id)
             return
         self._count(result)
 
