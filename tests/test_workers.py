@@ -230,3 +230,41 @@ def test_submit_from_the_command_line_then_a_worker_runs_it(tmp_path: Path) -> N
     assert worker.returncode == 0, worker.stderr
     assert statuses(journal)[run_id] == "completed"
     journal.close()
+
+
+def test_an_approval_from_another_process_makes_a_paused_run_runnable_again(tmp_path: Path) -> None:
+    db = str(tmp_path / "journal.db")
+    refund = ROOT / "examples" / "refund"
+    env = {**os.environ, "REFUND_LEDGER": str(tmp_path / "ledger.sqlite")}
+
+    def cli(*args: str) -> subprocess.CompletedProcess[str]:
+        return subprocess.run(
+            [sys.executable, "-m", "tether", *args, "--db", db],
+            env=env,
+            capture_output=True,
+            text=True,
+            timeout=60,
+            cwd=ROOT,
+        )
+
+    submitted = cli(
+        "submit",
+        str(refund),
+        "--input",
+        '{"order_id": "A-1001"}',
+        "--model",
+        f"script:{refund / 'proposals.json'}",
+        "--json",
+    )
+    assert submitted.returncode == 0, submitted.stderr
+    import json
+
+    run_id = json.loads(submitted.stdout)["run_id"]
+    assert cli("worker", "--until-idle").returncode == 0
+    journal = open_journal(db)
+    assert statuses(journal)[run_id] == "paused"
+    ticket = run(journal.list_tickets())[0].ticket_id
+    assert cli("approve", ticket, "--by", "supervisor").returncode == 0
+    assert cli("worker", "--until-idle").returncode == 0
+    assert statuses(journal)[run_id] == "completed"
+    journal.close()
