@@ -1124,7 +1124,7 @@ def parse_args() -> argparse.Namespace:
     parser.add_argument(
         "--trace-runs",
         type=int,
-        help="runs in the tracemalloc child (SQLite; default min(--waiting, 2000); 0 skips)",
+        help="runs in the tracemalloc child (SQLite; default min(--waiting, 2000), quick 200; 0 skips)",
     )
     parser.add_argument("--only", help="comma-separated sections: throughput,recovery,waiting (default all)")
     parser.add_argument("--profile", action="store_true", help="cProfile sequential tether runs on SQLite")
@@ -1150,7 +1150,7 @@ def make_plan(args: argparse.Namespace, pg_problem: str | None) -> Plan:
         recovery_model_ms=args.recovery_model_ms,
         waiting=waiting,
         pg_waiting=waiting if args.pg_waiting is None else args.pg_waiting,
-        trace_runs=min(waiting, 2000) if args.trace_runs is None else args.trace_runs,
+        trace_runs=min(waiting, 200 if quick else 2000) if args.trace_runs is None else args.trace_runs,
         floor_commits=500 if quick else args.floor_commits,
         dbos_poll=args.dbos_poll,
         pg=None if (args.no_pg or pg_problem) else args.pg,
