@@ -181,7 +181,7 @@ class Runtime:
             lease_owner=None if queued else self.worker_id,
             lease_expires_at=None if queued else now + self.lease_seconds,
         )
-        await self.journal.create_run(
+        written = await self.journal.create_run(
             record,
             [
                 NewEntry(
@@ -201,7 +201,8 @@ class Runtime:
                 )
             ],
         )
-        return await self.journal.get_run(record.run_id)
+        # The record as stored, without reading it back: one query and one copy fewer per run.
+        return record.model_copy(update={"last_seq": written[-1].seq, "last_hash": written[-1].hash})
 
     async def resume(self, run_id: str, workflow: Workflow, model: Model | None = None) -> RunResult:
         """Continue a queued, paused or interrupted run from its last committed step.
