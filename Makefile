@@ -24,6 +24,7 @@ bench: $(STAMP)
 	$(BIN)/python bench/step_overhead.py
 	$(BIN)/python bench/expression_languages.py
 	$(BIN)/python bench/retail_conformance.py
+	$(BIN)/python bench/throughput.py
 
 clean:
 	rm -rf $(VENV) .pytest_cache tether.db demo-run
