@@ -9,7 +9,7 @@ from __future__ import annotations
 import functools
 import time
 from collections.abc import Callable
-from typing import Any
+from typing import Any, Literal
 
 from tether.journal import Commit, Entry, Journal, NewEntry, RunRecord, RunUpdate, Ticket
 from tether.models.protocol import Message
@@ -163,12 +163,15 @@ class RunCursor:
             self.record.last_seq, self.record.last_hash = written[-1].seq, written[-1].hash
         return written
 
-    def decide(self, *, kind: str, name: str, effect: str, args: dict[str, Any], step_id: str) -> Decision:
-        """Ask the policy about a proposal, with this run's variables and resolvers."""
-        tool = {"name": name, "effect": effect}
-        if kind == "tool":
-            tool["idempotent"] = self.workflow.tools()[name].idempotent
-        variables = {
+    def decide(
+        self, *, kind: Literal["tool", "exit"], tool: dict[str, Any], args: dict[str, Any], step_id: str
+    ) -> Decision:
+        """Ask the policy about a proposal, with this run's variables and resolvers.
+
+        `tool` is what conditions see as `tool`: `name` and `effect` (and `idempotent` for tools).
+        """
+        name, effect = tool["name"], tool["effect"]
+        variables: dict[str, Any] = {
             "args": args,
             "data": self.record.data,
             "facts": self.record.facts,
@@ -193,7 +196,7 @@ class RunCursor:
             kind=kind,
             name=name,
             effect=effect,
-            variables=variables,  # type: ignore[arg-type]
+            variables=variables,
             resolvers=resolvers,
         )
 

@@ -302,17 +302,10 @@ class Runtime:
             "source": {"kind": "person", "by": by},
             "observation": observation,
         }
-        await self.journal.commit(
-            Commit(
-                run_id=run_id,
-                expected_seq=record.last_seq,
-                expected_hash=record.last_hash,
-                entries=[NewEntry(kind="step", step_id=doubt.step_id, state=doubt.state, body=body)],
-                update=RunUpdate(status="running", owner=None, reason_code=None, message=None),
-                durable=True,
-            )
+        entry = NewEntry(kind="step", step_id=doubt.step_id, state=doubt.state, body=body)
+        return await self._record(
+            record, entry, RunUpdate(status="running", owner=None, reason_code=None, message=None)
         )
-        return RunResult.of(await self.journal.get_run(run_id))
 
     async def migrate(
         self, run_id: str, workflow: Workflow, *, by: str, workflow_ref: str, policy_ref: str | None = None
@@ -347,23 +340,28 @@ class Runtime:
             },
             "by": by,
         }
+        update = RunUpdate(
+            workflow_version=workflow.version,
+            workflow_hash=workflow.hash,
+            workflow_ref=workflow_ref,
+            policy_hash=policy.hash,
+            policy_ref=policy_ref,
+        )
+        return await self._record(record, NewEntry(kind="migrated", state=record.state, body=moved), update)
+
+    async def _record(self, record: RunRecord, entry: NewEntry, update: RunUpdate) -> RunResult:
+        """A person's act on a run nobody is driving (resolve, migrate): one synced commit."""
         await self.journal.commit(
             Commit(
-                run_id=run_id,
+                run_id=record.run_id,
                 expected_seq=record.last_seq,
                 expected_hash=record.last_hash,
-                entries=[NewEntry(kind="migrated", state=record.state, body=moved)],
-                update=RunUpdate(
-                    workflow_version=workflow.version,
-                    workflow_hash=workflow.hash,
-                    workflow_ref=workflow_ref,
-                    policy_hash=policy.hash,
-                    policy_ref=policy_ref,
-                ),
+                entries=[entry],
+                update=update,
                 durable=True,
             )
         )
-        return RunResult.of(await self.journal.get_run(run_id))
+        return RunResult.of(await self.journal.get_run(record.run_id))
 
     # -- driving ---------------------------------------------------------------------
 

@@ -137,16 +137,22 @@ class GovernedStep:
             return StepOutcome(
                 "escalate", reason_code=ReasonCode.LOOP_DETECTED, message=reason, owner=self.state.escalate_to
             )
-        decision = self.cursor.decide(
-            kind="tool", name=tool.name, effect=tool.effect, args=args, step_id=self.step_id
-        )
+        info = {"name": tool.name, "effect": tool.effect, "idempotent": tool.idempotent}
+        decision = self.cursor.decide(kind="tool", tool=info, args=args, step_id=self.step_id)
+        blocked = await self.unless_allowed(proposal, decision, tool.name, args, args_hash)
+        return blocked or await self.execute(tool, proposal, args, args_hash, decision)
+
+    async def unless_allowed(
+        self, proposal: Any, decision: Decision, subject: str, args: dict[str, Any], args_hash: str
+    ) -> StepOutcome | None:
+        """Carry out a deny, defer or ask; None when the decision allows going on."""
         if decision.decision == "deny":
             return await self.refuse(proposal, decision, args_hash=args_hash)
         if decision.decision == "defer":
             return await self.defer(proposal, decision, args_hash)
         if decision.decision == "ask":
-            return await self.ask(proposal, decision, tool.name, args, args_hash)
-        return await self.execute(tool, proposal, args, args_hash, decision)
+            return await self.ask(proposal, decision, subject, args, args_hash)
+        return None
 
     async def execute(
         self,
@@ -281,14 +287,11 @@ class GovernedStep:
             )
         args = {"exit": name, "update": proposal.update}
         args_hash = fingerprint(args)
-        decision = self.cursor.decide(kind="exit", name=name, effect="exit", args=args, step_id=self.step_id)
-        if decision.decision == "deny":
-            return await self.refuse(proposal, decision, args_hash=args_hash)
-        if decision.decision == "defer":
-            return await self.defer(proposal, decision, args_hash)
-        if decision.decision == "ask":
-            return await self.ask(proposal, decision, f"exit:{name}", args, args_hash)
-        return await self.take_exit(proposal, decision, name, target, args_hash)
+        decision = self.cursor.decide(
+            kind="exit", tool={"name": name, "effect": "exit"}, args=args, step_id=self.step_id
+        )
+        blocked = await self.unless_allowed(proposal, decision, f"exit:{name}", args, args_hash)
+        return blocked or await self.take_exit(proposal, decision, name, target, args_hash)
 
     async def take_exit(
         self,

@@ -6,6 +6,7 @@ import asyncio
 import json
 import sys
 from collections.abc import Coroutine
+from pathlib import Path
 from typing import Annotated, Any, NoReturn, TypeVar
 
 import typer
@@ -59,3 +60,19 @@ def open_store(db: str | None) -> Journal:
         return open_journal(db)
     except TetherError as exc:
         fail(str(exc))
+
+
+def short(value: Any, width: int = 70) -> str:
+    """One line of at most `width` characters: strings as they are, anything else as JSON."""
+    if value is None:
+        return ""
+    text = value if isinstance(value, str) else json.dumps(value, default=str)
+    return text if len(text) <= width else text[: width - 1] + "…"
+
+
+def pinned_model_spec(spec: str | None) -> str | None:
+    """A model string that works from any folder: a script's path made absolute."""
+    if spec is None:
+        return None
+    prefix, _, arg = spec.partition(":")
+    return f"script:{Path(arg).resolve()}" if prefix == "script" and arg else spec

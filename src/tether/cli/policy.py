@@ -7,7 +7,7 @@ from typing import Annotated, Any
 
 import typer
 
-from tether.cli.common import DbOption, JsonOption, fail, open_store, out, print_json, run_async
+from tether.cli.common import DbOption, JsonOption, fail, open_store, out, print_json, run_async, short
 from tether.errors import TetherError
 from tether.loader import WORKFLOW_FILE, load_workflow
 from tether.policy import Policy
@@ -87,9 +87,9 @@ def explain_step(
     if not explanation.rules:
         out.print("  no rule governs this tool or exit")
     for call, value in d.resolved.items():
-        out.print(f"  resolved {call} = {_short(value)}")
+        out.print(f"  resolved {call} = {short(value, 100)}")
     if explanation.facts:
-        out.print(f"  facts at the time: {_short(explanation.facts)}")
+        out.print(f"  facts at the time: {short(explanation.facts, 100)}")
     out.print(f"[bold]{d.decision}[/] by {d.rule_id} ({d.reason_code}): {explanation.why}")
 
 
@@ -133,12 +133,7 @@ def _recorded_policy(workflow_ref: str, policy_ref: str | None, policy_hash: str
 def _proposal(proposal: Any) -> str:
     if isinstance(proposal, dict) and proposal.get("kind") == "tool_call":
         args = ", ".join(f"{k}={v!r}" for k, v in proposal.get("args", {}).items())
-        return f"{proposal['tool']}({_short(args)})"
+        return f"{proposal['tool']}({short(args, 100)})"
     if isinstance(proposal, dict):
         return f"{proposal.get('kind')} {proposal.get('exit') or ''}".strip()
-    return _short(proposal)
-
-
-def _short(value: Any, width: int = 100) -> str:
-    text = value if isinstance(value, str) else repr(value)
-    return text if len(text) <= width else text[: width - 1] + "…"
+    return short(proposal, 100)

@@ -27,8 +27,10 @@ from tether.cli.common import (
     fail,
     open_store,
     out,
+    pinned_model_spec,
     print_json,
     run_async,
+    short,
 )
 from tether.errors import TetherError
 from tether.journal import Journal, verify_chain
@@ -41,11 +43,9 @@ app = typer.Typer()
 
 
 def _model(spec: str | None) -> tuple[Model | None, str | None]:
+    spec = pinned_model_spec(spec)  # so that `resume` works from any folder
     if spec is None:
         return None, None
-    prefix, _, arg = spec.partition(":")
-    if prefix == "script" and arg:  # pin the absolute path so `resume` works from anywhere
-        spec = f"script:{Path(arg).resolve()}"
     try:
         return resolve_model(spec), spec
     except TetherError as exc:
@@ -253,40 +253,33 @@ def _timeline_row(row: dict[str, Any]) -> str:
     proposal = row.get("proposal")
     if isinstance(proposal, dict) and proposal.get("kind") == "tool_call":
         args = ", ".join(f"{k}={json.dumps(v)}" for k, v in proposal.get("args", {}).items())
-        head += f"[cyan]{proposal['tool']}[/]({_short(args, 60)})"
+        head += f"[cyan]{proposal['tool']}[/]({short(args, 60)})"
     elif isinstance(proposal, dict):
         label = proposal.get("exit") or proposal.get("question") or proposal.get("to") or ""
-        head += f"[cyan]{proposal.get('kind')}[/] {_short(label, 60)}"
+        head += f"[cyan]{proposal.get('kind')}[/] {short(label, 60)}"
     elif proposal is not None:
-        head += f"[red]unparseable[/] {_short(proposal, 60)}"
+        head += f"[red]unparseable[/] {short(proposal, 60)}"
     else:
         head += f"[dim]{'deterministic step' if row['kind'] == 'step' else row['kind']}[/]"
     lines = [head]
     if row.get("decision"):
         colour = {"allow": "green", "ask": "yellow", "defer": "yellow"}.get(row["decision"], "red")
-        reason = f" — {_short(row['reason'], 70)}" if row.get("reason") else ""
+        reason = f" — {short(row['reason'], 70)}" if row.get("reason") else ""
         lines.append(f"               [{colour}]{row['decision']}[/] by {row['rule_id']}{reason}")
     outcome = f"               → {row['outcome']}"
     if row.get("reason_code") and row["reason_code"] not in ("policy_allowed", "approval_required"):
         outcome += f" ({row['reason_code']})"
     shown = row.get("result") if row.get("result") is not None else row.get("detail")
     if shown is not None:
-        outcome += f": {_short(shown, 80)}"
+        outcome += f": {short(shown, 80)}"
     lines.append(outcome)
     if row.get("verification"):
         v = row["verification"]
         mark = {True: "[green]verified[/]", False: "[red]verification failed[/]"}.get(
             v.get("ok"), "[yellow]unverified[/]"
         )
-        lines.append(f"               {mark}: {_short(v.get('detail') or v.get('error'), 80)}")
+        lines.append(f"               {mark}: {short(v.get('detail') or v.get('error'), 80)}")
     return "\n".join(lines)
-
-
-def _short(value: Any, width: int = 70) -> str:
-    if value is None:
-        return ""
-    text = value if isinstance(value, str) else json.dumps(value, default=str)
-    return text if len(text) <= width else text[: width - 1] + "…"
 
 
 @app.command()

@@ -10,7 +10,16 @@ from typing import Annotated
 
 import typer
 
-from tether.cli.common import DbOption, JsonOption, fail, open_store, out, print_json, run_async
+from tether.cli.common import (
+    DbOption,
+    JsonOption,
+    fail,
+    open_store,
+    out,
+    pinned_model_spec,
+    print_json,
+    run_async,
+)
 from tether.errors import TetherError
 from tether.loader import load_workflow, workflow_ref
 from tether.runtime import Runtime
@@ -40,9 +49,7 @@ def submit(
         fail(str(exc))
     if not isinstance(data, dict):
         fail("--input must be a JSON object")
-    spec = model
-    if model and model.startswith("script:"):
-        spec = f"script:{Path(model.removeprefix('script:')).resolve()}"
+    spec = pinned_model_spec(model)
     runtime = Runtime(open_store(db))
     result = run_async(
         runtime.submit(
