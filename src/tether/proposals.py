@@ -76,6 +76,8 @@ def parse_proposal(raw: Any) -> ToolCall | Exit | Question | Handoff | Finish:
             value = json.loads(raw)
         except json.JSONDecodeError as exc:
             raise MalformedProposal(f"output is not JSON: {exc.msg} at char {exc.pos}", raw) from None
+    if isinstance(value, list):
+        raise MalformedProposal(f"{len(value)} proposals in one reply; propose one step at a time", raw)
     if not isinstance(value, dict):
         raise MalformedProposal(f"output must be a JSON object, got {type(value).__name__}", raw)
     try:

@@ -20,6 +20,10 @@ class ReasonCode(StrEnum):
     # What happened when acting.
     TOOL_ERROR = "tool_error"
     MODEL_ERROR = "model_error"
+    MODEL_TIMEOUT = "model_timeout"
+    MODEL_RATE_LIMITED = "model_rate_limited"
+    MODEL_UNAVAILABLE = "model_unavailable"
+    MODEL_REJECTED = "model_rejected"
     VERIFICATION_FAILED = "verification_failed"
     EVIDENCE_MISSING = "evidence_missing"
     BUDGET_EXHAUSTED = "budget_exhausted"

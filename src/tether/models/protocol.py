@@ -64,11 +64,51 @@ class ModelContext(BaseModel):
         return sum(1 for m in self.transcript if m.role == "proposal")
 
 
+class Attempt(BaseModel):
+    """One try at calling a model: how it ended and how long it took."""
+
+    number: int
+    seconds: float
+    error: str | None = None
+    reason_code: str | None = None
+    retry_in: float | None = None
+
+
+class Exchange(BaseModel):
+    """What went over the wire, kept apart from the step records: the request as the
+    vendor received it, its raw response, and every attempt. Adapters fill it in."""
+
+    request: Any = None
+    response: Any = None
+    attempts: list[Attempt] = Field(default_factory=list)
+
+
 class ModelReply(BaseModel):
     """Raw output (JSON text, a dict, or a proposal object) and what it cost."""
 
     output: Any
     usage: Usage = Field(default_factory=Usage)
+    exchange: Exchange | None = None
+
+
+class ModelCallError(Exception):
+    """A model call that failed for good (after retries), with its reason code.
+
+    The runtime records it with the exchange and escalates the run; it never crashes it.
+    """
+
+    def __init__(
+        self,
+        reason_code: str,
+        message: str,
+        *,
+        request: Any = None,
+        attempts: list[Attempt] | None = None,
+    ) -> None:
+        super().__init__(message)
+        self.reason_code = reason_code
+        self.request = request
+        self.attempts = attempts or []
 
 
 @runtime_checkable
