@@ -2,7 +2,8 @@
 
 `resolve_model("script:FILE.json")` (or `"function:module:attr"`) turns a model string into
 a model; each prefix maps to a factory in one registry, so adding a vendor adapter changes
-nothing in the kernel.
+nothing in the kernel. A factory gets the text after the prefix and a `ModelEnv`: the folder
+relative paths resolve against, and the journal (for models that read it, such as replay).
 """
 
 from __future__ import annotations
@@ -11,7 +12,9 @@ import difflib
 import importlib
 import sys
 from collections.abc import Callable
+from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 from tether.errors import ModelSpecError
 from tether.models.protocol import (
@@ -26,28 +29,38 @@ from tether.models.protocol import (
 )
 from tether.models.scripted import FunctionModel, ScriptedModel, ScriptExhausted
 
-ModelFactory = Callable[[str, Path], Model]
+
+@dataclass(frozen=True)
+class ModelEnv:
+    """What a model factory may use besides its argument."""
+
+    base: Path
+    # The run's journal (a tether.journal.Journal), when the caller has one open.
+    journal: Any = None
 
 
-def _script(arg: str, base: Path) -> Model:
+ModelFactory = Callable[[str, ModelEnv], Model]
+
+
+def _script(arg: str, env: ModelEnv) -> Model:
     if not arg:
         raise ModelSpecError("script model needs a file: --model script:PATH.json")
     path = Path(arg)
-    return ScriptedModel.from_file(path if path.is_absolute() else base / path)
+    return ScriptedModel.from_file(path if path.is_absolute() else env.base / path)
 
 
-def _function(arg: str, base: Path) -> Model:
+def _function(arg: str, env: ModelEnv) -> Model:
     """`function:module:attr`: a Python callable taking the context, as a FunctionModel."""
     module_name, _, attr = arg.partition(":")
     if not module_name or not attr:
         raise ModelSpecError(f"function model needs module:attribute, got {arg!r}")
-    sys.path.insert(0, str(base))
+    sys.path.insert(0, str(env.base))
     try:
         fn = getattr(importlib.import_module(module_name), attr)
     except (ImportError, AttributeError) as exc:
         raise ModelSpecError(f"cannot load function model {arg!r}: {exc}") from None
     finally:
-        sys.path.remove(str(base))
+        sys.path.remove(str(env.base))
     if not callable(fn):
         raise ModelSpecError(f"function model {arg!r} is not callable")
     return FunctionModel(fn, name=f"function:{arg}")
@@ -56,7 +69,7 @@ def _function(arg: str, base: Path) -> Model:
 REGISTRY: dict[str, ModelFactory] = {"script": _script, "function": _function}
 
 
-def resolve_model(spec: str, base: Path | None = None) -> Model:
+def resolve_model(spec: str, base: Path | None = None, *, journal: Any = None) -> Model:
     """Resolve `PREFIX:ARGUMENT` (e.g. `script:proposals.json`) to a model."""
     prefix, _, arg = spec.partition(":")
     factory = REGISTRY.get(prefix)
@@ -65,7 +78,7 @@ def resolve_model(spec: str, base: Path | None = None) -> Model:
         hint = f" Did you mean {close[0]!r}?" if close else ""
         known = ", ".join(sorted(REGISTRY))
         raise ModelSpecError(f"unknown model {spec!r}: no adapter {prefix!r} (known: {known}).{hint}")
-    return factory(arg, base or Path.cwd())
+    return factory(arg, ModelEnv(base or Path.cwd(), journal))
 
 
 __all__ = [
@@ -76,6 +89,7 @@ __all__ = [
     "Message",
     "Model",
     "ModelContext",
+    "ModelEnv",
     "ModelReply",
     "ScriptExhausted",
     "ScriptedModel",
