@@ -28,6 +28,7 @@ from tether.journal import (
     Commit,
     Journal,
     LeaseHeld,
+    ModelExchange,
     NewEntry,
     RunRecord,
     RunUpdate,
@@ -280,6 +281,49 @@ def test_a_stale_commit_is_refused_and_changes_nothing(journal: Journal) -> None
         assert [t.ticket_id for t in await journal.list_tickets()] == ["t0"]
         with pytest.raises(RunNotFound):
             await journal.commit(stale.model_copy(update={"run_id": "nope"}))
+
+    run(scenario())
+
+
+def exchange(run_id: str, seq: int, *, age: float = 0.0, **kw: Any) -> ModelExchange:
+    values: dict[str, Any] = {
+        "run_id": run_id,
+        "seq": seq,
+        "step_id": f"s{seq}",
+        "state": "resolve",
+        "model": "openai:small",
+        "created_at": time.time() - age,
+        "output": {"kind": "tool_call", "tool": "lookup", "args": {"id": "A1"}},
+        "usage": {"input_tokens": 120, "output_tokens": 9, "cost": 0.0},
+        "request": {"messages": [{"role": "user", "content": "ünïcode — look A1 up"}]},
+        "attempts": [{"number": 1, "seconds": 0.2, "reason_code": "model_rate_limited"}, {"number": 2}],
+    }
+    return ModelExchange(**values | kw)
+
+
+def test_model_exchanges_are_written_with_their_step_and_pruned_on_their_own(journal: Journal) -> None:
+    async def scenario() -> None:
+        r = await step(journal, await start(journal, "r1"), exchanges=[exchange("r1", 1, age=100)])
+        r = await step(
+            journal,
+            r,
+            exchanges=[exchange("r1", 2, error="overloaded", reason_code="model_unavailable", output=None)],
+        )
+        got = await journal.read_exchanges("r1")
+        assert [x.seq for x in got] == [1, 2]
+        assert got[0] == exchange("r1", 1).model_copy(update={"created_at": got[0].created_at})
+        assert (got[1].reason_code, got[1].output) == ("model_unavailable", None)
+        # A refused commit writes none of its exchanges.
+        stale = Commit(run_id="r1", expected_seq=1, expected_hash=GENESIS_HASH, exchanges=[exchange("r1", 3)])
+        with pytest.raises(ConcurrentWriteError):
+            await journal.commit(stale)
+        assert [x.seq for x in await journal.read_exchanges("r1")] == [1, 2]
+        # Retention removes old exchanges only; the hash-chained entries stay whole.
+        entries = await journal.read_entries("r1")
+        assert await journal.prune_exchanges(before=time.time() - 50) == 1
+        assert [x.seq for x in await journal.read_exchanges("r1")] == [2]
+        assert await journal.read_entries("r1") == entries and verify_chain(entries) == []
+        assert await journal.read_exchanges("nope") == []
 
     run(scenario())
 
@@ -654,11 +698,12 @@ def test_a_fresh_journal_gets_the_latest_schema(store: Store) -> None:
 def test_a_version_1_journal_is_upgraded_in_place(store: Store) -> None:
     make_version_1(store)
     with pytest.raises(
-        JournalError, match="has schema version 1; this tether needs 2: run `tether db upgrade"
+        JournalError,
+        match=f"has schema version 1; this tether needs {migrations.LATEST}: run `tether db upgrade",
     ):
         store.open(migrate=False)
     journal = store.open()
-    assert journal.migrated == (1, 2)
+    assert journal.migrated == (1, migrations.LATEST)
 
     async def scenario() -> None:
         old = await journal.get_run("old-running")
@@ -678,10 +723,10 @@ def test_tether_db_upgrade_says_what_it_did(store: Store) -> None:
     runner = CliRunner()
     first = runner.invoke(db_cli.app, ["upgrade", "--db", store.target])
     assert first.exit_code == 0, first.output
-    assert "schema version 1 → 2" in first.output
+    assert f"schema version 1 → {migrations.LATEST}" in first.output
     again = runner.invoke(db_cli.app, ["upgrade", "--db", store.target])
-    assert "is at schema version 2; nothing to do" in again.output
-    assert upgrade_journal(store.target) == (2, 2)
+    assert f"is at schema version {migrations.LATEST}; nothing to do" in again.output
+    assert upgrade_journal(store.target) == (migrations.LATEST, migrations.LATEST)
 
 
 def test_a_journal_from_a_newer_tether_is_refused(store: Store) -> None:

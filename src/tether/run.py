@@ -11,7 +11,7 @@ import time
 from collections.abc import Callable
 from typing import Any, Literal
 
-from tether.journal import Commit, Entry, Journal, NewEntry, RunRecord, RunUpdate, Ticket
+from tether.journal import Commit, Entry, Journal, ModelExchange, NewEntry, RunRecord, RunUpdate, Ticket
 from tether.models.protocol import Message
 from tether.policy import Decision, Policy
 from tether.tools import ToolContext
@@ -59,6 +59,7 @@ class RunCursor:
         self._since = time.monotonic()
         self._buffered: list[NewEntry] = []
         self._dirty: set[str] = set()
+        self._exchanges: list[ModelExchange] = []
 
     @property
     def run_id(self) -> str:
@@ -90,6 +91,14 @@ class RunCursor:
     def new_step_id(self) -> str:
         self.checkpoint["steps"] = self.checkpoint.get("steps", 0) + 1
         return f"s{self.checkpoint['steps']}"
+
+    def next_exchange_seq(self) -> int:
+        self.checkpoint["exchanges"] = self.checkpoint.get("exchanges", 0) + 1
+        return int(self.checkpoint["exchanges"])
+
+    def record_exchange(self, exchange: ModelExchange) -> None:
+        """Keep a model exchange to be written with the next commit (the step it served)."""
+        self._exchanges.append(exchange)
 
     def active_seconds(self) -> float:
         """Time spent working in this visit; time paused between processes is not counted."""
@@ -153,12 +162,13 @@ class RunCursor:
                 update=RunUpdate.model_construct(**fields),
                 new_tickets=tickets or [],
                 consume=consume,
+                exchanges=self._exchanges,
                 durable=durable,
                 lease_owner=self.lease[0] if self.lease else None,
                 lease_seconds=self.lease[1] if self.lease else None,
             )
         )
-        self._buffered, self._dirty = [], set()
+        self._buffered, self._dirty, self._exchanges = [], set(), []
         if written:
             self.record.last_seq, self.record.last_hash = written[-1].seq, written[-1].hash
         return written

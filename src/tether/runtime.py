@@ -19,9 +19,28 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
+from pydantic_core import to_jsonable_python
+
 from tether.errors import RunStateError
-from tether.journal import FINISHED, Commit, Journal, LeaseHeld, NewEntry, RunRecord, RunUpdate
-from tether.models.protocol import BudgetLeft, ExitSpec, Model, ModelContext, ToolSpec
+from tether.journal import (
+    FINISHED,
+    Commit,
+    Journal,
+    LeaseHeld,
+    ModelExchange,
+    NewEntry,
+    RunRecord,
+    RunUpdate,
+)
+from tether.models.protocol import (
+    BudgetLeft,
+    ExitSpec,
+    Model,
+    ModelCallError,
+    ModelContext,
+    ModelReply,
+    ToolSpec,
+)
 from tether.policy import Decision, Policy
 from tether.reasons import ReasonCode
 from tether.recovery import continue_pending, intent_without_result, recover
@@ -74,8 +93,11 @@ class Runtime:
         clock: Callable[[], float] = time.time,
         worker_id: str | None = None,
         lease_seconds: float = 30.0,
+        record_exchanges: bool = True,
     ) -> None:
         self.journal = journal
+        # Model calls (prompts, raw responses, attempts) are kept apart from the entries.
+        self.record_exchanges = record_exchanges
         self.clock = clock
         self.worker_id = worker_id or f"{socket.gethostname()}:{os.getpid()}:{secrets.token_hex(3)}"
         self.lease_seconds = lease_seconds
@@ -487,18 +509,60 @@ class Runtime:
             ),
         )
         cursor.count("steps")
+        step_id = cursor.new_step_id()
+        started = time.monotonic()
         try:
             reply = await model.propose(context)
         except Exception as exc:  # a failing model is recorded and escalated, never a crash
-            return StepOutcome(
-                "escalate",
-                reason_code=ReasonCode.MODEL_ERROR,
-                message=f"{type(exc).__name__}: {exc}",
-                owner=state.escalate_to,
-            )
+            code = exc.reason_code if isinstance(exc, ModelCallError) else ReasonCode.MODEL_ERROR
+            message = str(exc) if isinstance(exc, ModelCallError) else f"{type(exc).__name__}: {exc}"
+            if self.record_exchanges:
+                cursor.record_exchange(
+                    self._exchange(cursor, model, state, step_id, started, error=(exc, code, message))
+                )
+            return StepOutcome("escalate", reason_code=code, message=message, owner=state.escalate_to)
+        if self.record_exchanges:
+            cursor.record_exchange(self._exchange(cursor, model, state, step_id, started, reply=reply))
         cursor.count("tokens", reply.usage.tokens)
         cursor.count("cost", reply.usage.cost)
-        return await GovernedStep(cursor, state, reply.usage).run(reply.output)
+        return await GovernedStep(cursor, state, reply.usage, step_id).run(reply.output)
+
+    def _exchange(
+        self,
+        cursor: RunCursor,
+        model: Model,
+        state: AgentState,
+        step_id: str,
+        started: float,
+        *,
+        reply: ModelReply | None = None,
+        error: tuple[BaseException, str, str] | None = None,
+    ) -> ModelExchange:
+        """The record of one model call, written with the step it served."""
+        exchange = reply.exchange if reply is not None else None
+        values: dict[str, Any] = {}
+        if exchange is not None:
+            values = exchange.model_dump(mode="json")
+        if error is not None:
+            exc, code, message = error
+            values |= {"error": message, "reason_code": code}
+            if isinstance(exc, ModelCallError):
+                values |= {
+                    "request": to_jsonable_python(exc.request, fallback=str),
+                    "attempts": [a.model_dump() for a in exc.attempts],
+                }
+        return ModelExchange(
+            run_id=cursor.run_id,
+            seq=cursor.next_exchange_seq(),
+            step_id=step_id,
+            state=state.name,
+            model=model.name,
+            created_at=self.clock(),
+            seconds=round(time.monotonic() - started, 4),
+            output=to_jsonable_python(reply.output, fallback=str) if reply is not None else None,
+            usage=reply.usage.model_dump() if reply is not None else {},
+            **values,
+        )
 
     async def _apply(self, cursor: RunCursor, outcome: StepOutcome) -> None:
         """Carry out the next-step decision a governed step returned."""

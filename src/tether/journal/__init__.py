@@ -4,7 +4,9 @@ One interface, `Journal`; a URL or path picks the store (`postgresql://…` or
 `postgres://…`, `sqlite:///path`, or a plain file path). Every store keeps the same
 contract, checked by one test suite run against each: a `Commit` is applied whole or not
 at all, entries are numbered and hash-chained per run, tickets are single-use, and a run
-leased to a worker takes commits from that worker only.
+leased to a worker takes commits from that worker only. Model exchanges (prompts and
+outputs) are stored beside the entries, written with the step they served, and may be
+pruned on their own retention; the entries are append-only.
 """
 
 from __future__ import annotations
@@ -20,6 +22,7 @@ from tether.journal.records import (
     Commit,
     Entry,
     LeaseHeld,
+    ModelExchange,
     NewEntry,
     RunRecord,
     RunStatus,
@@ -47,6 +50,15 @@ class Journal(Protocol):
     ) -> list[RunRecord]: ...
 
     async def read_entries(self, run_id: str, after_seq: int = 0) -> list[Entry]: ...
+
+    async def read_exchanges(self, run_id: str) -> list[ModelExchange]:
+        """A run's model exchanges in order (those not pruned)."""
+        ...
+
+    async def prune_exchanges(self, before: float) -> int:
+        """Delete model exchanges recorded before `before`; return how many. Entries,
+        which hold every decision and the usage of every call, are never touched."""
+        ...
 
     async def get_ticket(self, ticket_id: str) -> Ticket: ...
 
@@ -157,6 +169,7 @@ __all__ = [
     "Entry",
     "Journal",
     "LeaseHeld",
+    "ModelExchange",
     "NewEntry",
     "RunRecord",
     "RunStatus",

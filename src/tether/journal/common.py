@@ -15,6 +15,7 @@ from tether.journal.records import (
     Commit,
     Entry,
     LeaseHeld,
+    ModelExchange,
     NewEntry,
     RunRecord,
     RunUpdate,
@@ -26,6 +27,8 @@ JSON_FIELDS = frozenset({"input", "data", "facts", "checkpoint", "args"})
 RUN_COLUMNS: tuple[str, ...] = tuple(RunRecord.model_fields)
 TICKET_COLUMNS: tuple[str, ...] = tuple(Ticket.model_fields)
 ENTRY_COLUMNS = ("run_id", "seq", "kind", "step_id", "state", "body", "prev_hash", "hash", "created_at")
+EXCHANGE_COLUMNS = ("run_id", "seq", "step_id", "state", "model", "created_at", "body")
+_EXCHANGE_KEYS = frozenset(EXCHANGE_COLUMNS) - {"body"}
 # Statuses a worker may pick up without a person; "paused" only once its ticket is settled.
 ACTIVE_STATUSES = ("queued", "running")
 WORK_CHANNEL = "tether_work"
@@ -56,6 +59,17 @@ def decode_entry(row: tuple[Any, ...]) -> Entry:
 def entry_row(e: Entry) -> tuple[Any, ...]:
     """An entry as stored: its body is the canonical JSON text its hash covers."""
     return (e.run_id, e.seq, e.kind, e.step_id, e.state, e.body_json, e.prev_hash, e.hash, e.created_at)
+
+
+def exchange_row(x: ModelExchange) -> tuple[Any, ...]:
+    """An exchange as stored: the columns it is found by, the rest as one JSON body."""
+    body = x.model_dump(exclude=_EXCHANGE_KEYS)
+    return (x.run_id, x.seq, x.step_id, x.state, x.model, x.created_at, json.dumps(body, default=str))
+
+
+def decode_exchange(row: tuple[Any, ...]) -> ModelExchange:
+    values = dict(zip(EXCHANGE_COLUMNS, row, strict=True))
+    return ModelExchange.model_validate(values | json.loads(values.pop("body")))
 
 
 def run_values(run: RunRecord) -> dict[str, Any]:

@@ -78,6 +78,16 @@ SQLITE: tuple[Migration, ...] = (
             _sqlite_fill_pending_tickets,
         ),
     ),
+    Migration(
+        3,
+        "model exchanges, apart from the entries",
+        (
+            """CREATE TABLE exchanges (
+    run_id TEXT NOT NULL, seq INTEGER NOT NULL, step_id TEXT, state TEXT NOT NULL,
+    model TEXT NOT NULL, created_at REAL NOT NULL, body TEXT NOT NULL, PRIMARY KEY (run_id, seq))""",
+            "CREATE INDEX exchanges_by_age ON exchanges (created_at)",
+        ),
+    ),
 )
 
 POSTGRES: tuple[Migration, ...] = (
@@ -124,6 +134,17 @@ POSTGRES: tuple[Migration, ...] = (
             "CREATE INDEX runs_leased ON runs (workflow_name) WHERE lease_owner IS NOT NULL",
             """UPDATE runs SET pending_ticket_id = checkpoint::json -> 'pending' ->> 'ticket_id'
     WHERE status = 'paused'""",
+        ),
+    ),
+    Migration(
+        3,
+        "model exchanges, apart from the entries",
+        (
+            """CREATE TABLE exchanges (
+    run_id TEXT NOT NULL, seq BIGINT NOT NULL, step_id TEXT, state TEXT NOT NULL,
+    model TEXT NOT NULL, created_at DOUBLE PRECISION NOT NULL, body TEXT NOT NULL,
+    PRIMARY KEY (run_id, seq))""",
+            "CREATE INDEX exchanges_by_age ON exchanges (created_at)",
         ),
     ),
 )

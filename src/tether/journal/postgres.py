@@ -38,6 +38,7 @@ from tether.errors import JournalError, RunNotFound, TicketError
 from tether.journal import migrations
 from tether.journal.common import (
     ENTRY_COLUMNS,
+    EXCHANGE_COLUMNS,
     RUN_COLUMNS,
     TICKET_COLUMNS,
     WORK_CHANNEL,
@@ -45,10 +46,12 @@ from tether.journal.common import (
     decided_status,
     decision_entry,
     decode_entry,
+    decode_exchange,
     decode_run,
     decode_ticket,
     encode,
     entry_row,
+    exchange_row,
     fence_sql,
     lease_held,
     lease_is_live,
@@ -56,7 +59,7 @@ from tether.journal.common import (
     run_values,
     runnable_sql,
 )
-from tether.journal.records import Commit, Entry, NewEntry, RunRecord, Ticket, chain
+from tether.journal.records import Commit, Entry, ModelExchange, NewEntry, RunRecord, Ticket, chain
 
 DEFAULT_POOL_SIZE = 4
 _RUNS = ", ".join(RUN_COLUMNS)
@@ -214,6 +217,13 @@ class PostgresJournal:
                     raise RunNotFound(f"no run {commit.run_id!r} in {self.url}")
                 raise refused_commit(commit.run_id, commit.expected_seq, commit.lease_owner, row, now)
             await _insert_entries(conn, written)
+            if commit.exchanges:
+                async with conn.cursor() as cursor:
+                    await cursor.executemany(
+                        f"INSERT INTO exchanges ({', '.join(EXCHANGE_COLUMNS)}) "
+                        f"VALUES ({', '.join(['%s'] * len(EXCHANGE_COLUMNS))})",
+                        [exchange_row(x) for x in commit.exchanges],
+                    )
             for ticket in commit.new_tickets:
                 try:
                     await conn.execute(
@@ -386,6 +396,19 @@ class PostgresJournal:
                 (run_id, after_seq),
             )
             return [decode_entry(r) for r in await cursor.fetchall()]
+
+    async def read_exchanges(self, run_id: str) -> list[ModelExchange]:
+        async with self._connection() as conn:
+            cursor = await conn.execute(
+                f"SELECT {', '.join(EXCHANGE_COLUMNS)} FROM exchanges WHERE run_id = %s ORDER BY seq",
+                (run_id,),
+            )
+            return [decode_exchange(r) for r in await cursor.fetchall()]
+
+    async def prune_exchanges(self, before: float) -> int:
+        async with self._transaction() as conn:
+            cursor = await conn.execute("DELETE FROM exchanges WHERE created_at < %s", (before,))
+            return cursor.rowcount
 
     async def get_ticket(self, ticket_id: str) -> Ticket:
         async with self._connection() as conn:

@@ -164,6 +164,31 @@ class RunUpdate(BaseModel):
     policy_ref: str | None = None
 
 
+class ModelExchange(BaseModel):
+    """One call to a model, kept apart from the step records (it is not hash-chained and
+    has its own retention): what was asked, what came back, what it cost, how it failed.
+
+    `seq` numbers a run's exchanges from 1; `output` is the raw output the kernel parsed,
+    the basis of replay. `request` and `response` are the vendor's, when the adapter
+    reports them.
+    """
+
+    run_id: str
+    seq: int
+    step_id: str | None = None
+    state: str
+    model: str
+    created_at: float
+    seconds: float = 0.0
+    output: Any = None
+    usage: dict[str, Any] = Field(default_factory=dict)
+    error: str | None = None
+    reason_code: str | None = None
+    request: Any = None
+    response: Any = None
+    attempts: list[dict[str, Any]] = Field(default_factory=list)
+
+
 class Commit(BaseModel):
     """Everything one governed step writes, applied in one transaction or not at all.
 
@@ -179,6 +204,8 @@ class Commit(BaseModel):
     update: RunUpdate | None = None
     new_tickets: list[Ticket] = Field(default_factory=list)
     consume: tuple[str, str] | None = None
+    # Model exchanges made for this step, written in the same transaction.
+    exchanges: list[ModelExchange] = Field(default_factory=list)
     durable: bool = False
     # Fencing: with a lease owner the commit applies only while that owner holds the run's
     # lease, and renews it for `lease_seconds`; without one, only while nobody holds it.

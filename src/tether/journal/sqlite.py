@@ -22,16 +22,19 @@ from tether.errors import JournalError, RunNotFound, TicketError
 from tether.journal import migrations
 from tether.journal.common import (
     ENTRY_COLUMNS,
+    EXCHANGE_COLUMNS,
     RUN_COLUMNS,
     TICKET_COLUMNS,
     commit_values,
     decided_status,
     decision_entry,
     decode_entry,
+    decode_exchange,
     decode_run,
     decode_ticket,
     encode,
     entry_row,
+    exchange_row,
     fence_sql,
     lease_held,
     lease_is_live,
@@ -39,7 +42,7 @@ from tether.journal.common import (
     run_values,
     runnable_sql,
 )
-from tether.journal.records import Commit, Entry, NewEntry, RunRecord, Ticket, chain
+from tether.journal.records import Commit, Entry, ModelExchange, NewEntry, RunRecord, Ticket, chain
 
 _RUN_SELECT = f"SELECT {', '.join(RUN_COLUMNS)} FROM runs"
 
@@ -120,6 +123,12 @@ class SQLiteJournal:
                     raise RunNotFound(f"no run {commit.run_id!r} in {self.path}")
                 raise refused_commit(commit.run_id, commit.expected_seq, commit.lease_owner, row, now)
             self._insert_entries(written)
+            if commit.exchanges:
+                self._db.executemany(
+                    f"INSERT INTO exchanges ({', '.join(EXCHANGE_COLUMNS)}) "
+                    f"VALUES ({', '.join('?' * len(EXCHANGE_COLUMNS))})",
+                    [exchange_row(x) for x in commit.exchanges],
+                )
             for ticket in commit.new_tickets:
                 try:
                     self._db.execute(
@@ -287,6 +296,16 @@ class SQLiteJournal:
             (run_id, after_seq),
         )
         return [decode_entry(r) for r in rows]
+
+    async def read_exchanges(self, run_id: str) -> list[ModelExchange]:
+        rows = self._db.execute(
+            f"SELECT {', '.join(EXCHANGE_COLUMNS)} FROM exchanges WHERE run_id = ? ORDER BY seq", (run_id,)
+        )
+        return [decode_exchange(r) for r in rows]
+
+    async def prune_exchanges(self, before: float) -> int:
+        with self._transaction(durable=False):
+            return self._db.execute("DELETE FROM exchanges WHERE created_at < ?", (before,)).rowcount
 
     async def get_ticket(self, ticket_id: str) -> Ticket:
         return self._ticket(ticket_id)
