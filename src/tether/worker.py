@@ -24,7 +24,7 @@ from dataclasses import dataclass, field
 from tether.errors import ConcurrentWriteError, TetherError
 from tether.journal import Journal, RunRecord
 from tether.loader import load_workflow
-from tether.models import Model, resolve_model
+from tether.models import Model, close_model, resolve_model
 from tether.runtime import RunResult, Runtime
 from tether.workflow import Workflow
 
@@ -53,7 +53,7 @@ class Worker:
         load: Callable[[str, str | None, str], Workflow] = lambda ref, policy, pinned: load_workflow(
             ref, policy=policy, pinned=pinned
         ),
-        model_for: Callable[[str | None], Model | None] = lambda spec: resolve_model(spec) if spec else None,
+        model_for: Callable[[str], Model] | None = None,
     ) -> None:
         self.runtime = Runtime(journal, worker_id=worker_id, lease_seconds=lease_seconds)
         self.journal = journal
@@ -62,7 +62,10 @@ class Worker:
         self.poll_seconds = poll_seconds
         self.stats = WorkerStats()
         self._load = load
-        self._model_for = model_for
+        self._model_for = model_for or (lambda spec: resolve_model(spec, journal=journal))
+        # One model per spec, shared by the runs that name it (an adapter holds an HTTP
+        # client or a loaded model), closed when the worker stops.
+        self._models: dict[str, Model] = {}
         self._workflows: dict[tuple[str, str | None, str], Workflow] = {}
         self._unloadable: set[str] = set()
         self._stop = asyncio.Event()
@@ -106,12 +109,22 @@ class Worker:
                 t.cancel()
         if active:
             await asyncio.gather(*active, return_exceptions=True)
+        for model in self._models.values():
+            await close_model(model)
+        self._models.clear()
         return self.stats
+
+    def _model(self, spec: str | None) -> Model | None:
+        if spec is None:
+            return None
+        if spec not in self._models:
+            self._models[spec] = self._model_for(spec)
+        return self._models[spec]
 
     async def _drive(self, record: RunRecord) -> None:
         try:
             workflow = self._workflow(record)
-            model = self._model_for(record.model_spec)
+            model = self._model(record.model_spec)
             result = await self.runtime.resume(record.run_id, workflow, model)
         except ConcurrentWriteError as exc:
             # Another process took the run over (this worker stalled past its lease): the

@@ -35,19 +35,19 @@ from tether.cli.common import (
 from tether.errors import TetherError
 from tether.journal import Journal, verify_chain
 from tether.loader import load_workflow, workflow_ref
-from tether.models import Model, resolve_model
+from tether.models import Model, close_model, resolve_model
 from tether.runtime import RunResult, Runtime
 from tether.timeline import timeline
 
 app = typer.Typer()
 
 
-def _model(spec: str | None) -> tuple[Model | None, str | None]:
+def _model(spec: str | None, journal: Journal) -> tuple[Model | None, str | None]:
     spec = pinned_model_spec(spec)  # so that `resume` works from any folder
     if spec is None:
         return None, None
     try:
-        return resolve_model(spec), spec
+        return resolve_model(spec, journal=journal), spec
     except TetherError as exc:
         fail(str(exc))
 
@@ -142,21 +142,24 @@ def run(
         wf = load_workflow(workflow, policy=policy)
     except TetherError as exc:
         fail(str(exc))
-    proposer, spec = _model(model)
     runtime = Runtime(open_store(db))
+    proposer, spec = _model(model, runtime.journal)
 
     async def go() -> RunResult:
-        result = await runtime.start(
-            wf,
-            proposer,
-            input=data,
-            workflow_ref=workflow_ref(workflow),
-            policy_ref=str(policy.resolve()) if policy else None,
-            model_spec=spec,
-        )
-        if answer:
-            result = await _answer_all(runtime, result, wf, proposer, approve=answer == "approve-all")
-        return await _wait_and_resume(runtime, result, wf, proposer, as_json) if wait else result
+        try:
+            result = await runtime.start(
+                wf,
+                proposer,
+                input=data,
+                workflow_ref=workflow_ref(workflow),
+                policy_ref=str(policy.resolve()) if policy else None,
+                model_spec=spec,
+            )
+            if answer:
+                result = await _answer_all(runtime, result, wf, proposer, approve=answer == "approve-all")
+            return await _wait_and_resume(runtime, result, wf, proposer, as_json) if wait else result
+        finally:
+            await close_model(proposer)
 
     result = run_async(go())
     _report(result, as_json, runtime.journal if as_json else None)
@@ -177,9 +180,12 @@ def resume(
     async def go() -> RunResult:
         record = await journal.get_run(run_id)
         wf = load_workflow(record.workflow_ref, policy=record.policy_ref, pinned=record.workflow_hash)
-        proposer, _ = _model(model or record.model_spec)
-        result = await runtime.resume(run_id, wf, proposer)
-        return await _wait_and_resume(runtime, result, wf, proposer, as_json) if wait else result
+        proposer, _ = _model(model or record.model_spec, journal)
+        try:
+            result = await runtime.resume(run_id, wf, proposer)
+            return await _wait_and_resume(runtime, result, wf, proposer, as_json) if wait else result
+        finally:
+            await close_model(proposer)
 
     _report(run_async(go()), as_json)
 
@@ -245,6 +251,35 @@ def show(
         out.print(_timeline_row(row), soft_wrap=True)
     if record.message:
         out.print(f"[bold]{record.reason_code}[/]: {record.message}")
+
+
+@app.command()
+def exchanges(
+    run_id: Annotated[str, typer.Argument(metavar="RUN")],
+    db: DbOption = None,
+    as_json: JsonOption = False,
+) -> None:
+    """A run's model calls: what was asked and answered, tokens, attempts and failures."""
+    journal = open_store(db)
+    run_async(journal.get_run(run_id))  # an unknown run is an error, not an empty list
+    recorded = run_async(journal.read_exchanges(run_id))
+    if as_json:
+        print_json([x.model_dump() for x in recorded])
+        return
+    if not recorded:
+        out.print(f"run {run_id} has no recorded model exchanges (none made, or pruned)")
+    for x in recorded:
+        tokens = x.usage.get("input_tokens", 0), x.usage.get("output_tokens", 0)
+        retries = f"  {len(x.attempts)} attempts" if len(x.attempts) > 1 else ""
+        out.print(
+            f"[bold]{x.seq:>3}[/] {x.step_id or '--':<4} {x.state:<10} {x.model}  {x.seconds:.2f}s  "
+            f"tokens {tokens[0]}+{tokens[1]}{retries}",
+            soft_wrap=True,
+        )
+        if x.error:
+            out.print(f"      [red]{x.reason_code}[/]: {short(x.error, 100)}", soft_wrap=True)
+        else:
+            out.print(f"      → {short(x.output, 100)}", soft_wrap=True)
 
 
 def _timeline_row(row: dict[str, Any]) -> str:

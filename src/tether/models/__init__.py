@@ -18,15 +18,19 @@ from typing import Any
 
 from tether.errors import ModelSpecError
 from tether.models.protocol import (
+    Attempt,
     BudgetLeft,
+    Exchange,
     ExitSpec,
     Message,
     Model,
+    ModelCallError,
     ModelContext,
     ModelReply,
     ToolSpec,
     Usage,
 )
+from tether.models.replay import ReplayModel
 from tether.models.scripted import FunctionModel, ScriptedModel, ScriptExhausted
 
 
@@ -66,7 +70,23 @@ def _function(arg: str, env: ModelEnv) -> Model:
     return FunctionModel(fn, name=f"function:{arg}")
 
 
-REGISTRY: dict[str, ModelFactory] = {"script": _script, "function": _function}
+def _replay(arg: str, env: ModelEnv) -> Model:
+    """`replay:RUN_ID`: the recorded answers of another run in the same journal."""
+    if not arg:
+        raise ModelSpecError("replay model needs a run: --model replay:RUN_ID")
+    if env.journal is None:
+        raise ModelSpecError("replay model needs the journal holding the recorded run")
+    return ReplayModel(env.journal, arg)
+
+
+REGISTRY: dict[str, ModelFactory] = {"script": _script, "function": _function, "replay": _replay}
+
+
+async def close_model(model: Model | None) -> None:
+    """Release what an adapter holds (an HTTP client, a loaded model); most hold nothing."""
+    aclose = getattr(model, "aclose", None)
+    if aclose is not None:
+        await aclose()
 
 
 def resolve_model(spec: str, base: Path | None = None, *, journal: Any = None) -> Model:
@@ -83,17 +103,22 @@ def resolve_model(spec: str, base: Path | None = None, *, journal: Any = None) -
 
 __all__ = [
     "REGISTRY",
+    "Attempt",
     "BudgetLeft",
+    "Exchange",
     "ExitSpec",
     "FunctionModel",
     "Message",
     "Model",
+    "ModelCallError",
     "ModelContext",
     "ModelEnv",
     "ModelReply",
+    "ReplayModel",
     "ScriptExhausted",
     "ScriptedModel",
     "ToolSpec",
     "Usage",
+    "close_model",
     "resolve_model",
 ]

@@ -1,0 +1,63 @@
+"""Replay: answer a run's model calls with what a recorded run's model answered.
+
+`--model replay:RUN_ID` re-runs a workflow offline: the n-th model call of the new run
+gets the n-th recorded exchange's output (or its failure, with the same reason code).
+Everything else — parsing, policy, approvals, tools, verification — runs for real, so a
+changed policy or tool shows up as a different journal of decisions: the basis of
+regression tests for real-model behaviour.
+
+The position in the recording is the number of exchanges the new run has already
+recorded, so a replayed run that pauses continues in another process where it was.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from tether.models.protocol import Exchange, ModelCallError, ModelContext, ModelReply, Usage
+from tether.reasons import ReasonCode
+
+
+class ReplayModel:
+    def __init__(self, journal: Any, run_id: str) -> None:
+        self.journal = journal
+        self.recorded_run = run_id
+        self.name = f"replay:{run_id}"
+        self._recording: list[Any] | None = None
+        self._served: dict[str, int] = {}
+
+    async def propose(self, ctx: ModelContext) -> ModelReply:
+        if self._recording is None:
+            self._recording = await self.journal.read_exchanges(self.recorded_run)
+            if not self._recording:
+                raise ModelCallError(
+                    ReasonCode.MODEL_ERROR,
+                    f"run {self.recorded_run} has no recorded model exchanges to replay "
+                    "(unknown run, recorded with record_exchanges off, or pruned)",
+                )
+        if ctx.run_id not in self._served:
+            self._served[ctx.run_id] = len(await self.journal.read_exchanges(ctx.run_id))
+        number = self._served[ctx.run_id]
+        self._served[ctx.run_id] = number + 1
+        if number >= len(self._recording):
+            raise ModelCallError(
+                ReasonCode.MODEL_ERROR,
+                f"replay of run {self.recorded_run} has {len(self._recording)} model call(s); "
+                f"call {number + 1} was asked: the replayed run went further than the recording",
+            )
+        recorded = self._recording[number]
+        if recorded.state != ctx.state:
+            raise ModelCallError(
+                ReasonCode.MODEL_ERROR,
+                f"replay diverged at model call {number + 1}: the recording was in state "
+                f"{recorded.state!r}, this run is in {ctx.state!r}",
+            )
+        if recorded.error is not None:
+            raise ModelCallError(
+                recorded.reason_code or ReasonCode.MODEL_ERROR, f"replayed failure: {recorded.error}"
+            )
+        return ModelReply(
+            output=recorded.output,
+            usage=Usage.model_validate(recorded.usage),
+            exchange=Exchange(request={"replay_of": self.recorded_run, "seq": recorded.seq}),
+        )
