@@ -551,7 +551,8 @@ class Runtime:
                     "request": to_jsonable_python(exc.request, fallback=str),
                     "attempts": [a.model_dump() for a in exc.attempts],
                 }
-        return ModelExchange(
+        # Built from typed values (a reply already validated): no need to validate again.
+        return ModelExchange.model_construct(
             run_id=cursor.run_id,
             seq=cursor.next_exchange_seq(),
             step_id=step_id,
@@ -561,7 +562,8 @@ class Runtime:
             seconds=round(time.monotonic() - started, 4),
             output=to_jsonable_python(reply.output, fallback=str) if reply is not None else None,
             usage=reply.usage.model_dump() if reply is not None else {},
-            **values,
+            **{"error": None, "reason_code": None, "request": None, "response": None, "attempts": []}
+            | values,
         )
 
     async def _apply(self, cursor: RunCursor, outcome: StepOutcome) -> None:
