@@ -1,0 +1,489 @@
+"""MCP servers as tool sources: a connection per server, its tools governed like native ones.
+
+The `mcp` SDK's clients are async context managers bound to the task that entered them
+(anyio cancel scopes). `McpClient` therefore holds its connection in a dedicated background
+task that enters those contexts and runs every request on behalf of whichever task asks;
+a tool call works from any task of the event loop that opened the connection. Closing the
+client, or the end of that loop (asyncio.run cancels the task), leaves the contexts in the
+same task, which ends a stdio server's process.
+
+`McpServer` is what a loaded workflow's tools hold: a server connected lazily, on first use,
+with one `McpClient` per event loop.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import importlib
+import json
+import math
+import tempfile
+import threading
+import weakref
+from collections.abc import Awaitable, Callable, Iterable, Mapping
+from contextlib import AbstractAsyncContextManager
+from dataclasses import dataclass
+from typing import IO, Any, Protocol, TypeVar
+
+from pydantic import BaseModel, ConfigDict, Field, model_validator
+
+from tether.hashing import canonical_json
+from tether.tools import ArgumentError, Effect, Tool, ToolContext, Verifier
+
+try:
+    import anyio
+    import jsonschema
+    import mcp.types
+    from mcp import Client, StdioServerParameters
+    from mcp.client.stdio import stdio_client
+    from mcp.client.streamable_http import streamable_http_client
+except ImportError as exc:  # pragma: no cover - depends on the installed extras
+    raise ImportError(
+        f"MCP tools need the official MCP SDK ({exc}); install it with: pip install 'tether[mcp]'"
+    ) from exc
+
+T = TypeVar("T")
+
+# How much of a server's stderr an error quotes when the server fails to start or dies.
+_STDERR_TAIL = 1500
+
+
+class McpServerSpec(BaseModel):
+    """One upstream MCP server: a command run over stdio, or a streamable HTTP endpoint."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    name: str = Field(min_length=1)
+    command: list[str] | None = None
+    url: str | None = None
+    env: dict[str, str] = Field(default_factory=dict)
+    cwd: str | None = None
+
+    @model_validator(mode="after")
+    def _one_transport(self) -> McpServerSpec:
+        if (self.command is None) == (self.url is None):
+            raise ValueError("give exactly one of 'command' (a stdio server) or 'url' (streamable HTTP)")
+        if self.command is not None and (not self.command or not all(self.command)):
+            raise ValueError("'command' must be a non-empty list of non-empty strings (the server's argv)")
+        if self.url is not None:
+            if not self.url.startswith(("http://", "https://")):
+                raise ValueError(f"'url' must be an http:// or https:// endpoint, not {self.url!r}")
+            if self.env or self.cwd:
+                raise ValueError("'env' and 'cwd' apply to a command, not to a url")
+        return self
+
+    def where(self) -> str:
+        """The server as a person would recognise it in an error message."""
+        return f"MCP server {self.name!r} ({self.url or ' '.join(self.command or [])})"
+
+
+class ToolOverride(BaseModel):
+    """What a workflow author declares about an MCP tool, over what its server hints."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    effect: Effect | None = None
+    idempotent: bool | None = None
+    verify: str | None = None
+    name: str | None = None
+
+
+class McpError(RuntimeError):
+    """An MCP server could not be reached, or a call to it failed."""
+
+
+class McpToolError(McpError):
+    """The server ran the tool and reported an error (`isError`)."""
+
+
+class ToolSource(Protocol):
+    """Whatever can call a tool on a server: an `McpClient`, or a lazily connected `McpServer`."""
+
+    spec: McpServerSpec
+
+    async def call_tool(self, name: str, arguments: dict[str, Any]) -> mcp.types.CallToolResult: ...
+
+
+@dataclass(frozen=True)
+class McpToolRef:
+    """Stands in for a native tool's function: one per server tool, so the workflow's identity
+    checks and its description (`fn`) treat two mentions of the same tool as the same tool."""
+
+    server: str
+    tool: str
+
+    def __repr__(self) -> str:
+        return f"mcp:{self.server}/{self.tool}"
+
+
+class McpTool(Tool):
+    """A tool an MCP server offers, governed exactly like a native tool.
+
+    Arguments are checked against the server's `inputSchema` before the server is called;
+    the effect comes from the workflow's declaration, else from the server's annotations
+    (conservatively: only `readOnlyHint` makes a read).
+    """
+
+    def __init__(
+        self,
+        source: ToolSource,
+        listed: mcp.types.Tool,
+        *,
+        name: str | None = None,
+        effect: Effect | None = None,
+        idempotent: bool | None = None,
+        verify: Verifier | None = None,
+        fn: McpToolRef | None = None,
+    ) -> None:
+        self.source = source
+        self.remote_name = listed.name
+        self.server = source.spec.name
+        self.fn = fn or McpToolRef(self.server, listed.name)
+        self.name = name or listed.name
+        hinted_effect, hinted_idempotent = effect_from_annotations(listed.annotations)
+        self.effect = effect or hinted_effect
+        if idempotent is not None:
+            self.idempotent = idempotent
+        elif effect is None:
+            self.idempotent = hinted_idempotent
+        else:  # a declared effect with no word on repeats: reads are harmless, nothing else is
+            self.idempotent = effect == "read"
+        self.verifier = verify
+        self.description = listed.description or listed.title or ""
+        self.is_async = True
+        self.input_schema: dict[str, Any] = dict(listed.input_schema)
+        self._validator = _validator(self.input_schema, f"{self.server}/{listed.name}")
+
+    def __repr__(self) -> str:
+        return (
+            f"McpTool({self.name!r}, server={self.server!r}, effect={self.effect!r}, "
+            f"idempotent={self.idempotent})"
+        )
+
+    def json_schema(self) -> dict[str, Any]:
+        return self.input_schema
+
+    def validate(self, args: Any) -> dict[str, Any]:
+        """Check arguments against the server's schema; return them with top-level defaults."""
+        if not isinstance(args, dict):
+            raise ArgumentError(self.name, [{"loc": (), "msg": "arguments must be an object"}])
+        errors = sorted(self._validator.iter_errors(args), key=lambda e: [str(p) for p in e.absolute_path])
+        if errors:
+            raise ArgumentError(self.name, [_problem(e) for e in errors])
+        canonical: dict[str, Any] = json.loads(canonical_json(args))
+        for key, prop in (self.input_schema.get("properties") or {}).items():
+            if key not in canonical and isinstance(prop, dict) and "default" in prop:
+                canonical[key] = prop["default"]
+        return canonical
+
+    async def call(self, args: dict[str, Any], ctx: ToolContext) -> Any:
+        """Call the tool on its server; an `isError` result raises `McpToolError`."""
+        result = await self.source.call_tool(self.remote_name, args)
+        if result.is_error:
+            detail = _text_of(result) or "the server reported an error"
+            raise McpToolError(f"{self.server}/{self.remote_name}: {detail}")
+        if result.structured_content is not None:
+            return result.structured_content
+        return [block.model_dump(mode="json", by_alias=True, exclude_none=True) for block in result.content]
+
+
+def effect_from_annotations(annotations: mcp.types.ToolAnnotations | None) -> tuple[Effect, bool]:
+    """The effect and idempotence a server's hints allow us to assume, conservatively.
+
+    Hints come from the server, not from the workflow's author: only `readOnlyHint` makes a
+    read; anything else is `external`, idempotent only if the server says both that repeats
+    are harmless and that the tool is not destructive. An author's declaration overrides both.
+    """
+    if annotations is not None and annotations.read_only_hint:
+        return "read", True
+    idempotent = (
+        annotations is not None
+        and annotations.idempotent_hint is True
+        and annotations.destructive_hint is False
+    )
+    return "external", idempotent
+
+
+class McpClient:
+    """One connection to one server, usable from any task of the loop that started it."""
+
+    def __init__(self, spec: McpServerSpec, *, read_timeout: float | None = None) -> None:
+        self.spec = spec
+        self.read_timeout = read_timeout
+        self._loop: asyncio.AbstractEventLoop | None = None
+        self._task: asyncio.Task[None] | None = None
+        self._ready: asyncio.Future[None] | None = None
+        self._inbox: Any = None  # the send side of the jobs stream
+        self._pending: set[asyncio.Future[Any]] = set()
+        self._failure: McpError | None = None
+
+    async def __aenter__(self) -> McpClient:
+        await self.start()
+        return self
+
+    async def __aexit__(self, *exc: object) -> None:
+        await self.aclose()
+
+    @property
+    def closed(self) -> bool:
+        """True once the connection has ended, by `aclose` or because the server went away."""
+        return self._task is not None and self._task.done()
+
+    async def start(self) -> None:
+        """Connect (once); raise `McpError` naming the server when it cannot be reached."""
+        loop = asyncio.get_running_loop()
+        if self._task is None:
+            send, receive = anyio.create_memory_object_stream[tuple[Any, asyncio.Future[Any]]](math.inf)
+            self._loop, self._inbox, self._ready = loop, send, loop.create_future()
+            self._task = loop.create_task(self._serve(receive), name=f"mcp:{self.spec.name}")
+        elif loop is not self._loop:
+            raise McpError(f"{self.spec.where()}: this connection belongs to another event loop")
+        assert self._ready is not None
+        # Shielded: a caller cancelled while connecting must not cancel the connection itself.
+        await asyncio.shield(self._ready)
+
+    async def aclose(self) -> None:
+        """End the connection: calls under way finish, then a stdio server's process ends."""
+        if self._task is None:
+            return
+        self._inbox.close()
+        if asyncio.get_running_loop() is self._loop:
+            await asyncio.shield(self._task)
+
+    async def list_tools(self) -> list[mcp.types.Tool]:
+        async def listing(client: Client) -> list[mcp.types.Tool]:
+            tools: list[mcp.types.Tool] = []
+            cursor: str | None = None
+            while True:
+                page = await client.list_tools(cursor=cursor)
+                tools.extend(page.tools)
+                cursor = page.next_cursor
+                if not cursor:
+                    return tools
+
+        return await self._submit(listing)
+
+    async def call_tool(self, name: str, arguments: dict[str, Any]) -> mcp.types.CallToolResult:
+        return await self._submit(lambda client: client.call_tool(name, arguments))
+
+    def tools(
+        self, listed: Iterable[mcp.types.Tool], overrides: Mapping[str, ToolOverride] | None = None
+    ) -> list[McpTool]:
+        """Tools for `listed` (from `list_tools`), with the author's `overrides` by tool name."""
+        overrides = overrides or {}
+        tools = []
+        for item in listed:
+            declared = overrides.get(item.name) or ToolOverride()
+            tools.append(
+                McpTool(
+                    self,
+                    item,
+                    name=declared.name,
+                    effect=declared.effect,
+                    idempotent=declared.idempotent,
+                    verify=_import_verifier(declared.verify) if declared.verify else None,
+                )
+            )
+        return tools
+
+    # -- the connection's own task ---------------------------------------------------
+
+    async def _submit(self, job: Callable[[Client], Awaitable[T]]) -> T:
+        await self.start()
+        assert self._loop is not None
+        if asyncio.get_running_loop() is not self._loop:
+            raise McpError(f"{self.spec.where()}: this connection belongs to another event loop")
+        future: asyncio.Future[T] = self._loop.create_future()
+        try:
+            self._inbox.send_nowait((job, future))
+        except (anyio.ClosedResourceError, anyio.BrokenResourceError):
+            raise self._closed_error() from None
+        self._pending.add(future)
+        future.add_done_callback(self._pending.discard)
+        return await future
+
+    async def _serve(self, inbox: Any) -> None:
+        assert self._ready is not None
+        with tempfile.TemporaryFile() as stderr:
+            try:
+                async with Client(self._transport(stderr), read_timeout_seconds=self.read_timeout) as client:
+                    self._ready.set_result(None)
+                    async with anyio.create_task_group() as jobs, inbox:
+                        async for job, future in inbox:
+                            jobs.start_soon(_run_job, client, job, future)
+            except Exception as exc:  # the server could not start, or went away
+                self._failure = McpError(f"{self.spec.where()}: {_describe(exc)}{_tail(stderr)}")
+                if not self._ready.done():
+                    self._ready.set_exception(self._failure)
+            finally:
+                self._inbox.close()
+                inbox.close()
+                for future in list(self._pending):
+                    if not future.done():
+                        future.set_exception(self._closed_error())
+                if not self._ready.done():
+                    self._ready.set_exception(self._closed_error())
+                _mark_retrieved(self._ready)
+
+    def _transport(self, stderr: IO[bytes]) -> AbstractAsyncContextManager[Any]:
+        spec = self.spec
+        if spec.url is not None:
+            return streamable_http_client(spec.url)
+        assert spec.command is not None
+        params = StdioServerParameters(
+            command=spec.command[0], args=spec.command[1:], env=spec.env or None, cwd=spec.cwd
+        )
+        return stdio_client(params, errlog=stderr)  # type: ignore[arg-type]
+
+    def _closed_error(self) -> McpError:
+        return self._failure or McpError(f"{self.spec.where()}: the connection is closed")
+
+
+async def _run_job(
+    client: Client, job: Callable[[Client], Awaitable[Any]], future: asyncio.Future[Any]
+) -> None:
+    """Run one request in the connection's task; a caller that gives up cancels it."""
+    if future.done():
+        return
+    with anyio.CancelScope() as scope:
+        future.add_done_callback(lambda f: scope.cancel() if f.cancelled() else None)
+        try:
+            result = await job(client)
+        except Exception as exc:
+            if not future.done():
+                future.set_exception(exc)
+            return
+        if not future.done():
+            future.set_result(result)
+
+
+class McpServer:
+    """A server a workflow names, connected lazily: one `McpClient` per event loop.
+
+    The first call in a loop connects; the connection lives until `aclose()` in that loop or
+    the loop's end. A connection the server dropped is replaced at the next call.
+    """
+
+    def __init__(self, spec: McpServerSpec, *, read_timeout: float | None = None) -> None:
+        self.spec = spec
+        self.read_timeout = read_timeout
+        self._clients: weakref.WeakKeyDictionary[asyncio.AbstractEventLoop, McpClient] = (
+            weakref.WeakKeyDictionary()
+        )
+
+    def client(self) -> McpClient:
+        """The connection of the running loop, created (not yet started) when missing or dropped."""
+        loop = asyncio.get_running_loop()
+        client = self._clients.get(loop)
+        if client is None or client.closed:
+            client = self._clients[loop] = McpClient(self.spec, read_timeout=self.read_timeout)
+        return client
+
+    async def call_tool(self, name: str, arguments: dict[str, Any]) -> mcp.types.CallToolResult:
+        return await self.client().call_tool(name, arguments)
+
+    async def aclose(self) -> None:
+        """Close the running loop's connection, if there is one."""
+        client = self._clients.pop(asyncio.get_running_loop(), None)
+        if client is not None:
+            await client.aclose()
+
+    def list_tools_now(self) -> list[mcp.types.Tool]:
+        """List the tools from synchronous code, even inside a running loop (at load time).
+
+        A short-lived connection in a helper thread with its own loop: the loader is
+        synchronous, and the tools' own connection opens later, in the loop that runs them.
+        """
+        outcome: list[Any] = []
+
+        async def listing() -> None:
+            async with McpClient(self.spec, read_timeout=self.read_timeout) as client:
+                outcome.append(await client.list_tools())
+
+        def thread() -> None:
+            try:
+                asyncio.run(listing())
+            except BaseException as exc:  # re-raised in the caller's thread
+                outcome.append(exc)
+
+        worker = threading.Thread(target=thread, name=f"mcp-list:{self.spec.name}")
+        worker.start()
+        worker.join()
+        if isinstance(outcome[0], BaseException):
+            raise outcome[0]
+        return outcome[0]
+
+
+async def close_servers(tools: Iterable[Tool]) -> None:
+    """Close the running loop's connections of every MCP server these tools use."""
+    servers = {id(t.source): t.source for t in tools if isinstance(t, McpTool)}
+    for source in servers.values():
+        if isinstance(source, McpServer | McpClient):
+            await source.aclose()
+
+
+def _tail(stderr: IO[bytes]) -> str:
+    """The end of what a stdio server wrote to stderr: often the reason it stopped."""
+    size = stderr.seek(0, 2)
+    stderr.seek(max(0, size - _STDERR_TAIL))
+    tail = stderr.read().decode(errors="replace").strip()
+    return f"; the server's stderr ends with:\n{tail}" if tail else ""
+
+
+def _mark_retrieved(future: asyncio.Future[Any]) -> None:
+    """A failure to connect reaches the callers through `start`; none may be waiting now."""
+    if not future.cancelled():
+        future.exception()
+
+
+def _validator(schema: dict[str, Any], where: str) -> Any:
+    """A validator for the server's schema, as strict as a native tool's arguments.
+
+    JSON Schema's types are already strict (no "12" for a number, no true for an integer).
+    Like a native tool, an object that names its properties refuses others unless the
+    schema says otherwise (`additionalProperties`).
+    """
+    if schema.get("type", "object") != "object":
+        raise McpError(f"{where}: the input schema is not an object schema: {schema!r}")
+    if "properties" in schema and "additionalProperties" not in schema and "patternProperties" not in schema:
+        schema = {**schema, "additionalProperties": False}
+    cls = jsonschema.validators.validator_for(schema, default=jsonschema.Draft202012Validator)
+    try:
+        cls.check_schema(schema)
+    except jsonschema.SchemaError as exc:
+        raise McpError(f"{where}: the server's input schema is invalid: {exc.message}") from None
+    return cls(schema)
+
+
+def _problem(error: Any) -> dict[str, Any]:
+    """One validation problem, located like pydantic's (`loc`, `msg`)."""
+    loc = tuple(error.absolute_path)
+    if error.validator == "required":
+        missing = [p for p in error.validator_value if p not in error.instance]
+        return {"loc": (*loc, *missing[:1]), "msg": "Field required"}
+    if error.validator == "additionalProperties" and error.validator_value is False:
+        known = set(error.schema.get("properties") or {})
+        extra = sorted(k for k in error.instance if k not in known)
+        return {"loc": loc, "msg": f"unknown field(s) {', '.join(extra)} (not in the tool's schema)"}
+    return {"loc": loc, "msg": error.message}
+
+
+def _text_of(result: mcp.types.CallToolResult) -> str:
+    return " ".join(b.text for b in result.content if isinstance(b, mcp.types.TextContent)).strip()
+
+
+def _describe(exc: BaseException) -> str:
+    """The innermost cause of a failure, without the task groups' wrapping."""
+    while isinstance(exc, BaseExceptionGroup) and exc.exceptions:
+        exc = exc.exceptions[0]
+    return f"{type(exc).__name__}: {exc}" if str(exc) else type(exc).__name__
+
+
+def _import_verifier(ref: str) -> Verifier:
+    module, _, attr = ref.partition(":")
+    if not module or not attr:
+        raise McpError(f"verifier {ref!r} is not an import path of the form module:name")
+    obj: Any = importlib.import_module(module)
+    for part in attr.split("."):
+        obj = getattr(obj, part)
+    return obj  # type: ignore[no-any-return]
