@@ -15,6 +15,7 @@ from tether.mcp.client import (
     ToolSource,
     close_servers,
     effect_from_annotations,
+    list_tools_now,
 )
 
 __all__ = [
@@ -29,4 +30,5 @@ __all__ = [
     "ToolSource",
     "close_servers",
     "effect_from_annotations",
+    "list_tools_now",
 ]

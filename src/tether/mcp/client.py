@@ -270,21 +270,7 @@ class McpClient:
         self, listed: Iterable[mcp.types.Tool], overrides: Mapping[str, ToolOverride] | None = None
     ) -> list[McpTool]:
         """Tools for `listed` (from `list_tools`), with the author's `overrides` by tool name."""
-        overrides = overrides or {}
-        tools = []
-        for item in listed:
-            declared = overrides.get(item.name) or ToolOverride()
-            tools.append(
-                McpTool(
-                    self,
-                    item,
-                    name=declared.name,
-                    effect=declared.effect,
-                    idempotent=declared.idempotent,
-                    verify=_import_verifier(declared.verify) if declared.verify else None,
-                )
-            )
-        return tools
+        return _build_tools(self, listed, overrides or {})
 
     # -- the connection's own task ---------------------------------------------------
 
@@ -382,36 +368,78 @@ class McpServer:
     async def call_tool(self, name: str, arguments: dict[str, Any]) -> mcp.types.CallToolResult:
         return await self.client().call_tool(name, arguments)
 
+    def tools(self, *names: str, overrides: Mapping[str, ToolOverride] | None = None) -> list[McpTool]:
+        """List the server's tools now and build them (all, or those named), connected lazily.
+
+        For workflows written in Python; synchronous, like building any other workflow.
+        """
+        listed = list_tools_now([self])[self.spec.name]
+        if isinstance(listed, McpError):
+            raise listed
+        offered = {t.name: t for t in listed}
+        unknown = [n for n in names if n not in offered]
+        if unknown:
+            offers = ", ".join(sorted(offered))
+            raise McpError(f"{self.spec.where()} has no tool {', '.join(unknown)} (it offers: {offers})")
+        chosen = [offered[n] for n in names] if names else listed
+        return _build_tools(self, chosen, overrides or {})
+
     async def aclose(self) -> None:
         """Close the running loop's connection, if there is one."""
         client = self._clients.pop(asyncio.get_running_loop(), None)
         if client is not None:
             await client.aclose()
 
-    def list_tools_now(self) -> list[mcp.types.Tool]:
-        """List the tools from synchronous code, even inside a running loop (at load time).
 
-        A short-lived connection in a helper thread with its own loop: the loader is
-        synchronous, and the tools' own connection opens later, in the loop that runs them.
-        """
-        outcome: list[Any] = []
+def _build_tools(
+    source: ToolSource, listed: Iterable[mcp.types.Tool], overrides: Mapping[str, ToolOverride]
+) -> list[McpTool]:
+    tools = []
+    for item in listed:
+        declared = overrides.get(item.name) or ToolOverride()
+        verify = _import_verifier(declared.verify) if declared.verify else None
+        tools.append(
+            McpTool(
+                source,
+                item,
+                name=declared.name,
+                effect=declared.effect,
+                idempotent=declared.idempotent,
+                verify=verify,
+            )
+        )
+    return tools
 
-        async def listing() -> None:
-            async with McpClient(self.spec, read_timeout=self.read_timeout) as client:
-                outcome.append(await client.list_tools())
 
-        def thread() -> None:
-            try:
-                asyncio.run(listing())
-            except BaseException as exc:  # re-raised in the caller's thread
-                outcome.append(exc)
+def list_tools_now(servers: Iterable[McpServer]) -> dict[str, list[mcp.types.Tool] | McpError]:
+    """List several servers' tools from synchronous code, even inside a running loop (at load).
 
-        worker = threading.Thread(target=thread, name=f"mcp-list:{self.spec.name}")
-        worker.start()
-        worker.join()
-        if isinstance(outcome[0], BaseException):
-            raise outcome[0]
-        return outcome[0]
+    The servers are listed together over short-lived connections, in a helper thread with its
+    own loop: the loader is synchronous, and the tools' own connections open later, lazily,
+    in the loop that runs them. A server that cannot be listed maps to its error.
+    """
+    servers = list(servers)
+    outcome: dict[str, list[mcp.types.Tool] | McpError] = {}
+
+    async def listing(server: McpServer) -> None:
+        try:
+            async with McpClient(server.spec, read_timeout=server.read_timeout) as client:
+                outcome[server.spec.name] = await client.list_tools()
+        except McpError as exc:
+            outcome[server.spec.name] = exc
+        except Exception as exc:  # a protocol-level refusal of tools/list
+            outcome[server.spec.name] = McpError(f"{server.spec.where()}: {_describe(exc)}")
+
+    async def all_of_them() -> None:
+        await asyncio.gather(*(listing(server) for server in servers))
+
+    worker = threading.Thread(target=asyncio.run, args=(all_of_them(),), name="mcp-list-tools")
+    worker.start()
+    worker.join()
+    for server in servers:
+        unfinished = McpError(f"{server.spec.where()}: listing its tools did not finish")
+        outcome.setdefault(server.spec.name, unfinished)
+    return outcome
 
 
 async def close_servers(tools: Iterable[Tool]) -> None:
