@@ -8,6 +8,7 @@ from __future__ import annotations
 import asyncio
 import json
 import os
+import signal
 import socket
 import subprocess
 import sys
@@ -20,7 +21,16 @@ from typing import Any
 import pytest
 
 from mcp_servers import filesystem_server, git_server, time_server
-from tether import AgentState, DefinitionError, Runtime, ScriptedModel, Terminal, Workflow, load_workflow
+from tether import (
+    AgentState,
+    DefinitionError,
+    Runtime,
+    ScriptedModel,
+    Terminal,
+    ToolContext,
+    Workflow,
+    load_workflow,
+)
 from tether.journal import Journal
 from tether.mcp import McpClient, McpError, McpServer, McpServerSpec, McpTool, ToolOverride
 
@@ -50,6 +60,13 @@ else:
         """Add an entry to an account."""
         book.write_text(json.dumps(entries() + [[account, amount]]))
         return {"entries": len(entries())}
+
+@server.tool()
+def nap(seconds: float) -> str:
+    """Sleep (a server that hangs)."""
+    import time
+    time.sleep(seconds)
+    return "awake"
 
 @server.tool(annotations=ToolAnnotations(readOnlyHint=True))
 def balance(account: str) -> dict[str, float]:
@@ -472,3 +489,42 @@ def test_a_python_workflow_takes_a_servers_tools_and_connects_in_each_loop_that_
         assert processes_in(folder) == []
     with pytest.raises(McpError, match=r"has no tool get_time \(it offers: convert_time, get_current_time\)"):
         server.tools("get_time")
+
+
+def test_a_server_that_does_not_answer_in_time_fails_the_call_naming_it(tmp_path: Path) -> None:
+    (tmp_path / "server.py").write_text(LEDGER_SERVER)
+    spec = McpServerSpec(
+        name="ledger", command=[sys.executable, "server.py", "stdio"], cwd=str(tmp_path), timeout=0.5
+    )
+    server = McpServer(spec)
+    nap = next(t for t in server.tools() if t.name == "nap")
+    ctx = ToolContext(run_id="r", step_id="s", idempotency_key="k")
+
+    async def scenario() -> None:
+        with pytest.raises(McpError, match=r"^ledger/nap: Request 'tools/call' timed out"):
+            await nap.call({"seconds": 60}, ctx)
+        await server.aclose()
+
+    started = time.monotonic()
+    run(scenario())
+    assert time.monotonic() - started < 30 and processes_in(tmp_path) == []  # killed, not awaited
+
+
+def test_a_server_that_went_away_fails_one_call_and_is_started_again_for_the_next(tmp_path: Path) -> None:
+    server = McpServer(McpServerSpec(name="time", command=time_server(), cwd=str(tmp_path)))
+    (get,) = server.tools("get_current_time")
+    ctx = ToolContext(run_id="r", step_id="s", idempotency_key="k")
+    paris = {"timezone": "Europe/Paris"}
+
+    async def scenario() -> None:
+        assert (await get.call(paris, ctx))["timezone"] == "Europe/Paris"
+        (pid,) = processes_in(tmp_path)
+        os.kill(pid, signal.SIGKILL)
+        with pytest.raises(McpError, match="time/get_current_time: Connection closed"):
+            await get.call(paris, ctx)
+        assert (await get.call(paris, ctx))["timezone"] == "Europe/Paris"
+        (restarted,) = processes_in(tmp_path)
+        assert restarted != pid
+
+    run(scenario())
+    assert processes_in(tmp_path) == []

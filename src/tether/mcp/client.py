@@ -34,15 +34,19 @@ try:
     import anyio
     import jsonschema
     import mcp.types
-    from mcp import Client, StdioServerParameters
+    from mcp import Client, MCPError, StdioServerParameters
     from mcp.client.stdio import stdio_client
     from mcp.client.streamable_http import streamable_http_client
+    from mcp.types import CONNECTION_CLOSED
 except ImportError as exc:  # pragma: no cover - depends on the installed extras
     raise ImportError(
         f"MCP tools need the official MCP SDK ({exc}); install it with: pip install 'tether[mcp]'"
     ) from exc
 
 T = TypeVar("T")
+
+# Connections' tasks, held until they end.
+_connections: set[asyncio.Task[None]] = set()
 
 # How much of a server's stderr an error quotes when the server fails to start or dies.
 _STDERR_TAIL = 1500
@@ -58,6 +62,9 @@ class McpServerSpec(BaseModel):
     url: str | None = None
     env: dict[str, str] = Field(default_factory=dict)
     cwd: str | None = None
+    # Seconds one request may take (connecting, listing, a tool call); a hung server
+    # becomes a tool_error instead of a run that never moves.
+    timeout: float = Field(60.0, gt=0)
 
     @model_validator(mode="after")
     def _one_transport(self) -> McpServerSpec:
@@ -178,7 +185,10 @@ class McpTool(Tool):
 
     async def call(self, args: dict[str, Any], ctx: ToolContext) -> Any:
         """Call the tool on its server; an `isError` result raises `McpToolError`."""
-        result = await self.source.call_tool(self.remote_name, args)
+        try:
+            result = await self.source.call_tool(self.remote_name, args)
+        except MCPError as exc:  # a protocol-level failure (a timeout, a refused request)
+            raise McpError(f"{self.server}/{self.remote_name}: {exc.message}") from None
         if result.is_error:
             detail = _text_of(result) or "the server reported an error"
             raise McpToolError(f"{self.server}/{self.remote_name}: {detail}")
@@ -207,15 +217,15 @@ def effect_from_annotations(annotations: mcp.types.ToolAnnotations | None) -> tu
 class McpClient:
     """One connection to one server, usable from any task of the loop that started it."""
 
-    def __init__(self, spec: McpServerSpec, *, read_timeout: float | None = None) -> None:
+    def __init__(self, spec: McpServerSpec) -> None:
         self.spec = spec
-        self.read_timeout = read_timeout
         self._loop: asyncio.AbstractEventLoop | None = None
         self._task: asyncio.Task[None] | None = None
         self._ready: asyncio.Future[None] | None = None
         self._inbox: Any = None  # the send side of the jobs stream
         self._pending: set[asyncio.Future[Any]] = set()
         self._failure: McpError | None = None
+        self._ending = False
 
     async def __aenter__(self) -> McpClient:
         await self.start()
@@ -226,8 +236,8 @@ class McpClient:
 
     @property
     def closed(self) -> bool:
-        """True once the connection has ended, by `aclose` or because the server went away."""
-        return self._task is not None and self._task.done()
+        """True once the connection is ending: `aclose` was called, or the server went away."""
+        return self._task is not None and (self._ending or self._task.done())
 
     async def start(self) -> None:
         """Connect (once); raise `McpError` naming the server when it cannot be reached."""
@@ -236,6 +246,9 @@ class McpClient:
             send, receive = anyio.create_memory_object_stream[tuple[Any, asyncio.Future[Any]]](math.inf)
             self._loop, self._inbox, self._ready = loop, send, loop.create_future()
             self._task = loop.create_task(self._serve(receive), name=f"mcp:{self.spec.name}")
+            # The loop keeps only weak references to tasks: a dropped client still shuts down.
+            _connections.add(self._task)
+            self._task.add_done_callback(_connections.discard)
         elif loop is not self._loop:
             raise McpError(f"{self.spec.where()}: this connection belongs to another event loop")
         assert self._ready is not None
@@ -246,7 +259,7 @@ class McpClient:
         """End the connection: calls under way finish, then a stdio server's process ends."""
         if self._task is None:
             return
-        self._inbox.close()
+        self._end()
         if asyncio.get_running_loop() is self._loop:
             await asyncio.shield(self._task)
 
@@ -292,17 +305,17 @@ class McpClient:
         assert self._ready is not None
         with tempfile.TemporaryFile() as stderr:
             try:
-                async with Client(self._transport(stderr), read_timeout_seconds=self.read_timeout) as client:
+                async with Client(self._transport(stderr), read_timeout_seconds=self.spec.timeout) as client:
                     self._ready.set_result(None)
                     async with anyio.create_task_group() as jobs, inbox:
                         async for job, future in inbox:
-                            jobs.start_soon(_run_job, client, job, future)
+                            jobs.start_soon(self._run_job, client, job, future)
             except Exception as exc:  # the server could not start, or went away
                 self._failure = McpError(f"{self.spec.where()}: {_describe(exc)}{_tail(stderr)}")
                 if not self._ready.done():
                     self._ready.set_exception(self._failure)
             finally:
-                self._inbox.close()
+                self._end()
                 inbox.close()
                 for future in list(self._pending):
                     if not future.done():
@@ -310,6 +323,30 @@ class McpClient:
                 if not self._ready.done():
                     self._ready.set_exception(self._closed_error())
                 _mark_retrieved(self._ready)
+
+    def _end(self) -> None:
+        """No new requests: the jobs under way finish, then the connection closes."""
+        self._ending = True
+        self._inbox.close()
+
+    async def _run_job(
+        self, client: Client, job: Callable[[Client], Awaitable[Any]], future: asyncio.Future[Any]
+    ) -> None:
+        """Run one request in the connection's task; a caller that gives up cancels it."""
+        if future.done():
+            return
+        with anyio.CancelScope() as scope:
+            future.add_done_callback(lambda f: scope.cancel() if f.cancelled() else None)
+            try:
+                result = await job(client)
+            except Exception as exc:
+                if isinstance(exc, MCPError) and exc.code == CONNECTION_CLOSED:
+                    self._end()  # the server went away: this connection is over
+                if not future.done():
+                    future.set_exception(exc)
+                return
+            if not future.done():
+                future.set_result(result)
 
     def _transport(self, stderr: IO[bytes]) -> AbstractAsyncContextManager[Any]:
         spec = self.spec
@@ -325,24 +362,6 @@ class McpClient:
         return self._failure or McpError(f"{self.spec.where()}: the connection is closed")
 
 
-async def _run_job(
-    client: Client, job: Callable[[Client], Awaitable[Any]], future: asyncio.Future[Any]
-) -> None:
-    """Run one request in the connection's task; a caller that gives up cancels it."""
-    if future.done():
-        return
-    with anyio.CancelScope() as scope:
-        future.add_done_callback(lambda f: scope.cancel() if f.cancelled() else None)
-        try:
-            result = await job(client)
-        except Exception as exc:
-            if not future.done():
-                future.set_exception(exc)
-            return
-        if not future.done():
-            future.set_result(result)
-
-
 class McpServer:
     """A server a workflow names, connected lazily: one `McpClient` per event loop.
 
@@ -350,9 +369,8 @@ class McpServer:
     the loop's end. A connection the server dropped is replaced at the next call.
     """
 
-    def __init__(self, spec: McpServerSpec, *, read_timeout: float | None = None) -> None:
+    def __init__(self, spec: McpServerSpec) -> None:
         self.spec = spec
-        self.read_timeout = read_timeout
         self._clients: weakref.WeakKeyDictionary[asyncio.AbstractEventLoop, McpClient] = (
             weakref.WeakKeyDictionary()
         )
@@ -362,7 +380,7 @@ class McpServer:
         loop = asyncio.get_running_loop()
         client = self._clients.get(loop)
         if client is None or client.closed:
-            client = self._clients[loop] = McpClient(self.spec, read_timeout=self.read_timeout)
+            client = self._clients[loop] = McpClient(self.spec)
         return client
 
     async def call_tool(self, name: str, arguments: dict[str, Any]) -> mcp.types.CallToolResult:
@@ -423,7 +441,7 @@ def list_tools_now(servers: Iterable[McpServer]) -> dict[str, list[mcp.types.Too
 
     async def listing(server: McpServer) -> None:
         try:
-            async with McpClient(server.spec, read_timeout=server.read_timeout) as client:
+            async with McpClient(server.spec) as client:
                 outcome[server.spec.name] = await client.list_tools()
         except McpError as exc:
             outcome[server.spec.name] = exc
