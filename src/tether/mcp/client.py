@@ -257,11 +257,13 @@ class McpClient:
 
     async def aclose(self) -> None:
         """End the connection: calls under way finish, then a stdio server's process ends."""
-        if self._task is None:
+        if self._task is None or self._loop is None:
             return
-        self._end()
         if asyncio.get_running_loop() is self._loop:
+            self._end()
             await asyncio.shield(self._task)
+        elif not self._loop.is_closed():  # the connection's own loop ends it, in its own thread
+            self._loop.call_soon_threadsafe(self._end)
 
     async def list_tools(self) -> list[mcp.types.Tool]:
         async def listing(client: Client) -> list[mcp.types.Tool]:
