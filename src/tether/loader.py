@@ -12,7 +12,7 @@ import sys
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
-from typing import Annotated, Any, Literal
+from typing import TYPE_CHECKING, Annotated, Any, Literal
 
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
@@ -22,6 +22,9 @@ from tether.policy import Policy
 from tether.strict_yaml import load_yaml
 from tether.tools import Effect, Tool
 from tether.workflow import AgentState, Budget, RunBudget, State, Step, Terminal, Workflow
+
+if TYPE_CHECKING:  # the MCP SDK is an extra, imported only by workflows that name MCP servers
+    from tether.mcp.catalog import McpCatalog
 
 WORKFLOW_FILE = "workflow.yaml"
 POLICY_FILE = "policy.yaml"
@@ -70,6 +73,8 @@ class WorkflowDoc(_Strict):
     start: str
     policy: str | None = None
     resolvers: dict[str, str] = Field(default_factory=dict)
+    # name -> {command: [...]} or {url: ...}; checked by tether.mcp.catalog
+    mcp_servers: dict[str, Any] = Field(default_factory=dict)
     budget: RunBudget = Field(default_factory=RunBudget)
     states: dict[str, Annotated[StepDoc | AgentDoc | TerminalDoc, Field(discriminator="kind")]] = Field(
         min_length=1
@@ -152,7 +157,8 @@ def _from_yaml(path: Path, policy_override: str | Path | None) -> Workflow:
     except ValidationError as exc:
         raise DefinitionError(f"{path}: " + _explain(exc)) from None
     base = path.parent.resolve()
-    states = [_state(name, s, base, f"{path}: state {name!r}") for name, s in doc.states.items()]
+    mcp = _mcp_catalog(doc.mcp_servers, base, str(path)) if doc.mcp_servers else None
+    states = [_state(name, s, base, f"{path}: state {name!r}", mcp) for name, s in doc.states.items()]
     policy_path = policy_override or (base / doc.policy if doc.policy else base / POLICY_FILE)
     if doc.policy and not Path(policy_path).exists():
         raise DefinitionError(f"{path}: policy file {doc.policy!r} not found next to the workflow")
@@ -172,7 +178,9 @@ def _from_yaml(path: Path, policy_override: str | Path | None) -> Workflow:
     )
 
 
-def _state(name: str, doc: StepDoc | AgentDoc | TerminalDoc, base: Path, where: str) -> State:
+def _state(
+    name: str, doc: StepDoc | AgentDoc | TerminalDoc, base: Path, where: str, mcp: McpCatalog | None
+) -> State:
     if isinstance(doc, TerminalDoc):
         return Terminal(name, failed=doc.failed)
     if isinstance(doc, StepDoc):
@@ -180,7 +188,7 @@ def _state(name: str, doc: StepDoc | AgentDoc | TerminalDoc, base: Path, where: 
         if not callable(fn):
             raise DefinitionError(f"{where}: {doc.run} is not callable")
         return Step(name, fn, tuple(doc.next), checkpoint=doc.checkpoint)
-    tools = [_tool(t, base, f"{where}, tool {i + 1}") for i, t in enumerate(doc.tools)]
+    tools = [_tool(t, base, f"{where}, tool {i + 1}", mcp) for i, t in enumerate(doc.tools)]
     return AgentState(
         name,
         doc.instructions,
@@ -194,8 +202,10 @@ def _state(name: str, doc: StepDoc | AgentDoc | TerminalDoc, base: Path, where: 
     )
 
 
-def _tool(spec: str | ToolRef, base: Path, where: str) -> Tool:
+def _tool(spec: str | ToolRef, base: Path, where: str, mcp: McpCatalog | None) -> Tool:
     ref = ToolRef(ref=spec) if isinstance(spec, str) else spec
+    if ref.ref.startswith("mcp:"):
+        return _mcp_tool(ref, base, where, mcp)
     obj = _import(ref.ref, where=where, base=base)
     overrides = ref.effect, ref.idempotent, ref.verify, ref.name
     if isinstance(obj, Tool) and overrides == (None, None, None, None):
@@ -223,6 +233,29 @@ def _tool(spec: str | ToolRef, base: Path, where: str) -> Tool:
         )
     except (TypeError, ValueError) as exc:
         raise DefinitionError(f"{where}: {ref.ref}: {exc}") from None
+
+
+def _mcp_catalog(declared: dict[str, Any], base: Path, where: str) -> McpCatalog:
+    """List the declared MCP servers' tools (each server started briefly, in parallel)."""
+    try:
+        from tether.mcp.catalog import McpCatalog
+    except ImportError as exc:
+        raise DefinitionError(
+            f"{where}: mcp_servers needs the MCP SDK ({exc}): pip install 'tether[mcp]'"
+        ) from None
+    return McpCatalog(declared, base, where)
+
+
+def _mcp_tool(ref: ToolRef, base: Path, where: str, mcp: McpCatalog | None) -> Tool:
+    """`mcp:SERVER/TOOL`: a tool of a declared MCP server, with the author's declarations."""
+    if mcp is None:
+        from tether.mcp.catalog import no_servers_declared
+
+        raise no_servers_declared(ref.ref, where)
+    verify = _import(ref.verify, where=f"{where}, verify", base=base) if ref.verify else None
+    return mcp.tool(
+        ref.ref, where, name=ref.name, effect=ref.effect, idempotent=ref.idempotent, verify=verify
+    )
 
 
 @contextmanager
