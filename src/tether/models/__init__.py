@@ -79,7 +79,35 @@ def _replay(arg: str, env: ModelEnv) -> Model:
     return ReplayModel(env.journal, arg)
 
 
-REGISTRY: dict[str, ModelFactory] = {"script": _script, "function": _function, "replay": _replay}
+def _openai(arg: str, env: ModelEnv) -> Model:
+    """`openai:MODEL?base_url=...`: an OpenAI-compatible server (the openai extra)."""
+    from tether.models.openai import OpenAIModel
+
+    return OpenAIModel.from_spec(arg, env.base)
+
+
+def _local(arg: str, env: ModelEnv) -> Model:
+    """`local` (the bundled SmolLM2) or `local:PATH.gguf`, run in-process (the local extra)."""
+    from tether.models.local import LocalModel
+
+    return LocalModel.from_spec(arg, env.base)
+
+
+def _anthropic(arg: str, env: ModelEnv) -> Model:
+    """`anthropic:MODEL?...`: Anthropic's Messages API (the anthropic extra)."""
+    from tether.models.anthropic import AnthropicModel
+
+    return AnthropicModel.from_spec(arg, env.base)
+
+
+REGISTRY: dict[str, ModelFactory] = {
+    "script": _script,
+    "function": _function,
+    "replay": _replay,
+    "openai": _openai,
+    "anthropic": _anthropic,
+    "local": _local,
+}
 
 
 async def close_model(model: Model | None) -> None:
@@ -92,6 +120,9 @@ async def close_model(model: Model | None) -> None:
 def resolve_model(spec: str, base: Path | None = None, *, journal: Any = None) -> Model:
     """Resolve `PREFIX:ARGUMENT` (e.g. `script:proposals.json`) to a model."""
     prefix, _, arg = spec.partition(":")
+    if "?" in prefix:  # options without an argument: `local?seed=1`
+        prefix, mark, query = spec.partition("?")
+        arg = mark + query
     factory = REGISTRY.get(prefix)
     if factory is None:
         close = difflib.get_close_matches(prefix, REGISTRY, n=1)

@@ -14,7 +14,8 @@ from __future__ import annotations
 
 import os
 from pathlib import Path
-from urllib.parse import parse_qsl
+from typing import TypeVar
+from urllib.parse import parse_qsl, urlencode
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
@@ -22,6 +23,8 @@ from tether.errors import ModelSpecError
 from tether.models.protocol import Usage
 from tether.models.retry import RetryPolicy
 from tether.strict_yaml import load_yaml
+
+OptionsT = TypeVar("OptionsT", bound=BaseModel)
 
 
 class Price(BaseModel):
@@ -87,19 +90,31 @@ class AdapterOptions(BaseModel):
         """Ask for no more output than the token budget has left (before the call)."""
         return self.max_tokens if tokens_left is None else max(1, min(self.max_tokens, tokens_left))
 
+    def query(self) -> str:
+        """The options that differ from the defaults, as `?key=value&...` (or ""): with the
+        model name, a spec that resolves to this adapter again (a run's pinned model)."""
+        changed = self.model_dump(exclude_defaults=True)
+        return "?" + urlencode(changed, safe="/:") if changed else ""
+
 
 def parse_spec(prefix: str, arg: str) -> tuple[str, AdapterOptions]:
     """`MODEL?key=value&...` -> (MODEL, options)."""
     model, _, query = arg.partition("?")
     if not model:
         raise ModelSpecError(f"{prefix} model needs a name: --model {prefix}:MODEL[?option=value&...]")
+    return model, parse_options(f"{prefix}:{arg}", query, AdapterOptions)
+
+
+def parse_options(spec: str, query: str, options: type[OptionsT]) -> OptionsT:
+    """`key=value&...` -> options of an adapter; unknown, repeated or malformed options are
+    refused by name (`spec` is the whole model string, for the message)."""
     pairs = parse_qsl(query, keep_blank_values=True, strict_parsing=False)
-    options = dict(pairs)
-    if len(options) != len(pairs):
-        raise ModelSpecError(f"model {prefix}:{arg!r} repeats an option")
+    values = dict(pairs)
+    if len(values) != len(pairs):
+        raise ModelSpecError(f"model {spec!r} repeats an option")
     try:
-        return model, AdapterOptions.model_validate(options)
+        return options.model_validate(values)
     except ValidationError as exc:
         problems = "; ".join(f"{'.'.join(map(str, e['loc']))}: {e['msg']}" for e in exc.errors())
-        known = ", ".join(AdapterOptions.model_fields)
-        raise ModelSpecError(f"model {prefix}:{arg!r}: {problems} (options: {known})") from None
+        known = ", ".join(options.model_fields)
+        raise ModelSpecError(f"model {spec!r}: {problems} (options: {known})") from None
