@@ -7,7 +7,7 @@ Unknown or malformed options are refused by name.
 Prices are USD per million tokens, from a YAML file (`prices=FILE` or `TETHER_PRICES`):
 
     gpt-4o-mini: {input: 0.15, output: 0.60}
-    claude-sonnet-4-5: {input: 3.0, output: 15.0}
+    claude-sonnet-4-6: {input: 3.0, output: 15.0}
 """
 
 from __future__ import annotations
