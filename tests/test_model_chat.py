@@ -70,7 +70,8 @@ def test_whatever_the_model_sends_reaches_the_kernel_which_refuses_garbage() -> 
         ([("lookup", '{"id": ')], None, "args: Input should be a valid dictionary"),
         ([("lookup", "{}"), ("lookup", "{}")], None, "2 proposals in one reply"),
         ([], "Sure, I will refund it.", "output is not JSON"),
-        ([("take_exit", "[1]")], None, "args: Input should be a valid dictionary"),
+        ([("take_exit", '{"exit": ')], None, "arguments: Extra inputs are not permitted"),
+        ([("ask_person", "[1]")], None, "arguments: Extra inputs are not permitted"),
     ]:
         with pytest.raises(MalformedProposal, match=message):
             parse_proposal(proposal_from_calls(calls, text))

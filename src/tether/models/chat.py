@@ -120,15 +120,19 @@ def proposal_from_call(name: str, arguments: Any) -> dict[str, Any]:
     """A called function as a proposal. Arguments that are not an object (unparsable
     JSON text, say) are passed on as they came, for the kernel to refuse."""
     args = _decode(arguments)
-    if name == EXIT_FUNCTION and isinstance(args, dict):
-        proposal: dict[str, Any] = {"kind": "exit", "exit": args.get("exit")}
-        for key in ("update", "summary"):
-            if key in args:
-                proposal[key] = args[key]
-        return proposal
-    if name == ASK_FUNCTION and isinstance(args, dict):
+    kind = {EXIT_FUNCTION: "exit", ASK_FUNCTION: "question"}.get(name)
+    if kind is None:
+        return {"kind": "tool_call", "tool": name, "args": args}
+    if not isinstance(args, dict):
+        # Not an object: the kernel refuses it as malformed, naming the arguments.
+        return {"kind": kind, "arguments": args}
+    if kind == "question":
         return {"kind": "question", "question": args.get("question")}
-    return {"kind": "tool_call", "tool": name, "args": args}
+    proposal: dict[str, Any] = {"kind": "exit", "exit": args.get("exit")}
+    for key in ("update", "summary"):
+        if key in args:
+            proposal[key] = args[key]
+    return proposal
 
 
 def proposal_from_calls(calls: list[tuple[str, Any]], text: str | None) -> Any:
