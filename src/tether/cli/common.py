@@ -11,6 +11,7 @@ from typing import Annotated, Any, NoReturn, TypeVar
 
 import typer
 from rich.console import Console
+from rich.markup import escape
 
 from tether.errors import TetherError
 from tether.journal import DB_ENV, Journal, open_journal
@@ -39,7 +40,8 @@ FAILED_STATUSES = {"failed", "escalated", "effect_in_doubt"}
 
 
 def fail(message: str) -> NoReturn:
-    err.print(f"[bold red]error:[/] {message}")
+    # Escaped: messages quote things like `pip install -e '.[local]'`, which is markup to rich.
+    err.print(f"[bold red]error:[/] {escape(message)}")
     raise typer.Exit(2)
 
 
@@ -71,8 +73,13 @@ def short(value: Any, width: int = 70) -> str:
 
 
 def pinned_model_spec(spec: str | None) -> str | None:
-    """A model string that works from any folder: a script's path made absolute."""
+    """A model string that works from any folder: a script's or model file's path made absolute."""
     if spec is None:
         return None
     prefix, _, arg = spec.partition(":")
-    return f"script:{Path(arg).resolve()}" if prefix == "script" and arg else spec
+    if prefix == "script" and arg:
+        return f"script:{Path(arg).resolve()}"
+    file, mark, query = arg.partition("?")
+    if prefix == "local" and file:
+        return f"local:{Path(file).expanduser().resolve()}{mark}{query}"
+    return spec
