@@ -1,0 +1,114 @@
+"""`tether mcp-gateway`: an MCP server that governs the tools of other MCP servers."""
+
+from __future__ import annotations
+
+import logging
+import secrets
+import shlex
+import sys
+from enum import StrEnum
+from pathlib import Path
+from typing import Annotated
+from urllib.parse import urlsplit, urlunsplit
+
+import typer
+
+from tether.cli.common import DbOption, fail, open_store, run_async
+from tether.errors import TetherError
+from tether.policy import Policy
+
+app = typer.Typer()
+
+
+class Transport(StrEnum):
+    stdio = "stdio"
+    http = "http"
+
+
+@app.command("mcp-gateway")
+def mcp_gateway(
+    upstream: Annotated[
+        list[str],
+        typer.Option(
+            "--upstream",
+            help="An upstream MCP server: its command line (one string, split like a shell) or its "
+            "http(s) URL; NAME=… prefixes its tools with NAME_. Repeat for several.",
+        ),
+    ],
+    policy: Annotated[Path, typer.Option("--policy", help="The policy every call is decided by.")],
+    db: DbOption = None,
+    approval_timeout: Annotated[
+        float,
+        typer.Option(
+            "--approval-timeout", min=0.1, help="Seconds a call waits for a person before approval_expired."
+        ),
+    ] = 300.0,
+    transport: Annotated[Transport, typer.Option(help="stdio (one client) or http (streamable HTTP).")] = (
+        Transport.stdio
+    ),
+    host: Annotated[str, typer.Option(help="http: the address to listen on.")] = "127.0.0.1",
+    port: Annotated[int, typer.Option(help="http: the port to listen on.")] = 8765,
+    approval_token: Annotated[
+        str | None,
+        typer.Option(
+            envvar="TETHER_APPROVAL_TOKEN",
+            help="http: the bearer token of the /approvals endpoint (default: a new one, logged).",
+        ),
+    ] = None,
+) -> None:
+    """Serve the upstreams' tools over MCP, each call governed by the policy and journaled.
+
+    On stdio, stdout carries the protocol only; logs go to stderr.
+    """
+    try:
+        from tether.mcp.gateway import Gateway, parse_upstreams, serve_http, serve_stdio
+    except ImportError as exc:
+        fail(str(exc))
+    _log_to_stderr()
+    try:
+        upstreams = parse_upstreams(upstream)
+        governing = Policy.from_file(policy)
+    except TetherError as exc:
+        fail(str(exc))
+    journal = open_store(db)
+    token = approval_token or secrets.token_urlsafe(24)
+
+    async def serve() -> None:
+        gateway = Gateway(
+            upstreams,
+            governing,
+            journal,
+            policy_ref=str(policy.resolve()),
+            approval_timeout=approval_timeout,
+            db_hint=f" --db {shlex.quote(_without_password(db))}" if db else "",
+        )
+        async with gateway:
+            if transport is Transport.http:
+                if approval_token is None:
+                    logging.getLogger("tether.mcp.gateway").info(
+                        "approval token (or set TETHER_APPROVAL_TOKEN): %s", token
+                    )
+                await serve_http(gateway, host=host, port=port, approval_token=token)
+            else:
+                await serve_stdio(gateway)
+
+    try:
+        run_async(serve())
+    finally:
+        journal.close()
+
+
+def _log_to_stderr() -> None:
+    handler = logging.StreamHandler(sys.stderr)
+    handler.setFormatter(logging.Formatter("tether mcp-gateway: %(message)s"))
+    logger = logging.getLogger("tether.mcp.gateway")
+    logger.addHandler(handler)
+    logger.setLevel(logging.INFO)
+
+
+def _without_password(db: str) -> str:
+    """The journal as the log may show it: a PostgreSQL URL's password is not logged."""
+    url = urlsplit(db)
+    if url.password is None:
+        return db
+    return urlunsplit(url._replace(netloc=url.netloc.replace(f":{url.password}@", ":***@", 1)))
