@@ -267,12 +267,12 @@ def test_server_errors_that_outlast_the_attempts_escalate_the_run(
             "supervisor",
         )
         assert result.message == (
-            f"HTTP 500 api_error from {API}: Internal server error "
+            f"HTTP 500 from {API}: api_error: Internal server error "
             "(request-id req_011CVd27Rk3Nx8Lq5Ws2Mt7V) (attempt 3 of 3)"
         )
         [exchange] = await journal.read_exchanges(result.run_id)
         assert [a["reason_code"] for a in exchange.attempts] == ["model_unavailable"] * 3
-        assert exchange.attempts[0]["error"] == f"HTTP 502 error from {API}: <html>Bad Gateway</html>"
+        assert exchange.attempts[0]["error"] == f"HTTP 502 from {API}: <html>Bad Gateway</html>"
         assert exchange.request["model"] == MODEL and exchange.response is None
         assert route.call_count == 3 and shop.executed == []
 
@@ -286,7 +286,7 @@ def test_a_rejected_key_is_not_retried(journal: Journal, shop: Shop, prices: Pat
     async def scenario() -> None:
         result = await drive(journal, shop, claude(prices))
         assert (result.status, result.reason_code) == ("escalated", "model_rejected")
-        assert "HTTP 401 authentication_error" in (result.message or "")
+        assert "HTTP 401 from https://api.anthropic.com: authentication_error" in (result.message or "")
         assert route.call_count == 1
 
     run(scenario())

@@ -12,94 +12,26 @@ cost the reply reports.
 
 from __future__ import annotations
 
-import asyncio
 import json
-import os
-import random
-from collections.abc import Awaitable, Callable, Mapping
-from pathlib import Path
-from types import ModuleType
 from typing import Any
-from urllib.parse import urlsplit, urlunsplit
 
-from tether.errors import ModelSpecError
 from tether.models.chat import Turn, functions, proposal_from_calls, system_prompt, turns
-from tether.models.options import AdapterOptions, parse_spec
-from tether.models.protocol import Exchange, ModelContext, ModelReply, Usage
-from tether.models.retry import (
-    Failure,
-    call_with_retries,
-    classify_common,
-    retry_after_seconds,
-    status_failure,
-)
-from tether.reasons import ReasonCode
+from tether.models.protocol import ModelContext
+from tether.models.vendor import MalformedResponse, VendorModel
 
-ANTHROPIC_URL = "https://api.anthropic.com"
-KEY_ENV = "ANTHROPIC_API_KEY"
 # Exactly one tool call per reply: the kernel takes one step at a time.
 TOOL_CHOICE = {"type": "any", "disable_parallel_tool_use": True}
 
 
-def _sdk() -> ModuleType:
-    try:
-        import anthropic
-    except ImportError:
-        raise ModelSpecError(
-            "the anthropic model adapter needs the anthropic package: pip install 'tether[anthropic]'"
-        ) from None
-    return anthropic
+class AnthropicModel(VendorModel):
+    """A model behind Anthropic's Messages API."""
 
-
-class AnthropicModel:
-    """A model behind Anthropic's Messages API.
-
-    The HTTP client is opened on the first call and released by `aclose()`.
-    """
-
-    def __init__(
-        self,
-        model: str,
-        options: AdapterOptions | None = None,
-        *,
-        environ: Mapping[str, str] | None = None,
-        sleep: Callable[[float], Awaitable[None]] | None = None,
-        rng: random.Random | None = None,
-    ) -> None:
-        self._anthropic = _sdk()
-        env = os.environ if environ is None else environ
-        self.model = model
-        self.options = options or AdapterOptions()
-        self.name = f"anthropic:{model}{self.options.query()}"
-        self.base_url = (self.options.base_url or env.get("ANTHROPIC_BASE_URL") or ANTHROPIC_URL).rstrip("/")
-        self._api_key = self._key(env)
-        self.prices = self.options.price_table()
-        self._policy = self.options.retry_policy()
-        self._sleep = sleep or asyncio.sleep
-        self._rng = rng
-        self._client: Any = None
-
-    @classmethod
-    def from_spec(cls, arg: str, base: Path | None = None) -> AnthropicModel:
-        """`MODEL?option=value&...`; a relative price table is found from `base`."""
-        model, options = parse_spec("anthropic", arg)
-        if options.prices and base is not None and not Path(options.prices).is_absolute():
-            options = options.model_copy(update={"prices": str(base / options.prices)})
-        return cls(model, options)
-
-    def _key(self, env: Mapping[str, str]) -> str:
-        """Checked here, so a missing key is reported before a run starts, not as a
-        rejected call inside it."""
-        key_env = self.options.api_key_env or KEY_ENV
-        key = env.get(key_env)
-        if key:
-            return key
-        if self.options.api_key_env:
-            raise ModelSpecError(f"model {self.name}: api_key_env={key_env} names a variable that is not set")
-        raise ModelSpecError(
-            f"model {self.name} needs an API key: set {KEY_ENV} "
-            "(or name the variable holding it with api_key_env=VAR)"
-        )
+    prefix = "anthropic"
+    sdk = "anthropic"
+    client_class = "AsyncAnthropic"
+    key_env = "ANTHROPIC_API_KEY"
+    base_url_env = "ANTHROPIC_BASE_URL"
+    default_base_url = "https://api.anthropic.com"
 
     def request(self, ctx: ModelContext) -> dict[str, Any]:
         """The keyword arguments of the Messages API call for this context."""
@@ -119,75 +51,30 @@ class AnthropicModel:
             kwargs["temperature"] = self.options.temperature
         return kwargs
 
-    async def propose(self, ctx: ModelContext) -> ModelReply:
-        kwargs = self.request(ctx)
-        recorded = {"base_url": _without_credentials(self.base_url), **kwargs}
-        client = self._open()
+    async def create(self, client: Any, kwargs: dict[str, Any]) -> Any:
+        return await client.messages.create(**kwargs)
 
-        async def attempt() -> tuple[Any, Any]:
-            message = await client.messages.create(**kwargs)
-            return message, _output(message)
+    def output(self, response: Any) -> Any:
+        return _output(response)
 
-        (message, output), attempts = await call_with_retries(
-            attempt, self.classify, self._policy, request=recorded, sleep=self._sleep, rng=self._rng
-        )
-        return ModelReply(
-            output=output,
-            usage=self._usage(message),
-            exchange=Exchange(request=recorded, response=message.model_dump(mode="json"), attempts=attempts),
-        )
-
-    def classify(self, exc: BaseException) -> Failure:
-        """The anthropic client's exceptions as failures with reason codes."""
-        sdk = self._anthropic
-        if isinstance(exc, MalformedResponse):
-            return Failure(ReasonCode.MODEL_ERROR, False, str(exc))
-        if isinstance(exc, sdk.APITimeoutError):
-            return Failure(ReasonCode.MODEL_TIMEOUT, True, f"no answer from {self.base_url} in time")
-        if isinstance(exc, sdk.APIConnectionError):
-            cause = exc.__cause__ or exc
-            return Failure(
-                ReasonCode.MODEL_UNAVAILABLE, True, f"cannot reach {self.base_url}: {type(cause).__name__}"
-            )
-        if isinstance(exc, sdk.APIStatusError):
-            kind, text = _error(exc)
-            request_id = exc.response.headers.get("request-id")
-            message = f"HTTP {exc.status_code} {kind} from {self.base_url}: {text}" + (
-                f" (request-id {request_id})" if request_id else ""
-            )
-            # 529 overloaded_error is a 5xx: unavailable, retried like any server error.
-            return status_failure(exc.status_code, message, retry_after_seconds(exc.response.headers))
-        return classify_common(exc) or Failure(
-            ReasonCode.MODEL_ERROR, False, f"{type(exc).__name__}: {str(exc)[:300]}"
-        )
-
-    def _usage(self, message: Any) -> Usage:
-        reported = message.usage
+    def tokens(self, response: Any) -> tuple[int, int]:
+        reported = response.usage
         # Tokens read from or written to the prompt cache are input tokens too.
         cached = (getattr(reported, "cache_creation_input_tokens", None) or 0) + (
             getattr(reported, "cache_read_input_tokens", None) or 0
         )
-        usage = Usage(input_tokens=reported.input_tokens + cached, output_tokens=reported.output_tokens)
-        # Priced by the name asked for, else by the dated name the API answered as.
-        priced = self.model if self.model in self.prices.prices else str(getattr(message, "model", ""))
-        return usage.model_copy(update={"cost": self.prices.cost(priced, usage)})
+        return reported.input_tokens + cached, reported.output_tokens
 
-    def _open(self) -> Any:
-        if self._client is None:
-            self._client = self._anthropic.AsyncAnthropic(
-                api_key=self._api_key,
-                base_url=self.base_url,
-                timeout=self.options.timeout,
-                # One place decides about retries (call_with_retries), and records each attempt.
-                max_retries=0,
-            )
-        return self._client
-
-    async def aclose(self) -> None:
-        """Release the HTTP connections; a later call opens a new client."""
-        client, self._client = self._client, None
-        if client is not None:
-            await client.close()
+    def error_text(self, exc: Any) -> str:
+        """`{"type": "error", "error": {"type": ..., "message": ...}}`, with the request id."""
+        body = exc.body
+        error = body.get("error") if isinstance(body, dict) else None
+        if isinstance(error, dict):
+            text = f"{error.get('type') or 'error'}: {str(error.get('message') or '')[:300]}"
+        else:
+            text = str(exc.message)[:300]
+        request_id = exc.response.headers.get("request-id")
+        return text + (f" (request-id {request_id})" if request_id else "")
 
 
 def messages(conversation: list[Turn], offered: set[str]) -> list[dict[str, Any]]:
@@ -237,11 +124,6 @@ def _text_block(text: str) -> dict[str, Any]:
     return {"type": "text", "text": text if text.strip() else "(nothing)"}
 
 
-class MalformedResponse(Exception):
-    """The API's answer is not a message at all (an HTML page from a proxy, say): a fault
-    of the server, not a proposal of the model's."""
-
-
 def _output(message: Any) -> Any:
     """The reply as raw output: the called tools, or the text. What the model said is not
     checked here (the kernel does that); only that the API sent a message."""
@@ -257,20 +139,3 @@ def _output(message: Any) -> Any:
         cut = json.dumps([{"tool": name, "input": args} for name, args in calls], default=str)
         return f"reply cut off at max_tokens before its tool call was complete: {cut}"
     return proposal_from_calls(calls, text or None)
-
-
-def _error(exc: Any) -> tuple[str, str]:
-    """The error type and message of an API error body (`{"type": "error", "error": ...}`)."""
-    body = exc.body
-    error = body.get("error") if isinstance(body, dict) else None
-    if isinstance(error, dict):
-        return str(error.get("type") or "error"), str(error.get("message") or "")[:300]
-    return "error", str(exc.message)[:300]
-
-
-def _without_credentials(url: str) -> str:
-    parts = urlsplit(url)
-    if parts.username is None and parts.password is None:
-        return url
-    host = parts.hostname or ""
-    return urlunsplit(parts._replace(netloc=f"{host}:{parts.port}" if parts.port else host))

@@ -11,95 +11,35 @@ budget allows, and the usage and cost the reply reports.
 
 from __future__ import annotations
 
-import asyncio
 import json
-import os
-import random
-from collections.abc import Awaitable, Callable, Mapping
-from pathlib import Path
-from types import ModuleType
 from typing import Any
-from urllib.parse import urlsplit, urlunsplit
+from urllib.parse import urlsplit
 
 from tether.errors import ModelSpecError
 from tether.models.chat import Turn, functions, proposal_from_calls, system_prompt, turns
-from tether.models.options import AdapterOptions, parse_spec
-from tether.models.protocol import Exchange, ModelContext, ModelReply, Usage
-from tether.models.retry import (
-    Failure,
-    call_with_retries,
-    classify_common,
-    retry_after_seconds,
-    status_failure,
-)
-from tether.reasons import ReasonCode
+from tether.models.protocol import ModelContext
+from tether.models.vendor import MalformedResponse, VendorModel
 
 OPENAI_HOST = "api.openai.com"
-KEY_ENV = "OPENAI_API_KEY"
 # Local servers take no key, but the client insists on one.
 NO_KEY = "not-needed"
 
 
-def _sdk() -> ModuleType:
-    try:
-        import openai
-    except ImportError:
-        raise ModelSpecError(
-            "the openai model adapter needs the openai package: pip install 'tether[openai]'"
-        ) from None
-    return openai
+class OpenAIModel(VendorModel):
+    """A model behind an OpenAI-compatible Chat Completions endpoint."""
 
+    prefix = "openai"
+    sdk = "openai"
+    client_class = "AsyncOpenAI"
+    key_env = "OPENAI_API_KEY"
+    base_url_env = "OPENAI_BASE_URL"
+    default_base_url = f"https://{OPENAI_HOST}/v1"
 
-class OpenAIModel:
-    """A model behind an OpenAI-compatible Chat Completions endpoint.
-
-    The HTTP client is opened on the first call and released by `aclose()`.
-    """
-
-    def __init__(
-        self,
-        model: str,
-        options: AdapterOptions | None = None,
-        *,
-        environ: Mapping[str, str] | None = None,
-        sleep: Callable[[float], Awaitable[None]] | None = None,
-        rng: random.Random | None = None,
-    ) -> None:
-        self._openai = _sdk()
-        env = os.environ if environ is None else environ
-        self.model = model
-        self.options = options or AdapterOptions()
-        self.name = f"openai:{model}{self.options.query()}"
-        self.base_url = (
-            self.options.base_url or env.get("OPENAI_BASE_URL") or f"https://{OPENAI_HOST}/v1"
-        ).rstrip("/")
-        self._api_key = self._key(env)
-        self.prices = self.options.price_table()
-        self._policy = self.options.retry_policy()
-        self._sleep = sleep or asyncio.sleep
-        self._rng = rng
-        self._client: Any = None
-
-    @classmethod
-    def from_spec(cls, arg: str, base: Path | None = None) -> OpenAIModel:
-        """`MODEL?option=value&...`; a relative price table is found from `base`."""
-        model, options = parse_spec("openai", arg)
-        if options.prices and base is not None and not Path(options.prices).is_absolute():
-            options = options.model_copy(update={"prices": str(base / options.prices)})
-        return cls(model, options)
-
-    def _key(self, env: Any) -> str:
-        """The API key, or a placeholder for a server that needs none. Checked here, so a
-        missing key is reported before a run starts, not as a failed call inside it."""
-        key_env = self.options.api_key_env or KEY_ENV
-        key = env.get(key_env)
-        if key:
-            return str(key)
-        if self.options.api_key_env:
-            raise ModelSpecError(f"model {self.name}: api_key_env={key_env} names a variable that is not set")
+    def missing_key(self) -> str:
+        """A placeholder for a server that needs none; OpenAI itself does."""
         if urlsplit(self.base_url).hostname == OPENAI_HOST:
             raise ModelSpecError(
-                f"model {self.name} talks to {OPENAI_HOST} and needs a key: set {KEY_ENV} "
+                f"model {self.name} talks to {OPENAI_HOST} and needs a key: set {self.key_env} "
                 "(or name another variable with api_key_env=VAR), or give base_url=... for a local server"
             )
         return NO_KEY
@@ -133,74 +73,24 @@ class OpenAIModel:
             kwargs["temperature"] = self.options.temperature
         return kwargs
 
-    async def propose(self, ctx: ModelContext) -> ModelReply:
-        kwargs = self.request(ctx)
-        recorded = {"base_url": _without_credentials(self.base_url), **kwargs}
-        client = self._open()
+    async def create(self, client: Any, kwargs: dict[str, Any]) -> Any:
+        return await client.chat.completions.create(**kwargs)
 
-        async def attempt() -> tuple[Any, Any]:
-            completion = await client.chat.completions.create(**kwargs)
-            return completion, _output(completion)
+    def output(self, response: Any) -> Any:
+        return _output(response)
 
-        (completion, output), attempts = await call_with_retries(
-            attempt, self.classify, self._policy, request=recorded, sleep=self._sleep, rng=self._rng
-        )
-        return ModelReply(
-            output=output,
-            usage=self._usage(completion),
-            exchange=Exchange(
-                request=recorded, response=completion.model_dump(mode="json"), attempts=attempts
-            ),
-        )
+    def tokens(self, response: Any) -> tuple[int, int]:
+        reported = getattr(response, "usage", None)  # optional for some servers
+        return (reported.prompt_tokens, reported.completion_tokens) if reported else (0, 0)
 
-    def classify(self, exc: BaseException) -> Failure:
-        """The openai client's exceptions as failures with reason codes."""
-        sdk = self._openai
-        if isinstance(exc, MalformedResponse):
-            return Failure(ReasonCode.MODEL_ERROR, False, str(exc))
-        if isinstance(exc, sdk.APITimeoutError):
-            return Failure(ReasonCode.MODEL_TIMEOUT, True, f"no answer from {self.base_url} in time")
-        if isinstance(exc, sdk.APIConnectionError):
-            cause = exc.__cause__ or exc
-            return Failure(
-                ReasonCode.MODEL_UNAVAILABLE, True, f"cannot reach {self.base_url}: {type(cause).__name__}"
-            )
-        if isinstance(exc, sdk.APIStatusError):
-            return status_failure(
-                exc.status_code,
-                f"HTTP {exc.status_code} from {self.base_url}: {_error_text(exc)}",
-                retry_after_seconds(exc.response.headers),
-            )
-        return classify_common(exc) or Failure(
-            ReasonCode.MODEL_ERROR, False, f"{type(exc).__name__}: {str(exc)[:300]}"
-        )
-
-    def _usage(self, completion: Any) -> Usage:
-        reported = getattr(completion, "usage", None)  # optional for some servers
-        usage = Usage(
-            input_tokens=reported.prompt_tokens if reported else 0,
-            output_tokens=reported.completion_tokens if reported else 0,
-        )
-        # Priced by the name asked for, else by the (often dated) name the server answered as.
-        priced = self.model if self.model in self.prices.prices else getattr(completion, "model", "")
-        return usage.model_copy(update={"cost": self.prices.cost(priced, usage)})
-
-    def _open(self) -> Any:
-        if self._client is None:
-            self._client = self._openai.AsyncOpenAI(
-                api_key=self._api_key,
-                base_url=self.base_url,
-                timeout=self.options.timeout,
-                # One place decides about retries (call_with_retries), and records each attempt.
-                max_retries=0,
-            )
-        return self._client
-
-    async def aclose(self) -> None:
-        """Release the HTTP connections; a later call opens a new client."""
-        client, self._client = self._client, None
-        if client is not None:
-            await client.close()
+    def error_text(self, exc: Any) -> str:
+        body = exc.body
+        if isinstance(body, dict):
+            error = body.get("error", body)
+            text = error.get("message") if isinstance(error, dict) else error
+            if text:
+                return str(text)[:300]
+        return str(exc.message)[:300]
 
 
 def _message(turn: Turn) -> dict[str, Any]:
@@ -223,11 +113,6 @@ def _message(turn: Turn) -> dict[str, Any]:
     if turn.kind == "assistant_text":
         return {"role": "assistant", "content": turn.text}
     return {"role": "user", "content": turn.text}
-
-
-class MalformedResponse(Exception):
-    """The server's answer is not a chat completion at all (an HTML page, say): a fault of
-    the server, not a proposal of the model's."""
 
 
 def _output(completion: Any) -> Any:
@@ -257,21 +142,3 @@ def _output(completion: Any) -> Any:
     if not calls and legacy is not None:  # the legacy single-function form
         calls.append((legacy.name, legacy.arguments))
     return proposal_from_calls(calls, text)
-
-
-def _error_text(exc: Any) -> str:
-    body = exc.body
-    if isinstance(body, dict):
-        error = body.get("error", body)
-        text = error.get("message") if isinstance(error, dict) else error
-        if text:
-            return str(text)[:300]
-    return str(exc.message)[:300]
-
-
-def _without_credentials(url: str) -> str:
-    parts = urlsplit(url)
-    if parts.username is None and parts.password is None:
-        return url
-    host = parts.hostname or ""
-    return urlunsplit(parts._replace(netloc=f"{host}:{parts.port}" if parts.port else host))
