@@ -141,7 +141,8 @@ async def write_decided_by(
     ticket = next(t for t in pending if t["args"].get("path") == str(path))
     assert ticket["subject"] == "write_file" and ticket["approver"] == "owner"
     assert not call.done()  # the call waits for the person
-    await setup.tether(decision[0], ticket["ticket_id"], *decision[1:])
+    said = await setup.tether(decision[0], ticket["ticket_id"], *decision[1:])
+    assert "the process driving it (<mcp-gateway>) continues it" in said  # not `tether resume`
     return await asyncio.wait_for(call, timeout=20)
 
 

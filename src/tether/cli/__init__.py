@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import typer
 
-from tether.cli import db, policy, runs, workers
+from tether.cli import db, mcp, policy, runs, workers
 
 app = typer.Typer(
     help="tether: run governed AI workflows and audit what they did.",
@@ -17,7 +17,7 @@ app = typer.Typer(
     add_completion=False,
     pretty_exceptions_enable=False,
 )
-for group in (runs, workers):
+for group in (runs, workers, mcp):
     app.registered_commands.extend(group.app.registered_commands)
 app.add_typer(policy.app, name="policy", help="Check, explain and test policies.")
 app.add_typer(db.app, name="db", help="The journal's schema: upgrade it.")

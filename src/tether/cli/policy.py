@@ -126,7 +126,11 @@ def _recorded_policy(workflow_ref: str, policy_ref: str | None, policy_hash: str
     try:
         policy = load_workflow(workflow_ref, policy=policy_ref).policy
     except TetherError:
-        return None
+        # A workflow built in code (an MCP gateway's) cannot be loaded, but its policy file can.
+        try:
+            policy = Policy.from_file(policy_ref) if policy_ref else None
+        except TetherError:
+            return None
     return policy if policy is not None and policy.hash == policy_hash else None
 
 

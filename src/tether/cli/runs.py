@@ -353,10 +353,15 @@ def _decide(
             now=time.time(),
         )
     )
-    out.print(
-        f"ticket {ticket.ticket_id} {ticket.status}; run {ticket.run_id} can continue: "
-        f"tether resume {ticket.run_id}"
+    record = run_async(journal.get_run(ticket.run_id))
+    # A workflow built in code by the process that drives it (an MCP gateway's, named
+    # "<...>") cannot be resumed from here: that process picks the decision up itself.
+    hint = (
+        f"the process driving it ({record.workflow_ref}) continues it"
+        if record.workflow_ref.startswith("<")
+        else f"tether resume {ticket.run_id}"
     )
+    out.print(f"ticket {ticket.ticket_id} {ticket.status}; run {ticket.run_id} can continue: {hint}")
 
 
 @app.command()
