@@ -21,8 +21,8 @@ $(STAMP): pyproject.toml
 LOCAL_MODEL ?= 1
 TEST_STAMP := $(VENV)/.installed-test
 
+# The Python MCP servers need mcp>=2.3,<3 like tether, so they share its venv.
 $(TEST_STAMP): $(STAMP)
-	# Real MCP servers for the MCP tests: both need mcp>=2.3,<3 like tether, so they share its venv.
 	$(BIN)/pip install --quiet $(MCP_PY_SERVERS)
 	npm install --silent --no-audit --no-fund --prefix .mcp-servers $(MCP_NPM_SERVERS) || \
 		{ [ "$$CI" != "true" ] && echo "npm failed: the filesystem-server tests will skip"; }
