@@ -209,20 +209,14 @@ def tether(*args: str, cwd: Path) -> subprocess.CompletedProcess[str]:
 def test_cli_shows_replays_and_prunes_exchanges(tmp_path: Path) -> None:
     db = str(tmp_path / "t.db")
     refund = str(REPO / "examples" / "refund")
-    first = tether(
-        "run",
-        refund,
-        "--model",
-        f"script:{refund}/proposals.json",
-        "--input",
-        '{"order_id": "A-1001", "reason": "broken"}',
-        "--answer",
-        "approve-all",
-        "--db",
-        db,
-        "--json",
-        cwd=tmp_path,
-    )
+
+    def refund_run(model: str) -> subprocess.CompletedProcess[str]:
+        return tether(
+            "run", refund, "--model", model, "--input", '{"order_id": "A-1001", "reason": "broken"}',
+            "--answer", "approve-all", "--db", db, "--json", cwd=tmp_path,
+        )  # fmt: skip
+
+    first = refund_run(f"script:{refund}/proposals.json")
     run_id = json.loads(first.stdout)["run_id"]
     shown = tether("exchanges", run_id, "--db", db, cwd=tmp_path)
     assert shown.returncode == 0, shown.stderr
@@ -230,20 +224,7 @@ def test_cli_shows_replays_and_prunes_exchanges(tmp_path: Path) -> None:
     listed = json.loads(tether("exchanges", run_id, "--db", db, "--json", cwd=tmp_path).stdout)
     assert [x["seq"] for x in listed] == list(range(1, len(listed) + 1)) and listed
 
-    again = tether(
-        "run",
-        refund,
-        "--model",
-        f"replay:{run_id}",
-        "--input",
-        '{"order_id": "A-1001", "reason": "broken"}',
-        "--answer",
-        "approve-all",
-        "--db",
-        db,
-        "--json",
-        cwd=tmp_path,
-    )
+    again = refund_run(f"replay:{run_id}")
     a, b = json.loads(first.stdout), json.loads(again.stdout)
     assert b["status"] == a["status"]
     assert [(s.get("decision"), s.get("outcome")) for s in b["steps"]] == [

@@ -234,13 +234,18 @@ def test_options_and_file_are_kept_in_the_model_name(local_model_installed: None
     assert resolve_model("local:model.gguf?max_tokens=64", tmp_path).name == f"local:{copy}?max_tokens=64"
 
 
-def test_a_run_is_pinned_to_the_model_file_wherever_it_is_resumed_from(
+def test_a_run_is_pinned_to_its_model_and_price_files_wherever_it_is_resumed_from(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     monkeypatch.chdir(tmp_path)
     assert pinned_model_spec("local:models/m.gguf?seed=3") == f"local:{tmp_path}/models/m.gguf?seed=3"
     assert pinned_model_spec("local?seed=3") == "local?seed=3"
     assert pinned_model_spec("local") == "local"
+    # A price table named relative to where the run started is found from anywhere later.
+    assert pinned_model_spec("openai:m?base_url=http://h:1/v1&prices=p.yaml") == (
+        f"openai:m?base_url=http://h:1/v1&prices={tmp_path}/p.yaml"
+    )
+    assert pinned_model_spec("anthropic:m?max_tokens=9") == "anthropic:m?max_tokens=9"
 
 
 def test_a_prompt_longer_than_the_context_window_is_rejected_not_crashed(

@@ -8,6 +8,7 @@ import sys
 from collections.abc import Coroutine
 from pathlib import Path
 from typing import Annotated, Any, NoReturn, TypeVar
+from urllib.parse import parse_qsl, urlencode
 
 import typer
 from rich.console import Console
@@ -73,13 +74,19 @@ def short(value: Any, width: int = 70) -> str:
 
 
 def pinned_model_spec(spec: str | None) -> str | None:
-    """A model string that works from any folder: a script's or model file's path made absolute."""
+    """A model string that works from any folder (a worker's, a later `resume`'s): a
+    script's or model file's path, and a `prices=` table's, made absolute."""
     if spec is None:
         return None
     prefix, _, arg = spec.partition(":")
     if prefix == "script" and arg:
         return f"script:{Path(arg).resolve()}"
-    file, mark, query = arg.partition("?")
+    head, mark, query = spec.partition("?")
+    file = arg.partition("?")[0]
     if prefix == "local" and file:
-        return f"local:{Path(file).expanduser().resolve()}{mark}{query}"
-    return spec
+        head = f"local:{Path(file).expanduser().resolve()}"
+    options = parse_qsl(query, keep_blank_values=True)
+    if any(key == "prices" for key, _ in options):
+        pinned = [(k, str(Path(v).expanduser().resolve()) if k == "prices" else v) for k, v in options]
+        query = urlencode(pinned, safe="/:")
+    return f"{head}{mark}{query}"
