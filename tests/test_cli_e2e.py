@@ -168,14 +168,21 @@ def test_refund_pauses_for_approval_and_completes_once_a_supervisor_approves(cli
     assert f"tether approve {ticket_id}" in flat(started.stdout)
     assert ledger_rows(cli.ledger) == []  # nothing is refunded while the run waits
 
+    # While it is driven, each committed step is shown on stderr as it happens.
+    progress = flat(started.stderr)
+    assert 'lookup_order(order_id="A-1001") → allow by default:read → executed' in progress
+    assert "→ deny by refund-over-hard-limit → refused (policy_denied)" in progress
+    assert "→ ask by refund-above-100-needs-approval → awaiting_approval (approval_required)" in progress
+
     approved = cli("approve", ticket_id, "--by", "supervisor", "--reason", "photo checks out")
     assert approved.returncode == 0, approved.stderr
     assert f"ticket {ticket_id} approved" in flat(approved.stdout)
     assert cli.json("approvals") == []  # nothing pending any more
 
-    resumed = cli("resume", run_id)
+    resumed = cli("resume", run_id, "--quiet")
     assert resumed.returncode == 0, resumed.stderr
     assert "completed" in resumed.stdout
+    assert "issue_refund" not in resumed.stderr  # --quiet: no progress lines
 
     shown = cli.json("show", run_id)
     assert shown["run"]["status"] == "completed"
@@ -331,9 +338,10 @@ def test_a_ticket_is_approved_once_and_cannot_be_denied_after_it_is_decided(cli:
     assert deny.returncode == 2
     assert f"ticket {ticket_id} is already approved" in flat(deny.stderr)
 
-    resumed = cli("resume", run_id)
+    resumed = cli("resume", run_id, "--quiet")
     assert resumed.returncode == 0, resumed.stderr
     assert "completed" in resumed.stdout
+    assert "issue_refund" not in resumed.stderr  # --quiet: no progress lines
     assert len(ledger_rows(cli.ledger)) == 1  # one approval, one refund
 
     used = cli("approve", ticket_id, "--by", "supervisor")

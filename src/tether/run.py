@@ -46,8 +46,11 @@ class RunCursor:
         *,
         clock: Callable[[], float] = time.time,
         lease: tuple[str, float] | None = None,
+        on_commit: Callable[[list[Entry]], None] | None = None,
     ) -> None:
         self.record = record
+        # Told of every entry once it is committed (progress, tracing); it cannot change them.
+        self.on_commit = on_commit
         self.workflow = workflow
         self.policy = policy
         self.journal = journal
@@ -171,6 +174,8 @@ class RunCursor:
         self._buffered, self._dirty, self._exchanges = [], set(), []
         if written:
             self.record.last_seq, self.record.last_hash = written[-1].seq, written[-1].hash
+            if self.on_commit is not None:
+                self.on_commit(written)
         return written
 
     def decide(

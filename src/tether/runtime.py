@@ -25,6 +25,7 @@ from tether.errors import RunStateError
 from tether.journal import (
     FINISHED,
     Commit,
+    Entry,
     Journal,
     LeaseHeld,
     ModelExchange,
@@ -94,10 +95,13 @@ class Runtime:
         worker_id: str | None = None,
         lease_seconds: float = 30.0,
         record_exchanges: bool = True,
+        on_commit: Callable[[list[Entry]], None] | None = None,
     ) -> None:
         self.journal = journal
         # Model calls (prompts, raw responses, attempts) are kept apart from the entries.
         self.record_exchanges = record_exchanges
+        # Called with the entries of every commit of the runs it drives, once they are durable.
+        self.on_commit = on_commit
         self.clock = clock
         self.worker_id = worker_id or f"{socket.gethostname()}:{os.getpid()}:{secrets.token_hex(3)}"
         self.lease_seconds = lease_seconds
@@ -139,6 +143,7 @@ class Runtime:
             self.journal,
             clock=self.clock,
             lease=(self.worker_id, self.lease_seconds),
+            on_commit=self.on_commit,
         )
         return await self._drive(cursor, model)
 
@@ -286,6 +291,7 @@ class Runtime:
             self.journal,
             clock=self.clock,
             lease=(self.worker_id, self.lease_seconds),
+            on_commit=self.on_commit,
         )
         if record.status == "queued":
             cursor.record.status = "running"

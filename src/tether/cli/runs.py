@@ -14,6 +14,7 @@ from pathlib import Path
 from typing import Annotated, Any
 
 import typer
+from rich.markup import escape
 from rich.table import Table
 
 from tether.cli.common import (
@@ -33,13 +34,17 @@ from tether.cli.common import (
     short,
 )
 from tether.errors import TetherError
-from tether.journal import Journal, verify_chain
+from tether.journal import Entry, Journal, verify_chain
 from tether.loader import load_workflow, workflow_ref
 from tether.models import Model, close_model, resolve_model
 from tether.runtime import RunResult, Runtime
 from tether.timeline import timeline
 
 app = typer.Typer()
+
+QuietOption = Annotated[
+    bool, typer.Option("--quiet", "-q", help="No line per step on stderr while the run is driven.")
+]
 
 
 def _model(spec: str | None, journal: Journal) -> tuple[Model | None, str | None]:
@@ -128,6 +133,7 @@ def run(
         ),
     ] = None,
     as_json: JsonOption = False,
+    quiet: QuietOption = False,
 ) -> None:
     """Start a run and drive it until it completes, pauses or stops."""
     if answer not in (None, "approve-all", "deny-all"):
@@ -142,7 +148,7 @@ def run(
         wf = load_workflow(workflow, policy=policy)
     except TetherError as exc:
         fail(str(exc))
-    runtime = Runtime(open_store(db))
+    runtime = Runtime(open_store(db), on_commit=None if as_json or quiet else _progress)
     proposer, spec = _model(model, runtime.journal)
 
     async def go() -> RunResult:
@@ -172,10 +178,11 @@ def resume(
     db: DbOption = None,
     wait: WaitOption = False,
     as_json: JsonOption = False,
+    quiet: QuietOption = False,
 ) -> None:
     """Continue a paused or interrupted run from its last committed step."""
     journal = open_store(db)
-    runtime = Runtime(journal)
+    runtime = Runtime(journal, on_commit=None if as_json or quiet else _progress)
 
     async def go() -> RunResult:
         record = await journal.get_run(run_id)
@@ -282,21 +289,38 @@ def exchanges(
             out.print(f"      → {short(x.output, 100)}", soft_wrap=True)
 
 
+def _proposed(row: dict[str, Any]) -> str:
+    """What an entry's proposal asked for, in one short line."""
+    proposal = row.get("proposal")
+    if isinstance(proposal, dict) and proposal.get("kind") == "tool_call":
+        args = ", ".join(f"{k}={json.dumps(v)}" for k, v in (proposal.get("args") or {}).items())
+        return f"[cyan]{escape(str(proposal['tool']))}[/]({escape(short(args, 60))})"
+    if isinstance(proposal, dict):
+        label = proposal.get("exit") or proposal.get("question") or proposal.get("to") or ""
+        return f"[cyan]{proposal.get('kind')}[/] {escape(short(label, 60))}"
+    if proposal is not None:
+        return f"[red]unparseable[/] {escape(short(proposal, 60))}"
+    return f"[dim]{'deterministic step' if row['kind'] == 'step' else row['kind']}[/]"
+
+
+def _progress(entries: list[Entry]) -> None:
+    """One line on stderr per entry as it is committed: a long run shows where it is."""
+    for row in timeline(entries):
+        decided = f" {row['decision']} by {row['rule_id']} →" if row.get("decision") else ""
+        went_on = row["outcome"] in ("executed", "transition", "intent recorded, effect starting")
+        code = f" ({row['reason_code']})" if row.get("reason_code") and not went_on else ""
+        err.print(
+            f"  {row['step_id'] or '--':<4} {row['state'] or '':<10} {_proposed(row)} →{decided} "
+            f"{row['outcome']}{code}",
+            soft_wrap=True,
+            highlight=False,
+        )
+
+
 def _timeline_row(row: dict[str, Any]) -> str:
     """Two or three lines per entry: what was proposed, what was decided, what happened."""
     head = f"\n[bold]{row['seq']:>3}[/] {row['step_id'] or '--':<4} {row['state'] or '':<10} "
-    proposal = row.get("proposal")
-    if isinstance(proposal, dict) and proposal.get("kind") == "tool_call":
-        args = ", ".join(f"{k}={json.dumps(v)}" for k, v in proposal.get("args", {}).items())
-        head += f"[cyan]{proposal['tool']}[/]({short(args, 60)})"
-    elif isinstance(proposal, dict):
-        label = proposal.get("exit") or proposal.get("question") or proposal.get("to") or ""
-        head += f"[cyan]{proposal.get('kind')}[/] {short(label, 60)}"
-    elif proposal is not None:
-        head += f"[red]unparseable[/] {short(proposal, 60)}"
-    else:
-        head += f"[dim]{'deterministic step' if row['kind'] == 'step' else row['kind']}[/]"
-    lines = [head]
+    lines = [head + _proposed(row)]
     if row.get("decision"):
         colour = {"allow": "green", "ask": "yellow", "defer": "yellow"}.get(row["decision"], "red")
         reason = f" — {short(row['reason'], 70)}" if row.get("reason") else ""
