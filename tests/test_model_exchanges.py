@@ -239,3 +239,19 @@ def test_cli_shows_replays_and_prunes_exchanges(tmp_path: Path) -> None:
     assert "no recorded model exchanges" in gone.stdout
     unknown = tether("exchanges", "nope", "--db", db, cwd=tmp_path)
     assert unknown.returncode == 2 and "no run 'nope'" in unknown.stderr + unknown.stdout
+
+
+def test_an_observer_sees_every_commit_and_its_failure_is_not_the_runs(journal: Journal, shop: Shop) -> None:
+    seen: list[str] = []
+
+    def observe(entries: list[Any]) -> None:
+        seen.extend(e.kind for e in entries)
+        raise BrokenPipeError("the terminal went away")
+
+    async def scenario() -> None:
+        result = await Runtime(journal, on_commit=observe).start(shop.workflow(), wandering_model(2))
+        assert result.status == "completed"
+        committed = [e.kind for e in await journal.read_entries(result.run_id)]
+        assert seen == committed[1:]  # everything after run_started, which is written at creation
+
+    run(scenario())

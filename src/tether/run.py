@@ -7,6 +7,7 @@ across a commit. `RunCursor.commit` is the one way the runtime writes.
 from __future__ import annotations
 
 import functools
+import logging
 import time
 from collections.abc import Callable
 from typing import Any, Literal
@@ -18,6 +19,7 @@ from tether.tools import ToolContext
 from tether.workflow import Workflow
 
 EXECUTED = ("executed", "verification_failed")
+log = logging.getLogger("tether.run")
 
 
 def new_visit(state: str, number: int, started_seq: int) -> dict[str, Any]:
@@ -175,7 +177,10 @@ class RunCursor:
         if written:
             self.record.last_seq, self.record.last_hash = written[-1].seq, written[-1].hash
             if self.on_commit is not None:
-                self.on_commit(written)
+                try:
+                    self.on_commit(written)
+                except Exception:  # an observer's failure (a closed terminal, say) is not the run's
+                    log.exception("on_commit observer failed for run %s", self.run_id)
         return written
 
     def decide(
