@@ -152,7 +152,9 @@ def journal(store: Store) -> Journal:
 NOW = time.time()
 
 
-def record(run_id: str, *, status: str = "queued", workflow: str = "w", age: float = 0.0) -> RunRecord:
+def record(
+    run_id: str, *, status: str = "queued", workflow: str = "w", age: float = 0.0, ref: str = "tests"
+) -> RunRecord:
     """A run last touched `age` seconds ago (claim takes the oldest first)."""
     at = NOW - 1000 - age
     return RunRecord(
@@ -160,7 +162,7 @@ def record(run_id: str, *, status: str = "queued", workflow: str = "w", age: flo
         workflow_name=workflow,
         workflow_version="1",
         workflow_hash="sha256:wf",
-        workflow_ref="tests",
+        workflow_ref=ref,
         policy_hash="sha256:policy",
         status=status,  # type: ignore[arg-type]
         state="start",
@@ -508,6 +510,21 @@ def test_claim_takes_the_oldest_runnable_run(journal: Journal) -> None:
 
         await journal.release("queued-old", "w1")  # released runs are claimable again
         assert (await journal.claim("w2", lease_seconds=30, now=now)).run_id == "queued-old"  # type: ignore[union-attr]
+
+    run(scenario())
+
+
+def test_claim_passes_over_runs_a_worker_cannot_drive(journal: Journal) -> None:
+    async def scenario() -> None:
+        now = time.time()
+        await start(journal, "gone-workflow", age=9)
+        await start(journal, "gateway", age=8, ref="<mcp-gateway>")  # driven by its own process
+        await start(journal, "young", age=1)
+        claimed = await journal.claim("w1", lease_seconds=30, now=now, skip_runs={"gone-workflow"})
+        assert claimed is not None and claimed.run_id == "young"
+        assert await journal.claim("w1", lease_seconds=30, now=now, skip_runs={"gone-workflow"}) is None
+        assert (await journal.claim("w2", lease_seconds=30, now=now)).run_id == "gone-workflow"  # type: ignore[union-attr]
+        assert (await journal.get_run("gateway")).lease_owner is None
 
     run(scenario())
 

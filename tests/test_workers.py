@@ -9,7 +9,9 @@ from __future__ import annotations
 import asyncio
 import os
 import random
+import shutil
 import signal
+import sqlite3
 import subprocess
 import sys
 import time
@@ -219,6 +221,23 @@ def test_submit_from_the_command_line_then_a_worker_runs_it(tmp_path: Path) -> N
     run_id = json.loads(submitted.stdout)["run_id"]
     journal = open_journal(db)
     assert statuses(journal)[run_id] == "queued"
+    # An older run whose workflow folder is gone: the worker cannot drive it, leaves it
+    # untouched, and must not let it stand in front of the runs it can drive.
+    gone = tmp_path / "gone"
+    shutil.copytree(CHAOS, gone)
+    older = subprocess.run(
+        [sys.executable, "-m", "tether", "submit", str(gone), "--model", SCRIPT, "--db", db, "--json"],
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=60,
+        cwd=ROOT,
+    )
+    stuck = json.loads(older.stdout)["run_id"]
+    journal.close()
+    with sqlite3.connect(db) as conn:
+        conn.execute("UPDATE runs SET updated_at = updated_at - 60 WHERE run_id = ?", (stuck,))
+    shutil.rmtree(gone)
     worker = subprocess.run(
         [sys.executable, "-m", "tether", "worker", "--db", db, "--until-idle"],
         env=env,
@@ -228,7 +247,9 @@ def test_submit_from_the_command_line_then_a_worker_runs_it(tmp_path: Path) -> N
         cwd=ROOT,
     )
     assert worker.returncode == 0, worker.stderr
+    journal = open_journal(db)
     assert statuses(journal)[run_id] == "completed"
+    assert statuses(journal)[stuck] == "queued" and f"run {stuck} cannot be driven here" in worker.stderr
     journal.close()
 
 

@@ -90,10 +90,8 @@ class Worker:
                     lease_seconds=self.runtime.lease_seconds,
                     now=self.runtime.clock(),
                     limits=self.limits or None,
+                    skip_runs=self._unloadable,
                 )
-            if claimed is not None and claimed.run_id in self._unloadable:
-                await self.journal.release(claimed.run_id, self.worker_id)
-                claimed = None
             if claimed is not None:
                 self.stats.claimed += 1
                 task = asyncio.create_task(self._drive(claimed))

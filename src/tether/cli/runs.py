@@ -35,6 +35,7 @@ from tether.cli.common import (
 )
 from tether.errors import TetherError
 from tether.journal import Entry, Journal, verify_chain
+from tether.journal.common import SELF_DRIVEN
 from tether.loader import load_workflow, workflow_ref
 from tether.models import Model, close_model, resolve_model
 from tether.runtime import RunResult, Runtime
@@ -378,11 +379,11 @@ def _decide(
         )
     )
     record = run_async(journal.get_run(ticket.run_id))
-    # A workflow built in code by the process that drives it (an MCP gateway's, named
-    # "<...>") cannot be resumed from here: that process picks the decision up itself.
+    # A workflow built in code by the process that drives it (an MCP gateway's) cannot be
+    # resumed from here: that process picks the decision up itself.
     hint = (
         f"the process driving it ({record.workflow_ref}) continues it"
-        if record.workflow_ref.startswith("<")
+        if record.workflow_ref.startswith(SELF_DRIVEN)
         else f"tether resume {ticket.run_id}"
     )
     out.print(f"ticket {ticket.ticket_id} {ticket.status}; run {ticket.run_id} can continue: {hint}")

@@ -12,7 +12,7 @@ pruned on their own retention; the entries are append-only.
 from __future__ import annotations
 
 import os
-from collections.abc import Mapping
+from collections.abc import Collection, Mapping
 from pathlib import Path
 from typing import Protocol
 
@@ -91,12 +91,15 @@ class Journal(Protocol):
         lease_seconds: float,
         now: float,
         limits: Mapping[str, int] | None = None,
+        skip_runs: Collection[str] = (),
     ) -> RunRecord | None:
         """Lease the oldest runnable run to `worker_id`, or None if there is none.
 
-        Runnable: no live lease, and queued or running, or paused on a ticket that was
-        decided or has expired. `limits` caps, per workflow name, how many of its runs may
-        be leased at once. No two claimers ever get the same run.
+        Runnable: no live lease, a workflow a worker can load (not one built in code by the
+        process driving it), and queued or running, or paused on a ticket that was decided
+        or has expired. `limits` caps, per workflow name, how many of its runs may be leased
+        at once; `skip_runs` are passed over (runs this worker found it cannot drive). No
+        two claimers ever get the same run.
         """
         ...
 

@@ -163,10 +163,17 @@ def fence_sql(writer: str | None, now: float, ph: str) -> tuple[str, tuple[Any, 
     return f"(lease_owner IS NULL OR lease_expires_at <= {ph})", (now,)
 
 
+# A workflow_ref starting so names a workflow built in code by the one process that drives
+# its runs (an MCP gateway's, "<mcp-gateway>"): no worker could load it, so none claims them.
+SELF_DRIVEN = "<"
+
+
 def runnable_sql(ph: str) -> str:
-    """Runs a worker may claim at time `now` (pass it twice): nobody holds a live lease, and
-    the run is queued or running, or paused on a ticket that was decided or has expired."""
+    """Runs a worker may claim at time `now` (pass it twice): nobody holds a live lease, the
+    workflow is loadable from its ref, and the run is queued or running, or paused on a
+    ticket that was decided or has expired."""
     return f"""(r.lease_owner IS NULL OR r.lease_expires_at <= {ph})
+        AND substr(r.workflow_ref, 1, 1) <> '{SELF_DRIVEN}'
         AND (r.status IN ('queued', 'running') OR (r.status = 'paused' AND EXISTS (
             SELECT 1 FROM tickets t WHERE t.ticket_id = r.pending_ticket_id
             AND (t.status <> 'pending' OR t.expires_at <= {ph}))))"""

@@ -26,7 +26,7 @@ from __future__ import annotations
 import asyncio
 import time
 import weakref
-from collections.abc import AsyncIterator, Mapping
+from collections.abc import AsyncIterator, Collection, Mapping
 from contextlib import asynccontextmanager
 from typing import Any
 from urllib.parse import parse_qsl, urlencode, urlsplit, urlunsplit
@@ -300,6 +300,7 @@ class PostgresJournal:
         lease_seconds: float,
         now: float,
         limits: Mapping[str, int] | None = None,
+        skip_runs: Collection[str] = (),
     ) -> RunRecord | None:
         await self._listen()  # listen before looking, so no wake-up is missed after a miss
         limits = dict(limits or {})
@@ -309,9 +310,9 @@ class PostgresJournal:
                 skip += await _workflows_at_limit(conn, limits, now, skip)
                 cursor = await conn.execute(
                     f"SELECT r.run_id, r.workflow_name FROM runs r WHERE {runnable_sql('%s')} "
-                    "AND r.workflow_name <> ALL(%s) ORDER BY r.updated_at, r.run_id "
+                    "AND r.workflow_name <> ALL(%s) AND r.run_id <> ALL(%s) ORDER BY r.updated_at, r.run_id "
                     "LIMIT 1 FOR UPDATE OF r SKIP LOCKED",
-                    (now, now, skip),
+                    (now, now, skip, list(skip_runs)),
                 )
                 row = await cursor.fetchone()
                 if row is None:

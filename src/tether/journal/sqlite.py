@@ -14,7 +14,7 @@ from __future__ import annotations
 import asyncio
 import sqlite3
 import time
-from collections.abc import Mapping
+from collections.abc import Collection, Mapping
 from pathlib import Path
 from typing import Any
 
@@ -221,14 +221,17 @@ class SQLiteJournal:
         lease_seconds: float,
         now: float,
         limits: Mapping[str, int] | None = None,
+        skip_runs: Collection[str] = (),
     ) -> RunRecord | None:
         with self._transaction(durable=False):
             full = self._workflows_at_limit(limits or {}, now)
             skip = f"AND r.workflow_name NOT IN ({', '.join('?' * len(full))})" if full else ""
+            if skip_runs:
+                skip += f" AND r.run_id NOT IN ({', '.join('?' * len(skip_runs))})"
             row = self._db.execute(
                 f"SELECT r.run_id FROM runs r WHERE {runnable_sql('?')} {skip} "
                 "ORDER BY r.updated_at, r.run_id LIMIT 1",
-                (now, now, *full),
+                (now, now, *full, *skip_runs),
             ).fetchone()
             if row is None:
                 return None

@@ -40,6 +40,7 @@ from urllib.parse import urlparse
 from tether import __version__
 from tether.errors import PolicyFileError, TetherError, TicketError
 from tether.journal import Journal, LeaseHeld, Ticket
+from tether.journal.common import SELF_DRIVEN
 from tether.mcp.client import McpError, McpServer, McpServerSpec, McpTool, McpToolError
 from tether.models.protocol import Exchange, ModelContext, ModelReply
 from tether.policy import Decision, Policy
@@ -61,7 +62,8 @@ except ImportError as exc:  # pragma: no cover - depends on the installed extras
 log = logging.getLogger("tether.mcp.gateway")
 
 STATE = "gateway"
-WORKFLOW_REF = "<mcp-gateway>"  # what `tether resume` would load: nothing; only the gateway drives it
+# Marked self-driven: `tether resume` and workers cannot load it; only the gateway drives it.
+WORKFLOW_REF = f"{SELF_DRIVEN}mcp-gateway>"
 META_KEY = "tether"
 # A fresh visit of the gateway state every so many calls (exit `rotate`), so that the visit's
 # transcript, which the runtime keeps in memory, stays bounded however long the session.
