@@ -207,14 +207,18 @@ def test_sigterm_drains_and_another_worker_finishes(tmp_path: Path) -> None:
 def test_submit_from_the_command_line_then_a_worker_runs_it(tmp_path: Path) -> None:
     db = str(tmp_path / "journal.db")
     env = worker_env(str(tmp_path / "effects.db"))
-    submitted = subprocess.run(
-        [sys.executable, "-m", "tether", "submit", str(CHAOS), "--model", SCRIPT, "--db", db, "--json"],
-        env=env,
-        capture_output=True,
-        text=True,
-        timeout=60,
-        cwd=ROOT,
-    )
+
+    def tether(*args: str) -> subprocess.CompletedProcess[str]:
+        return subprocess.run(
+            [sys.executable, "-m", "tether", *args, "--db", db],
+            env=env,
+            capture_output=True,
+            text=True,
+            timeout=60,
+            cwd=ROOT,
+        )
+
+    submitted = tether("submit", str(CHAOS), "--model", SCRIPT, "--json")
     assert submitted.returncode == 0, submitted.stderr
     import json
 
@@ -225,27 +229,13 @@ def test_submit_from_the_command_line_then_a_worker_runs_it(tmp_path: Path) -> N
     # untouched, and must not let it stand in front of the runs it can drive.
     gone = tmp_path / "gone"
     shutil.copytree(CHAOS, gone)
-    older = subprocess.run(
-        [sys.executable, "-m", "tether", "submit", str(gone), "--model", SCRIPT, "--db", db, "--json"],
-        env=env,
-        capture_output=True,
-        text=True,
-        timeout=60,
-        cwd=ROOT,
-    )
+    older = tether("submit", str(gone), "--model", SCRIPT, "--json")
     stuck = json.loads(older.stdout)["run_id"]
     journal.close()
     with sqlite3.connect(db) as conn:
         conn.execute("UPDATE runs SET updated_at = updated_at - 60 WHERE run_id = ?", (stuck,))
     shutil.rmtree(gone)
-    worker = subprocess.run(
-        [sys.executable, "-m", "tether", "worker", "--db", db, "--until-idle"],
-        env=env,
-        capture_output=True,
-        text=True,
-        timeout=60,
-        cwd=ROOT,
-    )
+    worker = tether("worker", "--until-idle")
     assert worker.returncode == 0, worker.stderr
     journal = open_journal(db)
     assert statuses(journal)[run_id] == "completed"

@@ -39,12 +39,12 @@ from urllib.parse import urlparse
 
 from tether import __version__
 from tether.errors import PolicyFileError, TetherError, TicketError
-from tether.journal import Journal, LeaseHeld, Ticket
+from tether.journal import Journal, Ticket
 from tether.journal.common import SELF_DRIVEN
 from tether.mcp.client import McpError, McpServer, McpServerSpec, McpTool, McpToolError
 from tether.models.protocol import Exchange, ModelContext, ModelReply
 from tether.policy import Decision, Policy
-from tether.runtime import RunResult, Runtime
+from tether.runtime import Runtime
 from tether.tools import ToolContext
 from tether.workflow import AgentState, Budget, Terminal, Workflow
 
@@ -404,7 +404,7 @@ class Gateway:
             )
             while result.status == "paused" and result.ticket_id:
                 await self._await_decision(result.ticket_id)
-                result = await self._resume(result.run_id)
+                result = await self.runtime.resume(result.run_id, self.workflow, self.model)
             if result.status != "completed":
                 log.error(
                     "run %s is %s: %s: %s", result.run_id, result.status, result.reason_code, result.message
@@ -461,19 +461,6 @@ class Gateway:
             await self.journal.decide_ticket(
                 ticket.ticket_id, approve=False, by="mcp-gateway", reason=reason, now=time.time()
             )
-
-    async def _resume(self, run_id: str) -> RunResult:
-        assert self.model is not None and self.workflow is not None
-        deadline = time.monotonic() + self.runtime.lease_seconds + 5
-        while True:
-            try:
-                return await self.runtime.resume(run_id, self.workflow, self.model)
-            except LeaseHeld:
-                # A worker on the same journal saw the decided ticket and claimed the run; it
-                # cannot load the gateway's workflow and lets go at once.
-                if time.monotonic() > deadline:
-                    raise
-                await asyncio.sleep(POLL_SECONDS)
 
     # -- the MCP server ----------------------------------------------------------------
 

@@ -28,13 +28,12 @@ from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
-from urllib.parse import urlencode
 
 from pydantic import BaseModel, ConfigDict, Field
 
 from tether.errors import ModelSpecError
 from tether.models.chat import EXIT_FUNCTION, Turn, functions, proposal_from_call, system_prompt, turns
-from tether.models.options import parse_options
+from tether.models.options import parse_options, spec_query
 from tether.models.protocol import Exchange, ModelContext, ModelReply, Usage
 from tether.models.retry import Failure, RetryPolicy, call_with_retries
 from tether.proposals import proposal_json_schema
@@ -69,8 +68,7 @@ class LocalOptions(BaseModel):
     timeout: float = Field(300.0, gt=0, description="seconds per call, waiting for the model included")
 
     def query(self) -> str:
-        changed = self.model_dump(exclude_defaults=True)
-        return "?" + urlencode(changed) if changed else ""
+        return spec_query(self)
 
 
 def _llama() -> Any:

@@ -91,10 +91,14 @@ class AdapterOptions(BaseModel):
         return self.max_tokens if tokens_left is None else max(1, min(self.max_tokens, tokens_left))
 
     def query(self) -> str:
-        """The options that differ from the defaults, as `?key=value&...` (or ""): with the
-        model name, a spec that resolves to this adapter again (a run's pinned model)."""
-        changed = self.model_dump(exclude_defaults=True)
-        return "?" + urlencode(changed, safe="/:") if changed else ""
+        return spec_query(self)
+
+
+def spec_query(options: BaseModel) -> str:
+    """The options that differ from the defaults, as `?key=value&...` (or ""): with the
+    model name, a spec that resolves to the same adapter again (a run's pinned model)."""
+    changed = options.model_dump(exclude_defaults=True)
+    return "?" + urlencode(changed, safe="/:") if changed else ""
 
 
 def parse_spec(prefix: str, arg: str) -> tuple[str, AdapterOptions]:
