@@ -242,7 +242,7 @@ def show(
                 "run": record.model_dump(),
                 "steps": steps,
                 "chain": {"intact": not problems, "problems": problems},
-                "entries": [e.model_dump() for e in entries],
+                "entries": [e.as_dict() for e in entries],
             }
         )
         return
