@@ -311,9 +311,8 @@ def test_a_denied_refund_is_not_paid_and_the_model_is_told_why(cli: Cli) -> None
     assert "no photo of the damage" in refusal["reason"]
     assert refusal["proposal"]["args"] == REFUND_ARGS
     # What the model observed is the refusal with the supervisor's reason.
-    [entry] = [e for e in shown["entries"] if e["seq"] == refusal["seq"]]
-    assert entry["body"]["observation"]["reason_code"] == "approval_denied"
-    assert "no photo of the damage" in entry["body"]["observation"]["reason"]
+    assert refusal["observation"]["reason_code"] == "approval_denied"
+    assert "no photo of the damage" in refusal["observation"]["reason"]
 
     assert not [e for e in shown["entries"] if e["kind"] == "intent"], "no refund was attempted"
     assert not [r for r in tool_rows(shown, "issue_refund") if r["outcome"] == "executed"]

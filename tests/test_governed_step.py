@@ -8,17 +8,13 @@ from typing import Any
 import msgspec
 import pytest
 
-from conftest import Shop, call, run
+from conftest import Shop, call, run, step_rows
 from tether import Budget, ReasonCode, Runtime, ScriptedModel, TicketError
-from tether.journal import Journal, verify_chain
+from tether.journal import Journal, bodies, verify_chain
 
 
 def steps(journal: Journal, run_id: str) -> list[dict[str, Any]]:
-    return [
-        e.body | {"kind": e.kind, "step_id": e.step_id}
-        for e in run(journal.read_entries(run_id))
-        if e.kind == "step"
-    ]
+    return step_rows(journal, run_id)
 
 
 def start(journal: Journal, shop: Shop, script: list[Any], **kw: Any) -> Any:
@@ -111,12 +107,16 @@ def test_allowed_write_commits_an_intent_then_the_verified_result(journal: Journ
     assert result.status == "completed"
     entries = run(journal.read_entries(result.run_id))
     kinds = [e.kind for e in entries]
-    assert kinds.index("intent") < kinds.index("step", kinds.index("intent"))
-    done = next(e for e in entries if e.kind == "step" and e.body.get("outcome") == "executed")
-    assert done.body["decision"]["rule_id"] == "refund-ok"
-    assert done.body["verification"]["ok"] is True
-    assert done.body["source"] == {"kind": "tool", "tool": "refund", "effect": "write"}
-    assert done.body["idempotency_key"] == f"{result.run_id}:{done.step_id}"
+    assert kinds.index("intent") < kinds.index("executed", kinds.index("intent"))
+    intent = next(e for e in entries if e.kind == "intent")
+    done = next(e for e in entries if e.kind == "executed")
+    assert intent.step_id == done.step_id
+    record = done.body
+    assert isinstance(record, bodies.Executed) and record.tool == "refund"
+    assert record.decision.rule_id == "refund-ok"
+    assert record.verification is not None and record.verification["ok"] is True
+    assert record.args_hash == intent.body.args_hash  # type: ignore[union-attr]
+    assert shop.keys == [f"{result.run_id}:{done.step_id}"]  # the idempotency key the tool got
     assert verify_chain(entries) == []
 
 
@@ -137,7 +137,7 @@ def test_failed_verification_is_recorded_and_escalates_when_declared(journal: Jo
     shop.refunds.append(("nothing", 0.0))  # noise the verifier must not be fooled by
     wf = shop.workflow(on_verification_failed="escalate")
     original = wf.states["shop"].tools[1].fn
-    wf.states["shop"].tools[1].fn = lambda order_id, amount: {"ok": True}  # claims success, does nothing
+    wf.states["shop"].tools[1].fn = lambda order_id, amount, ctx: {"ok": True}  # claims success, does nothing
     try:
         result = run(Runtime(journal).start(wf, ScriptedModel([call("refund", order_id="A1", amount=9.0)])))
     finally:
@@ -314,8 +314,9 @@ def test_handoff_and_defer_name_an_owner_and_keep_the_state_handed_over(journal:
     result = start(journal, shop, [{"kind": "handoff", "to": "billing", "note": "invoice question"}])
     assert (result.status, result.owner) == ("handed_off", "billing")
     handoff = next(e for e in run(journal.read_entries(result.run_id)) if e.kind == "handoff")
-    assert handoff.body["handoff"]["owner"] == "billing"
-    assert handoff.body["handoff"]["state"] == "shop"
+    record = handoff.body
+    assert isinstance(record, bodies.HandedOff)
+    assert (record.handoff.owner, record.handoff.state) == ("billing", "shop")
     assert handoff.step_id == "s1"
 
     policy = {

@@ -20,6 +20,7 @@ from typing import Any
 import pytest
 
 from tether import Evidence, Tool, ToolContext
+from tether.timeline import timeline
 
 RETAIL = Path(__file__).resolve().parents[1] / "examples" / "retail"
 TAU2_RETAIL = Path("/work/shared/benchmarks/tau2/retail")
@@ -54,7 +55,7 @@ def call(tool: Tool, ctx: ToolContext, **args: Any) -> Any:
 
 
 def verify(tool: Tool, ctx: ToolContext, result: Any, **args: Any) -> Evidence:
-    evidence = asyncio.run(tool.verify(tool.validate(args), result, ctx))
+    evidence = asyncio.run(tool.verify(tool.validate(args).values, result, ctx))
     assert evidence is not None
     return evidence
 
@@ -803,9 +804,13 @@ def test_a_governed_run_authenticates_then_cancels(db_file: Path, tmp_path: Path
     assert result.status == "completed", result
     assert record.facts["user_id"] == "lucas_brennan_8820"
     outcomes = [
-        (e.body["proposal"]["tool"], e.body["outcome"], e.body.get("reason_code"))
-        for e in entries
-        if e.body.get("proposal", {}).get("kind") == "tool_call" and "outcome" in e.body
+        (
+            row["proposal"]["tool"],
+            row["outcome"],
+            None if row["outcome"] == "executed" else row["reason_code"],
+        )
+        for row in timeline(entries)
+        if row["kind"] == "step" and (row["proposal"] or {}).get("kind") == "tool_call"
     ]
     assert outcomes == [
         ("cancel_pending_order", "refused", "policy_denied"),

@@ -17,6 +17,7 @@ from typing import TYPE_CHECKING, Annotated, Any, Literal
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
+from tether.budget import Limits
 from tether.errors import DefinitionError
 from tether.policy import Policy
 from tether.strict_yaml import load_yaml
@@ -76,6 +77,7 @@ class WorkflowDoc(_Strict):
     # name -> {command: [...]} or {url: ...}; checked by tether.mcp.catalog
     mcp_servers: dict[str, Any] = Field(default_factory=dict)
     budget: RunBudget = Field(default_factory=RunBudget)
+    limits: Limits = Field(default_factory=Limits)
     states: dict[str, Annotated[StepDoc | AgentDoc | TerminalDoc, Field(discriminator="kind")]] = Field(
         min_length=1
     )
@@ -174,6 +176,7 @@ def _from_yaml(path: Path, policy_override: str | Path | None) -> Workflow:
         policy=policy,
         resolvers=resolvers,
         budget=doc.budget,
+        limits=doc.limits,
         description=doc.description,
     )
 

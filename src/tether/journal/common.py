@@ -11,6 +11,7 @@ from datetime import UTC, datetime
 from typing import Any
 
 from tether.errors import ConcurrentWriteError
+from tether.journal.bodies import TicketDecided
 from tether.journal.records import (
     Commit,
     Entry,
@@ -190,16 +191,12 @@ def decision_entry(
     ticket: Ticket, run: RunRecord, status: str, by: str, reason: str, answer: str | None
 ) -> NewEntry:
     """The entry a ticket's decision appends to its run's journal."""
-    return NewEntry.of(
-        "ticket_decided",
-        step_id=ticket.step_id,
-        state=run.state,
-        body={
-            "ticket_id": ticket.ticket_id,
-            "status": status,
-            "by": by,
-            "reason": reason,
-            "answer": answer,
-            "args_hash": ticket.args_hash,
-        },
+    decided = TicketDecided(
+        ticket_id=ticket.ticket_id,
+        status=status,
+        by=by,
+        reason=reason,
+        answer=answer,
+        args_hash=ticket.args_hash,
     )
+    return NewEntry.of(decided, step_id=ticket.step_id, state=run.state)

@@ -10,6 +10,7 @@ from pydantic import BaseModel, Field
 
 from tether.errors import ConcurrentWriteError
 from tether.hashing import encode_json, sha256_hex
+from tether.journal import bodies
 
 RunStatus = Literal[
     "queued", "running", "paused", "completed", "failed", "escalated", "handed_off", "effect_in_doubt"
@@ -59,8 +60,9 @@ class NewEntry(msgspec.Struct, frozen=True):
     state: str | None = None
 
     @classmethod
-    def of(cls, kind: str, body: Any, *, step_id: str | None = None, state: str | None = None) -> NewEntry:
-        return cls(kind, encode_json(body), step_id, state)
+    def of(cls, record: bodies.Body, *, step_id: str | None = None, state: str | None = None) -> NewEntry:
+        """The entry that stores a typed record: its kind, and its body encoded once."""
+        return cls(bodies.KIND_OF[type(record)], encode_json(record), step_id, state)
 
 
 class Entry(msgspec.Struct):
@@ -80,13 +82,16 @@ class Entry(msgspec.Struct):
     created_at: float
 
     @property
-    def body(self) -> Any:
-        return msgspec.json.decode(self.body_json)
+    def body(self) -> bodies.Body | bodies.UnknownBody:
+        """The typed record this entry holds (decoded on each access: bind it once)."""
+        return bodies.decode(self.kind, self.body_json)
 
     def as_dict(self) -> dict[str, Any]:
-        """The entry as plain JSON values, its body decoded (for `show --json` and exports)."""
+        """The entry as plain JSON values, its body as its record (for `show --json`)."""
         values = {f: getattr(self, f) for f in self.__struct_fields__ if f != "body_json"}
-        return values | {"body": msgspec.json.decode(self.body_json)}
+        record = self.body
+        body = record.body if isinstance(record, bodies.UnknownBody) else msgspec.to_builtins(record)
+        return values | {"body": body}
 
 
 def entry_hash(

@@ -7,13 +7,19 @@ changed policy or tool shows up as a different journal of decisions: the basis o
 regression tests for real-model behaviour.
 
 The position in the recording is the number of exchanges the new run has already
-recorded, so a replayed run that pauses continues in another process where it was.
+recorded, so a replayed run that pauses continues in another process where it was. A run
+driven by an in-process model (scripted, a function) records no exchanges — its entries
+already hold every proposal — so its calls are read from its entries instead.
 """
 
 from __future__ import annotations
 
 from typing import Any
 
+import msgspec
+
+from tether.journal import Entry, ModelExchange
+from tether.journal import bodies as b
 from tether.models.protocol import Exchange, ModelCallError, ModelContext, ModelReply, Usage
 from tether.reasons import ReasonCode
 
@@ -29,6 +35,8 @@ class ReplayModel:
     async def propose(self, ctx: ModelContext) -> ModelReply:
         if self._recording is None:
             self._recording = await self.journal.read_exchanges(self.recorded_run)
+            if not self._recording:
+                self._recording = calls_from_entries(await self.journal.read_entries(self.recorded_run))
             if not self._recording:
                 raise ModelCallError(
                     ReasonCode.MODEL_ERROR,
@@ -61,3 +69,37 @@ class ReplayModel:
             usage=Usage.model_validate(recorded.usage),
             exchange=Exchange(request={"replay_of": self.recorded_run, "seq": recorded.seq}),
         )
+
+
+def calls_from_entries(entries: list[Entry]) -> list[ModelExchange]:
+    """A run's model calls as its entries hold them: each proposal (or unparseable output)
+    that began a governed step, and each model failure that escalated the run."""
+    calls: list[ModelExchange] = []
+    for e in entries:
+        record = e.body
+        output: Any = None
+        error = code = None
+        if (
+            isinstance(record, b.StepRecord) and not record.continuation and e.kind in b.STEP_KINDS
+        ) or isinstance(record, b.HandedOff):
+            output = b.proposed(record)
+        elif isinstance(record, b.Escalated) and (record.reason_code or "").startswith("model_"):
+            error, code = record.message or "model call failed", record.reason_code
+        else:
+            continue
+        usage = getattr(record, "usage", None)
+        calls.append(
+            ModelExchange(
+                run_id=e.run_id,
+                seq=len(calls) + 1,
+                step_id=e.step_id,
+                state=e.state or "",
+                model="entries",
+                created_at=e.created_at,
+                output=output,
+                usage=msgspec.to_builtins(usage) if usage is not None else {},
+                error=error,
+                reason_code=code,
+            )
+        )
+    return calls
