@@ -5,6 +5,7 @@ from __future__ import annotations
 import time
 from typing import Any
 
+import msgspec
 import pytest
 
 from conftest import Shop, call, run
@@ -240,10 +241,10 @@ def test_a_ticket_is_single_use_and_bound_to_its_arguments(journal: Journal, sho
         run(journal.commit(other))
     assert run(journal.get_ticket(ticket.ticket_id)).status == "approved"  # refused commit changed nothing
 
-    ok = other.model_copy(update={"consume": (ticket.ticket_id, ticket.args_hash)})
+    ok = msgspec.structs.replace(other, consume=(ticket.ticket_id, ticket.args_hash))
     run(journal.commit(ok))
     record = run(journal.get_run(paused.run_id))
-    again = ok.model_copy(update={"expected_seq": record.last_seq, "expected_hash": record.last_hash})
+    again = msgspec.structs.replace(ok, expected_seq=record.last_seq, expected_hash=record.last_hash)
     with pytest.raises(TicketError, match="consumed"):
         run(journal.commit(again))
     with pytest.raises(TicketError, match="already consumed"):

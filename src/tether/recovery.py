@@ -36,7 +36,7 @@ async def recover(cursor: RunCursor, intent: Entry) -> StepOutcome:
     )
     await cursor.commit(
         [
-            NewEntry(
+            NewEntry.of(
                 kind="effect_in_doubt",
                 step_id=intent.step_id,
                 state=intent.state,
@@ -117,7 +117,7 @@ async def _answer(step: GovernedStep, ticket: Ticket) -> StepOutcome:
         "observation": observation,
         "source": {"kind": "person", "by": ticket.decided_by},
     }
-    await step.cursor.commit([NewEntry(kind="step", step_id=step.step_id, state=step.state.name, body=body)])
+    await step.cursor.commit([NewEntry.of("step", body, step_id=step.step_id, state=step.state.name)])
     step._observe(body)
     return CONTINUE
 

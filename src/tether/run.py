@@ -159,12 +159,12 @@ class RunCursor:
         fields = {k: getattr(self.record, k) for k in ("state", "checkpoint", "status", *self._dirty)}
         written = await self.journal.commit(
             # Built from values this class already holds typed: no need to validate them again.
-            Commit.model_construct(
+            Commit(
                 run_id=self.run_id,
                 expected_seq=self.record.last_seq,
                 expected_hash=self.record.last_hash,
                 entries=[*self._buffered, *entries],
-                update=RunUpdate.model_construct(**fields),
+                update=RunUpdate(**fields),
                 new_tickets=tickets or [],
                 consume=consume,
                 exchanges=self._exchanges,

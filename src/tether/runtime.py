@@ -211,7 +211,7 @@ class Runtime:
         written = await self.journal.create_run(
             record,
             [
-                NewEntry(
+                NewEntry.of(
                     kind="run_started",
                     state=workflow.start,
                     body={
@@ -330,7 +330,7 @@ class Runtime:
             "source": {"kind": "person", "by": by},
             "observation": observation,
         }
-        entry = NewEntry(kind="step", step_id=doubt.step_id, state=doubt.state, body=body)
+        entry = NewEntry.of(kind="step", step_id=doubt.step_id, state=doubt.state, body=body)
         return await self._record(
             record, entry, RunUpdate(status="running", owner=None, reason_code=None, message=None)
         )
@@ -375,7 +375,7 @@ class Runtime:
             policy_hash=policy.hash,
             policy_ref=policy_ref,
         )
-        return await self._record(record, NewEntry(kind="migrated", state=record.state, body=moved), update)
+        return await self._record(record, NewEntry.of("migrated", moved, state=record.state), update)
 
     async def _record(self, record: RunRecord, entry: NewEntry, update: RunUpdate) -> RunResult:
         """A person's act on a run nobody is driving (resolve, migrate): one synced commit."""
@@ -421,7 +421,7 @@ class Runtime:
                 status = "failed" if state.failed else "completed"
                 await cursor.commit(
                     [
-                        NewEntry(
+                        NewEntry.of(
                             kind="run_finished",
                             state=state.name,
                             body={"status": status, "data": cursor.record.data},
@@ -456,7 +456,7 @@ class Runtime:
             message = f"{type(exc).__name__}: {exc}"
             await cursor.commit(
                 [
-                    NewEntry(
+                    NewEntry.of(
                         kind="step",
                         step_id=step_id,
                         state=state.name,
@@ -483,7 +483,7 @@ class Runtime:
         }
         cursor.enter(nxt.to, entries_in_commit=1)
         await cursor.commit(
-            [NewEntry(kind="step", step_id=step_id, state=state.name, body=body)],
+            [NewEntry.of(kind="step", step_id=step_id, state=state.name, body=body)],
             data={**cursor.record.data, **nxt.update},
             facts={**cursor.record.facts, **nxt.facts} if nxt.facts else None,
             buffer=not state.checkpoint,
@@ -578,14 +578,14 @@ class Runtime:
         if outcome.kind == "transition":
             assert outcome.to is not None
             step_id = outcome.update["observation"]["step_id"]
-            entry = NewEntry(kind="step", step_id=step_id, state=state_name, body=outcome.update)
+            entry = NewEntry.of(kind="step", step_id=step_id, state=state_name, body=outcome.update)
             cursor.enter(outcome.to, entries_in_commit=1)
             await cursor.commit([entry], status="running", data=cursor.record.data, consume=outcome.consume)
         elif outcome.kind == "handoff":
             handed = outcome.update["handoff"]
             await cursor.commit(
                 [
-                    NewEntry(
+                    NewEntry.of(
                         kind="handoff",
                         step_id=outcome.update["step_id"],
                         state=state_name,
@@ -601,7 +601,7 @@ class Runtime:
             status = "escalated" if outcome.kind == "escalate" else "failed"
             await cursor.commit(
                 [
-                    NewEntry(
+                    NewEntry.of(
                         kind=status,
                         state=state_name,
                         body={

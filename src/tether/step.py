@@ -180,7 +180,7 @@ class GovernedStep:
         consume = (ticket_id, args_hash) if ticket_id else None
         if tool.effect != "read":
             await cursor.commit(
-                [NewEntry(kind="intent", step_id=self.step_id, state=self.state.name, body=base)],
+                [NewEntry.of(kind="intent", step_id=self.step_id, state=self.state.name, body=base)],
                 consume=consume,
                 durable=True,
             )
@@ -485,7 +485,7 @@ class GovernedStep:
         )
 
     def _entry(self, body: dict[str, Any]) -> NewEntry:
-        return NewEntry(kind="step", step_id=self.step_id, state=self.state.name, body=body)
+        return NewEntry.of(kind="step", step_id=self.step_id, state=self.state.name, body=body)
 
     def _observe(self, body: dict[str, Any]) -> None:
         self.cursor.transcript.extend(messages_for(body))

@@ -310,7 +310,7 @@ def show(
                 "lease": lease,
                 "steps": steps,
                 "chain": {"intact": not problems, "problems": problems},
-                "entries": [e.model_dump() for e in entries],
+                "entries": [e.as_dict() for e in entries],
             }
         )
         return
