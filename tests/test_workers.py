@@ -77,7 +77,10 @@ def submit(journal: Journal, count: int) -> list[str]:
 
 def spawn_worker(db: str, env: dict[str, str], *extra: str) -> subprocess.Popen[bytes]:
     return subprocess.Popen(
-        [sys.executable, "-m", "tether", "worker", "--db", db, "--lease", "2", "--concurrency", "8", *extra],
+        [
+            *(sys.executable, "-m", "tether", "worker", "--db", db, "--workflows", str(CHAOS)),
+            *("--lease", "2", "--concurrency", "8", *extra),
+        ],
         env=env,
         stdout=subprocess.DEVNULL,
         stderr=subprocess.DEVNULL,
@@ -90,7 +93,8 @@ def statuses(journal: Journal) -> dict[str, str]:
 
 
 def worker_env(effects_url: str) -> dict[str, str]:
-    return {**os.environ, "EFFECTS_URL": effects_url, "PYTHONPATH": str(CHAOS)}
+    path = os.pathsep.join(p for p in (str(CHAOS), os.environ.get("PYTHONPATH")) if p)
+    return {**os.environ, "EFFECTS_URL": effects_url, "PYTHONPATH": path}
 
 
 def wait_until_settled(journal: Journal, ids: list[str], seconds: float, tick: Any = None) -> dict[str, str]:
@@ -189,7 +193,7 @@ def test_sigterm_drains_and_another_worker_finishes(tmp_path: Path) -> None:
     assert all(r.lease_owner is None for r in records), "a drained worker leaves no lease behind"
 
     second = subprocess.run(
-        [sys.executable, "-m", "tether", "worker", "--db", db, "--until-idle"],
+        [sys.executable, "-m", "tether", "worker", "--db", db, "--workflows", str(CHAOS), "--until-idle"],
         env=env,
         capture_output=True,
         text=True,
@@ -225,21 +229,26 @@ def test_submit_from_the_command_line_then_a_worker_runs_it(tmp_path: Path) -> N
     run_id = json.loads(submitted.stdout)["run_id"]
     journal = open_journal(db)
     assert statuses(journal)[run_id] == "queued"
-    # An older run whose workflow folder is gone: the worker cannot drive it, leaves it
+    # An older run of a version whose folder is gone: the worker cannot drive it, leaves it
     # untouched, and must not let it stand in front of the runs it can drive.
     gone = tmp_path / "gone"
     shutil.copytree(CHAOS, gone)
+    definition = gone / "workflow.yaml"
+    definition.write_text(definition.read_text().replace("version: 1", "version: 0"))
     older = tether("submit", str(gone), "--model", SCRIPT, "--json")
     stuck = json.loads(older.stdout)["run_id"]
     journal.close()
     with sqlite3.connect(db) as conn:
         conn.execute("UPDATE runs SET updated_at = updated_at - 60 WHERE run_id = ?", (stuck,))
     shutil.rmtree(gone)
-    worker = tether("worker", "--until-idle")
+    worker = tether("worker", "--workflows", str(CHAOS), "--until-idle")
     assert worker.returncode == 0, worker.stderr
     journal = open_journal(db)
     assert statuses(journal)[run_id] == "completed"
-    assert statuses(journal)[stuck] == "queued" and f"run {stuck} cannot be driven here" in worker.stderr
+    assert statuses(journal)[stuck] == "queued" and f"run {stuck} set aside, not driven" in worker.stderr
+    # One line per claimed and per settled run, and a summary on exit.
+    assert f"claimed run {run_id}" in worker.stderr and f"run {run_id} completed" in worker.stderr
+    assert "claimed 2; runs stopped: 1 completed; set aside 1; errors 0" in worker.stdout
     journal.close()
 
 
@@ -271,11 +280,11 @@ def test_an_approval_from_another_process_makes_a_paused_run_runnable_again(tmp_
     import json
 
     run_id = json.loads(submitted.stdout)["run_id"]
-    assert cli("worker", "--until-idle").returncode == 0
+    assert cli("worker", "--workflows", str(refund), "--until-idle").returncode == 0
     journal = open_journal(db)
     assert statuses(journal)[run_id] == "paused"
     ticket = run(journal.list_tickets())[0].ticket_id
     assert cli("approve", ticket, "--by", "supervisor").returncode == 0
-    assert cli("worker", "--until-idle").returncode == 0
+    assert cli("worker", "--workflows", str(refund), "--until-idle").returncode == 0
     assert statuses(journal)[run_id] == "completed"
     journal.close()
