@@ -99,7 +99,7 @@ def fail(message: str, code: str = "bad_input") -> NoReturn:
 
 
 def fail_with(exc: TetherError) -> NoReturn:
-    code = next((c for kind, c in ERROR_CODES if isinstance(exc, kind)), "error")
+    code = next((c for kind, c in ERROR_CODES if isinstance(exc, kind)), "bad_input")
     fail(str(exc), code)
 
 
