@@ -7,6 +7,7 @@ skip with a message without it, and fail instead when CI=true.
 from __future__ import annotations
 
 import asyncio
+import json
 import os
 import random
 import shutil
@@ -288,3 +289,52 @@ def test_an_approval_from_another_process_makes_a_paused_run_runnable_again(tmp_
     assert cli("worker", "--workflows", str(refund), "--until-idle").returncode == 0
     assert statuses(journal)[run_id] == "completed"
     journal.close()
+
+
+def test_a_worker_drives_the_versions_and_policies_under_its_roots_and_sets_the_rest_aside(
+    tmp_path: Path,
+) -> None:
+    db = str(tmp_path / "journal.db")
+    folder = tmp_path / "roots" / "greet"
+    folder.mkdir(parents=True)
+    (folder / "greet_steps.py").write_text(
+        "from tether import Next\n\n\ndef hello(data):\n    return Next('done')\n"
+    )
+    workflow = (
+        "name: greet\nversion: {v}\nstart: hello\nstates:\n"
+        "  hello: {{kind: step, run: 'greet_steps:hello', next: [done]}}\n  done: {{kind: terminal}}\n"
+    )
+    (folder / "workflow.yaml").write_text(workflow.format(v=1))
+    strict = folder / "strict.yaml"
+    strict.write_text("version: 1\nrules: [{id: any-tool, tool: '*', decision: allow}]\n")
+    elsewhere = tmp_path / "elsewhere.yaml"  # not under the roots
+    elsewhere.write_text("version: 1\nrules: [{id: no-tool, tool: '*', decision: deny}]\n")
+
+    def tether(*args: str) -> subprocess.CompletedProcess[str]:
+        return subprocess.run(
+            [sys.executable, "-m", "tether", *args, "--db", db],
+            capture_output=True,
+            text=True,
+            timeout=60,
+            cwd=tmp_path,
+        )
+
+    def submit(*extra: str) -> str:
+        submitted = tether("submit", str(folder), "--json", *extra)
+        assert submitted.returncode == 0, submitted.stderr
+        run_id: str = json.loads(submitted.stdout)["run_id"]
+        return run_id
+
+    plain, strict_run, foreign = submit(), submit("--policy", str(strict)), submit("--policy", str(elsewhere))
+    # A new version replaces workflow.yaml; the one the runs are pinned to is kept beside it.
+    (folder / "workflow.yaml").rename(folder / "workflow.v1.yaml")
+    (folder / "workflow.yaml").write_text(workflow.format(v=2))
+
+    worker = tether("worker", "--workflows", str(tmp_path / "roots"), "--until-idle")
+
+    assert worker.returncode == 0, worker.stderr
+    assert "2 workflow version(s): greet 1, greet 2" in worker.stderr
+    runs = {r["run_id"]: r for r in json.loads(tether("runs", "--json").stdout)}
+    assert runs[plain]["status"] == runs[strict_run]["status"] == "completed"
+    assert runs[foreign]["status"] == "queued"
+    assert f"the run's policy file {elsewhere} is not under this worker's roots" in runs[foreign]["message"]
