@@ -2,8 +2,8 @@
 
 `load_workflow(target)` accepts a directory holding `workflow.yaml`, a YAML file, or
 `module:attribute` naming a `Workflow`; `await load_workflow_async(target)` does the same
-inside a running event loop. Import paths in YAML resolve against the file's
-own directory first. Every problem is reported as a DefinitionError naming its place.
+inside a running event loop. Import paths in YAML resolve against the file's own directory
+first. Every problem is reported as a DefinitionError naming its place.
 """
 
 from __future__ import annotations
