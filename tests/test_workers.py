@@ -325,7 +325,8 @@ def test_a_worker_drives_the_versions_and_policies_under_its_roots_and_sets_the_
         run_id: str = json.loads(submitted.stdout)["run_id"]
         return run_id
 
-    plain, strict_run, foreign = submit(), submit("--policy", str(strict)), submit("--policy", str(elsewhere))
+    plain, strict_run = submit(), submit("--policy", str(strict))
+    foreign, other = submit("--policy", str(elsewhere)), submit("--policy", str(elsewhere))
     # A new version replaces workflow.yaml; the one the runs are pinned to is kept beside it.
     (folder / "workflow.yaml").rename(folder / "workflow.v1.yaml")
     (folder / "workflow.yaml").write_text(workflow.format(v=2))
@@ -336,5 +337,12 @@ def test_a_worker_drives_the_versions_and_policies_under_its_roots_and_sets_the_
     assert "2 workflow version(s): greet 1, greet 2" in worker.stderr
     runs = {r["run_id"]: r for r in json.loads(tether("runs", "--json").stdout)}
     assert runs[plain]["status"] == runs[strict_run]["status"] == "completed"
-    assert runs[foreign]["status"] == "queued"
+    assert runs[foreign]["status"] == runs[other]["status"] == "queued"
     assert f"the run's policy file {elsewhere} is not under this worker's roots" in runs[foreign]["message"]
+    # A person who trusts it drives one, a worker whose roots hold the policy the other;
+    # the note that they were set aside goes with them.
+    assert tether("resume", foreign).returncode == 0
+    wider = tether("worker", "--workflows", str(tmp_path), "--until-idle")
+    assert wider.returncode == 0, wider.stderr
+    runs = {r["run_id"]: r for r in json.loads(tether("runs", "--json").stdout)}
+    assert [(runs[r]["status"], runs[r]["message"]) for r in (foreign, other)] == [("completed", None)] * 2

@@ -153,8 +153,8 @@ class Worker:
             except TetherError as exc:
                 await self._set_aside(record, str(exc))
                 return
-            if record.message and record.message.startswith(SET_ASIDE):
-                record = await self._note(record, None)
+            if is_set_aside(record):  # by a worker without this one's roots: no longer true
+                record = await note(self.journal, record, None, self.worker_id, self.runtime.lease_seconds)
             result = await self.runtime.resume(record.run_id, workflow, model)
         except ConcurrentWriteError as exc:
             # Another process took the run over (this worker stalled past its lease): the
@@ -183,31 +183,45 @@ class Worker:
         self._unloadable.add(record.run_id)
         log.error("run %s set aside, not driven: %s", record.run_id, why)
         try:
-            await self._note(record, f"{SET_ASIDE} {self.worker_id}: {why}")
+            message = f"{SET_ASIDE} {self.worker_id}: {why}"
+            await note(self.journal, record, message, self.worker_id, self.runtime.lease_seconds)
         finally:
             await self.journal.release(record.run_id, self.worker_id)
-
-    async def _note(self, record: RunRecord, message: str | None) -> RunRecord:
-        """Set or clear the run's message, nothing else, under this worker's lease."""
-        if record.message == message:
-            return record
-        await self.journal.commit(
-            Commit(
-                run_id=record.run_id,
-                expected_seq=record.last_seq,
-                expected_hash=record.last_hash,
-                update=RunUpdate(message=message),
-                lease_owner=self.worker_id,
-                lease_seconds=self.runtime.lease_seconds,
-            )
-        )
-        return record.model_copy(update={"message": message})
 
     def _count(self, result: RunResult) -> None:
         self.stats.stopped[result.status] = self.stats.stopped.get(result.status, 0) + 1
         waiting = f" on ticket {result.ticket_id}" if result.ticket_id else ""
         why = f" ({result.reason_code}: {result.message})" if result.reason_code and result.message else ""
         log.info("run %s %s in state %s%s%s", result.run_id, result.status, result.state, waiting, why)
+
+
+def is_set_aside(record: RunRecord) -> bool:
+    """Whether the run's message is a worker's note that it could not drive the run."""
+    return record.message is not None and record.message.startswith(SET_ASIDE)
+
+
+async def note(
+    journal: Journal,
+    record: RunRecord,
+    message: str | None,
+    lease_owner: str | None = None,
+    lease_seconds: float | None = None,
+) -> RunRecord:
+    """Set or clear the run's message, nothing else, under `lease_owner`'s lease (None: only
+    while nobody holds one)."""
+    if record.message == message:
+        return record
+    await journal.commit(
+        Commit(
+            run_id=record.run_id,
+            expected_seq=record.last_seq,
+            expected_hash=record.last_hash,
+            update=RunUpdate(message=message),
+            lease_owner=lease_owner,
+            lease_seconds=lease_seconds,
+        )
+    )
+    return record.model_copy(update={"message": message})
 
 
 def install_signal_handlers(worker: Worker) -> None:

@@ -120,7 +120,7 @@ def test_a_replay_of_an_unknown_run_is_refused_before_anything_is_created(tether
         result = tether(command, str(REFUND), "--input", REFUND_INPUT, "--model", "replay:run_nowhere")
 
         assert result.returncode == 2, result.stdout + result.stderr
-        assert "there is no run run_nowhere in this journal to replay" in flat(result.stderr)
+        assert "no run run_nowhere in this journal, so no recorded model exchanges" in flat(result.stderr)
         assert len(tether.json("runs")) == 1, "no run was created"
 
 

@@ -41,6 +41,7 @@ from tether.loader import load_workflow_async, workflow_ref
 from tether.models import Model, close_model
 from tether.runtime import RunResult, Runtime
 from tether.timeline import timeline
+from tether.worker import is_set_aside, note
 
 app = typer.Typer()
 
@@ -183,6 +184,8 @@ def resume(
         async with open_store(db) as journal:
             runtime = Runtime(journal, on_commit=None if as_json or quiet else _progress)
             record = await journal.get_run(run_id)
+            if is_set_aside(record):  # a worker's note that it could not drive the run
+                await note(journal, record, None)
             wf = await load_workflow_async(
                 record.workflow_ref, policy=record.policy_ref, pinned=record.workflow_hash
             )

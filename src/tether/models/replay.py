@@ -39,7 +39,8 @@ class ReplayModel:
             await self.journal.get_run(self.recorded_run)
         except RunNotFound:
             raise ModelSpecError(
-                f"replay:{self.recorded_run}: there is no run {self.recorded_run} in this journal to replay"
+                f"replay:{self.recorded_run}: no run {self.recorded_run} in this journal, so no recorded "
+                "model exchanges to replay"
             ) from None
         recording = await self.journal.read_exchanges(self.recorded_run)
         if not recording:
