@@ -43,6 +43,7 @@ DbOption = Annotated[
     typer.Option(
         "--db",
         envvar=DB_ENV,
+        metavar="PATH|URL",
         help="Journal: a SQLite path, sqlite:///path or postgresql://…. Default ./tether.db.",
     ),
 ]

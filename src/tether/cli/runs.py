@@ -248,7 +248,7 @@ def _aligned(rows: list[list[str]]) -> list[str]:
 @app.command()
 def runs(
     status: Annotated[
-        str | None, typer.Option(help=f"Only runs with this status: {', '.join(STATUSES)}.")
+        str | None, typer.Option(metavar="STATUS", help=f"Only runs with this status: {', '.join(STATUSES)}.")
     ] = None,
     limit: Annotated[int, typer.Option(min=1, help="At most this many runs.")] = 50,
     db: DbOption = None,

@@ -135,7 +135,7 @@ def worker(
     ] = 15.0,
     limit: Annotated[
         list[str] | None,
-        typer.Option(help="WORKFLOW=N: at most N runs of that workflow at once (repeatable)."),
+        typer.Option(metavar="WORKFLOW=N", help="At most N runs of that workflow at once (repeatable)."),
     ] = None,
     until_idle: Annotated[bool, typer.Option("--until-idle", help="Exit when nothing is runnable.")] = False,
     worker_id: Annotated[str | None, typer.Option(help="Name in leases (default host:pid:random).")] = None,
