@@ -307,7 +307,7 @@ def _run_case(case: Case, spec: CaseFile, policy: Policy, workflow: Workflow | N
     if workflow is not None and case.tool and tool is None:
         raise PolicyFileError(f"case {case.name!r}: the workflow has no tool {name!r}")
     effect = case.effect or (tool.effect if tool else ("exit" if kind == "exit" else "read"))
-    args = tool.validate(case.args) if tool else case.args
+    args = tool.validate(case.args).values if tool else case.args
     ctx = ToolContext(
         run_id="policy-test", step_id="s1", idempotency_key="policy-test:s1", data=data, facts=case.facts
     )

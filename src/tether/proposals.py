@@ -151,6 +151,11 @@ def as_dict(proposal: Proposal) -> dict[str, Any]:
 
 
 def proposal_json_schema() -> dict[str, Any]:
-    """The JSON schema of a proposal, for adapters that constrain model output."""
+    """The JSON schema of a proposal, for adapters that constrain model output. Each kind
+    is a definition (`$defs`) whose `kind` property is a `const`."""
     schema: dict[str, Any] = msgspec.json.schema(Proposal)
+    for definition in schema["$defs"].values():
+        tag = definition["properties"]["kind"]
+        if list(tag) == ["enum"] and len(tag["enum"]) == 1:
+            definition["properties"]["kind"] = {"const": tag["enum"][0]}
     return schema

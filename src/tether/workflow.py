@@ -17,8 +17,12 @@ from tether.budget import Budget, Limits, RunBudget
 from tether.errors import DefinitionError
 from tether.hashing import fingerprint
 from tether.models.protocol import ExitSpec, ToolSpec
+from tether.paths import realpath
 from tether.policy import Policy
 from tether.tools import Tool
+
+# Resolvers every workflow has: part of tether, so not part of a workflow's hash.
+BUILTIN_RESOLVERS: dict[str, Callable[..., Any]] = {"realpath": realpath}
 
 
 @dataclass(frozen=True)
@@ -129,8 +133,9 @@ class Workflow:
         self.start = start
         self.description = description
         self.policy = policy
-        # Read-only lookups policy conditions may call: `fn(ctx: ToolContext, *args)`.
-        self.resolvers: dict[str, Callable[..., Any]] = dict(resolvers or {})
+        # Read-only lookups policy conditions may call: `fn(ctx: ToolContext, *args)`; the
+        # built-in ones (`realpath`) unless the workflow registers its own under their names.
+        self.resolvers: dict[str, Callable[..., Any]] = {**BUILTIN_RESOLVERS, **(resolvers or {})}
         self.budget = budget or RunBudget()
         self.limits = limits or Limits()
         self._state_list = list(states)
@@ -203,7 +208,9 @@ class Workflow:
             "budget": self.budget.model_dump(),
             **({"limits": self.limits.model_dump()} if self.limits != Limits() else {}),
             "resolvers": {
-                n: {"fn": _ref(f), "source": _source_hash(f)} for n, f in sorted(self.resolvers.items())
+                n: {"fn": _ref(f), "source": _source_hash(f)}
+                for n, f in sorted(self.resolvers.items())
+                if BUILTIN_RESOLVERS.get(n) is not f  # tether's own, not the definition's
             },
         }
 

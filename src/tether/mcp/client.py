@@ -432,11 +432,12 @@ def _build_tools(
 
 
 def list_tools_now(servers: Iterable[McpServer]) -> dict[str, list[mcp.types.Tool] | McpError]:
-    """List several servers' tools from synchronous code, even inside a running loop (at load).
+    """List several servers' tools from synchronous code, even inside a running loop
+    (`McpServer.tools()`, for workflows built in Python).
 
     The servers are listed together over short-lived connections, in a helper thread with its
-    own loop: the loader is synchronous, and the tools' own connections open later, lazily,
-    in the loop that runs them. A server that cannot be listed maps to its error.
+    own loop; the tools' own connections open later, lazily, in the loop that runs them. A
+    server that cannot be listed maps to its error. (The loader lists in its own loop instead.)
     """
     servers = list(servers)
     outcome: dict[str, list[mcp.types.Tool] | McpError] = {}
