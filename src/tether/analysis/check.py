@@ -201,14 +201,18 @@ def _unguarded_effects(graph: StateGraph) -> list[Finding]:
     for name, places in by_tool.items():
         tool = tools[name]
         first_state, region, detail = places[0]
-        where = ", ".join(f"{s} (path {arrow(graph.paths[s])})" for s, _, _ in places)
+        where = ", ".join(s for s, _, _ in places)
         same = all(r == region and d == detail for _, r, d in places)
         message = (
             f"{name} ({tool.effect}) may be allowed with no ask, defer or deny, for calls with "
             f"{region}, in state {where}"
         )
         if not same:
-            detail = [line for s, r, d in places for line in [f"in state {s}: calls with {r}", *d]]
+            detail = [
+                line
+                for s, r, d in places
+                for line in [f"in state {s} (path {arrow(graph.paths[s])}): calls with {r}", *d]
+            ]
         findings.append(Finding("unguarded-effect", name, message, graph.paths[first_state], detail))
     return findings
 
