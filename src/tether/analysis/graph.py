@@ -203,7 +203,7 @@ def mermaid(workflow: Workflow, run: RunPath | None = None) -> str:
 CHAR_WIDTH = 7.2  # 12px monospace
 LINE_HEIGHT = 16.0
 PAD = 10.0
-GAP_X = 40.0
+GAP_X = 90.0
 GAP_Y = 70.0
 MARGIN = 30.0
 LOOP_SPACE = 60.0  # to the right of the widest layer, for edges going back up
@@ -266,7 +266,7 @@ def svg(workflow: Workflow, run: RunPath | None = None) -> str:
             boxes[name].x, boxes[name].y = x, y
             x += boxes[name].width + GAP_X
         y += max(boxes[n].height for n in layer) + GAP_Y
-    total_width = MARGIN * 2 + inner + LOOP_SPACE * (1 + _back_edges(edges, boxes))
+    total_width = max(MARGIN * 2 + inner + LOOP_SPACE * (1 + _back_edges(edges, boxes)), _legend_width(run))
     legend_y = y - GAP_Y + 30.0
     total_height = legend_y + 30.0
     parts = [
@@ -285,6 +285,8 @@ def svg(workflow: Workflow, run: RunPath | None = None) -> str:
         source, target = boxes[edge.source], boxes[edge.target]
         if target.y > source.y:
             parts.extend(_down(edge, source, target))
+        elif target.y == source.y and edge.source != edge.target:
+            parts.extend(_across(edge, source, target))
         else:
             back += 1
             parts.extend(_around(edge, source, target, MARGIN + inner + LOOP_SPACE * back))
@@ -296,7 +298,7 @@ def svg(workflow: Workflow, run: RunPath | None = None) -> str:
 
 
 def _back_edges(edges: list[EdgeView], boxes: dict[str, _Box]) -> int:
-    return sum(1 for e in edges if boxes[e.target].y <= boxes[e.source].y)
+    return sum(1 for e in edges if boxes[e.target].y < boxes[e.source].y or e.source == e.target)
 
 
 def _marker(name: str, colour: str) -> str:
@@ -331,6 +333,17 @@ def _down(edge: EdgeView, source: _Box, target: _Box) -> list[str]:
     bend = (y2 - y1) / 2
     path = f"M {_n(x1)} {_n(y1)} C {_n(x1)} {_n(y1 + bend)} {_n(x2)} {_n(y2 - bend)} {_n(x2)} {_n(y2)}"
     return [f'<path d="{path}" {_stroke(edge)}/>', *_label(edge, (x1 + x2) / 2, (y1 + y2) / 2)]
+
+
+def _across(edge: EdgeView, source: _Box, target: _Box) -> list[str]:
+    """An edge to a state in the same layer: from the facing sides, bowed downwards."""
+    rightwards = target.x > source.x
+    x1 = source.x + source.width if rightwards else source.x
+    x2 = target.x if rightwards else target.x + target.width
+    y1, y2 = source.y + source.height * 0.75, target.y + target.height * 0.75
+    sag = 30.0
+    path = f"M {_n(x1)} {_n(y1)} C {_n(x1)} {_n(y1 + sag)} {_n(x2)} {_n(y2 + sag)} {_n(x2)} {_n(y2)}"
+    return [f'<path d="{path}" {_stroke(edge)}/>', *_label(edge, (x1 + x2) / 2, (y1 + y2) / 2 + sag * 0.75)]
 
 
 def _around(edge: EdgeView, source: _Box, target: _Box, right: float) -> list[str]:
@@ -373,13 +386,21 @@ def _node(box: _Box) -> list[str]:
     return parts
 
 
+_LEGEND = (
+    ("step", "deterministic step"),
+    ("agent", "agent state"),
+    ("terminal", "terminal"),
+    ("failed", "failed"),
+)
+
+
+def _legend_width(run: RunPath | None) -> float:
+    width = MARGIN + sum(40 + len(text) * CHAR_WIDTH for _, text in _LEGEND) + 36 + 13 * CHAR_WIDTH + 20
+    return width + (36 + len(f"run {run.run_id}") * CHAR_WIDTH + MARGIN if run is not None else MARGIN)
+
+
 def _legend(y: float, run: RunPath | None) -> list[str]:
-    entries = [
-        ("step", "deterministic step"),
-        ("agent", "agent state"),
-        ("terminal", "terminal"),
-        ("failed", "failed"),
-    ]
+    entries = _LEGEND
     parts = []
     x = MARGIN
     for kind, text in entries:
