@@ -255,6 +255,10 @@ class Space:
             if condition.tree is not None:
                 for name, value in _compared_constants(condition.tree, subject):
                     constants.setdefault(name, []).append(value)
+                # Booleans and enumerations have few values, each exact: read anywhere, they are cut.
+                for name, _ in references(condition.tree, "args"):
+                    if subject.domains.get(name, Domain("number")).kind in ("boolean", "enum"):
+                        constants.setdefault(name, [])
         names = sorted(n for n in constants if n in subject.domains and n not in subject.fixed)
         per_field = [cells(subject.domains[n], constants[n]) for n in names]
         size = math.prod(len(c) for c in per_field)
