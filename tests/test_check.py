@@ -187,7 +187,8 @@ def test_a_rule_over_the_tool_itself_covers_every_call_it_names(tmp_path: Path) 
 def test_a_write_default_of_allow_counts_as_allowing(tmp_path: Path) -> None:
     folder = _write_workflow(
         tmp_path,
-        "defaults: {write: allow}\nrules:\n  - {id: urgent-is-asked, tool: send, when: args.urgent, decision: ask}\n",
+        "defaults: {write: allow}\n"
+        "rules:\n  - {id: urgent-is-asked, tool: send, when: args.urgent, decision: ask}\n",
     )
     code, report = check_json(folder)
     [finding] = report["findings"]
