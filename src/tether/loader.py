@@ -81,6 +81,8 @@ class WorkflowDoc(_Strict):
     mcp_servers: dict[str, Any] = Field(default_factory=dict)
     budget: RunBudget = Field(default_factory=RunBudget)
     limits: Limits = Field(default_factory=Limits)
+    # Findings of `tether check` the authors accept; read and checked by tether.analysis.check.
+    acknowledge: list[Any] = Field(default_factory=list)
     states: dict[str, Annotated[StepDoc | AgentDoc | TerminalDoc, Field(discriminator="kind")]] = Field(
         min_length=1
     )
