@@ -29,12 +29,16 @@ def test_scenarios(
     fail_under: Annotated[
         float | None,
         typer.Option(
-            "--fail-under", metavar="PERCENT", min=0, max=100, help="Exit 1 below this coverage (implies --coverage)."
+            "--fail-under",
+            metavar="PERCENT",
+            min=0,
+            max=100,
+            help="Exit 1 below this coverage (implies --coverage).",
         ),
     ] = None,
     as_json: JsonOption = False,
 ) -> None:
-    """Run scenario files: each scenario's decisions, states visited and end status against its expectations."""
+    """Run scenario files: check each run's decisions, states visited and end status."""
     collector = Collector()
 
     async def main() -> list[tuple[Suite, list[ScenarioResult]]]:
@@ -70,6 +74,8 @@ def test_scenarios(
             for line in report.lines():
                 out.print(escape(line), soft_wrap=True)
             if report.below(fail_under):
-                out.print(f"[red]governance coverage {report.display()} is below --fail-under {fail_under:g}%[/]")
+                out.print(
+                    f"[red]governance coverage {report.display()} is below --fail-under {fail_under:g}%[/]"
+                )
     if failed or (report is not None and report.below(fail_under)):
         raise typer.Exit(1)

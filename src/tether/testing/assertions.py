@@ -1,11 +1,9 @@
 """Assertions on a run's decisions, states visited and outcome.
 
-Each failure says what was expected and what the run did, step by step:
-
-    decisions differ from those expected at step 2 (3 expected, 3 in the run):
-          #  step  state    proposal                  expected                        the run
-          1  s1    resolve  lookup_order(…)           allow                           allow by default:read (policy_allowed) → executed
-       ✗  2  s2    resolve  issue_refund(…)           deny by refund-over-hard-limit  ask by refund-above-100-needs-approval (approval_required) → …
+Each failure says what was expected and what the run did, step by step: a table of the
+run's governed steps (proposal, expected decision, the run's decision and outcome) with the
+differing ones marked, or the expected and the actual path or status followed by the run's
+steps.
 
 The `…_problems` functions return the same messages as a list (empty when all holds); the
 scenario runner reports them without raising.
@@ -19,6 +17,7 @@ from typing import Any, Literal
 from pydantic import BaseModel, ConfigDict
 
 from tether.testing.driving import RunOutcome, StepDecision, aligned
+
 
 class ExpectedStep(BaseModel):
     """What one governed step should be; only the fields given are compared."""
@@ -43,7 +42,9 @@ class ExpectedStep(BaseModel):
         if isinstance(value, tuple):
             names = ("decision", "rule", "reason_code")
             if not 1 <= len(value) <= len(names):
-                raise ValueError(f"an expected step as a tuple is (decision, rule[, reason_code]), not {value!r}")
+                raise ValueError(
+                    f"an expected step as a tuple is (decision, rule[, reason_code]), not {value!r}"
+                )
             return cls.model_validate(dict(zip(names, value, strict=False)))
         return cls.model_validate(value)
 
@@ -68,7 +69,9 @@ class ExpectedStep(BaseModel):
         text = " ".join(parts)
         if self.outcome:
             text += f" → {self.outcome}"
-        where = [f"{k} {v}" for k, v in (("tool", self.tool), ("exit", self.exit), ("in state", self.state)) if v]
+        where = [
+            f"{k} {v}" for k, v in (("tool", self.tool), ("exit", self.exit), ("in state", self.state)) if v
+        ]
         return text + (f" [{', '.join(where)}]" if where else "")
 
 

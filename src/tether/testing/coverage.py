@@ -35,7 +35,13 @@ from tether.policy_tooling import explain
 from tether.workflow import AgentState, Step, Workflow
 
 KINDS = ("states", "exits", "rules", "branches", "decisions")
-_SINGULAR = {"states": "state", "exits": "exit", "rules": "rule", "branches": "branch", "decisions": "decision"}
+_SINGULAR = {
+    "states": "state",
+    "exits": "exit",
+    "rules": "rule",
+    "branches": "branch",
+    "decisions": "decision",
+}
 _DECISION_ORDER = ("allow", "ask", "defer", "deny")
 _NOT_POLICY = ("runtime:", "approval:", "workflow:")
 Key = tuple[str, str]  # (workflow hash, policy hash)
@@ -70,10 +76,8 @@ class Definition:
     def exclude(self, item_id: str, why: str) -> None:
         """Leave an item out of the count, with the reason it cannot (or need not) be covered."""
         if item_id not in self.ids:
-            listing = ", ".join(sorted(self.ids))
-            raise KeyError(
-                f"{self.workflow.name} {self.workflow.version} has no coverage item {item_id!r} (items: {listing})"
-            )
+            name = f"{self.workflow.name} {self.workflow.version}"
+            raise KeyError(f"{name} has no coverage item {item_id!r} (items: {', '.join(sorted(self.ids))})")
         self.excluded[item_id] = why
 
     def observe(self, entries: list[Entry], entry: Entry, record: Any, *, decides: bool) -> None:
@@ -289,7 +293,9 @@ class CoverageReport:
         if not self.workflows:
             lines.append("governance coverage: no runs of a known workflow")
         elif len(self.workflows) > 1:
-            lines.append(f"governance coverage, all workflows: {self.covered} of {self.items} items ({self.display()})")
+            lines.append(
+                f"governance coverage, all workflows: {self.covered} of {self.items} items ({self.display()})"
+            )
         for name, runs in self.unattributed.items():
             lines.append(
                 f"{runs} run(s) of workflow {name} not counted: its definition was built in code and "
@@ -352,4 +358,3 @@ def observe(workflow: Workflow, entries: list[Entry]) -> None:
     if _active is not None:
         _active.know(workflow)
         _active.observe(entries)
-

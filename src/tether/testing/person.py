@@ -125,15 +125,14 @@ class PersonRule(BaseModel):
         if self.approver is not None and ticket.approver != self.approver:
             return False
         if ticket.kind == "question":
-            if self.tool is not None or self.exit is not None or self.approve:
-                return False
-        elif self.question or self.answer is not None:
-            return False
-        elif self.tool is not None and ticket.subject not in _names(self.tool):
-            return False
-        elif self.exit is not None and ticket.subject not in {f"exit:{n}" for n in _names(self.exit)}:
-            return False
-        return self._program is None or self._holds(ticket)
+            selected = self.tool is None and self.exit is None and not self.approve
+        elif self.tool is not None:
+            selected = ticket.subject in _names(self.tool)
+        elif self.exit is not None:
+            selected = ticket.subject in {f"exit:{n}" for n in _names(self.exit)}
+        else:
+            selected = not self.question and self.answer is None
+        return selected and (self._program is None or self._holds(ticket))
 
     def _holds(self, ticket: Ticket) -> bool:
         values = {
@@ -150,7 +149,9 @@ class PersonRule(BaseModel):
                 f"{ticket.ticket_id} ({describe_ticket(ticket)}): {exc}"
             ) from None
         if not isinstance(value, bool):
-            raise PersonHasNoRule(f"the scripted person's condition {self.when!r} gave {value!r}, not true/false")
+            raise PersonHasNoRule(
+                f"the scripted person's condition {self.when!r} gave {value!r}, not true/false"
+            )
         return value
 
     def verdict(self) -> Verdict:
@@ -201,7 +202,9 @@ class ScriptedPerson:
                 f"the scripted person has no rule for ticket {ticket.ticket_id} ({describe_ticket(ticket)})"
             )
         if verdict.action == "answer" and ticket.kind != "question":
-            raise PersonHasNoRule(f"ticket {ticket.ticket_id} is an approval, not a question: it cannot be answered")
+            raise PersonHasNoRule(
+                f"ticket {ticket.ticket_id} is an approval, not a question: it cannot be answered"
+            )
         if verdict.action == "approve" and ticket.kind == "question":
             raise PersonHasNoRule(f"ticket {ticket.ticket_id} is a question: answer it, do not approve it")
         return verdict

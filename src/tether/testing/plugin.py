@@ -34,7 +34,7 @@ def pytest_addoption(parser: pytest.Parser) -> None:
     group.addoption(
         "--tether-coverage",
         action="store_true",
-        help="Report which states, exits, rules (both branches) and decisions of each workflow the runs exercised.",
+        help="Report the states, exits, rules (both branches) and decisions the runs exercised.",
     )
     group.addoption(
         "--tether-fail-under",

@@ -227,7 +227,9 @@ def _check_names(where: str, scenario: Scenario, workflow: Workflow) -> None:
             known = ", ".join(sorted(policy_rules)) or "none"
             raise ScenarioFileError(f"{field_}.rule: the policy has no rule {rule!r} (its rules: {known})")
         if rule is not None and rule.startswith("default:") and rule not in defaults:
-            raise ScenarioFileError(f"{field_}.rule: {rule!r} is not a default ({', '.join(sorted(defaults))})")
+            raise ScenarioFileError(
+                f"{field_}.rule: {rule!r} is not a default ({', '.join(sorted(defaults))})"
+            )
         for name, value, known_names in (("tool", step.tool, tools), ("exit", step.exit, exits)):
             if value is not None and value not in known_names:
                 raise ScenarioFileError(f"{field_}.{name}: {workflow.name} has no {name} {value!r}")
