@@ -199,7 +199,7 @@ class KindCoverage:
     kind: str
     items: int
     covered: int
-    missed: list[str]
+    missed: list[Item]
 
     @property
     def percent(self) -> float | None:
@@ -221,7 +221,7 @@ class WorkflowCoverage:
         kinds = []
         for kind in KINDS:
             counted = [i for i in d.items if i.kind == kind and i.id not in d.excluded]
-            missed = [i.label for i in counted if i.id not in d.covered]
+            missed = [i for i in counted if i.id not in d.covered]
             kinds.append(KindCoverage(kind, len(counted), len(counted) - len(missed), missed))
         covered_anyway = sorted(i for i in d.excluded if i in d.covered)
         return cls(title, len(d.runs), kinds, dict(d.excluded), covered_anyway, list(d.no_condition))
@@ -238,7 +238,7 @@ class WorkflowCoverage:
     def table(self) -> list[str]:
         rows = [["kind", "items", "covered", "missed", "cover", "missing"]]
         for k in [*self.kinds, self.total]:
-            missing = ", ".join(k.missed) if k.kind != "total" else ""
+            missing = ", ".join(i.label for i in k.missed) if k.kind != "total" else ""
             rows.append([k.kind, str(k.items), str(k.covered), str(len(k.missed)), _percent(k), missing])
         lines = [f"governance coverage of {self.title} ({self.runs} run{'s' if self.runs != 1 else ''})"]
         lines += ["  " + line for line in _right_aligned(rows)]
@@ -252,7 +252,8 @@ class WorkflowCoverage:
 
     def as_dict(self) -> dict[str, Any]:
         def kind(k: KindCoverage) -> dict[str, Any]:
-            return {"items": k.items, "covered": k.covered, "missed": k.missed, "percent": k.percent}
+            missed = [i.id for i in k.missed]
+            return {"items": k.items, "covered": k.covered, "missed": missed, "percent": k.percent}
 
         return {
             "workflow": self.title,
