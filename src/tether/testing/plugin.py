@@ -21,12 +21,15 @@ from pathlib import Path
 
 import pytest
 
+from tether.cli.common import without_password
 from tether.journal import Entry, Journal, RunRecord, open_journal
 from tether.testing import coverage
 
 PG_ENV = "TETHER_TEST_PG"
 PG_DEFAULT = "postgresql://postgres@127.0.0.1:5432/test"
 _collector_key = pytest.StashKey[coverage.Collector]()
+# The collector active before this session's (a pytest run inside a test keeps its caller's).
+_previous_key = pytest.StashKey["coverage.Collector | None"]()
 
 
 def pytest_addoption(parser: pytest.Parser) -> None:
@@ -48,12 +51,13 @@ def pytest_configure(config: pytest.Config) -> None:
     if config.getoption("tether_coverage") or config.getoption("tether_fail_under") is not None:
         collector = coverage.Collector()
         config.stash[_collector_key] = collector
+        config.stash[_previous_key] = coverage.active()
         coverage.activate(collector)
 
 
 def pytest_unconfigure(config: pytest.Config) -> None:
     if _collector_key in config.stash:
-        coverage.activate(None)
+        coverage.activate(config.stash[_previous_key])
 
 
 def pytest_sessionfinish(session: pytest.Session, exitstatus: int) -> None:
@@ -99,7 +103,8 @@ def tether_journal_postgres(request: pytest.FixtureRequest) -> Iterator[Journal]
 
         admin = psycopg.connect(url, autocommit=True, connect_timeout=3)
     except Exception as exc:  # the driver is not installed, or no server answers
-        message = f"PostgreSQL not reachable at {url} ({exc}); set {PG_ENV} to a server URL"
+        said = " ".join(str(exc).split())  # psycopg's message spans lines
+        message = f"PostgreSQL not reachable at {without_password(url)} ({said}); set {PG_ENV} to a server URL"
         if os.environ.get("CI") == "true":
             pytest.fail(f"{message} (CI=true: this must not be skipped)")
         pytest.skip(message)
