@@ -104,7 +104,8 @@ def tether_journal_postgres(request: pytest.FixtureRequest) -> Iterator[Journal]
         admin = psycopg.connect(url, autocommit=True, connect_timeout=3)
     except Exception as exc:  # the driver is not installed, or no server answers
         said = " ".join(str(exc).split())  # psycopg's message spans lines
-        message = f"PostgreSQL not reachable at {without_password(url)} ({said}); set {PG_ENV} to a server URL"
+        where = without_password(url)
+        message = f"PostgreSQL not reachable at {where} ({said}); set {PG_ENV} to a server URL"
         if os.environ.get("CI") == "true":
             pytest.fail(f"{message} (CI=true: this must not be skipped)")
         pytest.skip(message)
