@@ -62,10 +62,10 @@ def test_scenarios(
         print_json(document)
     else:
         for suite, rs in results:
-            out.print(f"[bold]{escape(str(suite.path))}[/]")
+            out.print(f"[bold]{escape(str(suite.path))}[/]", soft_wrap=True)
             for r in rs:
                 mark = "[green]pass[/]" if r.passed else "[red]FAIL[/]"
-                out.print(f"  {mark}  {escape(r.name)}")
+                out.print(f"  {mark}  {escape(r.name)}", soft_wrap=True)
                 for line in r.report() if not r.passed else []:
                     out.print(f"        {escape(line)}", soft_wrap=True)
         out.print(f"{passed} passed, {failed} failed")

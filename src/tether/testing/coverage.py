@@ -13,8 +13,10 @@ hash), over five kinds of items:
 
 A rule's result in a decision is rebuilt from the pinned policy and the decision's
 `matched` list, as `tether policy explain` does: the journal stores which rules held, not
-every rule's result. Refusals made before policy (`runtime:…`) and a person's verdict on a
-ticket (`approval:…`) are not policy decisions and count for none of these.
+every rule's result. Refusals made before policy (`runtime:…`), a person's verdict on a
+ticket (`approval:…`) and a condition that could not be evaluated (`policy_error`, which
+denies) are not a rule's decision: they cover no rule and no decision (the rules evaluated
+before an error still cover their branches).
 
 An item may be excluded with a reason (`exclude`), like a `pragma: no cover`: excluded items
 are listed with their reason, and not counted.
@@ -32,6 +34,7 @@ from tether.journal import bodies as b
 from tether.loader import load_workflow
 from tether.policy import Policy
 from tether.policy_tooling import explain
+from tether.reasons import ReasonCode
 from tether.workflow import AgentState, Step, Workflow
 
 KINDS = ("states", "exits", "rules", "branches", "decisions")
@@ -92,9 +95,10 @@ class Definition:
         decision = getattr(record, "decision", None)
         if not decides or not isinstance(decision, Decision) or decision.rule_id.startswith(_NOT_POLICY):
             return
-        self.covered.add(f"decision:{decision.decision}")
-        self.covered.add(f"rule:{decision.rule_id}")
+        if decision.reason_code != ReasonCode.POLICY_ERROR:  # an error is no rule's decision
+            self.covered |= {f"decision:{decision.decision}", f"rule:{decision.rule_id}"}
         assert entry.step_id is not None
+        # Rules after one whose condition errored were not evaluated: explain leaves them out.
         for row in explain(entries, entry.step_id, self.policy).rules:
             if isinstance(row["result"], bool):
                 self.covered.add(f"branch:{row['rule']}={'true' if row['result'] else 'false'}")
