@@ -14,7 +14,7 @@ from __future__ import annotations
 from collections.abc import Sequence
 from typing import Any, Literal
 
-from pydantic import BaseModel, ConfigDict
+from pydantic import BaseModel, ConfigDict, model_validator
 
 from tether.testing.driving import RunOutcome, StepDecision, aligned
 
@@ -32,13 +32,17 @@ class ExpectedStep(BaseModel):
     exit: str | None = None
     state: str | None = None
 
+    @model_validator(mode="before")
+    @classmethod
+    def _decision_alone(cls, value: Any) -> Any:
+        """`allow` is short for `{decision: allow}` (in scenario files too)."""
+        return {"decision": value} if isinstance(value, str) else value
+
     @classmethod
     def of(cls, value: Any) -> ExpectedStep:
         """From a mapping, `(decision, rule[, reason_code])`, or a decision alone."""
         if isinstance(value, ExpectedStep):
             return value
-        if isinstance(value, str):
-            return cls.model_validate({"decision": value})
         if isinstance(value, tuple):
             names = ("decision", "rule", "reason_code")
             if not 1 <= len(value) <= len(names):

@@ -101,7 +101,7 @@ class ScenarioFile(_Strict):
         names = [s.name for s in self.scenarios]
         twice = sorted({n for n in names if names.count(n) > 1})
         if twice:
-            raise ValueError(f"scenario names must be unique: {', '.join(map(repr, twice))} appear twice")
+            raise ValueError(f"scenario names must be unique (repeated: {', '.join(map(repr, twice))})")
         return self
 
 
