@@ -25,6 +25,13 @@ RETAIL = ROOT / "examples" / "retail"
 SUITES = ["examples/refund/scenarios.yaml", "examples/retail/scenarios.yaml"]
 
 
+@pytest.fixture(autouse=True)
+def examples_tools(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Another test's refund workflow (tests/fixtures/format1) has a module named like the
+    example's, which the loader refuses to mistake for it: the example's is imported here."""
+    monkeypatch.delitem(sys.modules, "refund_tools", raising=False)
+
+
 def tether(*args: str, cwd: Path = ROOT) -> subprocess.CompletedProcess[str]:
     return subprocess.run(
         [sys.executable, "-m", "tether", *args], cwd=cwd, capture_output=True, text=True, timeout=300

@@ -43,6 +43,9 @@ SUPERVISOR = [
 def ledger(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
     path = tmp_path / "ledger.sqlite"
     monkeypatch.setenv("REFUND_LEDGER", str(path))
+    # Another test's refund workflow (tests/fixtures/format1) has a module of the same name,
+    # which the loader refuses to mistake for this one: import the example's, for this test.
+    monkeypatch.delitem(sys.modules, "refund_tools", raising=False)
     return path
 
 
