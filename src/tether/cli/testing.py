@@ -22,7 +22,7 @@ app = typer.Typer()
 
 @app.command(name="test")
 def test_scenarios(
-    files: Annotated[list[Path], typer.Argument(metavar="SCENARIOS.yaml...", help="Scenario files.")],
+    files: Annotated[list[Path], typer.Argument(metavar="SCENARIOS.yaml", help="Scenario files (YAML).")],
     show_coverage: Annotated[
         bool, typer.Option("--coverage", help="Report the governance coverage of the workflows run.")
     ] = False,

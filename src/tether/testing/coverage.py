@@ -137,6 +137,7 @@ class Collector:
     def __init__(self) -> None:
         self.definitions: dict[Key, Definition] = {}
         self.unattributed: dict[str, set[str]] = {}
+        self._unloadable: set[Key] = set()
 
     def know(self, workflow: Workflow) -> Definition:
         definition = Definition(workflow)
@@ -173,21 +174,23 @@ class Collector:
 
     def _find(self, key: Key, workflow_ref: str, policy_ref: str | None) -> Definition | None:
         """A known definition, or the one its run was loaded from if that file still has it."""
-        if key in self.definitions or not workflow_ref or workflow_ref.startswith("<"):
+        unknown = not workflow_ref or workflow_ref.startswith("<") or key in self._unloadable
+        if key in self.definitions or unknown:
             return self.definitions.get(key)
         try:
             workflow = load_workflow(workflow_ref, policy=policy_ref, pinned=key[0])
         except TetherError:
+            workflow = None
+        if workflow is None or (workflow.hash, (workflow.policy or Policy.default()).hash) != key:
+            self._unloadable.add(key)  # gone, changed since, or refused: not tried again
             return None
-        definition = self.know(workflow)
-        return definition if definition.key == key else None
+        return self.know(workflow)
 
     def report(self) -> CoverageReport:
-        titles = [f"{d.workflow.name} {d.workflow.version}" for d in self.definitions.values()]
+        run = [d for d in self.definitions.values() if d.runs]
+        titles = [f"{d.workflow.name} {d.workflow.version}" for d in run]
         workflows = []
-        for title, definition in zip(titles, self.definitions.values(), strict=True):
-            if not definition.runs:
-                continue
+        for title, definition in zip(titles, run, strict=True):
             if titles.count(title) > 1:
                 title += f" (policy {definition.key[1][:15]}…)"
             workflows.append(WorkflowCoverage.of(title, definition))
