@@ -137,7 +137,12 @@ class GovernedStep:
             return StepOutcome(
                 "escalate", reason_code=ReasonCode.LOOP_DETECTED, message=reason, owner=self.state.escalate_to
             )
-        info = {"name": tool.name, "effect": tool.effect, "idempotent": tool.idempotent}
+        info = {
+            "name": tool.name,
+            "effect": tool.effect,
+            "idempotent": tool.idempotent,
+            "effect_declared": tool.effect_declared,
+        }
         decision = self.cursor.decide(kind="tool", tool=info, args=args, step_id=self.step_id)
         blocked = await self.unless_allowed(proposal, decision, tool.name, args, args_hash)
         return blocked or await self.execute(tool, proposal, args, args_hash, decision)
