@@ -214,7 +214,9 @@ class Policy:
         return cls(PolicyDocument(), "<default policy>")
 
     @classmethod
-    def from_dict(cls, content: Any, source: str = "<policy>") -> Policy:
+    def from_dict(
+        cls, content: Any, source: str = "<policy>", *, evaluation_budget: float = DEFAULT_EVALUATION_BUDGET
+    ) -> Policy:
         if content is None:
             content = {}
         if not isinstance(content, dict):
@@ -223,18 +225,20 @@ class Policy:
             document = PolicyDocument.model_validate(content)
         except ValidationError as exc:
             raise PolicyFileError(f"{source}: " + _explain(exc, content)) from None
-        return cls(document, source)
+        return cls(document, source, evaluation_budget=evaluation_budget)
 
     @classmethod
-    def from_yaml(cls, text: str, source: str = "<policy>") -> Policy:
+    def from_yaml(
+        cls, text: str, source: str = "<policy>", *, evaluation_budget: float = DEFAULT_EVALUATION_BUDGET
+    ) -> Policy:
         try:
             content = load_yaml(text)
         except yaml.YAMLError as exc:
             raise PolicyFileError(f"{source}: not valid YAML: {exc}") from None
-        return cls.from_dict(content, source)
+        return cls.from_dict(content, source, evaluation_budget=evaluation_budget)
 
     @classmethod
-    def from_file(cls, path: str | Path) -> Policy:
+    def from_file(cls, path: str | Path, *, evaluation_budget: float = DEFAULT_EVALUATION_BUDGET) -> Policy:
         file = Path(path)
         try:
             text = file.read_text()
@@ -242,7 +246,7 @@ class Policy:
             raise PolicyFileError(f"policy file not found: {_tried(file)}") from None
         except (OSError, UnicodeDecodeError) as exc:
             raise PolicyFileError(f"policy file {_tried(file)} cannot be read: {exc}") from None
-        return cls.from_yaml(text, str(file))
+        return cls.from_yaml(text, str(file), evaluation_budget=evaluation_budget)
 
     def _governing(self, kind: str, name: str) -> list[_CompiledRule]:
         """The rules naming this tool or exit (or "*"), in file order; memoized per target."""
