@@ -133,11 +133,11 @@ def test_tool_argument_lists_and_strings_are_bounded_by_default_and_the_author_m
     def tag_many(labels: Annotated[list[str], Field(max_length=5_000)]) -> None: ...
 
     tagger, many = Tool(tag, effect="write"), Tool(tag_many, effect="write")
-    ok = {"labels": ["a"] * 1_000, "notes": {str(i): "x" for i in range(1_000)}, "title": "t" * 100_000}
+    ok = {"labels": ["a"] * 100, "notes": {str(i): "x" for i in range(100)}, "title": "t" * 100_000}
     assert tagger.validate(ok) == ok
     for too_big in (
-        {**ok, "labels": ["a"] * 1_001},
-        {**ok, "notes": {str(i): "x" for i in range(1_001)}},
+        {**ok, "labels": ["a"] * 101},
+        {**ok, "notes": {str(i): "x" for i in range(101)}},
         {**ok, "title": "t" * 100_001},
         {**ok, "labels": ["t" * 100_001]},
     ):
@@ -146,7 +146,7 @@ def test_tool_argument_lists_and_strings_are_bounded_by_default_and_the_author_m
     assert many.validate({"labels": ["a"] * 5_000}) == {"labels": ["a"] * 5_000}
     with pytest.raises(ArgumentError, match="at most 5000 items"):
         many.validate({"labels": ["a"] * 5_001})
-    assert tagger.json_schema()["properties"]["labels"]["maxItems"] == 1_000
+    assert tagger.json_schema()["properties"]["labels"]["maxItems"] == 100
 
 
 def test_the_retail_item_lists_are_bounded_so_the_item_rule_never_sees_thousands_of_ids() -> None:

@@ -149,7 +149,8 @@ class McpTool(Tool):
         self.name = name or listed.name
         hinted_effect, hinted_idempotent = effect_from_annotations(listed.annotations)
         self.effect = effect or hinted_effect
-        self.effect_declared = effect is not None  # the server's hints are not the author's word
+        # Said by the workflow, or by the server's annotations (a tool with neither is undeclared).
+        self.effect_declared = effect is not None or listed.annotations is not None
         if idempotent is not None:
             self.idempotent = idempotent
         elif effect is None:
