@@ -15,9 +15,9 @@ Evaluation is bounded. A condition longer than `MAX_CONDITION_CHARS`, nested dee
 `MAX_CONDITION_NESTING`, or with more than `MAX_CONDITION_OPERATORS` operators is refused
 at load (the CEL engine's evaluator recurses once per operator and overflows its stack, a
 crash of the whole process, at about 12,000 on an 8 MB stack). Tool arguments are bounded
-by the tool's schema (see `tether.tools`). And a decision whose conditions take longer than
-the policy's `evaluation_budget` (checked after each rule: the engine holds the GIL, so it
-cannot be interrupted mid-condition) denies with `policy_error`.
+by the tool's schema (see `tether.tools`). And a decision whose conditions use more CPU time
+than the policy's `evaluation_budget` (checked after each rule: the engine holds the GIL, so
+it cannot be interrupted mid-condition) denies with `policy_error`.
 """
 
 from __future__ import annotations
@@ -96,7 +96,8 @@ DEFAULT_APPROVAL_SECONDS = 24 * 3600.0
 MAX_CONDITION_CHARS = 4_000
 MAX_CONDITION_NESTING = 32
 MAX_CONDITION_OPERATORS = 500
-# Seconds of condition evaluation (resolver calls excluded) one decision may take.
+# Seconds of CPU time the conditions of one decision may use. This thread's CPU time, not the
+# wall clock: a process waiting for a core under load must not turn allowed steps into denials.
 DEFAULT_EVALUATION_BUDGET = 0.05
 
 
@@ -322,7 +323,7 @@ class Policy:
         they are computed only when a governing rule uses them. `resolvers` are the
         lookups conditions may call; each call is memoized and recorded in the decision.
         """
-        started = time.perf_counter()
+        started = time.thread_time()
         rules = self._governing(kind, name)
         resolved: dict[str, Any] = {}
         resolving = _Stopwatch()
@@ -350,7 +351,7 @@ class Policy:
                 matched.append(c.rule.id)
                 if best is None or SEVERITY[c.rule.decision] > SEVERITY[best.rule.decision]:
                     best = c
-            spent = time.perf_counter() - started - resolving.seconds
+            spent = time.thread_time() - started - resolving.seconds
             if spent > self.evaluation_budget:
                 return Decision(
                     decision="deny",
@@ -358,7 +359,7 @@ class Policy:
                     policy_hash=self.hash,
                     reason_code=ReasonCode.POLICY_ERROR,
                     reason=(
-                        f"policy evaluation took {spent * 1000:.1f} ms, over its budget of "
+                        f"policy evaluation took {spent * 1000:.1f} ms of CPU, over its budget of "
                         f"{self.evaluation_budget * 1000:g} ms (after rule {c.rule.id!r}, "
                         f"{len(evaluated)} of {len(rules)} rules evaluated)"
                     ),
@@ -385,8 +386,8 @@ class Policy:
 
 
 class _Stopwatch:
-    """Time spent in resolvers, which the evaluation budget does not count: a lookup's
-    latency is the workflow's business, the conditions' own work is the policy's."""
+    """CPU time spent in resolvers, which the evaluation budget does not count: a lookup's
+    cost is the workflow's business, the conditions' own work is the policy's."""
 
     def __init__(self) -> None:
         self.seconds = 0.0
@@ -419,11 +420,11 @@ def _recording(
     def call(*args: Any) -> Any:
         key = f"{name}({', '.join(json.dumps(a, default=str) for a in args)})"
         if key not in resolved:
-            started = time.perf_counter()
+            started = time.thread_time()
             try:
                 resolved[key] = fn(*args)
             finally:
-                resolving.seconds += time.perf_counter() - started
+                resolving.seconds += time.thread_time() - started
         return resolved[key]
 
     return call
