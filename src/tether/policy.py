@@ -466,13 +466,15 @@ def _compile(rule: Rule, source: str) -> cel.Program | None:
     return program
 
 
-# CEL string literals (with an optional raw/bytes prefix): their characters are not syntax.
-_CEL_STRING = re.compile(
-    r'[rRbB]{0,2}(?:"""(?:\\.|[^\\])*?"""'
-    r"|'''(?:\\.|[^\\])*?'''"
-    r'|"(?:\\.|[^"\\])*"'
-    r"|'(?:\\.|[^'\\])*')",
-    re.DOTALL,
+# What in a condition is not syntax: comments, and string and bytes literals. One scanner,
+# left to right, so a quote inside a comment or `//` inside a string is read as CEL reads it;
+# a raw literal (r"...") ends at the first matching quote, whatever backslashes it holds.
+_CEL_NOT_SYNTAX = re.compile(
+    r"(?P<comment>//[^\n]*)"
+    r"|(?<!\w)(?:[bB]?[rR]|[rR][bB])"
+    r"""(?:\"\"\"[\s\S]*?\"\"\"|'''[\s\S]*?'''|"[^"\n]*"|'[^'\n]*')"""
+    r"|(?<!\w)[bB]?"
+    r"""(?:\"\"\"(?:\\[\s\S]|[^\\])*?\"\"\"|'''(?:\\[\s\S]|[^\\])*?'''|"(?:\\.|[^"\\\n])*"|'(?:\\.|[^'\\\n])*')"""
 )
 # Characters of operators, member access, indexing, calls and literals. Each node of the
 # expression tree the engine recurses through has at least one, so their count bounds its depth.
@@ -480,8 +482,8 @@ _CEL_OPERATOR = re.compile(r"[-+*/%!<>=&|?.\[({]|\bin\b")
 
 
 def cel_code(expression: str) -> str:
-    """The expression with each string literal emptied: what is left is syntax."""
-    return _CEL_STRING.sub('""', expression)
+    """The expression with comments removed and each literal string emptied: only syntax."""
+    return _CEL_NOT_SYNTAX.sub(lambda m: " " if m.group("comment") else '""', expression)
 
 
 def _check_size(rule_id: str, expression: str, source: str) -> None:

@@ -251,6 +251,11 @@ CEL_PIECES = [
     "'''",
     '"""',
     "\\",
+    "//",
+    "\n",
+    "r'",
+    'r"',
+    "1 + 1 + 1 + 1 + 1 + 1 + 1 + 1",
 ]
 cel_ish = st.lists(st.sampled_from(CEL_PIECES), max_size=80).map("".join)
 rules = st.fixed_dictionaries(

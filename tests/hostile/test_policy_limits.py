@@ -120,6 +120,22 @@ def test_a_condition_with_too_many_operators_or_too_deep_is_refused_at_load(
         rule(condition)
 
 
+CHAIN = " + ".join(["1"] * 600) + " > 0"
+
+
+@pytest.mark.parametrize(
+    "condition",
+    [
+        f'// """\n{CHAIN}\n// """',
+        f"r'\\' == '' || {CHAIN} || '' == r'\\'",
+    ],
+    ids=["between quotes in comments", "between raw strings ending in a backslash"],
+)
+def test_operators_count_wherever_the_engine_sees_them(condition: str) -> None:
+    with pytest.raises(PolicyFileError, match=r"has 6\d\d operators, over the limit of 500"):
+        rule(condition)
+
+
 def test_operators_inside_string_literals_do_not_count() -> None:
     assert rule("args.order_id != '" + "+" * 1_000 + "'").rules[0].id == "the-rule"
 
