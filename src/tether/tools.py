@@ -203,8 +203,9 @@ def _bounded(annotation: Any, *, declared: bool = False) -> Any:
     if origin is Annotated:
         base, *metadata = get_args(annotation)
         declared = declared or _declares_max_length(metadata)
-        inner = _bounded(base, declared=True)  # bound what it holds; the outer bound is decided here
         bound = _default_bound(base)
+        # Bound what it holds; its own bound is decided here when it has one (not a union).
+        inner = _bounded(base, declared=declared or bound is not None)
         extra = [Field(max_length=bound)] if bound is not None and not declared else []
         return Annotated[(inner, *metadata, *extra)]  # type: ignore[valid-type]
     if origin in (Union, UnionType):

@@ -144,18 +144,24 @@ def test_operators_inside_string_literals_do_not_count() -> None:
 
 
 def test_tool_argument_lists_and_strings_are_bounded_by_default_and_the_author_may_raise_the_bound() -> None:
-    def tag(labels: list[str], notes: dict[str, str], title: str) -> None: ...
+    def tag(
+        labels: list[str],
+        notes: dict[str, str],
+        title: str,
+        aliases: Annotated[list[str] | None, Field(description="other names")] = None,
+    ) -> None: ...
 
     def tag_many(labels: Annotated[list[str], Field(max_length=5_000)]) -> None: ...
 
     tagger, many = Tool(tag, effect="write"), Tool(tag_many, effect="write")
     ok = {"labels": ["a"] * 100, "notes": {str(i): "x" for i in range(100)}, "title": "t" * 100_000}
-    assert tagger.validate(ok) == ok
+    assert tagger.validate(ok) == {**ok, "aliases": None}
     for too_big in (
         {**ok, "labels": ["a"] * 101},
         {**ok, "notes": {str(i): "x" for i in range(101)}},
         {**ok, "title": "t" * 100_001},
         {**ok, "labels": ["t" * 100_001]},
+        {**ok, "aliases": ["a"] * 101},
     ):
         with pytest.raises(ArgumentError, match="at most"):
             tagger.validate(too_big)
