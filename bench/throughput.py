@@ -13,10 +13,10 @@ What it measures, each on a fresh SQLite file or a fresh PostgreSQL schema:
 1. tether, one process: `Runtime(open_journal(store)).start(workflow, model)` N times, one
    after another ("seq") and all at once with asyncio.gather ("gather"); then N runs
    submitted to the journal and driven by K = 1, 2, 4 worker processes
-   (`python -m tether worker --db STORE --concurrency C --until-idle`). For the worker rows
-   steps/s is over the span the store shows (first step after a run started to the last
-   run's finish); the wall time from spawning the workers, process start included, is in
-   the notes.
+   (`python -m tether worker --db STORE --workflows bench/workload --concurrency C
+   --until-idle`). For the worker rows steps/s is over the span the store shows (first
+   step after a run started to the last run's finish); the wall time from spawning the
+   workers, process start included, is in the notes.
 2. DBOS Transact, in a child process per row (DBOS is one instance per process): the same N
    workflows called one after another (sync workflow) and gathered (async workflow), on
    SQLite and PostgreSQL; and on PostgreSQL enqueued on a DBOS queue drained by K worker
@@ -387,7 +387,8 @@ def spawn_tether_worker(
 ) -> subprocess.Popen[bytes]:
     """`tether worker`; with `model_seconds`, run from the workload folder, where the
     `function:slow_model:propose` model of the runs resolves, taking that long per proposal."""
-    cmd = [sys.executable, "-m", "tether", "worker", "--db", store, "--concurrency", str(concurrency)]
+    cmd = [sys.executable, "-m", "tether", "worker", "--db", store, "--workflows", str(WORKLOAD)]
+    cmd += ["--concurrency", str(concurrency)]
     if lease is not None:
         cmd += ["--lease", f"{lease:g}"]
     if until_idle:

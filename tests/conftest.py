@@ -11,6 +11,8 @@ import pytest
 
 from tether import AgentState, Budget, Evidence, Policy, RunBudget, Terminal, ToolContext, Workflow, tool
 from tether.journal import Journal, open_journal
+from tether.run import messages_for
+from tether.timeline import timeline
 
 
 @pytest.fixture
@@ -27,6 +29,7 @@ class Shop:
         self.orders: dict[str, dict[str, Any]] = {"A1": {"total": 80.0, "status": "paid"}}
         self.refunds: list[tuple[str, float]] = []
         self.executed: list[str] = []
+        self.keys: list[str] = []  # the idempotency key of each refund
 
         def refunded(args: dict[str, Any], result: Any, ctx: ToolContext) -> Evidence:
             ok = (args["order_id"], args["amount"]) in self.refunds
@@ -42,8 +45,9 @@ class Shop:
             return self.orders[order_id]
 
         @tool(effect="write", verify=refunded)
-        def refund(order_id: str, amount: float) -> dict[str, Any]:
+        def refund(order_id: str, amount: float, ctx: ToolContext) -> dict[str, Any]:
             """Refund part of an order."""
+            self.keys.append(ctx.idempotency_key)
             self.executed.append("refund")
             self.refunds.append((order_id, amount))
             return {"ok": True}
@@ -112,3 +116,25 @@ def run(coro: Any) -> Any:
 
 def call(tool_name: str, **args: Any) -> dict[str, Any]:
     return {"kind": "tool_call", "tool": tool_name, "args": args}
+
+
+def step_rows(journal: Journal, run_id: str) -> list[dict[str, Any]]:
+    """A run's governed and deterministic steps as `tether show --json` lists them, with the
+    decision in full and what the model was shown of each (`observation`)."""
+    entries = run(journal.read_entries(run_id))
+    rows = []
+    for entry, row in zip(entries, timeline(entries), strict=True):
+        if row["kind"] != "step":
+            continue
+        record = entry.body
+        decision = getattr(record, "decision", None)
+        seen = messages_for(record, entry.step_id)
+        rows.append(
+            row
+            | {
+                "decision": decision.as_dict() if decision is not None else None,
+                "observation": seen[-1].content if seen else None,
+                "record": record,
+            }
+        )
+    return rows

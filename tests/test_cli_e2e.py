@@ -109,6 +109,11 @@ def start_refund(cli: Cli) -> tuple[str, str]:
     return paused["run_id"], paused["ticket_id"]
 
 
+def started_nothing(cli: Cli) -> bool:
+    """No run in the journal; or no journal at all, when the command stopped before opening it."""
+    return not cli.db.exists() or cli.json("runs") == []
+
+
 def wait_for(probe: Callable[[], T | None], *, timeout: float, what: str) -> T:
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
@@ -311,9 +316,8 @@ def test_a_denied_refund_is_not_paid_and_the_model_is_told_why(cli: Cli) -> None
     assert "no photo of the damage" in refusal["reason"]
     assert refusal["proposal"]["args"] == REFUND_ARGS
     # What the model observed is the refusal with the supervisor's reason.
-    [entry] = [e for e in shown["entries"] if e["seq"] == refusal["seq"]]
-    assert entry["body"]["observation"]["reason_code"] == "approval_denied"
-    assert "no photo of the damage" in entry["body"]["observation"]["reason"]
+    assert refusal["observation"]["reason_code"] == "approval_denied"
+    assert "no photo of the damage" in refusal["observation"]["reason"]
 
     assert not [e for e in shown["entries"] if e["kind"] == "intent"], "no refund was attempted"
     assert not [r for r in tool_rows(shown, "issue_refund") if r["outcome"] == "executed"]
@@ -388,7 +392,7 @@ def test_bad_run_arguments_exit_2_with_a_specific_message_and_start_nothing(
     for message in messages:
         assert message in flat(result.stderr)
     assert "Traceback" not in result.stderr
-    assert cli.json("runs") == []
+    assert started_nothing(cli)
     assert ledger_rows(cli.ledger) == []
 
 
@@ -417,13 +421,14 @@ def test_a_missing_or_broken_workflow_exits_2_naming_the_problem_and_starts_noth
     for message in messages:
         assert message in flat(result.stderr)
     assert "Traceback" not in result.stderr
-    assert cli.json("runs") == []
+    assert started_nothing(cli)
 
 
 # -- machine-readable output --------------------------------------------------------------
 
 
 def test_listings_in_json_are_json(cli: Cli) -> None:
+    assert cli("db", "upgrade").returncode == 0  # an empty journal
     for listing in ("runs", "approvals"):
         empty = cli(listing, "--json")
         assert empty.returncode == 0, empty.stderr
@@ -448,3 +453,121 @@ def test_json_output_stays_json_when_colour_is_forced(cli: Cli) -> None:
         assert result.returncode == 0, result.stderr
         assert "\x1b[" not in result.stdout, f"`{listing} --json` printed terminal colour codes"
         assert len(json.loads(result.stdout)) == 1
+
+
+# -- one event loop per command -----------------------------------------------------------
+
+PG = os.environ.get("TETHER_TEST_PG", "postgresql://postgres@127.0.0.1:5432/test")
+# `tether` with psycopg's pool counted: each command should build exactly one.
+COUNTING_POOLS = """
+import atexit, sys
+import psycopg_pool
+
+opened = []
+original = psycopg_pool.AsyncConnectionPool.open
+
+async def counted(self, *args, **kwargs):
+    opened.append(self)
+    return await original(self, *args, **kwargs)
+
+psycopg_pool.AsyncConnectionPool.open = counted
+atexit.register(lambda: sys.stderr.write(f"\\npools opened: {len(opened)}\\n"))
+from tether.cli import app
+app(prog_name="tether")
+"""
+
+
+@pytest.fixture
+def pg_url() -> Iterator[str]:
+    """A fresh schema in the test database, dropped afterwards."""
+    try:
+        import psycopg
+
+        admin = psycopg.connect(PG, autocommit=True, connect_timeout=3)
+    except Exception as exc:  # not installed, or no server
+        if os.environ.get("CI") == "true":
+            raise RuntimeError(f"PostgreSQL not reachable at {PG}: CI must run the PostgreSQL tests") from exc
+        pytest.skip(f"PostgreSQL not reachable at {PG} ({exc}); set TETHER_TEST_PG to a server URL")
+    schema = f"tether_cli_{os.getpid()}_{time.monotonic_ns() % 10**9}"
+    admin.execute(f"CREATE SCHEMA {schema}")
+    try:
+        yield f"{PG}?options=-csearch_path%3D{schema}"
+    finally:
+        admin.execute(f"DROP SCHEMA {schema} CASCADE")
+        admin.close()
+
+
+def test_each_command_opens_one_postgresql_pool(cli: Cli, pg_url: str) -> None:
+    def pools(*args: str) -> tuple[int, subprocess.CompletedProcess[str]]:
+        result = subprocess.run(
+            [sys.executable, "-c", COUNTING_POOLS, *args, "--db", pg_url],
+            cwd=cli.cwd,
+            env=cli.env,
+            capture_output=True,
+            text=True,
+            timeout=TIMEOUT,
+        )
+        counted = [line for line in result.stderr.splitlines() if line.startswith("pools opened: ")]
+        assert counted, result.stderr
+        return int(counted[-1].removeprefix("pools opened: ")), result
+
+    opened, started = pools(
+        "run", str(REFUND), "--input", REFUND_INPUT, "--model", f"script:{PROPOSALS}", "--json"
+    )
+    assert started.returncode == 0, started.stderr
+    assert opened == 1
+    paused = json.loads(started.stdout)
+    for command in (
+        ("show", paused["run_id"], "--json"),
+        ("runs",),
+        ("approvals",),
+        ("approve", paused["ticket_id"], "--by", "supervisor"),
+        ("resume", paused["run_id"]),
+        ("exchanges", paused["run_id"]),
+    ):
+        opened, result = pools(*command)
+        assert result.returncode == 0, (command, result.stderr)
+        assert opened == 1, command
+
+
+def test_an_mcp_backed_run_starts_each_server_process_once(cli: Cli, tmp_path: Path) -> None:
+    """The connection opened to list a server's tools at load is the one the run calls."""
+    from mcp_servers import time_server
+
+    starts = tmp_path / "starts.log"
+    folder = tmp_path / "clock"
+    folder.mkdir()
+    command = ["sh", "-c", f'echo started >> {starts}; exec "$0" "$@"', *time_server()]
+    workflow = {
+        "name": "clock",
+        "version": 1,
+        "start": "ask",
+        "mcp_servers": {"time": {"command": command}},
+        "states": {
+            "ask": {
+                "kind": "agent",
+                "instructions": "Tell the time.",
+                "tools": ["mcp:time/get_current_time"],
+                "exits": {"finish": "done"},
+            },
+            "done": {"kind": "terminal"},
+        },
+    }
+    (folder / "workflow.yaml").write_text(json.dumps(workflow))
+    script = tmp_path / "script.json"
+    script.write_text(
+        json.dumps(
+            [
+                {"kind": "tool_call", "tool": "get_current_time", "args": {"timezone": "UTC"}},
+                {"kind": "exit", "exit": "finish"},
+            ]
+        )
+    )
+
+    result = cli("run", str(folder), "--model", f"script:{script}", "--json")
+
+    assert result.returncode == 0, result.stderr
+    assert json.loads(result.stdout)["status"] == "completed"
+    executed = [r for r in json.loads(result.stdout)["steps"] if r["outcome"] == "executed"]
+    assert len(executed) == 1
+    assert starts.read_text().splitlines() == ["started"], "the server was started more than once"

@@ -82,6 +82,13 @@ class Cli:
         entries: list[dict[str, Any]] = shown["entries"]
         return entries
 
+    def steps(self, run_id: str) -> list[dict[str, Any]]:
+        """The timeline rows of the run's steps, with what the model was shown of each."""
+        steps: list[dict[str, Any]] = [
+            row for row in self.json("show", run_id)["steps"] if row["kind"] == "step"
+        ]
+        return steps
+
 
 @pytest.fixture
 def cli(tmp_path: Path) -> Cli:
@@ -133,7 +140,7 @@ def test_a_non_idempotent_write_cut_off_by_a_crash_waits_for_a_person_and_is_nev
     assert kinds(entries) == ["run_started", "intent", "effect_in_doubt"]
     intent, doubt = entries[1], entries[2]
     assert intent["step_id"] == doubt["step_id"] == "s1"
-    assert doubt["body"]["tool"] == {"name": "charge", "effect": "write", "idempotent": False}
+    assert doubt["body"]["tool"] == "charge"
     assert doubt["body"]["args"] == {"order_id": "A-1", "amount": 25.0}
 
     again = cli("resume", run_id)
@@ -153,15 +160,19 @@ def test_a_non_idempotent_write_cut_off_by_a_crash_waits_for_a_person_and_is_nev
     assert len(charges(cli)) == 1, "a write settled as done is not repeated"
 
     entries = cli.entries(run_id)
-    assert kinds(entries) == ["run_started", "intent", "effect_in_doubt", "step", "step", "run_finished"]
+    assert kinds(entries) == [
+        "run_started",
+        "intent",
+        "effect_in_doubt",
+        "effect_settled",
+        "transition",
+        "run_finished",
+    ]
     settled = entries[3]["body"]
     assert entries[3]["step_id"] == "s1"
-    assert (settled["outcome"], settled["resolved_by"], settled["note"]) == (
-        "executed",
-        "ops",
-        "charge is on the statement",
-    )
-    assert settled["observation"]["outcome"] == "executed"
+    assert (settled["done"], settled["by"], settled["note"]) == (True, "ops", "charge is on the statement")
+    [told] = [row["observation"] for row in cli.steps(run_id) if row["outcome"] == "executed"]
+    assert told["outcome"] == "executed"
     assert entries[4]["body"]["exit"] == "done"
 
 
@@ -198,11 +209,10 @@ def test_an_idempotent_write_cut_off_by_a_crash_is_redone_with_the_same_key(cli:
     intents = [e for e in entries if e["kind"] == "intent"]
     assert len(intents) == 1, "the redo is not a new step"
     assert intents[0]["step_id"] == "s1"
-    assert intents[0]["body"]["idempotency_key"] == calls[0][0]
-    done = [e for e in entries if e["kind"] == "step" and e["step_id"] == "s1"]
+    assert calls[0][0] == f"{run_id}:s1"  # the step's idempotency key, both times
+    done = [e for e in entries if e["kind"] == "executed" and e["step_id"] == "s1"]
     assert len(done) == 1
-    assert done[0]["body"]["outcome"] == "executed"
-    assert done[0]["body"]["idempotency_key"] == calls[0][0]
+    assert done[0]["body"]["recovered"] is True
     assert done[0]["body"]["result"] == {"shipped": "A-1"}
     assert cli.only_run()["status"] == "completed"
 
@@ -221,11 +231,11 @@ def test_an_effect_settled_as_not_done_is_reported_to_the_model_which_may_try_ag
     assert json.loads(finished.stdout)["status"] == "completed"
 
     entries = cli.entries(run_id)
-    settled = [e for e in entries if e["kind"] == "step" and e["step_id"] == "s1"]
+    settled = [e for e in entries if e["kind"] == "effect_settled" and e["step_id"] == "s1"]
     assert len(settled) == 1
-    body = settled[0]["body"]
-    assert body["outcome"] == "not_executed"
-    assert body["observation"] == {
+    assert settled[0]["body"]["done"] is False
+    [row] = [row for row in cli.steps(run_id) if row["outcome"] == "not_executed"]
+    assert row["observation"] == {
         "step_id": "s1",
         "outcome": "not_executed",
         "resolved_by": "ops",

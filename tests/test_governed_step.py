@@ -5,19 +5,16 @@ from __future__ import annotations
 import time
 from typing import Any
 
+import msgspec
 import pytest
 
-from conftest import Shop, call, run
+from conftest import Shop, call, run, step_rows
 from tether import Budget, ReasonCode, Runtime, ScriptedModel, TicketError
-from tether.journal import Journal, verify_chain
+from tether.journal import Journal, bodies, verify_chain
 
 
 def steps(journal: Journal, run_id: str) -> list[dict[str, Any]]:
-    return [
-        e.body | {"kind": e.kind, "step_id": e.step_id}
-        for e in run(journal.read_entries(run_id))
-        if e.kind == "step"
-    ]
+    return step_rows(journal, run_id)
 
 
 def start(journal: Journal, shop: Shop, script: list[Any], **kw: Any) -> Any:
@@ -110,12 +107,16 @@ def test_allowed_write_commits_an_intent_then_the_verified_result(journal: Journ
     assert result.status == "completed"
     entries = run(journal.read_entries(result.run_id))
     kinds = [e.kind for e in entries]
-    assert kinds.index("intent") < kinds.index("step", kinds.index("intent"))
-    done = next(e for e in entries if e.kind == "step" and e.body.get("outcome") == "executed")
-    assert done.body["decision"]["rule_id"] == "refund-ok"
-    assert done.body["verification"]["ok"] is True
-    assert done.body["source"] == {"kind": "tool", "tool": "refund", "effect": "write"}
-    assert done.body["idempotency_key"] == f"{result.run_id}:{done.step_id}"
+    assert kinds.index("intent") < kinds.index("executed", kinds.index("intent"))
+    intent = next(e for e in entries if e.kind == "intent")
+    done = next(e for e in entries if e.kind == "executed")
+    assert intent.step_id == done.step_id
+    record = done.body
+    assert isinstance(record, bodies.Executed) and record.tool == "refund"
+    assert record.decision.rule_id == "refund-ok"
+    assert record.verification is not None and record.verification["ok"] is True
+    assert record.args_hash == intent.body.args_hash  # type: ignore[union-attr]
+    assert shop.keys == [f"{result.run_id}:{done.step_id}"]  # the idempotency key the tool got
     assert verify_chain(entries) == []
 
 
@@ -136,7 +137,7 @@ def test_failed_verification_is_recorded_and_escalates_when_declared(journal: Jo
     shop.refunds.append(("nothing", 0.0))  # noise the verifier must not be fooled by
     wf = shop.workflow(on_verification_failed="escalate")
     original = wf.states["shop"].tools[1].fn
-    wf.states["shop"].tools[1].fn = lambda order_id, amount: {"ok": True}  # claims success, does nothing
+    wf.states["shop"].tools[1].fn = lambda order_id, amount, ctx: {"ok": True}  # claims success, does nothing
     try:
         result = run(Runtime(journal).start(wf, ScriptedModel([call("refund", order_id="A1", amount=9.0)])))
     finally:
@@ -240,10 +241,10 @@ def test_a_ticket_is_single_use_and_bound_to_its_arguments(journal: Journal, sho
         run(journal.commit(other))
     assert run(journal.get_ticket(ticket.ticket_id)).status == "approved"  # refused commit changed nothing
 
-    ok = other.model_copy(update={"consume": (ticket.ticket_id, ticket.args_hash)})
+    ok = msgspec.structs.replace(other, consume=(ticket.ticket_id, ticket.args_hash))
     run(journal.commit(ok))
     record = run(journal.get_run(paused.run_id))
-    again = ok.model_copy(update={"expected_seq": record.last_seq, "expected_hash": record.last_hash})
+    again = msgspec.structs.replace(ok, expected_seq=record.last_seq, expected_hash=record.last_hash)
     with pytest.raises(TicketError, match="consumed"):
         run(journal.commit(again))
     with pytest.raises(TicketError, match="already consumed"):
@@ -313,8 +314,9 @@ def test_handoff_and_defer_name_an_owner_and_keep_the_state_handed_over(journal:
     result = start(journal, shop, [{"kind": "handoff", "to": "billing", "note": "invoice question"}])
     assert (result.status, result.owner) == ("handed_off", "billing")
     handoff = next(e for e in run(journal.read_entries(result.run_id)) if e.kind == "handoff")
-    assert handoff.body["handoff"]["owner"] == "billing"
-    assert handoff.body["handoff"]["state"] == "shop"
+    record = handoff.body
+    assert isinstance(record, bodies.HandedOff)
+    assert (record.handoff.owner, record.handoff.state) == ("billing", "shop")
     assert handoff.step_id == "s1"
 
     policy = {

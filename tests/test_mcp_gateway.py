@@ -42,7 +42,7 @@ version: 1
 rules:
   - id: writes-stay-in-the-sandbox
     tool: write_file
-    when: '!args.path.startsWith("{sandbox}/") || args.path.contains("..")'
+    when: '!realpath(args.path).startsWith("{sandbox}/")'
     decision: deny
     reason: files are written only inside the sandbox
   - id: writes-need-a-person
@@ -76,7 +76,9 @@ class Setup:
 
     def params(self, *upstreams: str) -> StdioServerParameters:
         args = self.gateway(*upstreams, extra=("--approval-timeout", str(APPROVAL_TIMEOUT)))
-        return StdioServerParameters(command=sys.executable, args=args, cwd=str(self.folder))
+        # The SDK starts a server with a minimal environment: keep the sources under test first.
+        env = {"PYTHONPATH": os.environ["PYTHONPATH"]} if os.environ.get("PYTHONPATH") else None
+        return StdioServerParameters(command=sys.executable, args=args, cwd=str(self.folder), env=env)
 
     async def tether(self, *args: str) -> str:
         """A `tether` command in another process, as a person runs it; its stdout."""
@@ -97,7 +99,7 @@ class Setup:
 
 @pytest.fixture
 def setup(tmp_path: Path) -> Setup:
-    sandbox = tmp_path / "sandbox"
+    sandbox = tmp_path.resolve() / "sandbox"
     sandbox.mkdir()
     (sandbox / "hello.txt").write_text("hello from the sandbox\n")
     policy = tmp_path / "policy.yaml"
@@ -261,6 +263,8 @@ def test_every_call_is_governed_and_journaled(setup: Setup) -> None:
     )
     winner = next(r for r in explained["rules"] if r["winner"])
     assert winner["rule"] == "writes-stay-in-the-sandbox" and "startsWith" in winner["when"]
+    # ... and with the resolved path it was decided on.
+    assert explained["decision"]["resolved"] == {f'realpath("{outside}")': str(outside)}
     decided = [
         (e["body"]["status"], e["body"]["by"]) for e in shown["entries"] if e["kind"] == "ticket_decided"
     ]

@@ -20,6 +20,7 @@ from typing import Any
 
 import pytest
 
+from conftest import step_rows
 from mcp_servers import filesystem_server, git_server, time_server
 from tether import (
     AgentState,
@@ -31,7 +32,7 @@ from tether import (
     Workflow,
     load_workflow,
 )
-from tether.journal import Journal
+from tether.journal import Journal, bodies
 from tether.mcp import McpClient, McpError, McpServer, McpServerSpec, McpTool, ToolOverride
 
 # A server of our own: a ledger kept in ledger.json in its working directory. With
@@ -89,7 +90,12 @@ def call(tool_name: str, **args: Any) -> dict[str, Any]:
 
 
 def steps(journal: Journal, run_id: str) -> list[dict[str, Any]]:
-    return [e.body for e in run(journal.read_entries(run_id)) if e.kind == "step"]
+    """Each step, with the tool it called (if any) named in `tool`."""
+    rows = step_rows(journal, run_id)
+    for row in rows:
+        record = row["record"]
+        row["tool"] = record.tool if isinstance(record, bodies.ToolStep) else None
+    return rows
 
 
 def processes_in(folder: Path) -> list[int]:
@@ -249,7 +255,7 @@ def test_an_agent_state_uses_tools_of_four_real_servers_governed_and_journaled(
     assert (sandbox / "public" / "notes.txt").read_text() == "hello"
     assert json.loads((ledger / "ledger.json").read_text()) == [["cash", 42.5]]
     recorded = [s for s in steps(journal, result.run_id) if s.get("tool")]
-    by_tool = {(s["tool"]["name"], s["outcome"]): s for s in recorded}
+    by_tool = {(s["tool"], s["outcome"]): s for s in recorded}
     assert by_tool[("get_current_time", "executed")]["result"]["timezone"] == "Europe/Paris"
     assert "On branch" in by_tool[("git_status", "executed")]["result"][0]["text"]
     assert by_tool[("read_text_file", "executed")]["result"] == {"content": "hello"}
@@ -371,7 +377,11 @@ def test_tool_results_and_the_workflow_hash_follow_the_server_and_the_declaratio
     add_entry = changed.tools()["add_entry"]
     assert "memo" in add_entry.json_schema()["properties"]
     # Defaults from the server's schema are filled in, as a native tool's are.
-    assert add_entry.validate({"account": "a", "amount": 1}) == {"account": "a", "amount": 1, "memo": ""}
+    assert add_entry.validate({"account": "a", "amount": 1}).values == {
+        "account": "a",
+        "amount": 1,
+        "memo": "",
+    }
     # Nothing stays running after a load: listing used its own short connection.
     assert processes_in(folder) == []
 

@@ -67,11 +67,11 @@ def test_whatever_the_model_sends_reaches_the_kernel_which_refuses_garbage() -> 
     )
     assert (exit_.exit, exit_.update) == ("refunded", {"n": 1})  # type: ignore[union-attr]
     for calls, text, message in [
-        ([("lookup", '{"id": ')], None, "args: Input should be a valid dictionary"),
+        ([("lookup", '{"id": ')], None, "args: Expected `object`, got `str`"),
         ([("lookup", "{}"), ("lookup", "{}")], None, "2 proposals in one reply"),
         ([], "Sure, I will refund it.", "output is not JSON"),
-        ([("take_exit", '{"exit": ')], None, "arguments: Extra inputs are not permitted"),
-        ([("ask_person", "[1]")], None, "arguments: Extra inputs are not permitted"),
+        ([("take_exit", '{"exit": ')], None, "unknown field `arguments`"),
+        ([("ask_person", "[1]")], None, "unknown field `arguments`"),
     ]:
         with pytest.raises(MalformedProposal, match=message):
             parse_proposal(proposal_from_calls(calls, text))

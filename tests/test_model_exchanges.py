@@ -81,7 +81,7 @@ def test_every_model_call_is_recorded_with_the_step_it_served(journal: Journal, 
         assert result.status == "completed"
         recorded = await journal.read_exchanges(result.run_id)
         entries = await journal.read_entries(result.run_id)
-        step_ids = [e.step_id for e in entries if e.kind == "step"]
+        step_ids = [row["step_id"] for row in timeline(entries) if row["kind"] == "step"]
         assert [x.seq for x in recorded] == [1, 2, 3, 4]
         assert [x.step_id for x in recorded] == step_ids
         assert recorded[0].request == {"messages": [{"role": "user", "content": "turn 0"}]}
@@ -89,7 +89,7 @@ def test_every_model_call_is_recorded_with_the_step_it_served(journal: Journal, 
         assert recorded[0].output == call("read_order", order_id="A1")
         assert [x.usage["input_tokens"] for x in recorded] == [100, 101, 102, 103]
         # The entries keep usage and proposals, not the prompts: those live in the exchanges.
-        assert "request" not in json.dumps([e.body for e in entries])
+        assert '"request"' not in "".join(e.body_json for e in entries)
 
     run(scenario())
 
@@ -218,23 +218,28 @@ def test_cli_shows_replays_and_prunes_exchanges(tmp_path: Path) -> None:
 
     first = refund_run(f"script:{refund}/proposals.json")
     run_id = json.loads(first.stdout)["run_id"]
-    shown = tether("exchanges", run_id, "--db", db, cwd=tmp_path)
-    assert shown.returncode == 0, shown.stderr
-    assert " 1 " in shown.stdout and "lookup_order" in shown.stdout
-    listed = json.loads(tether("exchanges", run_id, "--db", db, "--json", cwd=tmp_path).stdout)
-    assert [x["seq"] for x in listed] == list(range(1, len(listed) + 1)) and listed
+    # An in-process model's proposals are all in the run's entries: no exchange repeats them.
+    scripted = tether("exchanges", run_id, "--db", db, cwd=tmp_path)
+    assert scripted.returncode == 0 and "no recorded model exchanges" in scripted.stdout
 
+    # Replay reads the scripted run's calls from its entries; the replaying run records its own.
     again = refund_run(f"replay:{run_id}")
     a, b = json.loads(first.stdout), json.loads(again.stdout)
     assert b["status"] == a["status"]
     assert [(s.get("decision"), s.get("outcome")) for s in b["steps"]] == [
         (s.get("decision"), s.get("outcome")) for s in a["steps"]
     ]
+    run_id = b["run_id"]
+    shown = tether("exchanges", run_id, "--db", db, cwd=tmp_path)
+    assert shown.returncode == 0, shown.stderr
+    assert " 1 " in shown.stdout and "lookup_order" in shown.stdout
+    listed = json.loads(tether("exchanges", run_id, "--db", db, "--json", cwd=tmp_path).stdout)
+    assert [x["seq"] for x in listed] == list(range(1, len(listed) + 1)) and listed
 
     bad = tether("db", "prune-exchanges", "--older-than", "a while", "--db", db, cwd=tmp_path)
     assert bad.returncode == 2 and "--older-than must be a number with a unit" in bad.stderr + bad.stdout
     pruned = tether("db", "prune-exchanges", "--older-than", "0s", "--db", db, cwd=tmp_path)
-    assert pruned.returncode == 0 and f"deleted {2 * len(listed)} model exchange(s)" in pruned.stdout
+    assert pruned.returncode == 0 and f"deleted {len(listed)} model exchange(s)" in pruned.stdout
     gone = tether("exchanges", run_id, "--db", db, cwd=tmp_path)
     assert "no recorded model exchanges" in gone.stdout
     unknown = tether("exchanges", "nope", "--db", db, cwd=tmp_path)

@@ -31,6 +31,7 @@ from tether import AgentState, Budget, Evidence, Runtime, Terminal, Workflow, to
 from tether.errors import ModelSpecError
 from tether.journal import Journal, open_journal
 from tether.models import BudgetLeft, Message, ModelContext, ToolSpec, resolve_model
+from tether.timeline import timeline
 
 REPO = Path(__file__).resolve().parents[1]
 IN_CI = os.environ.get("CI") == "true"
@@ -179,11 +180,12 @@ async def drive(journal: Journal, workflow: Workflow, model: OpenAIModel) -> Any
 
 
 def steps(entries: list[Any]) -> list[tuple[Any, Any]]:
-    """(outcome, reason code) of every step the model proposed."""
+    """(outcome, reason code of a refusal or failure) of every step the model proposed."""
+    went_on = ("executed", "transition")
     return [
-        (e.body.get("outcome"), e.body.get("reason_code"))
-        for e in entries
-        if e.kind == "step" and ("proposal" in e.body or "raw" in e.body)
+        (row["outcome"], None if row["outcome"] in went_on else row["reason_code"])
+        for row in timeline(entries)
+        if row["kind"] == "step" and row["proposal"] is not None
     ]
 
 
@@ -622,18 +624,18 @@ def test_a_real_model_drives_a_governed_run_over_a_real_server(journal: Journal,
     assert result.status in ("completed", "escalated", "failed"), result
     entries = run(journal.read_entries(result.run_id))
     exchanges = run(journal.read_exchanges(result.run_id))
-    proposed = [e for e in entries if e.kind == "step" and ("proposal" in e.body or "raw" in e.body)]
+    proposed = [row for row in timeline(entries) if row["kind"] == "step" and row["proposal"] is not None]
     assert proposed, "the model proposed no step"
     failed = [x for x in exchanges if x.error is not None]
     # A call that failed for good (a runaway generation timing out, say) escalated the run.
     assert not failed or (result.status, result.reason_code) == ("escalated", failed[-1].reason_code)
     # Every step is what the real model answered in the exchange recorded with it.
     by_step = {x.step_id: x for x in exchanges}
-    for entry in proposed:
-        exchange = by_step[entry.step_id]
+    for row in proposed:
+        exchange = by_step[row["step_id"]]
         assert exchange.error is None
         assert exchange.response["model"] == "smollm2"
-        proposal = entry.body.get("proposal") or entry.body.get("raw")
+        proposal = row["proposal"]
         if isinstance(proposal, dict) and isinstance(exchange.output, dict):
             proposal = {key: proposal.get(key) for key in exchange.output}  # the kernel adds defaults
         assert proposal == exchange.output

@@ -20,9 +20,10 @@ from typing import Any
 import pytest
 
 from tether import Evidence, Tool, ToolContext
+from tether.timeline import timeline
 
 RETAIL = Path(__file__).resolve().parents[1] / "examples" / "retail"
-TAU2_RETAIL = Path("/work/shared/benchmarks/tau2/retail")
+TAU2_RETAIL = RETAIL / "tau2"  # tau2-bench's retail data, vendored
 if str(RETAIL) not in sys.path:
     sys.path.insert(0, str(RETAIL))
 
@@ -54,7 +55,7 @@ def call(tool: Tool, ctx: ToolContext, **args: Any) -> Any:
 
 
 def verify(tool: Tool, ctx: ToolContext, result: Any, **args: Any) -> Evidence:
-    evidence = asyncio.run(tool.verify(tool.validate(args), result, ctx))
+    evidence = asyncio.run(tool.verify(tool.validate(args).values, result, ctx))
     assert evidence is not None
     return evidence
 
@@ -713,8 +714,6 @@ KNOWN_FAILING_WRITES = {
 
 @pytest.fixture(scope="module")
 def tau2() -> tuple[bytes, list[dict[str, Any]]]:
-    if not (TAU2_RETAIL / "db.json").exists() or not (TAU2_RETAIL / "tasks.json").exists():
-        pytest.skip(f"tau2-bench retail data not found in {TAU2_RETAIL}")
     db = json.loads((TAU2_RETAIL / "db.json").read_text(encoding="utf-8"))
     tasks = json.loads((TAU2_RETAIL / "tasks.json").read_text(encoding="utf-8"))
     return pickle.dumps(db), tasks
@@ -804,9 +803,13 @@ def test_a_governed_run_authenticates_then_cancels(db_file: Path, tmp_path: Path
     assert result.status == "completed", result
     assert record.facts["user_id"] == "lucas_brennan_8820"
     outcomes = [
-        (e.body["proposal"]["tool"], e.body["outcome"], e.body.get("reason_code"))
-        for e in entries
-        if e.body.get("proposal", {}).get("kind") == "tool_call" and "outcome" in e.body
+        (
+            row["proposal"]["tool"],
+            row["outcome"],
+            None if row["outcome"] == "executed" else row["reason_code"],
+        )
+        for row in timeline(entries)
+        if row["kind"] == "step" and (row["proposal"] or {}).get("kind") == "tool_call"
     ]
     assert outcomes == [
         ("cancel_pending_order", "refused", "policy_denied"),

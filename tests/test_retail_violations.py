@@ -35,18 +35,9 @@ import pytest
 
 ROOT = Path(__file__).resolve().parents[1]
 RETAIL = ROOT / "examples" / "retail"
-TAU2 = Path(__file__).resolve().parents[2] / "shared" / "benchmarks" / "tau2" / "retail"
+TAU2 = ROOT / "examples" / "retail" / "tau2"  # tau2-bench's retail data, vendored
 DB_FILE = TAU2 / "db.json"
 POLICY_MD = TAU2 / "policy.md"
-
-if not (DB_FILE.is_file() and POLICY_MD.is_file()):
-    message = (
-        f"tau2-bench retail data (db.json, policy.md) not found at {TAU2}: it sits beside the repository, "
-        "at ../shared/benchmarks/tau2/retail"
-    )
-    if os.environ.get("CI") == "true":
-        pytest.fail(f"{message}; CI must run the retail violation tests", pytrace=False)
-    pytest.skip(message, allow_module_level=True)
 
 if str(RETAIL) not in sys.path:
     sys.path.insert(0, str(RETAIL))
@@ -56,7 +47,7 @@ import retail_resolvers  # noqa: E402
 import retail_tools  # noqa: E402
 
 from tether import RunResult, Runtime, ScriptedModel, Workflow, load_workflow, open_journal  # noqa: E402
-from tether.journal import Entry, Journal  # noqa: E402
+from tether.journal import Entry, Journal, bodies  # noqa: E402
 
 DB: dict[str, Any] = json.loads(DB_FILE.read_text(encoding="utf-8"))
 POLICY_TEXT = POLICY_MD.read_text(encoding="utf-8")
@@ -998,14 +989,15 @@ def db_file(tmp_path: Path) -> Iterator[Path]:
 
 
 def proposals_in(entries: list[Entry], state: str) -> list[Entry]:
-    """One entry per proposal made in `state`: the first record of each step (not its continuation)."""
+    """One entry per proposal made in `state`: the first record of each step (not its
+    continuation, nor the intent that precedes an execution)."""
     return [
         e
         for e in entries
-        if e.kind in ("step", "handoff")
-        and e.state == state
-        and e.body.get("proposal") is not None
-        and not e.body.get("continuation")
+        if e.state == state
+        and (e.kind in bodies.STEP_KINDS or e.kind == "handoff")
+        and bodies.proposed(e.body) is not None
+        and not getattr(e.body, "continuation", False)
     ]
 
 
@@ -1061,28 +1053,25 @@ def test_violation_is_caught_and_changes_nothing(
     )
     step = made[case.index]
     proposal = case.violation
-    assert {k: v for k, v in step.body["proposal"].items() if k in proposal} == proposal
-    decision = step.body["decision"]
-    assert (decision["decision"], decision["rule_id"], decision["reason_code"]) == (
+    assert {k: v for k, v in bodies.proposed(step.body).items() if k in proposal} == proposal
+    decision = step.body.decision  # type: ignore[union-attr]
+    assert (decision.decision, decision.rule_id, decision.reason_code) == (
         case.decision,
         case.rule_id,
         case.reason_code,
-    ), f"{case.id}: expected {case.rule_id}; policy said: {decision.get('reason')}"
+    ), f"{case.id}: expected {case.rule_id}; policy said: {decision.reason}"
 
     # The violating step never ran: no intent, no execution.
     its_entries = [e for e in entries if e.step_id == step.step_id and e.state == case.state]
-    assert not [e for e in its_entries if e.kind == "intent"]
-    assert not [e for e in its_entries if e.body.get("outcome") in ("executed", "verification_failed")]
+    assert not [e for e in its_entries if e.kind in ("intent", "executed", "verification_failed")]
     if case.decision == "ask" and not case.approve:  # the customer said no: recorded as a denial
-        follow = [e for e in its_entries if e.body.get("continuation")]
-        assert [(e.body["outcome"], e.body["reason_code"]) for e in follow] == [
-            ("refused", "approval_denied")
+        follow = [e.body for e in its_entries if getattr(e.body, "continuation", False)]
+        assert [(type(r).__name__, r.decision.reason_code) for r in follow] == [  # type: ignore[union-attr]
+            ("Refused", "approval_denied")
         ]
 
     # The legitimate earlier writes did run.
-    executed = [
-        e.body["tool"]["name"] for e in entries if e.kind == "step" and e.body.get("outcome") == "executed"
-    ]
+    executed = [e.body.tool for e in entries if e.kind == "executed"]  # type: ignore[union-attr]
     for action in case.earlier_calls:
         if action["name"] in retail_tools.WRITE_ACTIONS:
             assert action["name"] in executed

@@ -13,6 +13,7 @@ from typing import Any
 import pytest
 
 from tether import DefinitionError, RunStateError, Runtime, load_workflow, open_journal
+from tether.journal import bodies
 
 ROOT = Path(__file__).resolve().parents[1]
 REFUND = ROOT / "examples" / "refund"
@@ -99,7 +100,8 @@ def test_a_run_whose_version_is_gone_gets_a_clear_error_and_can_be_migrated(fold
     record = run(journal.get_run(run_id))
     assert (record.workflow_version, record.status) == ("2", "paused")
     migrated = [e for e in run(journal.read_entries(run_id)) if e.kind == "migrated"]
-    assert migrated[0].body["from"]["version"] == "1" and migrated[0].body["by"] == "ops"
+    moved = migrated[0].body
+    assert isinstance(moved, bodies.Migrated) and (moved.from_.version, moved.by) == ("1", "ops")
     ticket = run(journal.list_tickets())[0].ticket_id
     assert tether("approve", ticket, "--db", "j.db", cwd=folder.parent).returncode == 0
     done = tether("resume", run_id, "--db", "j.db", "--json", cwd=folder.parent)

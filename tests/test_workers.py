@@ -7,6 +7,7 @@ skip with a message without it, and fail instead when CI=true.
 from __future__ import annotations
 
 import asyncio
+import json
 import os
 import random
 import shutil
@@ -77,7 +78,10 @@ def submit(journal: Journal, count: int) -> list[str]:
 
 def spawn_worker(db: str, env: dict[str, str], *extra: str) -> subprocess.Popen[bytes]:
     return subprocess.Popen(
-        [sys.executable, "-m", "tether", "worker", "--db", db, "--lease", "2", "--concurrency", "8", *extra],
+        [
+            *(sys.executable, "-m", "tether", "worker", "--db", db, "--workflows", str(CHAOS)),
+            *("--lease", "2", "--concurrency", "8", *extra),
+        ],
         env=env,
         stdout=subprocess.DEVNULL,
         stderr=subprocess.DEVNULL,
@@ -90,7 +94,8 @@ def statuses(journal: Journal) -> dict[str, str]:
 
 
 def worker_env(effects_url: str) -> dict[str, str]:
-    return {**os.environ, "EFFECTS_URL": effects_url, "PYTHONPATH": str(CHAOS)}
+    path = os.pathsep.join(p for p in (str(CHAOS), os.environ.get("PYTHONPATH")) if p)
+    return {**os.environ, "EFFECTS_URL": effects_url, "PYTHONPATH": path}
 
 
 def wait_until_settled(journal: Journal, ids: list[str], seconds: float, tick: Any = None) -> dict[str, str]:
@@ -189,7 +194,7 @@ def test_sigterm_drains_and_another_worker_finishes(tmp_path: Path) -> None:
     assert all(r.lease_owner is None for r in records), "a drained worker leaves no lease behind"
 
     second = subprocess.run(
-        [sys.executable, "-m", "tether", "worker", "--db", db, "--until-idle"],
+        [sys.executable, "-m", "tether", "worker", "--db", db, "--workflows", str(CHAOS), "--until-idle"],
         env=env,
         capture_output=True,
         text=True,
@@ -225,21 +230,26 @@ def test_submit_from_the_command_line_then_a_worker_runs_it(tmp_path: Path) -> N
     run_id = json.loads(submitted.stdout)["run_id"]
     journal = open_journal(db)
     assert statuses(journal)[run_id] == "queued"
-    # An older run whose workflow folder is gone: the worker cannot drive it, leaves it
+    # An older run of a version whose folder is gone: the worker cannot drive it, leaves it
     # untouched, and must not let it stand in front of the runs it can drive.
     gone = tmp_path / "gone"
     shutil.copytree(CHAOS, gone)
+    definition = gone / "workflow.yaml"
+    definition.write_text(definition.read_text().replace("version: 1", "version: 0"))
     older = tether("submit", str(gone), "--model", SCRIPT, "--json")
     stuck = json.loads(older.stdout)["run_id"]
     journal.close()
     with sqlite3.connect(db) as conn:
         conn.execute("UPDATE runs SET updated_at = updated_at - 60 WHERE run_id = ?", (stuck,))
     shutil.rmtree(gone)
-    worker = tether("worker", "--until-idle")
+    worker = tether("worker", "--workflows", str(CHAOS), "--until-idle")
     assert worker.returncode == 0, worker.stderr
     journal = open_journal(db)
     assert statuses(journal)[run_id] == "completed"
-    assert statuses(journal)[stuck] == "queued" and f"run {stuck} cannot be driven here" in worker.stderr
+    assert statuses(journal)[stuck] == "queued" and f"run {stuck} set aside, not driven" in worker.stderr
+    # One line per claimed and per settled run, and a summary on exit.
+    assert f"claimed run {run_id}" in worker.stderr and f"run {run_id} completed" in worker.stderr
+    assert "claimed 2; runs stopped: 1 completed; set aside 1; errors 0" in worker.stdout
     journal.close()
 
 
@@ -271,11 +281,68 @@ def test_an_approval_from_another_process_makes_a_paused_run_runnable_again(tmp_
     import json
 
     run_id = json.loads(submitted.stdout)["run_id"]
-    assert cli("worker", "--until-idle").returncode == 0
+    assert cli("worker", "--workflows", str(refund), "--until-idle").returncode == 0
     journal = open_journal(db)
     assert statuses(journal)[run_id] == "paused"
     ticket = run(journal.list_tickets())[0].ticket_id
     assert cli("approve", ticket, "--by", "supervisor").returncode == 0
-    assert cli("worker", "--until-idle").returncode == 0
+    assert cli("worker", "--workflows", str(refund), "--until-idle").returncode == 0
     assert statuses(journal)[run_id] == "completed"
     journal.close()
+
+
+def test_a_worker_drives_the_versions_and_policies_under_its_roots_and_sets_the_rest_aside(
+    tmp_path: Path,
+) -> None:
+    db = str(tmp_path / "journal.db")
+    folder = tmp_path / "roots" / "greet"
+    folder.mkdir(parents=True)
+    (folder / "greet_steps.py").write_text(
+        "from tether import Next\n\n\ndef hello(data):\n    return Next('done')\n"
+    )
+    workflow = (
+        "name: greet\nversion: {v}\nstart: hello\nstates:\n"
+        "  hello: {{kind: step, run: 'greet_steps:hello', next: [done]}}\n  done: {{kind: terminal}}\n"
+    )
+    (folder / "workflow.yaml").write_text(workflow.format(v=1))
+    strict = folder / "strict.yaml"
+    strict.write_text("version: 1\nrules: [{id: any-tool, tool: '*', decision: allow}]\n")
+    elsewhere = tmp_path / "elsewhere.yaml"  # not under the roots
+    elsewhere.write_text("version: 1\nrules: [{id: no-tool, tool: '*', decision: deny}]\n")
+
+    def tether(*args: str) -> subprocess.CompletedProcess[str]:
+        return subprocess.run(
+            [sys.executable, "-m", "tether", *args, "--db", db],
+            capture_output=True,
+            text=True,
+            timeout=60,
+            cwd=tmp_path,
+        )
+
+    def submit(*extra: str) -> str:
+        submitted = tether("submit", str(folder), "--json", *extra)
+        assert submitted.returncode == 0, submitted.stderr
+        run_id: str = json.loads(submitted.stdout)["run_id"]
+        return run_id
+
+    plain, strict_run = submit(), submit("--policy", str(strict))
+    foreign, other = submit("--policy", str(elsewhere)), submit("--policy", str(elsewhere))
+    # A new version replaces workflow.yaml; the one the runs are pinned to is kept beside it.
+    (folder / "workflow.yaml").rename(folder / "workflow.v1.yaml")
+    (folder / "workflow.yaml").write_text(workflow.format(v=2))
+
+    worker = tether("worker", "--workflows", str(tmp_path / "roots"), "--until-idle")
+
+    assert worker.returncode == 0, worker.stderr
+    assert "2 workflow version(s): greet 1, greet 2" in worker.stderr
+    runs = {r["run_id"]: r for r in json.loads(tether("runs", "--json").stdout)}
+    assert runs[plain]["status"] == runs[strict_run]["status"] == "completed"
+    assert runs[foreign]["status"] == runs[other]["status"] == "queued"
+    assert f"the run's policy file {elsewhere} is not under this worker's roots" in runs[foreign]["message"]
+    # A person who trusts it drives one, a worker whose roots hold the policy the other;
+    # the note that they were set aside goes with them.
+    assert tether("resume", foreign).returncode == 0
+    wider = tether("worker", "--workflows", str(tmp_path), "--until-idle")
+    assert wider.returncode == 0, wider.stderr
+    runs = {r["run_id"]: r for r in json.loads(tether("runs", "--json").stdout)}
+    assert [(runs[r]["status"], runs[r]["message"]) for r in (foreign, other)] == [("completed", None)] * 2

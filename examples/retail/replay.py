@@ -28,6 +28,7 @@ import retail_tools  # noqa: E402  (the example folder is not a package)
 
 from tether import Runtime, ScriptedModel, Workflow, load_workflow  # noqa: E402
 from tether.journal import Journal  # noqa: E402
+from tether.timeline import timeline  # noqa: E402
 
 AUTH_TOOLS = ("find_user_id_by_email", "find_user_id_by_name_zip")
 USER_ARGS = ("user_id",)
@@ -157,21 +158,20 @@ async def replay(
         await journal.decide_ticket(result.ticket_id, approve=True, by="customer (replay)", now=time.time())
         result = await runtime.resume(result.run_id, workflow, model)
     steps = []
-    for e in await journal.read_entries(result.run_id):
-        proposal = e.body.get("proposal") or {}
-        if e.kind not in ("step", "handoff") or proposal.get("kind") != "tool_call":
+    for row in timeline(await journal.read_entries(result.run_id)):
+        proposal = row["proposal"] or {}
+        if row["kind"] not in ("step", "handoff") or proposal.get("kind") != "tool_call":
             continue
-        if e.body.get("outcome") in ("awaiting_approval",):
+        if row["outcome"] == "awaiting_approval":
             continue
-        decision = e.body["decision"]
         steps.append(
             StepDecision(
                 proposal["tool"],
                 proposal["args"],
-                decision["decision"],
-                decision["rule_id"],
-                e.body.get("outcome", e.kind),
-                e.body.get("reason_code"),
+                row["decision"],
+                row["rule_id"],
+                row["outcome"],
+                None if row["outcome"] == "executed" else row["reason_code"],
             )
         )
     expected = copy.deepcopy(source_db)

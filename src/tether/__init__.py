@@ -4,9 +4,12 @@ Workflows fix the allowed path; models propose the next local step inside a decl
 envelope; the runtime authorizes, executes, verifies and records every step.
 """
 
+from tether.budget import Limits
+from tether.decision import Decision
 from tether.errors import (
     ConcurrentWriteError,
     DefinitionError,
+    InputError,
     JournalError,
     ModelSpecError,
     PolicyFileError,
@@ -18,7 +21,7 @@ from tether.errors import (
 from tether.journal import Journal, open_journal
 from tether.loader import load_workflow
 from tether.models import FunctionModel, Model, ModelContext, ModelReply, ScriptedModel, Usage
-from tether.policy import Decision, Policy
+from tether.policy import Policy
 from tether.proposals import Exit, Finish, Handoff, Question, ToolCall
 from tether.reasons import ReasonCode
 from tether.runtime import RunResult, Runtime
@@ -38,8 +41,10 @@ __all__ = [
     "Finish",
     "FunctionModel",
     "Handoff",
+    "InputError",
     "Journal",
     "JournalError",
+    "Limits",
     "Model",
     "ModelContext",
     "ModelReply",

@@ -9,7 +9,8 @@ TetherError
 │   ├── TicketError        an approval ticket is unknown, already used, expired or
 │   │                      bound to other arguments
 │   └── ConcurrentWriteError  another process appended to the same run
-└── RunStateError          the run cannot do what was asked in its current status
+├── RunStateError          the run cannot do what was asked in its current status
+└── InputError             a run's input is refused (not a JSON object within the limits)
 """
 
 from __future__ import annotations
@@ -49,3 +50,7 @@ class ConcurrentWriteError(JournalError):
 
 class RunStateError(TetherError):
     """The run's status does not allow the requested operation."""
+
+
+class InputError(TetherError):
+    """A run's input is refused before anything is created; the message says why."""

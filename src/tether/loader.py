@@ -1,15 +1,18 @@
 """Loading workflows from YAML files (tools named by import path) or Python objects.
 
 `load_workflow(target)` accepts a directory holding `workflow.yaml`, a YAML file, or
-`module:attribute` naming a `Workflow`. Import paths in YAML resolve against the file's
-own directory first. Every problem is reported as a DefinitionError naming its place.
+`module:attribute` naming a `Workflow`; `await load_workflow_async(target)` does the same
+inside a running event loop. Import paths in YAML resolve against the file's own directory
+first. Every problem is reported as a DefinitionError naming its place.
 """
 
 from __future__ import annotations
 
+import asyncio
 import importlib
 import sys
 from collections.abc import Callable, Iterator
+from concurrent.futures import ThreadPoolExecutor
 from contextlib import contextmanager
 from pathlib import Path
 from typing import TYPE_CHECKING, Annotated, Any, Literal
@@ -17,6 +20,7 @@ from typing import TYPE_CHECKING, Annotated, Any, Literal
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
+from tether.budget import Limits
 from tether.errors import DefinitionError, PolicyFileError
 from tether.policy import Policy
 from tether.strict_yaml import load_yaml
@@ -76,6 +80,7 @@ class WorkflowDoc(_Strict):
     # name -> {command: [...]} or {url: ...}; checked by tether.mcp.catalog
     mcp_servers: dict[str, Any] = Field(default_factory=dict)
     budget: RunBudget = Field(default_factory=RunBudget)
+    limits: Limits = Field(default_factory=Limits)
     states: dict[str, Annotated[StepDoc | AgentDoc | TerminalDoc, Field(discriminator="kind")]] = Field(
         min_length=1
     )
@@ -89,16 +94,40 @@ def load_workflow(
     With `pinned` (a workflow hash), a folder may hold several versions — `workflow.yaml`
     (the newest, for new runs) and older ones kept as `workflow.<anything>.yaml` while runs
     use them — and the one with that hash is loaded.
+
+    Synchronous, for library users: MCP servers the workflow declares are listed in an
+    event loop of the call's own, and their tools connect again in the loop that runs them.
+    Code running in an event loop should await `load_workflow_async` instead.
     """
+
+    async def load_and_disconnect() -> Workflow:
+        workflow = await load_workflow_async(target, policy=policy, pinned=pinned)
+        await _disconnect(workflow)
+        return workflow
+
+    try:
+        asyncio.get_running_loop()
+    except RuntimeError:
+        return asyncio.run(load_and_disconnect())
+    # Called from a coroutine, which cannot wait on its own loop: load in a helper thread.
+    with ThreadPoolExecutor(1, thread_name_prefix="tether-load") as pool:
+        return pool.submit(asyncio.run, load_and_disconnect()).result()
+
+
+async def load_workflow_async(
+    target: str | Path, *, policy: str | Path | None = None, pinned: str | None = None
+) -> Workflow:
+    """`load_workflow` in the running event loop: the connections opened to list the MCP
+    servers' tools stay open, and the runs this loop drives use them."""
     path = Path(target)
     if pinned is not None and path.is_dir():
-        return _pinned_version(path, policy, pinned)
+        return await _pinned_version(path, policy, pinned)
     if path.is_dir():
         path = path / WORKFLOW_FILE
         if not path.exists():
             raise DefinitionError(f"no {WORKFLOW_FILE} in directory {target}")
     if path.suffix in (".yaml", ".yml") or path.exists():
-        return _from_yaml(path, policy)
+        return await _from_yaml(path, policy)
     if ":" in str(target):
         return _from_python(str(target), policy)
     raise DefinitionError(
@@ -113,18 +142,27 @@ def versions(folder: Path) -> list[Path]:
     return ([newest] if newest.exists() else []) + older
 
 
-def _pinned_version(folder: Path, policy: str | Path | None, pinned: str) -> Workflow:
+async def _pinned_version(folder: Path, policy: str | Path | None, pinned: str) -> Workflow:
     seen = []
     for file in versions(folder):
-        workflow = _from_yaml(file, policy)
+        workflow = await _from_yaml(file, policy)
         if workflow.hash == pinned:
             return workflow
+        await _disconnect(workflow)
         seen.append(f"{file.name} (version {workflow.version}, {workflow.hash[:19]}…)")
     raise DefinitionError(
         f"no workflow in {folder} has the hash {pinned[:19]}… the run is pinned to (found: "
         f"{', '.join(seen) or 'none'}). Keep that version's file (e.g. workflow.v1.yaml) while runs "
-        "use it, or move the run to another version explicitly: tether migrate RUN --to FILE"
+        "use it, or move the run to another version explicitly: tether migrate RUN --to FOLDER"
     )
+
+
+async def _disconnect(workflow: Workflow) -> None:
+    """Close the running loop's connections to the workflow's MCP servers, if it has any."""
+    if "tether.mcp.client" in sys.modules:  # only a workflow with MCP tools imported it
+        from tether.mcp.client import close_servers
+
+        await close_servers(workflow.tools().values())
 
 
 def workflow_ref(target: str | Path) -> str:
@@ -143,7 +181,7 @@ def _from_python(ref: str, policy: str | Path | None) -> Workflow:
     return obj
 
 
-def _from_yaml(path: Path, policy_override: str | Path | None) -> Workflow:
+async def _from_yaml(path: Path, policy_override: str | Path | None) -> Workflow:
     try:
         content = load_yaml(path.read_text())
     except FileNotFoundError:
@@ -159,7 +197,7 @@ def _from_yaml(path: Path, policy_override: str | Path | None) -> Workflow:
     except ValidationError as exc:
         raise DefinitionError(f"{path}: " + _explain(exc)) from None
     base = path.parent.resolve()
-    mcp = _mcp_catalog(doc.mcp_servers, base, str(path)) if doc.mcp_servers else None
+    mcp = await _mcp_catalog(doc.mcp_servers, base, str(path)) if doc.mcp_servers else None
     states = [_state(name, s, base, f"{path}: state {name!r}", mcp) for name, s in doc.states.items()]
     policy = _policy(path, doc.policy, policy_override)
     resolvers = {
@@ -173,6 +211,7 @@ def _from_yaml(path: Path, policy_override: str | Path | None) -> Workflow:
         policy=policy,
         resolvers=resolvers,
         budget=doc.budget,
+        limits=doc.limits,
         description=doc.description,
     )
 
@@ -250,15 +289,17 @@ def _tool(spec: str | ToolRef, base: Path, where: str, mcp: McpCatalog | None) -
         raise DefinitionError(f"{where}: {ref.ref}: {exc}") from None
 
 
-def _mcp_catalog(declared: dict[str, Any], base: Path, where: str) -> McpCatalog:
-    """List the declared MCP servers' tools (each server started briefly, in parallel)."""
+async def _mcp_catalog(declared: dict[str, Any], base: Path, where: str) -> McpCatalog:
+    """List the declared MCP servers' tools (in parallel, in the running loop)."""
     try:
         from tether.mcp.catalog import McpCatalog
     except ImportError as exc:
         raise DefinitionError(
             f"{where}: mcp_servers needs the MCP SDK ({exc}): pip install 'tether[mcp]'"
         ) from None
-    return McpCatalog(declared, base, where)
+    catalog = McpCatalog(declared, base, where)
+    await catalog.list_tools()
+    return catalog
 
 
 def _mcp_tool(ref: ToolRef, base: Path, where: str, mcp: McpCatalog | None) -> Tool:

@@ -33,13 +33,13 @@ import cel
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
+from tether.decision import Decision, DecisionKind
 from tether.errors import PolicyFileError
 from tether.hashing import fingerprint
 from tether.reasons import ReasonCode
 from tether.strict_yaml import load_yaml
 from tether.tools import Tool
 
-DecisionKind = Literal["allow", "deny", "ask", "defer"]
 BUDGET_RULE_ID = "policy:evaluation_budget"
 SEVERITY: dict[str, int] = {"allow": 0, "ask": 1, "defer": 2, "deny": 3}
 REASON_OF: dict[str, ReasonCode] = {
@@ -155,24 +155,6 @@ class PolicyDocument(BaseModel):
     rules: list[Rule] = Field(default_factory=list)
 
 
-class Decision(BaseModel):
-    """The outcome of policy evaluation for one proposal, as recorded in the journal."""
-
-    decision: DecisionKind
-    rule_id: str
-    policy_hash: str
-    reason_code: ReasonCode
-    reason: str = ""
-    approver: str | None = None
-    owner: str | None = None
-    expires_in: float | None = None
-    matched: list[str] = Field(default_factory=list)
-    # How each governing rule's condition came out (true, false or the error), and what the
-    # resolvers returned: enough to explain the decision later without re-reading live state.
-    evaluated: dict[str, bool | str] = Field(default_factory=dict)
-    resolved: dict[str, Any] = Field(default_factory=dict)
-
-
 class _CompiledRule:
     def __init__(self, rule: Rule, program: cel.Program | None) -> None:
         self.rule = rule
@@ -255,6 +237,14 @@ class Policy:
         if key not in self._by_target:
             self._by_target[key] = [c for c in self._rules if c.governs(kind, name)]
         return self._by_target[key]
+
+    def governing(self, kind: str, name: str) -> list[Rule]:
+        """The rules naming this tool or exit (or "*"), in file order."""
+        return [c.rule for c in self._governing(kind, name)]
+
+    def uses(self, variable: str) -> bool:
+        """Whether any rule's condition reads `variable` (e.g. `history`)."""
+        return any(variable in c.variables for c in self._rules)
 
     @property
     def rules(self) -> list[Rule]:

@@ -15,13 +15,17 @@ from pathlib import Path
 from typing import Any, Literal
 
 import cel
+import msgspec
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
+from tether.decision import Decision
 from tether.errors import PolicyFileError
 from tether.journal import Entry
+from tether.journal import bodies as b
 from tether.loader import load_workflow
-from tether.policy import BUDGET_RULE_ID, HELPERS, REASON_OF, SEVERITY, Decision, Policy, Rule, cel_code
+from tether.policy import BUDGET_RULE_ID, HELPERS, REASON_OF, SEVERITY, Policy, Rule, cel_code
+from tether.proposals import Exit, Finish, ToolCall, as_dict
 from tether.reasons import ReasonCode
 from tether.strict_yaml import load_yaml
 from tether.tools import ArgumentError, Tool, ToolContext
@@ -239,7 +243,7 @@ class Explanation:
             "step_id": self.step_id,
             "state": self.state,
             "proposal": self.proposal,
-            "decision": self.decision.model_dump(mode="json"),
+            "decision": self.decision.as_dict(),
             "rules": self.rules,
             "facts_at_the_time": self.facts,
             "why": self.why,
@@ -248,15 +252,23 @@ class Explanation:
 
 def explain(entries: list[Entry], step_id: str, policy: Policy | None) -> Explanation:
     """Why a recorded step got its decision: each governing rule, its result, the values."""
-    decided = [e for e in entries if e.step_id == step_id and e.kind == "step" and e.body.get("decision")]
+    decided = [
+        (e, record)
+        for e in entries
+        if e.step_id == step_id
+        and isinstance(record := e.body, b.StepRecord)
+        and isinstance(getattr(record, "decision", None), Decision)
+        and not getattr(record, "continuation", False)
+    ]
     if not decided:
         steps = sorted({e.step_id for e in entries if e.step_id}, key=lambda s: int(s[1:]))
         raise LookupError(f"no decided step {step_id!r} in this run (steps: {', '.join(steps)})")
-    entry = decided[0]
-    decision = Decision.model_validate(entry.body["decision"])
+    entry, record = decided[0]
+    decision: Decision = record.decision  # type: ignore[attr-defined]
+    evaluated = decision.evaluated or _evaluated(decision, record, policy)
     facts = _facts_before(entries, entry.seq)
     known = {r.id: (i, r) for i, r in enumerate(policy.rules)} if policy else {}
-    order = sorted(decision.evaluated, key=lambda rid: known[rid][0] if rid in known else len(known))
+    order = sorted(evaluated, key=lambda rid: known[rid][0] if rid in known else len(known))
     rules = []
     for rule_id in order:
         rule = known[rule_id][1] if rule_id in known else None
@@ -266,7 +278,7 @@ def explain(entries: list[Entry], step_id: str, policy: Policy | None) -> Explan
                 "rule": rule_id,
                 "decision": rule.decision if rule else None,
                 "when": when,
-                "result": decision.evaluated[rule_id],
+                "result": evaluated[rule_id],
                 "winner": rule_id == decision.rule_id,
             }
         )
@@ -280,18 +292,49 @@ def explain(entries: list[Entry], step_id: str, policy: Policy | None) -> Explan
         why = f"a condition could not be evaluated, which denies: {decision.reason}"
     else:
         why = f"{PRECEDENCE}: {decision.rule_id} ({decision.decision})"
-    return Explanation(step_id, entry.state, entry.body.get("proposal"), decision, rules, facts, why)
+    decision = msgspec.structs.replace(decision, evaluated=evaluated)
+    proposal = record.proposal() if isinstance(record, b.ToolStep) else getattr(record, "proposal", None)
+    shown = as_dict(proposal) if proposal is not None else getattr(record, "raw", None)
+    return Explanation(step_id, entry.state, shown, decision, rules, facts, why)
+
+
+def _evaluated(decision: Decision, record: Any, policy: Policy | None) -> dict[str, bool | str]:
+    """Each governing rule's result, from the pinned policy and what the journal kept: the
+    rules that held (`matched`) and, for a condition error, the rule that raised it. Rules
+    after an error were not evaluated."""
+    if policy is None or decision.rule_id.startswith(("runtime:", "approval:", "workflow:")):
+        return {}
+    if isinstance(record, b.ToolStep):
+        kind, name = "tool", record.tool
+    elif isinstance(record, b.Transition):
+        kind, name = "exit", record.exit
+    else:
+        proposal = getattr(record, "proposal", None)
+        if isinstance(proposal, ToolCall):
+            kind, name = "tool", proposal.tool
+        elif isinstance(proposal, Exit | Finish):
+            kind, name = "exit", proposal.exit if isinstance(proposal, Exit) else "finish"
+        else:
+            return {}
+    evaluated: dict[str, bool | str] = {}
+    for rule in policy.governing(kind, name):
+        if decision.reason_code == "policy_error" and rule.id == decision.rule_id:
+            evaluated[rule.id] = f"error: {decision.reason}"
+            break
+        evaluated[rule.id] = rule.id in decision.matched
+    return evaluated
 
 
 def _facts_before(entries: list[Entry], seq: int) -> dict[str, Any]:
     facts: dict[str, Any] = {}
     for e in entries:
-        if e.seq >= seq or e.kind != "step":
+        if e.seq >= seq:
             continue
-        facts.update(e.body.get("facts") or {})
-        verification = e.body.get("verification") or {}
-        if verification.get("ok"):
-            facts.update(verification.get("facts") or {})
+        record = e.body
+        if isinstance(record, b.StepDone):
+            facts.update(record.facts)
+        elif isinstance(record, b.Executed) and record.verification and record.verification.get("ok"):
+            facts.update(record.verification.get("facts") or {})
     return facts
 
 
@@ -401,7 +444,7 @@ def _run_case(case: Case, spec: CaseFile, policy: Policy, workflow: Workflow | N
         raise PolicyFileError(f"case {case.name!r}: the workflow has no tool {name!r}")
     effect = case.effect or (tool.effect if tool else ("exit" if kind == "exit" else "read"))
     try:
-        args = tool.validate(case.args) if tool else case.args
+        args = tool.validate(case.args).values if tool else case.args
     except ArgumentError as exc:  # refused before policy, as the runtime refuses it
         refused = Decision(
             decision="deny",

@@ -2,60 +2,69 @@
 
 Proposal kinds: call a tool, take an exit, ask a person a question, hand off to a named
 owner, or finish (the exit named "finish"). Anything else is malformed output.
+
+Raw output is untrusted: whatever its size, depth or shape, parsing ends in a proposal or
+in `MalformedProposal`, never in another exception. Before a value is interpreted it is
+checked against `OutputLimits` (bytes, nesting depth, number of values; numbers finite),
+so nothing downstream — hashing, policy, storage — ever meets a value it cannot hold.
 """
 
 from __future__ import annotations
 
-import json
-from typing import Annotated, Any, Literal
+import math
+from dataclasses import dataclass
+from typing import Any
 
-from pydantic import BaseModel, ConfigDict, Field, TypeAdapter, ValidationError
-
-
-class _Proposal(BaseModel):
-    model_config = ConfigDict(extra="forbid", frozen=True)
+import msgspec
 
 
-class ToolCall(_Proposal):
-    kind: Literal["tool_call"] = "tool_call"
+class ToolCall(msgspec.Struct, frozen=True, tag="tool_call", tag_field="kind", forbid_unknown_fields=True):
     tool: str
-    args: dict[str, Any] = Field(default_factory=dict)
+    args: dict[str, Any] = {}
 
 
-class Exit(_Proposal):
+class Exit(msgspec.Struct, frozen=True, tag="exit", tag_field="kind", forbid_unknown_fields=True):
     """Leave the agent state through a declared exit, optionally setting run data."""
 
-    kind: Literal["exit"] = "exit"
     exit: str
-    update: dict[str, Any] = Field(default_factory=dict)
+    update: dict[str, Any] = {}
     summary: str = ""
 
 
-class Question(_Proposal):
+class Question(msgspec.Struct, frozen=True, tag="question", tag_field="kind", forbid_unknown_fields=True):
     """Pause and ask a person; the answer comes back as an observation."""
 
-    kind: Literal["question"] = "question"
     question: str
 
 
-class Handoff(_Proposal):
+class Handoff(msgspec.Struct, frozen=True, tag="handoff", tag_field="kind", forbid_unknown_fields=True):
     """Hand the run to a named owner, with a note of why."""
 
-    kind: Literal["handoff"] = "handoff"
     to: str
     note: str = ""
 
 
-class Finish(_Proposal):
+class Finish(msgspec.Struct, frozen=True, tag="finish", tag_field="kind", forbid_unknown_fields=True):
     """Done: shorthand for the exit named "finish"."""
 
-    kind: Literal["finish"] = "finish"
-    update: dict[str, Any] = Field(default_factory=dict)
+    update: dict[str, Any] = {}
     summary: str = ""
 
 
-Proposal = Annotated[ToolCall | Exit | Question | Handoff | Finish, Field(discriminator="kind")]
-_adapter: TypeAdapter[Proposal] = TypeAdapter(Proposal)
+Proposal = ToolCall | Exit | Question | Handoff | Finish
+PROPOSAL_TYPES = (ToolCall, Exit, Question, Handoff, Finish)
+
+
+@dataclass(frozen=True)
+class OutputLimits:
+    """What raw model output may be before it is even read (documented in docs/security.md)."""
+
+    max_bytes: int = 1_000_000
+    max_depth: int = 32
+    max_values: int = 100_000
+
+
+DEFAULT_LIMITS = OutputLimits()
 
 
 class MalformedProposal(ValueError):
@@ -66,29 +75,87 @@ class MalformedProposal(ValueError):
         self.raw = raw
 
 
-def parse_proposal(raw: Any) -> ToolCall | Exit | Question | Handoff | Finish:
+def parse_proposal(raw: Any, limits: OutputLimits = DEFAULT_LIMITS) -> Proposal:
     """Parse a model's raw output (JSON text, a dict, or a proposal object)."""
-    if isinstance(raw, ToolCall | Exit | Question | Handoff | Finish):
+    if isinstance(raw, PROPOSAL_TYPES):
         return raw
     value = raw
-    if isinstance(raw, str):
+    if isinstance(raw, str | bytes):
+        if len(raw) > limits.max_bytes:
+            raise MalformedProposal(f"output is {len(raw):,} bytes; the limit is {limits.max_bytes:,}", raw)
         try:
-            value = json.loads(raw)
-        except json.JSONDecodeError as exc:
-            raise MalformedProposal(f"output is not JSON: {exc.msg} at char {exc.pos}", raw) from None
+            value = msgspec.json.decode(raw)
+        except RecursionError:
+            raise MalformedProposal(f"output is nested deeper than {limits.max_depth} levels", raw) from None
+        except msgspec.DecodeError as exc:
+            raise MalformedProposal(f"output is not JSON: {exc}", raw) from None
+    problem = json_value_problem(value, limits)
+    if problem:
+        raise MalformedProposal(problem, raw)
     if isinstance(value, list):
         raise MalformedProposal(f"{len(value)} proposals in one reply; propose one step at a time", raw)
     if not isinstance(value, dict):
         raise MalformedProposal(f"output must be a JSON object, got {type(value).__name__}", raw)
     try:
-        return _adapter.validate_python(value)
-    except ValidationError as exc:
-        problems = "; ".join(
-            f"{'.'.join(str(p) for p in e['loc']) or '(proposal)'}: {e['msg']}" for e in exc.errors()
-        )
-        raise MalformedProposal(f"not a valid proposal: {problems}", raw) from None
+        return msgspec.convert(value, Proposal)
+    except msgspec.ValidationError as exc:
+        # msgspec says "Expected `object`, got `str` - at `$.args`": the place first, as elsewhere.
+        problem, _, where = str(exc).partition(" - at `")
+        place = where.rstrip("`").removeprefix("$").removeprefix(".") or "(proposal)"
+        raise MalformedProposal(f"not a valid proposal: {place}: {problem}", raw) from None
+
+
+def json_value_problem(value: Any, limits: OutputLimits = DEFAULT_LIMITS) -> str | None:
+    """Why `value` is not a JSON value within `limits`, or None. Iterative: no depth breaks it."""
+    stack: list[tuple[Any, int]] = [(value, 1)]
+    seen = 0
+    while stack:
+        item, depth = stack.pop()
+        seen += 1
+        if seen > limits.max_values:
+            return f"output holds more than {limits.max_values:,} values"
+        if isinstance(item, dict | list | tuple):
+            if depth > limits.max_depth:
+                return f"output is nested deeper than {limits.max_depth} levels"
+            if isinstance(item, dict):
+                if not all(isinstance(key, str) for key in item):
+                    return "object keys must be strings"
+                stack.extend((child, depth + 1) for child in item.values())
+            else:
+                stack.extend((child, depth + 1) for child in item)
+        else:
+            problem = _scalar_problem(item, limits)
+            if problem is not None:
+                return problem
+    return None
+
+
+def _scalar_problem(item: Any, limits: OutputLimits) -> str | None:
+    if item is None or isinstance(item, bool):
+        return None
+    if isinstance(item, str):
+        if len(item) > limits.max_bytes:
+            return f"a string of {len(item):,} characters exceeds the limit of {limits.max_bytes:,}"
+        return None
+    if isinstance(item, int):
+        return None if -(2**63) <= item < 2**64 else f"integer {item:.3e} is out of range (64 bits)"
+    if isinstance(item, float):
+        return None if math.isfinite(item) else f"numbers must be finite, not {item}"
+    return f"{type(item).__name__} is not a JSON value"
+
+
+def as_dict(proposal: Proposal) -> dict[str, Any]:
+    """A proposal as plain JSON values, `kind` first (how transcripts and records show it)."""
+    values: dict[str, Any] = msgspec.to_builtins(proposal)
+    return values
 
 
 def proposal_json_schema() -> dict[str, Any]:
-    """The JSON schema of a proposal, for adapters that constrain model output."""
-    return _adapter.json_schema()
+    """The JSON schema of a proposal, for adapters that constrain model output. Each kind
+    is a definition (`$defs`) whose `kind` property is a `const`."""
+    schema: dict[str, Any] = msgspec.json.schema(Proposal)
+    for definition in schema["$defs"].values():
+        tag = definition["properties"]["kind"]
+        if list(tag) == ["enum"] and len(tag["enum"]) == 1:
+            definition["properties"]["kind"] = {"const": tag["enum"][0]}
+    return schema

@@ -32,3 +32,5 @@ class ReasonCode(StrEnum):
     APPROVAL_EXPIRED = "approval_expired"
     EFFECT_IN_DOUBT = "effect_in_doubt"
     STEP_FAILED = "step_failed"
+    # Driving the run raised an error no stage expected, MAX_CRASHES times (see runtime.py).
+    RUNTIME_ERROR = "runtime_error"

@@ -1,7 +1,9 @@
-"""The in-memory view of a run being driven: its record, transcript and visit counters.
+"""The in-memory view of a run being driven: its record, checkpoint, transcript and history.
 
-Everything here is rebuilt from the journal on resume; nothing lives only in memory
-across a commit. `RunCursor.commit` is the one way the runtime writes.
+Everything here is rebuilt from the journal on resume — the checkpoint from the run's row,
+the transcript from the current visit's entries, `history` from the executed tool calls
+(only when the policy reads it) — and nothing lives only in memory across a commit.
+`RunCursor.commit` is the one way a run is written.
 """
 
 from __future__ import annotations
@@ -9,33 +11,204 @@ from __future__ import annotations
 import functools
 import logging
 import time
-from collections.abc import Callable
-from typing import Any, Literal
+from collections.abc import Callable, Iterator, Sequence
+from typing import Any, Literal, overload
 
+import msgspec
+
+from tether.budget import Totals, Visit
+from tether.decision import Decision
 from tether.journal import Commit, Entry, Journal, ModelExchange, NewEntry, RunRecord, RunUpdate, Ticket
+from tether.journal import bodies as b
 from tether.models.protocol import Message
-from tether.policy import Decision, Policy
+from tether.policy import Policy
 from tether.tools import ToolContext
 from tether.workflow import Workflow
 
-EXECUTED = ("executed", "verification_failed")
 log = logging.getLogger("tether.run")
 
 
-def new_visit(state: str, number: int, started_seq: int) -> dict[str, Any]:
-    """Counters of one visit to a state; budgets apply per visit."""
-    return {
-        "state": state,
-        "number": number,
-        "started_seq": started_seq,
-        "steps": 0,
-        "tool_calls": 0,
-        "tokens": 0,
-        "cost": 0.0,
-        "active_seconds": 0.0,
-        "last_call": None,
-        "repeats": 0,
-    }
+class Pending(msgspec.Struct):
+    """The step a paused run waits to continue: its proposal, decision and ticket."""
+
+    step_id: str
+    ticket_id: str
+    proposal: dict[str, Any]
+    decision: Decision
+
+
+class Checkpoint(msgspec.Struct, omit_defaults=True):
+    """Where a run is, beyond its state and data: kept in the run's row, rewritten per commit."""
+
+    visit: Visit
+    steps: int = 0  # step ids handed out ("s1", "s2", ...)
+    totals: Totals = msgspec.field(default_factory=Totals)
+    pending: Pending | None = None
+    exchanges: int = 0  # model exchanges recorded
+    crashes: int = 0  # times driving this run raised an unexpected error (poison runs)
+
+
+def new_checkpoint(state: str) -> Checkpoint:
+    return Checkpoint(visit=Visit(state, 1, 1))
+
+
+class Transcript(Sequence[Message]):
+    """A visit's messages for the model, made from its step records when a model reads them.
+
+    Entries read back on resume, and records added as steps are taken, become messages only
+    when a model reads the transcript: a scripted model never pays for them, and a resume
+    costs a read of the visit's rows, not a rebuild of every message.
+    """
+
+    def __init__(self, entries: Sequence[Entry] = ()) -> None:
+        # Not yet turned into messages, oldest first: entries read back, then live records.
+        self._sources: list[Entry | tuple[b.Body, str | None]] = [
+            e for e in entries if e.kind in b.STEP_KINDS or e.kind == "step"
+        ]
+        self._messages: list[Message] = []
+        # Per step already turned into messages: how many messages there were after it.
+        self._ends: list[int] = []
+
+    @property
+    def steps(self) -> int:
+        return len(self._ends) + len(self._sources)
+
+    def add(self, record: b.Body, step_id: str | None) -> None:
+        if isinstance(record, b.StepRecord) and b.KIND_OF[type(record)] in b.STEP_KINDS:
+            self._sources.append((record, step_id))
+
+    def proposals_made(self) -> int:
+        """How many proposals the visit holds, without making any message."""
+        made = sum(1 for m in self._messages if m.role == "proposal")
+        return made + sum(1 for source in self._sources if not _continues(source))
+
+    def _settle(self) -> list[Message]:
+        if self._sources:
+            for source in self._sources:
+                record, step_id = (source.body, source.step_id) if isinstance(source, Entry) else source
+                self._messages.extend(messages_for(record, step_id))
+                self._ends.append(len(self._messages))
+            self._sources = []
+        return self._messages
+
+    def messages_after(self, steps: int) -> int:
+        """How many messages the first `steps` steps make."""
+        self._settle()
+        return self._ends[steps - 1] if steps else 0
+
+    def view(self) -> TranscriptView:
+        """What one model call sees: the messages so far, not those added after it."""
+        return TranscriptView(self)
+
+    def __len__(self) -> int:
+        return len(self._settle())
+
+    @overload
+    def __getitem__(self, index: int) -> Message: ...
+    @overload
+    def __getitem__(self, index: slice) -> Sequence[Message]: ...
+    def __getitem__(self, index: int | slice) -> Message | Sequence[Message]:
+        return self._settle()[index]
+
+    def __iter__(self) -> Iterator[Message]:
+        return iter(self._settle())
+
+
+class TranscriptView(Sequence[Message]):
+    """A transcript as it was when a model call began (made in O(1), decoded on use)."""
+
+    def __init__(self, transcript: Transcript) -> None:
+        self._transcript, self._steps = transcript, transcript.steps
+
+    def proposals_made(self) -> int:
+        if self._transcript.steps == self._steps:
+            return self._transcript.proposals_made()
+        return sum(1 for m in self if m.role == "proposal")
+
+    def __len__(self) -> int:
+        return self._transcript.messages_after(self._steps)
+
+    @overload
+    def __getitem__(self, index: int) -> Message: ...
+    @overload
+    def __getitem__(self, index: slice) -> Sequence[Message]: ...
+    def __getitem__(self, index: int | slice) -> Message | Sequence[Message]:
+        messages = self._transcript[: len(self)]
+        return messages[index]
+
+    def __iter__(self) -> Iterator[Message]:
+        return iter(self._transcript[: len(self)])
+
+
+def _continues(source: Entry | tuple[b.Body, str | None]) -> bool:
+    """Whether a step continues a paused one (its proposal is already in the transcript)."""
+    if not isinstance(source, Entry):
+        record = source[0]
+        return isinstance(record, b.StepRecord) and record.continuation
+    if source.kind in ("answered", "unanswered"):
+        return True
+    if '"continuation":true' not in source.body_json:  # the common case, without decoding
+        return False
+    record = source.body
+    return isinstance(record, b.StepRecord) and record.continuation
+
+
+def messages_for(record: b.Body | b.UnknownBody, step_id: str | None) -> list[Message]:
+    """What one step adds to the transcript: the proposal (unless it continues a paused
+    step, whose proposal is already there) and what the runtime observed."""
+    if not isinstance(record, b.StepRecord) or b.KIND_OF[type(record)] not in b.STEP_KINDS:
+        return []
+    messages: list[Message] = []
+    if not record.continuation:
+        messages.append(Message.model_construct(role="proposal", content=b.proposed(record)))
+    answered = isinstance(record, b.Answered) and not isinstance(record, b.Unanswered)
+    role = "person" if answered else "observation"
+    seen = {"step_id": step_id, **_observed(record)}
+    messages.append(Message.model_construct(role=role, content=seen))
+    return messages
+
+
+def _observed(record: b.StepRecord) -> dict[str, Any]:
+    """What the runtime tells the model of a step's outcome (the shape adapters render)."""
+    match record:
+        case b.Refused(decision=d):
+            return {"outcome": "refused", "reason_code": d.reason_code, "reason": d.reason}
+        case b.AwaitingAnswer(ticket_id=t):
+            return {"outcome": "awaiting_answer", "ticket_id": t}
+        case b.AwaitingApproval(ticket_id=t):
+            return {"outcome": "awaiting_approval", "ticket_id": t}
+        case b.ToolFailed(error=error):
+            return {"outcome": "tool_error", "reason_code": "tool_error", "error": error}
+        case b.Executed(result=result, verification=verification):
+            outcome = "verification_failed" if isinstance(record, b.VerificationFailed) else "executed"
+            seen = {"outcome": outcome, "result": result}
+            return seen if verification is None else seen | {"verification": verification}
+        case b.Transition(next=to):
+            return {"outcome": "transition", "to": to}
+        case b.Answered(by=by, reason=reason, answer=answer):
+            outcome = "unanswered" if isinstance(record, b.Unanswered) else "answered"
+            return {"outcome": outcome, "answer": answer, "by": by, "reason": reason}
+        case b.EffectSettled(done=done, by=by, note=note):
+            settled = {"outcome": "executed" if done else "not_executed", "resolved_by": by, "note": note}
+            return settled | {"result": None} if done else settled
+    raise TypeError(f"no observation for {type(record).__name__}")
+
+
+def history_item(record: b.ToolStep, step_id: str | None, state: str | None) -> dict[str, Any]:
+    """A tool call whose effect happened, as policy conditions see it in `history`."""
+    outcome = "verification_failed" if isinstance(record, b.VerificationFailed) else "executed"
+    return {"tool": record.tool, "args": record.args, "step_id": step_id, "state": state, "outcome": outcome}
+
+
+def history_from(entries: Sequence[Entry]) -> list[dict[str, Any]]:
+    """The run's executed tool calls, from its journal."""
+    items = []
+    for e in entries:
+        if e.kind in b.EXECUTED_KINDS or e.kind == "step":
+            record = e.body
+            if isinstance(record, b.Executed):
+                items.append(history_item(record, e.step_id, e.state))
+    return items
 
 
 class RunCursor:
@@ -51,14 +224,16 @@ class RunCursor:
         on_commit: Callable[[list[Entry]], None] | None = None,
     ) -> None:
         self.record = record
+        self.checkpoint = msgspec.convert(record.checkpoint, Checkpoint)
         # Told of every entry once it is committed (progress, tracing); it cannot change them.
         self.on_commit = on_commit
         self.workflow = workflow
         self.policy = policy
         self.journal = journal
         self.clock = clock
-        self.transcript: list[Message] = []
-        self.history: list[dict[str, Any]] = []
+        self.transcript = Transcript()
+        # Executed tool calls, kept only when a rule reads `history`.
+        self.history: list[dict[str, Any]] | None = [] if policy.uses("history") else None
         # (owner, seconds): every commit is fenced by this lease and renews it.
         self.lease = lease
         self._since = time.monotonic()
@@ -71,35 +246,25 @@ class RunCursor:
         return self.record.run_id
 
     @property
-    def checkpoint(self) -> dict[str, Any]:
-        return self.record.checkpoint
+    def visit(self) -> Visit:
+        return self.checkpoint.visit
 
     @property
-    def visit(self) -> dict[str, Any]:
-        visit: dict[str, Any] = self.record.checkpoint["visit"]
-        return visit
+    def totals(self) -> Totals:
+        return self.checkpoint.totals
 
     def clear_notice(self) -> None:
         """The next commit clears the run's owner, reason and message (it moves on)."""
         self.record.owner = self.record.reason_code = self.record.message = None
         self._dirty |= {"owner", "reason_code", "message"}
 
-    def count(self, key: str, amount: float = 1) -> None:
-        """Spend budget: in this visit and in the run's totals (`steps`, `tool_calls`, `tokens`, `cost`)."""
-        self.visit[key] += amount
-        totals = self.checkpoint.setdefault("totals", {})
-        totals[key] = totals.get(key, 0) + amount
-
-    def total(self, key: str) -> float:
-        return float(self.checkpoint.get("totals", {}).get(key, 0))
-
     def new_step_id(self) -> str:
-        self.checkpoint["steps"] = self.checkpoint.get("steps", 0) + 1
-        return f"s{self.checkpoint['steps']}"
+        self.checkpoint.steps += 1
+        return f"s{self.checkpoint.steps}"
 
     def next_exchange_seq(self) -> int:
-        self.checkpoint["exchanges"] = self.checkpoint.get("exchanges", 0) + 1
-        return int(self.checkpoint["exchanges"])
+        self.checkpoint.exchanges += 1
+        return self.checkpoint.exchanges
 
     def record_exchange(self, exchange: ModelExchange) -> None:
         """Keep a model exchange to be written with the next commit (the step it served)."""
@@ -107,16 +272,30 @@ class RunCursor:
 
     def active_seconds(self) -> float:
         """Time spent working in this visit; time paused between processes is not counted."""
-        return float(self.visit["active_seconds"]) + (time.monotonic() - self._since)
+        return self.visit.active_seconds + (time.monotonic() - self._since)
 
     def enter(self, state: str, *, entries_in_commit: int = 0) -> None:
         """Start a new visit; the caller commits it with `entries_in_commit` entries."""
-        number = self.visit["number"] + 1 if self.checkpoint.get("visit") else 1
         self.record.state = state
         started = self.record.last_seq + len(self._buffered) + entries_in_commit
-        self.checkpoint["visit"] = new_visit(state, number, started)
-        self.transcript = []
+        self.checkpoint.visit = Visit(state, self.visit.number + 1, started)
+        self.transcript = Transcript()
         self._since = time.monotonic()
+
+    async def load(self) -> list[Entry]:
+        """Rebuild what a resumed run needs: the current visit's transcript, and `history`
+        if the policy reads it. Reads the visit's entries (returned), not the run's."""
+        visit = await self.journal.read_entries(self.run_id, self.visit.started_seq)
+        self.transcript = Transcript(visit)
+        if self.history is not None:
+            self.history = history_from(await self.journal.read_entries(self.run_id))
+        return visit
+
+    def observe(self, record: b.Body, step_id: str | None) -> None:
+        """What a committed step adds to the transcript and to `history`."""
+        self.transcript.add(record, step_id)
+        if self.history is not None and isinstance(record, b.Executed):
+            self.history.append(history_item(record, step_id, self.record.state))
 
     async def commit(
         self,
@@ -153,18 +332,18 @@ class RunCursor:
         if buffer:
             self._buffered.extend(entries)
             return []
-        if "visit" in self.checkpoint:
-            self.visit["active_seconds"] = self.active_seconds()
-            self._since = time.monotonic()
+        self.visit.active_seconds = self.active_seconds()
+        self._since = time.monotonic()
+        checkpoint: dict[str, Any] = msgspec.to_builtins(self.checkpoint)
+        self.record.checkpoint = checkpoint
         fields = {k: getattr(self.record, k) for k in ("state", "checkpoint", "status", *self._dirty)}
         written = await self.journal.commit(
-            # Built from values this class already holds typed: no need to validate them again.
-            Commit.model_construct(
+            Commit(
                 run_id=self.run_id,
                 expected_seq=self.record.last_seq,
                 expected_hash=self.record.last_hash,
                 entries=[*self._buffered, *entries],
-                update=RunUpdate.model_construct(**fields),
+                update=RunUpdate(**fields),
                 new_tickets=tickets or [],
                 consume=consume,
                 exchanges=self._exchanges,
@@ -190,12 +369,11 @@ class RunCursor:
 
         `tool` is what conditions see as `tool`: `name` and `effect` (and `idempotent` for tools).
         """
-        name, effect = tool["name"], tool["effect"]
         variables: dict[str, Any] = {
             "args": args,
             "data": self.record.data,
             "facts": self.record.facts,
-            "history": lambda: self.history,
+            "history": self.history or [],
             "tool": tool,
             "run": {
                 "id": self.run_id,
@@ -204,65 +382,16 @@ class RunCursor:
                 "state": self.record.state,
             },
         }
-        ctx = ToolContext(
-            run_id=self.run_id,
-            step_id=step_id,
-            idempotency_key=f"{self.run_id}:{step_id}",
-            data=self.record.data,
-            facts=self.record.facts,
-        )
-        resolvers = {n: functools.partial(fn, ctx) for n, fn in self.workflow.resolvers.items()}
+        resolvers = None
+        if self.workflow.resolvers:
+            ctx = ToolContext(
+                run_id=self.run_id,
+                step_id=step_id,
+                idempotency_key=f"{self.run_id}:{step_id}",
+                data=self.record.data,
+                facts=self.record.facts,
+            )
+            resolvers = {n: functools.partial(fn, ctx) for n, fn in self.workflow.resolvers.items()}
         return self.policy.decide(
-            kind=kind,
-            name=name,
-            effect=effect,
-            variables=variables,
-            resolvers=resolvers,
+            kind=kind, name=tool["name"], effect=tool["effect"], variables=variables, resolvers=resolvers
         )
-
-    def executed(self, entry_body: dict[str, Any], step_id: str, state: str) -> None:
-        """Remember a tool call whose effect happened, for conditions over `history`."""
-        self.history.append(_history_item(entry_body, step_id, state))
-
-
-def messages_for(body: dict[str, Any]) -> list[Message]:
-    """What one step entry adds to the transcript: the proposal (unless it continues a
-    paused step, whose proposal is already there) and what the runtime observed."""
-    messages = []
-    if not body.get("continuation"):
-        proposal = body.get("proposal")
-        messages.append(
-            Message(role="proposal", content=proposal if proposal is not None else body.get("raw"))
-        )
-    role = "person" if body.get("outcome") == "answered" else "observation"
-    content = body["observation"]
-    if body.get("outcome") in ("executed", "verification_failed"):
-        content = {**content, "result": body.get("result")}
-        if body.get("verification") is not None:
-            content["verification"] = body["verification"]
-    messages.append(Message(role=role, content=content))
-    return messages
-
-
-def _history_item(body: dict[str, Any], step_id: str | None, state: str | None) -> dict[str, Any]:
-    return {
-        "tool": body["tool"]["name"],
-        "args": body["args"],
-        "step_id": step_id,
-        "state": state,
-        "outcome": body["outcome"],
-    }
-
-
-def history_from(entries: list[Entry]) -> list[dict[str, Any]]:
-    """Rebuild the run's executed tool calls from its journal."""
-    return [
-        _history_item(e.body, e.step_id, e.state)
-        for e in entries
-        if e.kind == "step" and e.body.get("outcome") in EXECUTED
-    ]
-
-
-def transcript_from(entries: list[Entry]) -> list[Message]:
-    """Rebuild a visit's transcript from its journal entries."""
-    return [m for e in entries if e.kind == "step" and "observation" in e.body for m in messages_for(e.body)]

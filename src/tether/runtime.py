@@ -1,53 +1,55 @@
 """The runtime: starts, drives, pauses, resumes and recovers runs.
 
     drive:  terminal? -> finish | deterministic step -> record + move
-            | agent state -> budget check -> model proposes -> governed step -> apply
+            | agent state -> one governed step (tether.step) -> again
 
-A paused run holds no memory or process: `resume` rebuilds everything from the journal,
-first settling any effect left in doubt by a crash, then any ticket a person decided.
+A paused run holds no memory or process: `resume` rebuilds it from the journal (the
+checkpoint, the current visit's entries), first settling any effect left in doubt by a
+crash, then any ticket a person decided. What happens to a proposal is the governed
+step's business; the runtime only moves the run from step to step and holds its lease.
 """
 
 from __future__ import annotations
 
 import asyncio
 import inspect
+import logging
 import os
 import secrets
 import socket
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Any
 
-from pydantic_core import to_jsonable_python
+import msgspec
 
-from tether.errors import RunStateError
+from tether.errors import InputError, JournalError, RunStateError
+from tether.hashing import encode_json
 from tether.journal import (
     FINISHED,
     Commit,
     Entry,
     Journal,
     LeaseHeld,
-    ModelExchange,
     NewEntry,
     RunRecord,
     RunUpdate,
 )
-from tether.models.protocol import (
-    BudgetLeft,
-    ExitSpec,
-    Model,
-    ModelCallError,
-    ModelContext,
-    ModelReply,
-    ToolSpec,
-)
-from tether.policy import Decision, Policy
+from tether.journal import bodies as b
+from tether.models.protocol import Model
+from tether.policy import Policy
+from tether.proposals import json_value_problem
 from tether.reasons import ReasonCode
-from tether.recovery import continue_pending, intent_without_result, recover
-from tether.run import RunCursor, history_from, new_visit, transcript_from
-from tether.step import GovernedStep, StepOutcome
+from tether.run import Checkpoint, RunCursor, new_checkpoint
+from tether.step import GovernedStep
 from tether.workflow import AgentState, Next, Step, Terminal, Workflow
+
+log = logging.getLogger("tether.runtime")
+# A run whose driving raises an unexpected error (a bug, a value that breaks a library) is
+# retried after a growing pause, then failed for good: never re-claimed in a tight loop.
+MAX_CRASHES = 3
+CRASH_BACKOFF_SECONDS = 5.0
 
 
 @dataclass(frozen=True)
@@ -96,8 +98,11 @@ class Runtime:
         lease_seconds: float = 30.0,
         record_exchanges: bool = True,
         on_commit: Callable[[list[Entry]], None] | None = None,
+        crash_backoff_seconds: float = CRASH_BACKOFF_SECONDS,
     ) -> None:
         self.journal = journal
+        # After an unexpected error a run waits this long (doubling per crash) before a retry.
+        self.crash_backoff_seconds = crash_backoff_seconds
         # Model calls (prompts, raw responses, attempts) are kept apart from the entries.
         self.record_exchanges = record_exchanges
         # Called with the entries of every commit of the runs it drives, once they are durable.
@@ -106,9 +111,10 @@ class Runtime:
         self.worker_id = worker_id or f"{socket.gethostname()}:{os.getpid()}:{secrets.token_hex(3)}"
         self.lease_seconds = lease_seconds
         self.stopping = False
-        self._specs: dict[tuple[str, str], tuple[list[ToolSpec], list[ExitSpec]]] = {}
         self._driving: dict[str, RunCursor] = {}
         self._heartbeat: asyncio.Task[None] | None = None
+        # Runs left leased after a crash until their backoff ends (never released early).
+        self._quarantined: set[str] = set()
 
     # -- lifecycle -------------------------------------------------------------------
 
@@ -136,16 +142,10 @@ class Runtime:
             model_spec=model_spec,
             queued=False,
         )
-        cursor = RunCursor(
-            record,
-            workflow,
-            workflow.policy or Policy.default(),
-            self.journal,
-            clock=self.clock,
-            lease=(self.worker_id, self.lease_seconds),
-            on_commit=self.on_commit,
-        )
-        return await self._drive(cursor, model)
+        try:
+            return await self._drive(self._cursor(record, workflow), model)
+        finally:
+            await self._release(record.run_id)
 
     async def submit(
         self,
@@ -187,8 +187,8 @@ class Runtime:
                 f"workflow {workflow.name!r} has agent state(s) {', '.join(needs_model)}: "
                 "give a model to propose their steps (e.g. --model script:FILE.json)"
             )
+        data = _checked_input(input, workflow)
         now = self.clock()
-        data = dict(input or {})
         record = RunRecord(
             run_id="run_" + secrets.token_hex(6),
             workflow_name=workflow.name,
@@ -201,33 +201,20 @@ class Runtime:
             state=workflow.start,
             input=data,
             data=data,
-            checkpoint={"steps": 0, "visit": new_visit(workflow.start, 1, 1)},
+            checkpoint=msgspec.to_builtins(new_checkpoint(workflow.start)),
             created_at=now,
             updated_at=now,
             status="queued" if queued else "running",
             lease_owner=None if queued else self.worker_id,
             lease_expires_at=None if queued else now + self.lease_seconds,
         )
-        written = await self.journal.create_run(
-            record,
-            [
-                NewEntry(
-                    kind="run_started",
-                    state=workflow.start,
-                    body={
-                        "workflow": {
-                            "name": workflow.name,
-                            "version": workflow.version,
-                            "hash": workflow.hash,
-                            "ref": record.workflow_ref,
-                        },
-                        "policy_hash": policy.hash,
-                        "input": data,
-                        "model": record.model_spec,
-                    },
-                )
-            ],
+        started = b.RunStarted(
+            workflow=b.WorkflowRef(workflow.name, workflow.version, workflow.hash, record.workflow_ref),
+            policy_hash=policy.hash,
+            input=data,
+            model=record.model_spec,
         )
+        written = await self.journal.create_run(record, [NewEntry.of(started, state=workflow.start)])
         # The record as stored, without reading it back: one query and one copy fewer per run.
         return record.model_copy(update={"last_seq": written[-1].seq, "last_hash": written[-1].hash})
 
@@ -236,14 +223,20 @@ class Runtime:
 
         Takes the run's lease first: a run another live process is driving is refused
         (`LeaseHeld`), so resuming can never race the process that is still working on it.
-        A lease left by a crashed process of this machine is taken over at once.
+        A lease left by a crashed process of this machine is taken over at once. The lease
+        is given back however this returns, paused again included.
         """
         record = await self._acquire(run_id)
         try:
             return await self._resume(record, workflow, model)
-        except BaseException:
+        finally:
+            await self._release(run_id)
+
+    async def _release(self, run_id: str) -> None:
+        if run_id in self._quarantined:
+            self._quarantined.discard(run_id)
+        else:
             await self.journal.release(run_id, self.worker_id)
-            raise
 
     async def _acquire(self, run_id: str) -> RunRecord:
         try:
@@ -262,52 +255,25 @@ class Runtime:
         )
 
     async def _resume(self, record: RunRecord, workflow: Workflow, model: Model | None) -> RunResult:
-        run_id = record.run_id
-        if record.status in FINISHED:
-            raise RunStateError(f"run {run_id} is {record.status}; there is nothing to resume")
-        if record.status == "effect_in_doubt":
-            raise RunStateError(
-                f"run {run_id} has an effect in doubt ({record.message}); a person must say "
-                f"whether it happened: tether resolve {run_id} --done | --not-done"
-            )
-        if workflow.hash != record.workflow_hash:
-            raise RunStateError(
-                f"run {run_id} is pinned to {record.workflow_name} {record.workflow_version} "
-                f"({record.workflow_hash[:19]}…), but the definition given hashes to "
-                f"{workflow.hash[:19]}… (version {workflow.version}); load the version the run "
-                "started on"
-            )
-        policy = workflow.policy or Policy.default()
-        if policy.hash != record.policy_hash:
-            raise RunStateError(
-                f"run {run_id} is pinned to policy {record.policy_hash[:19]}…, but the policy given "
-                f"({policy.source}) hashes to {policy.hash[:19]}…; resume with the policy the run "
-                "started with"
-            )
-        cursor = RunCursor(
-            record,
-            workflow,
-            policy,
-            self.journal,
-            clock=self.clock,
-            lease=(self.worker_id, self.lease_seconds),
-            on_commit=self.on_commit,
-        )
+        _check_resumable(record, workflow)
+        cursor = self._cursor(record, workflow)
         if record.status == "queued":
             cursor.record.status = "running"
-        everything = await self.journal.read_entries(run_id)
-        cursor.history = history_from(everything)
-        entries = [e for e in everything if e.seq > cursor.visit["started_seq"]]
-        cursor.transcript = transcript_from(entries)
-        doubt = intent_without_result(entries)
-        if doubt is not None:
-            outcome = await recover(cursor, doubt)
-            await self._apply(cursor, outcome)
-        elif record.status == "paused":
-            outcome = await continue_pending(cursor)
-            if outcome is None:
-                return RunResult.of(cursor.record)
-            await self._apply(cursor, outcome)
+        visit = await cursor.load()
+        state = workflow.states[record.state]
+        doubt = _intent_without_result(visit)
+        if doubt is not None and isinstance(state, AgentState):
+            await GovernedStep(cursor, state, doubt.step_id).recover(doubt)
+        elif record.status == "paused" and isinstance(state, AgentState):
+            pending = cursor.checkpoint.pending
+            if pending is None:
+                raise RunStateError(f"run {record.run_id} is paused but its checkpoint names no ticket")
+            ticket = await self.journal.get_ticket(pending.ticket_id)
+            if ticket.status == "pending":
+                if ticket.expires_at > self.clock():
+                    return RunResult.of(cursor.record)
+                ticket = await self.journal.expire_ticket(ticket.ticket_id, self.clock())
+            await GovernedStep(cursor, state, pending.step_id).resume_ticket(ticket, pending)
         return await self._drive(cursor, model)
 
     async def resolve(self, run_id: str, *, done: bool, by: str, note: str = "") -> RunResult:
@@ -315,22 +281,23 @@ class Runtime:
         record = await self.journal.get_run(run_id)
         if record.status != "effect_in_doubt":
             raise RunStateError(f"run {run_id} is {record.status}, not effect_in_doubt")
+        started = int(record.checkpoint.get("visit", {}).get("started_seq", 0))
         doubt = next(
-            e for e in reversed(await self.journal.read_entries(run_id)) if e.kind == "effect_in_doubt"
+            e
+            for e in reversed(await self.journal.read_entries(run_id, started))
+            if e.kind == "effect_in_doubt"
         )
-        outcome = "executed" if done else "not_executed"
-        observation = {"step_id": doubt.step_id, "outcome": outcome, "resolved_by": by, "note": note}
-        body = {
-            **doubt.body,
-            "outcome": outcome,
-            "resolved_by": by,
-            "note": note,
-            "reason_code": ReasonCode.EFFECT_IN_DOUBT,
-            "result": None,
-            "source": {"kind": "person", "by": by},
-            "observation": observation,
-        }
-        entry = NewEntry(kind="step", step_id=doubt.step_id, state=doubt.state, body=body)
+        in_doubt = doubt.body
+        assert isinstance(in_doubt, b.EffectInDoubt)
+        settled = b.EffectSettled(
+            tool=in_doubt.tool,
+            args=in_doubt.args,
+            done=done,
+            by=by,
+            note=note,
+            continuation=in_doubt.continuation,  # an approved call's proposal is in the transcript
+        )
+        entry = NewEntry.of(settled, step_id=doubt.step_id, state=doubt.state)
         return await self._record(
             record, entry, RunUpdate(status="running", owner=None, reason_code=None, message=None)
         )
@@ -353,21 +320,13 @@ class Runtime:
             )
         _check_compatible(record, workflow)
         policy = workflow.policy or Policy.default()
-        moved = {
-            "from": {
-                "version": record.workflow_version,
-                "hash": record.workflow_hash,
-                "policy_hash": record.policy_hash,
-                "ref": record.workflow_ref,
-            },
-            "to": {
-                "version": workflow.version,
-                "hash": workflow.hash,
-                "policy_hash": policy.hash,
-                "ref": workflow_ref,
-            },
-            "by": by,
-        }
+        moved = b.Migrated(
+            from_=b.Version(
+                record.workflow_version, record.workflow_hash, record.policy_hash, record.workflow_ref
+            ),
+            to=b.Version(workflow.version, workflow.hash, policy.hash, workflow_ref),
+            by=by,
+        )
         update = RunUpdate(
             workflow_version=workflow.version,
             workflow_hash=workflow.hash,
@@ -375,7 +334,7 @@ class Runtime:
             policy_hash=policy.hash,
             policy_ref=policy_ref,
         )
-        return await self._record(record, NewEntry(kind="migrated", state=record.state, body=moved), update)
+        return await self._record(record, NewEntry.of(moved, state=record.state), update)
 
     async def _record(self, record: RunRecord, entry: NewEntry, update: RunUpdate) -> RunResult:
         """A person's act on a run nobody is driving (resolve, migrate): one synced commit."""
@@ -393,16 +352,33 @@ class Runtime:
 
     # -- driving ---------------------------------------------------------------------
 
+    def _cursor(self, record: RunRecord, workflow: Workflow) -> RunCursor:
+        return RunCursor(
+            record,
+            workflow,
+            workflow.policy or Policy.default(),
+            self.journal,
+            clock=self.clock,
+            lease=(self.worker_id, self.lease_seconds),
+            on_commit=self.on_commit,
+        )
+
     async def _drive(self, cursor: RunCursor, model: Model | None) -> RunResult:
-        """Drive until the run stops or the runtime drains; the lease is held throughout."""
+        """Drive until the run stops or the runtime drains; the caller releases the lease."""
         self._driving[cursor.run_id] = cursor
         if self._heartbeat is None or self._heartbeat.done():
             self._heartbeat = asyncio.create_task(self._renew_leases())
+        crash: Exception | None = None
         try:
             await self._steps(cursor, model)
+        except (JournalError, RunStateError):
+            raise  # the store's trouble or the caller's, not the run's: nothing to record
+        except Exception as exc:
+            crash = exc
         finally:
             del self._driving[cursor.run_id]
-            await self.journal.release(cursor.run_id, self.worker_id)
+        if crash is not None:
+            return await self._crashed(cursor.run_id, crash)
         return RunResult.of(cursor.record)
 
     async def _renew_leases(self) -> None:
@@ -419,219 +395,134 @@ class Runtime:
             state = cursor.workflow.states[cursor.record.state]
             if isinstance(state, Terminal):
                 status = "failed" if state.failed else "completed"
-                await cursor.commit(
-                    [
-                        NewEntry(
-                            kind="run_finished",
-                            state=state.name,
-                            body={"status": status, "data": cursor.record.data},
-                        )
-                    ],
-                    status=status,
-                )
+                finished = b.RunFinished(status=status, data=cursor.record.data)
+                await cursor.commit([NewEntry.of(finished, state=state.name)], status=status)
             elif isinstance(state, Step):
                 await self._deterministic(cursor, state)
             else:
                 if model is None:
                     raise RunStateError(f"state {state.name!r} needs a model to propose steps")
-                await self._apply(cursor, await self._agent_turn(cursor, state, model))
+                await GovernedStep(cursor, state).turn(model, self.record_exchanges)
 
     async def _deterministic(self, cursor: RunCursor, state: Step) -> None:
         step_id = cursor.new_step_id()
-        decision = Decision(
-            decision="allow",
-            rule_id=f"workflow:{state.name}",
-            policy_hash=cursor.policy.hash,
-            reason_code=ReasonCode.POLICY_ALLOWED,
-            reason="deterministic step of the workflow",
-        )
         try:
             result = state.fn(dict(cursor.record.data))
             nxt = await result if inspect.isawaitable(result) else result
-            if not isinstance(nxt, Next):
-                raise TypeError(f"step function returned {type(nxt).__name__}, expected tether.Next")
-            if nxt.to not in state.next:
-                raise ValueError(f"step went to {nxt.to!r}; declared next states: {', '.join(state.next)}")
+            _check_next(nxt, state)
         except Exception as exc:  # the step's own failure fails the run, recorded
             message = f"{type(exc).__name__}: {exc}"
             await cursor.commit(
-                [
-                    NewEntry(
-                        kind="step",
-                        step_id=step_id,
-                        state=state.name,
-                        body={
-                            "decision": decision.model_dump(mode="json"),
-                            "outcome": "step_failed",
-                            "reason_code": ReasonCode.STEP_FAILED,
-                            "error": message,
-                        },
-                    )
-                ],
+                [NewEntry.of(b.StepFailed(error=message), step_id=step_id, state=state.name)],
                 status="failed",
                 reason_code=ReasonCode.STEP_FAILED,
                 message=message,
             )
             return
-        body = {
-            "decision": decision.model_dump(mode="json"),
-            "outcome": "transition",
-            "reason_code": None,
-            "update": nxt.update,
-            "facts": nxt.facts,
-            "next": nxt.to,
-        }
+        done = b.StepDone(next=nxt.to, update=nxt.update, facts=nxt.facts)
         cursor.enter(nxt.to, entries_in_commit=1)
         await cursor.commit(
-            [NewEntry(kind="step", step_id=step_id, state=state.name, body=body)],
+            [NewEntry.of(done, step_id=step_id, state=state.name)],
             data={**cursor.record.data, **nxt.update},
             facts={**cursor.record.facts, **nxt.facts} if nxt.facts else None,
             buffer=not state.checkpoint,
         )
 
-    async def _agent_turn(self, cursor: RunCursor, state: AgentState, model: Model) -> StepOutcome:
-        exhausted = _exhausted(cursor, state)
-        if exhausted:
-            kind = "escalate" if state.on_budget_exhausted == "escalate" else "fail"
-            return StepOutcome(
-                kind, reason_code=ReasonCode.BUDGET_EXHAUSTED, message=exhausted, owner=state.escalate_to
-            )
-        visit, budget = cursor.visit, state.budget
-        tools, exits = self._spec(cursor.workflow, state)
-        context = ModelContext.model_construct(
-            run_id=cursor.run_id,
-            state=state.name,
-            instructions=state.instructions,
-            transcript=list(cursor.transcript),
-            tools=tools,
-            exits=exits,
-            data=cursor.record.data,
-            budget_left=BudgetLeft(
-                steps=budget.max_steps - visit["steps"],
-                tool_calls=budget.max_tool_calls - visit["tool_calls"],
-                seconds=budget.max_seconds - cursor.active_seconds(),
-                tokens=budget.max_tokens - visit["tokens"] if budget.max_tokens else None,
-                cost=budget.max_cost - visit["cost"] if budget.max_cost else None,
-            ),
+    async def _crashed(self, run_id: str, exc: Exception) -> RunResult:
+        """Driving the run raised something no stage expected: record it from the last
+        commit (what was in memory may be half a step), pause the run behind its lease for
+        a growing backoff, and fail it for good after MAX_CRASHES."""
+        log.error("run %s: driving it raised", run_id, exc_info=exc)
+        record = await self.journal.get_run(run_id)
+        checkpoint = msgspec.convert(record.checkpoint, Checkpoint)
+        checkpoint.crashes += 1
+        error = f"{type(exc).__name__}: {str(exc)[:500]}"
+        final = checkpoint.crashes >= MAX_CRASHES
+        backoff = self.crash_backoff_seconds * 2 ** (checkpoint.crashes - 1)
+        crashed = b.Crashed(error=error, crashes=checkpoint.crashes, retry_in=None if final else backoff)
+        message = (
+            f"driving this run raised {error} {checkpoint.crashes} times; it is failed"
+            if final
+            else f"driving this run raised {error} ({checkpoint.crashes} of {MAX_CRASHES}); "
+            f"retried after {backoff:g} s"
         )
-        cursor.count("steps")
-        step_id = cursor.new_step_id()
-        started = time.monotonic()
-        try:
-            reply = await model.propose(context)
-        except Exception as exc:  # a failing model is recorded and escalated, never a crash
-            code = exc.reason_code if isinstance(exc, ModelCallError) else ReasonCode.MODEL_ERROR
-            message = str(exc) if isinstance(exc, ModelCallError) else f"{type(exc).__name__}: {exc}"
-            if self.record_exchanges:
-                cursor.record_exchange(
-                    self._exchange(cursor, model, state, step_id, started, error=(exc, code, message))
-                )
-            return StepOutcome("escalate", reason_code=code, message=message, owner=state.escalate_to)
-        if self.record_exchanges:
-            cursor.record_exchange(self._exchange(cursor, model, state, step_id, started, reply=reply))
-        cursor.count("tokens", reply.usage.tokens)
-        cursor.count("cost", reply.usage.cost)
-        return await GovernedStep(cursor, state, reply.usage, step_id).run(reply.output)
+        update = RunUpdate(checkpoint=msgspec.to_builtins(checkpoint), message=message)
+        if final:
+            update = msgspec.structs.replace(update, status="failed", reason_code=ReasonCode.RUNTIME_ERROR)
+        await self.journal.commit(
+            Commit(
+                run_id=run_id,
+                expected_seq=record.last_seq,
+                expected_hash=record.last_hash,
+                entries=[NewEntry.of(crashed, state=record.state)],
+                update=update,
+                # The lease is kept (not renewed) until the backoff ends: no worker claims it before.
+                lease_owner=self.worker_id,
+                lease_seconds=backoff,
+            )
+        )
+        if not final:
+            self._quarantined.add(run_id)
+        return RunResult.of(await self.journal.get_run(run_id))
 
-    def _exchange(
-        self,
-        cursor: RunCursor,
-        model: Model,
-        state: AgentState,
-        step_id: str,
-        started: float,
-        *,
-        reply: ModelReply | None = None,
-        error: tuple[BaseException, str, str] | None = None,
-    ) -> ModelExchange:
-        """The record of one model call, written with the step it served."""
-        exchange = reply.exchange if reply is not None else None
-        values: dict[str, Any] = {}
-        if exchange is not None:
-            values = exchange.model_dump(mode="json")
-        if error is not None:
-            exc, code, message = error
-            values |= {"error": message, "reason_code": code}
-            if isinstance(exc, ModelCallError):
-                values |= {
-                    "request": to_jsonable_python(exc.request, fallback=str),
-                    "attempts": [a.model_dump() for a in exc.attempts],
-                }
-        # Built from typed values (a reply already validated): no need to validate again.
-        return ModelExchange.model_construct(
-            run_id=cursor.run_id,
-            seq=cursor.next_exchange_seq(),
-            step_id=step_id,
-            state=state.name,
-            model=model.name,
-            created_at=self.clock(),
-            seconds=round(time.monotonic() - started, 4),
-            output=to_jsonable_python(reply.output, fallback=str) if reply is not None else None,
-            usage=reply.usage.model_dump() if reply is not None else {},
-            **{"error": None, "reason_code": None, "request": None, "response": None, "attempts": []}
-            | values,
+
+def _checked_input(input: dict[str, Any] | None, workflow: Workflow) -> dict[str, Any]:
+    """A run's input: a JSON object within the workflow's limits, or an InputError."""
+    data = dict(input or {})
+    problem = json_value_problem(data, workflow.limits.input())
+    if problem is None:
+        size = len(encode_json(data))
+        if size > workflow.limits.max_input_bytes:
+            problem = f"{size:,} bytes as JSON exceeds the limit of {workflow.limits.max_input_bytes:,}"
+    if problem is not None:
+        raise InputError(f"the run's input is refused: {problem.replace('output', 'input')}")
+    return data
+
+
+def _check_next(nxt: Any, state: Step) -> None:
+    if not isinstance(nxt, Next):
+        raise TypeError(f"step function returned {type(nxt).__name__}, expected tether.Next")
+    if nxt.to not in state.next:
+        raise ValueError(f"step went to {nxt.to!r}; declared next states: {', '.join(state.next)}")
+    for name, value in (("update", nxt.update), ("facts", nxt.facts)):
+        problem = json_value_problem(value)
+        if problem is not None:
+            raise ValueError(f"step's {name} is not recordable: {problem.replace('output', name)}")
+
+
+def _check_resumable(record: RunRecord, workflow: Workflow) -> None:
+    run_id = record.run_id
+    if record.status in FINISHED:
+        raise RunStateError(f"run {run_id} is {record.status}; there is nothing to resume")
+    if record.status == "effect_in_doubt":
+        raise RunStateError(
+            f"run {run_id} has an effect in doubt ({record.message}); a person must say "
+            f"whether it happened: tether resolve {run_id} --done | --not-done"
+        )
+    if workflow.hash != record.workflow_hash:
+        raise RunStateError(
+            f"run {run_id} is pinned to {record.workflow_name} {record.workflow_version} "
+            f"({record.workflow_hash[:19]}…), but the definition given hashes to "
+            f"{workflow.hash[:19]}… (version {workflow.version}); load the version the run "
+            "started on"
+        )
+    policy = workflow.policy or Policy.default()
+    if policy.hash != record.policy_hash:
+        raise RunStateError(
+            f"run {run_id} is pinned to policy {record.policy_hash[:19]}…, but the policy given "
+            f"({policy.source}) hashes to {policy.hash[:19]}…; resume with the policy the run "
+            "started with"
         )
 
-    async def _apply(self, cursor: RunCursor, outcome: StepOutcome) -> None:
-        """Carry out the next-step decision a governed step returned."""
-        state_name = cursor.record.state
-        if outcome.kind == "transition":
-            assert outcome.to is not None
-            step_id = outcome.update["observation"]["step_id"]
-            entry = NewEntry(kind="step", step_id=step_id, state=state_name, body=outcome.update)
-            cursor.enter(outcome.to, entries_in_commit=1)
-            await cursor.commit([entry], status="running", data=cursor.record.data, consume=outcome.consume)
-        elif outcome.kind == "handoff":
-            handed = outcome.update["handoff"]
-            await cursor.commit(
-                [
-                    NewEntry(
-                        kind="handoff",
-                        step_id=outcome.update["step_id"],
-                        state=state_name,
-                        body=outcome.update,
-                    )
-                ],
-                status="handed_off",
-                owner=handed["owner"],
-                reason_code=outcome.reason_code,
-                message=f"handed off to {handed['owner']}: {outcome.message}",
-            )
-        elif outcome.kind in ("escalate", "fail"):
-            status = "escalated" if outcome.kind == "escalate" else "failed"
-            await cursor.commit(
-                [
-                    NewEntry(
-                        kind=status,
-                        state=state_name,
-                        body={
-                            "reason_code": outcome.reason_code,
-                            "message": outcome.message,
-                            "owner": outcome.owner if status == "escalated" else None,
-                            "data": cursor.record.data,
-                            "facts": cursor.record.facts,
-                        },
-                    )
-                ],
-                status=status,
-                owner=outcome.owner if status == "escalated" else None,
-                reason_code=outcome.reason_code,
-                message=outcome.message,
-            )
 
-    def _spec(self, workflow: Workflow, state: AgentState) -> tuple[list[ToolSpec], list[ExitSpec]]:
-        key = (workflow.hash, state.name)
-        if key not in self._specs:
-            self._specs[key] = (
-                [
-                    ToolSpec(
-                        name=t.name, description=t.description, effect=t.effect, parameters=t.json_schema()
-                    )
-                    for t in state.tools
-                ],
-                [ExitSpec(name=n, target=t) for n, t in state.exits.items()],
-            )
-        return self._specs[key]
+def _intent_without_result(entries: Sequence[Entry]) -> Entry | None:
+    """The last intent of the visit, if no entry after it records that step's outcome."""
+    for i in range(len(entries) - 1, -1, -1):
+        e = entries[i]
+        if e.kind == "intent":
+            settled = any(x.step_id == e.step_id and x.kind != "intent" for x in entries[i + 1 :])
+            return None if settled else e
+    return None
 
 
 def _dead_local_process(holder: str | None) -> bool:
@@ -669,24 +560,3 @@ def _check_compatible(record: RunRecord, workflow: Workflow) -> None:
                 f"run {record.run_id} waits on a ticket for {proposal}, which state "
                 f"{record.state!r} of version {workflow.version} no longer offers"
             )
-
-
-def _exhausted(cursor: RunCursor, state: AgentState) -> str | None:
-    run_budget = cursor.workflow.budget
-    for key, limit in (
-        ("steps", run_budget.max_steps),
-        ("tokens", run_budget.max_tokens),
-        ("cost", run_budget.max_cost),
-    ):
-        if limit is not None and cursor.total(key) >= limit:
-            return f"the run's {key.rstrip('s')} budget of {limit:g} is spent"
-    visit, budget = cursor.visit, state.budget
-    if visit["steps"] >= budget.max_steps:
-        return f"step budget of {budget.max_steps} for state {state.name!r} is spent"
-    if cursor.active_seconds() >= budget.max_seconds:
-        return f"time budget of {budget.max_seconds:g}s for state {state.name!r} is spent"
-    if budget.max_tokens is not None and visit["tokens"] >= budget.max_tokens:
-        return f"token budget of {budget.max_tokens} for state {state.name!r} is spent"
-    if budget.max_cost is not None and visit["cost"] >= budget.max_cost:
-        return f"cost budget of {budget.max_cost:g} for state {state.name!r} is spent"
-    return None

@@ -1,262 +1,332 @@
-"""The governed step: one proposal, taken through every stage, recorded.
+"""The governed step: one proposal, taken through every stage, recorded once.
 
-    parse -> scope -> arguments -> budget & loop -> policy -> [approval] -> execute
-          -> verify -> record -> next-step decision
+    budget -> propose -> parse -> scope -> arguments -> budget -> loop -> policy
+           -> [approval] -> execute -> verify -> record
 
-Nothing a model emits runs unless it passes every stage before `execute`. A refusal is
-recorded with its reason code and fed back to the model as an observation. For a
-`write` or `external` tool an intent is committed (and synced) before the tool runs, so a
-crash in between leaves the step visibly in doubt instead of silently repeated.
+A step starts with a model call (`turn`) or with raw output (`take`), and continues a step
+that paused (`resume_ticket`, after a person decided its ticket) or that a crash cut off
+(`recover`). Each stage is a short method that passes or raises `Refusal`; a refusal is
+recorded with its decision and fed back to the model, and nothing refused is executed.
+Every write goes through `record`, the one stage that commits: the step's typed record,
+the run's checkpoint, any ticket opened or used, in one transaction. For a `write` or
+`external` tool an intent is recorded (and synced) before the tool runs, so a crash in
+between leaves the step visibly in doubt instead of silently repeated.
+
+The runtime reads what happened from the run's status and state afterwards: a step
+returns nothing.
 """
 
 from __future__ import annotations
 
+import reprlib
 import secrets
-from dataclasses import dataclass, field
+import time
 from typing import Any, Literal
 
-from tether.hashing import fingerprint
-from tether.journal import NewEntry, Ticket
-from tether.models.protocol import Usage
-from tether.policy import Decision
+import msgspec
+
+from tether import budget as limits
+from tether.decision import Decision, runtime_refusal
+from tether.errors import TicketError
+from tether.hashing import encode_json, value_hash
+from tether.journal import Entry, ModelExchange, NewEntry, Ticket
+from tether.journal import bodies as b
+from tether.models.protocol import BudgetLeft, Model, ModelCallError, ModelContext, ModelReply
 from tether.proposals import (
     Exit,
     Finish,
     Handoff,
     MalformedProposal,
+    Proposal,
     Question,
     ToolCall,
+    as_dict,
+    json_value_problem,
     parse_proposal,
 )
 from tether.reasons import ReasonCode
-from tether.run import RunCursor, messages_for
-from tether.tools import ArgumentError, Tool, ToolContext
+from tether.run import Pending, RunCursor
+from tether.tools import ArgumentError, Tool, ToolContext, ValidatedArgs
 from tether.workflow import AgentState
 
-OutcomeKind = Literal["continue", "transition", "pause", "escalate", "fail", "handoff"]
+QUESTION_SECONDS = 24 * 3600.0
+Stop = Literal["escalate", "fail"]
 
 
-@dataclass
-class StepOutcome:
-    """What the runtime does next, decided by the step."""
+class Refusal(Exception):
+    """A stage refused the proposal. With `stop`, the run stops too (a spent budget, a loop)."""
 
-    kind: OutcomeKind
-    to: str | None = None
-    reason_code: str | None = None
-    message: str = ""
-    owner: str | None = None
-    update: dict[str, Any] = field(default_factory=dict)
-    consume: tuple[str, str] | None = None
-
-
-CONTINUE = StepOutcome("continue")
-
-
-def runtime_decision(cursor: RunCursor, stage: str, code: ReasonCode, reason: str) -> Decision:
-    """A refusal made by the runtime before policy, recorded in the same shape."""
-    return Decision(
-        decision="deny",
-        rule_id=f"runtime:{stage}",
-        policy_hash=cursor.policy.hash,
-        reason_code=code,
-        reason=reason,
-    )
+    def __init__(self, decision: Decision, *, args_hash: str | None = None, stop: Stop | None = None) -> None:
+        super().__init__(decision.reason)
+        self.decision, self.args_hash, self.stop = decision, args_hash, stop
 
 
 class GovernedStep:
-    def __init__(
-        self, cursor: RunCursor, state: AgentState, usage: Usage, step_id: str | None = None
-    ) -> None:
-        """A new step, or (with `step_id`) the continuation of a paused one."""
+    def __init__(self, cursor: RunCursor, state: AgentState, step_id: str | None = None) -> None:
+        """A new step, or (with `step_id`) the continuation of a paused or cut-off one."""
         self.cursor = cursor
         self.state = state
-        self.usage = usage
+        self.limits = cursor.workflow.limits
         self.step_id = step_id or cursor.new_step_id()
+        self.usage: b.Usage | None = None
 
-    async def run(self, raw: Any) -> StepOutcome:
+    # -- the model's turn ------------------------------------------------------------
+
+    async def turn(self, model: Model, record_exchanges: bool = True) -> None:
+        """Ask the model for a proposal (if the budget allows one), then take it."""
+        cursor, state = self.cursor, self.state
+        seconds = cursor.active_seconds()
+        spent = limits.before_model_call(
+            cursor.visit, cursor.totals, state.budget, cursor.workflow.budget, seconds
+        )
+        if spent:
+            return await self.stop(state.on_budget_exhausted, ReasonCode.BUDGET_EXHAUSTED, spent)
+        context = self._context(seconds)
+        started = time.monotonic()
         try:
-            proposal = parse_proposal(raw)
+            reply = await model.propose(context)
+            if not isinstance(reply, ModelReply):
+                raise TypeError(f"propose returned {type(reply).__name__}, expected ModelReply")
+        except Exception as exc:  # a failing model is recorded and escalated, never a crash
+            code = exc.reason_code if isinstance(exc, ModelCallError) else ReasonCode.MODEL_ERROR
+            message = str(exc) if isinstance(exc, ModelCallError) else f"{type(exc).__name__}: {exc}"
+            if record_exchanges:
+                cursor.record_exchange(self._exchange(model, started, error=(exc, code, message)))
+            return await self.stop("escalate", code, message)
+        if record_exchanges and reply.exchange is not None:
+            cursor.record_exchange(self._exchange(model, started, reply=reply))
+        usage = reply.usage
+        # Never negative (an adapter reporting so fails validation; a constructed one is clamped).
+        spent_in, spent_out, cost = (
+            max(0, usage.input_tokens),
+            max(0, usage.output_tokens),
+            max(0.0, usage.cost),
+        )
+        limits.spend_model_call(cursor.visit, cursor.totals, spent_in + spent_out, cost)
+        if spent_in or spent_out or cost:
+            self.usage = b.Usage(spent_in, spent_out, cost)
+        await self.take(reply.output)
+
+    def _context(self, seconds: float) -> ModelContext:
+        cursor, state, budget = self.cursor, self.state, self.state.budget
+        visit = cursor.visit
+        tools, exits = state.model_specs()
+        return ModelContext.model_construct(
+            run_id=cursor.run_id,
+            state=state.name,
+            instructions=state.instructions,
+            transcript=cursor.transcript.view(),
+            tools=tools,
+            exits=exits,
+            data=cursor.record.data,
+            budget_left=BudgetLeft.model_construct(
+                steps=budget.max_steps - visit.steps,
+                tool_calls=budget.max_tool_calls - visit.tool_calls,
+                seconds=budget.max_seconds - seconds,
+                tokens=limits.tokens_left(visit, cursor.totals, budget, cursor.workflow.budget),
+                cost=budget.max_cost - visit.cost if budget.max_cost else None,
+            ),
+        )
+
+    def _exchange(
+        self,
+        model: Model,
+        started: float,
+        *,
+        reply: ModelReply | None = None,
+        error: tuple[BaseException, str, str] | None = None,
+    ) -> ModelExchange:
+        """The record of one model call, written with the step it served."""
+        # What went over the wire is the vendor's (or an attacker's): recorded within limits.
+        wire = self.limits.max_output_bytes * 4
+        values: dict[str, Any] = {"error": None, "reason_code": None, "request": None, "response": None}
+        values["attempts"] = []
+        if reply is not None and reply.exchange is not None:
+            exchange = reply.exchange
+            values["request"] = recordable(exchange.request, self.limits, wire)
+            values["response"] = recordable(exchange.response, self.limits, wire)
+            values["attempts"] = [a.model_dump() for a in exchange.attempts]
+        if error is not None:
+            exc, code, message = error
+            values |= {"error": message, "reason_code": code}
+            if isinstance(exc, ModelCallError):
+                values["request"] = recordable(exc.request, self.limits, wire)
+                values["attempts"] = [a.model_dump() for a in exc.attempts]
+        return ModelExchange.model_construct(
+            run_id=self.cursor.run_id,
+            seq=self.cursor.next_exchange_seq(),
+            step_id=self.step_id,
+            state=self.state.name,
+            model=model.name,
+            created_at=time.time(),
+            seconds=round(time.monotonic() - started, 4),
+            output=recordable(reply.output, self.limits) if reply is not None else None,
+            usage=reply.usage.model_dump() if reply is not None else {},
+            **values,
+        )
+
+    # -- a proposal, stage by stage --------------------------------------------------------
+
+    async def take(self, raw: Any) -> None:
+        """Take raw model output through every stage; record what happened."""
+        proposal: Proposal | None = None
+        try:
+            proposal = self.parse(raw)
+            match proposal:
+                case ToolCall():
+                    await self.tool_call(proposal)
+                case Exit() | Finish():
+                    await self.exit(proposal)
+                case Question():
+                    await self.question(proposal)
+                case Handoff():
+                    await self.handoff(proposal)
+        except Refusal as refusal:
+            await self.refused(proposal, refusal, raw=raw if proposal is None else None)
+
+    def parse(self, raw: Any) -> Proposal:
+        try:
+            return parse_proposal(raw, self.limits.output())
         except MalformedProposal as exc:
-            return await self.refuse(
-                None, runtime_decision(self.cursor, "parse", ReasonCode.MALFORMED_OUTPUT, str(exc)), raw=raw
-            )
-        if isinstance(proposal, ToolCall):
-            return await self.tool_call(proposal)
-        if isinstance(proposal, Exit | Finish):
-            return await self.exit(proposal)
-        if isinstance(proposal, Question):
-            return await self.question(proposal)
-        return await self.handoff(proposal)
+            raise Refusal(runtime_refusal("parse", ReasonCode.MALFORMED_OUTPUT, str(exc))) from None
 
-    # -- stages for a tool call ------------------------------------------------------
+    async def tool_call(self, proposal: ToolCall) -> None:
+        tool = self.scope(proposal.tool)
+        args = self.arguments(tool, proposal.args)
+        self.budget(args)
+        self.loop(tool, args)
+        decision = self.policy(tool, args)
+        if await self.unless_allowed(proposal, decision, tool.name, args.values, args.hash):
+            return
+        await self.execute(tool, args, decision, proposed=proposal.args)
 
-    async def tool_call(self, proposal: ToolCall) -> StepOutcome:
-        tool = self.state.tool(proposal.tool)
-        if tool is None:
-            return await self.refuse(proposal, self._scope_refusal(proposal.tool))
+    def scope(self, name: str) -> Tool:
+        tool = self.state.tool(name)
+        if tool is not None:
+            return tool
+        allowed = ", ".join(t.name for t in self.state.tools) or "none"
+        if name in self.cursor.workflow.tools():
+            reason = f"tool {name!r} is not allowed in state {self.state.name!r} (allowed: {allowed})"
+            raise Refusal(runtime_refusal("scope", ReasonCode.OUT_OF_SCOPE, reason))
+        reason = f"no tool named {name!r} (allowed here: {allowed})"
+        raise Refusal(runtime_refusal("scope", ReasonCode.UNKNOWN_TOOL, reason))
+
+    def arguments(self, tool: Tool, args: dict[str, Any]) -> ValidatedArgs:
+        """Validated once, encoded once, fingerprinted once: what every later stage uses."""
         try:
-            args = tool.validate(proposal.args)
+            return tool.validate(args, max_bytes=self.limits.max_args_bytes)
         except ArgumentError as exc:
-            return await self.refuse(
-                proposal, runtime_decision(self.cursor, "arguments", ReasonCode.INVALID_ARGUMENTS, str(exc))
-            )
-        args_hash = fingerprint({"tool": tool.name, "args": args})
-        visit, budget = self.cursor.visit, self.state.budget
-        run_limit = self.cursor.workflow.budget.max_tool_calls
-        if visit["tool_calls"] >= budget.max_tool_calls or (
-            run_limit is not None and self.cursor.total("tool_calls") >= run_limit
-        ):
-            reason = (
-                f"tool-call budget of {budget.max_tool_calls} for this state is spent"
-                if visit["tool_calls"] >= budget.max_tool_calls
-                else f"the run's tool-call budget of {run_limit} is spent"
-            )
-            await self.refuse(
-                proposal,
-                runtime_decision(self.cursor, "budget", ReasonCode.BUDGET_EXHAUSTED, reason),
-                args_hash=args_hash,
-            )
-            return StepOutcome(
-                _on_exhausted(self.state),
-                reason_code=ReasonCode.BUDGET_EXHAUSTED,
-                message=reason,
-                owner=self.state.escalate_to,
-            )
-        # Only the last call is kept: the checkpoint stays the same size however long the run.
-        repeats = visit["repeats"] + 1 if visit["last_call"] == args_hash else 1
-        visit["last_call"], visit["repeats"] = args_hash, repeats
-        if repeats > budget.max_repeats:
-            reason = (
-                f"{tool.name} proposed {repeats} times with the same arguments (limit {budget.max_repeats})"
-            )
-            await self.refuse(
-                proposal,
-                runtime_decision(self.cursor, "loop", ReasonCode.LOOP_DETECTED, reason),
-                args_hash=args_hash,
-            )
-            return StepOutcome(
-                "escalate", reason_code=ReasonCode.LOOP_DETECTED, message=reason, owner=self.state.escalate_to
-            )
-        info = {
-            "name": tool.name,
-            "effect": tool.effect,
-            "idempotent": tool.idempotent,
-            "effect_declared": tool.effect_declared,
-        }
-        decision = self.cursor.decide(kind="tool", tool=info, args=args, step_id=self.step_id)
-        blocked = await self.unless_allowed(proposal, decision, tool.name, args, args_hash)
-        return blocked or await self.execute(tool, proposal, args, args_hash, decision)
+            raise Refusal(runtime_refusal("arguments", ReasonCode.INVALID_ARGUMENTS, str(exc))) from None
+
+    def budget(self, args: ValidatedArgs) -> None:
+        cursor = self.cursor
+        spent = limits.before_tool_call(
+            cursor.visit, cursor.totals, self.state.budget, cursor.workflow.budget
+        )
+        if spent:
+            decision = runtime_refusal("budget", ReasonCode.BUDGET_EXHAUSTED, spent)
+            raise Refusal(decision, args_hash=args.hash, stop=self.state.on_budget_exhausted)
+
+    def loop(self, tool: Tool, args: ValidatedArgs) -> None:
+        looping = limits.repeated(self.cursor.visit, tool.name, args.hash, self.state.budget)
+        if looping:
+            decision = runtime_refusal("loop", ReasonCode.LOOP_DETECTED, looping)
+            raise Refusal(decision, args_hash=args.hash, stop="escalate")
+
+    def policy(self, tool: Tool, args: ValidatedArgs) -> Decision:
+        decision = self.cursor.decide(kind="tool", tool=tool.info, args=args.values, step_id=self.step_id)
+        if decision.decision == "deny":
+            raise Refusal(decision, args_hash=args.hash)
+        return decision
 
     async def unless_allowed(
-        self, proposal: Any, decision: Decision, subject: str, args: dict[str, Any], args_hash: str
-    ) -> StepOutcome | None:
-        """Carry out a deny, defer or ask; None when the decision allows going on."""
-        if decision.decision == "deny":
-            return await self.refuse(proposal, decision, args_hash=args_hash)
+        self, proposal: Proposal, decision: Decision, subject: str, args: dict[str, Any], args_hash: str
+    ) -> bool:
+        """Carry out a defer or an ask; False when the decision allows going on."""
         if decision.decision == "defer":
-            return await self.defer(proposal, decision, args_hash)
+            await self.defer(proposal, decision, args_hash)
+            return True
         if decision.decision == "ask":
-            return await self.ask(proposal, decision, subject, args, args_hash)
-        return None
+            await self.ask(proposal, decision, subject, args, args_hash)
+            return True
+        return False
+
+    # -- execution ---------------------------------------------------------------------------
 
     async def execute(
         self,
         tool: Tool,
-        proposal: ToolCall,
-        args: dict[str, Any],
-        args_hash: str,
+        args: ValidatedArgs,
         decision: Decision,
+        *,
+        proposed: dict[str, Any],
         ticket_id: str | None = None,
-    ) -> StepOutcome:
+    ) -> None:
         cursor = self.cursor
-        cursor.count("tool_calls")
-        key = f"{cursor.run_id}:{self.step_id}"
-        base = {
-            "proposal": proposal.model_dump(),
-            "args": args,
-            "args_hash": args_hash,
-            "decision": decision.model_dump(mode="json"),
-            "idempotency_key": key,
-            "tool": {"name": tool.name, "effect": tool.effect, "idempotent": tool.idempotent},
-            "ticket_id": ticket_id,
-            "usage": self.usage.model_dump(),
-            "continuation": ticket_id is not None,
+        limits.spend_tool_call(cursor.visit, cursor.totals)
+        fields: dict[str, Any] = {
+            "tool": tool.name,
+            "args": args.values,
+            "decision": decision.stored(),
+            "proposed_args": proposed if proposed != args.values else None,
+            "usage": self.usage,
         }
-        consume = (ticket_id, args_hash) if ticket_id else None
+        if ticket_id is not None:
+            fields |= {"ticket_id": ticket_id, "continuation": True}
+        if tool.effect != "read" or ticket_id is not None:
+            fields["args_hash"] = args.hash
+        consume = (ticket_id, args.hash) if ticket_id else None
         if tool.effect != "read":
-            await cursor.commit(
-                [NewEntry(kind="intent", step_id=self.step_id, state=self.state.name, body=base)],
-                consume=consume,
-                durable=True,
-            )
+            # The record of an effect about to happen is on disk before the effect.
+            await self.record(b.Intent(**fields), consume=consume, durable=True)
             consume = None
-        return await self.finish_execution(tool, args, base, consume)
+        await self.run_tool(tool, args, fields, consume)
 
-    async def finish_execution(
-        self, tool: Tool, args: dict[str, Any], base: dict[str, Any], consume: tuple[str, str] | None = None
-    ) -> StepOutcome:
+    async def run_tool(
+        self,
+        tool: Tool,
+        args: ValidatedArgs,
+        fields: dict[str, Any],
+        consume: tuple[str, str] | None = None,
+    ) -> None:
         """Run the tool, verify its effect, and record the step with the checkpoint."""
-        cursor = self.cursor
-        ctx = ToolContext(
-            run_id=cursor.run_id,
-            step_id=self.step_id,
-            idempotency_key=base["idempotency_key"],
-            data=cursor.record.data,
-            facts=cursor.record.facts,
-        )
-        source = {"kind": "tool", "tool": tool.name, "effect": tool.effect}
+        ctx = self.tool_context()
         try:
             result = await tool.call(args, ctx)
         except Exception as exc:  # a tool's failure is recorded, never a crash of the run
             error = f"{type(exc).__name__}: {exc}"
-            body = {
-                **base,
-                "outcome": "tool_error",
-                "reason_code": ReasonCode.TOOL_ERROR,
-                "error": error,
-                "source": source,
-                "observation": {
-                    "step_id": self.step_id,
-                    "outcome": "tool_error",
-                    "reason_code": ReasonCode.TOOL_ERROR,
-                    "error": error,
-                },
-            }
-            await cursor.commit([self._entry(body)], consume=consume)
-            self._observe(body)
-            return CONTINUE
-        verification, facts, failed = await self._verify(tool, args, result, ctx)
-        outcome = "verification_failed" if failed else "executed"
-        # The model also sees `result` and `verification`; they are stored once, in the body.
-        observation: dict[str, Any] = {"step_id": self.step_id, "outcome": outcome}
-        body = {
-            **base,
-            "outcome": outcome,
-            "result": result,
-            "source": source,
-            "verification": verification,
-            "observation": observation,
-            # Reason codes explain refusals and failures; a verified execution has none.
-            "reason_code": ReasonCode.VERIFICATION_FAILED if failed else None,
-        }
-        new_facts = {**cursor.record.facts, **facts} if facts else None
-        await cursor.commit([self._entry(body)], facts=new_facts, consume=consume)
-        self._observe(body)
-        cursor.executed(body, self.step_id, self.state.name)
+            return await self.record(b.ToolFailed(**fields, error=error), consume=consume)
+        verification, facts, failed = await self.verify(tool, args, result, ctx)
+        kind = b.VerificationFailed if failed else b.Executed
+        stored = recordable(result, self.limits, self.limits.max_result_bytes)
+        executed = kind(**fields, result=stored, verification=verification)
+        new_facts = {**self.cursor.record.facts, **facts} if facts else None
         if failed and self.state.on_verification_failed != "retry":
-            return StepOutcome(
-                self.state.on_verification_failed,
-                reason_code=ReasonCode.VERIFICATION_FAILED,
-                message=str(verification),
-                owner=self.state.escalate_to,
+            stop: Stop = self.state.on_verification_failed  # type: ignore[assignment]
+            return await self.record(
+                executed,
+                self.stopped(stop, ReasonCode.VERIFICATION_FAILED, str(verification)),
+                consume=consume,
+                facts=new_facts,
             )
-        return CONTINUE
+        await self.record(executed, consume=consume, facts=new_facts)
 
-    async def _verify(
-        self, tool: Tool, args: dict[str, Any], result: Any, ctx: ToolContext
+    def tool_context(self) -> ToolContext:
+        cursor = self.cursor
+        return ToolContext(
+            run_id=cursor.run_id,
+            step_id=self.step_id,
+            idempotency_key=f"{cursor.run_id}:{self.step_id}",
+            data=cursor.record.data,
+            facts=cursor.record.facts,
+        )
+
+    async def verify(
+        self, tool: Tool, args: ValidatedArgs, result: Any, ctx: ToolContext
     ) -> tuple[dict[str, Any] | None, dict[str, Any], bool]:
+        """Read the resulting state; never take the tool's return value as proof."""
         try:
-            evidence = await tool.verify(args, result, ctx)
+            evidence = await tool.verify(args.values, result, ctx)
         except Exception as exc:  # a verifier that crashes has not shown the effect
             return {"ok": False, "error": f"{type(exc).__name__}: {exc}"}, {}, True
         if evidence is None:
@@ -274,29 +344,24 @@ class GovernedStep:
             )
         return evidence.model_dump(), evidence.facts if evidence.ok else {}, not evidence.ok
 
-    # -- stages for exits, questions and handoffs ------------------------------------
+    # -- exits, questions and handoffs ---------------------------------------------------
 
-    async def exit(self, proposal: Exit | Finish) -> StepOutcome:
+    async def exit(self, proposal: Exit | Finish) -> None:
         name = proposal.exit if isinstance(proposal, Exit) else "finish"
         target = self.state.exits.get(name)
         if target is None:
             allowed = ", ".join(sorted(self.state.exits))
-            return await self.refuse(
-                proposal,
-                runtime_decision(
-                    self.cursor,
-                    "scope",
-                    ReasonCode.OUT_OF_SCOPE,
-                    f"exit {name!r} is not allowed in state {self.state.name!r} (allowed: {allowed})",
-                ),
-            )
+            reason = f"exit {name!r} is not allowed in state {self.state.name!r} (allowed: {allowed})"
+            raise Refusal(runtime_refusal("scope", ReasonCode.OUT_OF_SCOPE, reason))
         args = {"exit": name, "update": proposal.update}
-        args_hash = fingerprint(args)
-        decision = self.cursor.decide(
-            kind="exit", tool={"name": name, "effect": "exit"}, args=args, step_id=self.step_id
-        )
-        blocked = await self.unless_allowed(proposal, decision, f"exit:{name}", args, args_hash)
-        return blocked or await self.take_exit(proposal, decision, name, target, args_hash)
+        args_hash = value_hash(encode_json(args))
+        info = {"name": name, "effect": "exit"}
+        decision = self.cursor.decide(kind="exit", tool=info, args=args, step_id=self.step_id)
+        if decision.decision == "deny":
+            raise Refusal(decision, args_hash=args_hash)
+        if await self.unless_allowed(proposal, decision, f"exit:{name}", args, args_hash):
+            return
+        await self.take_exit(proposal, decision, name, target)
 
     async def take_exit(
         self,
@@ -304,108 +369,76 @@ class GovernedStep:
         decision: Decision,
         name: str,
         target: str,
-        args_hash: str,
-        ticket_id: str | None = None,
-    ) -> StepOutcome:
-        body = {
-            "proposal": proposal.model_dump(),
-            "args_hash": args_hash,
-            "decision": decision.model_dump(mode="json"),
-            "outcome": "transition",
-            "reason_code": None,
-            "exit": name,
-            "next": target,
-            "ticket_id": ticket_id,
-            "continuation": ticket_id is not None,
-            "usage": self.usage.model_dump(),
-            "observation": {"step_id": self.step_id, "outcome": "transition", "to": target},
-        }
-        self.cursor.record.data = {**self.cursor.record.data, **proposal.update}
-        consume = (ticket_id, args_hash) if ticket_id else None
-        return StepOutcome("transition", to=target, update=body, consume=consume)
+        *,
+        ticket: tuple[str, str] | None = None,
+    ) -> None:
+        cursor = self.cursor
+        transition = b.Transition(
+            proposal=proposal,
+            decision=decision.stored(),
+            exit=name,
+            next=target,
+            usage=self.usage,
+            ticket_id=ticket[0] if ticket else None,
+            args_hash=ticket[1] if ticket else None,
+            continuation=ticket is not None,
+        )
+        data = {**cursor.record.data, **proposal.update}
+        cursor.enter(target, entries_in_commit=1)
+        # The visit is over: the new state's transcript starts empty.
+        await self.record(transition, data=data, consume=ticket, status="running", observe=False)
 
-    async def question(self, proposal: Question) -> StepOutcome:
+    async def question(self, proposal: Question) -> None:
         decision = Decision(
-            decision="ask",
-            rule_id="runtime:question",
-            policy_hash=self.cursor.policy.hash,
-            reason_code=ReasonCode.APPROVAL_REQUIRED,
-            reason="the model asked a person",
+            "ask",
+            "runtime:question",
+            ReasonCode.APPROVAL_REQUIRED,
+            "the model asked a person",
             approver=self.state.escalate_to,
-            expires_in=24 * 3600.0,
+            expires_in=QUESTION_SECONDS,
         )
         args = {"question": proposal.question}
-        return await self.ask(proposal, decision, "question", args, fingerprint(args), kind="question")
+        await self.ask(proposal, decision, "question", args, value_hash(encode_json(args)), kind="question")
 
-    async def handoff(self, proposal: Handoff) -> StepOutcome:
+    async def handoff(self, proposal: Handoff) -> None:
         allowed = {*self.state.handoff_to, self.state.escalate_to}
         if proposal.to not in allowed:
-            return await self.refuse(
-                proposal,
-                runtime_decision(
-                    self.cursor,
-                    "scope",
-                    ReasonCode.OUT_OF_SCOPE,
-                    f"handoff to {proposal.to!r} is not allowed (allowed: {', '.join(sorted(allowed))})",
-                ),
-            )
-        decision = Decision(
-            decision="defer",
-            rule_id="runtime:handoff",
-            policy_hash=self.cursor.policy.hash,
-            reason_code=ReasonCode.DEFERRED,
-            reason=proposal.note,
-            owner=proposal.to,
-        )
-        return await self.defer(proposal, decision, fingerprint(proposal.model_dump()))
+            reason = f"handoff to {proposal.to!r} is not allowed (allowed: {', '.join(sorted(allowed))})"
+            raise Refusal(runtime_refusal("scope", ReasonCode.OUT_OF_SCOPE, reason))
+        decision = Decision("defer", "runtime:handoff", ReasonCode.DEFERRED, proposal.note, owner=proposal.to)
+        await self.defer(proposal, decision, value_hash(encode_json(as_dict(proposal))))
 
-    # -- outcomes that stop here -----------------------------------------------------
+    # -- outcomes that stop the step -------------------------------------------------------
 
-    async def refuse(
-        self,
-        proposal: Any,
-        decision: Decision,
-        *,
-        raw: Any = None,
-        args_hash: str | None = None,
-        continuation: bool = False,
-    ) -> StepOutcome:
+    async def refused(self, proposal: Proposal | None, refusal: Refusal, *, raw: Any = None) -> None:
         """Record a refusal; the model sees why and may try something else."""
-        observation = {
-            "step_id": self.step_id,
-            "outcome": "refused",
-            "reason_code": decision.reason_code,
-            "reason": decision.reason,
-        }
-        body = {
-            "proposal": proposal.model_dump() if proposal is not None else None,
-            "raw": raw if proposal is None else None,
-            "args_hash": args_hash,
-            "decision": decision.model_dump(mode="json"),
-            "outcome": "refused",
-            "reason_code": decision.reason_code,
-            "usage": self.usage.model_dump(),
-            "observation": observation,
-            "continuation": continuation,
-        }
-        await self.cursor.commit([self._entry(body)])
-        self._observe(body)
-        return CONTINUE
+        refused = b.Refused(
+            decision=refusal.decision.stored(),
+            proposal=proposal,
+            raw=recordable(raw, self.limits) if proposal is None else None,
+            args_hash=refusal.args_hash,
+            usage=self.usage,
+        )
+        if refusal.stop is None:
+            return await self.record(refused)
+        decision = refusal.decision
+        await self.record(refused, self.stopped(refusal.stop, decision.reason_code, decision.reason))
 
     async def ask(
         self,
-        proposal: Any,
+        proposal: Proposal,
         decision: Decision,
         subject: str,
         args: dict[str, Any],
         args_hash: str,
         kind: Literal["approval", "question"] = "approval",
-    ) -> StepOutcome:
+    ) -> None:
         """Pause durably with a single-use ticket bound to the exact arguments."""
-        now = self.cursor.clock()
+        cursor = self.cursor
+        now = cursor.clock()
         ticket = Ticket(
             ticket_id="tkt_" + secrets.token_hex(6),
-            run_id=self.cursor.run_id,
+            run_id=cursor.run_id,
             step_id=self.step_id,
             kind=kind,
             subject=subject,
@@ -414,87 +447,210 @@ class GovernedStep:
             approver=decision.approver or self.state.escalate_to,
             question=args.get("question") if kind == "question" else None,
             created_at=now,
-            expires_at=now + (decision.expires_in or 24 * 3600.0),
+            expires_at=now + (decision.expires_in or QUESTION_SECONDS),
         )
-        outcome = "awaiting_answer" if kind == "question" else "awaiting_approval"
-        body = {
-            "proposal": proposal.model_dump(),
-            "args_hash": args_hash,
-            "decision": decision.model_dump(mode="json"),
-            "outcome": outcome,
-            "reason_code": decision.reason_code,
-            "ticket_id": ticket.ticket_id,
-            "usage": self.usage.model_dump(),
-            "observation": {"step_id": self.step_id, "outcome": outcome, "ticket_id": ticket.ticket_id},
-        }
-        self.cursor.checkpoint["pending"] = {
-            "step_id": self.step_id,
-            "ticket_id": ticket.ticket_id,
-            "proposal": proposal.model_dump(),
-            "decision": decision.model_dump(mode="json"),
-        }
-        await self.cursor.commit(
-            [self._entry(body)],
+        cls = b.AwaitingAnswer if kind == "question" else b.AwaitingApproval
+        awaiting = cls(
+            proposal=proposal,
+            decision=decision.stored(),
+            ticket_id=ticket.ticket_id,
+            args_hash=args_hash,
+            usage=self.usage,
+        )
+        cursor.checkpoint.pending = Pending(
+            self.step_id, ticket.ticket_id, as_dict(proposal), decision.stored()
+        )
+        await self.record(
+            awaiting,
             status="paused",
             tickets=[ticket],
             owner=ticket.approver,
             reason_code=decision.reason_code,
             message=f"waiting on ticket {ticket.ticket_id} ({ticket.approver})",
         )
-        self._observe(body)
-        return StepOutcome("pause", reason_code=decision.reason_code, owner=ticket.approver)
 
-    async def defer(self, proposal: Any, decision: Decision, args_hash: str) -> StepOutcome:
+    async def defer(self, proposal: Proposal, decision: Decision, args_hash: str) -> None:
         """Hand the run to a named owner, with the state handed over kept apart."""
         cursor = self.cursor
-        handed = {
-            "owner": decision.owner,
-            "state": self.state.name,
-            "data": cursor.record.data,
-            "facts": cursor.record.facts,
-            "pending_proposal": proposal.model_dump(),
-            "note": decision.reason,
-            "at_seq": cursor.record.last_seq,
-        }
-        body = {
-            "step_id": self.step_id,
-            "proposal": proposal.model_dump(),
-            "args_hash": args_hash,
-            "decision": decision.model_dump(mode="json"),
-            "outcome": "handoff",
-            "reason_code": decision.reason_code,
-            "handoff": handed,
-            "usage": self.usage.model_dump(),
-        }
-        return StepOutcome(
-            "handoff",
+        owner = decision.owner or self.state.escalate_to
+        handed = b.HandedOver(
+            owner=owner,
+            state=self.state.name,
+            data=cursor.record.data,
+            facts=cursor.record.facts,
+            pending_proposal=as_dict(proposal),
+            note=decision.reason,
+            at_seq=cursor.record.last_seq,
+        )
+        await self.record(
+            b.HandedOff(proposal=proposal, decision=decision.stored(), handoff=handed, args_hash=args_hash),
+            status="handed_off",
+            owner=owner,
             reason_code=ReasonCode.DEFERRED,
-            owner=decision.owner,
-            message=decision.reason,
-            update=body,
+            message=f"handed off to {owner}: {decision.reason}",
         )
 
-    # -- helpers ---------------------------------------------------------------------
+    async def stop(self, how: Stop, code: str, message: str) -> None:
+        """Stop the run with nothing proposed (a budget spent before the model was asked, a
+        model that failed)."""
+        await self.record(self.stopped(how, code, message))
 
-    def _scope_refusal(self, name: str) -> Decision:
-        allowed = ", ".join(t.name for t in self.state.tools) or "none"
-        if name in self.cursor.workflow.tools():
-            return runtime_decision(
-                self.cursor,
-                "scope",
-                ReasonCode.OUT_OF_SCOPE,
-                f"tool {name!r} is not allowed in state {self.state.name!r} (allowed: {allowed})",
+    def stopped(self, how: Stop, code: str, message: str) -> b.Escalated:
+        cursor = self.cursor
+        owner = self.state.escalate_to if how == "escalate" else None
+        cls = b.Escalated if how == "escalate" else b.Failed
+        return cls(
+            reason_code=code, message=message, owner=owner, data=cursor.record.data, facts=cursor.record.facts
+        )
+
+    # -- the record ----------------------------------------------------------------------------
+
+    async def record(
+        self,
+        *records: b.Body,
+        consume: tuple[str, str] | None = None,
+        durable: bool = False,
+        status: str | None = None,
+        data: dict[str, Any] | None = None,
+        facts: dict[str, Any] | None = None,
+        tickets: list[Ticket] | None = None,
+        owner: str | None = None,
+        reason_code: str | None = None,
+        message: str | None = None,
+        observe: bool = True,
+    ) -> None:
+        """The one stage that writes: the step's records and the run's checkpoint, in one
+        transaction; then what the model and `history` see of them."""
+        last = records[-1]
+        if isinstance(last, b.Escalated):
+            status = "failed" if isinstance(last, b.Failed) else "escalated"
+            owner, reason_code, message = last.owner, last.reason_code, last.message
+        entries: list[NewEntry] = [
+            NewEntry.of(
+                r, step_id=self.step_id if isinstance(r, b.StepRecord) else None, state=self.state.name
             )
-        return runtime_decision(
-            self.cursor, "scope", ReasonCode.UNKNOWN_TOOL, f"no tool named {name!r} (allowed here: {allowed})"
+            for r in records
+        ]
+        await self.cursor.commit(
+            entries,
+            status=status,
+            data=data,
+            facts=facts,
+            owner=owner,
+            reason_code=reason_code,
+            message=message,
+            tickets=tickets,
+            consume=consume,
+            durable=durable,
+        )
+        if observe:
+            for r in records:
+                self.cursor.observe(r, self.step_id)
+
+    # -- continuations ---------------------------------------------------------------------------
+
+    async def resume_ticket(self, ticket: Ticket, pending: Pending) -> None:
+        """Continue the step a person decided: answer, refusal, or the approved call."""
+        cursor = self.cursor
+        cursor.checkpoint.pending = None
+        cursor.record.status = "running"
+        cursor.clear_notice()
+        if ticket.kind == "question":
+            answered = ticket.status == "answered"
+            cls = b.Answered if answered else b.Unanswered
+            values = {"ticket_id": ticket.ticket_id, "answer": ticket.answer, "by": ticket.decided_by}
+            values["reason"] = ticket.reason
+            if not answered:
+                values["reason_code"] = ReasonCode.APPROVAL_DENIED
+            return await self.record(cls(**values), status="running")
+        proposal = msgspec.convert(pending.proposal, Proposal)
+        if ticket.status != "approved":
+            code = ReasonCode.APPROVAL_EXPIRED if ticket.status == "expired" else ReasonCode.APPROVAL_DENIED
+            reason = ticket.reason or f"ticket {ticket.ticket_id} {ticket.status}"
+            denial = Decision(
+                "deny", f"approval:{ticket.ticket_id}", code, f"{reason} (by {ticket.decided_by or 'nobody'})"
+            )
+            refused = b.Refused(
+                decision=denial, proposal=proposal, args_hash=ticket.args_hash, continuation=True
+            )
+            return await self.record(refused, status="running")
+        decision = pending.decision
+        if isinstance(proposal, ToolCall):
+            try:
+                # The workflow may have been migrated since: the call must still be offered.
+                tool = self.scope(proposal.tool)
+                args = self.arguments(tool, proposal.args)
+                await self.execute(tool, args, decision, proposed=proposal.args, ticket_id=ticket.ticket_id)
+            except Refusal as refusal:
+                await self._unusable(proposal, ticket, refusal.decision.reason_code, refusal.decision.reason)
+            except TicketError as exc:  # the store found the ticket expired or not for these arguments
+                code = ReasonCode.APPROVAL_EXPIRED if "expired" in str(exc) else ReasonCode.APPROVAL_DENIED
+                await self._unusable(proposal, ticket, code, str(exc))
+            return
+        assert isinstance(proposal, Exit | Finish)
+        name = proposal.exit if isinstance(proposal, Exit) else "finish"
+        await self.take_exit(
+            proposal, decision, name, self.state.exits[name], ticket=(ticket.ticket_id, ticket.args_hash)
         )
 
-    def _entry(self, body: dict[str, Any]) -> NewEntry:
-        return NewEntry(kind="step", step_id=self.step_id, state=self.state.name, body=body)
+    async def _unusable(self, proposal: Proposal, ticket: Ticket, code: ReasonCode, reason: str) -> None:
+        """An approved call that can no longer be carried out is refused, on the record."""
+        denial = Decision("deny", f"approval:{ticket.ticket_id}", code, reason)
+        refused = b.Refused(decision=denial, proposal=proposal, args_hash=ticket.args_hash, continuation=True)
+        await self.record(refused, status="running")
 
-    def _observe(self, body: dict[str, Any]) -> None:
-        self.cursor.transcript.extend(messages_for(body))
+    async def recover(self, intent: Entry) -> None:
+        """An intent with no result: the process died while the effect was under way."""
+        record = intent.body
+        assert isinstance(record, b.Intent)
+        cursor = self.cursor
+        tool = self.state.tool(record.tool)
+        fields: dict[str, Any] = {
+            f: getattr(record, f)
+            for f in ("tool", "args", "decision", "args_hash", "proposed_args", "ticket_id", "usage")
+        }
+        fields["continuation"] = record.continuation
+        if tool is not None and tool.idempotent:
+            cursor.record.status = "running"
+            cursor.clear_notice()
+            args = tool.validate(record.args)
+            return await self.run_tool(tool, args, fields | {"recovered": True})
+        message = (
+            f"step {intent.step_id}: {record.tool} (not idempotent) was started but its result was "
+            "never recorded; it will not be re-run without a person: check, then "
+            f"tether resolve {cursor.run_id} --done | --not-done"
+        )
+        await self.record(
+            b.EffectInDoubt(**fields, message=message),
+            status="effect_in_doubt",
+            owner=self.state.escalate_to,
+            reason_code=ReasonCode.EFFECT_IN_DOUBT,
+            message=message,
+        )
 
 
-def _on_exhausted(state: AgentState) -> OutcomeKind:
-    return "escalate" if state.on_budget_exhausted == "escalate" else "fail"
+def recordable(value: Any, lim: limits.Limits, max_bytes: int | None = None) -> Any:
+    """`value` as the journal can hold it: as it is when it is a JSON value within the limits,
+    else a note saying what was received (never a silent rewrite)."""
+    if value is None:
+        return None
+    bound = max_bytes or lim.max_output_bytes
+    problem = json_value_problem(value, lim.output()) if not isinstance(value, str) else None
+    if problem is None:
+        text = value if isinstance(value, str) else None
+        size = len(text) if text is not None else len(encode_json(value))
+        if size <= bound:
+            return value
+        problem = f"{size:,} bytes exceeds the limit of {bound:,}"
+    preview = value[:1000] if isinstance(value, str) else _preview.repr(value)
+    return {"not_recorded": problem, "type": type(value).__name__, "preview": preview}
+
+
+def _bounded_repr() -> reprlib.Repr:
+    """A repr for values that cannot be recorded (deeply nested, say): never recurses far."""
+    r = reprlib.Repr()
+    r.maxlevel, r.maxstring, r.maxother, r.maxlist, r.maxdict = 4, 200, 200, 20, 20
+    return r
+
+
+_preview = _bounded_repr()

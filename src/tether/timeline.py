@@ -4,65 +4,156 @@ from __future__ import annotations
 
 from typing import Any
 
+import msgspec
+
+from tether.decision import Decision
 from tether.journal import Entry
+from tether.journal import bodies as b
+from tether.reasons import ReasonCode
+from tether.run import messages_for
+
+# What each record's outcome is called on the timeline (the words `show` has always used).
+_OUTCOMES: dict[type[Any], str] = {
+    b.Refused: "refused",
+    b.AwaitingAnswer: "awaiting_answer",
+    b.AwaitingApproval: "awaiting_approval",
+    b.Intent: "intent recorded, effect starting",
+    b.VerificationFailed: "verification_failed",
+    b.Executed: "executed",
+    b.ToolFailed: "tool_error",
+    b.Transition: "transition",
+    b.HandedOff: "handoff",
+    b.Unanswered: "unanswered",
+    b.Answered: "answered",
+    b.EffectInDoubt: "effect_in_doubt",
+    b.StepDone: "transition",
+    b.StepFailed: "step_failed",
+    b.RunStarted: "started",
+    b.Failed: "failed",
+    b.Escalated: "escalated",
+    b.Migrated: "migrated",
+    b.Crashed: "crashed",
+}
 
 
 def timeline(entries: list[Entry]) -> list[dict[str, Any]]:
-    """One row per journal entry: proposal → decision and rule → outcome → result."""
+    """One row per journal entry: proposal → decision and rule → outcome → result.
+
+    A decision's policy hash is the run's pinned policy at that point (from `run_started`
+    and `migrated`), which the journal does not repeat in every step.
+    """
     rows = []
+    policy_hash: str | None = None
     for e in entries:
-        body = e.body
-        decision = body.get("decision") or {}
-        row: dict[str, Any] = {
-            "seq": e.seq,
-            "kind": e.kind,
-            "step_id": e.step_id,
-            "state": e.state,
-            "proposal": body.get("proposal") if body.get("proposal") is not None else body.get("raw"),
-            "decision": decision.get("decision"),
-            "rule_id": decision.get("rule_id"),
-            "policy_hash": decision.get("policy_hash"),
-            "reason_code": body.get("reason_code") or decision.get("reason_code"),
-            "reason": decision.get("reason"),
-            "outcome": body.get("outcome") or _outcome_of(e),
-            "args_hash": body.get("args_hash"),
-            "ticket_id": body.get("ticket_id"),
-            "result": body.get("result"),
-            "source": body.get("source"),
-            "verification": body.get("verification"),
-            "error": body.get("error"),
-            "detail": _detail(e),
-        }
-        rows.append(row)
+        record = e.body
+        if isinstance(record, b.RunStarted):
+            policy_hash = record.policy_hash
+        elif isinstance(record, b.Migrated):
+            policy_hash = record.to.policy_hash
+        decision = getattr(record, "decision", None)
+        if isinstance(record, b.StepDone | b.StepFailed):
+            decision = deterministic(e.state or "")
+        rows.append(
+            {
+                "seq": e.seq,
+                "kind": "step" if _is_step(record) else e.kind,
+                "step_id": e.step_id,
+                "state": e.state,
+                "proposal": b.proposed(record),
+                "decision": decision.decision if decision else None,
+                "rule_id": decision.rule_id if decision else None,
+                "policy_hash": (decision.policy_hash or policy_hash) if decision else None,
+                "reason_code": _reason_code(record) or (decision.reason_code if decision else None),
+                "reason": decision.reason if decision else None,
+                "outcome": _outcome(record),
+                "args_hash": getattr(record, "args_hash", None),
+                "ticket_id": getattr(record, "ticket_id", None),
+                "result": getattr(record, "result", None),
+                "source": _source(record),
+                "verification": getattr(record, "verification", None),
+                "error": getattr(record, "error", None),
+                "detail": _detail(record),
+                # What the model was told of the step (nothing for a step no model proposed).
+                "observation": _told(record, e.step_id),
+            }
+        )
     return rows
 
 
-def _outcome_of(e: Entry) -> str:
-    return {
-        "run_started": "started",
-        "intent": "intent recorded, effect starting",
-        "ticket_decided": e.body.get("status", ""),
-        "run_finished": e.body.get("status", ""),
-        "escalated": "escalated",
-        "failed": "failed",
-        "effect_in_doubt": "effect_in_doubt",
-        "handoff": "handoff",
-    }.get(e.kind, e.kind)
+def deterministic(state: str) -> Decision:
+    """What allowed a deterministic step: the workflow itself (never stored: always this)."""
+    return Decision(
+        "allow", f"workflow:{state}", ReasonCode.POLICY_ALLOWED, "deterministic step of the workflow"
+    )
 
 
-def _detail(e: Entry) -> Any:
-    body = e.body
-    if e.kind == "ticket_decided":
-        said = body.get("answer") or body.get("reason")
-        return f"{body.get('ticket_id')} by {body.get('by')}" + (f": {said}" if said else "")
-    if e.kind in ("escalated", "failed", "effect_in_doubt"):
-        return body.get("message")
-    if e.kind == "handoff":
-        return body.get("handoff")
-    if e.kind == "run_started":
-        return body.get("workflow")
-    if body.get("error"):
-        return body["error"]
-    if body.get("next"):
-        return {"next": body["next"]}
-    return body.get("observation", {}).get("reason") if body.get("observation") else None
+def _told(record: Any, step_id: str | None) -> Any:
+    messages = messages_for(record, step_id)
+    return messages[-1].content if messages else None
+
+
+def _is_step(record: Any) -> bool:
+    return isinstance(record, b.StepRecord | b.StepDone | b.StepFailed) and not isinstance(
+        record, b.Intent | b.EffectInDoubt | b.HandedOff
+    )
+
+
+def _outcome(record: Any) -> str:
+    if isinstance(record, b.EffectSettled):
+        return "executed" if record.done else "not_executed"
+    if isinstance(record, b.TicketDecided | b.RunFinished):
+        return record.status
+    if isinstance(record, b.UnknownBody):
+        return record.kind
+    return _OUTCOMES.get(type(record), type(record).__name__)
+
+
+def _reason_code(record: Any) -> str | None:
+    match record:
+        case b.Refused(decision=d) | b.AwaitingApproval(decision=d) | b.HandedOff(decision=d):
+            return d.reason_code
+        case b.VerificationFailed():
+            return "verification_failed"
+        case b.ToolFailed():
+            return "tool_error"
+        case b.EffectInDoubt() | b.EffectSettled():
+            return "effect_in_doubt"
+        case b.Unanswered(reason_code=code):
+            return code
+        case b.StepFailed():
+            return "step_failed"
+        case b.Escalated(reason_code=code):
+            return code
+    return None
+
+
+def _source(record: Any) -> Any:
+    if isinstance(record, b.Executed | b.ToolFailed):
+        return {"kind": "tool", "tool": record.tool}
+    if isinstance(record, b.EffectSettled):
+        return {"kind": "person", "by": record.by}
+    if isinstance(record, b.Answered):
+        return {"kind": "person", "by": record.by}
+    return None
+
+
+def _detail(record: Any) -> Any:
+    match record:
+        case b.TicketDecided(ticket_id=t, by=by, answer=answer, reason=reason):
+            said = answer or reason
+            return f"{t} by {by}" + (f": {said}" if said else "")
+        case b.Escalated(message=message) | b.EffectInDoubt(message=message):
+            return message
+        case b.HandedOff(handoff=handed):
+            return msgspec.to_builtins(handed)
+        case b.RunStarted(workflow=workflow):
+            return msgspec.to_builtins(workflow)
+        case b.Crashed(error=error):
+            return error
+        case b.ToolFailed(error=error) | b.StepFailed(error=error):
+            return error
+        case b.StepDone(next=to) | b.Transition(next=to):
+            return {"next": to}
+        case b.Refused(decision=d):
+            return d.reason
+    return None

@@ -14,18 +14,20 @@ policy condition over its arguments work on unbounded input.
 
 from __future__ import annotations
 
+import functools
 import inspect
 from collections import abc
 from collections.abc import Awaitable, Callable, Mapping
 from dataclasses import dataclass, field
 from types import UnionType
-from typing import Annotated, Any, Literal, Union, get_args, get_origin, get_type_hints
+from typing import Annotated, Any, Literal, NamedTuple, Union, get_args, get_origin, get_type_hints
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, create_model
 from pydantic.fields import FieldInfo
 from pydantic_core import to_jsonable_python
 
-from tether.hashing import canonical_json
+from tether.hashing import encode_json, value_hash
+from tether.proposals import DEFAULT_LIMITS, json_value_problem
 
 Effect = Literal["read", "write", "external"]
 EFFECTS: tuple[Effect, ...] = ("read", "write", "external")
@@ -73,6 +75,40 @@ class ArgumentError(ValueError):
 Verifier = Callable[..., "Evidence | Awaitable[Evidence]"]
 
 
+class ValidatedArgs(NamedTuple):
+    """A call's arguments after validation, as every later stage uses them: `values` in
+    their JSON form, `encoded` (canonical JSON, made once), `hash` (the fingerprint a
+    ticket binds: tool name and arguments), and `model` (the typed values the tool gets)."""
+
+    values: dict[str, Any]
+    encoded: str
+    hash: str
+    model: BaseModel | None = None
+
+    @classmethod
+    def of(cls, tool: str, values: dict[str, Any], model: BaseModel | None = None) -> ValidatedArgs:
+        encoded = encode_json(values)
+        return cls(values, encoded, args_hash(tool, encoded), model)
+
+
+def checked_json(tool: str, args: Any, max_bytes: int) -> None:
+    """Refuse arguments that are not a JSON object of finite, bounded values (any tool)."""
+    if not isinstance(args, dict):
+        raise ArgumentError(tool, [{"loc": (), "msg": "arguments must be an object"}])
+    problem = json_value_problem(args)
+    if problem is not None:
+        raise ArgumentError(tool, [{"loc": (), "msg": problem.replace("output", "arguments")}])
+    size = len(encode_json(args))
+    if size > max_bytes:
+        message = f"arguments are {size:,} bytes as JSON; the limit is {max_bytes:,}"
+        raise ArgumentError(tool, [{"loc": (), "msg": message}])
+
+
+def args_hash(tool: str, encoded_args: str) -> str:
+    """The fingerprint of a call: canonical JSON of {"args": ..., "tool": ...}, hashed."""
+    return value_hash(f'{{"args":{encoded_args},"tool":{encode_json(tool)}}}')
+
+
 class Tool:
     """A callable the runtime may execute on a model's behalf, with its contract."""
 
@@ -107,21 +143,34 @@ class Tool:
     def json_schema(self) -> dict[str, Any]:
         return self.args_model.model_json_schema()
 
-    def validate(self, args: Any) -> dict[str, Any]:
-        """Validate arguments strictly; return them in their canonical JSON form."""
-        if not isinstance(args, dict):
-            raise ArgumentError(self.name, [{"loc": (), "msg": "arguments must be an object"}])
+    @functools.cached_property
+    def info(self) -> dict[str, Any]:
+        """What policy conditions see as `tool`."""
+        return {
+            "name": self.name,
+            "effect": self.effect,
+            "idempotent": self.idempotent,
+            "effect_declared": self.effect_declared,
+        }
+
+    def validate(self, args: Any, *, max_bytes: int = DEFAULT_LIMITS.max_bytes) -> ValidatedArgs:
+        """Validate arguments strictly, once: JSON values only (finite numbers, bounded
+        nesting and size), then the tool's schema in JSON mode (no "12" for a number, but
+        ISO strings for dates)."""
+        checked_json(self.name, args, max_bytes)
         try:
-            # JSON-mode strictness: no "12" for a number, but ISO strings for dates.
-            model = self.args_model.model_validate_json(canonical_json(args))
+            model = self.args_model.model_validate_json(encode_json(args))
         except ValidationError as exc:
             errors = [{"loc": e["loc"], "msg": e["msg"]} for e in exc.errors()]
             raise ArgumentError(self.name, errors) from None
-        return model.model_dump(mode="json")
+        return ValidatedArgs.of(self.name, model.model_dump(mode="json"), model)
 
-    async def call(self, args: dict[str, Any], ctx: ToolContext) -> Any:
-        """Run the tool on validated arguments; return a JSON-compatible result."""
-        values = dict(self.args_model.model_validate_json(canonical_json(args)))
+    async def call(self, args: ValidatedArgs | dict[str, Any], ctx: ToolContext) -> Any:
+        """Run the tool on arguments (validated here unless they already were); return a
+        JSON-compatible result."""
+        if not isinstance(args, ValidatedArgs):
+            args = self.validate(args)
+        values = dict(args.model) if args.model is not None else dict(args.values)
         if self._context_param:
             values[self._context_param] = ctx
         result = self.fn(**values)

@@ -9,6 +9,11 @@ that was under way is settled as the runtime always does: idempotent tools re-ru
 same key, others wait for a person). Idle workers sleep until the journal signals new work
 (PostgreSQL LISTEN/NOTIFY) or a poll interval passes.
 
+A worker runs only code an operator gave it: the workflows of its `Registry` (loaded at
+startup from its roots), and `function:` models whose module lies under those roots. A run
+pinned to anything else is set aside: left as it is for a person, its message saying why,
+and not claimed again by this worker.
+
 SIGTERM or SIGINT drain a worker: it claims nothing more, lets each run finish the step it
 is in, releases the leases and exits.
 """
@@ -22,51 +27,50 @@ from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 
 from tether.errors import ConcurrentWriteError, TetherError
-from tether.journal import Journal, RunRecord
-from tether.loader import load_workflow
+from tether.journal import Commit, Journal, RunRecord, RunUpdate
 from tether.models import Model, close_model, resolve_model
+from tether.registry import NotRegistered, Registry
 from tether.runtime import RunResult, Runtime
-from tether.workflow import Workflow
 
 log = logging.getLogger("tether.worker")
+# The message of a run a worker set aside starts with this; driving the run clears it.
+SET_ASIDE = "not driven by worker"
 
 
 @dataclass
 class WorkerStats:
     claimed: int = 0
     stopped: dict[str, int] = field(default_factory=dict)
+    set_aside: int = 0
     errors: int = 0
 
 
 class Worker:
-    """Claims and drives runs until stopped. `concurrency` runs are driven at once."""
+    """Claims and drives runs of the registry's workflows until stopped, `concurrency` at once."""
 
     def __init__(
         self,
         journal: Journal,
+        registry: Registry,
         *,
         worker_id: str | None = None,
         concurrency: int = 8,
         lease_seconds: float = 15.0,
         limits: Mapping[str, int] | None = None,
         poll_seconds: float = 1.0,
-        load: Callable[[str, str | None, str], Workflow] = lambda ref, policy, pinned: load_workflow(
-            ref, policy=policy, pinned=pinned
-        ),
         model_for: Callable[[str], Model] | None = None,
     ) -> None:
         self.runtime = Runtime(journal, worker_id=worker_id, lease_seconds=lease_seconds)
         self.journal = journal
+        self.registry = registry
         self.concurrency = concurrency
         self.limits = dict(limits or {})
         self.poll_seconds = poll_seconds
         self.stats = WorkerStats()
-        self._load = load
-        self._model_for = model_for or (lambda spec: resolve_model(spec, journal=journal))
+        self._model_for = model_for or self._resolve_model
         # One model per spec, shared by the runs that name it (an adapter holds an HTTP
         # client or a loaded model), closed when the worker stops.
         self._models: dict[str, Model] = {}
-        self._workflows: dict[tuple[str, str | None, str], Workflow] = {}
         self._unloadable: set[str] = set()
         self._stop = asyncio.Event()
 
@@ -94,6 +98,14 @@ class Worker:
                 )
             if claimed is not None:
                 self.stats.claimed += 1
+                log.info(
+                    "claimed run %s (%s %s, %s in state %s)",
+                    claimed.run_id,
+                    claimed.workflow_name,
+                    claimed.workflow_version,
+                    claimed.status,
+                    claimed.state,
+                )
                 task = asyncio.create_task(self._drive(claimed))
                 active.add(task)
                 task.add_done_callback(active.discard)
@@ -112,6 +124,20 @@ class Worker:
         self._models.clear()
         return self.stats
 
+    def _resolve_model(self, spec: str) -> Model:
+        """A model of a run's spec; a `function:` model only from a module under the roots."""
+        prefix, _, arg = spec.partition(":")
+        if prefix != "function":
+            return resolve_model(spec, journal=self.journal)
+        module = arg.partition(":")[0]
+        root = self.registry.module_root(module)
+        if root is None:
+            raise NotRegistered(
+                f"model {spec!r}: module {module!r} is not under this worker's roots "
+                f"({', '.join(map(str, self.registry.roots))}); a worker imports no code a run names"
+            )
+        return resolve_model(spec, root, journal=self.journal)
+
     def _model(self, spec: str | None) -> Model | None:
         if spec is None:
             return None
@@ -121,8 +147,14 @@ class Worker:
 
     async def _drive(self, record: RunRecord) -> None:
         try:
-            workflow = self._workflow(record)
-            model = self._model(record.model_spec)
+            try:
+                workflow = self.registry.workflow_for(record)
+                model = self._model(record.model_spec)
+            except TetherError as exc:
+                await self._set_aside(record, str(exc))
+                return
+            if is_set_aside(record):  # by a worker without this one's roots: no longer true
+                record = await note(self.journal, record, None, self.worker_id, self.runtime.lease_seconds)
             result = await self.runtime.resume(record.run_id, workflow, model)
         except ConcurrentWriteError as exc:
             # Another process took the run over (this worker stalled past its lease): the
@@ -131,8 +163,8 @@ class Worker:
             log.warning("run %s: %s", record.run_id, exc)
             return
         except TetherError as exc:
-            # A run this worker cannot drive (its definition changed or is gone, a model it
-            # cannot build): leave it untouched for a person, and do not claim it again.
+            # A run its workflow cannot drive here (a policy that changed, a model that cannot
+            # be built): left untouched for a person, and not claimed again by this worker.
             self.stats.errors += 1
             self._unloadable.add(record.run_id)
             await self.journal.release(record.run_id, self.worker_id)
@@ -144,14 +176,52 @@ class Worker:
             return
         self._count(result)
 
+    async def _set_aside(self, record: RunRecord, why: str) -> None:
+        """Leave the run as it is (status, state, everything) with a message saying why, so
+        that `tether runs` shows it; this worker does not claim it again."""
+        self.stats.set_aside += 1
+        self._unloadable.add(record.run_id)
+        log.error("run %s set aside, not driven: %s", record.run_id, why)
+        try:
+            message = f"{SET_ASIDE} {self.worker_id}: {why}"
+            await note(self.journal, record, message, self.worker_id, self.runtime.lease_seconds)
+        finally:
+            await self.journal.release(record.run_id, self.worker_id)
+
     def _count(self, result: RunResult) -> None:
         self.stats.stopped[result.status] = self.stats.stopped.get(result.status, 0) + 1
+        waiting = f" on ticket {result.ticket_id}" if result.ticket_id else ""
+        why = f" ({result.reason_code}: {result.message})" if result.reason_code and result.message else ""
+        log.info("run %s %s in state %s%s%s", result.run_id, result.status, result.state, waiting, why)
 
-    def _workflow(self, record: RunRecord) -> Workflow:
-        key = (record.workflow_ref, record.policy_ref, record.workflow_hash)
-        if key not in self._workflows:
-            self._workflows[key] = self._load(record.workflow_ref, record.policy_ref, record.workflow_hash)
-        return self._workflows[key]
+
+def is_set_aside(record: RunRecord) -> bool:
+    """Whether the run's message is a worker's note that it could not drive the run."""
+    return record.message is not None and record.message.startswith(SET_ASIDE)
+
+
+async def note(
+    journal: Journal,
+    record: RunRecord,
+    message: str | None,
+    lease_owner: str | None = None,
+    lease_seconds: float | None = None,
+) -> RunRecord:
+    """Set or clear the run's message, nothing else, under `lease_owner`'s lease (None: only
+    while nobody holds one)."""
+    if record.message == message:
+        return record
+    await journal.commit(
+        Commit(
+            run_id=record.run_id,
+            expected_seq=record.last_seq,
+            expected_hash=record.last_hash,
+            update=RunUpdate(message=message),
+            lease_owner=lease_owner,
+            lease_seconds=lease_seconds,
+        )
+    )
+    return record.model_copy(update={"message": message})
 
 
 def install_signal_handlers(worker: Worker) -> None:

@@ -13,36 +13,16 @@ from collections.abc import Awaitable, Callable, Mapping
 from dataclasses import dataclass, field
 from typing import Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field
-
+from tether.budget import Budget, Limits, RunBudget
 from tether.errors import DefinitionError
 from tether.hashing import fingerprint
+from tether.models.protocol import ExitSpec, ToolSpec
+from tether.paths import realpath
 from tether.policy import Policy
 from tether.tools import Tool
 
-
-class Budget(BaseModel):
-    """Limits of one visit to an agent state, checked before every model and tool call."""
-
-    model_config = ConfigDict(extra="forbid")
-
-    max_steps: int = Field(20, ge=1, description="proposals, including refused ones")
-    max_tool_calls: int = Field(10, ge=0)
-    max_seconds: float = Field(300.0, gt=0, description="active time; paused time is not counted")
-    max_tokens: int | None = Field(None, ge=1)
-    max_cost: float | None = Field(None, gt=0)
-    max_repeats: int = Field(3, ge=1, description="same tool call, same arguments, in a row")
-
-
-class RunBudget(BaseModel):
-    """Limits over the whole run, across every state and visit (all optional)."""
-
-    model_config = ConfigDict(extra="forbid")
-
-    max_steps: int | None = Field(None, ge=1, description="proposals in all agent states together")
-    max_tool_calls: int | None = Field(None, ge=0)
-    max_tokens: int | None = Field(None, ge=1)
-    max_cost: float | None = Field(None, gt=0)
+# Resolvers every workflow has: part of tether, so not part of a workflow's hash.
+BUILTIN_RESOLVERS: dict[str, Callable[..., Any]] = {"realpath": realpath}
 
 
 @dataclass(frozen=True)
@@ -95,7 +75,30 @@ class AgentState:
         object.__setattr__(self, "handoff_to", tuple(self.handoff_to))
 
     def tool(self, name: str) -> Tool | None:
-        return next((t for t in self.tools if t.name == name), None)
+        return self._tools_by_name().get(name)
+
+    def _tools_by_name(self) -> dict[str, Tool]:
+        found: dict[str, Tool] | None = self.__dict__.get("_by_name")
+        if found is None:
+            found = {t.name: t for t in self.tools}
+            object.__setattr__(self, "_by_name", found)
+        return found
+
+    def model_specs(self) -> tuple[list[ToolSpec], list[ExitSpec]]:
+        """What a model is offered here: each tool with its schema, each exit (made once)."""
+        specs: tuple[list[ToolSpec], list[ExitSpec]] | None = self.__dict__.get("_specs")
+        if specs is None:
+            specs = (
+                [
+                    ToolSpec(
+                        name=t.name, description=t.description, effect=t.effect, parameters=t.json_schema()
+                    )
+                    for t in self.tools
+                ],
+                [ExitSpec(name=n, target=t) for n, t in self.exits.items()],
+            )
+            object.__setattr__(self, "_specs", specs)
+        return specs
 
 
 @dataclass(frozen=True)
@@ -122,6 +125,7 @@ class Workflow:
         policy: Policy | None = None,
         resolvers: Mapping[str, Callable[..., Any]] | None = None,
         budget: RunBudget | None = None,
+        limits: Limits | None = None,
         description: str = "",
     ) -> None:
         self.name = name
@@ -129,9 +133,11 @@ class Workflow:
         self.start = start
         self.description = description
         self.policy = policy
-        # Read-only lookups policy conditions may call: `fn(ctx: ToolContext, *args)`.
-        self.resolvers: dict[str, Callable[..., Any]] = dict(resolvers or {})
+        # Read-only lookups policy conditions may call: `fn(ctx: ToolContext, *args)`; the
+        # built-in ones (`realpath`) unless the workflow registers its own under their names.
+        self.resolvers: dict[str, Callable[..., Any]] = {**BUILTIN_RESOLVERS, **(resolvers or {})}
         self.budget = budget or RunBudget()
+        self.limits = limits or Limits()
         self._state_list = list(states)
         self.states: dict[str, State] = {s.name: s for s in states}
         self._hash: str | None = None
@@ -200,8 +206,11 @@ class Workflow:
             "start": self.start,
             "states": [_describe_state(s) for s in self._state_list],
             "budget": self.budget.model_dump(),
+            **({"limits": self.limits.model_dump()} if self.limits != Limits() else {}),
             "resolvers": {
-                n: {"fn": _ref(f), "source": _source_hash(f)} for n, f in sorted(self.resolvers.items())
+                n: {"fn": _ref(f), "source": _source_hash(f)}
+                for n, f in sorted(self.resolvers.items())
+                if BUILTIN_RESOLVERS.get(n) is not f  # tether's own, not the definition's
             },
         }
 

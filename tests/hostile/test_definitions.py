@@ -296,8 +296,8 @@ def test_tools_declared_in_code_without_an_effect_are_external_and_flagged(journ
         Runtime(journal).start(wf, ScriptedModel([call("poke", item="x"), {"kind": "exit", "exit": "done"}]))
     )
     entries = run(journal.read_entries(result.run_id))
-    decision = next(e.body["decision"] for e in entries if e.body.get("decision"))
-    assert decision["decision"] == "deny" and "declares no effect" in decision["reason"]
+    decision = next(e.body.decision for e in entries if getattr(e.body, "decision", None))
+    assert decision.decision == "deny" and "declares no effect" in decision.reason
 
 
 def test_a_yaml_override_keeps_an_undeclared_tool_undeclared(tmp_path: Path) -> None:

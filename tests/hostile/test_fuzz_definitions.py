@@ -17,7 +17,6 @@ import tempfile
 from pathlib import Path
 from typing import Any
 
-import pytest
 import yaml
 from hypothesis import HealthCheck, example, given, settings
 from hypothesis import strategies as st
@@ -363,7 +362,6 @@ def _nested(depth: int) -> str:
     return '{"kind": "tool_call", "tool": "t", "args": {"a": ' + "[" * depth + "]" * depth + "}}"
 
 
-@pytest.mark.xfail(strict=True, reason="lead's kernel rewrite: parse_proposal recurses on deep input")
 @PROFILE
 @given(st.integers(min_value=1, max_value=5_000).map(_nested))
 @example(_nested(5_000))

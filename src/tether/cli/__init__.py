@@ -2,24 +2,81 @@
 
 Exit codes: 0 when a run completes, pauses or is handed off (a normal stop); 1 when it
 fails, escalates or has an effect in doubt, or a policy check or test finds problems;
-2 for bad input (nothing was changed).
+2 for bad input (nothing was changed). With `--json`, errors are JSON on stdout too:
+`{"error": {"code": ..., "message": ...}}`, with the same exit code.
 """
 
 from __future__ import annotations
 
+import sys
+from collections.abc import Sequence
+from typing import Annotated, Any
+
 import typer
+from typer.core import TyperGroup
 
+from tether import __version__
 from tether.cli import db, mcp, policy, runs, workers
+from tether.cli.common import Output, print_error
 
+
+class _Commands(TyperGroup):
+    """Usage errors (a missing argument, an unknown option) as JSON when `--json` was asked for."""
+
+    def main(
+        self,
+        args: Sequence[str] | None = None,
+        prog_name: str | None = None,
+        complete_var: str | None = None,
+        standalone_mode: bool = True,
+        **extra: Any,
+    ) -> Any:
+        argv = list(sys.argv[1:] if args is None else args)
+        Output.json_errors = "--json" in argv
+        if not Output.json_errors or not standalone_mode:
+            return super().main(argv, prog_name, complete_var, standalone_mode, **extra)
+        try:
+            code = super().main(argv, prog_name, complete_var, standalone_mode=False, **extra)
+        except Exception as exc:
+            # Click's usage errors (typer vendors click, so matched by what they offer).
+            format_message = getattr(exc, "format_message", None)
+            if format_message is None:
+                raise
+            print_error("bad_input", format_message())
+            sys.exit(getattr(exc, "exit_code", 2))
+        sys.exit(code if isinstance(code, int) else 0)
+
+
+def _version(value: bool) -> None:
+    if value:
+        typer.echo(f"tether {__version__}")
+        raise typer.Exit()
+
+
+# Plain help (rich_markup_mode=None): flags are shown as flags, not with a `<bool>` metavar.
 app = typer.Typer(
+    cls=_Commands,
     help="tether: run governed AI workflows and audit what they did.",
     no_args_is_help=True,
     add_completion=False,
     pretty_exceptions_enable=False,
+    rich_markup_mode=None,
 )
+
+
+@app.callback()
+def main(
+    version: Annotated[
+        bool,
+        typer.Option("--version", callback=_version, is_eager=True, help="Print tether's version and exit."),
+    ] = False,
+) -> None:
+    """tether: run governed AI workflows and audit what they did."""
+
+
 for group in (runs, workers, mcp):
     app.registered_commands.extend(group.app.registered_commands)
 app.add_typer(policy.app, name="policy", help="Check, explain and test policies.")
-app.add_typer(db.app, name="db", help="The journal's schema: upgrade it.")
+app.add_typer(db.app, name="db", help="The journal's database: schema upgrades, model-exchange retention.")
 
 __all__ = ["app"]

@@ -1,21 +1,38 @@
-"""What every `tether` command shares: consoles, options, error handling, JSON output."""
+"""What every `tether` command shares: consoles, options, error handling, JSON output.
+
+Each command is one `asyncio.run` (`run_command`): the journal it opens, the workflow it
+loads and the MCP connections listing opened all belong to that one event loop.
+"""
 
 from __future__ import annotations
 
 import asyncio
 import json
+import os
+import shlex
 import sys
-from collections.abc import Coroutine
+from collections.abc import Awaitable, Callable
 from pathlib import Path
 from typing import Annotated, Any, NoReturn, TypeVar
-from urllib.parse import parse_qsl, urlencode
+from urllib.parse import parse_qsl, urlencode, urlsplit, urlunsplit
 
 import typer
 from rich.console import Console
 from rich.markup import escape
 
-from tether.errors import TetherError
-from tether.journal import DB_ENV, Journal, open_journal
+from tether.errors import (
+    ConcurrentWriteError,
+    DefinitionError,
+    JournalError,
+    ModelSpecError,
+    PolicyFileError,
+    RunNotFound,
+    RunStateError,
+    TetherError,
+    TicketError,
+)
+from tether.journal import DB_ENV, DEFAULT_DB, Journal, open_journal
+from tether.models import Model, ReplayModel, resolve_model
 
 out = Console(highlight=False, soft_wrap=True)
 err = Console(stderr=True, highlight=False, soft_wrap=True)
@@ -26,12 +43,21 @@ DbOption = Annotated[
     typer.Option(
         "--db",
         envvar=DB_ENV,
+        metavar="PATH|URL",
         help="Journal: a SQLite path, sqlite:///path or postgresql://…. Default ./tether.db.",
     ),
 ]
-JsonOption = Annotated[bool, typer.Option("--json", help="Print JSON for machines.")]
+JsonOption = Annotated[
+    bool, typer.Option("--json", help='Print JSON for machines (errors too: {"error": {code, message}}).')
+]
 ModelOption = Annotated[
-    str | None, typer.Option("--model", help="Who proposes steps, e.g. script:proposals.json.")
+    str | None,
+    typer.Option(
+        "--model",
+        help="Who proposes steps: script:FILE.json, function:module:attr, openai:MODEL, anthropic:MODEL, "
+        "local, or replay:RUN — the model answers recorded in RUN; a replayed run still executes its "
+        "tools for real, writes included (a replay that never executes is planned).",
+    ),
 ]
 WaitOption = Annotated[
     bool, typer.Option("--wait", help="When the run pauses on a ticket, wait for the decision and go on.")
@@ -39,11 +65,43 @@ WaitOption = Annotated[
 ByOption = Annotated[str | None, typer.Option("--by", help="Who decides (default: your user name).")]
 FAILED_STATUSES = {"failed", "escalated", "effect_in_doubt"}
 
+# The stable codes of `--json` errors, most specific first (RunNotFound is a JournalError).
+ERROR_CODES: list[tuple[type[TetherError], str]] = [
+    (RunNotFound, "not_found"),
+    (TicketError, "ticket_error"),
+    (ConcurrentWriteError, "conflict"),
+    (RunStateError, "run_state"),
+    (DefinitionError, "bad_input"),
+    (PolicyFileError, "bad_input"),
+    (ModelSpecError, "bad_input"),
+    (JournalError, "journal_error"),
+]
 
-def fail(message: str) -> NoReturn:
-    # Escaped: messages quote things like `pip install -e '.[local]'`, which is markup to rich.
-    err.print(f"[bold red]error:[/] {escape(message)}")
+
+class Output:
+    """How this process reports errors; the command line sets it (`--json` asks for JSON)."""
+
+    json_errors = False
+
+
+def print_error(code: str, message: str) -> None:
+    """An error as the caller asked for output: `{"error": {...}}` on stdout, or text on stderr."""
+    if Output.json_errors:
+        print_json({"error": {"code": code, "message": message}})
+    else:
+        # Escaped: messages quote things like `pip install -e '.[local]'`, which is markup to rich.
+        err.print(f"[bold red]error:[/] {escape(message)}")
+
+
+def fail(message: str, code: str = "bad_input") -> NoReturn:
+    """Refuse with exit code 2: nothing was changed."""
+    print_error(code, message)
     raise typer.Exit(2)
+
+
+def fail_with(exc: TetherError) -> NoReturn:
+    code = next((c for kind, c in ERROR_CODES if isinstance(exc, kind)), "bad_input")
+    fail(str(exc), code)
 
 
 def print_json(value: Any) -> None:
@@ -51,18 +109,80 @@ def print_json(value: Any) -> None:
     sys.stdout.write(json.dumps(value, indent=2, default=str) + "\n")
 
 
-def run_async(coro: Coroutine[Any, Any, T]) -> T:
-    try:
-        return asyncio.run(coro)
-    except TetherError as exc:
-        fail(str(exc))
+def run_command(main: Callable[[], Awaitable[T]]) -> T:
+    """Run a command's coroutine: one event loop for the whole command; errors exit 2."""
+
+    async def guarded() -> T:
+        try:
+            return await main()
+        except TetherError as exc:
+            fail_with(exc)
+
+    return asyncio.run(guarded())
 
 
-def open_store(db: str | None) -> Journal:
+def run_async(coro: Awaitable[T]) -> T:
+    """One coroutine in an event loop of its own (commands that make a single call)."""
+
+    async def once() -> T:
+        return await coro
+
+    return run_command(once)
+
+
+def sqlite_file(db: str | None) -> Path | None:
+    """The file a journal target names, or None for a server (PostgreSQL)."""
+    target = db or os.environ.get(DB_ENV) or DEFAULT_DB
+    scheme = target.split("://", 1)[0] if "://" in target else ""
+    if scheme in ("postgresql", "postgres"):
+        return None
+    if scheme == "sqlite":  # as open_journal reads it
+        return Path(target.removeprefix("sqlite://").removeprefix("/") or DEFAULT_DB)
+    return Path(target) if not scheme else None  # an unknown scheme: open_journal names it
+
+
+def open_store(db: str | None, *, create: bool = False) -> Journal:
+    """Open the journal. Only commands that write may create it: for the others a missing
+    SQLite file is a mistyped path, refused rather than created empty."""
+    file = sqlite_file(db)
+    if not create and file is not None and not file.exists():
+        fail(
+            f"no journal at {file} (give the journal's path with --db or ${DB_ENV}; a command that "
+            "only reads or decides never creates one)",
+            "no_journal",
+        )
     try:
         return open_journal(db)
     except TetherError as exc:
-        fail(str(exc))
+        fail_with(exc)
+
+
+async def ready_model(spec: str | None, journal: Journal) -> tuple[Model | None, str | None]:
+    """The model a spec names, checked before anything is created: a replay of a run that
+    is not there, or recorded nothing, is refused here rather than escalated later."""
+    spec = pinned_model_spec(spec)  # so that `resume` works from any folder
+    if spec is None:
+        return None, None
+    model = resolve_model(spec, journal=journal)
+    if isinstance(model, ReplayModel):
+        await model.load()
+    return model, spec
+
+
+def db_hint(db: str | None) -> str:
+    """` --db WHERE` for the commands a hint suggests, when the journal is not the default one
+    (nor the one $TETHER_DB names, which the next shell has too); a URL's password is left out."""
+    if db is None or db == os.environ.get(DB_ENV):
+        return ""
+    return f" --db {shlex.quote(without_password(db))}"
+
+
+def without_password(db: str) -> str:
+    """The journal as it may be printed: a PostgreSQL URL's password is not."""
+    url = urlsplit(db)
+    if "://" not in db or url.password is None:
+        return db
+    return urlunsplit(url._replace(netloc=url.netloc.replace(f":{url.password}@", ":***@", 1)))
 
 
 def short(value: Any, width: int = 70) -> str:

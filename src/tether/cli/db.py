@@ -11,11 +11,10 @@ import os
 import re
 import time
 from typing import Annotated
-from urllib.parse import urlsplit, urlunsplit
 
 import typer
 
-from tether.cli.common import DbOption, fail, open_store, out, run_async
+from tether.cli.common import DbOption, fail, fail_with, open_store, out, run_command, without_password
 from tether.errors import TetherError
 from tether.journal import DB_ENV, DEFAULT_DB, upgrade_journal
 
@@ -30,11 +29,11 @@ def db() -> None:
 @app.command()
 def upgrade(db: DbOption = None) -> None:
     """Apply the schema migrations the journal lacks, in order, in one transaction."""
-    where = _shown(db or os.environ.get(DB_ENV) or DEFAULT_DB)
+    where = without_password(db or os.environ.get(DB_ENV) or DEFAULT_DB)
     try:
         before, after = upgrade_journal(db)
     except TetherError as exc:
-        fail(str(exc))
+        fail_with(exc)
     if before == after:
         out.print(f"journal {where} is at schema version {after}; nothing to do")
     else:
@@ -60,14 +59,9 @@ def prune_exchanges(
     if match is None:
         fail(f"--older-than must be a number with a unit s, m, h or d (e.g. 30d), not {older_than!r}")
     seconds = float(match[1]) * _UNITS[match[2]]
-    journal = open_store(db)
-    deleted = run_async(journal.prune_exchanges(before=time.time() - seconds))
-    out.print(f"deleted {deleted} model exchange(s) older than {older_than}")
 
+    async def main() -> int:
+        async with open_store(db) as journal:
+            return await journal.prune_exchanges(before=time.time() - seconds)
 
-def _shown(target: str) -> str:
-    """The journal's location as it may be printed: without a password."""
-    parts = urlsplit(target)
-    if "://" not in target or parts.password is None:
-        return target
-    return urlunsplit(parts._replace(netloc=parts.netloc.replace(f":{parts.password}@", ":***@", 1)))
+    out.print(f"deleted {run_command(main)} model exchange(s) older than {older_than}")

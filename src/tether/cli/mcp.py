@@ -4,16 +4,14 @@ from __future__ import annotations
 
 import logging
 import secrets
-import shlex
 import sys
 from enum import StrEnum
 from pathlib import Path
 from typing import Annotated
-from urllib.parse import urlsplit, urlunsplit
 
 import typer
 
-from tether.cli.common import DbOption, fail, open_store, run_async
+from tether.cli.common import DbOption, db_hint, fail, fail_with, open_store, run_command
 from tether.errors import TetherError
 from tether.policy import Policy
 
@@ -69,33 +67,30 @@ def mcp_gateway(
         upstreams = parse_upstreams(upstream)
         governing = Policy.from_file(policy)
     except TetherError as exc:
-        fail(str(exc))
-    journal = open_store(db)
+        fail_with(exc)
     token = approval_token or secrets.token_urlsafe(24)
 
     async def serve() -> None:
-        gateway = Gateway(
-            upstreams,
-            governing,
-            journal,
-            policy_ref=str(policy.resolve()),
-            approval_timeout=approval_timeout,
-            db_hint=f" --db {shlex.quote(_without_password(db))}" if db else "",
-        )
-        async with gateway:
-            if transport is Transport.http:
-                if approval_token is None:
-                    logging.getLogger("tether.mcp.gateway").info(
-                        "approval token (or set TETHER_APPROVAL_TOKEN): %s", token
-                    )
-                await serve_http(gateway, host=host, port=port, approval_token=token)
-            else:
-                await serve_stdio(gateway)
+        async with open_store(db, create=True) as journal:
+            gateway = Gateway(
+                upstreams,
+                governing,
+                journal,
+                policy_ref=str(policy.resolve()),
+                approval_timeout=approval_timeout,
+                db_hint=db_hint(db),
+            )
+            async with gateway:
+                if transport is Transport.http:
+                    if approval_token is None:
+                        logging.getLogger("tether.mcp.gateway").info(
+                            "approval token (or set TETHER_APPROVAL_TOKEN): %s", token
+                        )
+                    await serve_http(gateway, host=host, port=port, approval_token=token)
+                else:
+                    await serve_stdio(gateway)
 
-    try:
-        run_async(serve())
-    finally:
-        journal.close()
+    run_command(serve)
 
 
 def _log_to_stderr() -> None:
@@ -104,11 +99,3 @@ def _log_to_stderr() -> None:
     logger = logging.getLogger("tether.mcp.gateway")
     logger.addHandler(handler)
     logger.setLevel(logging.INFO)
-
-
-def _without_password(db: str) -> str:
-    """The journal as the log may show it: a PostgreSQL URL's password is not logged."""
-    url = urlsplit(db)
-    if url.password is None:
-        return db
-    return urlunsplit(url._replace(netloc=url.netloc.replace(f":{url.password}@", ":***@", 1)))

@@ -9,13 +9,14 @@ from __future__ import annotations
 import asyncio
 import getpass
 import json
+import os
+import socket
 import time
 from pathlib import Path
-from typing import Annotated, Any
+from typing import Annotated, Any, get_args
 
 import typer
 from rich.markup import escape
-from rich.table import Table
 
 from tether.cli.common import (
     FAILED_STATUSES,
@@ -24,59 +25,53 @@ from tether.cli.common import (
     JsonOption,
     ModelOption,
     WaitOption,
+    db_hint,
     err,
     fail,
     open_store,
     out,
-    pinned_model_spec,
     print_json,
-    run_async,
+    ready_model,
+    run_command,
     short,
 )
-from tether.errors import TetherError
-from tether.journal import Entry, Journal, verify_chain
+from tether.journal import FINISHED, Entry, RunRecord, RunStatus, Ticket, verify_chain
 from tether.journal.common import SELF_DRIVEN
-from tether.loader import load_workflow, workflow_ref
-from tether.models import Model, close_model, resolve_model
+from tether.loader import load_workflow_async, workflow_ref
+from tether.models import Model, close_model
 from tether.runtime import RunResult, Runtime
 from tether.timeline import timeline
+from tether.worker import is_set_aside, note
 
 app = typer.Typer()
 
 QuietOption = Annotated[
     bool, typer.Option("--quiet", "-q", help="No line per step on stderr while the run is driven.")
 ]
+STATUSES: tuple[str, ...] = get_args(RunStatus)
 
 
-def _model(spec: str | None, journal: Journal) -> tuple[Model | None, str | None]:
-    spec = pinned_model_spec(spec)  # so that `resume` works from any folder
-    if spec is None:
-        return None, None
-    try:
-        return resolve_model(spec, journal=journal), spec
-    except TetherError as exc:
-        fail(str(exc))
-
-
-def _report(result: RunResult, as_json: bool, journal: Journal | None = None) -> None:
+def _report(
+    result: RunResult, as_json: bool, db: str | None, steps: list[dict[str, Any]] | None = None
+) -> None:
     """Print where the run stands; with --json from `run`, every step's decision too."""
     if as_json:
-        steps = timeline(run_async(journal.read_entries(result.run_id))) if journal else None
         print_json({**result.__dict__, **({"steps": steps} if steps is not None else {})})
     else:
         colour = {"completed": "green", "paused": "yellow"}.get(result.status, "red")
         out.print(
             f"run [bold]{result.run_id}[/] is [bold {colour}]{result.status}[/] in state {result.state}"
         )
+        hint = db_hint(db)
         if result.status == "paused" and result.ticket_id:
             out.print(f"  waiting on ticket [bold]{result.ticket_id}[/] ({result.owner})")
             out.print(
-                f"  decide:   tether approve {result.ticket_id}   or   tether deny "
-                f"{result.ticket_id} --reason TEXT"
+                f"  decide:   tether approve {result.ticket_id}{hint}   or   tether deny "
+                f"{result.ticket_id} --reason TEXT{hint}"
             )
-            out.print(f"  continue: tether resume {result.run_id}")
+            out.print(f"  continue: tether resume {result.run_id}{hint}")
         elif result.message:
-            out.print(f"  {result.reason_code}: {result.message}")
+            out.print(f"  {result.reason_code}: {escape(result.message)}")
     if result.status in FAILED_STATUSES:
         raise typer.Exit(1)
 
@@ -100,14 +95,14 @@ async def _answer_all(
 
 
 async def _wait_and_resume(
-    runtime: Runtime, result: RunResult, workflow: Any, model: Model | None, quiet: bool
+    runtime: Runtime, result: RunResult, workflow: Any, model: Model | None, quiet: bool, db: str | None
 ) -> RunResult:
     while result.status == "paused" and result.ticket_id:
         if not quiet:
             err.print(
                 f"waiting for a decision on ticket {result.ticket_id} "
                 f"({result.owner}); decide from another shell: tether approve "
-                f"{result.ticket_id}"
+                f"{result.ticket_id}{db_hint(db)}"
             )
         while (await runtime.journal.get_ticket(result.ticket_id)).status == "pending":
             ticket = await runtime.journal.get_ticket(result.ticket_id)
@@ -145,31 +140,33 @@ def run(
         fail(f"--input is not JSON: {exc}")
     if not isinstance(data, dict):
         fail("--input must be a JSON object")
-    try:
-        wf = load_workflow(workflow, policy=policy)
-    except TetherError as exc:
-        fail(str(exc))
-    runtime = Runtime(open_store(db), on_commit=None if as_json or quiet else _progress)
-    proposer, spec = _model(model, runtime.journal)
 
-    async def go() -> RunResult:
-        try:
-            result = await runtime.start(
-                wf,
-                proposer,
-                input=data,
-                workflow_ref=workflow_ref(workflow),
-                policy_ref=str(policy.resolve()) if policy else None,
-                model_spec=spec,
-            )
-            if answer:
-                result = await _answer_all(runtime, result, wf, proposer, approve=answer == "approve-all")
-            return await _wait_and_resume(runtime, result, wf, proposer, as_json) if wait else result
-        finally:
-            await close_model(proposer)
+    async def main() -> tuple[RunResult, list[dict[str, Any]] | None]:
+        # Loaded in this loop: the MCP connections opened to list tools serve the run.
+        wf = await load_workflow_async(workflow, policy=policy)
+        async with open_store(db, create=True) as journal:
+            proposer, spec = await ready_model(model, journal)
+            runtime = Runtime(journal, on_commit=None if as_json or quiet else _progress)
+            try:
+                result = await runtime.start(
+                    wf,
+                    proposer,
+                    input=data,
+                    workflow_ref=workflow_ref(workflow),
+                    policy_ref=str(policy.resolve()) if policy else None,
+                    model_spec=spec,
+                )
+                if answer:
+                    result = await _answer_all(runtime, result, wf, proposer, approve=answer == "approve-all")
+                if wait:
+                    result = await _wait_and_resume(runtime, result, wf, proposer, as_json, db)
+            finally:
+                await close_model(proposer)
+            steps = timeline(await journal.read_entries(result.run_id)) if as_json else None
+            return result, steps
 
-    result = run_async(go())
-    _report(result, as_json, runtime.journal if as_json else None)
+    result, steps = run_command(main)
+    _report(result, as_json, db, steps)
 
 
 @app.command()
@@ -182,46 +179,115 @@ def resume(
     quiet: QuietOption = False,
 ) -> None:
     """Continue a paused or interrupted run from its last committed step."""
-    journal = open_store(db)
-    runtime = Runtime(journal, on_commit=None if as_json or quiet else _progress)
 
-    async def go() -> RunResult:
-        record = await journal.get_run(run_id)
-        wf = load_workflow(record.workflow_ref, policy=record.policy_ref, pinned=record.workflow_hash)
-        proposer, _ = _model(model or record.model_spec, journal)
-        try:
-            result = await runtime.resume(run_id, wf, proposer)
-            return await _wait_and_resume(runtime, result, wf, proposer, as_json) if wait else result
-        finally:
-            await close_model(proposer)
+    async def main() -> RunResult:
+        async with open_store(db) as journal:
+            runtime = Runtime(journal, on_commit=None if as_json or quiet else _progress)
+            record = await journal.get_run(run_id)
+            if is_set_aside(record):  # a worker's note that it could not drive the run
+                await note(journal, record, None)
+            wf = await load_workflow_async(
+                record.workflow_ref, policy=record.policy_ref, pinned=record.workflow_hash
+            )
+            proposer, _ = await ready_model(model or record.model_spec, journal)
+            try:
+                result = await runtime.resume(run_id, wf, proposer)
+                if wait:
+                    result = await _wait_and_resume(runtime, result, wf, proposer, as_json, db)
+                return result
+            finally:
+                await close_model(proposer)
 
-    _report(run_async(go()), as_json)
+    _report(run_command(main), as_json, db)
+
+
+def lease_of(record: RunRecord, now: float) -> dict[str, Any] | None:
+    """Who holds an unfinished run's lease, and whether that process can still be driving it:
+    checked by pid on this host; on another host, only the lease's expiry tells."""
+    holder = record.lease_owner
+    if record.status in FINISHED:
+        return None
+    if holder is None:
+        if record.status != "running":
+            return None
+        return {"holder": None, "alive": False, "note": "no process holds its lease"}
+    expires = record.lease_expires_at or 0.0
+    host, _, rest = holder.partition(":")
+    pid = rest.partition(":")[0]
+    alive: bool | None
+    if host == socket.gethostname() and pid.isdigit():
+        alive = _process_exists(int(pid))
+        note = f"leased to {holder}: " + (
+            "its process is alive" if alive else "its process has exited (tether resume takes the run over)"
+        )
+    elif expires <= now:
+        alive = False
+        note = f"leased to {holder}: lease expired {now - expires:.0f} s ago"
+    else:
+        alive = None  # another host's process: its lease says it renewed recently
+        note = f"leased to {holder} (another host), lease renewed, {expires - now:.0f} s left"
+    return {"holder": holder, "expires_at": record.lease_expires_at, "alive": alive, "note": note}
+
+
+def _process_exists(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # someone else's process
+        return True
+    return True
+
+
+def _aligned(rows: list[list[str]]) -> list[str]:
+    """Columns padded to their widest cell; nothing is ever cut, whatever the terminal width."""
+    widths = [max(len(cell) for cell in column) for column in zip(*rows, strict=True)]
+    return ["  ".join(cell.ljust(w) for cell, w in zip(row, widths, strict=True)).rstrip() for row in rows]
 
 
 @app.command()
 def runs(
-    status: Annotated[str | None, typer.Option(help="Only runs with this status.")] = None,
-    limit: int = 50,
+    status: Annotated[
+        str | None, typer.Option(metavar="STATUS", help=f"Only runs with this status: {', '.join(STATUSES)}.")
+    ] = None,
+    limit: Annotated[int, typer.Option(min=1, help="At most this many runs.")] = 50,
     db: DbOption = None,
     as_json: JsonOption = False,
 ) -> None:
-    """List runs, newest first."""
-    records = run_async(open_store(db).list_runs(status, limit))
+    """List runs, newest first: status, owner, reason, and for unfinished runs their lease."""
+    if status is not None and status not in STATUSES:
+        fail(f"--status {status!r} is not a run status (valid: {', '.join(STATUSES)})")
+
+    async def main() -> list[RunRecord]:
+        async with open_store(db) as journal:
+            return await journal.list_runs(status, limit)
+
+    records = run_command(main)
+    now = time.time()
     if as_json:
-        print_json([r.model_dump(exclude={"checkpoint"}) for r in records])
+        print_json([{**r.model_dump(exclude={"checkpoint"}), "lease": lease_of(r, now)} for r in records])
         return
-    table = Table("run", "workflow", "status", "state", "owner", "reason", "updated")
+    if not records:
+        out.print(f"no runs{f' with status {status}' if status else ''}")
+        return
+    rows = [["run", "workflow", "status", "state", "owner", "reason", "updated", "note"]]
     for r in records:
-        table.add_row(
-            r.run_id,
-            f"{r.workflow_name} {r.workflow_version}",
-            r.status,
-            r.state,
-            r.owner or "",
-            r.reason_code or "",
-            time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(r.updated_at)),
+        lease = lease_of(r, now)
+        note = " — ".join(n for n in (r.message, lease and lease["note"]) if n)
+        rows.append(
+            [
+                r.run_id,
+                f"{r.workflow_name} {r.workflow_version}",
+                r.status,
+                r.state,
+                r.owner or "",
+                r.reason_code or "",
+                time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(r.updated_at)),
+                short(note, 120),
+            ]
         )
-    out.print(table)
+    for line in _aligned(rows):
+        out.print(line, markup=False)
 
 
 @app.command()
@@ -231,18 +297,23 @@ def show(
     as_json: JsonOption = False,
 ) -> None:
     """A run's timeline: each step's proposal, decision and rule, result and verification."""
-    journal = open_store(db)
-    record = run_async(journal.get_run(run_id))
-    entries = run_async(journal.read_entries(run_id))
+
+    async def main() -> tuple[RunRecord, list[Entry]]:
+        async with open_store(db) as journal:
+            return await journal.get_run(run_id), await journal.read_entries(run_id)
+
+    record, entries = run_command(main)
     steps = timeline(entries)
     problems = verify_chain(entries)
+    lease = lease_of(record, time.time())
     if as_json:
         print_json(
             {
                 "run": record.model_dump(),
+                "lease": lease,
                 "steps": steps,
                 "chain": {"intact": not problems, "problems": problems},
-                "entries": [e.model_dump() for e in entries],
+                "entries": [e.as_dict() for e in entries],
             }
         )
         return
@@ -255,10 +326,12 @@ def show(
         f"  model {record.model_spec or '-'}  journal "
         f"{'intact' if not problems else '[red]BROKEN[/]: ' + '; '.join(problems)}"
     )
+    if lease is not None:
+        out.print(f"  {escape(lease['note'])}")
     for row in steps:
         out.print(_timeline_row(row), soft_wrap=True)
     if record.message:
-        out.print(f"[bold]{record.reason_code}[/]: {record.message}")
+        out.print(f"[bold]{record.reason_code or 'note'}[/]: {escape(record.message)}")
 
 
 @app.command()
@@ -268,9 +341,13 @@ def exchanges(
     as_json: JsonOption = False,
 ) -> None:
     """A run's model calls: what was asked and answered, tokens, attempts and failures."""
-    journal = open_store(db)
-    run_async(journal.get_run(run_id))  # an unknown run is an error, not an empty list
-    recorded = run_async(journal.read_exchanges(run_id))
+
+    async def main() -> list[Any]:
+        async with open_store(db) as journal:
+            await journal.get_run(run_id)  # an unknown run is an error, not an empty list
+            return await journal.read_exchanges(run_id)
+
+    recorded = run_command(main)
     if as_json:
         print_json([x.model_dump() for x in recorded])
         return
@@ -324,21 +401,23 @@ def _timeline_row(row: dict[str, Any]) -> str:
     lines = [head + _proposed(row)]
     if row.get("decision"):
         colour = {"allow": "green", "ask": "yellow", "defer": "yellow"}.get(row["decision"], "red")
-        reason = f" — {short(row['reason'], 70)}" if row.get("reason") else ""
+        reason = f" — {escape(short(row['reason'], 70))}" if row.get("reason") else ""
         lines.append(f"               [{colour}]{row['decision']}[/] by {row['rule_id']}{reason}")
     outcome = f"               → {row['outcome']}"
     if row.get("reason_code") and row["reason_code"] not in ("policy_allowed", "approval_required"):
         outcome += f" ({row['reason_code']})"
+    if row.get("ticket_id") and row["kind"] == "step":
+        outcome += f" (ticket {row['ticket_id']})"
     shown = row.get("result") if row.get("result") is not None else row.get("detail")
     if shown is not None:
-        outcome += f": {short(shown, 80)}"
+        outcome += f": {escape(short(shown, 80))}"
     lines.append(outcome)
     if row.get("verification"):
         v = row["verification"]
         mark = {True: "[green]verified[/]", False: "[red]verification failed[/]"}.get(
             v.get("ok"), "[yellow]unverified[/]"
         )
-        lines.append(f"               {mark}: {short(v.get('detail') or v.get('error'), 80)}")
+        lines.append(f"               {mark}: {escape(short(v.get('detail') or v.get('error'), 80))}")
     return "\n".join(lines)
 
 
@@ -349,7 +428,12 @@ def approvals(
     as_json: JsonOption = False,
 ) -> None:
     """List approval and question tickets (pending ones by default)."""
-    tickets = run_async(open_store(db).list_tickets(None if all_ else "pending"))
+
+    async def main() -> list[Ticket]:
+        async with open_store(db) as journal:
+            return await journal.list_tickets(None if all_ else "pending")
+
+    tickets = run_command(main)
     if as_json:
         print_json([t.model_dump() for t in tickets])
         return
@@ -360,32 +444,43 @@ def approvals(
         expires = time.strftime("%Y-%m-%d %H:%M", time.localtime(t.expires_at))
         out.print(
             f"[bold]{t.ticket_id}[/]  {t.status}  run {t.run_id}  for {t.approver}  "
-            f"expires {expires}\n    {t.kind}: [cyan]{t.subject}[/]({what})"
+            f"expires {expires}\n    {t.kind}: [cyan]{escape(t.subject)}[/]({escape(what)})"
         )
 
 
 def _decide(
-    ticket_id: str, *, approve: bool, by: str | None, reason: str, answer: str | None, db: str | None
+    ticket_id: str,
+    *,
+    approve: bool,
+    by: str | None,
+    reason: str,
+    answer: str | None,
+    db: str | None,
+    as_json: bool,
 ) -> None:
-    journal = open_store(db)
-    ticket = run_async(
-        journal.decide_ticket(
-            ticket_id,
-            approve=approve,
-            by=by or getpass.getuser(),
-            reason=reason,
-            answer=answer,
-            now=time.time(),
-        )
-    )
-    record = run_async(journal.get_run(ticket.run_id))
+    async def main() -> tuple[Ticket, RunRecord]:
+        async with open_store(db) as journal:
+            ticket = await journal.decide_ticket(
+                ticket_id,
+                approve=approve,
+                by=by or getpass.getuser(),
+                reason=reason,
+                answer=answer,
+                now=time.time(),
+            )
+            return ticket, await journal.get_run(ticket.run_id)
+
+    ticket, record = run_command(main)
     # A workflow built in code by the process that drives it (an MCP gateway's) cannot be
     # resumed from here: that process picks the decision up itself.
     hint = (
         f"the process driving it ({record.workflow_ref}) continues it"
         if record.workflow_ref.startswith(SELF_DRIVEN)
-        else f"tether resume {ticket.run_id}"
+        else f"tether resume {ticket.run_id}{db_hint(db)}"
     )
+    if as_json:
+        print_json({"ticket": ticket.model_dump(), "run": {"run_id": record.run_id, "status": record.status}})
+        return
     out.print(f"ticket {ticket.ticket_id} {ticket.status}; run {ticket.run_id} can continue: {hint}")
 
 
@@ -395,9 +490,10 @@ def approve(
     by: ByOption = None,
     reason: Annotated[str, typer.Option(help="Why (recorded).")] = "",
     db: DbOption = None,
+    as_json: JsonOption = False,
 ) -> None:
     """Approve a pending ticket: exactly the arguments it shows, once."""
-    _decide(ticket_id, approve=True, by=by, reason=reason, answer=None, db=db)
+    _decide(ticket_id, approve=True, by=by, reason=reason, answer=None, db=db, as_json=as_json)
 
 
 @app.command()
@@ -406,9 +502,10 @@ def deny(
     reason: Annotated[str, typer.Option(help="Why (recorded and shown to the model).")],
     by: ByOption = None,
     db: DbOption = None,
+    as_json: JsonOption = False,
 ) -> None:
     """Deny a pending ticket; the model is told why."""
-    _decide(ticket_id, approve=False, by=by, reason=reason, answer=None, db=db)
+    _decide(ticket_id, approve=False, by=by, reason=reason, answer=None, db=db, as_json=as_json)
 
 
 @app.command()
@@ -417,9 +514,10 @@ def answer(
     text: Annotated[str, typer.Argument(help="The answer given to the model.")],
     by: ByOption = None,
     db: DbOption = None,
+    as_json: JsonOption = False,
 ) -> None:
     """Answer a question a model asked."""
-    _decide(ticket_id, approve=True, by=by, reason="", answer=text, db=db)
+    _decide(ticket_id, approve=True, by=by, reason="", answer=text, db=db, as_json=as_json)
 
 
 @app.command()
@@ -427,10 +525,18 @@ def resolve(
     run_id: Annotated[str, typer.Argument(metavar="RUN")],
     done: Annotated[bool, typer.Option("--done/--not-done", help="Whether the in-doubt effect happened.")],
     by: ByOption = None,
-    note: str = "",
+    note: Annotated[str, typer.Option(help="What was checked (recorded).")] = "",
     db: DbOption = None,
+    as_json: JsonOption = False,
 ) -> None:
     """Settle an effect in doubt after checking the real system; then resume the run."""
-    runtime = Runtime(open_store(db))
-    result = run_async(runtime.resolve(run_id, done=done, by=by or getpass.getuser(), note=note))
-    out.print(f"run {result.run_id} is {result.status}: tether resume {result.run_id}")
+
+    async def main() -> RunResult:
+        async with open_store(db) as journal:
+            return await Runtime(journal).resolve(run_id, done=done, by=by or getpass.getuser(), note=note)
+
+    result = run_command(main)
+    if as_json:
+        print_json(result.__dict__)
+        return
+    out.print(f"run {result.run_id} is {result.status}: tether resume {result.run_id}{db_hint(db)}")

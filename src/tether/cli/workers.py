@@ -1,28 +1,35 @@
-"""`tether submit` and `tether worker`: runs queued in the journal, driven by any number of workers."""
+"""`tether submit`, `tether migrate` and `tether worker`: runs queued in the journal, driven by
+any number of workers."""
 
 from __future__ import annotations
 
-import asyncio
+import getpass
 import json
 import logging
+import os
 from pathlib import Path
-from typing import Annotated
+from typing import Annotated, Any
 
 import typer
 
 from tether.cli.common import (
     DbOption,
     JsonOption,
+    ModelOption,
+    db_hint,
+    err,
     fail,
     open_store,
     out,
     pinned_model_spec,
     print_json,
-    run_async,
+    ready_model,
+    run_command,
+    without_password,
 )
-from tether.errors import TetherError
-from tether.loader import load_workflow, workflow_ref
-from tether.runtime import Runtime
+from tether.loader import load_workflow_async, workflow_ref
+from tether.registry import ROOTS_ENV, Registry
+from tether.runtime import RunResult, Runtime
 from tether.worker import Worker, install_signal_handlers
 
 app = typer.Typer()
@@ -32,9 +39,7 @@ app = typer.Typer()
 def submit(
     workflow: Annotated[str, typer.Argument(help="Directory, workflow YAML file, or module:attr.")],
     input: Annotated[str, typer.Option("--input", help="Run input as a JSON object.")] = "{}",
-    model: Annotated[
-        str | None, typer.Option(help="Model the workers will use, e.g. script:FILE.json.")
-    ] = None,
+    model: ModelOption = None,
     policy: Annotated[Path | None, typer.Option(help="Policy file overriding the workflow's.")] = None,
     db: DbOption = None,
     as_json: JsonOption = False,
@@ -42,28 +47,33 @@ def submit(
     """Queue a run for the workers; prints its id at once."""
     try:
         data = json.loads(input)
-        wf = load_workflow(workflow, policy=policy)
     except json.JSONDecodeError as exc:
         fail(f"--input is not JSON: {exc}")
-    except TetherError as exc:
-        fail(str(exc))
     if not isinstance(data, dict):
         fail("--input must be a JSON object")
-    spec = pinned_model_spec(model)
-    runtime = Runtime(open_store(db))
-    result = run_async(
-        runtime.submit(
-            wf,
-            input=data,
-            workflow_ref=workflow_ref(workflow),
-            policy_ref=str(policy.resolve()) if policy else None,
-            model_spec=spec,
-        )
-    )
+
+    async def main() -> RunResult:
+        wf = await load_workflow_async(workflow, policy=policy)
+        spec = pinned_model_spec(model)
+        async with open_store(db, create=True) as journal:
+            if spec is not None and spec.startswith("replay:"):
+                await ready_model(spec, journal)  # a recording that is not there: refused now
+            return await Runtime(journal).submit(
+                wf,
+                input=data,
+                workflow_ref=workflow_ref(workflow),
+                policy_ref=str(policy.resolve()) if policy else None,
+                model_spec=spec,
+            )
+
+    result = run_command(main)
     if as_json:
         print_json(result.__dict__)
     else:
-        out.print(f"run [bold]{result.run_id}[/] queued; a worker will pick it up (tether worker)")
+        out.print(
+            f"run [bold]{result.run_id}[/] queued; a worker started with this workflow's folder under its "
+            f"--workflows will pick it up (tether worker --workflows DIR{db_hint(db)})"
+        )
 
 
 @app.command()
@@ -73,32 +83,51 @@ def migrate(
     policy: Annotated[Path | None, typer.Option(help="Policy file overriding the workflow's.")] = None,
     by: Annotated[str | None, typer.Option(help="Who moves it (recorded).")] = None,
     db: DbOption = None,
+    as_json: JsonOption = False,
 ) -> None:
     """Move an unfinished run to another version of its workflow (recorded in its journal)."""
-    import getpass
 
-    try:
-        wf = load_workflow(to, policy=policy)
-    except TetherError as exc:
-        fail(str(exc))
-    runtime = Runtime(open_store(db))
-    result = run_async(
-        runtime.migrate(
-            run_id,
-            wf,
-            by=by or getpass.getuser(),
-            workflow_ref=workflow_ref(to),
-            policy_ref=str(policy.resolve()) if policy else None,
-        )
-    )
+    async def main() -> tuple[RunResult, str, str]:
+        async with open_store(db) as journal:
+            await journal.get_run(run_id)  # an unknown run before loading anything
+            wf = await load_workflow_async(to, policy=policy)
+            result = await Runtime(journal).migrate(
+                run_id,
+                wf,
+                by=by or getpass.getuser(),
+                workflow_ref=workflow_ref(to),
+                policy_ref=str(policy.resolve()) if policy else None,
+            )
+            return result, wf.name, wf.version
+
+    result, name, version = run_command(main)
+    if as_json:
+        print_json({**result.__dict__, "workflow_name": name, "workflow_version": version})
+        return
     out.print(
-        f"run {result.run_id} now runs on {wf.name} version {wf.version}; it is {result.status}: "
-        f"tether resume {result.run_id}"
+        f"run {result.run_id} now runs on {name} version {version}; it is {result.status}: "
+        f"tether resume {result.run_id}{db_hint(db)}"
     )
+
+
+def _roots(given: list[str] | None) -> list[str]:
+    """--workflows values, else $TETHER_WORKFLOWS; each may list several folders like PATH."""
+    values = given or ([os.environ[ROOTS_ENV]] if os.environ.get(ROOTS_ENV) else [])
+    return [part for value in values for part in value.split(os.pathsep) if part]
 
 
 @app.command()
 def worker(
+    workflows: Annotated[
+        list[str] | None,
+        typer.Option(
+            "--workflows",
+            metavar="DIR",
+            help=f"A folder of workflows this worker may drive (repeat, or separate with "
+            f"'{os.pathsep}'; default ${ROOTS_ENV}). Every workflow under it is loaded at start; "
+            "a run pinned to any other workflow is set aside, never loaded from the path it names.",
+        ),
+    ] = None,
     db: DbOption = None,
     concurrency: Annotated[int, typer.Option(min=1, help="Runs driven at once by this process.")] = 8,
     lease: Annotated[
@@ -106,35 +135,67 @@ def worker(
     ] = 15.0,
     limit: Annotated[
         list[str] | None,
-        typer.Option(help="WORKFLOW=N: at most N runs of that workflow at once (repeatable)."),
+        typer.Option(metavar="WORKFLOW=N", help="At most N runs of that workflow at once (repeatable)."),
     ] = None,
-    until_idle: Annotated[bool, typer.Option(help="Exit when nothing is runnable.")] = False,
+    until_idle: Annotated[bool, typer.Option("--until-idle", help="Exit when nothing is runnable.")] = False,
     worker_id: Annotated[str | None, typer.Option(help="Name in leases (default host:pid:random).")] = None,
+    as_json: JsonOption = False,
 ) -> None:
-    """Claim runnable runs and drive them; SIGTERM drains gracefully."""
+    """Claim runnable runs and drive them; SIGTERM drains gracefully.
+
+    Logs a line per claimed and per settled run on stderr, and prints a summary on exit.
+    """
     limits: dict[str, int] = {}
     for item in limit or []:
         name, _, number = item.partition("=")
         if not name or not number.isdigit():
             fail(f"--limit takes WORKFLOW=N, not {item!r}")
         limits[name] = int(number)
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(message)s")
-    store = open_store(db)
+    roots = _roots(workflows)
+    if not roots:
+        fail(f"give the worker the folders of the workflows it may drive: --workflows DIR (or ${ROOTS_ENV})")
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s tether worker: %(message)s")
 
-    async def go() -> None:
-        w = Worker(store, worker_id=worker_id, concurrency=concurrency, lease_seconds=lease, limits=limits)
-        install_signal_handlers(w)
-        out.print(
-            f"worker {w.worker_id} on {db or 'the default journal'}: concurrency {concurrency}, "
-            f"lease {lease:g}s" + (f", limits {limits}" if limits else "")
-        )
-        stats = await w.run(until_idle=until_idle)
-        out.print(
-            f"worker {w.worker_id} stopped: claimed {stats.claimed}, outcomes {stats.stopped}, "
-            f"errors {stats.errors}"
-        )
+    async def main() -> dict[str, Any]:
+        registry = await Registry.load(roots)
+        for problem in registry.problems:
+            err.print(f"not loaded: {problem}", markup=False)
+        if not registry.workflows:
+            fail(f"no workflow could be loaded from {', '.join(roots)}: this worker would drive nothing")
+        async with open_store(db, create=True) as store:
+            w = Worker(
+                store,
+                registry,
+                worker_id=worker_id,
+                concurrency=concurrency,
+                lease_seconds=lease,
+                limits=limits,
+            )
+            install_signal_handlers(w)
+            names = sorted({f"{wf.name} {wf.version}" for wf in registry.workflows.values()})
+            err.print(
+                f"worker {w.worker_id} on {without_password(db) if db else 'the default journal'}: "
+                f"concurrency {concurrency}, lease {lease:g}s"
+                + (f", limits {limits}" if limits else "")
+                + f"; {len(names)} workflow version(s): {', '.join(names)}",
+                markup=False,
+            )
+            stats = await w.run(until_idle=until_idle)
+            return {
+                "worker_id": w.worker_id,
+                "claimed": stats.claimed,
+                "stopped": stats.stopped,
+                "set_aside": stats.set_aside,
+                "errors": stats.errors,
+            }
 
-    try:
-        asyncio.run(go())
-    except TetherError as exc:
-        fail(str(exc))
+    summary = run_command(main)
+    if as_json:
+        print_json(summary)
+        return
+    stopped = ", ".join(f"{n} {status}" for status, n in sorted(summary["stopped"].items())) or "none"
+    out.print(
+        f"worker {summary['worker_id']} stopped: claimed {summary['claimed']}; runs stopped: {stopped}; "
+        f"set aside {summary['set_aside']}; errors {summary['errors']}",
+        markup=False,
+    )

@@ -14,7 +14,7 @@ from __future__ import annotations
 import os
 from collections.abc import Collection, Mapping
 from pathlib import Path
-from typing import Protocol
+from typing import Protocol, Self
 
 from tether.errors import JournalError
 from tether.journal.records import (
@@ -119,6 +119,10 @@ class Journal(Protocol):
     def close(self) -> None: ...
 
     async def aclose(self) -> None: ...
+
+    async def __aenter__(self) -> Self: ...
+
+    async def __aexit__(self, *exc_info: object) -> None: ...
 
 
 def open_journal(

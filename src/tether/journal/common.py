@@ -11,6 +11,7 @@ from datetime import UTC, datetime
 from typing import Any
 
 from tether.errors import ConcurrentWriteError
+from tether.journal.bodies import TicketDecided
 from tether.journal.records import (
     Commit,
     Entry,
@@ -52,8 +53,8 @@ def decode_ticket(row: tuple[Any, ...]) -> Ticket:
 
 
 def decode_entry(row: tuple[Any, ...]) -> Entry:
-    values = dict(zip(ENTRY_COLUMNS, row, strict=True))
-    return Entry(**values | {"body": json.loads(values["body"]), "body_json": values["body"]})
+    run_id, seq, kind, step_id, state, body, prev_hash, hash_, created_at = row
+    return Entry(run_id, seq, kind, step_id, state, body, prev_hash, hash_, created_at)
 
 
 def entry_row(e: Entry) -> tuple[Any, ...]:
@@ -93,9 +94,10 @@ def update_values(update: RunUpdate | None) -> dict[str, Any]:
     """The columns a `RunUpdate` sets (only the fields it was given)."""
     if update is None:
         return {}
-    sets = {k: encode(k, getattr(update, k)) for k in update.model_fields_set}
-    if "checkpoint" in update.model_fields_set:
-        sets["pending_ticket_id"] = pending_ticket_of(update.checkpoint or {})
+    given = update.given()
+    sets = {k: encode(k, v) for k, v in given.items()}
+    if "checkpoint" in given:
+        sets["pending_ticket_id"] = pending_ticket_of(given["checkpoint"] or {})
     return sets
 
 
@@ -189,16 +191,12 @@ def decision_entry(
     ticket: Ticket, run: RunRecord, status: str, by: str, reason: str, answer: str | None
 ) -> NewEntry:
     """The entry a ticket's decision appends to its run's journal."""
-    return NewEntry(
-        kind="ticket_decided",
-        step_id=ticket.step_id,
-        state=run.state,
-        body={
-            "ticket_id": ticket.ticket_id,
-            "status": status,
-            "by": by,
-            "reason": reason,
-            "answer": answer,
-            "args_hash": ticket.args_hash,
-        },
+    decided = TicketDecided(
+        ticket_id=ticket.ticket_id,
+        status=status,
+        by=by,
+        reason=reason,
+        answer=answer,
+        args_hash=ticket.args_hash,
     )
+    return NewEntry.of(decided, step_id=ticket.step_id, state=run.state)

@@ -28,7 +28,7 @@ import time
 import weakref
 from collections.abc import AsyncIterator, Collection, Mapping
 from contextlib import asynccontextmanager
-from typing import Any
+from typing import Any, Self
 from urllib.parse import parse_qsl, urlencode, urlsplit, urlunsplit
 
 import psycopg
@@ -175,6 +175,12 @@ class PostgresJournal:
                 await self._listener.close()
             await pool.close()
         self._drop_connections()
+
+    async def __aenter__(self) -> Self:
+        return self
+
+    async def __aexit__(self, *exc_info: object) -> None:
+        await self.aclose()
 
     # -- writing ---------------------------------------------------------------------
 

@@ -4,10 +4,13 @@ from __future__ import annotations
 
 from typing import Any, Literal
 
+import msgspec
+from msgspec import UNSET, UnsetType
 from pydantic import BaseModel, Field
 
 from tether.errors import ConcurrentWriteError
-from tether.hashing import canonical_json, sha256_hex
+from tether.hashing import encode_json, sha256_hex
+from tether.journal import bodies
 
 RunStatus = Literal[
     "queued", "running", "paused", "completed", "failed", "escalated", "handed_off", "effect_in_doubt"
@@ -47,37 +50,67 @@ class RunRecord(BaseModel):
     lease_expires_at: float | None = None
 
 
-class NewEntry(BaseModel):
+class NewEntry(msgspec.Struct, frozen=True):
+    """An entry about to be appended: its kind (the type of its body) and the body as the
+    canonical JSON text that is stored and hashed. The text is made once, by the writer."""
+
     kind: str
+    body_json: str
     step_id: str | None = None
     state: str | None = None
-    body: dict[str, Any] = Field(default_factory=dict)
+
+    @classmethod
+    def of(cls, record: bodies.Body, *, step_id: str | None = None, state: str | None = None) -> NewEntry:
+        """The entry that stores a typed record: its kind, and its body encoded once."""
+        return cls(bodies.KIND_OF[type(record)], encode_json(record), step_id, state)
 
 
-class Entry(NewEntry):
+class Entry(msgspec.Struct):
     """An append-only journal entry; `hash` chains it to the run's previous entry.
 
-    `body_json` is the body's canonical JSON: the exact text hashed and stored.
+    `body_json` is the exact text stored and hashed; `body` decodes it.
     """
 
     run_id: str
     seq: int
+    kind: str
+    step_id: str | None
+    state: str | None
+    body_json: str
     prev_hash: str
     hash: str
     created_at: float
-    body_json: str = Field(default="", exclude=True, repr=False)
+
+    @property
+    def body(self) -> bodies.Body | bodies.UnknownBody:
+        """The typed record this entry holds (decoded on each access: bind it once)."""
+        return bodies.decode(self.kind, self.body_json)
+
+    def as_dict(self) -> dict[str, Any]:
+        """The entry as plain JSON values, its body as its record (for `show --json`)."""
+        values = {f: getattr(self, f) for f in self.__struct_fields__ if f != "body_json"}
+        record = self.body
+        body = record.body if isinstance(record, bodies.UnknownBody) else msgspec.to_builtins(record)
+        return values | {"body": body}
 
 
 def entry_hash(
-    run_id: str, seq: int, entry: NewEntry, body_json: str, prev_hash: str, created_at: float
+    run_id: str,
+    seq: int,
+    kind: str,
+    step_id: str | None,
+    state: str | None,
+    body_json: str,
+    prev_hash: str,
+    created_at: float,
 ) -> str:
-    header = canonical_json(
+    header = encode_json(
         {
             "run_id": run_id,
             "seq": seq,
-            "kind": entry.kind,
-            "step_id": entry.step_id,
-            "state": entry.state,
+            "kind": kind,
+            "step_id": step_id,
+            "state": state,
             "created_at": created_at,
         }
     )
@@ -88,22 +121,8 @@ def chain(run_id: str, start_seq: int, prev_hash: str, entries: list[NewEntry], 
     """Number and hash new entries after (start_seq, prev_hash)."""
     out: list[Entry] = []
     for i, e in enumerate(entries, start=start_seq + 1):
-        body_json = canonical_json(e.body)
-        h = entry_hash(run_id, i, e, body_json, prev_hash, now)
-        out.append(
-            Entry.model_construct(
-                kind=e.kind,
-                step_id=e.step_id,
-                state=e.state,
-                body=e.body,
-                run_id=run_id,
-                seq=i,
-                prev_hash=prev_hash,
-                hash=h,
-                created_at=now,
-                body_json=body_json,
-            )
-        )
+        h = entry_hash(run_id, i, e.kind, e.step_id, e.state, e.body_json, prev_hash, now)
+        out.append(Entry(run_id, i, e.kind, e.step_id, e.state, e.body_json, prev_hash, h, now))
         prev_hash = h
     return out
 
@@ -117,7 +136,10 @@ def verify_chain(entries: list[Entry]) -> list[str]:
             problems.append(f"seq {expected_seq} missing (found {e.seq})")
         if e.prev_hash != prev:
             problems.append(f"seq {e.seq}: previous-hash link broken")
-        if entry_hash(e.run_id, e.seq, e, canonical_json(e.body), e.prev_hash, e.created_at) != e.hash:
+        computed = entry_hash(
+            e.run_id, e.seq, e.kind, e.step_id, e.state, e.body_json, e.prev_hash, e.created_at
+        )
+        if computed != e.hash:
             problems.append(f"seq {e.seq}: content does not match its hash")
         prev, expected_seq = e.hash, e.seq + 1
     return problems
@@ -145,23 +167,27 @@ class Ticket(BaseModel):
     consumed_at: float | None = None
 
 
-class RunUpdate(BaseModel):
-    """Fields of the run's checkpoint to change; unset fields stay as they are."""
+class RunUpdate(msgspec.Struct):
+    """Fields of the run's checkpoint to change; fields left UNSET stay as they are."""
 
-    status: RunStatus | None = None
-    state: str | None = None
-    data: dict[str, Any] | None = None
-    facts: dict[str, Any] | None = None
-    checkpoint: dict[str, Any] | None = None
-    owner: str | None = None
-    reason_code: str | None = None
-    message: str | None = None
+    status: RunStatus | UnsetType = UNSET
+    state: str | UnsetType = UNSET
+    data: dict[str, Any] | UnsetType = UNSET
+    facts: dict[str, Any] | UnsetType = UNSET
+    checkpoint: dict[str, Any] | UnsetType = UNSET
+    owner: str | UnsetType | None = UNSET
+    reason_code: str | UnsetType | None = UNSET
+    message: str | UnsetType | None = UNSET
     # Set only by an explicit migration to another version of the workflow.
-    workflow_version: str | None = None
-    workflow_hash: str | None = None
-    workflow_ref: str | None = None
-    policy_hash: str | None = None
-    policy_ref: str | None = None
+    workflow_version: str | UnsetType = UNSET
+    workflow_hash: str | UnsetType = UNSET
+    workflow_ref: str | UnsetType = UNSET
+    policy_hash: str | UnsetType = UNSET
+    policy_ref: str | UnsetType | None = UNSET
+
+    def given(self) -> dict[str, Any]:
+        """The fields this update sets."""
+        return {f: v for f in self.__struct_fields__ if (v := getattr(self, f)) is not UNSET}
 
 
 class ModelExchange(BaseModel):
@@ -189,7 +215,7 @@ class ModelExchange(BaseModel):
     attempts: list[dict[str, Any]] = Field(default_factory=list)
 
 
-class Commit(BaseModel):
+class Commit(msgspec.Struct):
     """Everything one governed step writes, applied in one transaction or not at all.
 
     `expected_seq` is the run's last sequence number as the writer knows it; if another
@@ -200,12 +226,12 @@ class Commit(BaseModel):
     run_id: str
     expected_seq: int
     expected_hash: str
-    entries: list[NewEntry] = Field(default_factory=list)
+    entries: list[NewEntry] = []
     update: RunUpdate | None = None
-    new_tickets: list[Ticket] = Field(default_factory=list)
+    new_tickets: list[Ticket] = []
     consume: tuple[str, str] | None = None
     # Model exchanges made for this step, written in the same transaction.
-    exchanges: list[ModelExchange] = Field(default_factory=list)
+    exchanges: list[ModelExchange] = []
     durable: bool = False
     # Fencing: with a lease owner the commit applies only while that owner holds the run's
     # lease, and renews it for `lease_seconds`; without one, only while nobody holds it.

@@ -16,7 +16,7 @@ import sqlite3
 import time
 from collections.abc import Collection, Mapping
 from pathlib import Path
-from typing import Any
+from typing import Any, Self
 
 from tether.errors import JournalError, RunNotFound, TicketError
 from tether.journal import migrations
@@ -84,6 +84,12 @@ class SQLiteJournal:
 
     async def aclose(self) -> None:
         self.close()
+
+    async def __aenter__(self) -> Self:
+        return self
+
+    async def __aexit__(self, *exc_info: object) -> None:
+        await self.aclose()
 
     # -- writing ---------------------------------------------------------------------
 

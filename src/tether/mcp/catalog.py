@@ -2,11 +2,14 @@
 
 The loader hands every `mcp:SERVER/TOOL` reference of an agent state to the catalog, which
 checks it against what the server listed and builds the tool. Each server's tools share
-one lazily connected `McpServer`; nothing stays connected after the listing.
+one `McpServer`. The listing runs in the loader's event loop over that loop's connection
+of each server, which stays open: the runs the loop drives use it, so a server process is
+started once per loop, not once to list and again to call.
 """
 
 from __future__ import annotations
 
+import asyncio
 from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
@@ -15,7 +18,7 @@ import mcp.types
 from pydantic import ValidationError
 
 from tether.errors import DefinitionError
-from tether.mcp.client import McpError, McpServer, McpServerSpec, McpTool, McpToolRef, list_tools_now
+from tether.mcp.client import McpError, McpServer, McpServerSpec, McpTool, McpToolRef
 from tether.tools import Effect, Verifier
 
 PREFIX = "mcp:"
@@ -23,16 +26,25 @@ PREFIX = "mcp:"
 
 class McpCatalog:
     def __init__(self, declared: Mapping[str, Any], base: Path, where: str) -> None:
-        """Validate each server's spec and list its tools; `where` names the workflow file."""
+        """Validate each server's spec; `where` names the workflow file; `list_tools()` lists them."""
         self.where = where
         self.servers = {name: McpServer(_spec(name, value, base, where)) for name, value in declared.items()}
         self.listed: dict[str, dict[str, mcp.types.Tool]] = {}
-        for name, listed in list_tools_now(self.servers.values()).items():
-            if isinstance(listed, McpError):
-                raise DefinitionError(f"{where}: mcp_servers.{name}: cannot list its tools: {listed}")
-            self.listed[name] = {t.name: t for t in listed}
         # One stand-in function per server tool: two states naming it name the same tool.
         self._refs: dict[tuple[str, str], McpToolRef] = {}
+
+    async def list_tools(self) -> None:
+        """List every server's tools, in parallel, over the running loop's connections."""
+        names = list(self.servers)
+        listings = await asyncio.gather(*(_listing(self.servers[n]) for n in names))
+        failures = [(n, x) for n, x in zip(names, listings, strict=True) if isinstance(x, McpError)]
+        if failures:
+            await asyncio.gather(*(s.aclose() for s in self.servers.values()), return_exceptions=True)
+            name, failure = failures[0]
+            raise DefinitionError(f"{self.where}: mcp_servers.{name}: cannot list its tools: {failure}")
+        for name, listed in zip(names, listings, strict=True):
+            assert not isinstance(listed, McpError)
+            self.listed[name] = {t.name: t for t in listed}
 
     def tool(
         self,
@@ -71,6 +83,15 @@ class McpCatalog:
             )
         except McpError as exc:
             raise DefinitionError(f"{where}: {exc}") from None
+
+
+async def _listing(server: McpServer) -> list[mcp.types.Tool] | McpError:
+    try:
+        return await server.client().list_tools()
+    except McpError as exc:
+        return exc
+    except Exception as exc:  # a protocol-level refusal of tools/list
+        return McpError(f"{server.spec.where()}: {exc}")
 
 
 def split_ref(ref: str, where: str) -> tuple[str, str]:

@@ -15,7 +15,6 @@ from __future__ import annotations
 
 import asyncio
 import importlib
-import json
 import math
 import tempfile
 import threading
@@ -27,8 +26,8 @@ from typing import IO, Any, Protocol, TypeVar
 
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
-from tether.hashing import canonical_json
-from tether.tools import ArgumentError, Effect, Tool, ToolContext, Verifier
+from tether.proposals import DEFAULT_LIMITS
+from tether.tools import ArgumentError, Effect, Tool, ToolContext, ValidatedArgs, Verifier, checked_json
 
 try:
     import anyio
@@ -172,23 +171,24 @@ class McpTool(Tool):
     def json_schema(self) -> dict[str, Any]:
         return self.input_schema
 
-    def validate(self, args: Any) -> dict[str, Any]:
+    def validate(self, args: Any, *, max_bytes: int = DEFAULT_LIMITS.max_bytes) -> ValidatedArgs:
         """Check arguments against the server's schema; return them with top-level defaults."""
-        if not isinstance(args, dict):
-            raise ArgumentError(self.name, [{"loc": (), "msg": "arguments must be an object"}])
+        checked_json(self.name, args, max_bytes)
         errors = sorted(self._validator.iter_errors(args), key=lambda e: [str(p) for p in e.absolute_path])
         if errors:
             raise ArgumentError(self.name, [_problem(e) for e in errors])
-        canonical: dict[str, Any] = json.loads(canonical_json(args))
+        values = dict(args)
         for key, prop in (self.input_schema.get("properties") or {}).items():
-            if key not in canonical and isinstance(prop, dict) and "default" in prop:
-                canonical[key] = prop["default"]
-        return canonical
+            if key not in values and isinstance(prop, dict) and "default" in prop:
+                values[key] = prop["default"]
+        return ValidatedArgs.of(self.name, values)
 
-    async def call(self, args: dict[str, Any], ctx: ToolContext) -> Any:
+    async def call(self, args: ValidatedArgs | dict[str, Any], ctx: ToolContext) -> Any:
         """Call the tool on its server; an `isError` result raises `McpToolError`."""
+        if not isinstance(args, ValidatedArgs):
+            args = self.validate(args)
         try:
-            result = await self.source.call_tool(self.remote_name, args)
+            result = await self.source.call_tool(self.remote_name, args.values)
         except MCPError as exc:  # a protocol-level failure (a timeout, a refused request)
             raise McpError(f"{self.server}/{self.remote_name}: {exc.message}") from None
         if result.is_error:
@@ -434,11 +434,12 @@ def _build_tools(
 
 
 def list_tools_now(servers: Iterable[McpServer]) -> dict[str, list[mcp.types.Tool] | McpError]:
-    """List several servers' tools from synchronous code, even inside a running loop (at load).
+    """List several servers' tools from synchronous code, even inside a running loop
+    (`McpServer.tools()`, for workflows built in Python).
 
     The servers are listed together over short-lived connections, in a helper thread with its
-    own loop: the loader is synchronous, and the tools' own connections open later, lazily,
-    in the loop that runs them. A server that cannot be listed maps to its error.
+    own loop; the tools' own connections open later, lazily, in the loop that runs them. A
+    server that cannot be listed maps to its error. (The loader lists in its own loop instead.)
     """
     servers = list(servers)
     outcome: dict[str, list[mcp.types.Tool] | McpError] = {}

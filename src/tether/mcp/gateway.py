@@ -37,6 +37,8 @@ from pathlib import Path
 from typing import Any, Literal
 from urllib.parse import urlparse
 
+import msgspec
+
 from tether import __version__
 from tether.errors import PolicyFileError, TetherError, TicketError
 from tether.journal import Journal, Ticket
@@ -45,7 +47,7 @@ from tether.mcp.client import McpError, McpServer, McpServerSpec, McpTool, McpTo
 from tether.models.protocol import Exchange, ModelContext, ModelReply
 from tether.policy import Decision, Policy
 from tether.runtime import Runtime
-from tether.tools import ToolContext
+from tether.tools import ToolContext, ValidatedArgs
 from tether.workflow import AgentState, Budget, Terminal, Workflow
 
 try:
@@ -168,7 +170,7 @@ class _GatewayPolicy(Policy):
             kind=kind, name=name, effect=effect, variables=variables, resolvers=resolvers
         )
         if decision.decision == "ask" and (decision.expires_in or math.inf) > self.approval_timeout:
-            return decision.model_copy(update={"expires_in": self.approval_timeout})
+            return msgspec.structs.replace(decision, expires_in=self.approval_timeout)
         return decision
 
 
@@ -176,8 +178,10 @@ class PassThroughTool(McpTool):
     """An upstream tool whose whole result (content, structuredContent, _meta) is kept: the
     journal records it and the MCP client gets back what the upstream answered."""
 
-    async def call(self, args: dict[str, Any], ctx: ToolContext) -> Any:
-        result = await self.source.call_tool(self.remote_name, args)
+    async def call(self, args: ValidatedArgs | dict[str, Any], ctx: ToolContext) -> Any:
+        if not isinstance(args, ValidatedArgs):
+            args = self.validate(args)
+        result = await self.source.call_tool(self.remote_name, args.values)
         if result.is_error:
             text = " ".join(b.text for b in result.content if isinstance(b, mcp.types.TextContent)).strip()
             raise McpToolError(f"{self.server}/{self.remote_name}: {text or 'the server reported an error'}")

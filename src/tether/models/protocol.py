@@ -7,15 +7,19 @@ proposal, plus usage. A model never executes anything; vendor adapters implement
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from typing import Any, Literal, Protocol, runtime_checkable
 
 from pydantic import BaseModel, Field
 
 
 class Usage(BaseModel):
-    input_tokens: int = 0
-    output_tokens: int = 0
-    cost: float = 0.0
+    """What one model call cost, as the adapter reports it; never negative (a negative
+    figure is an adapter's error, refused here, never a refund of the budget)."""
+
+    input_tokens: int = Field(0, ge=0)
+    output_tokens: int = Field(0, ge=0)
+    cost: float = Field(0.0, ge=0, allow_inf_nan=False)
 
     @property
     def tokens(self) -> int:
@@ -53,7 +57,8 @@ class ModelContext(BaseModel):
     run_id: str
     state: str
     instructions: str
-    transcript: list[Message] = Field(default_factory=list)
+    # A sequence of messages (the runtime passes a read-only view of the visit's transcript).
+    transcript: Sequence[Message] = Field(default_factory=list)
     tools: list[ToolSpec] = Field(default_factory=list)
     exits: list[ExitSpec] = Field(default_factory=list)
     budget_left: BudgetLeft
@@ -61,6 +66,9 @@ class ModelContext(BaseModel):
 
     @property
     def proposals_made(self) -> int:
+        counted = getattr(self.transcript, "proposals_made", None)
+        if counted is not None:
+            return int(counted())
         return sum(1 for m in self.transcript if m.role == "proposal")
 
 

@@ -4,16 +4,26 @@
 gets the n-th recorded exchange's output (or its failure, with the same reason code).
 Everything else — parsing, policy, approvals, tools, verification — runs for real, so a
 changed policy or tool shows up as a different journal of decisions: the basis of
-regression tests for real-model behaviour.
+regression tests for real-model behaviour. **Tools run for real too: a replayed write
+writes again** (against a copy of the data, or a test double, it is a regression test;
+against production it repeats the effects). A replay that never executes anything is
+planned; this is not it.
 
 The position in the recording is the number of exchanges the new run has already
-recorded, so a replayed run that pauses continues in another process where it was.
+recorded, so a replayed run that pauses continues in another process where it was. A run
+driven by an in-process model (scripted, a function) records no exchanges — its entries
+already hold every proposal — so its calls are read from its entries instead.
 """
 
 from __future__ import annotations
 
 from typing import Any
 
+import msgspec
+
+from tether.errors import ModelSpecError, RunNotFound
+from tether.journal import Entry, ModelExchange
+from tether.journal import bodies as b
 from tether.models.protocol import Exchange, ModelCallError, ModelContext, ModelReply, Usage
 from tether.reasons import ReasonCode
 
@@ -26,15 +36,34 @@ class ReplayModel:
         self._recording: list[Any] | None = None
         self._served: dict[str, int] = {}
 
+    async def load(self) -> None:
+        """Read the recording; a run that is not in the journal, or recorded no model call,
+        is a ModelSpecError: callers check it before they create anything."""
+        if self._recording is not None:
+            return
+        try:
+            await self.journal.get_run(self.recorded_run)
+        except RunNotFound:
+            raise ModelSpecError(
+                f"replay:{self.recorded_run}: no run {self.recorded_run} in this journal, so no recorded "
+                "model exchanges to replay"
+            ) from None
+        recording = await self.journal.read_exchanges(self.recorded_run)
+        if not recording:
+            recording = calls_from_entries(await self.journal.read_entries(self.recorded_run))
+        if not recording:
+            raise ModelSpecError(
+                f"replay:{self.recorded_run}: run {self.recorded_run} made no model call to replay"
+            )
+        self._recording = recording
+
     async def propose(self, ctx: ModelContext) -> ModelReply:
         if self._recording is None:
-            self._recording = await self.journal.read_exchanges(self.recorded_run)
-            if not self._recording:
-                raise ModelCallError(
-                    ReasonCode.MODEL_ERROR,
-                    f"run {self.recorded_run} has no recorded model exchanges to replay "
-                    "(unknown run, recorded with record_exchanges off, or pruned)",
-                )
+            try:
+                await self.load()
+            except ModelSpecError as exc:
+                raise ModelCallError(ReasonCode.MODEL_ERROR, str(exc)) from None
+        assert self._recording is not None
         if ctx.run_id not in self._served:
             self._served[ctx.run_id] = len(await self.journal.read_exchanges(ctx.run_id))
         number = self._served[ctx.run_id]
@@ -61,3 +90,37 @@ class ReplayModel:
             usage=Usage.model_validate(recorded.usage),
             exchange=Exchange(request={"replay_of": self.recorded_run, "seq": recorded.seq}),
         )
+
+
+def calls_from_entries(entries: list[Entry]) -> list[ModelExchange]:
+    """A run's model calls as its entries hold them: each proposal (or unparseable output)
+    that began a governed step, and each model failure that escalated the run."""
+    calls: list[ModelExchange] = []
+    for e in entries:
+        record = e.body
+        output: Any = None
+        error = code = None
+        if (
+            isinstance(record, b.StepRecord) and not record.continuation and e.kind in b.STEP_KINDS
+        ) or isinstance(record, b.HandedOff):
+            output = b.proposed(record)
+        elif isinstance(record, b.Escalated) and (record.reason_code or "").startswith("model_"):
+            error, code = record.message or "model call failed", record.reason_code
+        else:
+            continue
+        usage = getattr(record, "usage", None)
+        calls.append(
+            ModelExchange(
+                run_id=e.run_id,
+                seq=len(calls) + 1,
+                step_id=e.step_id,
+                state=e.state or "",
+                model="entries",
+                created_at=e.created_at,
+                output=output,
+                usage=msgspec.to_builtins(usage) if usage is not None else {},
+                error=error,
+                reason_code=code,
+            )
+        )
+    return calls

@@ -1,0 +1,479 @@
+"""The body of every journal entry, typed: the journal's schema (body format 2).
+
+An entry row is (run_id, seq, kind, step_id, state, body, prev_hash, hash, created_at).
+`kind` names the type of the body — one of the records below, the tag of a tagged union —
+and `body` is that record encoded once as canonical JSON (sorted keys, no whitespace,
+fields at their default left out); the hash covers that text. docs/journal.md describes
+every record with an example.
+
+Governed steps (one proposal each; `step_id` set):
+    refused, awaiting_approval, awaiting_answer, intent, executed, verification_failed,
+    tool_failed, transition, handoff, answered, unanswered, effect_in_doubt, effect_settled
+Deterministic steps: step_done, step_failed
+The run: run_started, run_finished, escalated, failed, ticket_decided, migrated, crashed
+
+A step's decision is stored without the policy hash (the run's, from `run_started` and
+`migrated`) and without the per-rule results (`Decision.stored`). What the model sees of a
+step (its transcript messages) and what conditions see of it (`history`) are derived from
+these records, never stored twice.
+
+Format 1 (tether before kernel v2) stored every step as kind `step` with an `outcome` field
+and redundant copies; `decode` reads those entries into the same records, so older
+journals keep resuming and verifying unchanged (their stored text is what their hashes cover).
+"""
+
+from __future__ import annotations
+
+from typing import Any, Literal
+
+import msgspec
+
+from tether.decision import Decision
+from tether.proposals import Exit, Finish, Handoff, Proposal, Question, ToolCall, as_dict
+
+FORMAT = 2
+
+
+class Usage(msgspec.Struct, omit_defaults=True, frozen=True):
+    """What the model call that proposed a step cost (left out when nothing)."""
+
+    input_tokens: int = 0
+    output_tokens: int = 0
+    cost: float = 0.0
+
+
+class Body(msgspec.Struct, omit_defaults=True, kw_only=True):
+    """Every record; `KINDS` names the entry kind each is stored under."""
+
+
+# -- governed steps ------------------------------------------------------------------
+
+
+class StepRecord(Body, kw_only=True):
+    """Fields every governed step may carry. `continuation` marks the second half of a step
+    that paused (an approved call, a refusal after a denial): its proposal is already in the
+    transcript."""
+
+    usage: Usage | None = None
+    continuation: bool = False
+
+
+class Refused(StepRecord, kw_only=True):
+    """Refused before execution; the model is told why. `raw` is unparseable output."""
+
+    decision: Decision
+    proposal: Proposal | None = None
+    raw: Any = None
+    args_hash: str | None = None
+
+
+class AwaitingApproval(StepRecord, kw_only=True):
+    """Paused on a ticket bound to `args_hash`."""
+
+    proposal: Proposal
+    decision: Decision
+    ticket_id: str
+    args_hash: str
+
+
+class AwaitingAnswer(AwaitingApproval, kw_only=True):
+    """Paused on a question for a person."""
+
+
+class ToolStep(StepRecord, kw_only=True):
+    """A call that passed every stage: the validated `args` (`proposed_args` only when the
+    model's differ, e.g. a date normalized) and the ticket that approved it, if any."""
+
+    tool: str
+    args: dict[str, Any]
+    decision: Decision
+    args_hash: str | None = None
+    proposed_args: dict[str, Any] | None = None
+    ticket_id: str | None = None
+    # Re-run after a crash (idempotent tools only, with the same idempotency key).
+    recovered: bool = False
+
+    def proposal(self) -> ToolCall:
+        return ToolCall(self.tool, self.args if self.proposed_args is None else self.proposed_args)
+
+
+class Intent(ToolStep, kw_only=True):
+    """Written and synced before a `write` or `external` tool runs."""
+
+
+class Executed(ToolStep, kw_only=True):
+    result: Any = None
+    # The verifier's evidence; None for a read without a verifier.
+    verification: dict[str, Any] | None = None
+
+
+class VerificationFailed(Executed, kw_only=True):
+    pass
+
+
+class ToolFailed(ToolStep, kw_only=True):
+    error: str
+
+
+class Transition(StepRecord, kw_only=True):
+    """The model took exit `exit` to state `next`."""
+
+    proposal: Exit | Finish
+    decision: Decision
+    exit: str
+    next: str
+    args_hash: str | None = None
+    ticket_id: str | None = None
+
+
+class HandedOver(msgspec.Struct, omit_defaults=True):
+    """What a handoff carries, apart from the transcript."""
+
+    owner: str
+    state: str
+    data: dict[str, Any] = {}
+    facts: dict[str, Any] = {}
+    pending_proposal: Any = None
+    note: str = ""
+    at_seq: int = 0
+
+
+class HandedOff(StepRecord, kw_only=True):
+    proposal: Proposal
+    decision: Decision
+    handoff: HandedOver
+    args_hash: str | None = None
+
+
+class Answered(StepRecord, kw_only=True):
+    """A person answered the model's question (the `person` message of the transcript)."""
+
+    ticket_id: str
+    answer: str | None = None
+    by: str | None = None
+    reason: str | None = None
+    continuation: bool = True
+
+
+class Unanswered(Answered, kw_only=True):
+    """The question was declined or expired."""
+
+    reason_code: str | None = None
+
+
+class EffectInDoubt(ToolStep, kw_only=True):
+    """An intent with no result after a crash, for a tool that is not idempotent."""
+
+    message: str = ""
+
+
+class EffectSettled(StepRecord, kw_only=True):
+    """A person said whether an effect in doubt happened. The model sees the call (its
+    intent never reached the transcript) and what the person said."""
+
+    tool: str
+    args: dict[str, Any] = {}
+    done: bool
+    by: str
+    note: str = ""
+
+    def proposal(self) -> ToolCall:
+        return ToolCall(self.tool, self.args)
+
+
+# -- deterministic steps -------------------------------------------------------------------
+
+
+class StepDone(Body, kw_only=True):
+    """A deterministic step moved the run on."""
+
+    next: str
+    update: dict[str, Any] = {}
+    facts: dict[str, Any] = {}
+
+
+class StepFailed(Body, kw_only=True):
+    error: str
+
+
+# -- the run ---------------------------------------------------------------------------
+
+
+class WorkflowRef(msgspec.Struct, omit_defaults=True):
+    name: str
+    version: str
+    hash: str
+    ref: str = ""
+
+
+class RunStarted(Body, kw_only=True):
+    workflow: WorkflowRef
+    policy_hash: str
+    input: dict[str, Any] = {}
+    model: str | None = None
+
+
+class RunFinished(Body, kw_only=True):
+    status: Literal["completed", "failed"]
+    data: dict[str, Any] = {}
+
+
+class Escalated(Body, kw_only=True):
+    reason_code: str | None = None
+    message: str | None = None
+    owner: str | None = None
+    data: dict[str, Any] = {}
+    facts: dict[str, Any] = {}
+
+
+class Failed(Escalated, kw_only=True):
+    pass
+
+
+class Crashed(Body, kw_only=True):
+    """Driving the run raised an unexpected error; `retry_in` seconds until it may be
+    claimed again (None: it failed for good)."""
+
+    error: str
+    crashes: int
+    retry_in: float | None = None
+
+
+class TicketDecided(Body, kw_only=True):
+    ticket_id: str
+    status: str
+    by: str
+    reason: str = ""
+    answer: str | None = None
+    args_hash: str | None = None
+
+
+class Version(msgspec.Struct, omit_defaults=True):
+    version: str
+    hash: str
+    policy_hash: str
+    ref: str = ""
+
+
+class Migrated(Body, kw_only=True):
+    from_: Version = msgspec.field(name="from")
+    to: Version
+    by: str
+
+
+KINDS: dict[str, type[Body]] = {
+    "refused": Refused,
+    "awaiting_approval": AwaitingApproval,
+    "awaiting_answer": AwaitingAnswer,
+    "intent": Intent,
+    "executed": Executed,
+    "verification_failed": VerificationFailed,
+    "tool_failed": ToolFailed,
+    "transition": Transition,
+    "handoff": HandedOff,
+    "answered": Answered,
+    "unanswered": Unanswered,
+    "effect_in_doubt": EffectInDoubt,
+    "effect_settled": EffectSettled,
+    "step_done": StepDone,
+    "step_failed": StepFailed,
+    "run_started": RunStarted,
+    "run_finished": RunFinished,
+    "escalated": Escalated,
+    "failed": Failed,
+    "ticket_decided": TicketDecided,
+    "migrated": Migrated,
+    "crashed": Crashed,
+}
+KIND_OF: dict[type[Body], str] = {cls: kind for kind, cls in KINDS.items()}
+# Tool calls whose effect happened: what policy conditions see as `history`.
+EXECUTED_KINDS = ("executed", "verification_failed")
+# Kinds that hold a governed step's outcome (the model sees them in its transcript).
+STEP_KINDS = frozenset(
+    {
+        "refused",
+        "awaiting_approval",
+        "awaiting_answer",
+        "executed",
+        "verification_failed",
+        "tool_failed",
+        "transition",
+        "answered",
+        "unanswered",
+        "effect_settled",
+    }
+)
+_DECODERS = {kind: msgspec.json.Decoder(cls) for kind, cls in KINDS.items()}
+
+
+class UnknownBody(msgspec.Struct):
+    """An entry of a kind this tether does not know (a newer format, or foreign)."""
+
+    kind: str
+    body: Any
+
+
+def decode(kind: str, body_json: str) -> Body | UnknownBody:
+    """The typed record an entry holds (format 1 entries are read as their format 2 record)."""
+    decoder = _DECODERS.get(kind)
+    if decoder is not None:
+        try:
+            return decoder.decode(body_json)
+        except msgspec.ValidationError:
+            # Format 1 used some of these kinds too (intent, handoff, escalated, ...).
+            return _legacy(kind, msgspec.json.decode(body_json))
+    value = msgspec.json.decode(body_json)
+    if kind == "step" and isinstance(value, dict):
+        return _legacy(kind, value)
+    return UnknownBody(kind, value)
+
+
+def proposed(record: Any) -> Any:
+    """What the model proposed for a step: the call, exit, question or handoff as plain
+    values, or its raw output when that was not a proposal; None for other records."""
+    if isinstance(record, ToolStep | EffectSettled):
+        return as_dict(record.proposal())
+    if isinstance(record, Refused) and record.proposal is None:
+        return record.raw
+    proposal = getattr(record, "proposal", None)
+    return as_dict(proposal) if proposal is not None else None
+
+
+# -- format 1 ---------------------------------------------------------------------------
+
+_LEGACY_OUTCOMES: dict[str, type[Body]] = {
+    "refused": Refused,
+    "awaiting_approval": AwaitingApproval,
+    "awaiting_answer": AwaitingAnswer,
+    "executed": Executed,
+    "verification_failed": VerificationFailed,
+    "tool_error": ToolFailed,
+    "answered": Answered,
+    "unanswered": Unanswered,
+}
+
+
+def _legacy(kind: str, body: Any) -> Body | UnknownBody:
+    """A format 1 body read as its record; fields format 2 derives are dropped."""
+    try:
+        return _legacy_record(kind, body)
+    except (msgspec.ValidationError, KeyError, TypeError, AttributeError):
+        return UnknownBody(kind, body)
+
+
+def _legacy_record(kind: str, body: dict[str, Any]) -> Body | UnknownBody:
+    decision = body.get("decision")
+    if decision is not None:
+        decision = {k: v for k, v in decision.items() if v is not None and k != "policy_hash"}
+    usage = body.get("usage") or None
+    if usage is not None and not any(usage.values()):
+        usage = None
+    common = {"usage": usage, "continuation": bool(body.get("continuation"))}
+    if kind in ("intent", "effect_in_doubt"):
+        cls: type[Body] = Intent if kind == "intent" else EffectInDoubt
+        extra = {"message": body.get("message", "")} if kind == "effect_in_doubt" else {}
+        return msgspec.convert(_tool_fields(body, decision) | common | extra, cls)
+    if kind == "handoff":
+        values = {
+            "proposal": body["proposal"],
+            "handoff": body["handoff"],
+            "args_hash": body.get("args_hash"),
+        }
+        return msgspec.convert(values | {"decision": decision} | common, HandedOff)
+    if kind != "step":
+        return msgspec.convert(body, KINDS[kind])
+    return _legacy_step(body, decision, common)
+
+
+def _legacy_step(body: dict[str, Any], decision: Any, common: dict[str, Any]) -> Body:
+    """A format 1 `step` entry: its `outcome` says which record it is."""
+    outcome = body.get("outcome")
+    if outcome == "transition" and "exit" not in body:
+        return StepDone(next=body["next"], update=body.get("update") or {}, facts=body.get("facts") or {})
+    if outcome == "transition":
+        keep = ("proposal", "exit", "next", "args_hash", "ticket_id")
+        return msgspec.convert({k: body.get(k) for k in keep} | {"decision": decision} | common, Transition)
+    if outcome == "step_failed":
+        return StepFailed(error=body.get("error", ""))
+    if outcome in ("executed", "not_executed") and body.get("resolved_by"):
+        return EffectSettled(
+            tool=body["tool"]["name"],
+            args=body.get("args") or {},
+            done=outcome == "executed",
+            by=body["resolved_by"],
+            note=body.get("note", ""),
+            continuation=bool(body.get("continuation")),
+        )
+    cls = _LEGACY_OUTCOMES[outcome]
+    if cls in (Answered, Unanswered):
+        seen = body.get("observation") or {}
+        values = {"ticket_id": body["ticket_id"], **{k: seen.get(k) for k in ("answer", "by", "reason")}}
+        if cls is Unanswered:
+            values["reason_code"] = body.get("reason_code")
+        return msgspec.convert(values, cls)
+    if cls in (Refused, AwaitingApproval, AwaitingAnswer):
+        keep = ("proposal", "args_hash", "raw" if cls is Refused else "ticket_id")
+        values = {k: body.get(k) for k in keep} | {"decision": decision} | common
+        return msgspec.convert({k: v for k, v in values.items() if v is not None}, cls)
+    extra = {"error": body.get("error", "")} if cls is ToolFailed else {}
+    if cls in (Executed, VerificationFailed):
+        extra = {"result": body.get("result"), "verification": body.get("verification")}
+    return msgspec.convert(_tool_fields(body, decision) | common | extra, cls)
+
+
+def _tool_fields(body: dict[str, Any], decision: Any) -> dict[str, Any]:
+    proposal = body.get("proposal") or {}
+    proposed = proposal.get("args")
+    args = body.get("args") or {}
+    return {
+        "tool": body["tool"]["name"],
+        "args": args,
+        "decision": decision,
+        "args_hash": body.get("args_hash"),
+        "proposed_args": proposed if proposed is not None and proposed != args else None,
+        "ticket_id": body.get("ticket_id"),
+        "recovered": bool(body.get("recovered")),
+    }
+
+
+__all__ = [
+    "EXECUTED_KINDS",
+    "FORMAT",
+    "KINDS",
+    "STEP_KINDS",
+    "Answered",
+    "AwaitingAnswer",
+    "AwaitingApproval",
+    "Body",
+    "Crashed",
+    "EffectInDoubt",
+    "EffectSettled",
+    "Escalated",
+    "Executed",
+    "Exit",
+    "Failed",
+    "Finish",
+    "HandedOff",
+    "HandedOver",
+    "Handoff",
+    "Intent",
+    "Migrated",
+    "Question",
+    "Refused",
+    "RunFinished",
+    "RunStarted",
+    "StepDone",
+    "StepFailed",
+    "StepRecord",
+    "TicketDecided",
+    "ToolFailed",
+    "ToolStep",
+    "Transition",
+    "UnknownBody",
+    "Usage",
+    "VerificationFailed",
+    "Version",
+    "WorkflowRef",
+    "decode",
+    "proposed",
+]

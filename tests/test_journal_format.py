@@ -1,0 +1,99 @@
+"""Journals written before kernel v2 (entry body format 1) are read, verified and resumed."""
+
+from __future__ import annotations
+
+import shutil
+from pathlib import Path
+
+import pytest
+
+from conftest import run
+from tether import Runtime, ScriptedModel, load_workflow, open_journal
+from tether.journal import bodies, verify_chain
+from tether.timeline import timeline
+
+FIXTURE = Path(__file__).parent / "fixtures" / "format1"
+PAUSED, TICKET = "run_90f98d1a0ff9", "tkt_399f214258de"
+
+
+@pytest.fixture
+def old_journal(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
+    """A copy of the format 1 journal (opening it upgrades its schema in place)."""
+    monkeypatch.setenv("REFUND_LEDGER", str(tmp_path / "ledger.sqlite"))
+    copy = tmp_path / "format1.db"
+    shutil.copy(FIXTURE / "format1.db", copy)
+    return copy
+
+
+def test_every_format_1_entry_is_read_as_its_typed_record_and_every_chain_verifies(old_journal: Path) -> None:
+    journal = open_journal(str(old_journal))
+    try:
+        records = run(journal.list_runs())
+        assert len(records) == 5
+        outcomes = set()
+        for record in records:
+            entries = run(journal.read_entries(record.run_id))
+            assert verify_chain(entries) == [], record.run_id
+            for e in entries:
+                assert not isinstance(e.body, bodies.UnknownBody), (e.kind, e.body_json)
+            outcomes |= {row["outcome"] for row in timeline(entries)}
+    finally:
+        journal.close()
+    assert {
+        "started",
+        "refused",
+        "tool_error",
+        "executed",
+        "verification_failed",
+        "awaiting_answer",
+        "answered",
+        "awaiting_approval",
+        "intent recorded, effect starting",
+        "effect_in_doubt",
+        "handoff",
+        "transition",
+        "completed",
+    } <= outcomes
+
+
+def test_what_a_format_1_step_recorded_survives_the_reading(old_journal: Path) -> None:
+    journal = open_journal(str(old_journal))
+    try:
+        shop = [r for r in timeline(run(journal.read_entries("run_d8befe9f8c78"))) if r["kind"] == "step"]
+    finally:
+        journal.close()
+    refusals = [(r["reason_code"], r["rule_id"]) for r in shop if r["outcome"] == "refused"]
+    assert refusals == [
+        ("malformed_output", "runtime:parse"),
+        ("unknown_tool", "runtime:scope"),
+        ("policy_denied", "no-big-refunds"),
+        ("invalid_arguments", "runtime:arguments"),
+    ]
+    assert next(r for r in shop if r["outcome"] == "refused")["proposal"] == "not json at all"  # as it came
+    executed = next(r for r in shop if r["outcome"] == "executed")
+    assert executed["result"] == {"order_id": "A1", "total": 80.0}
+    answered = next(r for r in shop if r["outcome"] == "answered")
+    assert answered["source"] == {"kind": "person", "by": "customer"}
+
+
+def test_a_run_paused_before_kernel_v2_resumes_and_appends_format_2_entries(old_journal: Path) -> None:
+    workflow = load_workflow(FIXTURE / "refund")
+    journal = open_journal(str(old_journal))
+    try:
+        record = run(journal.get_run(PAUSED))
+        assert (record.status, workflow.hash) == ("paused", record.workflow_hash)
+        run(journal.decide_ticket(TICKET, approve=True, by="supervisor", now=record.updated_at + 1))
+        script = ScriptedModel.from_file(FIXTURE / "refund" / "proposals.json")
+        result = run(Runtime(journal).resume(PAUSED, workflow, script))
+        entries = run(journal.read_entries(PAUSED))
+    finally:
+        journal.close()
+    assert result.status == "completed", result
+    assert verify_chain(entries) == []
+    kinds = [e.kind for e in entries]
+    decided = kinds.index("ticket_decided")
+    assert set(kinds[:decided]) == {"run_started", "step"}  # what was there is kept as it was
+    assert kinds[decided:] == ["ticket_decided", "intent", "executed", "transition", "run_finished"]
+    executed = next(e.body for e in entries if e.kind == "executed")
+    assert isinstance(executed, bodies.Executed) and executed.ticket_id == TICKET
+    assert executed.args == {"order_id": "A-1001", "amount": 180.0, "reason": "kettle arrived broken"}
