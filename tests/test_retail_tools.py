@@ -511,7 +511,7 @@ def test_tool_contracts() -> None:
     schema = rt.modify_pending_order_items.json_schema()
     assert schema["required"] == ["order_id", "item_ids", "new_item_ids", "payment_method_id"]
     assert schema["properties"]["item_ids"] == {
-        "items": {"type": "string", "maxLength": 100_000},
+        "items": {"type": "string"},
         "maxItems": rt.MAX_ITEMS_PER_ORDER,
         "title": "Item Ids",
         "type": "array",

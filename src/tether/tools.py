@@ -9,7 +9,9 @@ runtime never takes a tool's own return value as proof.
 Argument lists, mappings and strings are bounded: where the author's type gives no
 maximum length, `MAX_ITEMS` and `MAX_STRING_CHARS` apply (raise either per argument with
 `Annotated[list[str], Field(max_length=N)]`), so no proposal can make validation or a
-policy condition over its arguments work on unbounded input.
+policy condition over its arguments work on unbounded input. The defaults are enforced at
+validation and not written into `json_schema()` (the declared schema, which the workflow
+hash covers).
 """
 
 from __future__ import annotations
@@ -141,7 +143,14 @@ class Tool:
         return f"Tool({self.name!r}, effect={self.effect!r}, idempotent={self.idempotent})"
 
     def json_schema(self) -> dict[str, Any]:
-        return self.args_model.model_json_schema()
+        """The arguments' schema as the function declares them: what the model is shown and
+        the workflow hash covers. The default bounds are enforced by `args_model` but not
+        shown, so that they leave the hash of workflows (and the runs pinned to them) as is."""
+        return self._declared_model.model_json_schema()
+
+    @functools.cached_property
+    def _declared_model(self) -> type[BaseModel]:
+        return _args_model(self.fn, self.name, bounded=False)[0]
 
     @functools.cached_property
     def info(self) -> dict[str, Any]:
@@ -218,8 +227,11 @@ def _first_paragraph(doc: str | None) -> str:
     return doc.split("\n\n", 1)[0].strip() if doc else ""
 
 
-def _args_model(fn: Callable[..., Any], tool_name: str) -> tuple[type[BaseModel], str | None]:
-    """Build a strict pydantic model from the function's parameters."""
+def _args_model(
+    fn: Callable[..., Any], tool_name: str, *, bounded: bool = True
+) -> tuple[type[BaseModel], str | None]:
+    """Build a strict pydantic model from the function's parameters (`bounded`: with the
+    default maximum lengths where the types give none)."""
     hints = get_type_hints(fn, include_extras=True)  # keep Annotated[..., Field(...)] constraints
     fields: dict[str, Any] = {}
     context_param: str | None = None
@@ -232,7 +244,7 @@ def _args_model(fn: Callable[..., Any], tool_name: str) -> tuple[type[BaseModel]
             raise TypeError(f"tool {tool_name!r}: *args and **kwargs cannot be described")
         default = ... if param.default is param.empty else param.default
         declared = isinstance(default, FieldInfo) and _declares_max_length(default.metadata)
-        fields[param.name] = (_bounded(annotation, declared=declared), default)
+        fields[param.name] = (_bounded(annotation, declared=declared) if bounded else annotation, default)
     model = create_model(  # type: ignore[call-overload]
         f"{tool_name}_args",
         __config__=ConfigDict(strict=True, extra="forbid"),
