@@ -51,5 +51,11 @@ bench: $(STAMP)
 	$(BIN)/python bench/retail_conformance.py
 	$(BIN)/python bench/throughput.py
 
+# The property tests of the loaders and of parse_proposal, at length: 20,000 random examples
+# per property (the normal suite runs a few dozen, derandomized).
+.PHONY: fuzz
+fuzz: $(STAMP)
+	HYPOTHESIS_PROFILE=fuzz $(BIN)/pytest -q -p no:cacheprovider tests/hostile/test_fuzz_definitions.py
+
 clean:
 	rm -rf $(VENV) .mcp-servers .pytest_cache tether.db demo-run

@@ -59,7 +59,7 @@ SYNC_PRAGMA: dict[Durability, str] = {"full": "FULL", "normal": "NORMAL"}
 # -- tether ------------------------------------------------------------------------------
 
 
-@tool
+@tool(effect="read")
 def probe(i: int) -> dict[str, Any]:
     """Read something small; returns about 100 bytes."""
     return {"i": i, "payload": PAYLOAD}
@@ -71,13 +71,13 @@ def probe_write(i: int) -> dict[str, Any]:
     return {"i": i, "payload": PAYLOAD}
 
 
-@tool
+@tool(effect="read")
 def lookup_customer(customer_id: str) -> dict[str, Any]:
     """In the envelope and the policy, never called."""
     return {"customer_id": customer_id}
 
 
-@tool
+@tool(effect="read")
 def list_orders(customer_id: str, limit: int = 10) -> list[str]:
     """In the envelope and the policy, never called."""
     return []

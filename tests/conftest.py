@@ -38,7 +38,7 @@ class Shop:
         def order_read(args: dict[str, Any], result: Any, ctx: ToolContext) -> Evidence:
             return Evidence(facts={"order_total": self.orders[args["order_id"]]["total"]})
 
-        @tool(verify=order_read)
+        @tool(effect="read", verify=order_read)
         def read_order(order_id: str) -> dict[str, Any]:
             """Read an order."""
             self.executed.append("read_order")

@@ -151,8 +151,11 @@ def test_broken_policy_files_name_the_rule_and_field(tmp_path: Path, policy: str
 
 
 def test_a_named_policy_file_must_exist(tmp_path: Path) -> None:
-    with pytest.raises(DefinitionError, match=r"policy file 'strict\.yaml' not found"):
+    with pytest.raises(PolicyFileError) as caught:
         load_workflow(write(tmp_path, GOOD.replace("start: begin", "start: begin\npolicy: strict.yaml")))
+    assert f"names policy 'strict.yaml', which is not found: {tmp_path.resolve() / 'strict.yaml'}" in str(
+        caught.value
+    )
 
 
 def test_python_definitions_are_checked_the_same_way() -> None:

@@ -362,7 +362,7 @@ def test_async_tools_and_a_function_model_from_a_model_string(
     from tether import AgentState, Terminal, Workflow, tool
     from tether.models import resolve_model
 
-    @tool
+    @tool(effect="read")
     async def slow_read(key: str) -> str:
         """An async tool."""
         return key.upper()

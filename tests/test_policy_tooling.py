@@ -88,7 +88,7 @@ def test_policy_test_cases_pass_and_a_wrong_expectation_fails(tmp_path: Path) ->
     )
     bad = tether("policy", "test", str(tmp_path / "cases.yaml"))
     assert bad.returncode == 1
-    assert "expected allow, got deny by cancel-only-pending" in bad.stdout
+    assert "expected allow (policy_allowed), got deny by cancel-only-pending (policy_denied)" in bad.stdout
 
 
 def test_a_condition_calling_an_unknown_resolver_is_refused_at_load() -> None:

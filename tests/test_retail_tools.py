@@ -512,6 +512,7 @@ def test_tool_contracts() -> None:
     assert schema["required"] == ["order_id", "item_ids", "new_item_ids", "payment_method_id"]
     assert schema["properties"]["item_ids"] == {
         "items": {"type": "string"},
+        "maxItems": rt.MAX_ITEMS_PER_ORDER,
         "title": "Item Ids",
         "type": "array",
     }

@@ -9,7 +9,7 @@ from tether import Evidence, ToolContext, tool
 PAYLOAD = "x" * 80  # with the key names, a result serializes to about 100 bytes
 
 
-@tool
+@tool(effect="read")
 def lookup(i: int) -> dict[str, Any]:
     """Look item i up (a read); returns about 100 bytes."""
     return {"i": i, "payload": PAYLOAD}

@@ -46,7 +46,7 @@ def order_found(args: dict[str, Any], result: Any, ctx: ToolContext) -> Evidence
     )
 
 
-@tool(verify=order_found)
+@tool(effect="read", verify=order_found)
 def lookup_order(order_id: str) -> dict[str, Any]:
     """Look up an order: its customer, items and total paid."""
     order = ORDERS.get(order_id)

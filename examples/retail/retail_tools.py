@@ -31,9 +31,10 @@ from collections import Counter
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Annotated, Any
 
 import retail_db
+from pydantic import Field
 
 from tether import Evidence, ToolContext, tool
 
@@ -42,6 +43,10 @@ Db = dict[str, Any]
 CANCEL_REASONS = ("no longer needed", "ordered by mistake")
 ITEMS_MODIFIED = "pending (item modified)"  # tau2's exact status string
 GIFT_CARD = "gift_card"
+# An order holds a handful of items (at most 5 in tau2's database): a tight bound keeps the
+# policy's per-item conditions (quadratic in the list) cheap whatever a model proposes.
+MAX_ITEMS_PER_ORDER = 50
+ItemIds = Annotated[list[str], Field(max_length=MAX_ITEMS_PER_ORDER)]
 
 
 # -- lookups --------------------------------------------------------------------------------
@@ -691,7 +696,7 @@ def verify_exchange_requested(args: dict[str, Any], result: Any, ctx: ToolContex
     return _judged(problems, detail)
 
 
-@tool(verify=verify_user_by_email)
+@tool(effect="read", verify=verify_user_by_email)
 def find_user_id_by_email(email: str, ctx: ToolContext) -> str:
     """Find a customer's user id by their email address, such as 'something@example.com'. Use this first to
     authenticate the customer, even if they already gave a user id; if they cannot remember their email,
@@ -700,7 +705,7 @@ def find_user_id_by_email(email: str, ctx: ToolContext) -> str:
     return _read(ctx, "find_user_id_by_email", email=email)
 
 
-@tool(verify=verify_user_by_name_zip)
+@tool(effect="read", verify=verify_user_by_name_zip)
 def find_user_id_by_name_zip(first_name: str, last_name: str, zip: str, ctx: ToolContext) -> str:
     """Find a customer's user id by first name, last name and zip code (such as 'John', 'Doe', '12345').
     Use this to authenticate the customer only when they cannot give an email that find_user_id_by_email
@@ -709,7 +714,7 @@ def find_user_id_by_name_zip(first_name: str, last_name: str, zip: str, ctx: Too
     return _read(ctx, "find_user_id_by_name_zip", first_name=first_name, last_name=last_name, zip=zip)
 
 
-@tool
+@tool(effect="read")
 def get_user_details(user_id: str, ctx: ToolContext) -> dict[str, Any]:
     """Get a user's profile: name, email, default address, payment methods (with gift card balances) and
     the ids of their orders. A user id looks like 'sara_doe_496'.
@@ -717,7 +722,7 @@ def get_user_details(user_id: str, ctx: ToolContext) -> dict[str, Any]:
     return _read(ctx, "get_user_details", user_id=user_id)
 
 
-@tool
+@tool(effect="read")
 def get_order_details(order_id: str, ctx: ToolContext) -> dict[str, Any]:
     """Get an order's status and details: its user, shipping address, items (with item ids, product ids,
     options and prices), fulfillments and payment history. Order ids start with '#', such as
@@ -726,7 +731,7 @@ def get_order_details(order_id: str, ctx: ToolContext) -> dict[str, Any]:
     return _read(ctx, "get_order_details", order_id=order_id)
 
 
-@tool
+@tool(effect="read")
 def get_product_details(product_id: str, ctx: ToolContext) -> dict[str, Any]:
     """Get a product type and all its variant items: each item's id, options, availability and price.
     Product ids and item ids are both 10-digit numbers but never interchangeable: find a product id in an
@@ -735,7 +740,7 @@ def get_product_details(product_id: str, ctx: ToolContext) -> dict[str, Any]:
     return _read(ctx, "get_product_details", product_id=product_id)
 
 
-@tool
+@tool(effect="read")
 def get_item_details(item_id: str, ctx: ToolContext) -> dict[str, Any]:
     """Get one variant item by its item id (a 10-digit number, not a product id): its options,
     availability and price.
@@ -743,7 +748,7 @@ def get_item_details(item_id: str, ctx: ToolContext) -> dict[str, Any]:
     return _read(ctx, "get_item_details", item_id=item_id)
 
 
-@tool
+@tool(effect="read")
 def list_all_product_types(ctx: ToolContext) -> str:
     """List every product type the store sells, as a JSON object mapping product name to product id, sorted
     by name. Use get_product_details to see a product's items.
@@ -751,7 +756,7 @@ def list_all_product_types(ctx: ToolContext) -> str:
     return _read(ctx, "list_all_product_types")
 
 
-@tool
+@tool(effect="read")
 def calculate(expression: str, ctx: ToolContext) -> str:
     """Calculate an arithmetic expression such as '(12.5 + 7) * 2 - 3 / 4', made of numbers, + - * /,
     parentheses and spaces; the result is rounded to 2 decimals.
@@ -771,7 +776,7 @@ def cancel_pending_order(order_id: str, reason: str, ctx: ToolContext) -> dict[s
 
 @tool(effect="write", verify=verify_items_modified)
 def modify_pending_order_items(
-    order_id: str, item_ids: list[str], new_item_ids: list[str], payment_method_id: str, ctx: ToolContext
+    order_id: str, item_ids: ItemIds, new_item_ids: ItemIds, payment_method_id: str, ctx: ToolContext
 ) -> dict[str, Any]:
     """Change items of a pending order into other available options of the same products: new_item_ids[i]
     replaces item_ids[i] (an item id may repeat), and the price difference is paid with, or refunded to,
@@ -854,7 +859,7 @@ def modify_user_address(
 
 @tool(effect="write", verify=verify_return_requested)
 def return_delivered_order_items(
-    order_id: str, item_ids: list[str], payment_method_id: str, ctx: ToolContext
+    order_id: str, item_ids: ItemIds, payment_method_id: str, ctx: ToolContext
 ) -> dict[str, Any]:
     """Request the return of items of a delivered order (an item id may repeat); the refund goes to
     payment_method_id, which must be the order's original payment method or a gift card. The order
@@ -872,7 +877,7 @@ def return_delivered_order_items(
 
 @tool(effect="write", verify=verify_exchange_requested)
 def exchange_delivered_order_items(
-    order_id: str, item_ids: list[str], new_item_ids: list[str], payment_method_id: str, ctx: ToolContext
+    order_id: str, item_ids: ItemIds, new_item_ids: ItemIds, payment_method_id: str, ctx: ToolContext
 ) -> dict[str, Any]:
     """Request an exchange of items of a delivered order for other available options of the same products:
     new_item_ids[i] replaces item_ids[i] (an item id may repeat), and the price difference is paid with,

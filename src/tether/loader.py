@@ -21,7 +21,7 @@ import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
 from tether.budget import Limits
-from tether.errors import DefinitionError
+from tether.errors import DefinitionError, PolicyFileError
 from tether.policy import Policy
 from tether.strict_yaml import load_yaml
 from tether.tools import Effect, Tool
@@ -188,6 +188,8 @@ async def _from_yaml(path: Path, policy_override: str | Path | None) -> Workflow
         content = load_yaml(path.read_text())
     except FileNotFoundError:
         raise DefinitionError(f"workflow file not found: {path}") from None
+    except (OSError, UnicodeDecodeError) as exc:
+        raise DefinitionError(f"workflow file {path} cannot be read: {exc}") from None
     except yaml.YAMLError as exc:
         raise DefinitionError(f"{path}: not valid YAML: {exc}") from None
     if not isinstance(content, dict):
@@ -199,10 +201,7 @@ async def _from_yaml(path: Path, policy_override: str | Path | None) -> Workflow
     base = path.parent.resolve()
     mcp = await _mcp_catalog(doc.mcp_servers, base, str(path)) if doc.mcp_servers else None
     states = [_state(name, s, base, f"{path}: state {name!r}", mcp) for name, s in doc.states.items()]
-    policy_path = policy_override or (base / doc.policy if doc.policy else base / POLICY_FILE)
-    if doc.policy and not Path(policy_path).exists():
-        raise DefinitionError(f"{path}: policy file {doc.policy!r} not found next to the workflow")
-    policy = Policy.from_file(policy_path) if Path(policy_path).exists() else None
+    policy = _policy(path, doc.policy, policy_override)
     resolvers = {
         n: _import(ref, where=f"{path}: resolver {n!r}", base=base) for n, ref in doc.resolvers.items()
     }
@@ -217,6 +216,21 @@ async def _from_yaml(path: Path, policy_override: str | Path | None) -> Workflow
         limits=doc.limits,
         description=doc.description,
     )
+
+
+def _policy(path: Path, declared: str | None, override: str | Path | None) -> Policy | None:
+    """The policy a file-defined workflow runs under: the one given, else the one it names,
+    else `policy.yaml` beside it if there is one. A policy that is named, either way, but
+    cannot be read is an error naming the path tried, never a run without its rules."""
+    if override is not None:
+        return Policy.from_file(override)
+    base = path.parent.resolve()
+    if declared is not None:
+        if not (base / declared).exists():
+            raise PolicyFileError(f"{path} names policy {declared!r}, which is not found: {base / declared}")
+        return Policy.from_file(base / declared)
+    beside = base / POLICY_FILE
+    return Policy.from_file(beside) if beside.exists() else None
 
 
 def _state(
@@ -259,7 +273,8 @@ def _tool(spec: str | ToolRef, base: Path, where: str, mcp: McpCatalog | None) -
         if ref.verify
         else (obj.verifier if isinstance(obj, Tool) else None)
     )
-    effect = ref.effect or (obj.effect if isinstance(obj, Tool) else "read")
+    # Undeclared stays undeclared (None: the most restrictive effect, flagged as such).
+    effect = ref.effect or (obj.effect if isinstance(obj, Tool) and obj.effect_declared else None)
     idempotent = ref.idempotent
     if idempotent is None and isinstance(obj, Tool) and ref.effect is None:
         idempotent = obj.idempotent  # keep what the decorator declared unless the effect changes

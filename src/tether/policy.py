@@ -10,12 +10,21 @@ allow), and among equals the first in the file. With no candidate, a default app
 reads and exits are allowed; writes and external effects are denied. A condition that
 cannot be evaluated (a missing field, a type error) denies, with reason `policy_error`.
 Every decision names its rule id and the policy hash.
+
+Evaluation is bounded. A condition longer than `MAX_CONDITION_CHARS`, nested deeper than
+`MAX_CONDITION_NESTING`, or with more than `MAX_CONDITION_OPERATORS` operators is refused
+at load (the CEL engine's evaluator recurses once per operator and overflows its stack, a
+crash of the whole process, at about 12,000 on an 8 MB stack). Tool arguments are bounded
+by the tool's schema (see `tether.tools`). And a decision whose conditions use more CPU time
+than the policy's `evaluation_budget` (checked after each rule: the engine holds the GIL, so
+it cannot be interrupted mid-condition) denies with `policy_error`.
 """
 
 from __future__ import annotations
 
 import json
 import re
+import time
 from collections.abc import Callable, Mapping
 from pathlib import Path
 from typing import Any, Literal
@@ -31,8 +40,9 @@ from tether.reasons import ReasonCode
 from tether.strict_yaml import load_yaml
 from tether.tools import Tool
 
+BUDGET_RULE_ID = "policy:evaluation_budget"
 SEVERITY: dict[str, int] = {"allow": 0, "ask": 1, "defer": 2, "deny": 3}
-_REASON_OF: dict[str, ReasonCode] = {
+REASON_OF: dict[str, ReasonCode] = {
     "allow": ReasonCode.POLICY_ALLOWED,
     "deny": ReasonCode.POLICY_DENIED,
     "ask": ReasonCode.APPROVAL_REQUIRED,
@@ -82,6 +92,13 @@ CEL_FUNCTIONS = frozenset(
     }
 )
 DEFAULT_APPROVAL_SECONDS = 24 * 3600.0
+# Limits on a condition, checked at load; docs/policy.md gives the measurements behind them.
+MAX_CONDITION_CHARS = 4_000
+MAX_CONDITION_NESTING = 32
+MAX_CONDITION_OPERATORS = 500
+# Seconds of CPU time the conditions of one decision may use. This thread's CPU time, not the
+# wall clock: a process waiting for a core under load must not turn allowed steps into denials.
+DEFAULT_EVALUATION_BUDGET = 0.05
 
 
 class Rule(BaseModel):
@@ -153,9 +170,18 @@ class _CompiledRule:
 class Policy:
     """A parsed, compiled policy. Build with `Policy.from_file`, `from_yaml` or `from_dict`."""
 
-    def __init__(self, document: PolicyDocument, source: str = "<policy>") -> None:
+    def __init__(
+        self,
+        document: PolicyDocument,
+        source: str = "<policy>",
+        *,
+        evaluation_budget: float = DEFAULT_EVALUATION_BUDGET,
+    ) -> None:
+        if not evaluation_budget > 0:
+            raise ValueError(f"evaluation_budget must be a positive number of seconds: {evaluation_budget}")
         self.document = document
         self.source = source
+        self.evaluation_budget = evaluation_budget
         self.hash = fingerprint(document.model_dump(mode="json"))
         ids: set[str] = set()
         self._rules: list[_CompiledRule] = []
@@ -171,7 +197,9 @@ class Policy:
         return cls(PolicyDocument(), "<default policy>")
 
     @classmethod
-    def from_dict(cls, content: Any, source: str = "<policy>") -> Policy:
+    def from_dict(
+        cls, content: Any, source: str = "<policy>", *, evaluation_budget: float = DEFAULT_EVALUATION_BUDGET
+    ) -> Policy:
         if content is None:
             content = {}
         if not isinstance(content, dict):
@@ -180,24 +208,28 @@ class Policy:
             document = PolicyDocument.model_validate(content)
         except ValidationError as exc:
             raise PolicyFileError(f"{source}: " + _explain(exc, content)) from None
-        return cls(document, source)
+        return cls(document, source, evaluation_budget=evaluation_budget)
 
     @classmethod
-    def from_yaml(cls, text: str, source: str = "<policy>") -> Policy:
+    def from_yaml(
+        cls, text: str, source: str = "<policy>", *, evaluation_budget: float = DEFAULT_EVALUATION_BUDGET
+    ) -> Policy:
         try:
             content = load_yaml(text)
         except yaml.YAMLError as exc:
             raise PolicyFileError(f"{source}: not valid YAML: {exc}") from None
-        return cls.from_dict(content, source)
+        return cls.from_dict(content, source, evaluation_budget=evaluation_budget)
 
     @classmethod
-    def from_file(cls, path: str | Path) -> Policy:
+    def from_file(cls, path: str | Path, *, evaluation_budget: float = DEFAULT_EVALUATION_BUDGET) -> Policy:
         file = Path(path)
         try:
             text = file.read_text()
         except FileNotFoundError:
-            raise PolicyFileError(f"policy file not found: {file}") from None
-        return cls.from_yaml(text, str(file))
+            raise PolicyFileError(f"policy file not found: {_tried(file)}") from None
+        except (OSError, UnicodeDecodeError) as exc:
+            raise PolicyFileError(f"policy file {_tried(file)} cannot be read: {exc}") from None
+        return cls.from_yaml(text, str(file), evaluation_budget=evaluation_budget)
 
     def _governing(self, kind: str, name: str) -> list[_CompiledRule]:
         """The rules naming this tool or exit (or "*"), in file order; memoized per target."""
@@ -239,6 +271,33 @@ class Policy:
                         f"(the workflow has: {listing})"
                     )
 
+    def _default(
+        self,
+        kind: str,
+        effect: str,
+        variables: Mapping[str, Any],
+        evaluated: dict[str, bool | str],
+        resolved: dict[str, Any],
+    ) -> Decision:
+        default = getattr(self.document.defaults, "exit" if kind == "exit" else effect)
+        reason = f"no rule matched; default for {effect} is {default}"
+        tool = variables.get("tool")
+        if kind == "tool" and isinstance(tool, Mapping) and tool.get("effect_declared") is False:
+            reason += (
+                f" (tool {tool.get('name')!r} declares no effect, so it counts as {effect}: declare one "
+                'with @tool(effect="read") or Tool(fn, effect=...) in code, or '
+                "{ref: module:function, effect: read} in the workflow's tools)"
+            )
+        return Decision(
+            decision=default,
+            rule_id=f"default:{kind if kind == 'exit' else effect}",
+            policy_hash=self.hash,
+            reason_code=REASON_OF[default],
+            reason=reason,
+            evaluated=evaluated,
+            resolved=resolved,
+        )
+
     def decide(
         self,
         *,
@@ -254,9 +313,11 @@ class Policy:
         they are computed only when a governing rule uses them. `resolvers` are the
         lookups conditions may call; each call is memoized and recorded in the decision.
         """
+        started = time.thread_time()
         rules = self._governing(kind, name)
         resolved: dict[str, Any] = {}
-        context = _context(rules, variables, resolvers or {}, resolved)
+        resolving = _Stopwatch()
+        context = _context(rules, variables, resolvers or {}, resolved, resolving)
         best: _CompiledRule | None = None
         matched: list[str] = []
         evaluated: dict[str, bool | str] = {}
@@ -280,23 +341,30 @@ class Policy:
                 matched.append(c.rule.id)
                 if best is None or SEVERITY[c.rule.decision] > SEVERITY[best.rule.decision]:
                     best = c
+            spent = time.thread_time() - started - resolving.seconds
+            if spent > self.evaluation_budget:
+                return Decision(
+                    decision="deny",
+                    rule_id=BUDGET_RULE_ID,
+                    policy_hash=self.hash,
+                    reason_code=ReasonCode.POLICY_ERROR,
+                    reason=(
+                        f"policy evaluation took {spent * 1000:.1f} ms of CPU, over its budget of "
+                        f"{self.evaluation_budget * 1000:g} ms (after rule {c.rule.id!r}, "
+                        f"{len(evaluated)} of {len(rules)} rules evaluated)"
+                    ),
+                    matched=matched,
+                    evaluated=evaluated,
+                    resolved=resolved,
+                )
         if best is None:
-            default = getattr(self.document.defaults, "exit" if kind == "exit" else effect)
-            return Decision(
-                decision=default,
-                rule_id=f"default:{kind if kind == 'exit' else effect}",
-                policy_hash=self.hash,
-                reason_code=_REASON_OF[default],
-                reason=f"no rule matched; default for {effect} is {default}",
-                evaluated=evaluated,
-                resolved=resolved,
-            )
+            return self._default(kind, effect, variables, evaluated, resolved)
         rule = best.rule
         return Decision(
             decision=rule.decision,
             rule_id=rule.id,
             policy_hash=self.hash,
-            reason_code=_REASON_OF[rule.decision],
+            reason_code=REASON_OF[rule.decision],
             reason=rule.reason,
             approver=(rule.approver or "approver") if rule.decision == "ask" else None,
             owner=rule.owner,
@@ -307,26 +375,46 @@ class Policy:
         )
 
 
+class _Stopwatch:
+    """CPU time spent in resolvers, which the evaluation budget does not count: a lookup's
+    cost is the workflow's business, the conditions' own work is the policy's."""
+
+    def __init__(self) -> None:
+        self.seconds = 0.0
+
+
+def _tried(file: Path) -> str:
+    """A path as given, and where that is when it is relative."""
+    return str(file) if file.is_absolute() else f"{file} (looked for {file.absolute()})"
+
+
 def _context(
     rules: list[_CompiledRule],
     variables: Mapping[str, Any],
     resolvers: Mapping[str, Callable[..., Any]],
     resolved: dict[str, Any],
+    resolving: _Stopwatch,
 ) -> cel.Context:
     """One CEL context per decision, holding only what the governing rules use."""
     used = set().union(*(c.variables for c in rules)) if rules else set()
     values = {k: (v() if callable(v) else v) for k, v in variables.items() if k in used}
     functions: dict[str, Callable[..., Any]] = dict(HELPERS)
     for fname, fn in resolvers.items():
-        functions[fname] = _recording(fname, fn, resolved)
+        functions[fname] = _recording(fname, fn, resolved, resolving)
     return cel.Context(values, functions=functions)
 
 
-def _recording(name: str, fn: Callable[..., Any], resolved: dict[str, Any]) -> Callable[..., Any]:
+def _recording(
+    name: str, fn: Callable[..., Any], resolved: dict[str, Any], resolving: _Stopwatch
+) -> Callable[..., Any]:
     def call(*args: Any) -> Any:
         key = f"{name}({', '.join(json.dumps(a, default=str) for a in args)})"
         if key not in resolved:
-            resolved[key] = fn(*args)
+            started = time.thread_time()
+            try:
+                resolved[key] = fn(*args)
+            finally:
+                resolving.seconds += time.thread_time() - started
         return resolved[key]
 
     return call
@@ -354,6 +442,7 @@ def _holds(c: _CompiledRule, context: cel.Context) -> bool:
 def _compile(rule: Rule, source: str) -> cel.Program | None:
     if rule.when is None:
         return None
+    _check_size(rule.id, rule.when, source)
     try:
         program = cel.compile(rule.when)
     except ValueError as exc:
@@ -365,6 +454,53 @@ def _compile(rule: Rule, source: str) -> cel.Program | None:
             f"(conditions may use: {', '.join(sorted(VARIABLES))})"
         )
     return program
+
+
+# What in a condition is not syntax: comments, and string and bytes literals. One scanner,
+# left to right, so a quote inside a comment or `//` inside a string is read as CEL reads it;
+# a raw literal (r"...") ends at the first matching quote, whatever backslashes it holds.
+_CEL_NOT_SYNTAX = re.compile(
+    r"(?P<comment>//[^\n]*)"
+    r"|(?<!\w)(?:[bB]?[rR]|[rR][bB])"
+    r"""(?:\"\"\"[\s\S]*?\"\"\"|'''[\s\S]*?'''|"[^"\n]*"|'[^'\n]*')"""
+    r"|(?<!\w)[bB]?"
+    r"""(?:\"\"\"(?:\\[\s\S]|[^\\])*?\"\"\"|'''(?:\\[\s\S]|[^\\])*?'''|"(?:\\.|[^"\\\n])*"|'(?:\\.|[^'\\\n])*')"""
+)
+# Characters of operators, member access, indexing, calls and literals. Each node of the
+# expression tree the engine recurses through has at least one, so their count bounds its depth.
+_CEL_OPERATOR = re.compile(r"[-+*/%!<>=&|?.\[({]|\bin\b")
+
+
+def cel_code(expression: str) -> str:
+    """The expression with comments removed and each literal string emptied: only syntax."""
+    return _CEL_NOT_SYNTAX.sub(lambda m: " " if m.group("comment") else '""', expression)
+
+
+def _check_size(rule_id: str, expression: str, source: str) -> None:
+    """Refuse a condition too large for the engine to evaluate safely (see the module doc)."""
+    where = f"{source}: rule {rule_id!r}: condition"
+    if len(expression) > MAX_CONDITION_CHARS:
+        raise PolicyFileError(
+            f"{where} is {len(expression)} characters long, over the limit of {MAX_CONDITION_CHARS}"
+        )
+    code = cel_code(expression)
+    operators = len(_CEL_OPERATOR.findall(code))
+    if operators > MAX_CONDITION_OPERATORS:
+        raise PolicyFileError(
+            f"{where} has {operators} operators, over the limit of {MAX_CONDITION_OPERATORS}: "
+            "split it into several rules"
+        )
+    depth = deepest = 0
+    for char in code:
+        if char in "([{":
+            depth += 1
+            deepest = max(deepest, depth)
+        elif char in ")]}":
+            depth -= 1
+    if deepest > MAX_CONDITION_NESTING:
+        raise PolicyFileError(
+            f"{where} nests brackets {deepest} deep, over the limit of {MAX_CONDITION_NESTING}"
+        )
 
 
 def _called_functions(program: cel.Program) -> set[str]:

@@ -8,23 +8,27 @@ from __future__ import annotations
 
 import contextlib
 import functools
+import re
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal
 
 import cel
 import msgspec
-from pydantic import BaseModel, ConfigDict, Field, ValidationError
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
 from tether.decision import Decision
 from tether.errors import PolicyFileError
 from tether.journal import Entry
 from tether.journal import bodies as b
 from tether.loader import load_workflow
-from tether.policy import HELPERS, SEVERITY, Policy, Rule
+from tether.policy import BUDGET_RULE_ID, HELPERS, REASON_OF, SEVERITY, Policy, Rule, cel_code
 from tether.proposals import Exit, Finish, ToolCall, as_dict
+from tether.reasons import ReasonCode
 from tether.strict_yaml import load_yaml
-from tether.tools import ToolContext
+from tether.tools import ArgumentError, Tool, ToolContext
 from tether.workflow import Workflow
 
 PRECEDENCE = (
@@ -46,7 +50,9 @@ def lint(policy: Policy, workflow: Workflow | None = None) -> list[Finding]:
     """Rules that can never match, or can never decide because another always wins.
 
     Unknown tools, exits, resolvers and fields are errors raised while loading; this finds
-    what loads fine but cannot do what its author meant.
+    what loads fine but cannot do what its author meant. With the workflow, it also finds
+    arithmetic mixing int and double over arguments the tools' schemas type (see
+    `_mixed_arithmetic` for what it can and cannot see).
     """
     if workflow is not None:
         policy.check_targets(workflow.tools(), workflow.exit_names(), workflow.resolvers)
@@ -72,6 +78,7 @@ def lint(policy: Policy, workflow: Workflow | None = None) -> list[Finding]:
                 break
     if workflow is not None:
         findings.extend(_redundant_allows(policy, workflow))
+        findings.extend(_mixed_arithmetic(policy, workflow.tools()))
     return findings
 
 
@@ -113,6 +120,109 @@ def _redundant_allows(policy: Policy, workflow: Workflow) -> list[Finding]:
                     Finding(rule.id, "allows what the defaults already allow: it changes nothing")
                 )
     return findings
+
+
+# CEL's arithmetic has no int/double overloads: `args.amount * 2` fails when amount is a
+# double, and the rule denies with policy_error every time. (Comparisons do mix: `> 100` is fine.)
+_TOKEN = re.compile(
+    r"""\s+
+    |(?P<number>0[xX][0-9a-fA-F]+u?|\d+\.\d*(?:[eE][+-]?\d+)?|\.\d+(?:[eE][+-]?\d+)?|\d+[eE][+-]?\d+|\d+u?)
+    |(?P<name>[A-Za-z_]\w*(?:\s*\.\s*[A-Za-z_]\w*)*)
+    |(?P<op>&&|\|\||[<>=!]=|.)""",
+    re.VERBOSE,
+)
+_ARITHMETIC = {"+", "-", "*", "/", "%"}
+_RESULT_OF = {"size": "int", "int": "int", "uint": "uint", "double": "double", "sum": "double"}
+
+
+def _mixed_arithmetic(policy: Policy, tools: Mapping[str, Tool]) -> list[Finding]:
+    """Arithmetic between operands of known, different numeric types: an argument the tool's
+    schema types (a top-level field written `args.NAME`), a number literal, or a call of
+    size/int/uint/double/sum. Anything else (data, facts, resolver results, nested fields,
+    parenthesised sub-expressions) is untyped here and not checked."""
+    findings = []
+    for rule in policy.rules:
+        kind, names = rule.targets()
+        if kind != "tool" or rule.when is None:
+            continue
+        for name in sorted(tools) if "*" in names else [n for n in names if n in tools]:
+            fields = _numeric_fields(tools[name].json_schema())
+            problem = _first_mix(rule.when, fields)
+            if problem:
+                findings.append(Finding(rule.id, f"{problem} (tool {name!r})"))
+                break
+    return findings
+
+
+def _first_mix(expression: str, fields: dict[str, str]) -> str | None:
+    matches = _TOKEN.finditer(cel_code(expression))
+    tokens = [(m.lastgroup, re.sub(r"\s+", "", m.group())) for m in matches if m.lastgroup]
+    for i, (kind, text) in enumerate(tokens):
+        if kind != "op" or text not in _ARITHMETIC or i == 0 or i + 1 >= len(tokens):
+            continue
+        left, right = _type_before(tokens, i, fields), _type_after(tokens, i, fields)
+        if left and right and left[0] != right[0]:
+            return (
+                f"`{left[1]} {text} {right[1]}` mixes {left[0]} and {right[0]}: CEL arithmetic does not "
+                "convert between them, so this condition fails closed (deny, policy_error) whenever it "
+                "is evaluated; write the literal in the argument's type (e.g. 100.0 for a number)"
+            )
+    return None
+
+
+def _type_before(tokens: list[tuple[str, str]], i: int, fields: dict[str, str]) -> tuple[str, str] | None:
+    kind, text = tokens[i - 1]
+    if kind == "number":
+        return _literal_type(text), text
+    if kind == "name" and (i < 2 or tokens[i - 2][1] != "."):
+        return _field_type(text, fields)
+    if text == ")":  # a call of a function whose result type is known
+        depth, j = 0, i - 1
+        while j >= 0:
+            depth += {")": 1, "(": -1}.get(tokens[j][1], 0)
+            if depth == 0:
+                break
+            j -= 1
+        if j >= 1 and tokens[j - 1][0] == "name" and tokens[j - 1][1] in _RESULT_OF:
+            return _RESULT_OF[tokens[j - 1][1]], f"{tokens[j - 1][1]}(…)"
+    return None
+
+
+def _type_after(tokens: list[tuple[str, str]], i: int, fields: dict[str, str]) -> tuple[str, str] | None:
+    kind, text = tokens[i + 1]
+    following = tokens[i + 2][1] if i + 2 < len(tokens) else ""
+    if kind == "number":
+        return _literal_type(text), text
+    if kind == "name" and following == "(":
+        return (_RESULT_OF[text], f"{text}(…)") if text in _RESULT_OF else None
+    if kind == "name" and following not in (".", "["):
+        return _field_type(text, fields)
+    return None
+
+
+def _literal_type(text: str) -> str:
+    if text.endswith(("u", "U")):
+        return "uint"
+    return "double" if any(c in text for c in ".eE") and not text.lower().startswith("0x") else "int"
+
+
+def _field_type(path: str, fields: dict[str, str]) -> tuple[str, str] | None:
+    parts = path.split(".")
+    if len(parts) == 2 and parts[0] == "args" and parts[1] in fields:
+        return fields[parts[1]], path
+    return None
+
+
+def _numeric_fields(schema: Mapping[str, Any]) -> dict[str, str]:
+    """Top-level arguments the schema types as a number ("double") or an integer ("int")."""
+    kinds = {"number": "double", "integer": "int"}
+    found = {}
+    for name, prop in (schema.get("properties") or {}).items():
+        options = prop.get("anyOf", [prop]) if isinstance(prop, Mapping) else []
+        types = {o.get("type") for o in options if isinstance(o, Mapping)} - {"null"}
+        if len(types) == 1 and (kind := kinds.get(types.pop())):
+            found[name] = kind
+    return found
 
 
 # -- explain ---------------------------------------------------------------------------
@@ -174,6 +284,8 @@ def explain(entries: list[Entry], step_id: str, policy: Policy | None) -> Explan
         )
     if decision.rule_id.startswith("default:"):
         why = f"no rule's condition held, so the default applies: {decision.reason}"
+    elif decision.rule_id == BUDGET_RULE_ID:
+        why = f"the conditions took longer than one decision may, which denies: {decision.reason}"
     elif decision.rule_id.startswith(("runtime:", "approval:", "workflow:")):
         why = f"refused before policy was consulted: {decision.reason}"
     elif decision.reason_code == "policy_error":
@@ -230,11 +342,27 @@ def _facts_before(entries: list[Entry], seq: int) -> dict[str, Any]:
 
 
 class Expectation(BaseModel):
+    """The decision a case expects. Without `reason_code`, the ordinary one for the decision
+    is expected (policy_denied for deny...): a deny from a condition that failed
+    (policy_error) or from arguments the tool refuses (invalid_arguments) meets only a case
+    that names that reason code."""
+
     model_config = ConfigDict(extra="forbid")
 
     decision: Literal["allow", "deny", "ask", "defer"]
     rule: str | None = None
-    reason_code: str | None = None
+    reason_code: ReasonCode | None = None
+
+    @property
+    def wanted_reason(self) -> ReasonCode:
+        return self.reason_code or REASON_OF[self.decision]
+
+    def met_by(self, decision: Decision) -> bool:
+        return (
+            decision.decision == self.decision
+            and (self.rule is None or decision.rule_id == self.rule)
+            and decision.reason_code == self.wanted_reason
+        )
 
 
 class Case(BaseModel):
@@ -249,6 +377,12 @@ class Case(BaseModel):
     facts: dict[str, Any] = Field(default_factory=dict)
     history: list[dict[str, Any]] = Field(default_factory=list)
     expect: Expectation
+
+    @model_validator(mode="after")
+    def _one_target(self) -> Case:
+        if (self.tool is None) == (self.exit is None):
+            raise ValueError("give exactly one of 'tool' or 'exit'")
+        return self
 
 
 class CaseFile(BaseModel):
@@ -271,8 +405,10 @@ class CaseResult:
     def summary(self) -> str:
         got = f"{self.decision.decision} by {self.decision.rule_id} ({self.decision.reason_code})"
         want = self.expected.decision + (f" by {self.expected.rule}" if self.expected.rule else "")
-        want += f" ({self.expected.reason_code})" if self.expected.reason_code else ""
-        return got if self.passed else f"expected {want}, got {got}"
+        want += f" ({self.expected.wanted_reason})"
+        if self.passed:
+            return got
+        return f"expected {want}, got {got}" + (f": {self.decision.reason}" if self.decision.reason else "")
 
 
 def run_cases(path: Path) -> list[CaseResult]:
@@ -282,12 +418,14 @@ def run_cases(path: Path) -> list[CaseResult]:
         spec = CaseFile.model_validate(content)
     except FileNotFoundError:
         raise PolicyFileError(f"policy test file not found: {path}") from None
+    except (OSError, UnicodeDecodeError) as exc:
+        raise PolicyFileError(f"policy test file {path} cannot be read: {exc}") from None
+    except yaml.YAMLError as exc:
+        raise PolicyFileError(f"{path}: not valid YAML: {exc}") from None
     except ValidationError as exc:
         raise PolicyFileError(
             f"{path}: " + "; ".join(f"{'.'.join(map(str, e['loc']))}: {e['msg']}" for e in exc.errors())
         ) from None
-    except Exception as exc:  # YAML syntax
-        raise PolicyFileError(f"{path}: not valid YAML: {exc}") from None
     base = path.parent.resolve()
     policy = Policy.from_file(base / spec.policy)
     workflow = None
@@ -298,8 +436,6 @@ def run_cases(path: Path) -> list[CaseResult]:
 
 
 def _run_case(case: Case, spec: CaseFile, policy: Policy, workflow: Workflow | None) -> CaseResult:
-    if (case.tool is None) == (case.exit is None):
-        raise PolicyFileError(f"case {case.name!r}: give exactly one of 'tool' or 'exit'")
     data = {**spec.data, **case.data}
     kind: Literal["tool", "exit"] = "tool" if case.tool else "exit"
     name = case.tool or case.exit or ""
@@ -307,12 +443,27 @@ def _run_case(case: Case, spec: CaseFile, policy: Policy, workflow: Workflow | N
     if workflow is not None and case.tool and tool is None:
         raise PolicyFileError(f"case {case.name!r}: the workflow has no tool {name!r}")
     effect = case.effect or (tool.effect if tool else ("exit" if kind == "exit" else "read"))
-    args = tool.validate(case.args).values if tool else case.args
+    try:
+        args = tool.validate(case.args).values if tool else case.args
+    except ArgumentError as exc:  # refused before policy, as the runtime refuses it
+        refused = Decision(
+            decision="deny",
+            rule_id="runtime:arguments",
+            policy_hash=policy.hash,
+            reason_code=ReasonCode.INVALID_ARGUMENTS,
+            reason=str(exc),
+        )
+        return CaseResult(case.name, case.expect.met_by(refused), refused, case.expect)
     ctx = ToolContext(
         run_id="policy-test", step_id="s1", idempotency_key="policy-test:s1", data=data, facts=case.facts
     )
     resolvers = {n: functools.partial(fn, ctx) for n, fn in (workflow.resolvers if workflow else {}).items()}
-    tool_info = {"name": name, "effect": effect, "idempotent": tool.idempotent if tool else effect == "read"}
+    tool_info = {
+        "name": name,
+        "effect": effect,
+        "idempotent": tool.idempotent if tool else effect == "read",
+        "effect_declared": tool.effect_declared if tool else True,
+    }
     decision = policy.decide(
         kind=kind,
         name=name,
@@ -327,10 +478,4 @@ def _run_case(case: Case, spec: CaseFile, policy: Policy, workflow: Workflow | N
             "run": {"id": "policy-test", "workflow": "", "version": "", "state": ""},
         },
     )
-    want = case.expect
-    passed = (
-        decision.decision == want.decision
-        and (want.rule is None or decision.rule_id == want.rule)
-        and (want.reason_code is None or decision.reason_code == want.reason_code)
-    )
-    return CaseResult(case.name, passed, decision, want)
+    return CaseResult(case.name, case.expect.met_by(decision), decision, case.expect)

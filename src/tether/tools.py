@@ -1,19 +1,31 @@
 """Tools: plain Python functions whose JSON schema comes from their type hints.
 
 A tool declares its effect (`read`, `write`, `external`) and whether repeating it is
-harmless (`idempotent`). A tool may name a verifier that reads the resulting state and
-returns `Evidence`; the runtime never takes a tool's own return value as proof.
+harmless (`idempotent`). A tool that declares no effect counts as `external`, the most
+restrictive: default policy denies it, so forgetting to declare never lets a write run.
+A tool may name a verifier that reads the resulting state and returns `Evidence`; the
+runtime never takes a tool's own return value as proof.
+
+Argument lists, mappings and strings are bounded: where the author's type gives no
+maximum length, `MAX_ITEMS` and `MAX_STRING_CHARS` apply (raise either per argument with
+`Annotated[list[str], Field(max_length=N)]`), so no proposal can make validation or a
+policy condition over its arguments work on unbounded input. The defaults are enforced at
+validation and not written into `json_schema()` (the declared schema, which the workflow
+hash covers).
 """
 
 from __future__ import annotations
 
 import functools
 import inspect
+from collections import abc
 from collections.abc import Awaitable, Callable, Mapping
 from dataclasses import dataclass, field
-from typing import Any, Literal, NamedTuple, get_type_hints
+from types import UnionType
+from typing import Annotated, Any, Literal, NamedTuple, Union, get_args, get_origin, get_type_hints
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, create_model
+from pydantic.fields import FieldInfo
 from pydantic_core import to_jsonable_python
 
 from tether.hashing import encode_json, value_hash
@@ -21,6 +33,13 @@ from tether.proposals import DEFAULT_LIMITS, json_value_problem
 
 Effect = Literal["read", "write", "external"]
 EFFECTS: tuple[Effect, ...] = ("read", "write", "external")
+UNDECLARED_EFFECT: Effect = "external"
+# Default bounds for arguments whose type names none. Lists and mappings: a policy condition
+# may compare every item with every other (CEL has comprehensions), which took 11 ms at 100
+# items and 0.8 s at 1,000 (docs/decisions.md), and the engine cannot be interrupted mid-condition.
+# Strings: CEL has no loop over characters, so a string costs a condition linear time at most.
+MAX_ITEMS = 100
+MAX_STRING_CHARS = 100_000
 
 
 @dataclass(frozen=True)
@@ -100,16 +119,19 @@ class Tool:
         fn: Callable[..., Any],
         *,
         name: str | None = None,
-        effect: Effect = "read",
+        effect: Effect | None = None,
         idempotent: bool | None = None,
         verify: Verifier | None = None,
         description: str | None = None,
     ) -> None:
-        if effect not in EFFECTS:
+        if effect is not None and effect not in EFFECTS:
             raise ValueError(f"tool effect must be one of {EFFECTS}, not {effect!r}")
         self.fn = fn
         self.name = name or fn.__name__
-        self.effect: Effect = effect
+        # No declaration means the most restrictive effect; `effect_declared` lets checks and
+        # denials say so, rather than leave the author puzzled by `default:external`.
+        self.effect_declared = effect is not None
+        self.effect: Effect = UNDECLARED_EFFECT if effect is None else effect
         # Reads are harmless to repeat; anything else must say so explicitly.
         self.idempotent = (effect == "read") if idempotent is None else idempotent
         self.verifier = verify
@@ -121,12 +143,24 @@ class Tool:
         return f"Tool({self.name!r}, effect={self.effect!r}, idempotent={self.idempotent})"
 
     def json_schema(self) -> dict[str, Any]:
-        return self.args_model.model_json_schema()
+        """The arguments' schema as the function declares them: what the model is shown and
+        the workflow hash covers. The default bounds are enforced by `args_model` but not
+        shown, so that they leave the hash of workflows (and the runs pinned to them) as is."""
+        return self._declared_model.model_json_schema()
+
+    @functools.cached_property
+    def _declared_model(self) -> type[BaseModel]:
+        return _args_model(self.fn, self.name, bounded=False)[0]
 
     @functools.cached_property
     def info(self) -> dict[str, Any]:
         """What policy conditions see as `tool`."""
-        return {"name": self.name, "effect": self.effect, "idempotent": self.idempotent}
+        return {
+            "name": self.name,
+            "effect": self.effect,
+            "idempotent": self.idempotent,
+            "effect_declared": self.effect_declared,
+        }
 
     def validate(self, args: Any, *, max_bytes: int = DEFAULT_LIMITS.max_bytes) -> ValidatedArgs:
         """Validate arguments strictly, once: JSON values only (finite numbers, bounded
@@ -171,12 +205,15 @@ def tool(
     fn: Callable[..., Any] | None = None,
     *,
     name: str | None = None,
-    effect: Effect = "read",
+    effect: Effect | None = None,
     idempotent: bool | None = None,
     verify: Verifier | None = None,
     description: str | None = None,
 ) -> Any:
-    """Declare a function as a tool: `@tool` or `@tool(effect="write", verify=...)`."""
+    """Declare a function as a tool: `@tool(effect="read")` or `@tool(effect="write", verify=...)`.
+
+    Without `effect`, the tool counts as `external` (see the module's docstring).
+    """
 
     def wrap(f: Callable[..., Any]) -> Tool:
         return Tool(
@@ -190,9 +227,12 @@ def _first_paragraph(doc: str | None) -> str:
     return doc.split("\n\n", 1)[0].strip() if doc else ""
 
 
-def _args_model(fn: Callable[..., Any], tool_name: str) -> tuple[type[BaseModel], str | None]:
-    """Build a strict pydantic model from the function's parameters."""
-    hints = get_type_hints(fn)
+def _args_model(
+    fn: Callable[..., Any], tool_name: str, *, bounded: bool = True
+) -> tuple[type[BaseModel], str | None]:
+    """Build a strict pydantic model from the function's parameters (`bounded`: with the
+    default maximum lengths where the types give none)."""
+    hints = get_type_hints(fn, include_extras=True)  # keep Annotated[..., Field(...)] constraints
     fields: dict[str, Any] = {}
     context_param: str | None = None
     for param in inspect.signature(fn).parameters.values():
@@ -203,10 +243,56 @@ def _args_model(fn: Callable[..., Any], tool_name: str) -> tuple[type[BaseModel]
         if param.kind in (param.VAR_POSITIONAL, param.VAR_KEYWORD):
             raise TypeError(f"tool {tool_name!r}: *args and **kwargs cannot be described")
         default = ... if param.default is param.empty else param.default
-        fields[param.name] = (annotation, default)
+        declared = isinstance(default, FieldInfo) and _declares_max_length(default.metadata)
+        fields[param.name] = (_bounded(annotation, declared=declared) if bounded else annotation, default)
     model = create_model(  # type: ignore[call-overload]
         f"{tool_name}_args",
         __config__=ConfigDict(strict=True, extra="forbid"),
         **fields,
     )
     return model, context_param
+
+
+_SEQUENCES = (list, set, frozenset, tuple, abc.Sequence, abc.Set, abc.MutableSequence, abc.MutableSet)
+_MAPPINGS = (dict, abc.Mapping, abc.MutableMapping)
+
+
+def _bounded(annotation: Any, *, declared: bool = False) -> Any:
+    """The annotation with a maximum length on every list, mapping and string in it that
+    has none (`declared`: the parameter's own `Field(...)` already gives the outer one)."""
+    origin = get_origin(annotation)
+    if origin is Annotated:
+        base, *metadata = get_args(annotation)
+        declared = declared or _declares_max_length(metadata)
+        bound = _default_bound(base)
+        # Bound what it holds; its own bound is decided here when it has one (not a union).
+        inner = _bounded(base, declared=declared or bound is not None)
+        extra = [Field(max_length=bound)] if bound is not None and not declared else []
+        return Annotated[(inner, *metadata, *extra)]  # type: ignore[valid-type]
+    if origin in (Union, UnionType):
+        return Union[tuple(_bounded(a, declared=declared) for a in get_args(annotation))]  # noqa: UP007
+    args = get_args(annotation)
+    if origin is not None and args and (origin in _SEQUENCES or origin in _MAPPINGS):
+        annotation = origin[tuple(a if a is Ellipsis else _bounded(a) for a in args)]
+    bound = _default_bound(annotation)
+    if bound is None or declared:
+        return annotation
+    return Annotated[annotation, Field(max_length=bound)]
+
+
+def _default_bound(annotation: Any) -> int | None:
+    if annotation is str or annotation is bytes:
+        return MAX_STRING_CHARS
+    origin = get_origin(annotation) or annotation
+    if origin is tuple and get_args(annotation) and Ellipsis not in get_args(annotation):
+        return None  # a fixed-length tuple is bounded by its own type
+    return MAX_ITEMS if origin in _SEQUENCES or origin in _MAPPINGS else None
+
+
+def _declares_max_length(metadata: Any) -> bool:
+    for item in metadata:
+        if isinstance(item, FieldInfo) and _declares_max_length(item.metadata):
+            return True
+        if getattr(item, "max_length", None) is not None:
+            return True
+    return False

@@ -473,5 +473,5 @@ def _undeclared_effects(graph: StateGraph) -> list[Finding]:
             _tool_path(graph, t.name),
         )
         for t in graph.workflow.tools().values()
-        if not getattr(t, "effect_declared", True)
+        if not t.effect_declared
     ]

@@ -14,6 +14,10 @@ from tether.policy import Policy
 from tether.policy_tooling import explain, lint, run_cases
 
 app = typer.Typer(no_args_is_help=True)
+NO_WORKFLOW = (
+    " (no workflow to check against: the names of tools, exits and resolvers, and int/double "
+    "arithmetic over arguments, are not checked)"
+)
 
 
 @app.command()
@@ -43,7 +47,7 @@ def check(
             }
         )
     else:
-        against = f" against workflow {wf.name} {wf.version}" if wf else " (no workflow to check against)"
+        against = f" against workflow {wf.name} {wf.version}" if wf else NO_WORKFLOW
         out.print(f"{file}: {len(policy.rules)} rules, {policy.hash[:23]}…{against}")
         for f in findings:
             out.print(f"  [yellow]{f.rule_id}[/]: {f.problem}")

@@ -148,6 +148,8 @@ class McpTool(Tool):
         self.name = name or listed.name
         hinted_effect, hinted_idempotent = effect_from_annotations(listed.annotations)
         self.effect = effect or hinted_effect
+        # Said by the workflow, or by the server's annotations (a tool with neither is undeclared).
+        self.effect_declared = effect is not None or listed.annotations is not None
         if idempotent is not None:
             self.idempotent = idempotent
         elif effect is None:

@@ -17,6 +17,7 @@ from pathlib import Path
 from typing import TypeVar
 from urllib.parse import parse_qsl, urlencode
 
+import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
 from tether.errors import ModelSpecError
@@ -53,7 +54,9 @@ class PriceTable(BaseModel):
             doc = load_yaml(file.read_text())
         except FileNotFoundError:
             raise ModelSpecError(f"price table not found: {file}") from None
-        except Exception as exc:
+        except (OSError, UnicodeDecodeError) as exc:
+            raise ModelSpecError(f"price table {file} cannot be read: {exc}") from None
+        except yaml.YAMLError as exc:
             raise ModelSpecError(f"price table {file} is not valid YAML: {exc}") from None
         try:
             return cls(prices=doc or {})
