@@ -26,6 +26,7 @@ from tether.tools import ToolContext
 from tether.workflow import Workflow
 
 log = logging.getLogger("tether.run")
+NO_HISTORY: list[dict[str, Any]] = []  # `history` when no rule reads it (never appended to)
 
 
 class Pending(msgspec.Struct):
@@ -236,6 +237,9 @@ class RunCursor:
         self.history: list[dict[str, Any]] | None = [] if policy.uses("history") else None
         # (owner, seconds): every commit is fenced by this lease and renews it.
         self.lease = lease
+        # The policy engine's context for this run's decisions, and what conditions see as `run`.
+        self._evaluation = policy.evaluation(workflow.resolvers)
+        self._run_seen: dict[str, Any] | None = None
         self._since = time.monotonic()
         self._buffered: list[NewEntry] = []
         self._dirty: set[str] = set()
@@ -369,29 +373,37 @@ class RunCursor:
 
         `tool` is what conditions see as `tool`: `name` and `effect` (and `idempotent` for tools).
         """
+        record = self.record
+        if self._run_seen is None or self._run_seen["state"] != record.state:
+            self._run_seen = {
+                "id": self.run_id,
+                "workflow": record.workflow_name,
+                "version": record.workflow_version,
+                "state": record.state,
+            }
         variables: dict[str, Any] = {
             "args": args,
-            "data": self.record.data,
-            "facts": self.record.facts,
-            "history": self.history or [],
+            "data": record.data,
+            "facts": record.facts,
+            "history": self.history if self.history is not None else NO_HISTORY,
             "tool": tool,
-            "run": {
-                "id": self.run_id,
-                "workflow": self.record.workflow_name,
-                "version": self.record.workflow_version,
-                "state": self.record.state,
-            },
+            "run": self._run_seen,
         }
         resolvers = None
-        if self.workflow.resolvers:
+        if self.policy.functions:  # bound per decision: a resolver gets this step's context
             ctx = ToolContext(
                 run_id=self.run_id,
                 step_id=step_id,
                 idempotency_key=f"{self.run_id}:{step_id}",
-                data=self.record.data,
-                facts=self.record.facts,
+                data=record.data,
+                facts=record.facts,
             )
             resolvers = {n: functools.partial(fn, ctx) for n, fn in self.workflow.resolvers.items()}
         return self.policy.decide(
-            kind=kind, name=tool["name"], effect=tool["effect"], variables=variables, resolvers=resolvers
+            kind=kind,
+            name=tool["name"],
+            effect=tool["effect"],
+            variables=variables,
+            resolvers=resolvers,
+            evaluation=self._evaluation,
         )

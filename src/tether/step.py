@@ -21,6 +21,7 @@ from __future__ import annotations
 import reprlib
 import secrets
 import time
+from types import MappingProxyType
 from typing import Any, Literal
 
 import msgspec
@@ -313,12 +314,13 @@ class GovernedStep:
 
     def tool_context(self) -> ToolContext:
         cursor = self.cursor
+        # Read-only: run data changes only through recorded steps, never behind the journal.
         return ToolContext(
             run_id=cursor.run_id,
             step_id=self.step_id,
             idempotency_key=f"{cursor.run_id}:{self.step_id}",
-            data=cursor.record.data,
-            facts=cursor.record.facts,
+            data=MappingProxyType(cursor.record.data),
+            facts=MappingProxyType(cursor.record.facts),
         )
 
     async def verify(

@@ -165,9 +165,15 @@ class _GatewayPolicy(Policy):
         effect: str,
         variables: Any,
         resolvers: Any = None,
+        evaluation: Any = None,
     ) -> Decision:
         decision = super().decide(
-            kind=kind, name=name, effect=effect, variables=variables, resolvers=resolvers
+            kind=kind,
+            name=name,
+            effect=effect,
+            variables=variables,
+            resolvers=resolvers,
+            evaluation=evaluation,
         )
         if decision.decision == "ask" and (decision.expires_in or math.inf) > self.approval_timeout:
             return msgspec.structs.replace(decision, expires_in=self.approval_timeout)
