@@ -31,8 +31,9 @@ Sections (`--only`), each row on a fresh SQLite file or PostgreSQL schema:
 5. waiting: W runs started at once in ONE process against a model that takes 200 ms per
    proposal, on SQLite and PostgreSQL: memory per waiting run from the RSS high-water mark
    (VmHWM, reset before the runs) over W, and in a second child (fewer runs: tracing is slow)
-   what tracemalloc shows held while the runs wait, by allocation site; and the most runs
-   seen inside the model call at once (the goal needs all W waiting together).
+   what tracemalloc shows held once every run is in its model call (or has been there once,
+   where the PostgreSQL pool keeps them from all waiting at once), by allocation site; and
+   the most runs seen inside the model call at once (the goal needs all W waiting together).
 
 CPU columns (PostgreSQL, Linux, server on this machine): worker CPU µs/step is the process
 time of the process(es) driving the runs over the timed window (worker processes: sampled
@@ -987,9 +988,11 @@ async def waiting_runs(store: str, n: int, trace: bool, top: int) -> dict[str, A
     script = json.loads(PROPOSALS_FILE.read_text())["proposals"]
     waiting = 0
     most_waiting = 0
+    under_way: set[str] = set()  # runs that have asked the model at least once
 
     async def propose(ctx: ModelContext) -> dict[str, Any]:
         nonlocal waiting, most_waiting
+        under_way.add(ctx.run_id)
         waiting += 1
         most_waiting = max(most_waiting, waiting)
         try:
@@ -1008,6 +1011,7 @@ async def waiting_runs(store: str, n: int, trace: bool, top: int) -> dict[str, A
         await asyncio.gather(*(runtime.start(workflow, model, workflow_ref=ref) for _ in range(3)))
         journal.reset()
         most_waiting = 0
+        under_way.clear()
         gc.collect()
         rss_before = proc_status("VmRSS")
         out["hwm_reset"] = reset_peak_rss()
@@ -1024,9 +1028,10 @@ async def waiting_runs(store: str, n: int, trace: bool, top: int) -> dict[str, A
             while True:
                 await asyncio.sleep(0.05)
                 rss_waiting = max(rss_waiting, proc_status("VmRSS") or 0)
-                if trace and "waiting" not in snapshots and waiting >= 0.95 * n:
-                    # Every run is in its model call: what a waiting run holds. Tracing stops
-                    # here, because it slows everything after it several times over.
+                if trace and "waiting" not in snapshots and max(waiting, len(under_way)) >= 0.95 * n:
+                    # Every run is in its model call (or, where they never all are at once, as
+                    # the PostgreSQL pool throttles them, every run is under way): what a run in
+                    # flight holds. Tracing stops here: it slows everything after it manyfold.
                     snapshots["waiting"] = tracemalloc.take_snapshot()
                     snapshots["waiting_count"] = waiting
                     current, peak = tracemalloc.get_traced_memory()
@@ -1315,7 +1320,8 @@ def report_waiting(items: list[Waiting]) -> None:
             )
         if "traced_growth_waiting" in r:
             print(
-                f"    tracemalloc, {r['snapshot_waiting']:,} runs in their model call: "
+                f"    tracemalloc, {r['snapshot_waiting']:,} of {n:,} runs in their model call "
+                "(all under way): "
                 f"{r['traced_growth_waiting'] / n / 1024:,.1f} KB/run held "
                 f"(peak so far {r['traced_peak_growth'] / n / 1024:,.1f} KB/run)"
             )
