@@ -74,8 +74,18 @@ from benchkit import (
     sqlite_commit_seconds,
 )
 
-from tether import AgentState, Budget, FunctionModel, ModelContext, Policy, Runtime, Terminal, Workflow, tool
-from tether.journal.sqlite import SQLiteJournal
+from tether import (
+    AgentState,
+    Budget,
+    FunctionModel,
+    ModelContext,
+    Policy,
+    Runtime,
+    Terminal,
+    Workflow,
+    open_journal,
+    tool,
+)
 
 Durability = Literal["normal", "full"]
 DURABILITIES: tuple[Durability, ...] = ("normal", "full")
@@ -339,7 +349,7 @@ def scripted_proposer(n: int) -> FunctionModel:
 
 async def _tether_run(path: Path, effect: str, durability: str, n: int) -> tuple[float, float]:
     workflow, model = tether_workflow(effect, n), scripted_proposer(n)
-    journal = SQLiteJournal(path, durability=durability)
+    journal = open_journal(str(path), durability=durability)
     try:
         runtime = Runtime(journal)
         SqlClock.reset()
@@ -360,7 +370,7 @@ def tether_run(path: Path, variant: str, durability: str, n: int) -> tuple[float
 
 
 def tether_empty(path: Path) -> None:
-    SQLiteJournal(path).close()
+    open_journal(str(path)).close()
 
 
 # -- LangGraph ---------------------------------------------------------------------------

@@ -626,10 +626,16 @@ async def store_span(store: str, ids: list[str]) -> tuple[float, float, int]:
             if worked:
                 first = min(first, worked[0].created_at)
                 last = max(last, worked[-1].created_at)
-            recovered += sum(1 for e in entries if e.kind == "step" and e.body.get("recovered"))
+            recovered += sum(1 for e in entries if e.kind == "step" and recovered_step(e.body))
     finally:
         await close(journal)
     return first, last, recovered
+
+
+def recovered_step(body: Any) -> bool:
+    """Whether a step entry's body says it re-ran an intent after a crash (a dict today, a typed
+    record once bodies are typed)."""
+    return bool(body.get("recovered") if isinstance(body, dict) else getattr(body, "recovered", False))
 
 
 _WORKER_HELP: list[str] = []
