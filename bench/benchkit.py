@@ -153,7 +153,8 @@ def run_child(script: Path, kind: str, arg: dict[str, Any], timeout: float = 900
     A child that printed its result but then did not exit within the timeout is killed and
     its result kept, with `hung_on_exit` set.
     """
-    cmd = [sys.executable, str(script), "--child", kind, json.dumps(arg)]
+    # faulthandler: a child that crashes in C code (a driver) says where, in the error shown
+    cmd = [sys.executable, "-X", "faulthandler", str(script), "--child", kind, json.dumps(arg)]
     proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, cwd=ROOT)
     hung = False
     try:

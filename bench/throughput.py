@@ -1116,7 +1116,7 @@ def waiting_results(plan: Plan, tmp: Path) -> list[Waiting]:
     """Each store twice: all the runs (RSS), then fewer with tracemalloc on."""
     todo = [("sqlite", plan.waiting, False), ("sqlite", plan.trace_runs, True)]
     if plan.pg:
-        todo += [("pg", plan.pg_waiting, False), ("pg", plan.trace_runs, True)]
+        todo += [("pg", plan.pg_waiting, False), ("pg", plan.pg_trace_runs, True)]
     out = []
     for kind, n, trace in todo:
         if n <= 0:
@@ -1153,6 +1153,7 @@ class Plan:
     waiting: int
     pg_waiting: int
     trace_runs: int
+    pg_trace_runs: int
     floor_commits: int
     dbos_poll: float
     pg: str | None
@@ -1435,7 +1436,13 @@ def parse_args() -> argparse.Namespace:
         "--pg-waiting", type=int, help="waiting runs on PostgreSQL (default --waiting; 0 skips)"
     )
     parser.add_argument(
-        "--trace-runs", type=int, help="runs traced by tracemalloc (default 2000; quick 200; 0 skips)"
+        "--trace-runs", type=int, help="SQLite runs traced by tracemalloc (2000; quick 200; 0 skips)"
+    )
+    parser.add_argument(
+        "--pg-trace-runs",
+        type=int,
+        help="PostgreSQL runs traced (500; quick 200; 0 skips): tracing slows every commit, and with "
+        "thousands of runs waiting for the pool, its 30 s wait for a connection expires",
     )
     parser.add_argument(
         "--floor-commits", type=int, help="commits per floor measurement (default 2000; quick 500)"
@@ -1469,6 +1476,9 @@ def make_plan(args: argparse.Namespace, pg_problem: str | None) -> Plan:
         waiting=waiting,
         pg_waiting=waiting if args.pg_waiting is None else args.pg_waiting,
         trace_runs=min(waiting, 200 if quick else 2000) if args.trace_runs is None else args.trace_runs,
+        pg_trace_runs=min(waiting, 200 if quick else 500)
+        if args.pg_trace_runs is None
+        else args.pg_trace_runs,
         floor_commits=args.floor_commits or (500 if quick else 2000),
         dbos_poll=args.dbos_poll,
         pg=None if (args.no_pg or pg_problem) else args.pg,
