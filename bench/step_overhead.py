@@ -43,7 +43,7 @@ Columns:
 
 No timing is asserted: this is a report. It ends with the goals of issue 9 it measures.
 
-Run:  .venv-bench/bin/python bench/step_overhead.py [--quick] [--steps 100,1000] [--repeat 5]
+Run:  .venv-bench/bin/python bench/step_overhead.py [--quick] [--steps 100,1000] [--repeat 5] [--profile]
 (the bench extra: `pip install -e '.[dev,bench]'`, for langgraph, its SQLite saver and dbos.)
 """
 
@@ -52,8 +52,11 @@ from __future__ import annotations
 import argparse
 import asyncio
 import contextlib
+import cProfile
+import io
 import json
 import operator
+import pstats
 import sqlite3
 import sys
 import tempfile
@@ -826,6 +829,21 @@ def report_goals(bench: Bench, sizes: list[int], figures: list[Stored]) -> None:
     print(goal_line("bytes stored per step ≤ DBOS's, flat in run length", figure, ok))
 
 
+def profile_tether(tmp: Path, n: int, top: int) -> str:
+    """cProfile of the read loop at `n` steps, NORMAL: where tether's time goes."""
+    profiler = cProfile.Profile()
+    profiler.enable()
+    tether_run(tmp / "profile.db", "read", "normal", n)
+    profiler.disable()
+    text = []
+    for key in ("tottime", "cumulative"):
+        out = io.StringIO()
+        pstats.Stats(profiler, stream=out).strip_dirs().sort_stats(key).print_stats(top)
+        text.append(f"\n== cProfile, tether read loop, {n:,} steps, NORMAL, top {top} by {key} ==")
+        text.append(out.getvalue().split("\n", 4)[-1].rstrip())
+    return "\n".join(text)
+
+
 # -- main ------------------------------------------------------------------------------------
 
 
@@ -840,6 +858,10 @@ def parse_args() -> argparse.Namespace:
         "--floor-commits", type=int, help="commits per floor measurement (default 1000; quick 300)"
     )
     parser.add_argument("--no-dbos", action="store_true", help="skip DBOS's bytes per step")
+    parser.add_argument(
+        "--profile", action="store_true", help="also cProfile tether's read loop, longest run"
+    )
+    parser.add_argument("--top", type=int, default=30, help="functions shown by --profile")
     parser.add_argument("--child", nargs=2, metavar=("KIND", "JSON"), help=argparse.SUPPRESS)
     return parser.parse_args()
 
@@ -870,12 +892,15 @@ def main() -> None:
                     dbos[n] = f"FAILED: {type(exc).__name__}: {exc}"[:400]
         bench = Bench(tmp, floor_commits)
         run_all(bench, sizes, repeat)
+        profile = profile_tether(tmp, max(sizes), args.top) if args.profile else ""
     report_rows(bench, sizes)
     report_ratios(bench, sizes)
     report_growth(bench, sizes)
     figures = stored_figures(bench, sizes, dbos)
     report_bytes(figures, sizes, dbos)
     report_goals(bench, sizes, figures)
+    if profile:
+        print(profile)
     print(f"\nload average at the end: {load_average()}; total {time.perf_counter() - started:.0f}s")
 
 

@@ -47,7 +47,7 @@ workers share this machine's cores.
 No timing is asserted: this is a report. Rows that fail print the error in their notes.
 The report ends with the goals of issue 9 it measures.
 
-Run:  .venv-bench/bin/python bench/throughput.py [--quick] [--only pairs,group,...] [--no-pg]
+Run:  .venv-bench/bin/python bench/throughput.py [--quick] [--only pairs,group,...] [--no-pg] [--profile]
 (the bench extra: `pip install -e '.[dev,bench]'`, for dbos and psycopg; PostgreSQL at
 $TETHER_BENCH_PG, default postgresql://postgres@127.0.0.1:5432/test.)
 """
@@ -57,11 +57,14 @@ from __future__ import annotations
 import argparse
 import asyncio
 import contextlib
+import cProfile
 import gc
 import inspect
+import io
 import itertools
 import json
 import os
+import pstats
 import signal
 import subprocess
 import sys
@@ -98,6 +101,7 @@ SAMPLE_SECONDS = 0.05  # /proc sampling interval
 SETTLED = ("completed", "effect_in_doubt")
 PG_DEFAULT = os.environ.get("TETHER_BENCH_PG", "postgresql://postgres@127.0.0.1:5432/test")
 STORE_NAME = {"sqlite": "SQLite", "pg": "PostgreSQL"}
+SECTIONS = ("pairs", "group", "workers", "recovery", "waiting")
 DURABILITY_NAME = {
     ("sqlite", "full"): "WAL, sync FULL",
     ("sqlite", "normal"): "WAL, sync NORMAL",
@@ -1134,6 +1138,25 @@ def waiting_results(plan: Plan, tmp: Path) -> list[Waiting]:
     return out
 
 
+# -- profile ------------------------------------------------------------------------------
+
+
+def profile_runs(tmp: Path, n: int, top: int) -> str:
+    """cProfile of N runs, one after another, in this process on SQLite: where a run's time goes."""
+    with tether_store("sqlite", tmp, "") as store:
+        profiler = cProfile.Profile()
+        profiler.enable()
+        asyncio.run(tether_in_process(store, "normal", n, 1))
+        profiler.disable()
+    text = []
+    for key in ("tottime", "cumulative"):
+        out = io.StringIO()
+        pstats.Stats(profiler, stream=out).strip_dirs().sort_stats(key).print_stats(top)
+        text.append(f"\n== cProfile, {n} tether runs in turn on SQLite (+3 warm-up), top {top} by {key} ==")
+        text.append(out.getvalue().split("\n", 4)[-1].rstrip())
+    return "\n".join(text)
+
+
 # -- orchestration --------------------------------------------------------------------------
 
 
@@ -1452,7 +1475,8 @@ def parse_args() -> argparse.Namespace:
     parser.add_argument("--no-pg", action="store_true", help="skip every PostgreSQL measurement")
     parser.add_argument("--no-dbos", action="store_true", help="skip the DBOS rows")
     parser.add_argument("--only", help="comma-separated sections: pairs,group,workers,recovery,waiting")
-    parser.add_argument("--top", type=int, default=12, help="allocation sites shown per traced child")
+    parser.add_argument("--top", type=int, default=12, help="allocation sites / functions shown")
+    parser.add_argument("--profile", action="store_true", help="also cProfile tether runs in turn on SQLite")
     parser.add_argument("--child", nargs=2, metavar=("KIND", "JSON"), help=argparse.SUPPRESS)
     return parser.parse_args()
 
@@ -1508,7 +1532,12 @@ def main() -> None:
     started = time.perf_counter()
     pg_problem = None if args.no_pg else pg_available(args.pg)
     plan = make_plan(args, pg_problem)
-    sections = set((args.only or "pairs,group,workers,recovery,waiting").split(","))
+    sections = set((args.only or ",".join(SECTIONS)).split(","))
+    if sections - set(SECTIONS):
+        raise SystemExit(
+            f"--only: unknown section(s) {', '.join(sorted(sections - set(SECTIONS)))}; "
+            f"the sections are {', '.join(SECTIONS)}"
+        )
     with tempfile.TemporaryDirectory(prefix="tether-throughput-") as name:
         tmp = Path(name)
         print(describe_machine(tmp, ("dbos", "psycopg", "sqlalchemy")))
@@ -1537,6 +1566,7 @@ def main() -> None:
             recovery = measure_recovery("pg" if plan.pg else "sqlite", tmp, plan.pg or "", plan)
             progress(f"recovery done: {recovery.error or f'{recovery.from_kill:.2f}s'}")
         waiting = waiting_results(plan, tmp) if "waiting" in sections else []
+        profile = profile_runs(tmp, min(plan.runs, 500), args.top * 2) if args.profile else ""
     if pairs:
         report_pairs(pairs)
     if group:
@@ -1548,6 +1578,8 @@ def main() -> None:
     if waiting:
         report_waiting(waiting)
     report_goals(pairs, group, workers, waiting)
+    if profile:
+        print(profile)
     print(f"\nload average at the end: {load_average()}; total {time.perf_counter() - started:.0f}s")
 
 
