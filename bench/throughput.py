@@ -1534,10 +1534,11 @@ def main() -> None:
     plan = make_plan(args, pg_problem)
     sections = set((args.only or ",".join(SECTIONS)).split(","))
     if sections - set(SECTIONS):
-        raise SystemExit(
-            f"--only: unknown section(s) {', '.join(sorted(sections - set(SECTIONS)))}; "
-            f"the sections are {', '.join(SECTIONS)}"
+        unknown = ", ".join(sorted(sections - set(SECTIONS)))
+        print(
+            f"--only: unknown section(s) {unknown}; the sections are {', '.join(SECTIONS)}", file=sys.stderr
         )
+        raise SystemExit(2)
     with tempfile.TemporaryDirectory(prefix="tether-throughput-") as name:
         tmp = Path(name)
         print(describe_machine(tmp, ("dbos", "psycopg", "sqlalchemy")))
