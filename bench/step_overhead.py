@@ -358,12 +358,12 @@ async def _tether_run(path: Path, effect: str, durability: str, n: int) -> tuple
         SqlClock.reset()
         start, cpu = time.perf_counter(), time.process_time()
         result = await runtime.start(workflow, model)
-        elapsed = time.perf_counter() - start, time.process_time() - cpu
+        times = time.perf_counter() - start, time.process_time() - cpu
     finally:
         journal.close()
     if result.status != "completed":  # the loop itself must be right, or the figures mean nothing
         raise RuntimeError(f"tether run ended {result.status}: {result.reason_code} {result.message}")
-    return elapsed
+    return times
 
 
 def tether_run(path: Path, variant: str, durability: str, n: int) -> tuple[float, float]:
@@ -438,12 +438,12 @@ def langgraph_run(path: Path, variant: str, durability: str, n: int) -> tuple[fl
         SqlClock.reset()
         start, cpu = time.perf_counter(), time.process_time()
         out = graph.invoke(first, config, durability="sync")
-        elapsed = time.perf_counter() - start, time.process_time() - cpu
+        times = time.perf_counter() - start, time.process_time() - cpu
     finally:
         conn.close()
     if out["i"] != n or (variant == "growing" and len(out["results"]) != n):
         raise RuntimeError(f"LangGraph loop ran {out['i']} steps, expected {n}")
-    return elapsed
+    return times
 
 
 def langgraph_empty(path: Path) -> None:
@@ -475,9 +475,6 @@ def dbos_bytes(path: Path, n: int) -> dict[str, Any]:
         "bytes": grown - empty,
         "tables": {t: b - empty_tables.get(t, 0) for t, b in tables.items() if b != empty_tables.get(t, 0)},
     }
-
-
-# -- the floor -------------------------------------------------------------------------------
 
 
 # -- measuring -------------------------------------------------------------------------------

@@ -35,6 +35,11 @@ Sections (`--only`), each row on a fresh SQLite file or PostgreSQL schema:
    where the PostgreSQL pool keeps them from all waiting at once), by allocation site; and
    the most runs seen inside the model call at once (the goal needs all W waiting together).
 
+Sections 1–3 are repeated (`--repeat`, 3): each repetition measures every row of its section
+in turn, so the repetitions of a row are minutes apart. Tables show steps/s as the median
+(lowest–highest) and CPU as medians; ratios are computed within a repetition (between rows
+measured back to back) and goals are judged on medians.
+
 CPU columns (PostgreSQL, Linux, server on this machine): worker CPU µs/step is the process
 time of the process(es) driving the runs over the timed window (worker processes: sampled
 from /proc every 50 ms and interpolated to the span, so start-up is not counted); server
@@ -82,6 +87,7 @@ from typing import Any
 from benchkit import (
     GOALS_HEADER,
     ROOT,
+    Spread,
     describe_machine,
     goal_line,
     load_average,
@@ -143,29 +149,63 @@ class Row:
     def steps_per_second(self) -> float | None:
         return None if not self.seconds else self.steps / self.seconds
 
-    def per_step(self, seconds: float | None) -> str:
-        return "-" if seconds is None else f"{seconds / self.steps * 1e6:,.0f}"
+    def micros(self, seconds: float | None) -> float | None:
+        """CPU seconds over the row as µs per step."""
+        return None if seconds is None or not self.seconds else seconds / self.steps * 1e6
+
+
+@dataclass
+class Series:
+    """One row measured once in each repetition of its section; a repetition measures every
+    row of the section in turn, so the repetitions of a row are minutes apart."""
+
+    rows: list[Row]
+
+    @property
+    def first(self) -> Row:
+        return self.rows[0]
+
+    def spread(self, figure: Callable[[Row], float | None]) -> Spread | None:
+        values = [v for r in self.rows if (v := figure(r)) is not None]
+        return Spread.of(values) if values else None
+
+    @property
+    def rate(self) -> Spread | None:
+        return self.spread(lambda r: r.steps_per_second)
+
+    def notes(self) -> list[str]:
+        """The first repetition's notes, and any other repetition's failure."""
+        seen = list(self.first.notes)
+        for row in self.rows[1:]:
+            seen += [n for n in row.notes if n.startswith(("FAILED", "statuses")) and n not in seen]
+        return seen
 
 
 ROW_HEADER = (
-    "| system | store | durability | how | runs | steps/s | runs/s | worker CPU µs/step | "
-    "server CPU µs/step (+ bg) | notes |\n|---|---|---|---|---|---|---|---|---|---|"
+    "| system | store | durability | how | runs | steps/s | worker CPU µs/step | "
+    "server CPU µs/step (+ bg) | notes |\n|---|---|---|---|---|---|---|---|---|"
 )
 
 
-def _num(x: float | None) -> str:
-    return "-" if x is None else f"{x:,.0f}"
+def show(spread: Spread | None, fmt: str = ",.0f", suffix: str = "") -> str:
+    return "-" if spread is None else spread.show(fmt, suffix)
 
 
-def line(row: Row) -> str:
-    server = row.per_step(row.server_cpu)
-    if row.background_cpu is not None:
-        server += f" (+{row.per_step(row.background_cpu)})"
-    runs_per_second = None if not row.seconds else row.runs / row.seconds
+def median(spread: Spread | None) -> str:
+    return "-" if spread is None else f"{spread.median:,.0f}"
+
+
+def line(series: Series) -> str:
+    """A row: steps/s as median (low–high) over the repetitions, CPU per step as medians."""
+    row = series.first
+    server = median(series.spread(lambda r: r.micros(r.server_cpu)))
+    background = series.spread(lambda r: r.micros(r.background_cpu))
+    if background is not None:
+        server += f" (+{median(background)})"
     return (
-        f"| {row.system} | {row.store} | {DURABILITY_NAME[row.kind, row.durability]} "
-        f"| {row.how} | {row.runs:,} | {_num(row.steps_per_second)} | {_num(runs_per_second)} | "
-        f"{row.per_step(row.worker_cpu)} | {server} | {'; '.join(row.notes)} |"
+        f"| {row.system} | {row.store} | {DURABILITY_NAME[row.kind, row.durability]} | {row.how} | "
+        f"{row.runs:,} | {show(series.rate)} | {median(series.spread(lambda r: r.micros(r.worker_cpu)))} | "
+        f"{server} | {'; '.join(series.notes())} |"
     )
 
 
@@ -1182,116 +1222,155 @@ class Plan:
     pg: str | None
     dbos: bool
     top: int
+    repeat: int
 
 
-def pair_rows(plan: Plan, tmp: Path) -> list[tuple[Row, Row | None]]:
-    """(tether row, DBOS row at the same store, durability and mode)."""
+Pair = tuple[Series, Series | None]  # a tether row and the DBOS row at its durability
+
+
+def pair_rows(plan: Plan, tmp: Path) -> list[Pair]:
+    """Each tether row in one process, then DBOS's at the same store, durability and mode."""
     pg = plan.pg or ""
-    pairs = []
-    for kind in ["sqlite"] + (["pg"] if plan.pg else []):
-        for durability in ("full", "normal"):
-            for mode in ("seq", "gather"):
-                how = "1 process, one run at a time" if mode == "seq" else "1 process, all at once"
-                in_flight = 1 if mode == "seq" else plan.runs
-                ours = measure_tether(kind, tmp, pg, durability, plan.runs, in_flight, how)
-                progress(line(ours))
-                theirs = (
-                    measure_dbos(kind, tmp, pg, durability, plan.dbos_runs, mode, how) if plan.dbos else None
+    measured: dict[tuple[str, str, str], tuple[list[Row], list[Row]]] = {}
+    for _ in range(plan.repeat):
+        for kind in ["sqlite"] + (["pg"] if plan.pg else []):
+            for durability in ("full", "normal"):
+                for mode in ("seq", "gather"):
+                    how = "1 process, one run at a time" if mode == "seq" else "1 process, all at once"
+                    ours, theirs = measured.setdefault((kind, durability, mode), ([], []))
+                    in_flight = 1 if mode == "seq" else plan.runs
+                    ours.append(measure_tether(kind, tmp, pg, durability, plan.runs, in_flight, how))
+                    progress(line(Series([ours[-1]])))
+                    if plan.dbos:
+                        theirs.append(measure_dbos(kind, tmp, pg, durability, plan.dbos_runs, mode, how))
+                        progress(line(Series([theirs[-1]])))
+        if plan.dbos:
+            _, shipped = measured.setdefault(("sqlite", "default", "seq"), ([], []))
+            shipped.append(
+                measure_dbos(
+                    "sqlite", tmp, pg, "default", plan.dbos_runs, "seq", "1 process, one run at a time"
                 )
-                if theirs is not None:
-                    progress(line(theirs))
-                pairs.append((ours, theirs))
-    if plan.dbos:
-        shipped = measure_dbos(
-            "sqlite", tmp, pg, "default", plan.dbos_runs, "seq", "1 process, one run at a time"
-        )
-        shipped.notes.append("DBOS as shipped; tether's journal is always WAL, so no tether row matches it")
-        progress(line(shipped))
-        pairs.append((pairs[0][0], shipped))
+            )
+            shipped[-1].notes.append(
+                "DBOS as shipped; tether's journal is always WAL: no tether row matches it"
+            )
+            progress(line(Series([shipped[-1]])))
+    pairs: list[Pair] = []
+    for (_, durability, _), (ours, theirs) in measured.items():
+        if durability == "default":  # DBOS as shipped, beside tether's FULL row
+            ours = measured["sqlite", "full", "seq"][0]
+        pairs.append((Series(ours), Series(theirs) if theirs else None))
     return pairs
 
 
 @dataclass
 class GroupRow:
     in_flight: int
-    floor: float  # commits/s, measured just before
-    row: Row
+    floors: list[float]  # commits/s, each measured just before a repetition of the row
+    series: Series
+
+    def ratio(self) -> Spread | None:
+        values = [
+            r.steps_per_second / f
+            for r, f in zip(self.series.rows, self.floors, strict=True)
+            if r.steps_per_second
+        ]
+        return Spread.of(values) if values else None
 
 
 def group_rows(plan: Plan, tmp: Path) -> list[GroupRow]:
-    out = []
-    for n in plan.group:
-        floor = 1 / sqlite_commit_seconds(tmp / "floor.db", "FULL", plan.floor_commits)
-        runs = max(n, plan.group_runs)
-        row = measure_tether("sqlite", tmp, "", "full", runs, n, f"{n:,} in flight")
-        out.append(GroupRow(n, floor, row))
-        progress(f"floor FULL {floor:,.0f} commits/s; {line(row)}")
-    return out
+    rows = {n: GroupRow(n, [], Series([])) for n in plan.group}
+    for _ in range(plan.repeat):
+        for n, group in rows.items():
+            group.floors.append(1 / sqlite_commit_seconds(tmp / "floor.db", "FULL", plan.floor_commits))
+            runs = max(n, plan.group_runs)
+            group.series.rows.append(measure_tether("sqlite", tmp, "", "full", runs, n, f"{n:,} in flight"))
+            progress(f"floor FULL {group.floors[-1]:,.0f} commits/s; {line(Series(group.series.rows[-1:]))}")
+    return list(rows.values())
 
 
-def worker_rows(plan: Plan, tmp: Path) -> list[Row]:
-    rows = []
+def worker_rows(plan: Plan, tmp: Path) -> list[Series]:
+    todo: list[tuple[str, int]] = []
     for kind in ["sqlite"] + (["pg"] if plan.pg else []):
-        for count in plan.workers:
-            if kind == "sqlite" and count > 2:
-                continue  # one file, one writer at a time: more processes only contend
-            rows.append(measure_tether_workers(kind, tmp, plan.pg or "", plan.runs, count, plan.concurrency))
-            progress(line(rows[-1]))
+        # SQLite: one file, one writer at a time; more than two processes only contend
+        todo += [(kind, count) for count in plan.workers if kind == "pg" or count <= 2]
     if plan.pg and plan.dbos:
-        for count in plan.workers:
-            rows.append(measure_dbos_queue(plan.pg, plan.dbos_runs, count, plan.concurrency, plan.dbos_poll))
-            progress(line(rows[-1]))
-    return rows
+        todo += [("dbos", count) for count in plan.workers]
+    measured: dict[tuple[str, int], list[Row]] = {key: [] for key in todo}
+    for _ in range(plan.repeat):
+        for kind, count in todo:
+            if kind == "dbos":
+                row = measure_dbos_queue(
+                    plan.pg or "", plan.dbos_runs, count, plan.concurrency, plan.dbos_poll
+                )
+            else:
+                row = measure_tether_workers(kind, tmp, plan.pg or "", plan.runs, count, plan.concurrency)
+            measured[kind, count].append(row)
+            progress(line(Series([row])))
+    return [Series(rows) for rows in measured.values()]
 
 
-def ratio(ours: Row, theirs: Row | None) -> float | None:
-    if theirs is None or not ours.steps_per_second or not theirs.steps_per_second:
+def ratio(ours: Series, theirs: Series | None) -> Spread | None:
+    """tether steps/s ÷ DBOS steps/s, within each repetition (the two were measured together)."""
+    if theirs is None:
         return None
-    return ours.steps_per_second / theirs.steps_per_second
+    values = [
+        a.steps_per_second / b.steps_per_second
+        for a, b in zip(ours.rows, theirs.rows, strict=False)
+        if a.steps_per_second and b.steps_per_second
+    ]
+    return Spread.of(values) if values else None
 
 
-def report_pairs(pairs: list[tuple[Row, Row | None]]) -> None:
+def report_pairs(pairs: list[Pair]) -> None:
     print(f"\n== tether and DBOS at the same durability: {STEPS_PER_RUN} steps per run ==")
+    print("steps/s: median (lowest–highest) over the repetitions; CPU: medians")
     print(ROW_HEADER)
+    shown: set[int] = set()
     for ours, theirs in pairs:
-        if ours is not pairs[0][0] or theirs is pairs[0][1]:
+        if id(ours) not in shown:
             print(line(ours))
+            shown.add(id(ours))
         if theirs is not None:
             print(line(theirs))
     print("\n| store | durability | how | tether steps/s ÷ DBOS steps/s |\n|---|---|---|---|")
     for ours, theirs in pairs:
-        r = ratio(ours, theirs)
         if theirs is not None:
-            name = DURABILITY_NAME[theirs.kind, theirs.durability]
-            print(f"| {ours.store} | {name} | {theirs.how} | {'-' if r is None else f'{r:.2f}×'} |")
+            name = DURABILITY_NAME[theirs.first.kind, theirs.first.durability]
+            print(
+                f"| {ours.first.store} | {name} | {theirs.first.how} | "
+                f"{show(ratio(ours, theirs), '.2f', '×')} |"
+            )
 
 
 def report_group(rows: list[GroupRow]) -> None:
     print("\n== many runs in one process on one SQLite journal at FULL (group commit) ==")
     print("floor: one writer, one ~100-byte INSERT + COMMIT per transaction, FULL, measured just before")
+    print("each repetition of a row; steps/s ÷ floor computed within each repetition")
     print(
         "| runs in flight | runs | steps/s | floor commits/s | steps/s ÷ floor | CPU µs/step | "
         "journal calls/run |"
     )
     print("|---|---|---|---|---|---|---|")
     for g in rows:
-        rate = g.row.steps_per_second
+        first = g.series.first
         calls = next(
-            (n.removeprefix("journal calls/run: ") for n in g.row.notes if n.startswith("journal")), ""
+            (n.removeprefix("journal calls/run: ") for n in first.notes if n.startswith("journal")), ""
         )
-        failure = next((n for n in g.row.notes if n.startswith(("FAILED", "statuses"))), "")
+        failure = next((n for n in g.series.notes() if n.startswith(("FAILED", "statuses"))), "")
+        cpu = median(g.series.spread(lambda r: r.micros(r.worker_cpu)))
         print(
-            f"| {g.in_flight:,} | {g.row.runs:,} | {_num(rate)} | {g.floor:,.0f} | "
-            f"{'-' if rate is None else f'{rate / g.floor:.2f}×'} | {g.row.per_step(g.row.worker_cpu)} | "
-            f"{failure or calls} |"
+            f"| {g.in_flight:,} | {first.runs:,} | {show(g.series.rate)} | {show(Spread.of(g.floors))} | "
+            f"{show(g.ratio(), '.2f', '×')} | {cpu} | {failure or calls} |"
         )
 
 
-def report_workers(rows: list[Row]) -> None:
+def report_workers(rows: list[Series]) -> None:
     print("\n== worker processes: N runs submitted, then K processes drain them ==")
+    print("steps/s: median (lowest–highest) over the repetitions, each over the span the store shows")
     print(ROW_HEADER)
-    for row in rows:
-        print(line(row))
+    for series in rows:
+        print(line(series))
 
 
 def report_recovery(rec: Recovery) -> None:
@@ -1360,73 +1439,71 @@ def report_waiting(items: list[Waiting]) -> None:
         print(f"    journal calls/run: {r['journal']}")
 
 
+GOAL_GROUP = "group commit: durable steps/s at FULL, 1,000 runs in flight ≥ 5× the FULL floor"
+GOAL_WORKERS = "PostgreSQL: adding a worker never lowers throughput (medians)"
+GOAL_DBOS = "PostgreSQL: ≥ 2× DBOS at the same synchronous_commit, every row (medians)"
+
+
 def report_goals(
-    pairs: list[tuple[Row, Row | None]], group: list[GroupRow], workers: list[Row], waiting: list[Waiting]
+    pairs: list[Pair], group: list[GroupRow], workers: list[Series], waiting: list[Waiting]
 ) -> None:
     print("\n== goals of issue 9 measured here ==")
     print(GOALS_HEADER)
-    big = next((g for g in group if g.in_flight == max(x.in_flight for x in group)), None) if group else None
-    if big is not None and big.row.steps_per_second:
-        r = big.row.steps_per_second / big.floor
-        figure = (
-            f"{big.row.steps_per_second:,.0f} steps/s at {big.in_flight:,} in flight = {r:.2f}× the floor"
-        )
-        print(
-            goal_line("group commit: durable steps/s at FULL, 1,000 runs ≥ 5× the FULL floor", figure, r >= 5)
-        )
+    big = max(group, key=lambda g: g.in_flight) if group else None
+    r = big.ratio() if big is not None else None
+    if big is not None and r is not None:
+        rate, times = show(big.series.rate), show(r, ".2f", "×")
+        figure = f"{rate} steps/s at {big.in_flight:,} in flight = {times} the floor"
+        print(goal_line(GOAL_GROUP, figure, r.median >= 5))
     else:
-        print(goal_line("group commit: durable steps/s at FULL, 1,000 runs ≥ 5× the FULL floor", "-", None))
+        print(goal_line(GOAL_GROUP, "-", None))
     for item in (w for w in waiting if not w.traced):
-        r = item.result
-        goal = f"{item.store}: {r['runs'] if r else '?':,} waiting runs < 10 KB each, all waiting at once"
-        if r is None or "rss_growth_peak" not in r:
+        result = item.result
+        runs = f"{result['runs']:,}" if result else "?"
+        goal = f"{item.store}: {runs} waiting runs < 10 KB each, all waiting at once"
+        if result is None or "rss_growth_peak" not in result:
             print(goal_line(goal, item.error or "-", None))
             continue
-        kb = r["rss_growth_peak"] / r["runs"] / 1024
-        figure = (
-            f"{kb:,.1f} KB/run (RSS peak); at most {r['most_waiting']:,} of {r['runs']:,} waiting at once"
-        )
-        print(goal_line(goal, figure, kb < 10 and r["most_waiting"] >= r["runs"]))
-    pg_rows = [r for r, _ in pairs if r.store == "PostgreSQL"] + [
-        r for r in workers if r.store == "PostgreSQL"
+        kb = result["rss_growth_peak"] / result["runs"] / 1024
+        most = result["most_waiting"]
+        figure = f"{kb:,.1f} KB/run (RSS peak); at most {most:,} of {result['runs']:,} waiting at once"
+        print(goal_line(goal, figure, kb < 10 and most >= result["runs"]))
+    pg = [s for s, _ in pairs if s.first.kind == "pg"] + [s for s in workers if s.first.kind == "pg"]
+    cpu = [
+        (s, s.spread(lambda r: r.micros(r.worker_cpu)), s.spread(lambda r: r.micros(r.server_cpu)))
+        for s in pg
+        if s.first.system == "tether"
     ]
-    cpu = [r for r in pg_rows if r.worker_cpu is not None and r.server_cpu is not None]
     figure = "; ".join(
-        f"{r.how} {DURABILITY_NAME['pg', r.durability]}: worker {r.per_step(r.worker_cpu)}, server "
-        f"{r.per_step(r.server_cpu)} (+{r.per_step(r.background_cpu)} bg)"
-        for r in cpu
-        if r.system == "tether"
+        f"{s.first.how}, {DURABILITY_NAME['pg', s.first.durability]}: worker {median(w)}, server {median(v)}"
+        for s, w, v in cpu
+        if w is not None and v is not None
     )
     print(
-        goal_line("PostgreSQL: worker and server CPU µs per step reported", figure or "-", bool(cpu) or None)
+        goal_line(
+            "PostgreSQL: worker and server CPU µs per step reported", figure or "-", bool(figure) or None
+        )
     )
-    tether_pg = [
-        r for r in workers if r.system == "tether" and r.store == "PostgreSQL" and r.steps_per_second
-    ]
+    tether_pg = [s for s in workers if s.first.system == "tether" and s.first.kind == "pg" and s.rate]
     if len(tether_pg) > 1:
-        rates = [r.steps_per_second or 0.0 for r in tether_pg]
-        figure = (
-            " → ".join(f"{r.how.split(' x ')[0]} {r.steps_per_second:,.0f}" for r in tether_pg) + " steps/s"
-        )
-        ok = all(b >= a for a, b in itertools.pairwise(rates))
-        print(goal_line("PostgreSQL: adding a worker never lowers throughput", figure, ok))
+        medians = [s.rate.median for s in tether_pg if s.rate]
+        figure = " → ".join(f"{s.first.how.split(' x ')[0]} {show(s.rate)}" for s in tether_pg) + " steps/s"
+        print(goal_line(GOAL_WORKERS, figure, all(b >= a for a, b in itertools.pairwise(medians))))
     else:
-        print(goal_line("PostgreSQL: adding a worker never lowers throughput", "-", None))
-    matched = [
-        (a, b) for a, b in pairs if a.store == "PostgreSQL" and b is not None and ratio(a, b) is not None
-    ]
-    dbos_workers = {r.how: r for r in workers if r.system == "DBOS"}
-    matched += [
-        (r, dbos_workers.get(r.how)) for r in tether_pg if ratio(r, dbos_workers.get(r.how)) is not None
-    ]
-    if matched:
+        print(goal_line(GOAL_WORKERS, "-", None))
+    dbos_workers = {s.first.how: s for s in workers if s.first.system == "DBOS"}
+    matched = [(a, b) for a, b in pairs if a.first.kind == "pg" and b is not None]
+    matched += [(s, dbos_workers.get(s.first.how)) for s in tether_pg]
+    ratios = [(a, ratio(a, b)) for a, b in matched]
+    ratios = [(a, r) for a, r in ratios if r is not None]
+    if ratios:
         shown = "; ".join(
-            f"{a.how}, {DURABILITY_NAME['pg', a.durability]} {ratio(a, b):.2f}×" for a, b in matched
+            f"{a.first.how}, {DURABILITY_NAME['pg', a.first.durability]} {show(r, '.2f', '×')}"
+            for a, r in ratios
         )
-        ok = all((ratio(a, b) or 0) >= 2 for a, b in matched)
-        print(goal_line("PostgreSQL: ≥ 2× DBOS at the same synchronous_commit (every row)", shown, ok))
+        print(goal_line(GOAL_DBOS, shown, all(r.median >= 2 for _, r in ratios)))
     else:
-        print(goal_line("PostgreSQL: ≥ 2× DBOS at the same synchronous_commit (every row)", "-", None))
+        print(goal_line(GOAL_DBOS, "-", None))
 
 
 # -- main -----------------------------------------------------------------------------------
@@ -1437,7 +1514,10 @@ def parse_args() -> argparse.Namespace:
     parser.add_argument(
         "--quick", action="store_true", help="a smaller run of every section (a minute or two)"
     )
-    parser.add_argument("--runs", type=int, help="runs per tether row (default 1000; quick 100)")
+    parser.add_argument("--runs", type=int, help="runs per tether row (default 500; quick 100)")
+    parser.add_argument(
+        "--repeat", type=int, help="repetitions of the pairs, group and worker rows (default 3; quick 1)"
+    )
     parser.add_argument("--dbos-runs", type=int, help="runs per DBOS row (default: --runs; quick 50)")
     parser.add_argument(
         "--group", default="1,10,100,1000", help="runs in flight, group rows (default 1,10,100,1000)"
@@ -1483,7 +1563,7 @@ def parse_args() -> argparse.Namespace:
 
 def make_plan(args: argparse.Namespace, pg_problem: str | None) -> Plan:
     quick = args.quick
-    runs = args.runs or (100 if quick else 1000)
+    runs = args.runs or (100 if quick else 500)
     waiting = args.waiting or (500 if quick else 10_000)
     return Plan(
         runs=runs,
@@ -1508,6 +1588,7 @@ def make_plan(args: argparse.Namespace, pg_problem: str | None) -> Plan:
         pg=None if (args.no_pg or pg_problem) else args.pg,
         dbos=not args.no_dbos,
         top=args.top,
+        repeat=args.repeat or (1 if quick else 3),
     )
 
 
