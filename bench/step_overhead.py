@@ -1,59 +1,245 @@
-"""Measure tether's own cost per governed step against LangGraph and the raw SQLite floor.
+"""What one governed step costs tether, against LangGraph at the same durability and the raw
+SQLite commit floor measured between them; and the bytes a step stores, against DBOS.
 
-What it measures, all on real files on this disk (in a temporary directory):
+The loops, all on real files in a temporary directory:
 
-* tether: one agent state whose scripted proposer calls one trivial tool N times (the
-  argument `i` changes every step, so loop detection never fires) and then exits. The
-  tool returns about 100 bytes. A 20-rule policy: 10 rules on the tool itself, evaluated
-  on every call (9 CEL conditions that are false, one allow rule), and 10 on the exit and
-  on four envelope tools that are never called. Two loops: a `read` tool (one commit per
-  step) and a `write` idempotent tool (an intent commit, always synced FULL, plus a
-  result commit per step), each with the journal's durability "full" and "normal".
-* LangGraph: a StateGraph with an "agent" node and a "tool" node cycling N times, the
-  state holding a list of ~100-byte results with an `operator.add` reducer (as a message
-  list would), checkpointed by `SqliteSaver` on a file; one agent+tool cycle is a step.
-* the raw floor: one small INSERT + COMMIT per transaction into a WAL-mode SQLite file.
+* tether: one agent state whose proposer (a `FunctionModel` counting turns) calls one trivial
+  tool N times (the argument `i` changes every step, so loop detection never fires), then
+  exits. The tool returns about 100 bytes. A 20-rule policy: 10 rules on the tool, all
+  evaluated on every call (9 CEL conditions that are false, one allow rule), 10 on the exit
+  and four envelope tools never called. Read steps: a read tool. Write steps: an idempotent
+  write tool, so a step records an intent (synced before the effect, whatever the
+  durability) and then its result.
+* LangGraph: a StateGraph cycling an "agent" node and a "tool" node N times, checkpointed by
+  `SqliteSaver` on a WAL file with the same `synchronous` as tether's journal, invoked with
+  `durability="sync"` (each checkpoint written before the next node runs, as tether
+  commits before it moves on). One agent+tool cycle is one step, and writes two
+  checkpoints. Two states: "growing" keeps every ~100-byte result in a list with an
+  `operator.add` reducer (as a message list grows in an agent), so every checkpoint
+  re-stores the whole list and a step costs more the longer the run; "flat" keeps only the
+  last result, which isolates that effect.
+* the floor: one ~100-byte INSERT + COMMIT per transaction into a fresh WAL file, one writer.
+* DBOS (bytes only): one workflow of N `@DBOS.step`s each returning the same ~100 bytes, on
+  DBOS's own SQLite defaults, in a child process (DBOS is one instance per process).
 
-Columns: steps/s is N divided by the wall time of one run (`Runtime.start` for tether,
-`graph.invoke` for LangGraph); bytes/step is the growth of the database file (after
-folding the WAL back in) over an empty store, divided by N; io/step is the bytes the
-process handed to write() during the run (/proc/self/io `wchar`, Linux only), which
-counts rewrites that do not stay in the file. No timing is asserted: this is a report.
+Each repetition measures, for each run length and durability in turn: the floor, tether read,
+tether write, LangGraph growing, LangGraph flat; so every ratio divides figures taken
+seconds apart, and is computed within one repetition. Tables show the median over the
+repetitions with the lowest and highest in brackets.
 
-Run:  .venv/bin/python bench/step_overhead.py [--steps 100,1000] [--repeat 3] [--profile]
-(`pip install -e '.[dev,bench]'` first, for langgraph and langgraph-checkpoint-sqlite.)
+Columns:
+* steps/s: N / wall time of one run (`Runtime.start` for tether, `graph.invoke` for
+  LangGraph); µs/step its inverse.
+* SQL µs/step: time spent inside SQLite calls per step (execute, fetch and commit of every
+  connection the run opens, fsync included), measured by giving `sqlite3.connect` a
+  connection class that times each call (this also counts commits/step).
+* Python µs/step = µs/step − SQL µs/step: what the system costs on top of SQLite itself,
+  whatever the durability (so it should agree between NORMAL and FULL). It includes the
+  timing wrapper, about 1 µs per SQL call (printed at the start).
+* bytes/step: growth of the database file (WAL folded back in) over an empty store, divided
+  by N; at 100 steps it carries the run's fixed records (start, finish) over fewer steps.
+  "marginal": (size at the longest run − size at the shortest) / (difference in steps),
+  the cost of one more step. io/step: bytes handed to write() (/proc/self/io wchar).
+
+No timing is asserted: this is a report. It ends with the goals of issue 9 it measures.
+
+Run:  .venv-bench/bin/python bench/step_overhead.py [--quick] [--steps 100,1000] [--repeat 5] [--profile]
+(the bench extra: `pip install -e '.[dev,bench]'`, for langgraph, its SQLite saver and dbos.)
 """
 
 from __future__ import annotations
 
 import argparse
 import asyncio
+import contextlib
 import cProfile
 import io
+import json
 import operator
-import os
-import platform
 import pstats
 import sqlite3
-import statistics
-import subprocess
 import sys
 import tempfile
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Annotated, Any, Literal, TypedDict
 
-from tether import AgentState, Budget, FunctionModel, ModelContext, Policy, Runtime, Terminal, Workflow, tool
-from tether.journal.sqlite import SQLiteJournal
+from benchkit import (
+    GOALS_HEADER,
+    Spread,
+    describe_machine,
+    goal_line,
+    load_average,
+    print_result,
+    run_child,
+    sqlite_commit_seconds,
+)
 
-Durability = Literal["full", "normal"]
-Effect = Literal["read", "write"]
-DURABILITIES: tuple[Durability, ...] = ("full", "normal")
-EFFECTS: tuple[Effect, ...] = ("read", "write")
+from tether import (
+    AgentState,
+    Budget,
+    FunctionModel,
+    ModelContext,
+    Policy,
+    Runtime,
+    Terminal,
+    Workflow,
+    open_journal,
+    tool,
+)
+
+Durability = Literal["normal", "full"]
+DURABILITIES: tuple[Durability, ...] = ("normal", "full")
+SYNC_PRAGMA: dict[str, str] = {"full": "FULL", "normal": "NORMAL"}
 PAYLOAD = "x" * 80  # with the key names and `i`, a result serializes to about 100 bytes
-SYNC_PRAGMA: dict[Durability, str] = {"full": "FULL", "normal": "NORMAL"}
+SCRIPT = Path(__file__).resolve()
+WORKLOAD = SCRIPT.parent / "workload"
+# (system, variant) in the order each repetition measures them
+SYSTEMS: tuple[tuple[str, str], ...] = (
+    ("floor", "commit"),
+    ("tether", "read"),
+    ("tether", "write"),
+    ("langgraph", "growing"),
+    ("langgraph", "flat"),
+)
+
+
+# -- timing SQLite calls ------------------------------------------------------------------
+
+
+class SqlClock:
+    """Time spent inside SQLite calls (wall, and CPU of the calling thread), calls and commits."""
+
+    seconds = 0.0
+    cpu_seconds = 0.0
+    calls = 0
+    commits = 0
+
+    @classmethod
+    def reset(cls) -> None:
+        cls.seconds, cls.cpu_seconds, cls.calls, cls.commits = 0.0, 0.0, 0, 0
+
+    @classmethod
+    def add(cls, start: tuple[float, float], commit: bool = False) -> None:
+        cls.seconds += time.perf_counter() - start[0]
+        cls.cpu_seconds += time.thread_time() - start[1]
+        cls.calls += 1
+        cls.commits += commit
+
+
+def _now() -> tuple[float, float]:
+    return time.perf_counter(), time.thread_time()
+
+
+def _is_commit(sql: str) -> bool:
+    return sql.lstrip()[:6].upper() in ("COMMIT", "END")
+
+
+class TimedCursor(sqlite3.Cursor):
+    def execute(self, sql: str, parameters: Any = (), /) -> TimedCursor:
+        start = _now()
+        try:
+            return super().execute(sql, parameters)
+        finally:
+            SqlClock.add(start, _is_commit(sql))
+
+    def executemany(self, sql: str, seq: Any, /) -> TimedCursor:
+        start = _now()
+        try:
+            return super().executemany(sql, seq)
+        finally:
+            SqlClock.add(start)
+
+    def fetchone(self) -> Any:
+        start = _now()
+        try:
+            return super().fetchone()
+        finally:
+            SqlClock.add(start)
+
+    def fetchmany(self, size: int | None = None) -> list[Any]:
+        start = _now()
+        try:
+            return super().fetchmany(self.arraysize if size is None else size)
+        finally:
+            SqlClock.add(start)
+
+    def fetchall(self) -> list[Any]:
+        start = _now()
+        try:
+            return super().fetchall()
+        finally:
+            SqlClock.add(start)
+
+    def __next__(self) -> Any:
+        start = _now()
+        try:
+            return super().__next__()
+        finally:
+            SqlClock.add(start)
+
+
+class TimedConnection(sqlite3.Connection):
+    """Every statement goes through a TimedCursor; commits and rollbacks are timed too."""
+
+    def cursor(self, factory: Any = TimedCursor) -> Any:  # type: ignore[override]
+        return super().cursor(factory)
+
+    def execute(self, sql: str, parameters: Any = (), /) -> Any:
+        return self.cursor().execute(sql, parameters)
+
+    def executemany(self, sql: str, seq: Any, /) -> Any:
+        return self.cursor().executemany(sql, seq)
+
+    def commit(self) -> None:
+        start = _now()
+        try:
+            super().commit()
+        finally:
+            SqlClock.add(start, commit=True)
+
+    def rollback(self) -> None:
+        start = _now()
+        try:
+            super().rollback()
+        finally:
+            SqlClock.add(start)
+
+
+@contextlib.contextmanager
+def timed_sqlite() -> Iterator[None]:
+    """Connections opened meanwhile by any code (a store's own) are TimedConnections."""
+    original = sqlite3.connect
+
+    def connect(*args: Any, **kwargs: Any) -> sqlite3.Connection:
+        kwargs.setdefault("factory", TimedConnection)
+        return original(*args, **kwargs)
+
+    sqlite3.connect = connect  # type: ignore[assignment]
+    try:
+        yield
+    finally:
+        sqlite3.connect = original
+
+
+def wrapper_cost(tmp: Path, calls: int = 20_000) -> float:
+    """Microseconds the timing wrapper adds to one SQL call (a `SELECT 1`)."""
+    plain = sqlite3.connect(tmp / "wrapper.db")
+    timed = sqlite3.connect(tmp / "wrapper.db", factory=TimedConnection)
+    try:
+        costs = []
+        for db in (plain, timed):
+            start = time.perf_counter()
+            for _ in range(calls):
+                db.execute("SELECT 1")
+            costs.append(time.perf_counter() - start)
+    finally:
+        plain.close()
+        timed.close()
+    SqlClock.reset()
+    return (costs[1] - costs[0]) / calls * 1e6
 
 
 # -- tether ------------------------------------------------------------------------------
@@ -137,7 +323,7 @@ def policy_rules() -> list[dict[str, Any]]:
     return rules
 
 
-def tether_workflow(effect: Effect, n: int) -> Workflow:
+def tether_workflow(effect: str, n: int) -> Workflow:
     main = probe if effect == "read" else probe_write
     work = AgentState(
         "work",
@@ -164,47 +350,62 @@ def scripted_proposer(n: int) -> FunctionModel:
     return FunctionModel(propose, name="bench-proposer")
 
 
-async def _tether_run(path: Path, effect: Effect, durability: Durability, n: int) -> float:
+async def _tether_run(path: Path, effect: str, durability: str, n: int) -> tuple[float, float]:
     workflow, model = tether_workflow(effect, n), scripted_proposer(n)
-    journal = SQLiteJournal(path, durability=durability)
+    journal = open_journal(str(path), durability=durability)
     try:
-        start = time.perf_counter()
-        result = await Runtime(journal).start(workflow, model)
-        elapsed = time.perf_counter() - start
+        runtime = Runtime(journal)
+        SqlClock.reset()
+        start, cpu = time.perf_counter(), time.process_time()
+        result = await runtime.start(workflow, model)
+        times = time.perf_counter() - start, time.process_time() - cpu
     finally:
         journal.close()
     if result.status != "completed":  # the loop itself must be right, or the figures mean nothing
         raise RuntimeError(f"tether run ended {result.status}: {result.reason_code} {result.message}")
-    return elapsed
+    return times
+
+
+def tether_run(path: Path, variant: str, durability: str, n: int) -> tuple[float, float]:
+    """Wall and CPU seconds of one run."""
+    with timed_sqlite():
+        return asyncio.run(_tether_run(path, variant, durability, n))
 
 
 def tether_empty(path: Path) -> None:
-    SQLiteJournal(path).close()
+    open_journal(str(path)).close()
 
 
 # -- LangGraph ---------------------------------------------------------------------------
 
 
-class LoopState(TypedDict):
+class GrowingState(TypedDict):
     i: int
     proposal: dict[str, Any]
     results: Annotated[list[dict[str, Any]], operator.add]
 
 
-def langgraph_graph(n: int, saver: Any) -> Any:
+class FlatState(TypedDict):
+    i: int
+    proposal: dict[str, Any]
+    result: dict[str, Any]
+
+
+def langgraph_graph(n: int, saver: Any, variant: str) -> Any:
     from langgraph.graph import END, START, StateGraph
 
-    def agent(state: LoopState) -> dict[str, Any]:
+    def agent(state: dict[str, Any]) -> dict[str, Any]:
         return {"proposal": {"tool": "probe", "args": {"i": state["i"]}}}
 
-    def run_tool(state: LoopState) -> dict[str, Any]:
+    def run_tool(state: dict[str, Any]) -> dict[str, Any]:
         i = state["proposal"]["args"]["i"]
-        return {"i": i + 1, "results": [{"i": i, "payload": PAYLOAD}]}
+        result = {"i": i, "payload": PAYLOAD}
+        return {"i": i + 1, "results": [result]} if variant == "growing" else {"i": i + 1, "result": result}
 
-    def route(state: LoopState) -> str:
+    def route(state: dict[str, Any]) -> str:
         return "tool" if state["i"] < n else END
 
-    graph = StateGraph(LoopState)
+    graph = StateGraph(GrowingState if variant == "growing" else FlatState)  # type: ignore[type-var]
     graph.add_node("agent", agent)
     graph.add_node("tool", run_tool)
     graph.add_edge(START, "agent")
@@ -213,10 +414,10 @@ def langgraph_graph(n: int, saver: Any) -> Any:
     return graph.compile(checkpointer=saver)
 
 
-def _langgraph_saver(path: Path, durability: Durability) -> tuple[sqlite3.Connection, Any]:
+def _langgraph_saver(path: Path, durability: str) -> tuple[sqlite3.Connection, Any]:
     from langgraph.checkpoint.sqlite import SqliteSaver
 
-    conn = sqlite3.connect(path, check_same_thread=False)
+    conn = sqlite3.connect(path, check_same_thread=False, factory=TimedConnection)
     conn.execute(f"PRAGMA synchronous={SYNC_PRAGMA[durability]}")
     saver = SqliteSaver(conn)
     saver.setup()  # SqliteSaver.setup runs `PRAGMA journal_mode=WAL` itself
@@ -227,22 +428,22 @@ def _langgraph_saver(path: Path, durability: Durability) -> tuple[sqlite3.Connec
     return conn, saver
 
 
-def langgraph_run(path: Path, durability: Durability, n: int, mode: str = "sync") -> float:
+def langgraph_run(path: Path, variant: str, durability: str, n: int) -> tuple[float, float]:
+    """Wall and CPU seconds of one run."""
     conn, saver = _langgraph_saver(path, durability)
     try:
-        graph = langgraph_graph(n, saver)
+        graph = langgraph_graph(n, saver, variant)
         config = {"configurable": {"thread_id": "bench"}, "recursion_limit": 2 * n + 10}
-        start = time.perf_counter()
-        # durability="sync": each step's checkpoint is written before the next step starts,
-        # which is what tether does. LangGraph's default ("async") overlaps the write with
-        # the next step on another thread; see the extra rows printed for it.
-        out = graph.invoke({"i": 0, "results": []}, config, durability=mode)
-        elapsed = time.perf_counter() - start
+        first: dict[str, Any] = {"i": 0, "results": []} if variant == "growing" else {"i": 0, "result": {}}
+        SqlClock.reset()
+        start, cpu = time.perf_counter(), time.process_time()
+        out = graph.invoke(first, config, durability="sync")
+        times = time.perf_counter() - start, time.process_time() - cpu
     finally:
         conn.close()
-    if out["i"] != n or len(out["results"]) != n:
+    if out["i"] != n or (variant == "growing" and len(out["results"]) != n):
         raise RuntimeError(f"LangGraph loop ran {out['i']} steps, expected {n}")
-    return elapsed
+    return times
 
 
 def langgraph_empty(path: Path) -> None:
@@ -250,43 +451,41 @@ def langgraph_empty(path: Path) -> None:
     conn.close()
 
 
-# -- the raw floor -----------------------------------------------------------------------
+# -- DBOS (bytes) --------------------------------------------------------------------------
 
 
-def raw_floor(path: Path, durability: Durability, n: int) -> float:
-    """Seconds for n transactions of one ~100-byte INSERT each into a WAL-mode file."""
-    db = sqlite3.connect(path, isolation_level=None)
+def dbos_bytes(path: Path, n: int) -> dict[str, Any]:
+    """Child: file growth of one DBOS workflow of N steps on DBOS's SQLite defaults, and how much
+    of it is the operation_outputs table (its step records) with its indexes."""
+    sys.path.insert(0, str(WORKLOAD))
+    from dbos import DBOS
+    from dbos_workload import config, run_steps
+
+    DBOS(config=config(f"sqlite:///{path}", executor="bytes", durability="default"))  # type: ignore[arg-type]
+    DBOS.launch()
     try:
-        db.execute("PRAGMA journal_mode=WAL")
-        db.execute(f"PRAGMA synchronous={SYNC_PRAGMA[durability]}")
-        db.execute("CREATE TABLE t (id INTEGER PRIMARY KEY, body TEXT NOT NULL)")
-        body = "x" * 100
-        start = time.perf_counter()
-        for _ in range(n):
-            db.execute("BEGIN IMMEDIATE")
-            db.execute("INSERT INTO t (body) VALUES (?)", (body,))
-            db.execute("COMMIT")
-        return time.perf_counter() - start
+        empty = stored_bytes(path)
+        empty_tables = table_bytes(path)
+        run_steps(n)
     finally:
-        db.close()
+        DBOS.destroy()
+    grown = stored_bytes(path)
+    tables = table_bytes(path)
+    return {
+        "bytes": grown - empty,
+        "tables": {t: b - empty_tables.get(t, 0) for t, b in tables.items() if b != empty_tables.get(t, 0)},
+    }
 
 
-def raw_empty(path: Path) -> None:
-    db = sqlite3.connect(path, isolation_level=None)
-    db.execute("PRAGMA journal_mode=WAL")
-    db.execute("CREATE TABLE t (id INTEGER PRIMARY KEY, body TEXT NOT NULL)")
-    db.close()
-
-
-# -- measuring ---------------------------------------------------------------------------
+# -- measuring -------------------------------------------------------------------------------
 
 
 def stored_bytes(path: Path) -> int:
     """Size of the database file once the WAL is folded back in and truncated.
 
-    File size (not the `dbstat` virtual table) because it is what the store costs on disk,
-    free pages included: a design that rewrites a growing row leaves them behind. Pages
-    are 4 KiB, so at small N the figure is rounded to a page over N steps.
+    File size (not `dbstat`) because it is what the store costs on disk, free pages
+    included: a design that rewrites a growing row leaves them behind. Pages are 4 KiB, so
+    at small N the figure is rounded to a page over N steps.
     """
     db = sqlite3.connect(path)
     try:
@@ -294,6 +493,19 @@ def stored_bytes(path: Path) -> int:
     finally:
         db.close()
     return path.stat().st_size
+
+
+def table_bytes(path: Path) -> dict[str, int]:
+    """Bytes of each table with its indexes (SQLite's dbstat: pages in use)."""
+    db = sqlite3.connect(path)
+    try:
+        rows = db.execute(
+            "SELECT coalesce(m.tbl_name, s.name), sum(s.pgsize) FROM dbstat s "
+            "LEFT JOIN sqlite_master m ON m.name = s.name GROUP BY 1"
+        ).fetchall()
+    finally:
+        db.close()
+    return {name: size for name, size in rows}
 
 
 def written_bytes() -> int | None:
@@ -309,323 +521,384 @@ def written_bytes() -> int | None:
 
 
 @dataclass
-class Row:
-    system: str
-    durability: str
-    effect: str
-    steps: int
-    seconds: float
-    stored: int
-    written: int | None
-    commits_per_step: float = 1.0
+class Sample:
+    """One run of one row."""
 
-    @property
-    def per_second(self) -> float:
-        return self.steps / self.seconds
+    seconds: float  # per step (per commit for the floor)
+    cpu_seconds: float  # per step, the process's
+    sql_seconds: float  # per step
+    sql_cpu_seconds: float  # per step
+    sql_calls: float  # per step
+    commits: float  # per step
+    stored: int | None  # bytes over an empty store, whole run
+    tables: dict[str, int]  # bytes over an empty store, by table
+    written: int | None  # bytes passed to write(), whole run
 
-    @property
-    def bytes_per_step(self) -> float:
-        return self.stored / self.steps
 
-    @property
-    def io_per_step(self) -> float | None:
-        return None if self.written is None else self.written / self.steps
+Key = tuple[str, str, str, int]  # system, variant, durability, steps
 
 
 class Bench:
-    def __init__(self, tmp: Path, repeat: int) -> None:
+    def __init__(self, tmp: Path, floor_commits: int) -> None:
         self.tmp = tmp
-        self.repeat = repeat
+        self.floor_commits = floor_commits
+        self.samples: dict[Key, list[Sample]] = {}
         self._count = 0
-        self._empty: dict[str, int] = {}
+        self._empty: dict[str, tuple[int, dict[str, int]]] = {}
+        for system, make in (("tether", tether_empty), ("langgraph", langgraph_empty)):
+            path = self._path(f"{system}-empty")
+            make(path)
+            self._empty[system] = (stored_bytes(path), table_bytes(path))
 
     def _path(self, name: str) -> Path:
         self._count += 1
-        return self.tmp / f"{self._count:03d}-{name}.db"
+        return self.tmp / f"{self._count:04d}-{name}.db"
 
-    def empty(self, system: str, make: Callable[[Path], None]) -> int:
-        if system not in self._empty:
-            path = self._path(f"{system}-empty")
-            make(path)
-            self._empty[system] = stored_bytes(path)
-        return self._empty[system]
-
-    def measure(
-        self,
-        system: str,
-        durability: str,
-        effect: str,
-        n: int,
-        run: Callable[[Path], float],
-        empty: int,
-        commits_per_step: float = 1.0,
-    ) -> Row:
-        """Median wall time of `repeat` runs, each on a fresh file; bytes of the last one."""
-        times: list[float] = []
-        stored, written = 0, None
-        for _ in range(self.repeat):
-            path = self._path(f"{system}-{durability}-{effect}-{n}")
-            before = written_bytes()
-            times.append(run(path))
+    def measure(self, key: Key) -> Sample:
+        system, variant, durability, n = key
+        path = self._path(f"{system}-{variant}-{durability}-{n}")
+        before = written_bytes()
+        if system == "floor":
+            per_commit = sqlite_commit_seconds(path, SYNC_PRAGMA[durability], self.floor_commits)
+            sample = Sample(per_commit, 0.0, 0.0, 0.0, 0, 1, None, {}, None)
+        else:
+            run = tether_run if system == "tether" else langgraph_run
+            seconds, cpu = run(path, variant, durability, n)
             after = written_bytes()
-            written = None if before is None or after is None else after - before
-            stored = stored_bytes(path) - empty
-            path.unlink()
-        return Row(system, durability, effect, n, statistics.median(times), stored, written, commits_per_step)
-
-
-def run_all(
-    bench: Bench, sizes: list[int], langgraph_async: bool
-) -> tuple[list[Row], list[Row], dict[str, Row]]:
-    """Every row, in order; the floor is measured first and last, since the disk drifts."""
-    empty_tether = bench.empty("tether", tether_empty)
-    empty_lg = bench.empty("langgraph", langgraph_empty)
-    empty_raw = bench.empty("raw", raw_empty)
-    commits = max(1000, max(sizes))
-    floors: list[Row] = []
-
-    def measure_floor(when: str) -> None:
-        for durability in DURABILITIES:
-            floors.append(
-                bench.measure(
-                    f"raw sqlite ({when})",
-                    durability,
-                    "commit",
-                    commits,
-                    lambda p, d=durability: raw_floor(p, d, commits),
-                    empty_raw,
-                )
+            empty, empty_tables = self._empty[system]
+            tables = table_bytes(path)
+            sample = Sample(
+                seconds / n,
+                cpu / n,
+                SqlClock.seconds / n,
+                SqlClock.cpu_seconds / n,
+                SqlClock.calls / n,
+                SqlClock.commits / n,
+                stored_bytes(path) - empty,
+                {t: b - empty_tables.get(t, 0) for t, b in tables.items() if b != empty_tables.get(t, 0)},
+                None if before is None or after is None else after - before,
             )
-            print(_line(floors[-1]), file=sys.stderr, flush=True)
+            for suffix in ("", "-wal", "-shm"):
+                Path(f"{path}{suffix}").unlink(missing_ok=True)
+        self.samples.setdefault(key, []).append(sample)
+        return sample
 
-    rows: list[Row] = []
+    def spread(self, key: Key, figure: Callable[[Sample], float]) -> Spread | None:
+        samples = self.samples.get(key)
+        return Spread.of([figure(s) for s in samples]) if samples else None
 
-    def add(row: Row) -> None:
-        rows.append(row)
-        print(_line(row), file=sys.stderr, flush=True)
+    def ratio(self, top: Key, bottom: Key, figure: Callable[[Sample, Sample], float]) -> Spread | None:
+        """A figure of two rows, computed within each repetition (they were measured together)."""
+        pairs = list(zip(self.samples.get(top, []), self.samples.get(bottom, []), strict=False))
+        return Spread.of([figure(a, b) for a, b in pairs]) if pairs else None
 
-    measure_floor("start")
-    for n in sizes:
-        for durability in DURABILITIES:
-            for effect in EFFECTS:
-                add(
-                    bench.measure(
-                        "tether",
-                        durability,
-                        effect,
-                        n,
-                        lambda p, e=effect, d=durability, k=n: asyncio.run(_tether_run(p, e, d, k)),
-                        empty_tether,
-                        commits_per_step=1 if effect == "read" else 2,
+
+def run_all(bench: Bench, sizes: list[int], repeat: int) -> None:
+    for rep in range(repeat):
+        for n in sizes:
+            for durability in DURABILITIES:
+                for system, variant in SYSTEMS:
+                    key = (system, variant, durability, n)
+                    sample = bench.measure(key)
+                    rate = 1 / sample.seconds
+                    print(
+                        f"  rep {rep + 1}/{repeat}: {system:<9} {variant:<7} {durability:<6} {n:>5}: "
+                        f"{rate:>9,.0f} {'commits' if system == 'floor' else 'steps'}/s",
+                        file=sys.stderr,
+                        flush=True,
                     )
-                )
-            add(
-                bench.measure(
-                    "langgraph",
-                    durability,
-                    "-",
-                    n,
-                    lambda p, d=durability, k=n: langgraph_run(p, d, k),
-                    empty_lg,
-                )
-            )
-            if langgraph_async:
-                add(
-                    bench.measure(
-                        "langgraph(async)",
-                        durability,
-                        "-",
-                        n,
-                        lambda p, d=durability, k=n: langgraph_run(p, d, k, mode="async"),
-                        empty_lg,
-                    )
-                )
-    measure_floor("end")
-    # The floor is the fastest this disk has shown, so the ratios to it are not flattered.
-    best = {
-        d: max((f for f in floors if f.durability == d), key=lambda f: f.per_second) for d in DURABILITIES
-    }
-    return rows, floors, best
 
 
 # -- reporting ---------------------------------------------------------------------------
 
-HEADER = (
-    f"{'system':<18} {'durability':<10} {'effect':<7} {'steps':>6} {'steps/s':>9} "
-    f"{'bytes/step':>11} {'io/step':>10}"
-)
+
+def show(spread: Spread | None, fmt: str = ",.0f", suffix: str = "") -> str:
+    return "-" if spread is None else spread.show(fmt, suffix)
 
 
-def _line(row: Row) -> str:
-    io_step = "n/a" if row.io_per_step is None else f"{row.io_per_step:,.0f}"
-    return (
-        f"{row.system:<18} {row.durability:<10} {row.effect:<7} {row.steps:>6} {row.per_second:>9,.0f} "
-        f"{row.bytes_per_step:>11,.0f} {io_step:>10}"
-    )
+def python_micros(s: Sample) -> float:
+    """CPU µs per step outside SQLite calls."""
+    return (s.cpu_seconds - s.sql_cpu_seconds) * 1e6
 
 
-def _yes(ok: bool) -> str:
-    return "yes" if ok else "no"
-
-
-def report(rows: list[Row], floors: list[Row], floor: dict[str, Row], sizes: list[int]) -> None:
-    print("\n== results (raw sqlite: a step is one INSERT+COMMIT of ~100 bytes) ==")
-    print(HEADER)
-    for row in [*rows, *floors]:
-        print(_line(row))
-
-    def find(system: str, durability: str, effect: str, n: int) -> Row | None:
-        return next(
-            (
-                r
-                for r in rows
-                if (r.system, r.durability, r.effect, r.steps) == (system, durability, effect, n)
-            ),
-            None,
-        )
-
-    print("\n== ratios; goals: tether >= 10x LangGraph, and within 2x of the floor (ratio >= 0.5) ==")
-    print("vs LangGraph: tether steps/s / LangGraph (durability='sync') steps/s at the same synchronous=")
-    print("vs floor: tether steps/s / (raw commits/s / commits per step: read 1, write 2), raw = fastest row")
-    print("w/ FULL intent: under 'normal' a write's intent is synced FULL anyway: floor 1 FULL + 1 NORMAL")
+def report_rows(bench: Bench, sizes: list[int]) -> None:
+    print("\n== each row: median (low–high) over the repetitions ==")
     print(
-        f"{'durability':<10} {'effect':<7} {'steps':>6} {'tether/s':>9} {'LG/s':>7} {'vs LangGraph':>13} "
-        f"{'10x?':>5} {'floor/s':>8} {'vs floor':>9} {'2x?':>4} {'w/ FULL intent':>15}"
+        "| system | sync | steps | steps/s | µs/step | SQL µs/step | Python µs/step | "
+        "SQL calls/step | commits/step | bytes/step | io/step |"
     )
+    print("|---|---|---|---|---|---|---|---|---|---|---|")
     for n in sizes:
         for durability in DURABILITIES:
-            lg = find("langgraph", durability, "-", n)
-            for effect in EFFECTS:
-                row = find("tether", durability, effect, n)
-                if row is None or lg is None:
+            sync = SYNC_PRAGMA[durability]
+            for system, variant in SYSTEMS:
+                key = (system, variant, durability, n)
+                samples = bench.samples.get(key)
+                if not samples:
                     continue
-                vs_lg = row.per_second / lg.per_second
-                floor_steps = floor[durability].per_second / row.commits_per_step
-                vs_floor = row.per_second / floor_steps
-                mixed = ""
-                if effect == "write" and durability == "normal":
-                    step_time = 1 / floor["full"].per_second + 1 / floor["normal"].per_second
-                    mixed = f"{row.per_second * step_time:.2f}x"
+                rate = show(bench.spread(key, lambda s: 1 / s.seconds))
+                if system == "floor":
+                    per_commit = show(bench.spread(key, lambda s: s.seconds * 1e6), ",.1f")
+                    print(
+                        f"| floor (INSERT+COMMIT) | {sync} | {bench.floor_commits} commits "
+                        f"| {rate} commits/s | {per_commit} per commit | | | | | | |"
+                    )
+                    continue
+                last = samples[-1]
+                timed = last.sql_calls > 0
+                sql = show(bench.spread(key, lambda s: s.sql_seconds * 1e6)) if timed else "n/a"
+                python = show(bench.spread(key, python_micros)) if timed else "n/a"
+                io_step = "n/a" if last.written is None else f"{last.written / n:,.0f}"
+                stored = "n/a" if last.stored is None else f"{last.stored / n:,.0f}"
+                micro = show(bench.spread(key, lambda s: s.seconds * 1e6))
                 print(
-                    f"{durability:<10} {effect:<7} {n:>6} {row.per_second:>9,.0f} {lg.per_second:>7,.0f} "
-                    f"{vs_lg:>12.1f}x {_yes(vs_lg >= 10):>5} {floor_steps:>8,.0f} {vs_floor:>8.2f}x "
-                    f"{_yes(vs_floor >= 0.5):>4} {mixed:>15}"
+                    f"| {system} {variant} | {sync} | {n:,} | {rate} | {micro} | {sql} | {python} | "
+                    f"{last.sql_calls:.1f} | {last.commits:.2f} | {stored} | {io_step} |"
+                )
+    if any(s.sql_calls == 0 for k, v in bench.samples.items() if k[0] != "floor" for s in v):
+        print("n/a: the store opened no connection through sqlite3.connect, so its SQL was not timed")
+
+
+def tether_vs(bench: Bench, variant: str, durability: str, n: int, against: Key) -> Spread | None:
+    return bench.ratio(("tether", variant, durability, n), against, lambda a, b: b.seconds / a.seconds)
+
+
+def vs_floor(bench: Bench, variant: str, durability: str, n: int) -> Spread | None:
+    """tether steps/s ÷ the floor's steps/s for the commits its step needs: one commit for a
+    read; for a write, an intent synced FULL plus the result at the row's durability."""
+    top: Key = ("tether", variant, durability, n)
+    at: Key = ("floor", "commit", durability, n)
+    if variant == "read":
+        return bench.ratio(top, at, lambda a, b: b.seconds / a.seconds)
+    pairs = zip(
+        bench.samples.get(top, []),
+        bench.samples.get(at, []),
+        bench.samples.get(("floor", "commit", "full", n), []),
+        strict=False,
+    )
+    values = [(full.seconds + floor.seconds) / row.seconds for row, floor, full in pairs]
+    return Spread.of(values) if values else None
+
+
+def report_ratios(bench: Bench, sizes: list[int]) -> None:
+    print("\n== ratios, each computed within one repetition: median (low–high) ==")
+    print("vs LangGraph: tether steps/s ÷ LangGraph steps/s, same durability and run length")
+    print("vs floor: tether steps/s ÷ the floor's rate for the commits a step needs (read: 1; write: an")
+    print("intent synced FULL + the result at the row's durability); 1.0 would be SQLite's cost alone")
+    print("| sync | steps | tether | vs LangGraph, growing state | vs LangGraph, flat state | vs floor |")
+    print("|---|---|---|---|---|---|")
+    for n in sizes:
+        for durability in DURABILITIES:
+            for variant in ("read", "write"):
+                growing = tether_vs(bench, variant, durability, n, ("langgraph", "growing", durability, n))
+                flat = tether_vs(bench, variant, durability, n, ("langgraph", "flat", durability, n))
+                floor = vs_floor(bench, variant, durability, n)
+                print(
+                    f"| {SYNC_PRAGMA[durability]} | {n:,} | {variant} | {show(growing, '.2f', '×')} | "
+                    f"{show(flat, '.2f', '×')} | {show(floor, '.2f', '×')} |"
                 )
 
-    if len(sizes) > 1:
-        lo, hi = min(sizes), max(sizes)
-        print(f"\n== growth of bytes/step and io/step from {lo} to {hi} steps (flat is 1.0) ==")
-        for system, durability, effect in sorted({(r.system, r.durability, r.effect) for r in rows}):
-            a, b = find(system, durability, effect, lo), find(system, durability, effect, hi)
-            if a is None or b is None:
+
+def report_growth(bench: Bench, sizes: list[int]) -> None:
+    """LangGraph's growing state, stated: the cost of a step at the longest run over the shortest."""
+    if len(sizes) < 2:
+        return
+    lo, hi = min(sizes), max(sizes)
+    print(f"\n== the effect of run length: a step at {hi:,} steps ÷ a step at {lo:,} (1.0: the same) ==")
+    print("| system | sync | µs/step | bytes/step |")
+    print("|---|---|---|---|")
+    for system, variant in SYSTEMS[1:]:
+        for durability in DURABILITIES:
+            a, b = (bench.samples.get((system, variant, durability, n)) for n in (lo, hi))
+            if not a or not b:
                 continue
-            io_growth = f"{b.io_per_step / a.io_per_step:.2f}" if a.io_per_step and b.io_per_step else "n/a"
-            growth = b.bytes_per_step / a.bytes_per_step
-            print(
-                f"{system:<18} {durability:<10} {effect:<7} bytes/step x{growth:.2f}   io/step x{io_growth}"
-            )
+            time_growth = Spread.of([y.seconds / x.seconds for x, y in zip(a, b, strict=False)])
+            stored_a, stored_b = a[-1].stored, b[-1].stored
+            growth = "n/a" if not stored_a or not stored_b else f"{stored_b / hi / (stored_a / lo):.2f}×"
+            sync = SYNC_PRAGMA[durability]
+            print(f"| {system} {variant} | {sync} | {time_growth.show('.2f', '×')} | {growth} |")
 
 
-# (file name, function name) as cProfile names them; "~" is a built-in or C method.
-PROFILE_AREAS: list[tuple[str, str, str]] = [
-    ("runtime.py", "_agent_turn", "one agent turn (the whole step)"),
-    ("workflow.py", "hash", "Workflow.hash (recomputed: describe, json_schema, getsource)"),
-    ("policy.py", "decide", "Policy.decide (20 rules, 10 CEL conditions run)"),
-    ("~", "<method 'execute' of 'builtins.Program' objects>", "  of which CEL Program.execute"),
-    ("run.py", "commit", "RunCursor.commit (checkpoint + entry, one transaction)"),
-    ("sqlite.py", "_encode", "  of which JSON of run fields (checkpoint)"),
-    ("records.py", "chain", "  of which chain: entry hash (canonical JSON + sha256)"),
-    ("~", "<method 'execute' of 'sqlite3.Connection' objects>", "  of which sqlite3 execute"),
-    ("tools.py", "call", "Tool.call (validate again, run, to_jsonable)"),
-    ("tools.py", "validate", "Tool.validate (arguments)"),
-    ("proposals.py", "parse_proposal", "parse_proposal"),
-]
+@dataclass
+class Stored:
+    """Bytes per step of one system at each run length, and by table at the longest."""
+
+    name: str
+    per_step: dict[int, float]
+    tables: dict[str, int]
+
+    def marginal(self) -> float | None:
+        """Bytes one more step costs: the growth from the shortest run to the longest, per step."""
+        if len(self.per_step) < 2:
+            return None
+        lo, hi = min(self.per_step), max(self.per_step)
+        return (self.per_step[hi] * hi - self.per_step[lo] * lo) / (hi - lo)
 
 
-def profile_tether(tmp: Path, n: int, top: int) -> None:
-    """cProfile of the read loop at `n` steps, normal durability: where tether's time goes."""
-    path = tmp / "profile.db"
+def stored_figures(bench: Bench, sizes: list[int], dbos: dict[int, dict[str, Any] | str]) -> list[Stored]:
+    out = []
+    for system, variant in SYSTEMS[1:]:
+        per_step = {}
+        tables: dict[str, int] = {}
+        for n in sizes:
+            samples = bench.samples.get((system, variant, "normal", n)) or []
+            if samples and samples[-1].stored is not None:
+                per_step[n] = samples[-1].stored / n
+                tables = samples[-1].tables
+        out.append(Stored(f"{system} {variant}", per_step, tables))
+    measured = {n: r for n, r in dbos.items() if isinstance(r, dict)}
+    if measured:
+        longest = measured[max(measured)]
+        out.append(Stored("DBOS step", {n: r["bytes"] / n for n, r in measured.items()}, longest["tables"]))
+    return out
+
+
+def report_bytes(figures: list[Stored], sizes: list[int], dbos: dict[int, dict[str, Any] | str]) -> None:
+    print("\n== bytes stored per step: file growth over an empty store ÷ steps (a ~100-byte result) ==")
+    print(f"| system | {' | '.join(f'{n:,} steps' for n in sizes)} | marginal | by table, longest run |")
+    print(f"|---|{'---|' * len(sizes)}---|---|")
+    for s in figures:
+        longest = max(s.per_step) if s.per_step else 0
+        cells = " | ".join(f"{s.per_step[n]:,.0f}" if n in s.per_step else "-" for n in sizes)
+        m = s.marginal()
+        by_table = ", ".join(
+            f"{t} {b / longest:,.0f}" for t, b in sorted(s.tables.items(), key=lambda kv: -kv[1]) if b > 0
+        )
+        print(f"| {s.name} | {cells} | {'-' if m is None else f'{m:,.0f}'} | {by_table} |")
+    for n, r in dbos.items():
+        if isinstance(r, str):
+            print(f"DBOS at {n} steps: {r}")
+
+
+def report_goals(bench: Bench, sizes: list[int], figures: list[Stored]) -> None:
+    print("\n== goals of issue 9 measured here ==")
+    print(GOALS_HEADER)
+    short, long = min(sizes), max(sizes)
+    timed = all(s.sql_calls > 0 for s in bench.samples.get(("tether", "read", "normal", long), []))
+    python = {
+        (d, n): bench.spread(("tether", "read", d, n), python_micros) for d in DURABILITIES for n in sizes
+    }
+    p = python["normal", long]
+    others = "; ".join(
+        f"{SYNC_PRAGMA[d]} {n:,} steps {show(v)}"
+        for (d, n), v in python.items()
+        if (d, n) != ("normal", long)
+    )
+    print(
+        goal_line(
+            "Python per read step ≤ 100 µs",
+            f"{show(p)} µs (NORMAL, {long:,} steps); {others}" if timed else "n/a",
+            None if p is None or not timed else p.median <= 100,
+        )
+    )
+    reads = [tether_vs(bench, "read", d, short, ("langgraph", "growing", d, short)) for d in DURABILITIES]
+    print(
+        goal_line(
+            f"read steps ≥ 10× LangGraph at {short:,} steps per run, same durability",
+            "; ".join(
+                f"{SYNC_PRAGMA[d]} {show(r, '.2f', '×')}" for d, r in zip(DURABILITIES, reads, strict=True)
+            ),
+            None if None in reads else all(r is not None and r.median >= 10 for r in reads),
+        )
+    )
+    writes = {n: tether_vs(bench, "write", "full", n, ("langgraph", "growing", "full", n)) for n in sizes}
+    print(
+        goal_line(
+            "write steps ≥ 3× LangGraph at FULL",
+            "; ".join(f"{n:,} steps {show(r, '.2f', '×')}" for n, r in writes.items()),
+            None if writes[short] is None else writes[short].median >= 3,
+        )
+    )
+    by_name = {s.name: s for s in figures}
+    ours, theirs = by_name.get("tether read"), by_name.get("DBOS step")
+    both = sorted(set(ours.per_step) & set(theirs.per_step)) if ours and theirs else []
+    if not ours or not theirs or not both:
+        print(goal_line("bytes stored per step ≤ DBOS's, flat in run length", "not measured", None))
+        return
+    at, m = both[-1], ours.marginal()
+    flat = m is not None and m <= 1.1 * ours.per_step[short]
+    figure = (
+        f"tether read {ours.per_step[at]:,.0f} B vs DBOS {theirs.per_step[at]:,.0f} B at {at:,} steps; "
+        f"tether {ours.per_step[short]:,.0f} B at {short:,} steps, "
+        f"{'-' if m is None else f'{m:,.0f}'} B marginal (flat: within 10%)"
+    )
+    ok = ours.per_step[at] <= theirs.per_step[at] and flat
+    print(goal_line("bytes stored per step ≤ DBOS's, flat in run length", figure, ok))
+
+
+def profile_tether(tmp: Path, n: int, top: int) -> str:
+    """cProfile of the read loop at `n` steps, NORMAL: where tether's time goes."""
     profiler = cProfile.Profile()
     profiler.enable()
-    asyncio.run(_tether_run(path, "read", "normal", n))
+    tether_run(tmp / "profile.db", "read", "normal", n)
     profiler.disable()
-    stats = pstats.Stats(profiler)
-    print(f"\n== cProfile, tether read loop, {n} steps, normal durability: time per step by area ==")
-    print(f"{'area':<62} {'us/step':>8} {'calls/step':>11}")
-    table: dict[tuple[str, str], tuple[int, float]] = {}
-    for (file, _line_no, func), (_cc, calls, _tt, cum, _callers) in stats.stats.items():
-        key = (os.path.basename(file), func)
-        prev_calls, prev_cum = table.get(key, (0, 0.0))
-        table[key] = (prev_calls + calls, prev_cum + cum)
-    for file, func, label in PROFILE_AREAS:
-        if (file, func) in table:
-            calls, cum = table[(file, func)]
-            print(f"{label:<62} {cum / n * 1e6:>8,.0f} {calls / n:>11.1f}")
-        else:
-            print(f"{label:<62} {'n/a':>8}")
+    text = []
     for key in ("tottime", "cumulative"):
         out = io.StringIO()
         pstats.Stats(profiler, stream=out).strip_dirs().sort_stats(key).print_stats(top)
-        print(f"\n== cProfile, tether read loop, {n} steps, normal durability, top {top} by {key} ==")
-        print(out.getvalue().split("\n", 4)[-1].rstrip())
+        text.append(f"\n== cProfile, tether read loop, {n:,} steps, NORMAL, top {top} by {key} ==")
+        text.append(out.getvalue().split("\n", 4)[-1].rstrip())
+    return "\n".join(text)
 
 
-def describe_machine() -> str:
-    """Versions and load, so a table can be compared with another one."""
-    try:
-        rev = (
-            subprocess.run(
-                ["git", "describe", "--always", "--dirty"],
-                capture_output=True,
-                text=True,
-                timeout=10,
-                cwd=Path(__file__).parent,
-                check=False,
-            ).stdout.strip()
-            or "?"
-        )
-    except OSError:
-        rev = "?"
-    try:
-        from importlib.metadata import version
+# -- main ------------------------------------------------------------------------------------
 
-        langgraph = version("langgraph")
-    except Exception:  # not installed: the LangGraph rows will fail with the import error
-        langgraph = "?"
-    load = "n/a" if not hasattr(os, "getloadavg") else ", ".join(f"{x:.2f}" for x in os.getloadavg())
-    return (
-        f"tether {rev}; Python {platform.python_version()}; SQLite {sqlite3.sqlite_version}; "
-        f"langgraph {langgraph}; {os.cpu_count()} cpus; load average {load}"
+
+def parse_args() -> argparse.Namespace:
+    parser = argparse.ArgumentParser(description=(__doc__ or "").split("\n\n")[0])
+    parser.add_argument(
+        "--quick", action="store_true", help="2 repetitions, a shorter floor (about a minute)"
     )
+    parser.add_argument("--steps", default="100,1000", help="comma-separated run lengths (default 100,1000)")
+    parser.add_argument("--repeat", type=int, help="repetitions (default 5; quick 2)")
+    parser.add_argument(
+        "--floor-commits", type=int, help="commits per floor measurement (default 1000; quick 300)"
+    )
+    parser.add_argument("--no-dbos", action="store_true", help="skip DBOS's bytes per step")
+    parser.add_argument(
+        "--profile", action="store_true", help="also cProfile tether's read loop, longest run"
+    )
+    parser.add_argument("--top", type=int, default=30, help="functions shown by --profile")
+    parser.add_argument("--child", nargs=2, metavar=("KIND", "JSON"), help=argparse.SUPPRESS)
+    return parser.parse_args()
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--steps", default="100,1000", help="comma-separated run sizes (default 100,1000)")
-    parser.add_argument("--repeat", type=int, default=3, help="runs per row; the median time is shown")
-    parser.add_argument(
-        "--no-langgraph-async",
-        action="store_true",
-        help="skip the rows for LangGraph's default durability='async'",
-    )
-    parser.add_argument(
-        "--profile",
-        action="store_true",
-        help="also print a cProfile of tether's read loop at the largest size",
-    )
-    parser.add_argument("--top", type=int, default=30, help="functions shown by --profile")
-    args = parser.parse_args()
+    args = parse_args()
+    if args.child:
+        arg = json.loads(args.child[1])
+        print_result(dbos_bytes(Path(arg["path"]), arg["n"]))
+        return
     sizes = sorted({int(s) for s in args.steps.split(",") if s.strip()})
-    with tempfile.TemporaryDirectory(prefix="tether-bench-") as tmp:
-        print(describe_machine())
-        print(f"temp dir {tmp}; sizes {sizes}; median of {args.repeat} run(s) per row")
-        print(f"progress (the same rows, as they finish):\n{HEADER}", file=sys.stderr, flush=True)
-        rows, floors, floor = run_all(Bench(Path(tmp), args.repeat), sizes, not args.no_langgraph_async)
-        report(rows, floors, floor, sizes)
-        if args.profile:
-            profile_tether(Path(tmp), max(sizes), args.top)
-        if hasattr(os, "getloadavg"):
-            print(f"\nload average at the end: {', '.join(f'{x:.2f}' for x in os.getloadavg())}")
+    repeat = args.repeat or (2 if args.quick else 5)
+    floor_commits = args.floor_commits or (300 if args.quick else 1000)
+    started = time.perf_counter()
+    with tempfile.TemporaryDirectory(prefix="tether-bench-") as name:
+        tmp = Path(name)
+        print(describe_machine(tmp, ("langgraph", "langgraph-checkpoint-sqlite", "dbos")))
+        print(
+            f"run lengths {sizes}; {repeat} repetitions; floor {floor_commits} commits; "
+            f"timing wrapper {wrapper_cost(tmp):.2f} µs per SQL call"
+        )
+        dbos: dict[int, dict[str, Any] | str] = {}
+        if not args.no_dbos:
+            for n in sizes:
+                try:
+                    dbos[n] = run_child(SCRIPT, "dbos-bytes", {"path": str(tmp / f"dbos-{n}.db"), "n": n})
+                except Exception as exc:
+                    dbos[n] = f"FAILED: {type(exc).__name__}: {exc}"[:400]
+        bench = Bench(tmp, floor_commits)
+        run_all(bench, sizes, repeat)
+        profile = profile_tether(tmp, max(sizes), args.top) if args.profile else ""
+    report_rows(bench, sizes)
+    report_ratios(bench, sizes)
+    report_growth(bench, sizes)
+    figures = stored_figures(bench, sizes, dbos)
+    report_bytes(figures, sizes, dbos)
+    report_goals(bench, sizes, figures)
+    if profile:
+        print(profile)
+    print(f"\nload average at the end: {load_average()}; total {time.perf_counter() - started:.0f}s")
 
 
 if __name__ == "__main__":
