@@ -68,7 +68,7 @@ class Clock:
     model: float | None = None
 
 
-@tool
+@tool(effect="read")
 def probe(i: int) -> dict[str, Any]:
     """Read something small; returns about 100 bytes."""
     return {"i": i, "payload": PAYLOAD}
