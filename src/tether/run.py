@@ -21,7 +21,7 @@ from tether.decision import Decision
 from tether.journal import Commit, Entry, Journal, ModelExchange, NewEntry, RunRecord, RunUpdate, Ticket
 from tether.journal import bodies as b
 from tether.models.protocol import Message
-from tether.policy import Policy
+from tether.policy import Evaluation, Policy
 from tether.tools import ToolContext
 from tether.workflow import Workflow
 
@@ -237,8 +237,9 @@ class RunCursor:
         self.history: list[dict[str, Any]] | None = [] if policy.uses("history") else None
         # (owner, seconds): every commit is fenced by this lease and renews it.
         self.lease = lease
-        # The policy engine's context for this run's decisions, and what conditions see as `run`.
-        self._evaluation = policy.evaluation(workflow.resolvers)
+        # The policy engine's context for this run's decisions (made at the first decision: a
+        # run waiting on its first model call holds none), and what conditions see as `run`.
+        self._evaluation: Evaluation | None = None
         self._run_seen: dict[str, Any] | None = None
         self._since = time.monotonic()
         self._buffered: list[NewEntry] = []
@@ -399,6 +400,8 @@ class RunCursor:
                 facts=record.facts,
             )
             resolvers = {n: functools.partial(fn, ctx) for n, fn in self.workflow.resolvers.items()}
+        if self._evaluation is None:
+            self._evaluation = self.policy.evaluation(self.workflow.resolvers)
         return self.policy.decide(
             kind=kind,
             name=tool["name"],

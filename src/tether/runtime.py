@@ -215,8 +215,9 @@ class Runtime:
             model=record.model_spec,
         )
         written = await self.journal.create_run(record, [NewEntry.of(started, state=workflow.start)])
-        # The record as stored, without reading it back: one query and one copy fewer per run.
-        return record.model_copy(update={"last_seq": written[-1].seq, "last_hash": written[-1].hash})
+        # The record as stored, without reading it back or copying it (a run waiting holds it).
+        record.last_seq, record.last_hash = written[-1].seq, written[-1].hash
+        return record
 
     async def resume(self, run_id: str, workflow: Workflow, model: Model | None = None) -> RunResult:
         """Continue a queued, paused or interrupted run from its last committed step.
