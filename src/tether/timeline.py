@@ -98,6 +98,25 @@ def _is_step(record: Any) -> bool:
     )
 
 
+def transitions(entries: list[Entry]) -> tuple[str | None, list[tuple[str, str, str | None]]]:
+    """Where a run started, and each move it made: (from state, to state, exit or None for a
+    deterministic step), in order."""
+    start: str | None = None
+    moves: list[tuple[str, str, str | None]] = []
+    for e in entries:
+        record = e.body
+        if isinstance(record, b.RunStarted):
+            start = e.state
+        elif isinstance(record, b.StepDone | b.Transition) and e.state:
+            moves.append((e.state, record.next, record.exit if isinstance(record, b.Transition) else None))
+    return start, moves
+
+
+def outcome_of(record: Any) -> str:
+    """What a record's outcome is called on the timeline."""
+    return _outcome(record)
+
+
 def _outcome(record: Any) -> str:
     if isinstance(record, b.EffectSettled):
         return "executed" if record.done else "not_executed"

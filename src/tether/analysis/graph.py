@@ -15,8 +15,8 @@ from html import escape
 
 from tether.analysis.paths import Edge, StateGraph
 from tether.journal import Entry
-from tether.journal import bodies as b
 from tether.policy import Rule
+from tether.timeline import transitions
 from tether.tools import Tool
 from tether.workflow import AgentState, Step, Terminal, Workflow
 
@@ -48,16 +48,11 @@ class RunPath:
 
 
 def run_path(run_id: str, entries: list[Entry]) -> RunPath:
-    path = RunPath(run_id)
-    for entry in entries:
-        record = entry.body
-        if isinstance(record, b.RunStarted) and entry.state:
-            path.visited.append(entry.state)
-        elif isinstance(record, b.StepDone | b.Transition) and entry.state:
-            exit_name = record.exit if isinstance(record, b.Transition) else None
-            key = (entry.state, record.next, exit_name)
-            path.taken[key] = path.taken.get(key, 0) + 1
-            path.visited.append(record.next)
+    start, moves = transitions(entries)
+    path = RunPath(run_id, [start] if start else [])
+    for move in moves:
+        path.taken[move] = path.taken.get(move, 0) + 1
+        path.visited.append(move[1])
     return path
 
 

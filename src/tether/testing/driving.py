@@ -24,24 +24,11 @@ from tether.models import Model, ScriptedModel
 from tether.runtime import RunResult, Runtime
 from tether.testing import coverage
 from tether.testing.person import ScriptedPerson, describe_ticket
+from tether.timeline import outcome_of, transitions
 from tether.workflow import Workflow
 
+
 # The last record of a governed step, as the step's outcome is called.
-_OUTCOMES: dict[type[Any], str] = {
-    b.AwaitingAnswer: "awaiting_answer",
-    b.AwaitingApproval: "awaiting_approval",
-    b.Intent: "intent",
-    b.VerificationFailed: "verification_failed",
-    b.Executed: "executed",
-    b.ToolFailed: "tool_error",
-    b.Transition: "transition",
-    b.HandedOff: "handoff",
-    b.Unanswered: "unanswered",
-    b.Answered: "answered",
-    b.EffectInDoubt: "effect_in_doubt",
-}
-
-
 @dataclass(frozen=True)
 class StepDecision:
     """One governed step: what was proposed, the decision on it, and how the step ended.
@@ -195,14 +182,8 @@ def aligned(rows: list[list[str]]) -> list[str]:
 
 def states_visited(entries: list[Entry]) -> list[str]:
     """The states a run entered, in order: its start state, then each one it moved to."""
-    path: list[str] = []
-    for e in entries:
-        record = e.body
-        if isinstance(record, b.RunStarted) and e.state:
-            path.append(e.state)
-        elif isinstance(record, b.StepDone | b.Transition):
-            path.append(record.next)
-    return path
+    start, moves = transitions(entries)
+    return ([start] if start else []) + [to for _, to, _ in moves]
 
 
 def governed_steps(entries: list[Entry]) -> list[StepDecision]:
@@ -245,11 +226,10 @@ def governed_steps(entries: list[Entry]) -> list[StepDecision]:
 
 
 def _outcome(record: Any) -> str:
-    if isinstance(record, b.Refused):
-        return str(record.decision.reason_code) if record.continuation else "refused"
-    if isinstance(record, b.EffectSettled):
-        return "executed" if record.done else "not_executed"
-    return _OUTCOMES.get(type(record), type(record).__name__)
+    """The timeline's name for an outcome; a refusal after a ticket is named by its reason."""
+    if isinstance(record, b.Refused) and record.continuation:
+        return str(record.decision.reason_code)
+    return "intent" if isinstance(record, b.Intent) else outcome_of(record)
 
 
 ModelLike = Model | Sequence[Any] | Mapping[str, Sequence[Any]]
