@@ -90,7 +90,9 @@ def statuses(journal: Journal) -> dict[str, str]:
 
 
 def worker_env(effects_url: str) -> dict[str, str]:
-    return {**os.environ, "EFFECTS_URL": effects_url, "PYTHONPATH": str(CHAOS)}
+    # The caller's PYTHONPATH stays first: workers run the tether under test.
+    path = os.pathsep.join(p for p in (os.environ.get("PYTHONPATH"), str(CHAOS)) if p)
+    return {**os.environ, "EFFECTS_URL": effects_url, "PYTHONPATH": path}
 
 
 def wait_until_settled(journal: Journal, ids: list[str], seconds: float, tick: Any = None) -> dict[str, str]:

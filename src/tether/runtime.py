@@ -406,13 +406,10 @@ class Runtime:
         return RunResult.of(cursor.record)
 
     async def _renew_leases(self) -> None:
-        """One task per runtime renews the lease of every run it is driving."""
+        """One task per runtime renews the leases of every run it is driving: one statement."""
         while self._driving:
             await asyncio.sleep(self.lease_seconds / 3)
-            for run_id in list(self._driving):
-                await self.journal.heartbeat(
-                    run_id, self.worker_id, lease_seconds=self.lease_seconds, now=self.clock()
-                )
+            await self.journal.renew_leases(self.worker_id, lease_seconds=self.lease_seconds)
 
     async def _steps(self, cursor: RunCursor, model: Model | None) -> None:
         while cursor.record.status == "running" and not self.stopping:
