@@ -8,6 +8,7 @@ under CI=true, where they fail.
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import json
 import os
 import secrets
@@ -21,6 +22,7 @@ from typing import Any, TypeVar
 
 import msgspec
 import pytest
+from msgspec import UNSET
 from typer.testing import CliRunner
 
 from tether.cli import db as db_cli
@@ -93,10 +95,18 @@ class Store:
             assert self.path is not None
             return self.path.stat().st_size
         rows = self.execute(
-            "SELECT sum(pg_total_relation_size(t::regclass)) "
-            "FROM unnest(array['runs', 'entries', 'tickets']) t"
+            "SELECT sum(pg_total_relation_size(to_regclass(t))) "
+            "FROM unnest(array['runs', 'run_values', 'entries', 'tickets']) t"
         )
         return int(rows[0][0])
+
+    def written(self) -> int:
+        """Bytes on disk without folding the WAL back (SQLite: the file and its WAL)."""
+        if self.kind == "postgres":
+            return self.size()
+        assert self.path is not None
+        wal = self.path.with_name(self.path.name + "-wal")
+        return self.path.stat().st_size + (wal.stat().st_size if wal.exists() else 0)
 
     def close(self) -> None:
         for journal in self.opened:
@@ -276,6 +286,33 @@ def test_commits_extend_a_hash_chain_over_the_exact_stored_text(journal: Journal
     run(scenario())
 
 
+def test_entries_are_read_by_kind_and_from_the_end(journal: Journal) -> None:
+    async def scenario() -> None:
+        r = await start(journal, "r1")
+        for kind in ("intent", "step", "note", "step"):
+            await journal.commit(
+                Commit(
+                    run_id="r1",
+                    expected_seq=r.last_seq,
+                    expected_hash=r.last_hash,
+                    entries=[NewEntry.of(kind, {"kind": kind})],
+                )
+            )
+            r = await journal.get_run("r1")
+        everything = await journal.read_entries("r1")
+        assert [e.kind for e in everything] == ["run_started", "intent", "step", "note", "step"]
+        assert [e.seq for e in await journal.read_entries("r1", kinds={"step"})] == [3, 5]
+        later = await journal.read_entries("r1", after_seq=3, kinds=["step", "note"])
+        assert [e.seq for e in later] == [4, 5]
+        assert await journal.read_entries("r1", kinds=()) == []
+        assert await journal.read_last_entries("r1") == everything[-1:]
+        assert await journal.read_last_entries("r1", 3) == everything[-3:]  # oldest first
+        assert await journal.read_last_entries("r1", 99) == everything
+        assert await journal.read_last_entries("nope") == []
+
+    run(scenario())
+
+
 def test_a_stale_commit_is_refused_and_changes_nothing(journal: Journal) -> None:
     async def scenario() -> None:
         r = await step(journal, await start(journal, "r1"))
@@ -388,11 +425,19 @@ def test_a_ticket_is_decided_once_and_used_once_for_its_own_arguments(journal: J
             await step(journal, r, consume=("t9", "sha256:args"))
         with pytest.raises(TicketError, match="no ticket"):
             await journal.get_ticket("t9")
+        # An approval is used by the run it was asked for, never by another.
+        other = await pause_on(journal, await start(journal, "r2"), ticket("t2", "r2"))
+        await journal.decide_ticket("t2", approve=True, by="sam")
+        r = await journal.get_run("r1")
+        with pytest.raises(TicketError, match="ticket t2 belongs to run r2, not r1"):
+            await step(journal, r, consume=("t2", "sha256:args"))
+        assert (await journal.get_ticket("t2")).status == "approved"
+        await step(journal, await journal.get_run(other.run_id), consume=("t2", "sha256:args"))
 
         await pause_on(journal, await journal.get_run("r1"), ticket("q1", "r1", kind="question"))
         answered = await journal.decide_ticket("q1", approve=True, by="sam", answer="yes")
         assert (answered.status, answered.answer) == ("answered", "yes")
-        assert [t.ticket_id for t in await journal.list_tickets(status=None)] == ["t1", "q1"]
+        assert [t.ticket_id for t in await journal.list_tickets(status=None)] == ["t1", "t2", "q1"]
         assert await journal.list_tickets() == []
         with pytest.raises(TicketError, match="ticket q1 already exists"):
             await step(journal, await journal.get_run("r1"), new_tickets=[ticket("q1", "r1")])
@@ -409,6 +454,103 @@ def test_an_expired_ticket_cannot_be_decided(journal: Journal) -> None:
         assert (await journal.expire_ticket("t1", time.time())).status == "expired"
         with pytest.raises(TicketError, match="already expired"):
             await journal.decide_ticket("t1", approve=True, by="sam")
+
+    run(scenario())
+
+
+# -- group commit ----------------------------------------------------------------------
+
+
+def test_concurrent_commits_of_many_runs_share_transactions_and_keep_each_runs_order(
+    journal: Journal,
+) -> None:
+    async def drive(run_id: str, steps: int) -> None:
+        r = await start(journal, run_id)
+        for i in range(steps):
+            r = await step(journal, r, {"i": i}, update=RunUpdate(data={"i": i}), durable=i == 2)
+
+    async def scenario() -> None:
+        before = dataclasses.replace(journal.stats)
+        await asyncio.gather(*(drive(f"r{n:02}", 6) for n in range(40)))
+        commits = journal.stats.commits - before.commits
+        transactions = journal.stats.transactions - before.transactions
+        assert commits == 40 * 6
+        assert transactions <= commits / 4, (commits, transactions)
+        for n in range(40):
+            entries = await journal.read_entries(f"r{n:02}")
+            assert [e.body.get("i") for e in entries[1:]] == list(range(6)) and verify_chain(entries) == []
+            assert (await journal.get_run(f"r{n:02}")).data == {"i": 5}
+
+        # Two commits of one run queued together: the first applies, the second (stale) fails.
+        runs = [await journal.get_run(f"r{n:02}") for n in range(40)]
+        outcomes = await asyncio.gather(
+            *(step(journal, r, {"first": True}) for r in runs),
+            *(step(journal, r, {"second": True}) for r in runs),
+            return_exceptions=True,
+        )
+        assert all(isinstance(o, RunRecord) for o in outcomes[:40])
+        assert all(isinstance(o, ConcurrentWriteError) for o in outcomes[40:])
+        for r in runs:
+            assert [e.body for e in await journal.read_last_entries(r.run_id)] == [{"first": True}]
+
+    run(scenario())
+
+
+def test_a_commit_refused_in_a_batch_fails_alone(store: Store, journal: Journal) -> None:
+    async def scenario() -> None:
+        good = [await start(journal, f"good{n}") for n in range(5)]
+        stale = await step(journal, await start(journal, "stale"))
+        fenced = await journal.acquire((await start(journal, "fenced")).run_id, "w1", lease_seconds=60)
+        paused = await pause_on(journal, await start(journal, "paused"), ticket("t1", "paused"))
+        await journal.decide_ticket("t1", approve=True, by="sam")
+        paused = await journal.get_run("paused")
+        dup = await start(journal, "dup")
+        before = {r.run_id: r for r in await journal.list_runs()}
+        batches = journal.stats.transactions
+
+        outcomes = await asyncio.gather(
+            *(step(journal, r, update=RunUpdate(data={"ok": True})) for r in good[:3]),
+            journal.commit(Commit(run_id="stale", expected_seq=1, expected_hash=GENESIS_HASH)),
+            step(journal, fenced, lease_owner="w2", update=RunUpdate(status="failed")),
+            step(journal, paused, consume=("t1", "sha256:other"), update=RunUpdate(status="running")),
+            step(journal, dup, new_tickets=[ticket("t1", "dup")], exchanges=[exchange("dup", 1)]),
+            step(journal, stale, update=RunUpdate(data={"ok": True})),
+            *(step(journal, r, update=RunUpdate(data={"ok": True})) for r in good[3:]),
+            return_exceptions=True,
+        )
+        assert journal.stats.transactions == batches + 1  # one transaction carried them all
+        refused = outcomes[3:7]
+        assert isinstance(refused[0], ConcurrentWriteError) and "moved on" in str(refused[0])
+        assert isinstance(refused[1], LeaseHeld) and "not to w2" in str(refused[1])
+        assert isinstance(refused[2], TicketError) and "approves other arguments" in str(refused[2])
+        assert isinstance(refused[3], TicketError) and "ticket t1 already exists" in str(refused[3])
+        for run_id in ("fenced", "paused", "dup"):
+            assert await journal.get_run(run_id) == before[run_id]  # nothing of a refused commit
+        assert (await journal.get_ticket("t1")).status == "approved"
+        assert await journal.read_exchanges("dup") == []
+        applied = [o for i, o in enumerate(outcomes) if i not in range(3, 7)]
+        assert all(isinstance(o, RunRecord) and o.data == {"ok": True} for o in applied), applied
+        assert [e.seq for e in await journal.read_entries("stale")] == [1, 2, 3]
+
+    run(scenario())
+
+
+def test_a_commit_the_database_refuses_is_retried_alone_and_fails_alone(journal: Journal) -> None:
+    async def scenario() -> None:
+        runs = [await start(journal, f"r{n}") for n in range(4)]
+        taken = await step(journal, runs[0], exchanges=[exchange("r0", 1)])
+        retried = journal.stats.retried_alone
+        outcomes = await asyncio.gather(
+            step(journal, runs[1]),
+            step(journal, taken, exchanges=[exchange("r0", 1)]),  # exchange 1 is already stored
+            step(journal, runs[2]),
+            step(journal, runs[3]),
+            return_exceptions=True,
+        )
+        assert isinstance(outcomes[1], JournalError) and "refused the commit" in str(outcomes[1])
+        assert await journal.get_run("r0") == taken
+        assert all(isinstance(o, RunRecord) and o.last_seq == 2 for i, o in enumerate(outcomes) if i != 1)
+        assert journal.stats.retried_alone == retried + 4
 
     run(scenario())
 
@@ -855,6 +997,36 @@ def test_storage_grows_linearly_with_the_payload(store: Store, journal: Journal)
 
     grown, payload = run(scenario())
     assert grown <= 2.5 * payload, f"{store.kind}: {grown} bytes stored for {payload} bytes of payload"
+
+
+def test_a_large_input_is_not_rewritten_by_every_commit(store: Store, journal: Journal) -> None:
+    large = {"document": secrets.token_hex(500_000)}  # 1 MB
+    size = len(encode_json(large))
+    # A reader with an open snapshot keeps SQLite from reusing its WAL: every byte written stays.
+    snapshot = sqlite3.connect(str(store.path), isolation_level=None) if store.path else None
+
+    async def scenario() -> int:
+        # As the runtime starts a run: its data begins as a copy of its input.
+        await journal.create_run(record("r1").model_copy(update={"input": large, "data": large}), [])
+        r = await journal.get_run("r1")
+        if snapshot is not None:
+            snapshot.execute("BEGIN")
+            snapshot.execute("SELECT count(*) FROM runs").fetchall()
+        before = store.written()
+        for i in range(100):
+            # Every other commit hands the unchanged data back, as a state transition does.
+            update = RunUpdate(checkpoint={"steps": i}, data=large if i % 2 else UNSET)
+            r = await step(journal, r, {"i": i}, update=update)
+        return store.written() - before
+
+    try:
+        grown = run(scenario())
+    finally:
+        if snapshot is not None:
+            snapshot.close()
+    assert grown < 5 * size, f"{store.kind}: {grown} bytes written for 100 commits of a {size}-byte run"
+    got = run(journal.get_run("r1"))
+    assert got.input == got.data == large
 
 
 # -- choosing a store ------------------------------------------------------------------

@@ -60,6 +60,7 @@ class PostgresJournal(SQLStore):
 class PostgresDialect:
     row_lock = " FOR UPDATE"
     skip_locked = " FOR UPDATE OF r SKIP LOCKED"
+    runs_to_claim = "runs r"
 
     def __init__(self, url: str, *, durability: str, migrate: bool, pool_size: int | None) -> None:
         if durability not in ("normal", "full"):

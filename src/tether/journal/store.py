@@ -131,6 +131,7 @@ class Dialect(Protocol):
     migrated: tuple[int, int]
     row_lock: str  # appended to a SELECT of rows about to be changed
     skip_locked: str  # appended to claim's SELECT: other claimers' rows are passed over
+    runs_to_claim: str  # `runs r`, read through the partial index of unfinished runs
 
     def clock(self) -> float:
         """This process's clock: the timestamps of entries (recorded, never decided on)."""
@@ -560,19 +561,20 @@ class SQLStore:
         needed), or None. `now` is ignored."""
         await self._d.prepare_to_wait()
         limits = dict(limits or {})
+        if not limits:  # one statement: the oldest runnable run, locked, leased and returned
+            oldest, params = self._runnable(["r.run_id"], [], skip_runs)
+            _, rows = await self._d.write(
+                f"UPDATE runs SET lease_owner = ?, lease_expires_at = {NOW} + ? WHERE run_id = ({oldest}) "
+                f"RETURNING {RUN_FIELDS_SQL}",
+                (worker_id, lease_seconds, *params),
+            )
+            return decode_run(rows[0]) if rows else None
         skip: list[str] = []
         while True:
             async with self._d.transaction() as tx:
                 skip += await self._workflows_at_limit(tx, limits, skip)
-                sql, params = f"SELECT r.run_id, r.workflow_name FROM runs r WHERE {runnable_sql('r')}", []
-                if skip:
-                    sql += f" AND r.workflow_name NOT IN ({placeholders(len(skip))})"
-                    params += skip
-                if skip_runs:
-                    sql += f" AND r.run_id NOT IN ({placeholders(len(skip_runs))})"
-                    params += skip_runs
-                sql += f" ORDER BY r.created_at, r.run_id LIMIT 1{self._d.skip_locked}"
-                rows = await tx.fetch(sql, params)
+                oldest, params = self._runnable(["r.run_id", "r.workflow_name"], skip, skip_runs)
+                rows = await tx.fetch(oldest, params)
                 if not rows:
                     return None
                 run_id, workflow = rows[0]
@@ -583,6 +585,20 @@ class SQLStore:
                         skip.append(workflow)
                         continue
                 return await self._lease(tx, run_id, worker_id, lease_seconds)
+
+    def _runnable(
+        self, columns: list[str], skip_workflows: list[str], skip_runs: Collection[str]
+    ) -> tuple[str, list[Any]]:
+        """The oldest runnable run's `columns`, locked (other claimers pass it over)."""
+        sql = f"SELECT {', '.join(columns)} FROM {self._d.runs_to_claim} WHERE {runnable_sql('r')}"
+        params: list[Any] = []
+        if skip_workflows:
+            sql += f" AND r.workflow_name NOT IN ({placeholders(len(skip_workflows))})"
+            params += skip_workflows
+        if skip_runs:
+            sql += f" AND r.run_id NOT IN ({placeholders(len(skip_runs))})"
+            params += skip_runs
+        return f"{sql} ORDER BY r.created_at, r.run_id LIMIT 1{self._d.skip_locked}", params
 
     async def _workflows_at_limit(self, tx: Tx, limits: Mapping[str, int], skip: list[str]) -> list[str]:
         names = [name for name in limits if name not in skip]
