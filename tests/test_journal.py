@@ -236,13 +236,14 @@ def test_a_durable_commit_is_synced_with_the_whole_batch_it_shares(tmp_path: Pat
         await commit("a", durable=False)
         assert "PRAGMA synchronous=FULL" not in statements and "COMMIT" in statements
         statements.clear()
-        await asyncio.gather(commit("a", durable=False), commit("b", durable=True))
+        # a, queued behind b's intent, shares b's transaction and its sync.
+        await asyncio.gather(commit("b", durable=True), commit("a", durable=False))
         batch = statements[statements.index("PRAGMA synchronous=FULL") :]
         assert [s.split()[0] for s in batch if not s.startswith("INSERT")] == [
             "PRAGMA",
             "BEGIN",
-            "UPDATE",  # a's gate
             "UPDATE",  # b's gate
+            "UPDATE",  # a's gate
             "COMMIT",
             "PRAGMA",
         ]

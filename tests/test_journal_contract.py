@@ -461,9 +461,9 @@ def test_an_expired_ticket_cannot_be_decided(journal: Journal) -> None:
 # -- group commit ----------------------------------------------------------------------
 
 
-def test_concurrent_commits_of_many_runs_share_transactions_and_keep_each_runs_order(
-    journal: Journal,
-) -> None:
+def test_concurrent_commits_of_many_runs_share_transactions_and_keep_each_runs_order(store: Store) -> None:
+    journal = store.open(durability="full")  # every commit synced: what group commit is for
+
     async def drive(run_id: str, steps: int) -> None:
         r = await start(journal, run_id)
         for i in range(steps):
@@ -496,7 +496,9 @@ def test_concurrent_commits_of_many_runs_share_transactions_and_keep_each_runs_o
     run(scenario())
 
 
-def test_a_commit_refused_in_a_batch_fails_alone(store: Store, journal: Journal) -> None:
+def test_a_commit_refused_in_a_batch_fails_alone(store: Store) -> None:
+    journal = store.open(durability="full")
+
     async def scenario() -> None:
         good = [await start(journal, f"good{n}") for n in range(5)]
         stale = await step(journal, await start(journal, "stale"))
@@ -535,7 +537,9 @@ def test_a_commit_refused_in_a_batch_fails_alone(store: Store, journal: Journal)
     run(scenario())
 
 
-def test_a_commit_the_database_refuses_is_retried_alone_and_fails_alone(journal: Journal) -> None:
+def test_a_commit_the_database_refuses_is_retried_alone_and_fails_alone(store: Store) -> None:
+    journal = store.open(durability="full")
+
     async def scenario() -> None:
         runs = [await start(journal, f"r{n}") for n in range(4)]
         taken = await step(journal, runs[0], exchanges=[exchange("r0", 1)])

@@ -61,6 +61,7 @@ class PostgresDialect:
     row_lock = " FOR UPDATE"
     skip_locked = " FOR UPDATE OF r SKIP LOCKED"
     runs_to_claim = "runs r"
+    unsynced_commits_block = False
 
     def __init__(self, url: str, *, durability: str, migrate: bool, pool_size: int | None) -> None:
         if durability not in ("normal", "full"):
@@ -164,20 +165,24 @@ class PostgresDialect:
             return await (await conn.execute(self._render(sql), params)).fetchall()
 
     async def commit_batch(self, plans: list[CommitPlan], *, durable: bool) -> list[bool]:
-        statements = [self._statement(plan) for plan in plans]
         wait_for_flush = durable and self.durability == "normal"
         async with self._connection() as conn:
-            if len(statements) == 1 and not wait_for_flush:  # one statement: its own transaction
-                return [bool(await (await conn.execute(*statements[0])).fetchall())]
+            if len(plans) == 1:  # one statement, its own transaction: one round trip
+                sql, params = self._statement(plans[0], wait_for_flush=wait_for_flush)
+                return [bool(await (await conn.execute(sql, params)).fetchall())]
+            statements = [self._statement(plan) for plan in plans]
             async with conn.pipeline(), conn.transaction():
                 if wait_for_flush:
                     await conn.execute("SET LOCAL synchronous_commit = on")
                 cursors = [await conn.execute(sql, params) for sql, params in statements]
             return [bool(await cursor.fetchall()) for cursor in cursors]
 
-    def _statement(self, plan: CommitPlan) -> tuple[str, list[Any]]:
-        """A commit as one statement: its gate, then each write as a CTE conditioned on it."""
+    def _statement(self, plan: CommitPlan, *, wait_for_flush: bool = False) -> tuple[str, list[Any]]:
+        """A commit as one statement: its gate, then each write as a CTE conditioned on it.
+        `wait_for_flush`: the statement's own transaction commits with its WAL flushed."""
         ctes = [f"gate AS ({self._render(plan.gate_sql)} RETURNING runs.run_id)"]
+        if wait_for_flush:
+            ctes.insert(0, "synced AS (SELECT set_config('synchronous_commit', 'on', true))")
         params: list[Any] = list(plan.gate_params)
         for write in plan.writes:
             for row in write.rows:
@@ -187,6 +192,8 @@ class PostgresDialect:
         if plan.notify:  # delivered when the transaction commits
             main = "SELECT pg_notify(%s, gate.run_id) FROM gate"
             params.append(WORK_CHANNEL)
+        if wait_for_flush:
+            main += ", synced"
         return f"WITH {', '.join(ctes)} {main}", params
 
     def is_conflict(self, exc: BaseException) -> bool:

@@ -50,6 +50,9 @@ class SQLiteDialect:
     skip_locked = ""
     # Without statistics the planner prefers runs_by_status and sorts every unfinished run.
     runs_to_claim = "runs r INDEXED BY runs_unfinished"
+    unsynced_commits_block = True
+    # A synced COMMIT (the fsync) runs in a thread; bench/store.py turns this off to compare.
+    sync_in_thread = True
 
     def __init__(self, path: Path, *, durability: str, migrate: bool, clock: Callable[[], float]) -> None:
         if durability not in ("normal", "full"):
@@ -146,7 +149,7 @@ class SQLiteDialect:
                 except BaseException:
                     db.execute("ROLLBACK")
                     raise
-                if sync == "FULL":
+                if sync == "FULL" and self.sync_in_thread:
                     await _in_thread(db.execute, "COMMIT")
                 else:
                     db.execute("COMMIT")

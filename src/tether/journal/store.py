@@ -10,13 +10,15 @@ use, a lease's expiry, fencing and claims — is the store's clock (`{now}` in t
 PostgreSQL's `clock_timestamp()`, SQLite's process clock read inside the store), never a
 caller's. The `now=` arguments some methods still accept are ignored.
 
-**Group commit.** `commit` puts its commit on a queue; one flusher applies everything queued
-in one transaction (one sync at FULL), in queue order, then answers each caller. A lone
-commit waits one event-loop turn. Each commit is gated by one conditional UPDATE of its run
-(sequence, lease fence, the ticket it uses, the tickets it adds): a refused commit writes
-nothing and fails alone, the others in its batch apply. Its other writes run only when its
-gate passed. A batch that the database fails as a whole (a constraint the gate could not
-foresee) is retried one commit per transaction, so that failure too stays with its commit.
+**Group commit.** `commit` puts its commit on a queue; one flusher task applies everything
+queued in one transaction (one sync at FULL), in queue order, then answers each caller: a
+lone commit waits one event-loop turn. On SQLite a lone commit that needs no sync is applied
+at once instead (its transaction never yields to the loop, so nothing could join it). Each
+commit is gated by one conditional UPDATE of its run (sequence, lease fence, the ticket it
+uses, the tickets it adds): a refused commit writes nothing and fails alone, the others in
+its batch apply. Its other writes run only when its gate passed. A batch that the database
+fails as a whole (a constraint the gate could not foresee) is retried one commit per
+transaction, so that failure too stays with its commit.
 """
 
 from __future__ import annotations
@@ -132,6 +134,9 @@ class Dialect(Protocol):
     row_lock: str  # appended to a SELECT of rows about to be changed
     skip_locked: str  # appended to claim's SELECT: other claimers' rows are passed over
     runs_to_claim: str  # `runs r`, read through the partial index of unfinished runs
+    # A transaction that is not synced runs to its end without yielding to the event loop
+    # (SQLite): a lone commit gains nothing from waiting for company, so it is applied at once.
+    unsynced_commits_block: bool
 
     def clock(self) -> float:
         """This process's clock: the timestamps of entries (recorded, never decided on)."""
@@ -267,8 +272,14 @@ class SQLStore:
         loop = asyncio.get_running_loop()
         done: asyncio.Future[list[Entry]] = loop.create_future()
         queue = self._queue
+        idle = not queue.waiting and (queue.flusher is None or queue.flusher.done())
+        if idle and self._d.unsynced_commits_block and not commit.durable and self._d.durability != "full":
+            # Nothing to wait for and nothing to share a sync with: apply it now, in this task.
+            # It cannot be interrupted half-way: the dialect does not yield once it has begun.
+            await self._apply_batch([(commit, done)])
+            return done.result()
         queue.waiting.append((commit, done))
-        if queue.flusher is None or queue.flusher.done():
+        if idle:
             queue.flusher = loop.create_task(self._flush())
         return await done
 
