@@ -31,6 +31,9 @@ from tether.journal import migrations
 from tether.journal.common import GATED, NOW
 from tether.journal.store import CommitPlan, SQLStore
 
+# RETURNING, UPDATE … FROM and ALTER TABLE DROP COLUMN (schema version 4).
+MIN_SQLITE = (3, 35, 0)
+
 
 class SQLiteJournal(SQLStore):
     def __init__(
@@ -41,6 +44,7 @@ class SQLiteJournal(SQLStore):
         migrate: bool = True,
         clock: Callable[[], float] = time.time,
     ) -> None:
+        """`clock` is the store's clock (this process's; a test may make time pass with its own)."""
         self.path = path
         super().__init__(SQLiteDialect(path, durability=durability, migrate=migrate, clock=clock))
 
@@ -57,6 +61,11 @@ class SQLiteDialect:
     def __init__(self, path: Path, *, durability: str, migrate: bool, clock: Callable[[], float]) -> None:
         if durability not in ("normal", "full"):
             raise JournalError(f"durability must be 'normal' or 'full', not {durability!r}")
+        if sqlite3.sqlite_version_info < MIN_SQLITE:
+            raise JournalError(
+                f"the SQLite journal needs SQLite {'.'.join(map(str, MIN_SQLITE))} or later (RETURNING, "
+                f"UPDATE FROM, DROP COLUMN); this Python's sqlite3 has {sqlite3.sqlite_version}"
+            )
         self.where = str(path)
         self.durability = durability
         self.clock = clock
