@@ -78,7 +78,6 @@ from tether.journal.records import (
 MAX_BATCH = 1000
 
 
-
 def _gated_insert(table: str, columns: Sequence[str]) -> str:
     return f"INSERT INTO {table} ({', '.join(columns)}) SELECT {placeholders(len(columns))} WHERE {GATED}"
 
@@ -272,7 +271,7 @@ class SQLStore:
         loop = asyncio.get_running_loop()
         done: asyncio.Future[list[Entry]] = loop.create_future()
         queue = self._queue
-        idle = not queue.waiting and (queue.flusher is None or queue.flusher.done())
+        idle = queue.flusher is None
         if idle and self._d.unsynced_commits_block and not commit.durable and self._d.durability != "full":
             # Nothing to wait for and nothing to share a sync with: apply it now, in this task.
             # It cannot be interrupted half-way: the dialect does not yield once it has begun.
@@ -285,15 +284,19 @@ class SQLStore:
 
     async def _flush(self) -> None:
         queue = self._queue
-        while queue.waiting:
-            batch, queue.waiting = queue.waiting[:MAX_BATCH], queue.waiting[MAX_BATCH:]
-            try:
-                await self._apply_batch(batch)
-            except BaseException as exc:  # cancelled (the loop is closing): nobody waits forever
-                for _, done in [*batch, *queue.waiting]:
-                    _settle(done, JournalError(f"the journal stopped while committing ({exc!r})"))
-                queue.waiting = []
-                raise
+        try:
+            while queue.waiting:
+                batch, queue.waiting = queue.waiting[:MAX_BATCH], queue.waiting[MAX_BATCH:]
+                try:
+                    await self._apply_batch(batch)
+                except BaseException as exc:  # cancelled (the loop is closing): nobody waits forever
+                    for _, done in [*batch, *queue.waiting]:
+                        _settle(done, JournalError(f"the journal stopped while committing ({exc!r})"))
+                    queue.waiting = []
+                    raise
+        finally:
+            # Gone as soon as it stops taking commits: the next commit starts a new flusher.
+            queue.flusher = None
 
     async def _apply_batch(self, batch: list[tuple[Commit, asyncio.Future[list[Entry]]]]) -> None:
         planned: list[tuple[CommitPlan, asyncio.Future[list[Entry]]]] = []
