@@ -109,8 +109,16 @@ class Target:
 # -- measurements ---------------------------------------------------------------------------
 
 
-async def concurrent_commits(journal: Journal, runs: int, commits_each: int) -> float:
-    """Commits per second with `runs` runs committing at once, each waiting for its own."""
+def busy(us: float) -> None:
+    """Hold the event loop for `us` µs, as a governed step's own Python work does."""
+    end = time.perf_counter() + us / 1e6
+    while time.perf_counter() < end:
+        pass
+
+
+async def concurrent_commits(journal: Journal, runs: int, commits_each: int, work_us: float = 0.0) -> float:
+    """Commits per second with `runs` runs committing at once, each waiting for its own and
+    spending `work_us` of Python before each commit."""
     records = []
     for i in range(runs):
         r = record(f"r{i:05}")
@@ -119,6 +127,7 @@ async def concurrent_commits(journal: Journal, runs: int, commits_each: int) -> 
 
     async def drive(run_id: str, seq: int, prev: str) -> None:
         for i in range(commits_each):
+            busy(work_us)
             written = await journal.commit(
                 Commit(
                     run_id=run_id,
@@ -214,7 +223,7 @@ def set_sync_in_thread(value: bool) -> bool:
     return True
 
 
-def group_commit(kind: str, target: Target, repeat: int, label: str) -> None:
+def group_commit(kind: str, target: Target, repeat: int, label: str, work_us: float = 0.0) -> None:
     floor_n = 200 if kind == "sqlite" else 500
     ratios: dict[int, list[float]] = {n: [] for n in CONCURRENCY}
     floors: list[float] = []
@@ -224,13 +233,15 @@ def group_commit(kind: str, target: Target, repeat: int, label: str) -> None:
         for n in CONCURRENCY:
             each = max(3, (600 if kind == "sqlite" else 1500) // n)
             got[n] = with_journal(
-                target.fresh(), "full", lambda j, n=n, each=each: concurrent_commits(j, n, each)
+                target.fresh(), "full", lambda j, n=n, each=each: concurrent_commits(j, n, each, work_us)
             )
         floor = (before + target.floor(floor_n)) / 2
         floors.append(floor)
         for n in CONCURRENCY:
             ratios[n].append(got[n] / floor)
-    print(f"\n{kind}, every commit synced{label}: floor {statistics.median(floors):,.0f} synced commits/s")
+    work = f", {work_us:.0f} µs of Python per step" if work_us else ""
+    floor = statistics.median(floors)
+    print(f"\n{kind}, every commit synced{label}{work}: floor {floor:,.0f} synced commits/s")
     print("| concurrent runs | commits/s ÷ floor: median (min–max) |")
     print("|---|---|")
     for n in CONCURRENCY:
@@ -254,21 +265,25 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--store", choices=["sqlite", "postgres", "both"], default="both")
     parser.add_argument("--repeat", type=int, default=3)
-    parser.add_argument("--only", choices=["group", "latency", "claim", "wrapper"], action="append")
+    parser.add_argument(
+        "--only", choices=["group", "thread", "latency", "claim", "wrapper"], action="append"
+    )
     args = parser.parse_args()
     kinds = ["sqlite", "postgres"] if args.store == "both" else [args.store]
-    only = set(args.only or ["group", "latency", "claim", "wrapper"])
+    only = set(args.only or ["group", "thread", "latency", "claim", "wrapper"])
     with tempfile.TemporaryDirectory() as tmp:
         for kind in kinds:
             target = Target(kind, Path(tmp))
             try:
                 if "group" in only:
-                    if kind == "sqlite" and set_sync_in_thread(False):
-                        group_commit(kind, target, args.repeat, ", fsync on the event loop's thread")
+                    group_commit(kind, target, args.repeat, "")
+                if "thread" in only and kind == "sqlite" and set_sync_in_thread(False):
+                    for work_us in (0.0, 100.0):
+                        group_commit(kind, target, args.repeat, ", fsync on the loop's thread", work_us)
                         set_sync_in_thread(True)
-                        group_commit(kind, target, args.repeat, ", fsync in a thread")
-                    else:
-                        group_commit(kind, target, args.repeat, "")
+                        group_commit(kind, target, args.repeat, ", fsync in a thread", work_us)
+                        set_sync_in_thread(False)
+                    set_sync_in_thread(True)
                 if "latency" in only:
                     latency(kind, target, args.repeat)
                 if "claim" in only:

@@ -36,7 +36,7 @@ VALUE_NAMES = ("input", "data", "facts")
 TICKET_COLUMNS: tuple[str, ...] = tuple(Ticket.model_fields)
 ENTRY_COLUMNS = ("run_id", "seq", "kind", "step_id", "state", "body", "prev_hash", "hash", "created_at")
 EXCHANGE_COLUMNS = ("run_id", "seq", "step_id", "state", "model", "created_at", "body")
-_EXCHANGE_KEYS = frozenset(EXCHANGE_COLUMNS) - {"body"}
+_EXCHANGE_KEYS = set(EXCHANGE_COLUMNS) - {"body"}
 # Statuses a worker may pick up without a person; "paused" only once its ticket is settled.
 ACTIVE_STATUSES = ("queued", "running")
 WORK_CHANNEL = "tether_work"

@@ -41,7 +41,7 @@ from psycopg_pool import AsyncConnectionPool
 from tether.errors import JournalError
 from tether.journal import migrations
 from tether.journal.common import GATED, NOW, WORK_CHANNEL
-from tether.journal.store import CommitPlan, SQLStore
+from tether.journal.store import CommitPlan, SQLStore, Tx
 
 DEFAULT_POOL_SIZE = 4
 _SCHEMA_KEY = "hashtext('tether.' || coalesce(current_schema(), ''))"
@@ -199,7 +199,7 @@ class PostgresDialect:
     def is_conflict(self, exc: BaseException) -> bool:
         return isinstance(exc, psycopg.errors.IntegrityError)
 
-    async def notify(self, tx: _Tx | None, run_id: str) -> None:
+    async def notify(self, tx: Tx | None, run_id: str) -> None:
         """Wake idle workers when the transaction commits (never before: NOTIFY is transactional)."""
         sql, params = "SELECT pg_notify(?, ?)", (WORK_CHANNEL, run_id)
         if tx is not None:
@@ -207,7 +207,7 @@ class PostgresDialect:
         else:
             await self.write(sql, params)
 
-    async def lock_workflow(self, tx: _Tx, workflow: str) -> None:
+    async def lock_workflow(self, tx: Tx, workflow: str) -> None:
         await tx.execute(f"SELECT pg_advisory_xact_lock({_SCHEMA_KEY}, hashtext(?))", (workflow,))
 
     async def prepare_to_wait(self) -> None:
