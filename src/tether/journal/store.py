@@ -227,17 +227,15 @@ class SQLStore:
         if written:
             run = run.model_copy(update={"last_seq": written[-1].seq, "last_hash": written[-1].hash})
         row = run_row(run)
-        columns = ", ".join(row)
-        values = ", ".join("?" * len(row))
-        params: tuple[Any, ...] = tuple(row.values())
+        values, params = ["?"] * len(row), list(row.values())
         if lease_seconds is not None and run.lease_owner is not None:
-            del row["lease_expires_at"]
-            columns = ", ".join([*row, "lease_expires_at"])
-            values = ", ".join(["?"] * len(row) + [f"{NOW} + ?"])
-            params = (*row.values(), lease_seconds)
+            lease = list(row).index("lease_expires_at")
+            values[lease], params[lease] = f"{NOW} + ?", lease_seconds
         async with self._d.transaction() as tx:
             inserted = await tx.execute(
-                f"INSERT INTO runs ({columns}) VALUES ({values}) ON CONFLICT (run_id) DO NOTHING", params
+                f"INSERT INTO runs ({', '.join(row)}) VALUES ({', '.join(values)}) "
+                "ON CONFLICT (run_id) DO NOTHING",
+                params,
             )
             if not inserted:
                 raise JournalError(f"run {run.run_id} already exists in {self._d.where}")
