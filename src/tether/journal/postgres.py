@@ -119,7 +119,9 @@ class PostgresDialect:
         self._drop_connections()  # those of a loop that has finished
         pool: AsyncConnectionPool[Any] = AsyncConnectionPool(
             self._conninfo,
-            min_size=1,
+            # Every connection opened up front: a pool that grows does it in a background task,
+            # and a loop closing while that task connects never finishes cancelling it.
+            min_size=self.pool_size,
             max_size=self.pool_size,
             kwargs={"autocommit": True},
             configure=self._configure,
@@ -171,10 +173,16 @@ class PostgresDialect:
                 sql, params = self._statement(plans[0], wait_for_flush=wait_for_flush)
                 return [bool(await (await conn.execute(sql, params)).fetchall())]
             statements = [self._statement(plan) for plan in plans]
-            async with conn.pipeline(), conn.transaction():
-                if wait_for_flush:
-                    await conn.execute("SET LOCAL synchronous_commit = on")
-                cursors = [await conn.execute(sql, params) for sql, params in statements]
+            try:
+                async with conn.pipeline(), conn.transaction():
+                    if wait_for_flush:
+                        await conn.execute("SET LOCAL synchronous_commit = on")
+                    cursors = [await conn.execute(sql, params) for sql, params in statements]
+            except psycopg.Error:
+                # Back to the pool clean, not discarded (a replacement is made in the background).
+                if conn.info.transaction_status != psycopg.pq.TransactionStatus.IDLE:
+                    await conn.rollback()
+                raise
             return [bool(await cursor.fetchall()) for cursor in cursors]
 
     def _statement(self, plan: CommitPlan, *, wait_for_flush: bool = False) -> tuple[str, list[Any]]:
