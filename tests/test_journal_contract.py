@@ -559,6 +559,32 @@ def test_a_commit_the_database_refuses_is_retried_alone_and_fails_alone(store: S
     run(scenario())
 
 
+def test_lease_renewal_and_a_batch_of_commits_never_deadlock(store: Store) -> None:
+    journal, renewer = store.open(durability="full"), store.open()
+
+    async def scenario() -> None:
+        runs = []
+        for n in range(30):
+            r = await start(journal, f"r{n:02}")
+            runs.append(await journal.acquire(r.run_id, "w1", lease_seconds=30))
+        for _ in range(10):
+
+            async def renew() -> set[str]:
+                for _ in range(5):
+                    held = await renewer.renew_leases("w1", lease_seconds=30)
+                return held
+
+            # Queued in the reverse of the order renewal meets the rows: locks taken in
+            # opposite orders would deadlock, and a lost deadlock fails a whole batch.
+            outcomes = await asyncio.gather(
+                renew(), *(step(journal, r, lease_owner="w1", lease_seconds=30) for r in reversed(runs))
+            )
+            assert outcomes[0] == {r.run_id for r in runs}
+            runs = list(reversed(outcomes[1:]))
+
+    run(scenario())
+
+
 # -- leases ----------------------------------------------------------------------------
 
 

@@ -10,6 +10,7 @@ first settling any effect left in doubt by a crash, then any ticket a person dec
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import inspect
 import os
 import secrets
@@ -21,7 +22,7 @@ from typing import Any
 
 from pydantic_core import to_jsonable_python
 
-from tether.errors import RunStateError
+from tether.errors import JournalError, RunStateError
 from tether.journal import (
     FINISHED,
     Commit,
@@ -406,10 +407,13 @@ class Runtime:
         return RunResult.of(cursor.record)
 
     async def _renew_leases(self) -> None:
-        """One task per runtime renews the leases of every run it is driving: one statement."""
+        """One task per runtime renews the leases of every run it is driving: one statement.
+        A renewal that fails is tried again at the next interval (a lease outlives two): were
+        this task to end, every lease would lapse and other workers would redo the runs."""
         while self._driving:
             await asyncio.sleep(self.lease_seconds / 3)
-            await self.journal.renew_leases(self.worker_id, lease_seconds=self.lease_seconds)
+            with contextlib.suppress(JournalError):
+                await self.journal.renew_leases(self.worker_id, lease_seconds=self.lease_seconds)
 
     async def _steps(self, cursor: RunCursor, model: Model | None) -> None:
         while cursor.record.status == "running" and not self.stopping:

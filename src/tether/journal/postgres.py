@@ -46,6 +46,12 @@ from tether.journal.store import CommitPlan, SQLStore, Tx
 DEFAULT_POOL_SIZE = 4
 _SCHEMA_KEY = "hashtext('tether.' || coalesce(current_schema(), ''))"
 _NOW_SQL = "CAST(EXTRACT(EPOCH FROM clock_timestamp()) AS DOUBLE PRECISION)"
+# A transaction the server rolled back to resolve a conflict: retrying it may succeed.
+_LOST_A_CONFLICT = (
+    psycopg.errors.DeadlockDetected,
+    psycopg.errors.SerializationFailure,
+    psycopg.errors.TransactionRollback,
+)
 
 
 class PostgresJournal(SQLStore):
@@ -148,6 +154,8 @@ class PostgresDialect:
         try:
             async with pool.connection() as conn:
                 yield conn
+        except _LOST_A_CONFLICT:
+            raise  # a deadlock or serialization conflict: the transaction may be retried
         except psycopg.OperationalError as exc:
             raise JournalError(f"journal {self.where}: {exc}") from exc
 
@@ -205,7 +213,7 @@ class PostgresDialect:
         return f"WITH {', '.join(ctes)} {main}", params
 
     def is_conflict(self, exc: BaseException) -> bool:
-        return isinstance(exc, psycopg.errors.IntegrityError)
+        return isinstance(exc, (psycopg.errors.IntegrityError, *_LOST_A_CONFLICT))
 
     async def notify(self, tx: Tx | None, run_id: str) -> None:
         """Wake idle workers when the transaction commits (never before: NOTIFY is transactional)."""

@@ -155,7 +155,8 @@ class Dialect(Protocol):
         ...
 
     def is_conflict(self, exc: BaseException) -> bool:
-        """A constraint refused a statement (the batch is retried commit by commit)."""
+        """A constraint refused a statement, or the transaction lost a deadlock or a
+        serialization conflict: the batch is retried commit by commit."""
         ...
 
     async def notify(self, tx: Tx | None, run_id: str) -> None:
@@ -305,12 +306,15 @@ class SQLStore:
                 _settle(done, exc)
         if not planned:
             return
+        # Runs locked in one order by every batch and by lease renewal: no deadlock between
+        # them. The sort is stable: a run's commits keep their order.
+        planned.sort(key=lambda item: item[0].commit.run_id)
         self.stats.commits += len(planned)
         plans = [p for p, _ in planned]
         try:
             passed = await self._transact(plans)
         except Exception as exc:
-            if not (len(planned) > 1 and self._d.is_conflict(exc)):
+            if not self._d.is_conflict(exc):
                 for _, done in planned:
                     _settle(done, exc if isinstance(exc, JournalError) else _database_error(exc))
                 return
@@ -645,8 +649,10 @@ class SQLStore:
 
     async def renew_leases(self, worker_id: str, *, lease_seconds: float) -> set[str]:
         """Renew every lease `worker_id` holds, in one statement; the runs it still holds."""
+        # Rows locked in run-id order, as batches of commits lock them.
         _, rows = await self._d.write(
-            f"UPDATE runs SET lease_expires_at = {NOW} + ? WHERE lease_owner = ? RETURNING run_id",
+            f"UPDATE runs SET lease_expires_at = {NOW} + ? WHERE run_id IN (SELECT run_id FROM runs "
+            f"WHERE lease_owner = ? ORDER BY run_id{self._d.row_lock}) RETURNING run_id",
             (lease_seconds, worker_id),
         )
         return {run_id for (run_id,) in rows}
