@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import sqlite3
 import time
 from pathlib import Path
@@ -24,7 +25,8 @@ from tether import (
     Workflow,
 )
 from tether.hashing import encode_json
-from tether.journal import Commit, Journal, NewEntry, RunUpdate, open_journal, verify_chain
+from tether.journal import Commit, Journal, NewEntry, RunRecord, RunUpdate, open_journal, verify_chain
+from tether.journal.sqlite import SQLiteJournal
 
 
 def completed_run(journal: Journal, shop: Shop) -> str:
@@ -202,3 +204,48 @@ def test_an_agent_workflow_without_a_model_is_refused_before_a_run_exists(
     with pytest.raises(RunStateError, match="give a model to propose their steps"):
         run(Runtime(journal).start(shop.workflow()))
     assert run(journal.list_runs()) == []
+
+
+def test_a_durable_commit_is_synced_with_the_whole_batch_it_shares(tmp_path: Path) -> None:
+    journal = SQLiteJournal(tmp_path / "j.db")  # durability "normal": only intents are synced
+    statements: list[str] = []
+    journal._d._writer.set_trace_callback(statements.append)  # the SQL the writer really ran
+
+    async def commit(run_id: str, *, durable: bool) -> None:
+        r = await journal.get_run(run_id)
+        entry = NewEntry("step", encode_json({"durable": durable}))
+        await journal.commit(Commit(run_id, r.last_seq, r.last_hash, entries=[entry], durable=durable))
+
+    async def scenario() -> None:
+        for run_id in ("a", "b"):
+            record = RunRecord(
+                run_id=run_id,
+                workflow_name="w",
+                workflow_version="1",
+                workflow_hash="h",
+                workflow_ref="r",
+                policy_hash="p",
+                state="s",
+                created_at=time.time(),
+                updated_at=time.time(),
+            )
+            await journal.create_run(record, [])
+        statements.clear()
+        await commit("a", durable=False)
+        assert "PRAGMA synchronous=FULL" not in statements and "COMMIT" in statements
+        statements.clear()
+        # a, queued behind b's intent, shares b's transaction and its sync.
+        await asyncio.gather(commit("b", durable=True), commit("a", durable=False))
+        batch = statements[statements.index("PRAGMA synchronous=FULL") :]
+        assert [s.split()[0] for s in batch if not s.startswith("INSERT")] == [
+            "PRAGMA",
+            "BEGIN",
+            "UPDATE",  # b's gate
+            "UPDATE",  # a's gate
+            "COMMIT",
+            "PRAGMA",
+        ]
+        assert batch[-1] == "PRAGMA synchronous=NORMAL"
+
+    asyncio.run(scenario())
+    journal.close()

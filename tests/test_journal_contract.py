@@ -8,6 +8,8 @@ under CI=true, where they fail.
 from __future__ import annotations
 
 import asyncio
+import dataclasses
+import json
 import os
 import secrets
 import sqlite3
@@ -20,6 +22,7 @@ from typing import Any, TypeVar
 
 import msgspec
 import pytest
+from msgspec import UNSET
 from typer.testing import CliRunner
 
 from tether.cli import db as db_cli
@@ -39,7 +42,7 @@ from tether.journal import (
     upgrade_journal,
     verify_chain,
 )
-from tether.journal.common import ENTRY_COLUMNS, entry_row, run_values
+from tether.journal.common import ENTRY_COLUMNS, entry_row
 from tether.journal.records import GENESIS_HASH, chain
 
 T = TypeVar("T")
@@ -97,10 +100,18 @@ class Store:
             assert self.path is not None
             return self.path.stat().st_size
         rows = self.execute(
-            "SELECT sum(pg_total_relation_size(t::regclass)) "
-            "FROM unnest(array['runs', 'entries', 'tickets']) t"
+            "SELECT sum(pg_total_relation_size(to_regclass(t))) "
+            "FROM unnest(array['runs', 'run_values', 'entries', 'tickets']) t"
         )
         return int(rows[0][0])
+
+    def written(self) -> int:
+        """Bytes on disk without folding the WAL back (SQLite: the file and its WAL)."""
+        if self.kind == "postgres":
+            return self.size()
+        assert self.path is not None
+        wal = self.path.with_name(self.path.name + "-wal")
+        return self.path.stat().st_size + (wal.stat().st_size if wal.exists() else 0)
 
     def close(self) -> None:
         for journal in self.opened:
@@ -218,6 +229,17 @@ async def pause_on(j: Journal, run: RunRecord, t: Ticket, **kw: Any) -> RunRecor
     return await step(j, run, new_tickets=[t], update=RunUpdate(status="paused", checkpoint=checkpoint), **kw)
 
 
+def expire_lease(store: Store, run_id: str) -> None:
+    """Move a run's lease a minute into the past, as if its holder had stopped renewing it."""
+    ph = store.ph
+    store.execute(f"UPDATE runs SET lease_expires_at = {ph} WHERE run_id = {ph}", (time.time() - 60, run_id))
+
+
+def leased_for(r: RunRecord, seconds: float) -> bool:
+    """The run's lease ends `seconds` from now by the store's clock (this machine's, here)."""
+    return r.lease_expires_at is not None and abs(r.lease_expires_at - (time.time() + seconds)) < 5
+
+
 # -- runs, commits and the chain -------------------------------------------------------
 
 
@@ -265,6 +287,33 @@ def test_commits_extend_a_hash_chain_over_the_exact_stored_text(journal: Journal
         assert msgspec.json.decode(entries[2].body_json) == {**body, "i": 1}
         assert entries[2].body_json == encode_json({**body, "i": 1})
         assert [e.seq for e in await journal.read_entries("r1", after_seq=2)] == [3, 4]
+
+    run(scenario())
+
+
+def test_entries_are_read_by_kind_and_from_the_end(journal: Journal) -> None:
+    async def scenario() -> None:
+        r = await start(journal, "r1")
+        for kind in ("intent", "step", "note", "step"):
+            await journal.commit(
+                Commit(
+                    run_id="r1",
+                    expected_seq=r.last_seq,
+                    expected_hash=r.last_hash,
+                    entries=[raw_entry(kind, {"kind": kind})],
+                )
+            )
+            r = await journal.get_run("r1")
+        everything = await journal.read_entries("r1")
+        assert [e.kind for e in everything] == ["run_started", "intent", "step", "note", "step"]
+        assert [e.seq for e in await journal.read_entries("r1", kinds={"step"})] == [3, 5]
+        later = await journal.read_entries("r1", after_seq=3, kinds=["step", "note"])
+        assert [e.seq for e in later] == [4, 5]
+        assert await journal.read_entries("r1", kinds=()) == []
+        assert await journal.read_last_entries("r1") == everything[-1:]
+        assert await journal.read_last_entries("r1", 3) == everything[-3:]  # oldest first
+        assert await journal.read_last_entries("r1", 99) == everything
+        assert await journal.read_last_entries("nope") == []
 
     run(scenario())
 
@@ -360,10 +409,10 @@ def test_entries_are_append_only_in_the_database_itself(store: Store, journal: J
 def test_a_ticket_is_decided_once_and_used_once_for_its_own_arguments(journal: Journal) -> None:
     async def scenario() -> None:
         r = await pause_on(journal, await start(journal, "r1"), ticket("t1", "r1"))
-        decided = await journal.decide_ticket("t1", approve=True, by="sam", reason="ok", now=time.time())
+        decided = await journal.decide_ticket("t1", approve=True, by="sam", reason="ok")
         assert (decided.status, decided.decided_by, decided.reason) == ("approved", "sam", "ok")
         with pytest.raises(TicketError, match="already approved"):
-            await journal.decide_ticket("t1", approve=False, by="eve", now=time.time())
+            await journal.decide_ticket("t1", approve=False, by="eve")
         entries = await journal.read_entries("r1")
         assert entries[-1].kind == "ticket_decided" and entries[-1].body.status == "approved"  # type: ignore[union-attr]
         assert verify_chain(entries) == []
@@ -381,11 +430,19 @@ def test_a_ticket_is_decided_once_and_used_once_for_its_own_arguments(journal: J
             await step(journal, r, consume=("t9", "sha256:args"))
         with pytest.raises(TicketError, match="no ticket"):
             await journal.get_ticket("t9")
+        # An approval is used by the run it was asked for, never by another.
+        other = await pause_on(journal, await start(journal, "r2"), ticket("t2", "r2"))
+        await journal.decide_ticket("t2", approve=True, by="sam")
+        r = await journal.get_run("r1")
+        with pytest.raises(TicketError, match="ticket t2 belongs to run r2, not r1"):
+            await step(journal, r, consume=("t2", "sha256:args"))
+        assert (await journal.get_ticket("t2")).status == "approved"
+        await step(journal, await journal.get_run(other.run_id), consume=("t2", "sha256:args"))
 
         await pause_on(journal, await journal.get_run("r1"), ticket("q1", "r1", kind="question"))
-        answered = await journal.decide_ticket("q1", approve=True, by="sam", answer="yes", now=time.time())
+        answered = await journal.decide_ticket("q1", approve=True, by="sam", answer="yes")
         assert (answered.status, answered.answer) == ("answered", "yes")
-        assert [t.ticket_id for t in await journal.list_tickets(status=None)] == ["t1", "q1"]
+        assert [t.ticket_id for t in await journal.list_tickets(status=None)] == ["t1", "t2", "q1"]
         assert await journal.list_tickets() == []
         with pytest.raises(TicketError, match="ticket q1 already exists"):
             await step(journal, await journal.get_run("r1"), new_tickets=[ticket("q1", "r1")])
@@ -397,11 +454,140 @@ def test_an_expired_ticket_cannot_be_decided(journal: Journal) -> None:
     async def scenario() -> None:
         await pause_on(journal, await start(journal, "r1"), ticket("t1", "r1", expires_in=-1))
         with pytest.raises(TicketError, match="expired"):
-            await journal.decide_ticket("t1", approve=True, by="sam", now=time.time())
+            await journal.decide_ticket("t1", approve=True, by="sam")
         assert (await journal.get_ticket("t1")).status == "pending"
         assert (await journal.expire_ticket("t1", time.time())).status == "expired"
         with pytest.raises(TicketError, match="already expired"):
-            await journal.decide_ticket("t1", approve=True, by="sam", now=time.time())
+            await journal.decide_ticket("t1", approve=True, by="sam")
+
+    run(scenario())
+
+
+# -- group commit ----------------------------------------------------------------------
+
+
+def test_concurrent_commits_of_many_runs_share_transactions_and_keep_each_runs_order(store: Store) -> None:
+    journal = store.open(durability="full")  # every commit synced: what group commit is for
+
+    async def drive(run_id: str, steps: int) -> None:
+        r = await start(journal, run_id)
+        for i in range(steps):
+            r = await step(journal, r, {"i": i}, update=RunUpdate(data={"i": i}), durable=i == 2)
+
+    async def scenario() -> None:
+        before = dataclasses.replace(journal.stats)
+        await asyncio.gather(*(drive(f"r{n:02}", 6) for n in range(40)))
+        commits = journal.stats.commits - before.commits
+        transactions = journal.stats.transactions - before.transactions
+        assert commits == 40 * 6
+        assert transactions <= commits / 4, (commits, transactions)
+        for n in range(40):
+            entries = await journal.read_entries(f"r{n:02}")
+            bodies = [msgspec.json.decode(e.body_json) for e in entries[1:]]
+            assert [b.get("i") for b in bodies] == list(range(6)) and verify_chain(entries) == []
+            assert (await journal.get_run(f"r{n:02}")).data == {"i": 5}
+
+        # Two commits of one run queued together: the first applies, the second (stale) fails.
+        runs = [await journal.get_run(f"r{n:02}") for n in range(40)]
+        outcomes = await asyncio.gather(
+            *(step(journal, r, {"first": True}) for r in runs),
+            *(step(journal, r, {"second": True}) for r in runs),
+            return_exceptions=True,
+        )
+        assert all(isinstance(o, RunRecord) for o in outcomes[:40])
+        assert all(isinstance(o, ConcurrentWriteError) for o in outcomes[40:])
+        for r in runs:
+            last = await journal.read_last_entries(r.run_id)
+            assert [msgspec.json.decode(e.body_json) for e in last] == [{"first": True}]
+
+    run(scenario())
+
+
+def test_a_commit_refused_in_a_batch_fails_alone(store: Store) -> None:
+    journal = store.open(durability="full")
+
+    async def scenario() -> None:
+        good = [await start(journal, f"good{n}") for n in range(5)]
+        stale = await step(journal, await start(journal, "stale"))
+        fenced = await journal.acquire((await start(journal, "fenced")).run_id, "w1", lease_seconds=60)
+        paused = await pause_on(journal, await start(journal, "paused"), ticket("t1", "paused"))
+        await journal.decide_ticket("t1", approve=True, by="sam")
+        paused = await journal.get_run("paused")
+        dup = await start(journal, "dup")
+        before = {r.run_id: r for r in await journal.list_runs()}
+        batches = journal.stats.transactions
+
+        outcomes = await asyncio.gather(
+            *(step(journal, r, update=RunUpdate(data={"ok": True})) for r in good[:3]),
+            journal.commit(Commit(run_id="stale", expected_seq=1, expected_hash=GENESIS_HASH)),
+            step(journal, fenced, lease_owner="w2", update=RunUpdate(status="failed")),
+            step(journal, paused, consume=("t1", "sha256:other"), update=RunUpdate(status="running")),
+            step(journal, dup, new_tickets=[ticket("t1", "dup")], exchanges=[exchange("dup", 1)]),
+            step(journal, stale, update=RunUpdate(data={"ok": True})),
+            *(step(journal, r, update=RunUpdate(data={"ok": True})) for r in good[3:]),
+            return_exceptions=True,
+        )
+        assert journal.stats.transactions == batches + 1  # one transaction carried them all
+        refused = outcomes[3:7]
+        assert isinstance(refused[0], ConcurrentWriteError) and "moved on" in str(refused[0])
+        assert isinstance(refused[1], LeaseHeld) and "not to w2" in str(refused[1])
+        assert isinstance(refused[2], TicketError) and "approves other arguments" in str(refused[2])
+        assert isinstance(refused[3], TicketError) and "ticket t1 already exists" in str(refused[3])
+        for run_id in ("fenced", "paused", "dup"):
+            assert await journal.get_run(run_id) == before[run_id]  # nothing of a refused commit
+        assert (await journal.get_ticket("t1")).status == "approved"
+        assert await journal.read_exchanges("dup") == []
+        applied = [o for i, o in enumerate(outcomes) if i not in range(3, 7)]
+        assert all(isinstance(o, RunRecord) and o.data == {"ok": True} for o in applied), applied
+        assert [e.seq for e in await journal.read_entries("stale")] == [1, 2, 3]
+
+    run(scenario())
+
+
+def test_a_commit_the_database_refuses_is_retried_alone_and_fails_alone(store: Store) -> None:
+    journal = store.open(durability="full")
+
+    async def scenario() -> None:
+        runs = [await start(journal, f"r{n}") for n in range(4)]
+        taken = await step(journal, runs[0], exchanges=[exchange("r0", 1)])
+        retried = journal.stats.retried_alone
+        outcomes = await asyncio.gather(
+            step(journal, runs[1]),
+            step(journal, taken, exchanges=[exchange("r0", 1)]),  # exchange 1 is already stored
+            step(journal, runs[2]),
+            step(journal, runs[3]),
+            return_exceptions=True,
+        )
+        assert isinstance(outcomes[1], JournalError) and "refused the commit" in str(outcomes[1])
+        assert await journal.get_run("r0") == taken
+        assert all(isinstance(o, RunRecord) and o.last_seq == 2 for i, o in enumerate(outcomes) if i != 1)
+        assert journal.stats.retried_alone == retried + 4
+
+    run(scenario())
+
+
+def test_lease_renewal_and_a_batch_of_commits_never_deadlock(store: Store) -> None:
+    journal, renewer = store.open(durability="full"), store.open()
+
+    async def scenario() -> None:
+        runs = []
+        for n in range(30):
+            r = await start(journal, f"r{n:02}")
+            runs.append(await journal.acquire(r.run_id, "w1", lease_seconds=30))
+        for _ in range(10):
+
+            async def renew() -> set[str]:
+                for _ in range(5):
+                    held = await renewer.renew_leases("w1", lease_seconds=30)
+                return held
+
+            # Queued in the reverse of the order renewal meets the rows: locks taken in
+            # opposite orders would deadlock, and a lost deadlock fails a whole batch.
+            outcomes = await asyncio.gather(
+                renew(), *(step(journal, r, lease_owner="w1", lease_seconds=30) for r in reversed(runs))
+            )
+            assert outcomes[0] == {r.run_id for r in runs}
+            runs = list(reversed(outcomes[1:]))
 
     run(scenario())
 
@@ -409,10 +595,10 @@ def test_an_expired_ticket_cannot_be_decided(journal: Journal) -> None:
 # -- leases ----------------------------------------------------------------------------
 
 
-def test_commits_are_fenced_by_the_runs_lease(journal: Journal) -> None:
+def test_commits_are_fenced_by_the_runs_lease(store: Store, journal: Journal) -> None:
     async def scenario() -> None:
         r = await start(journal, "r1")
-        r = await journal.acquire("r1", "w1", lease_seconds=30, now=time.time())
+        r = await journal.acquire("r1", "w1", lease_seconds=30)
         assert r.lease_owner == "w1"
 
         r = await step(journal, r, lease_owner="w1", lease_seconds=120)
@@ -430,9 +616,9 @@ def test_commits_are_fenced_by_the_runs_lease(journal: Journal) -> None:
             assert await journal.get_run("r1") == r
 
         # Once the lease has expired, a writer without one may go on; the old holder may not.
-        r = await journal.acquire("r1", "w1", lease_seconds=1, now=time.time() - 10)
-        r = await step(journal, r)
-        await journal.acquire("r1", "w2", lease_seconds=60, now=time.time())
+        expire_lease(store, "r1")
+        r = await step(journal, await journal.get_run("r1"))
+        await journal.acquire("r1", "w2", lease_seconds=60)
         with pytest.raises(LeaseHeld, match="leased to w2"):
             await step(journal, r, lease_owner="w1")
         await journal.release("r1", "w2")
@@ -448,49 +634,88 @@ def test_create_run_stores_the_lease_it_is_given(journal: Journal) -> None:
         await journal.create_run(leased, [])
         got = await journal.get_run("r1")
         assert (got.lease_owner, got.lease_expires_at) == (leased.lease_owner, leased.lease_expires_at)
-        assert await journal.claim("w2", lease_seconds=30, now=time.time()) is None
+        assert await journal.claim("w2", lease_seconds=30) is None
+        # Given a length, the lease runs from the store's clock, whatever the record says.
+        skewed = record("r2").model_copy(update={"lease_owner": "w1", "lease_expires_at": 1.0})
+        await journal.create_run(skewed, [], lease_seconds=600)
+        assert leased_for(await journal.get_run("r2"), 600)
+        assert await journal.claim("w2", lease_seconds=30) is None
 
     run(scenario())
 
 
-def test_acquire_heartbeat_and_release(journal: Journal) -> None:
+def test_acquire_heartbeat_and_release(store: Store, journal: Journal) -> None:
     async def scenario() -> None:
         await start(journal, "r1")
-        now = time.time()
-        r = await journal.acquire("r1", "w1", lease_seconds=30, now=now)
-        assert (r.lease_owner, r.lease_expires_at) == ("w1", now + 30)
+        r = await journal.acquire("r1", "w1", lease_seconds=30)
+        assert r.lease_owner == "w1" and leased_for(r, 30)
         with pytest.raises(LeaseHeld, match="r1 is leased to w1 until") as held:
-            await journal.acquire("r1", "w2", lease_seconds=30, now=now + 1)
-        assert (held.value.holder, held.value.expires_at) == ("w1", now + 30)
-        assert (await journal.acquire("r1", "w1", lease_seconds=60, now=now + 1)).lease_expires_at == now + 61
+            await journal.acquire("r1", "w2", lease_seconds=30)
+        assert (held.value.holder, held.value.expires_at) == ("w1", r.lease_expires_at)
+        assert leased_for(await journal.acquire("r1", "w1", lease_seconds=600), 600)
 
-        assert await journal.heartbeat("r1", "w1", lease_seconds=30, now=now + 2) is True
-        assert (await journal.get_run("r1")).lease_expires_at == now + 32
-        assert await journal.heartbeat("r1", "w2", lease_seconds=30, now=now + 2) is False
+        assert await journal.heartbeat("r1", "w1", lease_seconds=30) is True
+        assert leased_for(await journal.get_run("r1"), 30)
+        assert await journal.heartbeat("r1", "w2", lease_seconds=30) is False
 
         await journal.release("r1", "w2")  # not the holder: nothing happens
         assert (await journal.get_run("r1")).lease_owner == "w1"
-        r = await journal.acquire("r1", "w2", lease_seconds=30, now=now + 40)  # w1's lease expired
+        expire_lease(store, "r1")
+        r = await journal.acquire("r1", "w2", lease_seconds=30)  # w1's lease expired
         assert r.lease_owner == "w2"
-        assert await journal.heartbeat("r1", "w1", lease_seconds=30, now=now + 41) is False
+        assert await journal.heartbeat("r1", "w1", lease_seconds=30) is False
         await journal.release("r1", "w2")
         r = await journal.get_run("r1")
         assert (r.lease_owner, r.lease_expires_at) == (None, None)
         with pytest.raises(RunNotFound):
-            await journal.acquire("nope", "w1", lease_seconds=30, now=now)
+            await journal.acquire("nope", "w1", lease_seconds=30)
 
     run(scenario())
 
 
-def test_claim_takes_the_oldest_runnable_run(journal: Journal) -> None:
+def test_a_worker_renews_all_its_leases_in_one_call(store: Store, journal: Journal) -> None:
     async def scenario() -> None:
-        now = time.time()
+        for run_id, worker in [("r0", "w1"), ("r1", "w1"), ("r2", "w1"), ("other", "w2")]:
+            await start(journal, run_id)
+            await journal.acquire(run_id, worker, lease_seconds=30)
+            expire_lease(store, run_id)
+        others = (await journal.get_run("other")).lease_expires_at
+
+        assert await journal.renew_leases("w1", lease_seconds=30) == {"r0", "r1", "r2"}
+        for run_id in ("r0", "r1", "r2"):
+            assert leased_for(await journal.get_run(run_id), 30)
+        assert (await journal.get_run("other")).lease_expires_at == others  # not w1's
+        await journal.release("r1", "w1")
+        assert await journal.renew_leases("w1", lease_seconds=30) == {"r0", "r2"}
+        assert await journal.renew_leases("nobody", lease_seconds=30) == set()
+
+    run(scenario())
+
+
+def test_a_commit_may_give_the_lease_up_in_the_same_transaction(journal: Journal) -> None:
+    async def scenario() -> None:
+        r = await journal.acquire((await start(journal, "r1")).run_id, "w1", lease_seconds=30)
+        r = await step(journal, r, lease_owner="w1", lease_seconds=30, release=True)
+        assert (r.lease_owner, r.lease_expires_at, r.last_seq) == (None, None, 2)
+        claimed = await journal.claim("w2", lease_seconds=30)
+        assert claimed is not None and claimed.run_id == "r1"
+        # A refused commit releases nothing.
+        with pytest.raises(LeaseHeld, match="leased to w2"):
+            await step(journal, r, lease_owner="w1", release=True)
+        assert (await journal.get_run("r1")).lease_owner == "w2"
+
+    run(scenario())
+
+
+def test_claim_takes_the_oldest_runnable_run(store: Store, journal: Journal) -> None:
+    async def scenario() -> None:
         await start(journal, "queued-young", age=1)
         await start(journal, "queued-old", age=5)
         await start(journal, "leased", age=9)
-        await journal.acquire("leased", "other", lease_seconds=60, now=now)
+        await journal.acquire("leased", "other", lease_seconds=60)
         await start(journal, "lease-expired", age=3)
-        await journal.acquire("lease-expired", "gone", lease_seconds=5, now=now - 60)
+        await journal.acquire("lease-expired", "gone", lease_seconds=30)
+        expire_lease(store, "lease-expired")
         await start(journal, "running", status="running", age=2)
         for status in ("completed", "failed", "escalated", "handed_off", "effect_in_doubt"):
             await start(journal, status, status=status, age=10)
@@ -506,53 +731,51 @@ def test_claim_takes_the_oldest_runnable_run(journal: Journal) -> None:
         assert waiting.status == decided.status == lapsed.status == "paused"
 
         claimed = []
-        while (r := await journal.claim("w1", lease_seconds=30, now=now)) is not None:
-            assert (r.lease_owner, r.lease_expires_at) == ("w1", now + 30)
+        while (r := await journal.claim("w1", lease_seconds=30)) is not None:
+            assert r.lease_owner == "w1" and leased_for(r, 30)
             claimed.append(r.run_id)
         assert claimed == ["queued-old", "lease-expired", "running", "queued-young", "lapsed"]
-        await journal.decide_ticket("t2", approve=False, by="sam", reason="no", now=now)
-        assert (await journal.claim("w1", lease_seconds=30, now=now)).run_id == "decided"  # type: ignore[union-attr]
-        assert await journal.claim("w1", lease_seconds=30, now=now) is None
+        await journal.decide_ticket("t2", approve=False, by="sam", reason="no")
+        assert (await journal.claim("w1", lease_seconds=30)).run_id == "decided"  # type: ignore[union-attr]
+        assert await journal.claim("w1", lease_seconds=30) is None
 
         await journal.release("queued-old", "w1")  # released runs are claimable again
-        assert (await journal.claim("w2", lease_seconds=30, now=now)).run_id == "queued-old"  # type: ignore[union-attr]
+        assert (await journal.claim("w2", lease_seconds=30)).run_id == "queued-old"  # type: ignore[union-attr]
 
     run(scenario())
 
 
 def test_claim_passes_over_runs_a_worker_cannot_drive(journal: Journal) -> None:
     async def scenario() -> None:
-        now = time.time()
         await start(journal, "gone-workflow", age=9)
         await start(journal, "gateway", age=8, ref="<mcp-gateway>")  # driven by its own process
         await start(journal, "young", age=1)
-        claimed = await journal.claim("w1", lease_seconds=30, now=now, skip_runs={"gone-workflow"})
+        claimed = await journal.claim("w1", lease_seconds=30, skip_runs={"gone-workflow"})
         assert claimed is not None and claimed.run_id == "young"
-        assert await journal.claim("w1", lease_seconds=30, now=now, skip_runs={"gone-workflow"}) is None
-        assert (await journal.claim("w2", lease_seconds=30, now=now)).run_id == "gone-workflow"  # type: ignore[union-attr]
+        assert await journal.claim("w1", lease_seconds=30, skip_runs={"gone-workflow"}) is None
+        assert (await journal.claim("w2", lease_seconds=30)).run_id == "gone-workflow"  # type: ignore[union-attr]
         assert (await journal.get_run("gateway")).lease_owner is None
 
     run(scenario())
 
 
-def test_claim_respects_per_workflow_limits(journal: Journal) -> None:
+def test_claim_respects_per_workflow_limits(store: Store, journal: Journal) -> None:
     async def scenario() -> None:
-        now = time.time()
         for i in range(4):
             await start(journal, f"a{i}", workflow="a", age=10 - i)
             await start(journal, f"b{i}", workflow="b", age=5 - i)
         await start(journal, "z0", workflow="z")
-        await journal.acquire("a0", "elsewhere", lease_seconds=60, now=now)
+        await journal.acquire("a0", "elsewhere", lease_seconds=60)
         limits = {"a": 2, "b": 3, "z": 0}
         claimed = []
-        while (r := await journal.claim("w1", lease_seconds=30, now=now, limits=limits)) is not None:
+        while (r := await journal.claim("w1", lease_seconds=30, limits=limits)) is not None:
             claimed.append(r.run_id)
         assert claimed == ["a1", "b0", "b1", "b2"]
         await journal.release("a1", "w1")
-        assert (await journal.claim("w1", lease_seconds=30, now=now, limits=limits)).run_id == "a1"  # type: ignore[union-attr]
+        assert (await journal.claim("w1", lease_seconds=30, limits=limits)).run_id == "a1"  # type: ignore[union-attr]
         # Expired leases do not count against the limit.
-        later = now + 120
-        assert (await journal.claim("w1", lease_seconds=30, now=later, limits=limits)).run_id == "a0"  # type: ignore[union-attr]
+        expire_lease(store, "a0")
+        assert (await journal.claim("w1", lease_seconds=30, limits=limits)).run_id == "a0"  # type: ignore[union-attr]
 
     run(scenario())
 
@@ -563,11 +786,10 @@ def test_concurrent_claimers_never_get_the_same_run(store: Store) -> None:
     async def scenario() -> None:
         for i in range(30):
             await start(journals[0], f"r{i:02}", workflow="limited" if i % 3 == 0 else "free")
-        now = time.time()
 
         async def claimer(j: Journal, worker: str) -> list[str]:
             got = []
-            while (r := await j.claim(worker, lease_seconds=60, now=now, limits={"limited": 4})) is not None:
+            while (r := await j.claim(worker, lease_seconds=60, limits={"limited": 4})) is not None:
                 got.append(r.run_id)
             return got
 
@@ -603,20 +825,22 @@ def test_wait_for_work_wakes_when_work_appears(store: Store) -> None:
         assert 0.09 <= time.monotonic() - t0 < 0.5
         assert await woken_by(lambda: start(writer, "r1")) < expected_wake
         r = await pause_on(writer, await start(writer, "r2", status="running"), ticket("t1", "r2"))
-        now = time.time()
+        assert await woken_by(lambda: writer.decide_ticket("t1", approve=True, by="sam")) < expected_wake
+        await writer.acquire(r.run_id, "w1", lease_seconds=60)
+        assert await woken_by(lambda: writer.release(r.run_id, "w1")) < expected_wake
+        r = await writer.acquire(r.run_id, "w1", lease_seconds=60)
+        update = RunUpdate(status="running")  # given up by its last commit: runnable at once
         assert (
-            await woken_by(lambda: writer.decide_ticket("t1", approve=True, by="sam", now=now))
+            await woken_by(lambda: step(writer, r, update=update, lease_owner="w1", release=True))
             < expected_wake
         )
-        await writer.acquire(r.run_id, "w1", lease_seconds=60, now=now)
-        assert await woken_by(lambda: writer.release(r.run_id, "w1")) < expected_wake
 
     run(scenario())
 
 
 def test_a_journal_is_usable_from_one_event_loop_after_another(store: Store, journal: Journal) -> None:
     run(start(journal, "r1"))
-    run(journal.acquire("r1", "w1", lease_seconds=30, now=time.time()))
+    run(journal.acquire("r1", "w1", lease_seconds=30))
     assert run(journal.get_run("r1")).lease_owner == "w1"
 
     async def closed_inside_the_loop() -> None:
@@ -657,32 +881,43 @@ INSERT INTO meta VALUES ('schema_version', '1');
 """
 
 
-V2_COLUMNS = {"lease_owner", "lease_expires_at", "pending_ticket_id"}
-
-
-def make_version_1(store: Store) -> None:
-    """A journal as the first release left it (SQLite: that release's exact schema), holding a
-    running run and a run paused on a pending ticket."""
-    if store.kind == "sqlite":
+def make_old_journal(store: Store, version: int) -> None:
+    """A journal as release `version` left it (SQLite version 1: that release's exact schema),
+    holding a running run and a run paused on a pending ticket, with data and facts."""
+    if store.kind == "sqlite" and version == 1:
         db = sqlite3.connect(str(store.path))
         db.executescript(V1_SQLITE)
         db.close()
+    elif store.kind == "sqlite":
+        with sqlite3.connect(str(store.path)) as db:
+            db.execute(migrations.META_SQL)
+            for migration in migrations.SQLITE[:version]:
+                migrations.apply(db, migration, "?")
     else:
-        store.execute(migrations.META_SQL)
-        for statement in migrations.POSTGRES[0].steps:
-            assert isinstance(statement, str)
-            store.execute(statement)
-        store.execute("INSERT INTO meta VALUES ('schema_version', '1')")
+        import psycopg
+
+        with psycopg.connect(store.target, autocommit=True) as conn, conn.transaction():
+            conn.execute(migrations.META_SQL)
+            for migration in migrations.POSTGRES[:version]:
+                migrations.apply(conn, migration, "%s")
     ph = store.ph
-    for run_id, status, checkpoint in [("old-running", "running", {}), ("old-paused", "paused", {"t": "t1"})]:
-        pending = {"pending": {"ticket_id": checkpoint["t"]}} if checkpoint else {}
-        rec = record(run_id, status=status).model_copy(update={"checkpoint": pending})
+    for run_id, status, ticket_id in [("old-running", "running", None), ("old-paused", "paused", "t1")]:
+        rec = record(run_id, status=status).model_copy(
+            update={
+                "checkpoint": {"pending": {"ticket_id": ticket_id}} if ticket_id else {},
+                "data": {"customer": "c1"},
+                "facts": {"verified": True},
+            }
+        )
         entries = chain(run_id, 0, GENESIS_HASH, [raw_entry("run_started", {"v": 1})], rec.created_at)
         rec = rec.model_copy(update={"last_seq": 1, "last_hash": entries[0].hash})
-        values = {k: v for k, v in run_values(rec).items() if k not in V2_COLUMNS}
+        row = rec.model_dump(exclude={"lease_owner", "lease_expires_at"})
+        for k in ("input", "data", "facts", "checkpoint"):
+            row[k] = json.dumps(row[k])
+        if version >= 2:
+            row |= {"lease_owner": None, "lease_expires_at": None, "pending_ticket_id": ticket_id}
         store.execute(
-            f"INSERT INTO runs ({', '.join(values)}) VALUES ({', '.join([ph] * len(values))})",
-            tuple(values.values()),
+            f"INSERT INTO runs ({', '.join(row)}) VALUES ({', '.join([ph] * len(row))})", tuple(row.values())
         )
         store.execute(
             f"INSERT INTO entries ({', '.join(ENTRY_COLUMNS)}) VALUES ({', '.join([ph] * 9)})",
@@ -708,39 +943,54 @@ def make_version_1(store: Store) -> None:
     )
 
 
+def run_columns(store: Store) -> set[str]:
+    if store.kind == "sqlite":
+        return {row[1] for row in store.execute("PRAGMA table_info(runs)")}
+    rows = store.execute(
+        "SELECT column_name FROM information_schema.columns "
+        "WHERE table_name = 'runs' AND table_schema = current_schema()"
+    )
+    return {row[0] for row in rows}
+
+
 def test_a_fresh_journal_gets_the_latest_schema(store: Store) -> None:
     assert store.open().migrated == (0, migrations.LATEST)
     assert store.open().migrated == (migrations.LATEST, migrations.LATEST)
     rows = dict(store.execute("SELECT key, value FROM meta"))
     assert rows["schema_version"] == str(migrations.LATEST)
     assert rows["migration:2"].startswith("run leases for workers; 20")
+    assert not run_columns(store) & {"input", "data", "facts"}  # kept apart from the run's row
 
 
-def test_a_version_1_journal_is_upgraded_in_place(store: Store) -> None:
-    make_version_1(store)
+@pytest.mark.parametrize("version", [1, 3])
+def test_an_older_journal_is_upgraded_in_place(store: Store, version: int) -> None:
+    make_old_journal(store, version)
     with pytest.raises(
         JournalError,
-        match=f"has schema version 1; this tether needs {migrations.LATEST}: run `tether db upgrade",
+        match=f"has schema version {version}; this tether needs {migrations.LATEST}: run `tether db upgrade",
     ):
         store.open(migrate=False)
     journal = store.open()
-    assert journal.migrated == (1, migrations.LATEST)
+    assert journal.migrated == (version, migrations.LATEST)
+    assert not run_columns(store) & {"input", "data", "facts"}
 
     async def scenario() -> None:
         old = await journal.get_run("old-running")
         assert (old.status, old.lease_owner, old.lease_expires_at) == ("running", None, None)
+        assert (old.input, old.data, old.facts) == ({"order": "A1"}, {"customer": "c1"}, {"verified": True})
         assert verify_chain(await journal.read_entries("old-paused")) == []
-        now = time.time()
-        assert (await journal.claim("w1", lease_seconds=30, now=now)).run_id == "old-running"  # type: ignore[union-attr]
-        assert await journal.claim("w1", lease_seconds=30, now=now) is None  # still waiting on t1
-        await journal.decide_ticket("t1", approve=True, by="sam", now=now)
-        assert (await journal.claim("w1", lease_seconds=30, now=now)).run_id == "old-paused"  # type: ignore[union-attr]
+        assert (await journal.claim("w1", lease_seconds=30)).run_id == "old-running"  # type: ignore[union-attr]
+        assert await journal.claim("w1", lease_seconds=30) is None  # still waiting on t1
+        await journal.decide_ticket("t1", approve=True, by="sam")
+        assert (await journal.claim("w1", lease_seconds=30)).run_id == "old-paused"  # type: ignore[union-attr]
+        r = await step(journal, old, update=RunUpdate(data={"customer": "c2"}), lease_owner="w1")
+        assert (r.input, r.data, r.facts) == ({"order": "A1"}, {"customer": "c2"}, {"verified": True})
 
     run(scenario())
 
 
 def test_tether_db_upgrade_says_what_it_did(store: Store) -> None:
-    make_version_1(store)
+    make_old_journal(store, 1)
     runner = CliRunner()
     first = runner.invoke(db_cli.app, ["upgrade", "--db", store.target])
     assert first.exit_code == 0, first.output
@@ -784,6 +1034,36 @@ def test_storage_grows_linearly_with_the_payload(store: Store, journal: Journal)
 
     grown, payload = run(scenario())
     assert grown <= 2.5 * payload, f"{store.kind}: {grown} bytes stored for {payload} bytes of payload"
+
+
+def test_a_large_input_is_not_rewritten_by_every_commit(store: Store, journal: Journal) -> None:
+    large = {"document": secrets.token_hex(500_000)}  # 1 MB
+    size = len(encode_json(large))
+    # A reader with an open snapshot keeps SQLite from reusing its WAL: every byte written stays.
+    snapshot = sqlite3.connect(str(store.path), isolation_level=None) if store.path else None
+
+    async def scenario() -> int:
+        # As the runtime starts a run: its data begins as a copy of its input.
+        await journal.create_run(record("r1").model_copy(update={"input": large, "data": large}), [])
+        r = await journal.get_run("r1")
+        if snapshot is not None:
+            snapshot.execute("BEGIN")
+            snapshot.execute("SELECT count(*) FROM runs").fetchall()
+        before = store.written()
+        for i in range(100):
+            # Every other commit hands the unchanged data back, as a state transition does.
+            update = RunUpdate(checkpoint={"steps": i}, data=large if i % 2 else UNSET)
+            r = await step(journal, r, {"i": i}, update=update)
+        return store.written() - before
+
+    try:
+        grown = run(scenario())
+    finally:
+        if snapshot is not None:
+            snapshot.close()
+    assert grown < 5 * size, f"{store.kind}: {grown} bytes written for 100 commits of a {size}-byte run"
+    got = run(journal.get_run("r1"))
+    assert got.input == got.data == large
 
 
 # -- choosing a store ------------------------------------------------------------------

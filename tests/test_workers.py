@@ -94,7 +94,8 @@ def statuses(journal: Journal) -> dict[str, str]:
 
 
 def worker_env(effects_url: str) -> dict[str, str]:
-    path = os.pathsep.join(p for p in (str(CHAOS), os.environ.get("PYTHONPATH")) if p)
+    # The caller's PYTHONPATH stays first: workers run the tether under test.
+    path = os.pathsep.join(p for p in (os.environ.get("PYTHONPATH"), str(CHAOS)) if p)
     return {**os.environ, "EFFECTS_URL": effects_url, "PYTHONPATH": path}
 
 

@@ -12,6 +12,7 @@ step's business; the runtime only moves the run from step to step and holds its 
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import inspect
 import logging
 import os
@@ -383,13 +384,13 @@ class Runtime:
         return RunResult.of(cursor.record)
 
     async def _renew_leases(self) -> None:
-        """One task per runtime renews the lease of every run it is driving."""
+        """One task per runtime renews the leases of every run it is driving: one statement.
+        A renewal that fails is tried again at the next interval (a lease outlives two): were
+        this task to end, every lease would lapse and other workers would redo the runs."""
         while self._driving:
             await asyncio.sleep(self.lease_seconds / 3)
-            for run_id in list(self._driving):
-                await self.journal.heartbeat(
-                    run_id, self.worker_id, lease_seconds=self.lease_seconds, now=self.clock()
-                )
+            with contextlib.suppress(JournalError):
+                await self.journal.renew_leases(self.worker_id, lease_seconds=self.lease_seconds)
 
     async def _steps(self, cursor: RunCursor, model: Model | None) -> None:
         while cursor.record.status == "running" and not self.stopping:

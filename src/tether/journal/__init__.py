@@ -7,6 +7,11 @@ at all, entries are numbered and hash-chained per run, tickets are single-use, a
 leased to a worker takes commits from that worker only. Model exchanges (prompts and
 outputs) are stored beside the entries, written with the step they served, and may be
 pruned on their own retention; the entries are append-only.
+
+Time is the journal's: ticket decisions, expiry and use, lease expiry, fencing and claims
+are decided on the store's clock. The `now=` arguments of `decide_ticket`, `expire_ticket`,
+`acquire`, `claim` and `heartbeat` are still accepted (for one release) and ignored.
+Concurrent commits in one process share transactions (group commit; `journal/store.py`).
 """
 
 from __future__ import annotations
@@ -28,8 +33,10 @@ from tether.journal.records import (
     RunStatus,
     RunUpdate,
     Ticket,
+    TicketExpired,
     verify_chain,
 )
+from tether.journal.store import StoreStats
 
 DEFAULT_DB = "tether.db"
 DB_ENV = "TETHER_DB"
@@ -38,10 +45,23 @@ DB_ENV = "TETHER_DB"
 class Journal(Protocol):
     # (schema version found, schema version now): what opening this journal upgraded.
     migrated: tuple[int, int]
+    # Commits, the transactions that carried them, and how many of those were synced.
+    stats: StoreStats
 
-    async def create_run(self, run: RunRecord, entries: list[NewEntry]) -> list[Entry]: ...
+    async def create_run(
+        self, run: RunRecord, entries: list[NewEntry], *, lease_seconds: float | None = None
+    ) -> list[Entry]:
+        """Record a new run and its first entries. With `lease_seconds`, a run created leased
+        (`lease_owner` set) is leased that long from the store's clock; without, the record's
+        `lease_expires_at` is stored as given."""
+        ...
 
-    async def commit(self, commit: Commit) -> list[Entry]: ...
+    async def commit(self, commit: Commit) -> list[Entry]:
+        """Apply the commit whole or not at all: fenced by the run's lease, refused if the run
+        moved past `expected_seq`, a ticket used only if approved for `args_hash`, of this run
+        and unexpired (`TicketExpired` otherwise); with `durable`, synced before it returns;
+        with `release`, the lease is given up in the same transaction."""
+        ...
 
     async def get_run(self, run_id: str) -> RunRecord: ...
 
@@ -49,7 +69,15 @@ class Journal(Protocol):
         self, status: str | None = None, limit: int = 100, *, workflow: str | None = None
     ) -> list[RunRecord]: ...
 
-    async def read_entries(self, run_id: str, after_seq: int = 0) -> list[Entry]: ...
+    async def read_entries(
+        self, run_id: str, after_seq: int = 0, *, kinds: Collection[str] | None = None
+    ) -> list[Entry]:
+        """A run's entries after `after_seq` in order; only those of `kinds` if given."""
+        ...
+
+    async def read_last_entries(self, run_id: str, count: int = 1) -> list[Entry]:
+        """A run's last `count` entries, in order (the newest last)."""
+        ...
 
     async def read_exchanges(self, run_id: str) -> list[ModelExchange]:
         """A run's model exchanges in order (those not pruned)."""
@@ -72,14 +100,22 @@ class Journal(Protocol):
         by: str,
         reason: str = "",
         answer: str | None = None,
-        now: float,
-    ) -> Ticket: ...
+        now: float | None = None,
+    ) -> Ticket:
+        """Decide a pending ticket before its expiry by the store's clock (`TicketExpired`
+        after it). `now` is ignored."""
+        ...
 
-    async def expire_ticket(self, ticket_id: str, now: float) -> Ticket: ...
+    async def expire_ticket(self, ticket_id: str, now: float | None = None) -> Ticket:
+        """Mark the ticket expired if, by the store's clock, it expired unused (pending, or
+        approved too late); return it. `now` is ignored."""
+        ...
 
-    # -- leases: which worker drives a run, until when --------------------------------
+    # -- leases: which worker drives a run, until when (the store's clock) --------------
 
-    async def acquire(self, run_id: str, worker_id: str, *, lease_seconds: float, now: float) -> RunRecord:
+    async def acquire(
+        self, run_id: str, worker_id: str, *, lease_seconds: float, now: float | None = None
+    ) -> RunRecord:
         """Lease this run to `worker_id` (renewed if it already holds it); LeaseHeld if
         another worker holds a live lease."""
         ...
@@ -89,11 +125,12 @@ class Journal(Protocol):
         worker_id: str,
         *,
         lease_seconds: float,
-        now: float,
+        now: float | None = None,
         limits: Mapping[str, int] | None = None,
         skip_runs: Collection[str] = (),
     ) -> RunRecord | None:
-        """Lease the oldest runnable run to `worker_id`, or None if there is none.
+        """Lease the oldest runnable run to `worker_id` and return it, already leased (no
+        `acquire` needed), or None if there is none.
 
         Runnable: no live lease, a workflow a worker can load (not one built in code by the
         process driving it), and queued or running, or paused on a ticket that was decided
@@ -103,8 +140,14 @@ class Journal(Protocol):
         """
         ...
 
-    async def heartbeat(self, run_id: str, worker_id: str, *, lease_seconds: float, now: float) -> bool:
+    async def heartbeat(
+        self, run_id: str, worker_id: str, *, lease_seconds: float, now: float | None = None
+    ) -> bool:
         """Renew the lease if `worker_id` still holds it; False if it was lost."""
+        ...
+
+    async def renew_leases(self, worker_id: str, *, lease_seconds: float) -> set[str]:
+        """Renew every lease `worker_id` holds in one statement; return the runs it holds."""
         ...
 
     async def release(self, run_id: str, worker_id: str) -> None:
@@ -181,7 +224,9 @@ __all__ = [
     "RunRecord",
     "RunStatus",
     "RunUpdate",
+    "StoreStats",
     "Ticket",
+    "TicketExpired",
     "open_journal",
     "upgrade_journal",
     "verify_chain",

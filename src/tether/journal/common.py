@@ -1,7 +1,9 @@
-"""What every store shares: column lists, encoding, lease rules and their error messages.
+"""What every store shares: columns, encoding, the SQL fragments of the rules, and the words
+of a refusal.
 
-A store only decides how to talk to its database; the meaning of each column, which
-run is runnable and what a refused write says are decided here, once.
+SQL here is written once for every database: `?` placeholders, `{now}` for the store's
+clock and `{gated}` for "this commit's gate passed"; a dialect renders them for its
+database (`journal/store.py`).
 """
 
 from __future__ import annotations
@@ -24,15 +26,40 @@ from tether.journal.records import (
     TicketStatus,
 )
 
+NOW = "{now}"
+GATED = "{gated}"
+
 JSON_FIELDS = frozenset({"input", "data", "facts", "checkpoint", "args"})
 RUN_COLUMNS: tuple[str, ...] = tuple(RunRecord.model_fields)
+# A run's data, kept out of the row every commit rewrites (table run_values, one row each),
+# and written only when it changes.
+VALUE_NAMES = ("input", "data", "facts")
 TICKET_COLUMNS: tuple[str, ...] = tuple(Ticket.model_fields)
 ENTRY_COLUMNS = ("run_id", "seq", "kind", "step_id", "state", "body", "prev_hash", "hash", "created_at")
 EXCHANGE_COLUMNS = ("run_id", "seq", "step_id", "state", "model", "created_at", "body")
-_EXCHANGE_KEYS = frozenset(EXCHANGE_COLUMNS) - {"body"}
+_EXCHANGE_KEYS = set(EXCHANGE_COLUMNS) - {"body"}
 # Statuses a worker may pick up without a person; "paused" only once its ticket is settled.
 ACTIVE_STATUSES = ("queued", "running")
 WORK_CHANNEL = "tether_work"
+
+# Every field of a run, in RunRecord's order, its values read from run_values.
+RUN_FIELDS_SQL = ", ".join(
+    f"coalesce((SELECT v.value FROM run_values v WHERE v.run_id = runs.run_id AND v.name = '{c}'), '{{}}')"
+    if c in VALUE_NAMES
+    else c
+    for c in RUN_COLUMNS
+)
+RUN_SELECT = f"SELECT {RUN_FIELDS_SQL} FROM runs"
+TICKET_SELECT = f"SELECT {', '.join(TICKET_COLUMNS)} FROM tickets"
+ENTRY_SELECT = f"SELECT {', '.join(ENTRY_COLUMNS)} FROM entries"
+
+
+def placeholders(n: int) -> str:
+    return ", ".join("?" * n)
+
+
+INSERT_ENTRY = f"INSERT INTO entries ({', '.join(ENTRY_COLUMNS)}) VALUES ({placeholders(9)})"
+INSERT_VALUE = "INSERT INTO run_values (run_id, name, value) VALUES (?, ?, ?)"
 
 
 def encode(column: str, value: Any) -> Any:
@@ -50,6 +77,10 @@ def decode_ticket(row: tuple[Any, ...]) -> Ticket:
     values = dict(zip(TICKET_COLUMNS, row, strict=True))
     values["args"] = json.loads(values["args"])
     return Ticket.model_validate(values)
+
+
+def ticket_row(ticket: Ticket) -> tuple[Any, ...]:
+    return tuple(encode(k, getattr(ticket, k)) for k in TICKET_COLUMNS)
 
 
 def decode_entry(row: tuple[Any, ...]) -> Entry:
@@ -73,32 +104,29 @@ def decode_exchange(row: tuple[Any, ...]) -> ModelExchange:
     return ModelExchange.model_validate(values | json.loads(values.pop("body")))
 
 
-def run_values(run: RunRecord) -> dict[str, Any]:
-    """The row of a new run: every record field, plus the ticket it waits on."""
-    return {k: encode(k, getattr(run, k)) for k in RUN_COLUMNS} | {
+def run_row(run: RunRecord) -> dict[str, Any]:
+    """The `runs` row of a new run: every record field but its values, plus the ticket it
+    waits on."""
+    return {k: encode(k, getattr(run, k)) for k in RUN_COLUMNS if k not in VALUE_NAMES} | {
         "pending_ticket_id": pending_ticket_of(run.checkpoint)
     }
 
 
-def commit_values(commit: Commit, written: list[Entry], now: float) -> dict[str, Any]:
-    """The run's columns a commit sets: its update, the chain's head, the renewed lease."""
-    sets: dict[str, Any] = {"updated_at": now, **update_values(commit.update)}
-    if written:
-        sets |= {"last_seq": written[-1].seq, "last_hash": written[-1].hash}
-    if commit.lease_owner is not None and commit.lease_seconds is not None:
-        sets["lease_expires_at"] = now + commit.lease_seconds
-    return sets
+def value_rows(run: RunRecord) -> list[tuple[str, str, str]]:
+    """The run_values rows of a new run."""
+    return [(run.run_id, name, encode(name, getattr(run, name))) for name in VALUE_NAMES]
 
 
-def update_values(update: RunUpdate | None) -> dict[str, Any]:
-    """The columns a `RunUpdate` sets (only the fields it was given)."""
+def update_values(update: RunUpdate | None) -> tuple[dict[str, Any], dict[str, str]]:
+    """The `runs` columns and the run_values a `RunUpdate` sets (only the fields it was given)."""
     if update is None:
-        return {}
+        return {}, {}
     given = update.given()
-    sets = {k: encode(k, v) for k, v in given.items()}
+    sets = {k: encode(k, v) for k, v in given.items() if k not in VALUE_NAMES}
+    values = {k: encode(k, v) for k, v in given.items() if k in VALUE_NAMES}
     if "checkpoint" in given:
         sets["pending_ticket_id"] = pending_ticket_of(given["checkpoint"] or {})
-    return sets
+    return sets, values
 
 
 def pending_ticket_of(checkpoint: dict[str, Any]) -> str | None:
@@ -127,15 +155,11 @@ def lease_held(run_id: str, holder: str | None, expires_at: float | None) -> Lea
     )
 
 
-def refused_commit(
-    run_id: str,
-    expected_seq: int,
-    writer: str | None,
-    row: tuple[int, str | None, float | None],
-    now: float,
-) -> ConcurrentWriteError:
-    """Why a commit matched no row, given the run's (last_seq, lease_owner, lease_expires_at)."""
-    last_seq, holder, expires_at = row
+def fence_refusal(
+    commit: Commit, last_seq: int, holder: str | None, expires_at: float | None, now: float
+) -> ConcurrentWriteError | None:
+    """Why the run's row refuses this commit (its lease, or its sequence), or None if it does not."""
+    run_id, writer = commit.run_id, commit.lease_owner
     if writer is not None and holder != writer:
         who = f"{holder} until {when(expires_at)}" if holder else "nobody (the lease was released)"
         return LeaseHeld(
@@ -152,17 +176,19 @@ def refused_commit(
             holder=holder,
             expires_at=expires_at,
         )
-    return ConcurrentWriteError(
-        f"run {run_id} moved on (journal at seq {last_seq}, writer expected {expected_seq}); "
-        "another process is working on it"
-    )
+    if last_seq != commit.expected_seq:
+        return ConcurrentWriteError(
+            f"run {run_id} moved on (journal at seq {last_seq}, writer expected {commit.expected_seq}); "
+            "another process is working on it"
+        )
+    return None
 
 
-def fence_sql(writer: str | None, now: float, ph: str) -> tuple[str, tuple[Any, ...]]:
+def fence_sql(writer: str | None) -> tuple[str, tuple[Any, ...]]:
     """The condition under which a commit by `writer` (a lease owner, or None) may apply."""
     if writer is not None:
-        return f"lease_owner = {ph}", (writer,)
-    return f"(lease_owner IS NULL OR lease_expires_at <= {ph})", (now,)
+        return "lease_owner = ?", (writer,)
+    return f"(lease_owner IS NULL OR lease_expires_at <= {NOW})", ()
 
 
 # A workflow_ref starting so names a workflow built in code by the one process that drives
@@ -170,15 +196,16 @@ def fence_sql(writer: str | None, now: float, ph: str) -> tuple[str, tuple[Any, 
 SELF_DRIVEN = "<"
 
 
-def runnable_sql(ph: str) -> str:
-    """Runs a worker may claim at time `now` (pass it twice): nobody holds a live lease, the
-    workflow is loadable from its ref, and the run is queued or running, or paused on a
-    ticket that was decided or has expired."""
-    return f"""(r.lease_owner IS NULL OR r.lease_expires_at <= {ph})
-        AND substr(r.workflow_ref, 1, 1) <> '{SELF_DRIVEN}'
-        AND (r.status IN ('queued', 'running') OR (r.status = 'paused' AND EXISTS (
-            SELECT 1 FROM tickets t WHERE t.ticket_id = r.pending_ticket_id
-            AND (t.status <> 'pending' OR t.expires_at <= {ph}))))"""
+def runnable_sql(table: str) -> str:
+    """Runs a worker may claim now: nobody holds a live lease, the workflow is loadable from
+    its ref, and the run is queued or running, or paused on a ticket that was decided or has
+    expired. The first term is the predicate of the partial index `runs_unfinished`."""
+    return f"""{table}.status IN ('queued', 'running', 'paused')
+        AND ({table}.lease_owner IS NULL OR {table}.lease_expires_at <= {NOW})
+        AND substr({table}.workflow_ref, 1, 1) <> '{SELF_DRIVEN}'
+        AND ({table}.status IN ('queued', 'running') OR EXISTS (
+            SELECT 1 FROM tickets t WHERE t.ticket_id = {table}.pending_ticket_id
+            AND (t.status <> 'pending' OR t.expires_at <= {NOW})))"""
 
 
 def decided_status(ticket: Ticket, approve: bool) -> TicketStatus:

@@ -37,6 +37,21 @@ def _sqlite_fill_pending_tickets(db: sqlite3.Connection) -> None:
         db.execute("UPDATE runs SET pending_ticket_id = ? WHERE run_id = ?", (ticket_id, run_id))
 
 
+# Version 4, the same on both stores: a run's input, data and facts leave the row that every
+# commit rewrites (SQLite rewrites a whole row, overflow pages included, on any UPDATE).
+_LEAN_RUNS: tuple[str, ...] = (
+    """CREATE TABLE run_values (
+    run_id TEXT NOT NULL, name TEXT NOT NULL, value TEXT NOT NULL, PRIMARY KEY (run_id, name))""",
+    *(
+        f"INSERT INTO run_values (run_id, name, value) SELECT run_id, '{name}', {name} FROM runs"
+        for name in ("input", "data", "facts")
+    ),
+    # claim reads unfinished runs oldest first; a run leaves the index when it finishes.
+    """CREATE INDEX runs_unfinished ON runs (created_at, run_id)
+    WHERE status IN ('queued', 'running', 'paused')""",
+    "CREATE INDEX runs_by_lease_owner ON runs (lease_owner) WHERE lease_owner IS NOT NULL",
+)
+
 SQLITE: tuple[Migration, ...] = (
     Migration(
         1,
@@ -86,6 +101,16 @@ SQLITE: tuple[Migration, ...] = (
     run_id TEXT NOT NULL, seq INTEGER NOT NULL, step_id TEXT, state TEXT NOT NULL,
     model TEXT NOT NULL, created_at REAL NOT NULL, body TEXT NOT NULL, PRIMARY KEY (run_id, seq))""",
             "CREATE INDEX exchanges_by_age ON exchanges (created_at)",
+        ),
+    ),
+    Migration(
+        4,
+        "lean run rows: input, data and facts in run_values; indexes for claim and lease renewal",
+        (
+            *_LEAN_RUNS,
+            "ALTER TABLE runs DROP COLUMN input",
+            "ALTER TABLE runs DROP COLUMN data",
+            "ALTER TABLE runs DROP COLUMN facts",
         ),
     ),
 )
@@ -146,6 +171,11 @@ POSTGRES: tuple[Migration, ...] = (
     PRIMARY KEY (run_id, seq))""",
             "CREATE INDEX exchanges_by_age ON exchanges (created_at)",
         ),
+    ),
+    Migration(
+        4,
+        "lean run rows: input, data and facts in run_values; indexes for claim and lease renewal",
+        (*_LEAN_RUNS, "ALTER TABLE runs DROP COLUMN input, DROP COLUMN data, DROP COLUMN facts"),
     ),
 )
 

@@ -8,7 +8,7 @@ import msgspec
 from msgspec import UNSET, UnsetType
 from pydantic import BaseModel, Field
 
-from tether.errors import ConcurrentWriteError
+from tether.errors import ConcurrentWriteError, TicketError
 from tether.hashing import encode_json, sha256_hex
 from tether.journal import bodies
 
@@ -220,7 +220,8 @@ class Commit(msgspec.Struct):
 
     `expected_seq` is the run's last sequence number as the writer knows it; if another
     process appended meanwhile the commit is refused. `consume` marks an approved ticket
-    used, only if it is bound to `args_hash`. `durable` forces a sync to disk (intents).
+    used, only if it is bound to `args_hash` and has not expired by the journal's clock.
+    `durable` forces a sync to disk (intents): the commit returns only once it is synced.
     """
 
     run_id: str
@@ -237,6 +238,9 @@ class Commit(msgspec.Struct):
     # lease, and renews it for `lease_seconds`; without one, only while nobody holds it.
     lease_owner: str | None = None
     lease_seconds: float | None = None
+    # Give the lease up in the same transaction (a run pausing or finishing): the run is
+    # claimable at once, without a second transaction to release it.
+    release: bool = False
 
 
 class LeaseHeld(ConcurrentWriteError):
@@ -248,3 +252,14 @@ class LeaseHeld(ConcurrentWriteError):
     def __init__(self, message: str, *, run_id: str, holder: str | None, expires_at: float | None) -> None:
         super().__init__(message)
         self.run_id, self.holder, self.expires_at = run_id, holder, expires_at
+
+
+class TicketExpired(TicketError):
+    """A ticket was decided or used after its expiry, by the journal's own clock.
+
+    Distinct from other ticket errors so the runtime can record `approval_expired`.
+    """
+
+    def __init__(self, message: str, *, ticket_id: str, expires_at: float) -> None:
+        super().__init__(message)
+        self.ticket_id, self.expires_at = ticket_id, expires_at

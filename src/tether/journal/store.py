@@ -1,0 +1,698 @@
+"""One SQL store for every database: the journal's logic written once, over a dialect.
+
+`SQLStore` decides what is read and written and what a refusal says; a `Dialect` says only
+how to talk to its database: its placeholders and clock (it renders the shared SQL), its
+connections and transactions, row locks, notifications and sync levels. SQLite's and
+PostgreSQL's dialects are `journal/sqlite.py` and `journal/postgres.py`.
+
+**Time is the store's.** Every time a decision depends on — a ticket's decision, expiry and
+use, a lease's expiry, fencing and claims — is the store's clock (`{now}` in the SQL:
+PostgreSQL's `clock_timestamp()`, SQLite's process clock read inside the store), never a
+caller's. The `now=` arguments some methods still accept are ignored.
+
+**Group commit.** `commit` puts its commit on a queue; one flusher task applies everything
+queued in one transaction (one sync at FULL), in queue order, then answers each caller: a
+lone commit waits one event-loop turn. On SQLite a lone commit that needs no sync is applied
+at once instead (its transaction never yields to the loop, so nothing could join it). Each
+commit is gated by one conditional UPDATE of its run (sequence, lease fence, the ticket it
+uses, the tickets it adds): a refused commit writes nothing and fails alone, the others in
+its batch apply. Its other writes run only when its gate passed. A batch that the database
+fails as a whole (a constraint the gate could not foresee) is retried one commit per
+transaction, so that failure too stays with its commit.
+"""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import Collection, Mapping, Sequence
+from contextlib import AbstractAsyncContextManager
+from dataclasses import dataclass, field
+from typing import Any, Protocol, Self
+
+from tether.errors import ConcurrentWriteError, JournalError, RunNotFound, TicketError
+from tether.journal.common import (
+    ACTIVE_STATUSES,
+    ENTRY_COLUMNS,
+    ENTRY_SELECT,
+    EXCHANGE_COLUMNS,
+    GATED,
+    INSERT_ENTRY,
+    INSERT_VALUE,
+    NOW,
+    RUN_FIELDS_SQL,
+    RUN_SELECT,
+    TICKET_COLUMNS,
+    TICKET_SELECT,
+    decided_status,
+    decision_entry,
+    decode_entry,
+    decode_exchange,
+    decode_run,
+    decode_ticket,
+    entry_row,
+    exchange_row,
+    fence_refusal,
+    fence_sql,
+    lease_held,
+    lease_is_live,
+    placeholders,
+    run_row,
+    runnable_sql,
+    ticket_row,
+    update_values,
+    value_rows,
+    when,
+)
+from tether.journal.records import (
+    Commit,
+    Entry,
+    ModelExchange,
+    NewEntry,
+    RunRecord,
+    Ticket,
+    TicketExpired,
+    chain,
+)
+
+# The most commits one transaction carries; more wait for the next.
+MAX_BATCH = 1000
+
+
+def _gated_insert(table: str, columns: Sequence[str]) -> str:
+    return f"INSERT INTO {table} ({', '.join(columns)}) SELECT {placeholders(len(columns))} WHERE {GATED}"
+
+
+_INSERT_ENTRY_GATED = _gated_insert("entries", ENTRY_COLUMNS)
+_INSERT_EXCHANGE_GATED = _gated_insert("exchanges", EXCHANGE_COLUMNS)
+_INSERT_TICKET_GATED = _gated_insert("tickets", TICKET_COLUMNS)
+_CONSUME = f"UPDATE tickets SET status = 'consumed', consumed_at = {NOW} WHERE ticket_id = ? AND {GATED}"
+# Rewritten only if it changed: an unchanged 50 MB `data` costs a comparison, not a copy.
+_SET_VALUE = (
+    "UPDATE run_values SET value = given.v FROM (SELECT ? AS v) AS given "
+    f"WHERE run_values.run_id = ? AND run_values.name = ? AND run_values.value <> given.v AND {GATED}"
+)
+
+
+class Tx(Protocol):
+    """Statements inside one transaction, in the shared SQL dialect."""
+
+    async def execute(self, sql: str, params: Sequence[Any] = ()) -> int:
+        """Run a statement; return how many rows it changed."""
+        ...
+
+    async def fetch(self, sql: str, params: Sequence[Any] = ()) -> list[tuple[Any, ...]]: ...
+
+    async def executemany(self, sql: str, rows: Sequence[Sequence[Any]]) -> None: ...
+
+
+@dataclass
+class Write:
+    """One statement of a commit that runs only if the commit's gate passed, once per row."""
+
+    sql: str
+    rows: list[tuple[Any, ...]]
+
+
+@dataclass
+class CommitPlan:
+    """A commit as statements: the gate (one UPDATE of the run) and what follows it."""
+
+    commit: Commit
+    written: list[Entry]
+    gate_sql: str
+    gate_params: tuple[Any, ...]
+    writes: list[Write]
+    # The run is released to a status a worker may claim: wake the idle workers.
+    notify: bool
+
+
+class Dialect(Protocol):
+    where: str  # the journal's location, for messages (a URL without its password)
+    durability: str
+    migrated: tuple[int, int]
+    row_lock: str  # appended to a SELECT of rows about to be changed
+    skip_locked: str  # appended to claim's SELECT: other claimers' rows are passed over
+    runs_to_claim: str  # `runs r`, read through the partial index of unfinished runs
+    # A transaction that is not synced runs to its end without yielding to the event loop
+    # (SQLite): a lone commit gains nothing from waiting for company, so it is applied at once.
+    unsynced_commits_block: bool
+
+    def clock(self) -> float:
+        """This process's clock: the timestamps of entries (recorded, never decided on)."""
+        ...
+
+    def transaction(self) -> AbstractAsyncContextManager[Tx]: ...
+
+    async def write(self, sql: str, params: Sequence[Any] = ()) -> tuple[int, list[tuple[Any, ...]]]:
+        """One statement as its own transaction: (rows changed, rows returned)."""
+        ...
+
+    async def read(self, sql: str, params: Sequence[Any] = ()) -> list[tuple[Any, ...]]: ...
+
+    async def commit_batch(self, plans: list[CommitPlan], *, durable: bool) -> list[bool]:
+        """Apply the plans in one transaction, in order; which gates passed. `durable`: synced
+        before it returns. Raises if the database failed the transaction as a whole."""
+        ...
+
+    def is_conflict(self, exc: BaseException) -> bool:
+        """A constraint refused a statement, or the transaction lost a deadlock or a
+        serialization conflict: the batch is retried commit by commit."""
+        ...
+
+    async def notify(self, tx: Tx | None, run_id: str) -> None:
+        """Wake idle workers (at the transaction's commit); nothing where workers poll."""
+        ...
+
+    async def lock_workflow(self, tx: Tx, workflow: str) -> None:
+        """Serialize claimers of one workflow under a limit until the transaction ends."""
+        ...
+
+    async def prepare_to_wait(self) -> None:
+        """Called before claim looks: a wake-up sent after a miss must not be lost."""
+        ...
+
+    async def wait_for_work(self, timeout: float) -> None: ...
+
+    def close(self) -> None: ...
+
+    async def aclose(self) -> None: ...
+
+
+@dataclass
+class StoreStats:
+    """What the store did, for tests and benchmarks."""
+
+    commits: int = 0  # commits applied or refused
+    transactions: int = 0  # transactions that carried commits
+    synced: int = 0  # of which synced to disk before returning (durable)
+    retried_alone: int = 0  # commits retried in a transaction of their own
+
+
+@dataclass
+class _Queue:
+    waiting: list[tuple[Commit, asyncio.Future[list[Entry]]]] = field(default_factory=list)
+    flusher: asyncio.Task[None] | None = None
+
+
+class SQLStore:
+    """The journal on any SQL database a `Dialect` speaks (see the module's docstring)."""
+
+    def __init__(self, dialect: Dialect) -> None:
+        self._d = dialect
+        # (schema version found, schema version now): what opening this journal upgraded.
+        self.migrated = dialect.migrated
+        self.stats = StoreStats()
+        self._queue = _Queue()
+
+    def close(self) -> None:
+        self._d.close()
+
+    async def aclose(self) -> None:
+        await self._d.aclose()
+
+    async def __aenter__(self) -> Self:
+        return self
+
+    async def __aexit__(self, *exc_info: object) -> None:
+        await self.aclose()
+
+    # -- runs ------------------------------------------------------------------------
+
+    async def create_run(
+        self, run: RunRecord, entries: list[NewEntry], *, lease_seconds: float | None = None
+    ) -> list[Entry]:
+        """Record a new run with its first entries. With `lease_seconds` (and the record's
+        `lease_owner`) the lease runs that long from the store's clock; without, the
+        record's `lease_expires_at` is stored as given."""
+        written = chain(run.run_id, 0, run.last_hash, entries, run.created_at)
+        if written:
+            run = run.model_copy(update={"last_seq": written[-1].seq, "last_hash": written[-1].hash})
+        row = run_row(run)
+        values, params = ["?"] * len(row), list(row.values())
+        if lease_seconds is not None and run.lease_owner is not None:
+            lease = list(row).index("lease_expires_at")
+            values[lease], params[lease] = f"{NOW} + ?", lease_seconds
+        async with self._d.transaction() as tx:
+            inserted = await tx.execute(
+                f"INSERT INTO runs ({', '.join(row)}) VALUES ({', '.join(values)}) "
+                "ON CONFLICT (run_id) DO NOTHING",
+                params,
+            )
+            if not inserted:
+                raise JournalError(f"run {run.run_id} already exists in {self._d.where}")
+            await tx.executemany(INSERT_VALUE, value_rows(run))
+            await tx.executemany(INSERT_ENTRY, [entry_row(e) for e in written])
+            if run.status == "queued":
+                await self._d.notify(tx, run.run_id)
+        return written
+
+    async def get_run(self, run_id: str) -> RunRecord:
+        rows = await self._d.read(f"{RUN_SELECT} WHERE run_id = ?", (run_id,))
+        if not rows:
+            raise RunNotFound(f"no run {run_id!r} in {self._d.where}")
+        return decode_run(rows[0])
+
+    async def list_runs(
+        self, status: str | None = None, limit: int = 100, *, workflow: str | None = None
+    ) -> list[RunRecord]:
+        filters = {"status": status, "workflow_name": workflow}
+        given = {k: v for k, v in filters.items() if v is not None}
+        where = ("WHERE " + " AND ".join(f"{k} = ?" for k in given)) if given else ""
+        rows = await self._d.read(
+            f"{RUN_SELECT} {where} ORDER BY created_at DESC, run_id DESC LIMIT ?", (*given.values(), limit)
+        )
+        return [decode_run(r) for r in rows]
+
+    # -- commits ---------------------------------------------------------------------
+
+    async def commit(self, commit: Commit) -> list[Entry]:
+        """Apply `commit` whole or not at all (with whatever else is queued: group commit)."""
+        loop = asyncio.get_running_loop()
+        done: asyncio.Future[list[Entry]] = loop.create_future()
+        queue = self._queue
+        idle = queue.flusher is None
+        if idle and self._d.unsynced_commits_block and not commit.durable and self._d.durability != "full":
+            # Nothing to wait for and nothing to share a sync with: apply it now, in this task.
+            # It cannot be interrupted half-way: the dialect does not yield once it has begun.
+            await self._apply_batch([(commit, done)])
+            return done.result()
+        queue.waiting.append((commit, done))
+        if idle:
+            queue.flusher = loop.create_task(self._flush())
+        return await done
+
+    async def _flush(self) -> None:
+        queue = self._queue
+        try:
+            while queue.waiting:
+                batch, queue.waiting = queue.waiting[:MAX_BATCH], queue.waiting[MAX_BATCH:]
+                try:
+                    await self._apply_batch(batch)
+                except BaseException as exc:  # cancelled (the loop is closing): nobody waits forever
+                    for _, done in [*batch, *queue.waiting]:
+                        _settle(done, JournalError(f"the journal stopped while committing ({exc!r})"))
+                    queue.waiting = []
+                    raise
+        finally:
+            # Gone as soon as it stops taking commits: the next commit starts a new flusher.
+            queue.flusher = None
+
+    async def _apply_batch(self, batch: list[tuple[Commit, asyncio.Future[list[Entry]]]]) -> None:
+        planned: list[tuple[CommitPlan, asyncio.Future[list[Entry]]]] = []
+        for commit, done in batch:
+            try:
+                planned.append((self._plan(commit), done))
+            except Exception as exc:  # a value that cannot be stored: this commit's problem only
+                _settle(done, exc)
+        if not planned:
+            return
+        # Runs locked in one order by every batch and by lease renewal: no deadlock between
+        # them. The sort is stable: a run's commits keep their order.
+        planned.sort(key=lambda item: item[0].commit.run_id)
+        self.stats.commits += len(planned)
+        plans = [p for p, _ in planned]
+        try:
+            passed = await self._transact(plans)
+        except Exception as exc:
+            if not self._d.is_conflict(exc):
+                for _, done in planned:
+                    _settle(done, exc if isinstance(exc, JournalError) else _database_error(exc))
+                return
+            passed = []
+            for plan, done in planned:  # find the commit the database refused; apply the others
+                self.stats.retried_alone += 1
+                try:
+                    passed += await self._transact([plan])
+                except Exception as alone:
+                    _settle(done, alone if isinstance(alone, JournalError) else _database_error(alone))
+                    passed.append(True)  # settled: nothing more to say about it
+        for (plan, done), ok in zip(planned, passed, strict=True):
+            if done.done():
+                continue
+            if ok:
+                _settle(done, plan.written)
+            else:
+                _settle(done, await self._refusal(plan.commit))
+
+    async def _transact(self, plans: list[CommitPlan]) -> list[bool]:
+        durable = self._d.durability == "full" or any(p.commit.durable for p in plans)
+        passed = await self._d.commit_batch(plans, durable=durable)
+        self.stats.transactions += 1
+        self.stats.synced += durable
+        return passed
+
+    def _plan(self, commit: Commit) -> CommitPlan:
+        written = chain(
+            commit.run_id, commit.expected_seq, commit.expected_hash, commit.entries, self._d.clock()
+        )
+        sets, values = update_values(commit.update)
+        if written:
+            sets |= {"last_seq": written[-1].seq, "last_hash": written[-1].hash}
+        assignments = [f"{k} = ?" for k in sets]
+        params: list[Any] = list(sets.values())
+        assignments.append(f"updated_at = {NOW}")
+        if commit.release:
+            assignments += ["lease_owner = NULL", "lease_expires_at = NULL"]
+        elif commit.lease_owner is not None and commit.lease_seconds is not None:
+            assignments.append(f"lease_expires_at = {NOW} + ?")
+            params.append(commit.lease_seconds)
+        fence, fence_params = fence_sql(commit.lease_owner)
+        where = f"run_id = ? AND last_seq = ? AND {fence}"
+        params += [commit.run_id, commit.expected_seq, *fence_params]
+        writes = [Write(_INSERT_ENTRY_GATED, [entry_row(e) for e in written])]
+        if commit.new_tickets:
+            ids = [t.ticket_id for t in commit.new_tickets]
+            where += f" AND NOT EXISTS (SELECT 1 FROM tickets WHERE ticket_id IN ({placeholders(len(ids))}))"
+            params += ids
+            writes.append(Write(_INSERT_TICKET_GATED, [ticket_row(t) for t in commit.new_tickets]))
+        if commit.consume is not None:
+            where += (
+                " AND EXISTS (SELECT 1 FROM tickets t WHERE t.ticket_id = ? AND t.run_id = runs.run_id "
+                f"AND t.status = 'approved' AND t.args_hash = ? AND t.expires_at > {NOW})"
+            )
+            params += commit.consume
+            writes.append(Write(_CONSUME, [(commit.consume[0],)]))
+        if commit.exchanges:
+            writes.append(Write(_INSERT_EXCHANGE_GATED, [exchange_row(x) for x in commit.exchanges]))
+        if values:
+            writes.append(Write(_SET_VALUE, [(v, commit.run_id, k) for k, v in values.items()]))
+        # Released, and a worker may take it on (a run that pauses waits for its ticket first).
+        notify = commit.release and sets.get("status", "running") in ACTIVE_STATUSES
+        return CommitPlan(
+            commit,
+            written,
+            f"UPDATE runs SET {', '.join(assignments)} WHERE {where}",
+            tuple(params),
+            [w for w in writes if w.rows],
+            notify,
+        )
+
+    async def _refusal(self, commit: Commit) -> Exception:
+        """Why a commit's gate did not pass, read after the fact (a refused commit wrote nothing)."""
+        rows = await self._d.read(
+            f"SELECT last_seq, lease_owner, lease_expires_at, {NOW} FROM runs WHERE run_id = ?",
+            (commit.run_id,),
+        )
+        if not rows:
+            return RunNotFound(f"no run {commit.run_id!r} in {self._d.where}")
+        last_seq, holder, expires_at, now = rows[0]
+        fenced = fence_refusal(commit, last_seq, holder, expires_at, now)
+        if fenced is not None:
+            return fenced
+        if commit.new_tickets:
+            ids = [t.ticket_id for t in commit.new_tickets]
+            found = await self._d.read(
+                f"SELECT ticket_id FROM tickets WHERE ticket_id IN ({placeholders(len(ids))})", ids
+            )
+            if found:
+                return TicketError(f"ticket {found[0][0]} already exists")
+        if commit.consume is not None:
+            refused = await self._unusable(commit.run_id, *commit.consume)
+            if refused is not None:
+                return refused
+        return ConcurrentWriteError(
+            f"run {commit.run_id} changed while this commit was applied; another process is working on it"
+        )
+
+    async def _unusable(self, run_id: str, ticket_id: str, args_hash: str) -> TicketError | None:
+        rows = await self._d.read(
+            f"SELECT run_id, status, args_hash, expires_at, {NOW} FROM tickets WHERE ticket_id = ?",
+            (ticket_id,),
+        )
+        if not rows:
+            return TicketError(f"no ticket {ticket_id}")
+        owner, status, bound_to, expires_at, now = rows[0]
+        if owner != run_id:
+            return TicketError(f"ticket {ticket_id} belongs to run {owner}, not {run_id}")
+        if bound_to != args_hash:
+            return TicketError(f"ticket {ticket_id} approves other arguments ({bound_to}), not {args_hash}")
+        if status != "approved":
+            return TicketError(f"ticket {ticket_id} is {status}, not approved: it cannot be used")
+        if expires_at <= now:
+            return TicketExpired(
+                f"ticket {ticket_id} expired at {when(expires_at)} before it was used; "
+                "the approval no longer holds",
+                ticket_id=ticket_id,
+                expires_at=expires_at,
+            )
+        return None
+
+    # -- entries and exchanges -------------------------------------------------------
+
+    async def read_entries(
+        self, run_id: str, after_seq: int = 0, *, kinds: Collection[str] | None = None
+    ) -> list[Entry]:
+        """A run's entries after `after_seq`, in order; only those of `kinds` if given."""
+        sql, params = f"{ENTRY_SELECT} WHERE run_id = ? AND seq > ?", [run_id, after_seq]
+        if kinds is not None:
+            if not kinds:
+                return []
+            sql += f" AND kind IN ({placeholders(len(kinds))})"
+            params += kinds
+        return [decode_entry(r) for r in await self._d.read(sql + " ORDER BY seq", params)]
+
+    async def read_last_entries(self, run_id: str, count: int = 1) -> list[Entry]:
+        """A run's last `count` entries, in order (the newest last)."""
+        rows = await self._d.read(
+            f"{ENTRY_SELECT} WHERE run_id = ? ORDER BY seq DESC LIMIT ?", (run_id, count)
+        )
+        return [decode_entry(r) for r in reversed(rows)]
+
+    async def read_exchanges(self, run_id: str) -> list[ModelExchange]:
+        rows = await self._d.read(
+            f"SELECT {', '.join(EXCHANGE_COLUMNS)} FROM exchanges WHERE run_id = ? ORDER BY seq", (run_id,)
+        )
+        return [decode_exchange(r) for r in rows]
+
+    async def prune_exchanges(self, before: float) -> int:
+        changed, _ = await self._d.write("DELETE FROM exchanges WHERE created_at < ?", (before,))
+        return changed
+
+    # -- tickets ---------------------------------------------------------------------
+
+    async def get_ticket(self, ticket_id: str) -> Ticket:
+        rows = await self._d.read(f"{TICKET_SELECT} WHERE ticket_id = ?", (ticket_id,))
+        if not rows:
+            raise TicketError(f"no ticket {ticket_id!r} in {self._d.where}")
+        return decode_ticket(rows[0])
+
+    async def list_tickets(self, status: str | None = "pending") -> list[Ticket]:
+        where, params = ("WHERE status = ?", [status]) if status else ("", [])
+        rows = await self._d.read(f"{TICKET_SELECT} {where} ORDER BY created_at", params)
+        return [decode_ticket(r) for r in rows]
+
+    async def decide_ticket(
+        self,
+        ticket_id: str,
+        *,
+        approve: bool,
+        by: str,
+        reason: str = "",
+        answer: str | None = None,
+        now: float | None = None,
+    ) -> Ticket:
+        """Approve or deny (answer) a pending ticket, before its expiry by the store's clock.
+
+        `now` is accepted for callers of the earlier signature and ignored.
+        """
+        async with self._d.transaction() as tx:
+            found = await tx.fetch("SELECT run_id FROM tickets WHERE ticket_id = ?", (ticket_id,))
+            if not found:
+                raise TicketError(f"no ticket {ticket_id!r} in {self._d.where}")
+            # Lock the run, then the ticket: the order a commit using a ticket takes them in.
+            run = await self._run(tx, found[0][0], lock=True)
+            rows = await tx.fetch(
+                f"SELECT {', '.join(TICKET_COLUMNS)}, {NOW} FROM tickets "
+                f"WHERE ticket_id = ?{self._d.row_lock}",
+                (ticket_id,),
+            )
+            ticket, store_now = decode_ticket(rows[0][:-1]), rows[0][-1]
+            if ticket.status != "pending":
+                raise TicketError(f"ticket {ticket_id} is already {ticket.status}")
+            if ticket.expires_at <= store_now:
+                raise TicketExpired(
+                    f"ticket {ticket_id} expired at {when(ticket.expires_at)}; "
+                    "the run will record it as expired",
+                    ticket_id=ticket_id,
+                    expires_at=ticket.expires_at,
+                )
+            status = decided_status(ticket, approve)
+            await tx.execute(
+                "UPDATE tickets SET status = ?, decided_at = ?, decided_by = ?, reason = ?, answer = ? "
+                "WHERE ticket_id = ?",
+                (status, store_now, by, reason, answer, ticket_id),
+            )
+            entry = decision_entry(ticket, run, status, by, reason, answer)
+            written = chain(run.run_id, run.last_seq, run.last_hash, [entry], store_now)
+            await tx.execute(
+                "UPDATE runs SET last_seq = ?, last_hash = ?, updated_at = ? WHERE run_id = ?",
+                (written[-1].seq, written[-1].hash, store_now, run.run_id),
+            )
+            await tx.executemany(INSERT_ENTRY, [entry_row(e) for e in written])
+            await self._d.notify(tx, run.run_id)
+        return ticket.model_copy(
+            update={"status": status, "decided_at": store_now, "decided_by": by, "reason": reason}
+            | {"answer": answer}
+        )
+
+    async def expire_ticket(self, ticket_id: str, now: float | None = None) -> Ticket:
+        """Mark a ticket expired if its expiry has passed by the store's clock and it was not
+        used (pending, or approved too late); return it. `now` is ignored."""
+        await self._d.write(
+            "UPDATE tickets SET status = 'expired' "
+            f"WHERE ticket_id = ? AND status IN ('pending', 'approved') AND expires_at <= {NOW}",
+            (ticket_id,),
+        )
+        return await self.get_ticket(ticket_id)
+
+    # -- leases ----------------------------------------------------------------------
+
+    async def acquire(
+        self, run_id: str, worker_id: str, *, lease_seconds: float, now: float | None = None
+    ) -> RunRecord:
+        """Lease this run to `worker_id` (renewed if it already holds it); LeaseHeld if another
+        worker holds a live lease. `now` is ignored: leases run on the store's clock."""
+        async with self._d.transaction() as tx:
+            rows = await tx.fetch(
+                f"SELECT lease_owner, lease_expires_at, {NOW} FROM runs WHERE run_id = ?{self._d.row_lock}",
+                (run_id,),
+            )
+            if not rows:
+                raise RunNotFound(f"no run {run_id!r} in {self._d.where}")
+            holder, expires_at, store_now = rows[0]
+            if holder != worker_id and lease_is_live(holder, expires_at, store_now):
+                raise lease_held(run_id, holder, expires_at)
+            return await self._lease(tx, run_id, worker_id, lease_seconds)
+
+    async def claim(
+        self,
+        worker_id: str,
+        *,
+        lease_seconds: float,
+        now: float | None = None,
+        limits: Mapping[str, int] | None = None,
+        skip_runs: Collection[str] = (),
+    ) -> RunRecord | None:
+        """Lease the oldest runnable run to `worker_id` and return it (leased: no acquire
+        needed), or None. `now` is ignored."""
+        await self._d.prepare_to_wait()
+        limits = dict(limits or {})
+        if not limits:  # one statement: the oldest runnable run, locked, leased and returned
+            oldest, params = self._runnable(["r.run_id"], [], skip_runs)
+            _, rows = await self._d.write(
+                f"UPDATE runs SET lease_owner = ?, lease_expires_at = {NOW} + ? WHERE run_id = ({oldest}) "
+                f"RETURNING {RUN_FIELDS_SQL}",
+                (worker_id, lease_seconds, *params),
+            )
+            return decode_run(rows[0]) if rows else None
+        skip: list[str] = []
+        while True:
+            async with self._d.transaction() as tx:
+                skip += await self._workflows_at_limit(tx, limits, skip)
+                oldest, params = self._runnable(["r.run_id", "r.workflow_name"], skip, skip_runs)
+                rows = await tx.fetch(oldest, params)
+                if not rows:
+                    return None
+                run_id, workflow = rows[0]
+                if workflow in limits:
+                    # Claimers of one limited workflow count and lease one at a time.
+                    await self._d.lock_workflow(tx, workflow)
+                    if await self._workflows_at_limit(tx, {workflow: limits[workflow]}, []):
+                        skip.append(workflow)
+                        continue
+                return await self._lease(tx, run_id, worker_id, lease_seconds)
+
+    def _runnable(
+        self, columns: list[str], skip_workflows: list[str], skip_runs: Collection[str]
+    ) -> tuple[str, list[Any]]:
+        """The oldest runnable run's `columns`, locked (other claimers pass it over)."""
+        sql = f"SELECT {', '.join(columns)} FROM {self._d.runs_to_claim} WHERE {runnable_sql('r')}"
+        params: list[Any] = []
+        if skip_workflows:
+            sql += f" AND r.workflow_name NOT IN ({placeholders(len(skip_workflows))})"
+            params += skip_workflows
+        if skip_runs:
+            sql += f" AND r.run_id NOT IN ({placeholders(len(skip_runs))})"
+            params += skip_runs
+        return f"{sql} ORDER BY r.created_at, r.run_id LIMIT 1{self._d.skip_locked}", params
+
+    async def _workflows_at_limit(self, tx: Tx, limits: Mapping[str, int], skip: list[str]) -> list[str]:
+        names = [name for name in limits if name not in skip]
+        if not names:
+            return []
+        rows = await tx.fetch(
+            "SELECT workflow_name, count(*) FROM runs WHERE lease_owner IS NOT NULL "
+            f"AND lease_expires_at > {NOW} AND workflow_name IN ({placeholders(len(names))}) "
+            "GROUP BY workflow_name",
+            names,
+        )
+        counts = dict(rows)
+        return [name for name in names if counts.get(name, 0) >= limits[name]]
+
+    async def _lease(self, tx: Tx, run_id: str, worker_id: str, lease_seconds: float) -> RunRecord:
+        rows = await tx.fetch(
+            f"UPDATE runs SET lease_owner = ?, lease_expires_at = {NOW} + ? WHERE run_id = ? "
+            f"RETURNING {RUN_FIELDS_SQL}",
+            (worker_id, lease_seconds, run_id),
+        )
+        return decode_run(rows[0])
+
+    async def heartbeat(
+        self, run_id: str, worker_id: str, *, lease_seconds: float, now: float | None = None
+    ) -> bool:
+        """Renew the lease if `worker_id` still holds it; False if it was lost. `now` is ignored."""
+        changed, _ = await self._d.write(
+            f"UPDATE runs SET lease_expires_at = {NOW} + ? WHERE run_id = ? AND lease_owner = ?",
+            (lease_seconds, run_id, worker_id),
+        )
+        return changed == 1
+
+    async def renew_leases(self, worker_id: str, *, lease_seconds: float) -> set[str]:
+        """Renew every lease `worker_id` holds, in one statement; the runs it still holds."""
+        # Rows locked in run-id order, as batches of commits lock them.
+        _, rows = await self._d.write(
+            f"UPDATE runs SET lease_expires_at = {NOW} + ? WHERE run_id IN (SELECT run_id FROM runs "
+            f"WHERE lease_owner = ? ORDER BY run_id{self._d.row_lock}) RETURNING run_id",
+            (lease_seconds, worker_id),
+        )
+        return {run_id for (run_id,) in rows}
+
+    async def release(self, run_id: str, worker_id: str) -> None:
+        """Give the lease up (if `worker_id` holds it): the run is claimable at once."""
+        _, rows = await self._d.write(
+            "UPDATE runs SET lease_owner = NULL, lease_expires_at = NULL "
+            f"WHERE run_id = ? AND lease_owner = ? RETURNING {runnable_sql('runs')}",
+            (run_id, worker_id),
+        )
+        if rows and rows[0][0]:
+            await self._d.notify(None, run_id)
+
+    async def wait_for_work(self, timeout: float) -> None:
+        """Return when work may have appeared (a queued run, a decided ticket, a released
+        run), or after `timeout` seconds; may return early."""
+        await self._d.wait_for_work(timeout)
+
+    # -- helpers ---------------------------------------------------------------------
+
+    async def _run(self, tx: Tx, run_id: str, *, lock: bool = False) -> RunRecord:
+        rows = await tx.fetch(
+            f"{RUN_SELECT} WHERE run_id = ?" + (self._d.row_lock if lock else ""), (run_id,)
+        )
+        if not rows:
+            raise RunNotFound(f"no run {run_id!r} in {self._d.where}")
+        return decode_run(rows[0])
+
+
+def _settle(done: asyncio.Future[list[Entry]], outcome: list[Entry] | BaseException) -> None:
+    if done.done():  # its caller was cancelled; the commit itself was applied or refused
+        return
+    if isinstance(outcome, BaseException):
+        done.set_exception(outcome)
+    else:
+        done.set_result(outcome)
+
+
+def _database_error(exc: Exception) -> JournalError:
+    error = JournalError(f"the database refused the commit: {exc}")
+    error.__cause__ = exc
+    return error
