@@ -183,7 +183,7 @@ async def build(shape: Shape, path: Path) -> Built:
         seconds = time.perf_counter() - start
         if result.status != "paused" or result.ticket_id is None:
             raise RuntimeError(f"the run ended {result.status} ({result.reason_code}: {result.message})")
-        await journal.decide_ticket(result.ticket_id, approve=True, by="bench", now=time.time())
+        await journal.decide_ticket(result.ticket_id, approve=True, by="bench")
         entries = len(await journal.read_entries(result.run_id))
     finally:
         await journal.aclose()

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import time
+from pathlib import Path
 from typing import Any
 
 import msgspec
@@ -11,6 +12,7 @@ import pytest
 from conftest import Shop, call, run, step_rows
 from tether import Budget, ReasonCode, Runtime, ScriptedModel, TicketError
 from tether.journal import Journal, bodies, verify_chain
+from tether.journal.sqlite import SQLiteJournal
 
 
 def steps(journal: Journal, run_id: str) -> list[dict[str, Any]]:
@@ -268,9 +270,10 @@ def test_a_denied_approval_is_fed_back_and_nothing_runs(journal: Journal, shop: 
     assert "not eligible" in denial["observation"]["reason"]
 
 
-def test_an_expired_approval_is_recorded_as_such(journal: Journal, shop: Shop) -> None:
-    clock = [1000.0]
-    runtime = Runtime(journal, clock=lambda: clock[0])
+def test_an_expired_approval_is_recorded_as_such(tmp_path: Path, shop: Shop) -> None:
+    clock = [1_800_000_000.0]
+    journal = SQLiteJournal(tmp_path / "j.db", clock=lambda: clock[0])  # the store decides expiry
+    runtime = Runtime(journal)
     wf = shop.workflow()
     script = ScriptedModel([call("refund", order_id="A1", amount=70.0), {"kind": "exit", "exit": "done"}])
     paused = run(runtime.start(wf, script))

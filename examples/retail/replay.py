@@ -155,7 +155,7 @@ async def replay(
     runtime = Runtime(journal)
     result = await runtime.start(workflow, model, input={"db": str(db_file)}, workflow_ref=str(HERE))
     while result.status == "paused" and result.ticket_id:
-        await journal.decide_ticket(result.ticket_id, approve=True, by="customer (replay)", now=time.time())
+        await journal.decide_ticket(result.ticket_id, approve=True, by="customer (replay)")
         result = await runtime.resume(result.run_id, workflow, model)
     steps = []
     for row in timeline(await journal.read_entries(result.run_id)):

@@ -7,7 +7,8 @@ TetherError
 ├── JournalError           the store refused an operation
 │   ├── RunNotFound
 │   ├── TicketError        an approval ticket is unknown, already used, expired or
-│   │                      bound to other arguments
+│   │   │                  bound to other arguments
+│   │   └── TicketExpired  decided or used after its expiry, by the journal's clock
 │   └── ConcurrentWriteError  another process appended to the same run
 ├── RunStateError          the run cannot do what was asked in its current status
 └── InputError             a run's input is refused (not a JSON object within the limits)
@@ -42,6 +43,17 @@ class RunNotFound(JournalError):
 
 class TicketError(JournalError):
     pass
+
+
+class TicketExpired(TicketError):
+    """A ticket was decided or used after its expiry, by the journal's own clock.
+
+    Distinct from other ticket errors so the runtime can record `approval_expired`.
+    """
+
+    def __init__(self, message: str, *, ticket_id: str, expires_at: float) -> None:
+        super().__init__(message)
+        self.ticket_id, self.expires_at = ticket_id, expires_at
 
 
 class ConcurrentWriteError(JournalError):

@@ -244,6 +244,8 @@ class RunCursor:
         self._since = time.monotonic()
         self._buffered: list[NewEntry] = []
         self._dirty: set[str] = set()
+        # Set when a commit gave the lease back with it (the run stopped: paused, ended).
+        self.released = False
         self._exchanges: list[ModelExchange] = []
 
     @property
@@ -286,6 +288,13 @@ class RunCursor:
         self.checkpoint.visit = Visit(state, self.visit.number + 1, started)
         self.transcript = Transcript()
         self._since = time.monotonic()
+
+    def position(self) -> tuple[str, Visit, Transcript, float]:
+        """Where the run is (state, visit, transcript), to go back to if a move is not recorded."""
+        return self.record.state, self.checkpoint.visit, self.transcript, self._since
+
+    def restore(self, position: tuple[str, Visit, Transcript, float]) -> None:
+        self.record.state, self.checkpoint.visit, self.transcript, self._since = position
 
     async def load(self) -> list[Entry]:
         """Rebuild what a resumed run needs: the current visit's transcript, and `history`
@@ -342,6 +351,8 @@ class RunCursor:
         checkpoint: dict[str, Any] = msgspec.to_builtins(self.checkpoint)
         self.record.checkpoint = checkpoint
         fields = {k: getattr(self.record, k) for k in ("state", "checkpoint", "status", *self._dirty)}
+        # The commit that stops the run gives its lease back too: one transaction, not two.
+        release = self.lease is not None and self.record.status not in ("running", "queued")
         written = await self.journal.commit(
             Commit(
                 run_id=self.run_id,
@@ -355,8 +366,10 @@ class RunCursor:
                 durable=durable,
                 lease_owner=self.lease[0] if self.lease else None,
                 lease_seconds=self.lease[1] if self.lease else None,
+                release=release,
             )
         )
+        self.released = release
         self._buffered, self._dirty, self._exchanges = [], set(), []
         if written:
             self.record.last_seq, self.record.last_hash = written[-1].seq, written[-1].hash

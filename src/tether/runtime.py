@@ -116,6 +116,8 @@ class Runtime:
         self._heartbeat: asyncio.Task[None] | None = None
         # Runs left leased after a crash until their backoff ends (never released early).
         self._quarantined: set[str] = set()
+        # The cursor of each run being driven, until its lease is given back.
+        self._cursors: dict[str, RunCursor] = {}
 
     # -- lifecycle -------------------------------------------------------------------
 
@@ -215,36 +217,51 @@ class Runtime:
             input=data,
             model=record.model_spec,
         )
-        written = await self.journal.create_run(record, [NewEntry.of(started, state=workflow.start)])
+        written = await self.journal.create_run(
+            record,
+            [NewEntry.of(started, state=workflow.start)],
+            lease_seconds=None if queued else self.lease_seconds,  # on the store's clock
+        )
         # The record as stored, without reading it back or copying it (a run waiting holds it).
         record.last_seq, record.last_hash = written[-1].seq, written[-1].hash
         return record
 
-    async def resume(self, run_id: str, workflow: Workflow, model: Model | None = None) -> RunResult:
+    async def resume(
+        self,
+        run_id: str,
+        workflow: Workflow,
+        model: Model | None = None,
+        *,
+        claimed: RunRecord | None = None,
+    ) -> RunResult:
         """Continue a queued, paused or interrupted run from its last committed step.
 
         Takes the run's lease first: a run another live process is driving is refused
         (`LeaseHeld`), so resuming can never race the process that is still working on it.
-        A lease left by a crashed process of this machine is taken over at once. The lease
+        A lease left by a crashed process of this machine is taken over at once. A worker
+        passes the record its claim returned (`claimed`), already leased to it. The lease
         is given back however this returns, paused again included.
         """
-        record = await self._acquire(run_id)
+        if claimed is not None and claimed.run_id == run_id and claimed.lease_owner == self.worker_id:
+            record = claimed
+        else:
+            record = await self._acquire(run_id)
         try:
             return await self._resume(record, workflow, model)
         finally:
             await self._release(run_id)
 
     async def _release(self, run_id: str) -> None:
+        """Give the run's lease back, unless its last commit did (or a crash keeps it)."""
+        cursor = self._cursors.pop(run_id, None)
         if run_id in self._quarantined:
             self._quarantined.discard(run_id)
-        else:
+        elif cursor is None or not cursor.released:
             await self.journal.release(run_id, self.worker_id)
 
     async def _acquire(self, run_id: str) -> RunRecord:
         try:
-            return await self.journal.acquire(
-                run_id, self.worker_id, lease_seconds=self.lease_seconds, now=self.clock()
-            )
+            return await self.journal.acquire(run_id, self.worker_id, lease_seconds=self.lease_seconds)
         except LeaseHeld as held:
             if not _dead_local_process(held.holder):
                 raise
@@ -252,9 +269,7 @@ class Runtime:
         # The holder was a process on this machine that no longer exists (it crashed): its
         # lease cannot be renewed, so waiting for it to expire would only delay recovery.
         await self.journal.release(run_id, holder)
-        return await self.journal.acquire(
-            run_id, self.worker_id, lease_seconds=self.lease_seconds, now=self.clock()
-        )
+        return await self.journal.acquire(run_id, self.worker_id, lease_seconds=self.lease_seconds)
 
     async def _resume(self, record: RunRecord, workflow: Workflow, model: Model | None) -> RunResult:
         _check_resumable(record, workflow)
@@ -272,9 +287,9 @@ class Runtime:
                 raise RunStateError(f"run {record.run_id} is paused but its checkpoint names no ticket")
             ticket = await self.journal.get_ticket(pending.ticket_id)
             if ticket.status == "pending":
-                if ticket.expires_at > self.clock():
+                ticket = await self.journal.expire_ticket(ticket.ticket_id)
+                if ticket.status == "pending":  # not expired by the store's clock: still waiting
                     return RunResult.of(cursor.record)
-                ticket = await self.journal.expire_ticket(ticket.ticket_id, self.clock())
             await GovernedStep(cursor, state, pending.step_id).resume_ticket(ticket, pending)
         return await self._drive(cursor, model)
 
@@ -284,11 +299,7 @@ class Runtime:
         if record.status != "effect_in_doubt":
             raise RunStateError(f"run {run_id} is {record.status}, not effect_in_doubt")
         started = int(record.checkpoint.get("visit", {}).get("started_seq", 0))
-        doubt = next(
-            e
-            for e in reversed(await self.journal.read_entries(run_id, started))
-            if e.kind == "effect_in_doubt"
-        )
+        doubt = (await self.journal.read_entries(run_id, started, kinds=("effect_in_doubt",)))[-1]
         in_doubt = doubt.body
         assert isinstance(in_doubt, b.EffectInDoubt)
         settled = b.EffectSettled(
@@ -355,7 +366,7 @@ class Runtime:
     # -- driving ---------------------------------------------------------------------
 
     def _cursor(self, record: RunRecord, workflow: Workflow) -> RunCursor:
-        return RunCursor(
+        cursor = RunCursor(
             record,
             workflow,
             workflow.policy or Policy.default(),
@@ -364,6 +375,8 @@ class Runtime:
             lease=(self.worker_id, self.lease_seconds),
             on_commit=self.on_commit,
         )
+        self._cursors[record.run_id] = cursor
+        return cursor
 
     async def _drive(self, cursor: RunCursor, model: Model | None) -> RunResult:
         """Drive until the run stops or the runtime drains; the caller releases the lease."""
@@ -425,7 +438,7 @@ class Runtime:
         cursor.enter(nxt.to, entries_in_commit=1)
         await cursor.commit(
             [NewEntry.of(done, step_id=step_id, state=state.name)],
-            data={**cursor.record.data, **nxt.update},
+            data={**cursor.record.data, **nxt.update} if nxt.update else None,
             facts={**cursor.record.facts, **nxt.facts} if nxt.facts else None,
             buffer=not state.checkpoint,
         )

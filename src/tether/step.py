@@ -28,7 +28,7 @@ import msgspec
 
 from tether import budget as limits
 from tether.decision import Decision, runtime_refusal
-from tether.errors import TicketError
+from tether.errors import TicketError, TicketExpired
 from tether.hashing import encode_json, value_hash
 from tether.journal import Entry, ModelExchange, NewEntry, Ticket
 from tether.journal import bodies as b
@@ -385,10 +385,15 @@ class GovernedStep:
             args_hash=ticket[1] if ticket else None,
             continuation=ticket is not None,
         )
-        data = {**cursor.record.data, **proposal.update}
+        data = {**cursor.record.data, **proposal.update} if proposal.update else None
+        before = cursor.position()
         cursor.enter(target, entries_in_commit=1)
-        # The visit is over: the new state's transcript starts empty.
-        await self.record(transition, data=data, consume=ticket, status="running", observe=False)
+        try:
+            # The visit is over: the new state's transcript starts empty.
+            await self.record(transition, data=data, consume=ticket, status="running", observe=False)
+        except BaseException:
+            cursor.restore(before)  # the journal did not move: neither does the run
+            raise
 
     async def question(self, proposal: Question) -> None:
         decision = Decision(
@@ -577,23 +582,26 @@ class GovernedStep:
             )
             return await self.record(refused, status="running")
         decision = pending.decision
-        if isinstance(proposal, ToolCall):
-            try:
+        try:
+            if isinstance(proposal, ToolCall):
                 # The workflow may have been migrated since: the call must still be offered.
                 tool = self.scope(proposal.tool)
                 args = self.arguments(tool, proposal.args)
                 await self.execute(tool, args, decision, proposed=proposal.args, ticket_id=ticket.ticket_id)
-            except Refusal as refusal:
-                await self._unusable(proposal, ticket, refusal.decision.reason_code, refusal.decision.reason)
-            except TicketError as exc:  # the store found the ticket expired or not for these arguments
-                code = ReasonCode.APPROVAL_EXPIRED if "expired" in str(exc) else ReasonCode.APPROVAL_DENIED
-                await self._unusable(proposal, ticket, code, str(exc))
-            return
-        assert isinstance(proposal, Exit | Finish)
-        name = proposal.exit if isinstance(proposal, Exit) else "finish"
-        await self.take_exit(
-            proposal, decision, name, self.state.exits[name], ticket=(ticket.ticket_id, ticket.args_hash)
-        )
+                return
+            assert isinstance(proposal, Exit | Finish)
+            name = proposal.exit if isinstance(proposal, Exit) else "finish"
+            target = self.state.exits[name]
+            await self.take_exit(
+                proposal, decision, name, target, ticket=(ticket.ticket_id, ticket.args_hash)
+            )
+        except Refusal as refusal:
+            await self._unusable(proposal, ticket, refusal.decision.reason_code, refusal.decision.reason)
+        except TicketExpired as exc:  # approved in time, used too late (by the store's clock)
+            await self.cursor.journal.expire_ticket(ticket.ticket_id)
+            await self._unusable(proposal, ticket, ReasonCode.APPROVAL_EXPIRED, str(exc))
+        except TicketError as exc:  # the store refused the ticket for these arguments
+            await self._unusable(proposal, ticket, ReasonCode.APPROVAL_DENIED, str(exc))
 
     async def _unusable(self, proposal: Proposal, ticket: Ticket, code: ReasonCode, reason: str) -> None:
         """An approved call that can no longer be carried out is refused, on the record."""

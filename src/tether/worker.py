@@ -92,7 +92,6 @@ class Worker:
                 claimed = await self.journal.claim(
                     self.worker_id,
                     lease_seconds=self.runtime.lease_seconds,
-                    now=self.runtime.clock(),
                     limits=self.limits or None,
                     skip_runs=self._unloadable,
                 )
@@ -155,7 +154,7 @@ class Worker:
                 return
             if is_set_aside(record):  # by a worker without this one's roots: no longer true
                 record = await note(self.journal, record, None, self.worker_id, self.runtime.lease_seconds)
-            result = await self.runtime.resume(record.run_id, workflow, model)
+            result = await self.runtime.resume(record.run_id, workflow, model, claimed=record)
         except ConcurrentWriteError as exc:
             # Another process took the run over (this worker stalled past its lease): the
             # fencing refused our write and nothing was changed; the run is in good hands.

@@ -88,7 +88,6 @@ async def _answer_all(
             by=by,
             reason="" if approve else "denied by the scripted answer",
             answer="yes" if ticket.kind == "question" and approve else None,
-            now=runtime.clock(),
         )
         result = await runtime.resume(result.run_id, workflow, model)
     return result
@@ -466,7 +465,6 @@ def _decide(
                 by=by or getpass.getuser(),
                 reason=reason,
                 answer=answer,
-                now=time.time(),
             )
             return ticket, await journal.get_run(ticket.run_id)
 

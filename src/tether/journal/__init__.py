@@ -21,7 +21,7 @@ from collections.abc import Collection, Mapping
 from pathlib import Path
 from typing import Protocol, Self
 
-from tether.errors import JournalError
+from tether.errors import JournalError, TicketExpired
 from tether.journal.records import (
     FINISHED,
     Commit,
@@ -33,7 +33,6 @@ from tether.journal.records import (
     RunStatus,
     RunUpdate,
     Ticket,
-    TicketExpired,
     verify_chain,
 )
 from tether.journal.store import StoreStats

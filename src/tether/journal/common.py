@@ -83,6 +83,18 @@ def ticket_row(ticket: Ticket) -> tuple[Any, ...]:
     return tuple(encode(k, getattr(ticket, k)) for k in TICKET_COLUMNS)
 
 
+def new_ticket_row(ticket: Ticket) -> tuple[Any, ...]:
+    """A new ticket's parameters: no creation time (the store's clock gives it), and for the
+    expiry its lifetime, which the store adds to its own now."""
+    values = []
+    for k in TICKET_COLUMNS:
+        if k == "expires_at":
+            values.append(ticket.expires_at - ticket.created_at)
+        elif k != "created_at":
+            values.append(encode(k, getattr(ticket, k)))
+    return tuple(values)
+
+
 def decode_entry(row: tuple[Any, ...]) -> Entry:
     run_id, seq, kind, step_id, state, body, prev_hash, hash_, created_at = row
     return Entry(run_id, seq, kind, step_id, state, body, prev_hash, hash_, created_at)

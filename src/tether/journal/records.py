@@ -8,7 +8,7 @@ import msgspec
 from msgspec import UNSET, UnsetType
 from pydantic import BaseModel, Field
 
-from tether.errors import ConcurrentWriteError, TicketError
+from tether.errors import ConcurrentWriteError
 from tether.hashing import encode_json, sha256_hex
 from tether.journal import bodies
 
@@ -252,14 +252,3 @@ class LeaseHeld(ConcurrentWriteError):
     def __init__(self, message: str, *, run_id: str, holder: str | None, expires_at: float | None) -> None:
         super().__init__(message)
         self.run_id, self.holder, self.expires_at = run_id, holder, expires_at
-
-
-class TicketExpired(TicketError):
-    """A ticket was decided or used after its expiry, by the journal's own clock.
-
-    Distinct from other ticket errors so the runtime can record `approval_expired`.
-    """
-
-    def __init__(self, message: str, *, ticket_id: str, expires_at: float) -> None:
-        super().__init__(message)
-        self.ticket_id, self.expires_at = ticket_id, expires_at

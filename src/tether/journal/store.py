@@ -29,7 +29,7 @@ from contextlib import AbstractAsyncContextManager
 from dataclasses import dataclass, field
 from typing import Any, Protocol, Self
 
-from tether.errors import ConcurrentWriteError, JournalError, RunNotFound, TicketError
+from tether.errors import ConcurrentWriteError, JournalError, RunNotFound, TicketError, TicketExpired
 from tether.journal.common import (
     ACTIVE_STATUSES,
     ENTRY_COLUMNS,
@@ -55,10 +55,10 @@ from tether.journal.common import (
     fence_sql,
     lease_held,
     lease_is_live,
+    new_ticket_row,
     placeholders,
     run_row,
     runnable_sql,
-    ticket_row,
     update_values,
     value_rows,
     when,
@@ -70,7 +70,6 @@ from tether.journal.records import (
     NewEntry,
     RunRecord,
     Ticket,
-    TicketExpired,
     chain,
 )
 
@@ -84,7 +83,14 @@ def _gated_insert(table: str, columns: Sequence[str]) -> str:
 
 _INSERT_ENTRY_GATED = _gated_insert("entries", ENTRY_COLUMNS)
 _INSERT_EXCHANGE_GATED = _gated_insert("exchanges", EXCHANGE_COLUMNS)
-_INSERT_TICKET_GATED = _gated_insert("tickets", TICKET_COLUMNS)
+# A new ticket's times are the store's: created now, expiring after the lifetime the step gave.
+_INSERT_TICKET_GATED = (
+    f"INSERT INTO tickets ({', '.join(TICKET_COLUMNS)}) SELECT "
+    + ", ".join(
+        NOW if c == "created_at" else f"{NOW} + ?" if c == "expires_at" else "?" for c in TICKET_COLUMNS
+    )
+    + f" WHERE {GATED}"
+)
 _CONSUME = f"UPDATE tickets SET status = 'consumed', consumed_at = {NOW} WHERE ticket_id = ? AND {GATED}"
 # Rewritten only if it changed: an unchanged 50 MB `data` costs a comparison, not a copy.
 _SET_VALUE = (
@@ -364,7 +370,7 @@ class SQLStore:
             ids = [t.ticket_id for t in commit.new_tickets]
             where += f" AND NOT EXISTS (SELECT 1 FROM tickets WHERE ticket_id IN ({placeholders(len(ids))}))"
             params += ids
-            writes.append(Write(_INSERT_TICKET_GATED, [ticket_row(t) for t in commit.new_tickets]))
+            writes.append(Write(_INSERT_TICKET_GATED, [new_ticket_row(t) for t in commit.new_tickets]))
         if commit.consume is not None:
             where += (
                 " AND EXISTS (SELECT 1 FROM tickets t WHERE t.ticket_id = ? AND t.run_id = runs.run_id "

@@ -469,7 +469,7 @@ class Gateway:
         log.info("ticket %s: denied: %s", ticket.ticket_id, reason)
         with contextlib.suppress(TicketError):  # decided or expired in the meantime
             await self.journal.decide_ticket(
-                ticket.ticket_id, approve=False, by="mcp-gateway", reason=reason, now=time.time()
+                ticket.ticket_id, approve=False, by="mcp-gateway", reason=reason
             )
 
     # -- the MCP server ----------------------------------------------------------------
@@ -646,7 +646,6 @@ def approval_routes(gateway: Gateway, token: str) -> list[Any]:
                 approve=verb == "approve",
                 by=str(body.get("by") or f"http:{request.client.host if request.client else '?'}"),
                 reason=str(body.get("reason") or ""),
-                now=time.time(),
             )
         except TicketError as exc:
             return JSONResponse({"error": str(exc)}, 409)

@@ -270,7 +270,6 @@ async def run_to_end_async(
             by=person.name,
             reason=verdict.text if verdict.action != "answer" else "",
             answer=verdict.text if verdict.action == "answer" else None,
-            now=runtime.clock(),
         )
         result = await runtime.resume(result.run_id, workflow, proposer)
     entries = await journal.read_entries(result.run_id)
