@@ -23,6 +23,8 @@ _OUTCOMES: dict[type[Any], str] = {
     b.ToolFailed: "tool_error",
     b.Transition: "transition",
     b.HandedOff: "handoff",
+    b.HandoffReceived: "handoff received",
+    b.HandoffReturned: "handoff returned",
     b.Unanswered: "unanswered",
     b.Answered: "answered",
     b.EffectInDoubt: "effect_in_doubt",
@@ -94,7 +96,7 @@ def _told(record: Any, step_id: str | None) -> Any:
 
 def _is_step(record: Any) -> bool:
     return isinstance(record, b.StepRecord | b.StepDone | b.StepFailed) and not isinstance(
-        record, b.Intent | b.EffectInDoubt | b.HandedOff
+        record, b.Intent | b.EffectInDoubt | b.HandedOff | b.HandoffReceived | b.HandoffReturned
     )
 
 
@@ -146,6 +148,11 @@ def _detail(record: Any) -> Any:
             return message
         case b.HandedOff(handoff=handed):
             return msgspec.to_builtins(handed)
+        case b.HandoffReturned(by=by, differences=differences):
+            changed = "; ".join(f"{d.name}: {d.error or f'{d.then!r} → {d.now!r}'}" for d in differences)
+            return f"turned back by {by}: {changed}"
+        case b.HandoffReceived(by=by, checked=checked):
+            return f"received by {by}: {len(checked)} value(s) read again, unchanged"
         case b.RunStarted(workflow=workflow):
             return msgspec.to_builtins(workflow)
         case b.Crashed(error=error):

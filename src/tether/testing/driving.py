@@ -36,6 +36,8 @@ _OUTCOMES: dict[type[Any], str] = {
     b.ToolFailed: "tool_error",
     b.Transition: "transition",
     b.HandedOff: "handoff",
+    b.HandoffReceived: "handoff_received",
+    b.HandoffReturned: "handoff_returned",
     b.Unanswered: "unanswered",
     b.Answered: "answered",
     b.EffectInDoubt: "effect_in_doubt",
@@ -50,8 +52,9 @@ class StepDecision:
     verdict on its ticket is in `ticket` and `outcome`: `executed` after an approval,
     `approval_denied` after a denial). `outcome` is one of `executed`, `refused`,
     `awaiting_approval`, `awaiting_answer`, `answered`, `unanswered`, `approval_denied`,
-    `approval_expired`, `transition`, `handoff`, `tool_error`, `verification_failed`,
-    `intent`, `effect_in_doubt`, `executed`/`not_executed` (an effect in doubt, settled).
+    `approval_expired`, `transition`, `handoff`, `handoff_received`, `handoff_returned`,
+    `tool_error`, `verification_failed`, `intent`, `effect_in_doubt`, `executed`/`not_executed`
+    (an effect in doubt, settled).
     """
 
     number: int
@@ -202,6 +205,8 @@ def states_visited(entries: list[Entry]) -> list[str]:
             path.append(e.state)
         elif isinstance(record, b.StepDone | b.Transition):
             path.append(record.next)
+        elif isinstance(record, b.HandoffReceived) and record.to_state:
+            path.append(record.to_state)
     return path
 
 
