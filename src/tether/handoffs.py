@@ -37,9 +37,6 @@ from tether.workflow import Workflow
 if TYPE_CHECKING:  # the governed step calls into this module, and is handed in
     from tether.step import GovernedStep
 
-MISSING = "(not established)"
-
-
 async def hand_off(step: GovernedStep, proposal: Proposal, decision: Decision, args_hash: str) -> None:
     """Record a handoff to `decision.owner` (else the state's `escalate_to`). An owner the
     state's `handoff_to` routes to an agent state receives it there and then, after reading
@@ -78,7 +75,8 @@ async def hand_off(step: GovernedStep, proposal: Proposal, decision: Decision, a
     by = f"state:{owner}"
     stale = [c for c in checked if c.changed]
     if stale:
-        await step.record(record, b.HandoffReturned(by=by, differences=stale, checked=checked))
+        returned = b.HandoffReturned(by=by, differences=stale, checked=checked)
+        await step.record(record, returned, facts=refreshed(cursor.record.facts, stale))
         return
     received = b.HandoffReceived(by=by, checked=checked, unchecked=unchecked, to_state=owner, handoff=handed)
     cursor.enter(owner, entries_in_commit=1)  # the receiver's visit opens with `received`
@@ -97,7 +95,8 @@ async def pick_up(step: GovernedStep, handed: b.HandedOver, by: str) -> list[b.F
     stale = [c for c in checked if c.changed]
     if stale:
         cursor.clear_notice()
-        await step.record(b.HandoffReturned(by=by, differences=stale, checked=checked), status="running")
+        returned = b.HandoffReturned(by=by, differences=stale, checked=checked)
+        await step.record(returned, status="running", facts=refreshed(cursor.record.facts, stale))
         return stale
     said = f"{len(checked)} value(s) read again, unchanged" + (
         f"; not re-readable: {', '.join(unchecked)}" if unchecked else ""
@@ -110,6 +109,21 @@ async def pick_up(step: GovernedStep, handed: b.HandedOver, by: str) -> list[b.F
         message=f"picked up by {by}: {said}",
     )
     return []
+
+
+def refreshed(facts: dict[str, Any], differences: list[b.FactCheck]) -> dict[str, Any]:
+    """The run's facts after a turned-back handoff: each fact its verifier established again
+    takes its new value, and one the verifier no longer shows is dropped, so the sender's
+    next decisions rest on what holds now (resolver values are read at every decision)."""
+    current = dict(facts)
+    for check in differences:
+        name = check.name.removeprefix("facts.")
+        if check.name.startswith("facts.") and name in current:
+            if check.error is None:
+                current[name] = check.now
+            else:
+                del current[name]
+    return current
 
 
 # -- what a handoff carries -----------------------------------------------------------------------
@@ -266,4 +280,6 @@ async def _verify(
             raise LookupError(f"{fact.tool}'s verifier no longer shows the effect of step {step}")
         verified[step] = evidence.facts
     name = fact.name.removeprefix("facts.")
-    return verified[step].get(name, MISSING)
+    if name not in verified[step]:
+        raise LookupError(f"{fact.tool}'s verifier no longer establishes {fact.name}")
+    return verified[step][name]

@@ -146,8 +146,8 @@ def _continues(source: Entry | tuple[b.Body, str | None]) -> bool:
     if not isinstance(source, Entry):
         record = source[0]
         return isinstance(record, b.StepRecord) and record.continuation
-    if source.kind in ("answered", "unanswered"):
-        return True
+    if source.kind in ("answered", "unanswered", "handoff_received", "handoff_returned"):
+        return True  # continuations by their kind (the field is at its default, so not stored)
     if '"continuation":true' not in source.body_json:  # the common case, without decoding
         return False
     record = source.body

@@ -210,7 +210,9 @@ class Runtime:
             lease_expires_at=None if queued else now + self.lease_seconds,
         )
         started = b.RunStarted(
-            workflow=b.WorkflowRef(workflow.name, workflow.version, workflow.hash, record.workflow_ref),
+            workflow=b.WorkflowRef(
+                workflow.name, workflow.version, workflow.hash, record.workflow_ref, workflow.skills()
+            ),
             policy_hash=policy.hash,
             input=data,
             model=record.model_spec,

@@ -278,6 +278,8 @@ class WorkflowRef(msgspec.Struct, omit_defaults=True):
     version: str
     hash: str
     ref: str = ""
+    # The skills its states are made from, `NAME@VERSION` -> the skill's hash (tether.skills).
+    skills: dict[str, str] = {}
 
 
 class RunStarted(Body, kw_only=True):
