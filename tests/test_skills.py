@@ -28,7 +28,7 @@ EXAMPLE = ROOT / "examples" / "skills"
 SKILL = EXAMPLE / "skills" / "refund"
 
 
-MODULES = ("refund_skill_tools", "refund_intake")
+MODULES = ("refund_skill_tools", "refund_skill_tools_v2", "refund_intake")
 
 
 @pytest.fixture
@@ -153,6 +153,26 @@ def test_a_missing_case_can_be_acknowledged_and_is_still_listed(project: Path) -
     assert [(f.code, f.acknowledged) for f in report.findings if f.code == "skill-untested"] == [
         ("skill-untested", "the escalation case is being written")
     ]
+
+
+def test_a_version_kept_beside_the_current_one_is_loaded_by_its_version(project: Path) -> None:
+    skills = project / "skills"
+    kept = skills / "refund@2"
+    shutil.copytree(skills / "refund", kept)
+    # One process imports a module name from one folder: the kept version's module is renamed.
+    (kept / "refund_skill_tools.py").rename(kept / "refund_skill_tools_v2.py")
+    text = (kept / "skill.yaml").read_text()
+    (kept / "skill.yaml").write_text(text.replace("refund_skill_tools:", "refund_skill_tools_v2:"))
+    edit(skills / "refund" / "skill.yaml", "version: 2", "version: 3")
+
+    old = load_workflow(project)
+    assert old.skills() == {"refund@2": load_skill(kept).hash}
+    edit(project / "workflow.yaml", "skills/refund@2", "skills/refund@3")
+    assert list(load_workflow(project).skills()) == ["refund@3"]
+
+    edit(kept / "skill.yaml", "version: 2", "version: 4")
+    with pytest.raises(DefinitionError, match="the folder refund@2 holds version 4"):
+        load_skill(kept)
 
 
 # -- the contract at run time ---------------------------------------------------------------------

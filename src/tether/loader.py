@@ -295,7 +295,8 @@ def _state(
         from tether.skills import load_skill, split_use  # skills load their tools through this module
 
         folder, version = split_use(doc.uses)
-        return load_skill(base / folder, version).state(name, doc.exits, where)
+        kept = base / f"{folder}@{version}"  # a version kept beside the current one
+        return load_skill(kept if kept.is_dir() else base / folder, version).state(name, doc.exits, where)
     if isinstance(doc, StepDoc):
         fn = _import(doc.run, where=f"{where}, run", base=base)
         if not callable(fn):

@@ -33,6 +33,7 @@ borderline, failure and escalation. docs/skills.md describes it all.
 
 from __future__ import annotations
 
+import functools
 import json
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
@@ -157,7 +158,7 @@ class Skill:
                 if spec.required:
                     problems.append(f"{spec.name}: required, and the run's data has none")
                 continue
-            problems += _problems(_validator(spec.schema), data[spec.name], spec.name)
+            problems += _problems(self._input_validators[spec.name], data[spec.name], spec.name)
         if not problems:
             return None
         return f"the run's data is not the input skill {self.ref} takes: " + "; ".join(problems)
@@ -166,13 +167,21 @@ class Skill:
         """Why a success exit's `update` does not satisfy the output contract, or None."""
         if self.output is None or self.exits.get(exit) != "success":
             return None
-        problems = _problems(_validator(self.output, strict_objects=True), dict(update))
+        problems = _problems(self._output_validator, dict(update))
         if not problems:
             return None
         return (
             f"exit {exit!r}: its update does not satisfy the output contract of skill {self.ref}: "
             + "; ".join(problems)
         )
+
+    @functools.cached_property
+    def _input_validators(self) -> dict[str, Any]:
+        return {spec.name: _validator(spec.schema) for spec in self.inputs}
+
+    @functools.cached_property
+    def _output_validator(self) -> Any:
+        return _validator(self.output or {}, strict_objects=True)
 
     # -- as a state ------------------------------------------------------------------------
 
@@ -264,8 +273,11 @@ def load_skill(folder: str | Path, version: str | None = None) -> Skill:
         doc = SkillDoc.model_validate(content)
     except ValidationError as exc:
         raise DefinitionError(f"{file}: " + _explain(exc)) from None
-    if doc.name != base.name:
+    named, at, kept = base.name.partition("@")  # `refund`, or `refund@1` for a version kept
+    if doc.name != named:
         raise DefinitionError(f"{file}: the skill is named {doc.name!r}, but its folder is {base.name!r}")
+    if at and kept != str(doc.version):
+        raise DefinitionError(f"{file}: the folder {base.name} holds version {doc.version} of {doc.name}")
     if version is not None and str(doc.version) != version:
         raise DefinitionError(
             f"{file}: skill {doc.name} is version {doc.version}, not {version} as the workflow asks; "
