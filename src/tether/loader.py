@@ -18,7 +18,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Annotated, Any, Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError
+from pydantic import BaseModel, ConfigDict, Discriminator, Field, Tag, ValidationError
 
 from tether.budget import Limits
 from tether.errors import DefinitionError, PolicyFileError
@@ -70,6 +70,31 @@ class TerminalDoc(_Strict):
     failed: bool = False
 
 
+class SkillStateDoc(_Strict):
+    """An agent state made from a skill: `uses: PATH@VERSION` (a skill folder relative to the
+    workflow file), every exit of the skill mapped to a state."""
+
+    kind: Literal["skill"] = "skill"
+    uses: str
+    exits: dict[str, str]
+
+
+def _state_kind(value: Any) -> str | None:
+    """A state's kind; a state that `uses` a skill need not say `kind: skill`."""
+    if isinstance(value, dict):
+        return value.get("kind", "skill" if "uses" in value else None)
+    return getattr(value, "kind", None)
+
+
+StateDoc = Annotated[
+    Annotated[StepDoc, Tag("step")]
+    | Annotated[AgentDoc, Tag("agent")]
+    | Annotated[TerminalDoc, Tag("terminal")]
+    | Annotated[SkillStateDoc, Tag("skill")],
+    Discriminator(_state_kind),
+]
+
+
 class WorkflowDoc(_Strict):
     name: str = Field(min_length=1)
     version: str | int
@@ -83,9 +108,7 @@ class WorkflowDoc(_Strict):
     limits: Limits = Field(default_factory=Limits)
     # Findings of `tether check` the authors accept; read and checked by tether.analysis.check.
     acknowledge: list[Any] = Field(default_factory=list)
-    states: dict[str, Annotated[StepDoc | AgentDoc | TerminalDoc, Field(discriminator="kind")]] = Field(
-        min_length=1
-    )
+    states: dict[str, StateDoc] = Field(min_length=1)
 
 
 def load_workflow(
@@ -122,6 +145,8 @@ async def load_workflow_async(
     """`load_workflow` in the running event loop: the connections opened to list the MCP
     servers' tools stay open, and the runs this loop drives use them."""
     path = Path(target)
+    if skill_file(path) is not None:
+        return _skill_harness(path, policy, pinned)
     if pinned is not None and path.is_dir():
         return await _pinned_version(path, policy, pinned)
     if path.is_dir():
@@ -135,6 +160,30 @@ async def load_workflow_async(
     raise DefinitionError(
         f"workflow not found: {target} (give a directory, a YAML file, or module:attribute)"
     )
+
+
+def skill_file(path: Path) -> Path | None:
+    """The skill file a target names: `skill.yaml`, or a folder holding it and no workflow."""
+    if path.name == "skill.yaml" and path.is_file():
+        return path
+    if path.is_dir() and not (path / WORKFLOW_FILE).exists() and (path / "skill.yaml").is_file():
+        return path / "skill.yaml"
+    return None
+
+
+def _skill_harness(path: Path, policy: str | Path | None, pinned: str | None) -> Workflow:
+    """A skill alone, as a workflow (its scenarios run against it; see tether.skills)."""
+    from tether.skills import load_skill
+
+    workflow = load_skill(path).harness()
+    if policy is not None:
+        workflow.policy = Policy.from_file(policy)
+        workflow.validate()
+    if pinned is not None and workflow.hash != pinned:
+        raise DefinitionError(
+            f"skill {path} hashes to {workflow.hash[:19]}…, not {pinned[:19]}… as the run is pinned to"
+        )
+    return workflow
 
 
 def versions(folder: Path) -> list[Path]:
@@ -234,10 +283,20 @@ def _policy(path: Path, declared: str | None, override: str | Path | None) -> Po
 
 
 def _state(
-    name: str, doc: StepDoc | AgentDoc | TerminalDoc, base: Path, where: str, mcp: McpCatalog | None
+    name: str,
+    doc: StepDoc | AgentDoc | TerminalDoc | SkillStateDoc,
+    base: Path,
+    where: str,
+    mcp: McpCatalog | None,
 ) -> State:
     if isinstance(doc, TerminalDoc):
         return Terminal(name, failed=doc.failed)
+    if isinstance(doc, SkillStateDoc):
+        from tether.skills import load_skill, split_use  # skills load their tools through this module
+
+        folder, version = split_use(doc.uses)
+        kept = base / f"{folder}@{version}"  # a version kept beside the current one
+        return load_skill(kept if kept.is_dir() else base / folder, version).state(name, doc.exits, where)
     if isinstance(doc, StepDoc):
         fn = _import(doc.run, where=f"{where}, run", base=base)
         if not callable(fn):

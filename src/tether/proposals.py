@@ -37,11 +37,21 @@ class Question(msgspec.Struct, frozen=True, tag="question", tag_field="kind", fo
     question: str
 
 
-class Handoff(msgspec.Struct, frozen=True, tag="handoff", tag_field="kind", forbid_unknown_fields=True):
-    """Hand the run to a named owner, with a note of why."""
+class Handoff(
+    msgspec.Struct,
+    frozen=True,
+    tag="handoff",
+    tag_field="kind",
+    forbid_unknown_fields=True,
+    omit_defaults=True,
+):
+    """Hand the run to a named owner (or an agent state the envelope routes to), with a note
+    of why and what is open: `risks` and pending `questions` (the runtime adds the rest)."""
 
     to: str
     note: str = ""
+    risks: list[str] = []
+    questions: list[str] = []
 
 
 class Finish(msgspec.Struct, frozen=True, tag="finish", tag_field="kind", forbid_unknown_fields=True):

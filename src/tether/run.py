@@ -146,8 +146,8 @@ def _continues(source: Entry | tuple[b.Body, str | None]) -> bool:
     if not isinstance(source, Entry):
         record = source[0]
         return isinstance(record, b.StepRecord) and record.continuation
-    if source.kind in ("answered", "unanswered"):
-        return True
+    if source.kind in ("answered", "unanswered", "handoff_received", "handoff_returned"):
+        return True  # continuations by their kind (the field is at its default, so not stored)
     if '"continuation":true' not in source.body_json:  # the common case, without decoding
         return False
     record = source.body
@@ -192,7 +192,27 @@ def _observed(record: b.StepRecord) -> dict[str, Any]:
         case b.EffectSettled(done=done, by=by, note=note):
             settled = {"outcome": "executed" if done else "not_executed", "resolved_by": by, "note": note}
             return settled | {"result": None} if done else settled
+        case b.HandedOff() | b.HandoffReceived() | b.HandoffReturned():
+            return _handoff_observed(record)
     raise TypeError(f"no observation for {type(record).__name__}")
+
+
+def _handoff_observed(record: b.HandedOff | b.HandoffReceived | b.HandoffReturned) -> dict[str, Any]:
+    """A handoff as its sender sees it, turned back (with what changed), or received by an
+    agent state (the handoff record without the run's data, which the model has anyway)."""
+    if isinstance(record, b.HandedOff):
+        routed = {"to_state": record.handoff.to_state} if record.handoff.to_state else {}
+        return {"outcome": "handed_off", "owner": record.handoff.owner, **routed}
+    if isinstance(record, b.HandoffReturned):
+        return {
+            "outcome": "handoff_returned",
+            "by": record.by,
+            "reason": "a value the handoff relied on changed before it was picked up; act on the new value",
+            "differences": msgspec.to_builtins(record.differences),
+        }
+    handed = msgspec.to_builtins(record.handoff) if record.handoff is not None else {}
+    handed = {k: v for k, v in handed.items() if k not in ("data", "at_seq")}
+    return {"outcome": "handoff_received", "by": record.by, "handoff": handed}
 
 
 def history_item(record: b.ToolStep, step_id: str | None, state: str | None) -> dict[str, Any]:

@@ -25,6 +25,7 @@ from typing import Any
 
 import msgspec
 
+from tether import handoffs
 from tether.errors import InputError, JournalError, RunStateError
 from tether.hashing import encode_json
 from tether.journal import (
@@ -212,7 +213,9 @@ class Runtime:
             lease_expires_at=None if queued else now + self.lease_seconds,
         )
         started = b.RunStarted(
-            workflow=b.WorkflowRef(workflow.name, workflow.version, workflow.hash, record.workflow_ref),
+            workflow=b.WorkflowRef(
+                workflow.name, workflow.version, workflow.hash, record.workflow_ref, workflow.skills()
+            ),
             policy_hash=policy.hash,
             input=data,
             model=record.model_spec,
@@ -292,6 +295,34 @@ class Runtime:
                     return RunResult.of(cursor.record)
             await GovernedStep(cursor, state, pending.step_id).resume_ticket(ticket, pending)
         return await self._drive(cursor, model)
+
+    async def pick_up(
+        self, run_id: str, workflow: Workflow, *, by: str, model: Model | None = None
+    ) -> tuple[RunResult, list[b.FactCheck]]:
+        """A person picks up a handed-off run: every value the handoff relied on is read
+        again first (tether.handoffs). Unchanged, the run stays handed off, now owned by
+        `by`. Changed, the handoff is turned back to the state that made it, with the
+        differences (returned second): its model is told what changed, and with `model` the
+        run is driven on from there, as `resume` would."""
+        record = await self._acquire(run_id)
+        try:
+            if record.status != "handed_off":
+                raise RunStateError(f"run {run_id} is {record.status}, not handed off: nothing to pick up")
+            _check_pinned(record, workflow)
+            cursor = self._cursor(record, workflow)
+            visit = await cursor.load()
+            state = workflow.states[record.state]
+            entry = next((e for e in reversed(visit) if e.kind == "handoff"), None)
+            handed = entry.body if entry is not None else None
+            if entry is None or not isinstance(state, AgentState) or not isinstance(handed, b.HandedOff):
+                raise RunStateError(f"run {run_id} is handed off, but no handoff is recorded in its state")
+            step = GovernedStep(cursor, state, entry.step_id)
+            differences = await handoffs.pick_up(step, handed.handoff, by)
+            if differences and model is not None:
+                return await self._drive(cursor, model), differences
+            return RunResult.of(cursor.record), differences
+        finally:
+            await self._release(run_id)
 
     async def resolve(self, run_id: str, *, done: bool, by: str, note: str = "") -> RunResult:
         """A person settles an effect in doubt; the run can then be resumed."""
@@ -507,6 +538,11 @@ def _check_next(nxt: Any, state: Step) -> None:
 
 def _check_resumable(record: RunRecord, workflow: Workflow) -> None:
     run_id = record.run_id
+    if record.status == "handed_off":
+        raise RunStateError(
+            f"run {run_id} is handed off to {record.owner}; its owner picks it up, which reads the "
+            f"values it relied on again first: tether pickup {run_id}"
+        )
     if record.status in FINISHED:
         raise RunStateError(f"run {run_id} is {record.status}; there is nothing to resume")
     if record.status == "effect_in_doubt":
@@ -514,6 +550,12 @@ def _check_resumable(record: RunRecord, workflow: Workflow) -> None:
             f"run {run_id} has an effect in doubt ({record.message}); a person must say "
             f"whether it happened: tether resolve {run_id} --done | --not-done"
         )
+    _check_pinned(record, workflow)
+
+
+def _check_pinned(record: RunRecord, workflow: Workflow) -> None:
+    """The definition and policy given are those the run is pinned to."""
+    run_id = record.run_id
     if workflow.hash != record.workflow_hash:
         raise RunStateError(
             f"run {run_id} is pinned to {record.workflow_name} {record.workflow_version} "

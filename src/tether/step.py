@@ -27,6 +27,7 @@ from typing import Any, Literal
 import msgspec
 
 from tether import budget as limits
+from tether import handoffs
 from tether.decision import Decision, runtime_refusal
 from tether.errors import TicketError, TicketExpired
 from tether.hashing import encode_json, value_hash
@@ -76,6 +77,10 @@ class GovernedStep:
     async def turn(self, model: Model, record_exchanges: bool = True) -> None:
         """Ask the model for a proposal (if the budget allows one), then take it."""
         cursor, state = self.cursor, self.state
+        if state.skill is not None and cursor.visit.steps == 0:  # a skill checks its input first
+            problem = state.skill.input_problem(cursor.record.data)
+            if problem:
+                return await self.stop("escalate", ReasonCode.INVALID_ARGUMENTS, problem)
         seconds = cursor.active_seconds()
         spent = limits.before_model_call(
             cursor.visit, cursor.totals, state.budget, cursor.workflow.budget, seconds
@@ -357,6 +362,7 @@ class GovernedStep:
             raise Refusal(runtime_refusal("scope", ReasonCode.OUT_OF_SCOPE, reason))
         args = {"exit": name, "update": proposal.update}
         args_hash = value_hash(encode_json(args))
+        self.contract(name, proposal.update, args_hash)
         info = {"name": name, "effect": "exit"}
         decision = self.cursor.decide(kind="exit", tool=info, args=args, step_id=self.step_id)
         if decision.decision == "deny":
@@ -364,6 +370,13 @@ class GovernedStep:
         if await self.unless_allowed(proposal, decision, f"exit:{name}", args, args_hash):
             return
         await self.take_exit(proposal, decision, name, target)
+
+    def contract(self, exit: str, update: dict[str, Any], args_hash: str) -> None:
+        """A skill's output contract: a success exit's update must satisfy its schema."""
+        problem = self.state.skill.output_problem(exit, update) if self.state.skill is not None else None
+        if problem:
+            decision = runtime_refusal("contract", ReasonCode.INVALID_ARGUMENTS, problem)
+            raise Refusal(decision, args_hash=args_hash)
 
     async def take_exit(
         self,
@@ -477,25 +490,9 @@ class GovernedStep:
         )
 
     async def defer(self, proposal: Proposal, decision: Decision, args_hash: str) -> None:
-        """Hand the run to a named owner, with the state handed over kept apart."""
-        cursor = self.cursor
-        owner = decision.owner or self.state.escalate_to
-        handed = b.HandedOver(
-            owner=owner,
-            state=self.state.name,
-            data=cursor.record.data,
-            facts=cursor.record.facts,
-            pending_proposal=as_dict(proposal),
-            note=decision.reason,
-            at_seq=cursor.record.last_seq,
-        )
-        await self.record(
-            b.HandedOff(proposal=proposal, decision=decision.stored(), handoff=handed, args_hash=args_hash),
-            status="handed_off",
-            owner=owner,
-            reason_code=ReasonCode.DEFERRED,
-            message=f"handed off to {owner}: {decision.reason}",
-        )
+        """Hand the run to a named owner (or the agent state it is routed to), with a record
+        of the work kept apart from the transcript (tether.handoffs)."""
+        await handoffs.hand_off(self, proposal, decision, args_hash)
 
     async def stop(self, how: Stop, code: str, message: str) -> None:
         """Stop the run with nothing proposed (a budget spent before the model was asked, a
@@ -534,7 +531,10 @@ class GovernedStep:
             owner, reason_code, message = last.owner, last.reason_code, last.message
         entries: list[NewEntry] = [
             NewEntry.of(
-                r, step_id=self.step_id if isinstance(r, b.StepRecord) else None, state=self.state.name
+                r,
+                step_id=self.step_id if isinstance(r, b.StepRecord) else None,
+                # A handoff an agent state received opens that state's visit.
+                state=r.to_state if isinstance(r, b.HandoffReceived) and r.to_state else self.state.name,
             )
             for r in records
         ]

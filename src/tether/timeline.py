@@ -23,6 +23,8 @@ _OUTCOMES: dict[type[Any], str] = {
     b.ToolFailed: "tool_error",
     b.Transition: "transition",
     b.HandedOff: "handoff",
+    b.HandoffReceived: "handoff_received",
+    b.HandoffReturned: "handoff_returned",
     b.Unanswered: "unanswered",
     b.Answered: "answered",
     b.EffectInDoubt: "effect_in_doubt",
@@ -94,13 +96,13 @@ def _told(record: Any, step_id: str | None) -> Any:
 
 def _is_step(record: Any) -> bool:
     return isinstance(record, b.StepRecord | b.StepDone | b.StepFailed) and not isinstance(
-        record, b.Intent | b.EffectInDoubt | b.HandedOff
+        record, b.Intent | b.EffectInDoubt | b.HandedOff | b.HandoffReceived | b.HandoffReturned
     )
 
 
 def transitions(entries: list[Entry]) -> tuple[str | None, list[tuple[str, str, str | None]]]:
     """Where a run started, and each move it made: (from state, to state, exit or None for a
-    deterministic step), in order."""
+    deterministic step or a routed handoff), in order."""
     start: str | None = None
     moves: list[tuple[str, str, str | None]] = []
     for e in entries:
@@ -109,6 +111,8 @@ def transitions(entries: list[Entry]) -> tuple[str | None, list[tuple[str, str, 
             start = e.state
         elif isinstance(record, b.StepDone | b.Transition) and e.state:
             moves.append((e.state, record.next, record.exit if isinstance(record, b.Transition) else None))
+        elif isinstance(record, b.HandoffReceived) and record.to_state and e.state:
+            moves.append((e.state, record.to_state, None))  # a handoff routed to another agent state
     return start, moves
 
 
@@ -165,6 +169,11 @@ def _detail(record: Any) -> Any:
             return message
         case b.HandedOff(handoff=handed):
             return msgspec.to_builtins(handed)
+        case b.HandoffReturned(by=by, differences=differences):
+            changed = "; ".join(f"{d.name}: {d.error or f'{d.then!r} → {d.now!r}'}" for d in differences)
+            return f"turned back by {by}: {changed}"
+        case b.HandoffReceived(by=by, checked=checked):
+            return f"received by {by}: {len(checked)} value(s) read again, unchanged"
         case b.RunStarted(workflow=workflow):
             return msgspec.to_builtins(workflow)
         case b.Crashed(error=error):

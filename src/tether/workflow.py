@@ -11,15 +11,18 @@ from __future__ import annotations
 import inspect
 from collections.abc import Awaitable, Callable, Mapping
 from dataclasses import dataclass, field
-from typing import Any, Literal
+from typing import TYPE_CHECKING, Any, Literal
 
 from tether.budget import Budget, Limits, RunBudget
 from tether.errors import DefinitionError
 from tether.hashing import fingerprint
 from tether.models.protocol import ExitSpec, ToolSpec
 from tether.paths import realpath
-from tether.policy import Policy
+from tether.policy import Policy, PolicyDocument, Rule
 from tether.tools import Tool
+
+if TYPE_CHECKING:  # skills build agent states; a state only keeps the skill it was made from
+    from tether.skills import Skill
 
 # Resolvers every workflow has: part of tether, so not part of a workflow's hash.
 BUILTIN_RESOLVERS: dict[str, Callable[..., Any]] = {"realpath": realpath}
@@ -69,6 +72,9 @@ class AgentState:
     handoff_to: tuple[str, ...] = ()
     on_budget_exhausted: OnFailure = "escalate"
     on_verification_failed: Literal["retry", "escalate", "fail"] = "retry"
+    # The skill this state is made from (`uses: skills/NAME@VERSION`): its inputs are checked
+    # when a visit begins, its output contract on every success exit (tether.skills).
+    skill: Skill | None = None
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "tools", tuple(self.tools))
@@ -132,19 +138,38 @@ class Workflow:
         self.version = str(version)
         self.start = start
         self.description = description
-        self.policy = policy
         # Read-only lookups policy conditions may call: `fn(ctx: ToolContext, *args)`; the
-        # built-in ones (`realpath`) unless the workflow registers its own under their names.
-        self.resolvers: dict[str, Callable[..., Any]] = {**BUILTIN_RESOLVERS, **(resolvers or {})}
+        # built-in ones (`realpath`) unless the workflow registers its own under their names,
+        # and those of the skills its states are made from.
+        self.resolvers: dict[str, Callable[..., Any]] = {
+            **BUILTIN_RESOLVERS,
+            **(resolvers or {}),
+            **_skill_resolvers(name, states, resolvers or {}),
+        }
         self.budget = budget or RunBudget()
         self.limits = limits or Limits()
         self._state_list = list(states)
         self.states: dict[str, State] = {s.name: s for s in states}
+        self.policy = policy
         self._hash: str | None = None
         self.validate()
 
     def __repr__(self) -> str:
         return f"Workflow({self.name!r}, version={self.version!r})"
+
+    @property
+    def policy(self) -> Policy | None:
+        return self._policy
+
+    @policy.setter
+    def policy(self, policy: Policy | None) -> None:
+        """The policy runs are decided by: the one given, with the policy fragment of each
+        skill a state is made from merged in (rules namespaced by skill), so the policy hash
+        covers them whichever policy file the workflow is run with."""
+        fragments = [
+            r for s in self._state_list if isinstance(s, AgentState) and s.skill for r in s.skill.rules
+        ]
+        self._policy = _with_rules(policy, fragments) if fragments else policy
 
     def tools(self) -> dict[str, Tool]:
         return {t.name: t for s in self.states.values() if isinstance(s, AgentState) for t in s.tools}
@@ -153,8 +178,13 @@ class Workflow:
         if isinstance(state, Step):
             return state.next
         if isinstance(state, AgentState):
-            return tuple(state.exits.values())
+            return (*state.exits.values(), *self.handoff_states(state))
         return ()
+
+    def handoff_states(self, state: AgentState) -> tuple[str, ...]:
+        """The states of this workflow an agent state's handoffs are routed to: the entries
+        of its `handoff_to` that name a state (the others name people or roles)."""
+        return tuple(h for h in state.handoff_to if h in self.states)
 
     def validate(self) -> None:
         """Refuse a broken definition; each message names the offending part."""
@@ -170,13 +200,51 @@ class Workflow:
                     )
             if isinstance(state, AgentState):
                 _check_envelope(self.name, state)
+                self._check_handoff_routes(state)
         self._check_reachability()
+        self._check_skill_scope()
         seen: dict[str, Tool] = {}
         for t in (t for s in self._state_list if isinstance(s, AgentState) for t in s.tools):
             if seen.setdefault(t.name, t) is not t and seen[t.name].fn is not t.fn:
                 raise DefinitionError(f"workflow {self.name!r}: two different tools are named {t.name!r}")
         if self.policy is not None:
             self.policy.check_targets(self.tools(), self.exit_names(), self.resolvers)
+
+    def _check_skill_scope(self) -> None:
+        """A skill's rules govern its tools and exits by name, so no other state may offer
+        them: the fragment would govern that state too."""
+        agents = [s for s in self._state_list if isinstance(s, AgentState)]
+        for state in (s for s in agents if s.skill is not None):
+            assert state.skill is not None
+            names = {("tool", t.name) for t in state.tools} | {("exit", e) for e in state.exits}
+            for other in agents:
+                if other is state:
+                    continue
+                offered = {("tool", t.name) for t in other.tools} | {("exit", e) for e in other.exits}
+                shared = names & offered
+                if shared:
+                    listed = ", ".join(f"{kind} {name}" for kind, name in sorted(shared))
+                    raise DefinitionError(
+                        f"workflow {self.name!r}: state {other.name!r} offers {listed} of skill "
+                        f"{state.skill.ref} (state {state.name!r}); a skill's policy governs its tools "
+                        "and exits by name, so only the skill's state may offer them"
+                    )
+
+    def _check_handoff_routes(self, state: AgentState) -> None:
+        for target in self.handoff_states(state):
+            if target == state.name or not isinstance(self.states[target], AgentState):
+                kind = type(self.states[target]).__name__
+                what = "itself" if target == state.name else f"{kind} {target!r}"
+                raise DefinitionError(
+                    f"workflow {self.name!r}, agent state {state.name!r}: handoff_to names {what}; "
+                    "a handoff is routed only to another agent state (or names a person or role)"
+                )
+
+    def skills(self) -> dict[str, str]:
+        """The skills the states are made from: `NAME@VERSION` -> the skill's hash."""
+        return {
+            s.skill.ref: s.skill.hash for s in self._state_list if isinstance(s, AgentState) and s.skill
+        }
 
     def exit_names(self) -> set[str]:
         return {e for s in self.states.values() if isinstance(s, AgentState) for e in s.exits}
@@ -220,6 +288,47 @@ class Workflow:
         if self._hash is None:
             self._hash = fingerprint(self.describe())
         return self._hash
+
+
+def _skill_resolvers(
+    workflow: str, states: list[State], own: Mapping[str, Callable[..., Any]]
+) -> dict[str, Callable[..., Any]]:
+    found: dict[str, Callable[..., Any]] = {}
+    for state in states:
+        if not isinstance(state, AgentState) or state.skill is None:
+            continue
+        for name, fn in state.skill.resolvers.items():
+            known = found.get(name, own.get(name))
+            if known is not None and known is not fn:
+                raise DefinitionError(
+                    f"workflow {workflow!r}: resolver {name!r} of skill {state.skill.ref} is not the "
+                    "resolver the workflow (or another skill) registers under that name"
+                )
+            found[name] = fn
+    return found
+
+
+def _with_rules(policy: Policy | None, rules: list[Rule]) -> Policy:
+    """`policy` with `rules` appended (those it already holds, identical, are not repeated)."""
+    document = policy.document if policy is not None else PolicyDocument()
+    held = {r.id: r for r in document.rules}
+    for rule in rules:
+        if rule.id in held and held[rule.id] != rule:
+            raise DefinitionError(
+                f"policy rule {rule.id!r} is defined twice (by a skill and by the workflow)"
+            )
+    added = [r for r in rules if r.id not in held]
+    if not added:
+        assert policy is not None
+        return policy
+    merged = document.model_copy(update={"rules": [*document.rules, *added]})
+    source = policy.source if policy is not None else "<no policy file>"
+    skills = sorted({r.id.partition("/")[0] for r in added})
+    return Policy(
+        merged,
+        f"{source} + skill(s) {', '.join(skills)}",
+        **({"evaluation_budget": policy.evaluation_budget} if policy is not None else {}),
+    )
 
 
 def _check_names(workflow: str, states: list[State]) -> None:
@@ -289,5 +398,7 @@ def _describe_state(state: State) -> dict[str, Any]:
             "handoff_to": list(state.handoff_to),
             "on_budget_exhausted": state.on_budget_exhausted,
             "on_verification_failed": state.on_verification_failed,
+            # A skill's version and hash: part of the workflow hash, so every run records them.
+            **({"skill": state.skill.identity()} if state.skill is not None else {}),
         }
     return {"kind": "terminal", "name": state.name, "failed": state.failed}

@@ -8,7 +8,9 @@ listed, with its reason, but does not fail the check. docs/check.md describes ea
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+import asyncio
+from collections.abc import Coroutine, Sequence
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -28,9 +30,12 @@ from tether.analysis.conditions import (
 )
 from tether.analysis.paths import StateGraph
 from tether.errors import DefinitionError
-from tether.loader import WORKFLOW_FILE
+from tether.loader import WORKFLOW_FILE, skill_file
 from tether.policy import Rule
+from tether.skills import CASES, Skill
 from tether.strict_yaml import load_yaml
+from tether.testing.coverage import Collector
+from tether.testing.scenarios import ScenarioFileError, ScenarioResult, load_suite, run_suite
 from tether.tools import Tool
 from tether.workflow import AgentState, Terminal, Workflow
 
@@ -46,6 +51,9 @@ CODES: dict[str, str] = {
     # Reserved for when people are principals (identities): an `ask` whose approver role no
     # token or principal can hold. Acknowledgements may name it; nothing reports it yet.
     "approver-nobody-holds": "an ask whose approver role no principal can hold (reserved)",
+    "skill-untested": "a skill that does not ship scenarios for its four test cases "
+    "(normal, borderline, failure, escalation)",
+    "skill-test-failed": "a skill whose scenarios do not pass",
 }
 # What "finite" means for one visit to an agent state (docs/check.md). Each limit has a
 # default; raising one beyond these bounds is treated as removing it.
@@ -126,8 +134,12 @@ class Report:
 
 
 def workflow_file(target: str | Path) -> Path | None:
-    """The YAML file a workflow target names (None for `module:attribute`)."""
+    """The YAML file a workflow target names (None for `module:attribute`); for a skill
+    checked alone, its `skill.yaml` (which may acknowledge findings too)."""
     path = Path(target)
+    skill = skill_file(path)
+    if skill is not None:
+        return skill
     if path.is_dir():
         return path / WORKFLOW_FILE
     return path if path.suffix in (".yaml", ".yml") or path.exists() else None
@@ -168,6 +180,7 @@ def check(workflow: Workflow, acknowledged: Sequence[Acknowledgement] = ()) -> R
         *_unknown_names(workflow),
         *_unverified_writes(graph),
         *_undeclared_effects(graph),
+        *_skill_findings(graph),
     ]
     used: set[int] = set()
     for finding in findings:
@@ -475,3 +488,84 @@ def _undeclared_effects(graph: StateGraph) -> list[Finding]:
         for t in graph.workflow.tools().values()
         if not t.effect_declared
     ]
+
+
+# -- skills -------------------------------------------------------------------------------------------
+
+
+@dataclass
+class SkillTests:
+    """What running a skill's scenarios showed: the scenarios of each case, every result,
+    and why they could not be run (no file, a file that does not load)."""
+
+    skill: Skill
+    cases: dict[str, list[str]] = field(default_factory=dict)
+    results: list[ScenarioResult] = field(default_factory=list)
+    problem: str | None = None
+
+    @property
+    def missing(self) -> list[str]:
+        return [c for c in CASES if not self.cases.get(c)]
+
+
+async def test_skill(skill: Skill) -> SkillTests:
+    """Run a skill's scenarios (each in a fresh journal, as `tether test` does). Only the
+    scenarios that run the skill itself count as its cases."""
+    if not skill.scenarios.is_file():
+        return SkillTests(skill, problem=f"it has no scenarios file ({skill.scenarios})")
+    collector = Collector()
+    try:
+        suite = await load_suite(skill.scenarios, collector)
+    except ScenarioFileError as exc:
+        return SkillTests(skill, problem=f"its scenarios cannot be run: {exc}")
+    harness = skill.harness().hash
+    own = [s for s in suite.spec.scenarios if suite.workflows[s.name].hash == harness]
+    cases = {c: [s.name for s in own if s.case == c] for c in CASES}
+    return SkillTests(skill, cases, await run_suite(suite, collector))
+
+
+def _skill_findings(graph: StateGraph) -> list[Finding]:
+    """Each skill a state is made from ships its four cases as scenarios, and they pass."""
+    findings: list[Finding] = []
+    tested: set[str] = set()
+    for state in _agent_states(graph):
+        skill = state.skill
+        if skill is None or skill.hash in tested:
+            continue
+        tested.add(skill.hash)
+        report = _run(test_skill(skill))
+        path = graph.paths[state.name]
+        if report.problem is not None:
+            message = f"skill {skill.ref} is untested: {report.problem}"
+            findings.append(Finding("skill-untested", skill.ref, message, path))
+            continue
+        if report.missing:
+            have = [f"{c}: {', '.join(map(repr, names))}" for c, names in report.cases.items() if names]
+            findings.append(
+                Finding(
+                    "skill-untested",
+                    skill.ref,
+                    f"skill {skill.ref} ships no scenario for case(s) {', '.join(report.missing)} "
+                    f"(every skill ships {', '.join(CASES)}; mark each with case: in {skill.scenarios.name})",
+                    path,
+                    [f"scenarios: {skill.scenarios}", *(have or ["no scenario names a case"])],
+                )
+            )
+        failed = [r for r in report.results if not r.passed]
+        if failed:
+            detail: list[str] = []
+            for r in failed:
+                detail += [f"scenario {r.name!r} failed:", *(f"  {line}" for line in r.report())]
+            message = f"skill {skill.ref}: {len(failed)} of {len(report.results)} scenario(s) failed"
+            findings.append(Finding("skill-test-failed", skill.ref, message, path, detail))
+    return findings
+
+
+def _run(coroutine: Coroutine[object, object, SkillTests]) -> SkillTests:
+    """Run a coroutine to its end from synchronous code, inside a running loop or not."""
+    try:
+        asyncio.get_running_loop()
+    except RuntimeError:
+        return asyncio.run(coroutine)
+    with ThreadPoolExecutor(1, thread_name_prefix="tether-check") as pool:
+        return pool.submit(asyncio.run, coroutine).result()

@@ -1,7 +1,8 @@
 """The state graph of a workflow under its policy: which edges a run can take, and the
 paths, cycles and dead ends that follow.
 
-An edge is a deterministic step's `next` or an agent state's exit. An exit that policy
+An edge is a deterministic step's `next`, an agent state's exit, or a handoff it routes to
+another agent state. An exit that policy
 always denies from that state (a deny rule that holds for every proposal, or a `deny`
 default no rule can override) is *closed*: no run takes it. Paths are sequences of states
 from `start` over open edges; the path named for a state is a shortest one.
@@ -44,6 +45,8 @@ class StateGraph:
             elif isinstance(state, AgentState):
                 for name, target in state.exits.items():
                     self.edges.append(Edge(state.name, target, name, self.exit_decision(state.name, name)))
+                # A handoff routed to another agent state is a way there, as an exit is.
+                self.edges.extend(Edge(state.name, t, None) for t in workflow.handoff_states(state))
         self.paths = self._shortest_paths()
         self.finishing = self._finishing()
 

@@ -35,7 +35,7 @@ from tether.cli.common import (
     run_command,
     short,
 )
-from tether.journal import FINISHED, Entry, RunRecord, RunStatus, Ticket, verify_chain
+from tether.journal import FINISHED, Entry, RunRecord, RunStatus, Ticket, bodies, verify_chain
 from tether.journal.common import SELF_DRIVEN
 from tether.loader import load_workflow_async, workflow_ref
 from tether.models import Model, close_model
@@ -321,6 +321,10 @@ def show(
         f"status [bold]{record.status}[/]  state {record.state}"
     )
     out.print(f"  workflow {record.workflow_hash[:23]}…  policy {record.policy_hash[:23]}…")
+    started = entries[0].body if entries else None
+    if isinstance(started, bodies.RunStarted) and started.workflow.skills:
+        skills = ", ".join(f"{ref} {h[:23]}…" for ref, h in started.workflow.skills.items())
+        out.print(f"  skills {escape(skills)}")
     out.print(
         f"  model {record.model_spec or '-'}  journal "
         f"{'intact' if not problems else '[red]BROKEN[/]: ' + '; '.join(problems)}"

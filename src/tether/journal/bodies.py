@@ -8,7 +8,8 @@ every record with an example.
 
 Governed steps (one proposal each; `step_id` set):
     refused, awaiting_approval, awaiting_answer, intent, executed, verification_failed,
-    tool_failed, transition, handoff, answered, unanswered, effect_in_doubt, effect_settled
+    tool_failed, transition, handoff, handoff_received, handoff_returned, answered,
+    unanswered, effect_in_doubt, effect_settled
 Deterministic steps: step_done, step_failed
 The run: run_started, run_finished, escalated, failed, ticket_decided, migrated, crashed
 
@@ -126,8 +127,42 @@ class Transition(StepRecord, kw_only=True):
     ticket_id: str | None = None
 
 
+class ChangedEffect(msgspec.Struct, omit_defaults=True):
+    """An effect the run carried out before the handoff (a `write` or `external` call)."""
+
+    step_id: str
+    state: str
+    tool: str
+    effect: str
+    args: dict[str, Any] = {}
+    verified: bool | None = None  # None: no verifier re-read it
+
+
+class ReliedFact(msgspec.Struct, omit_defaults=True):
+    """A value the sender relied on, with what can read it again.
+
+    `reader` is `resolver` (a policy lookup: `name` is the call, `order_status("A-1")`,
+    `resolver` and `args` how to make it again), `verifier` (a fact a tool's verifier
+    established: `name` is `facts.NAME`, `tool` the verified tool; re-read by running the
+    verifier again on the call of `step_id`), or `step` (a fact a deterministic step set:
+    derived from the run's own data, not re-read).
+    """
+
+    name: str
+    reader: Literal["resolver", "verifier", "step"]
+    value: Any = None
+    step_id: str | None = None
+    resolver: str | None = None
+    args: list[Any] = []
+    tool: str | None = None
+
+
 class HandedOver(msgspec.Struct, omit_defaults=True):
-    """What a handoff carries, apart from the transcript."""
+    """What a handoff carries, apart from the transcript: the state of the work (`data`,
+    `facts`), the owner of the next step (`owner`, or `to_state`, an agent state of the
+    workflow that receives it), what changed (`changed`), what is open (`risks`,
+    `questions`, a `pending_proposal` a rule deferred) and what it relied on (`relied_on`).
+    Handoffs recorded before these fields existed hold only the first seven."""
 
     owner: str
     state: str
@@ -136,6 +171,11 @@ class HandedOver(msgspec.Struct, omit_defaults=True):
     pending_proposal: Any = None
     note: str = ""
     at_seq: int = 0
+    to_state: str | None = None
+    changed: list[ChangedEffect] = []
+    risks: list[str] = []
+    questions: list[str] = []
+    relied_on: list[ReliedFact] = []
 
 
 class HandedOff(StepRecord, kw_only=True):
@@ -143,6 +183,40 @@ class HandedOff(StepRecord, kw_only=True):
     decision: Decision
     handoff: HandedOver
     args_hash: str | None = None
+
+
+class FactCheck(msgspec.Struct, omit_defaults=True):
+    """One relied-on value read again by a handoff's receiver."""
+
+    name: str
+    then: Any = None
+    now: Any = None
+    changed: bool = False
+    error: str | None = None  # why it could not be read again (counts as changed)
+
+
+class HandoffReceived(StepRecord, kw_only=True):
+    """The receiver read every relied-on value again and found none changed; it acts on the
+    handoff: `by` a person (the run stays handed off, now theirs), or the agent state
+    `to_state` (whose visit this record opens; its model sees the handoff, not the transcript).
+    `unchecked` names the values nothing can read again (facts of deterministic steps)."""
+
+    by: str
+    checked: list[FactCheck] = []
+    unchecked: list[str] = []
+    to_state: str | None = None
+    handoff: HandedOver | None = None  # what an agent state receives (its model sees it)
+    continuation: bool = True
+
+
+class HandoffReturned(StepRecord, kw_only=True):
+    """A relied-on value changed between handoff and pickup: the handoff is turned back to
+    the sending state, whose model is told what changed, instead of acting on stale state."""
+
+    by: str
+    differences: list[FactCheck]
+    checked: list[FactCheck] = []
+    continuation: bool = True
 
 
 class Answered(StepRecord, kw_only=True):
@@ -204,6 +278,8 @@ class WorkflowRef(msgspec.Struct, omit_defaults=True):
     version: str
     hash: str
     ref: str = ""
+    # The skills its states are made from, `NAME@VERSION` -> the skill's hash (tether.skills).
+    skills: dict[str, str] = {}
 
 
 class RunStarted(Body, kw_only=True):
@@ -271,6 +347,8 @@ KINDS: dict[str, type[Body]] = {
     "tool_failed": ToolFailed,
     "transition": Transition,
     "handoff": HandedOff,
+    "handoff_received": HandoffReceived,
+    "handoff_returned": HandoffReturned,
     "answered": Answered,
     "unanswered": Unanswered,
     "effect_in_doubt": EffectInDoubt,
@@ -298,6 +376,9 @@ STEP_KINDS = frozenset(
         "verification_failed",
         "tool_failed",
         "transition",
+        "handoff",
+        "handoff_received",
+        "handoff_returned",
         "answered",
         "unanswered",
         "effect_settled",
@@ -445,21 +526,26 @@ __all__ = [
     "AwaitingAnswer",
     "AwaitingApproval",
     "Body",
+    "ChangedEffect",
     "Crashed",
     "EffectInDoubt",
     "EffectSettled",
     "Escalated",
     "Executed",
     "Exit",
+    "FactCheck",
     "Failed",
     "Finish",
     "HandedOff",
     "HandedOver",
     "Handoff",
+    "HandoffReceived",
+    "HandoffReturned",
     "Intent",
     "Migrated",
     "Question",
     "Refused",
+    "ReliedFact",
     "RunFinished",
     "RunStarted",
     "StepDone",

@@ -28,7 +28,6 @@ from tether.timeline import outcome_of, transitions
 from tether.workflow import Workflow
 
 
-# The last record of a governed step, as the step's outcome is called.
 @dataclass(frozen=True)
 class StepDecision:
     """One governed step: what was proposed, the decision on it, and how the step ended.
@@ -37,8 +36,9 @@ class StepDecision:
     verdict on its ticket is in `ticket` and `outcome`: `executed` after an approval,
     `approval_denied` after a denial). `outcome` is one of `executed`, `refused`,
     `awaiting_approval`, `awaiting_answer`, `answered`, `unanswered`, `approval_denied`,
-    `approval_expired`, `transition`, `handoff`, `tool_error`, `verification_failed`,
-    `intent`, `effect_in_doubt`, `executed`/`not_executed` (an effect in doubt, settled).
+    `approval_expired`, `transition`, `handoff`, `handoff_received`, `handoff_returned`,
+    `tool_error`, `verification_failed`, `intent`, `effect_in_doubt`, `executed`/`not_executed`
+    (an effect in doubt, settled).
     """
 
     number: int

@@ -35,7 +35,7 @@ import tempfile
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
@@ -81,6 +81,9 @@ class Expectations(_Strict):
 
 class Scenario(_Strict):
     name: str = Field(min_length=1)
+    # Which of a skill's four test cases this scenario is (tether.skills): `tether check`
+    # requires one of each in the scenarios a skill ships.
+    case: Literal["normal", "borderline", "failure", "escalation"] | None = None
     workflow: str | None = None
     input: dict[str, Any] = Field(default_factory=dict)
     proposals: list[Any] | dict[str, list[Any]] | str | None = None
