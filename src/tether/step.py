@@ -220,7 +220,8 @@ class GovernedStep:
     def arguments(self, tool: Tool, args: dict[str, Any]) -> ValidatedArgs:
         """Validated once, encoded once, fingerprinted once: what every later stage uses."""
         try:
-            return tool.validate(args, max_bytes=self.limits.max_args_bytes)
+            # The proposal they came with was parsed, so they are JSON within the output limits.
+            return tool.validate(args, max_bytes=self.limits.max_args_bytes, checked=True)
         except ArgumentError as exc:
             raise Refusal(runtime_refusal("arguments", ReasonCode.INVALID_ARGUMENTS, str(exc))) from None
 

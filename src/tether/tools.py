@@ -93,17 +93,20 @@ class ValidatedArgs(NamedTuple):
         return cls(values, encoded, args_hash(tool, encoded), model)
 
 
-def checked_json(tool: str, args: Any, max_bytes: int) -> None:
-    """Refuse arguments that are not a JSON object of finite, bounded values (any tool)."""
+def checked_json(tool: str, args: Any, max_bytes: int, *, checked: bool = False) -> str:
+    """Refuse arguments that are not a JSON object of finite, bounded values (any tool);
+    return them encoded. `checked`: the values were already found to be JSON (they are part
+    of a parsed proposal), only their size is left to check."""
     if not isinstance(args, dict):
         raise ArgumentError(tool, [{"loc": (), "msg": "arguments must be an object"}])
-    problem = json_value_problem(args)
+    problem = None if checked else json_value_problem(args)
     if problem is not None:
         raise ArgumentError(tool, [{"loc": (), "msg": problem.replace("output", "arguments")}])
-    size = len(encode_json(args))
-    if size > max_bytes:
-        message = f"arguments are {size:,} bytes as JSON; the limit is {max_bytes:,}"
+    encoded = encode_json(args)
+    if len(encoded) > max_bytes:
+        message = f"arguments are {len(encoded):,} bytes as JSON; the limit is {max_bytes:,}"
         raise ArgumentError(tool, [{"loc": (), "msg": message}])
+    return encoded
 
 
 def args_hash(tool: str, encoded_args: str) -> str:
@@ -162,13 +165,15 @@ class Tool:
             "effect_declared": self.effect_declared,
         }
 
-    def validate(self, args: Any, *, max_bytes: int = DEFAULT_LIMITS.max_bytes) -> ValidatedArgs:
+    def validate(
+        self, args: Any, *, max_bytes: int = DEFAULT_LIMITS.max_bytes, checked: bool = False
+    ) -> ValidatedArgs:
         """Validate arguments strictly, once: JSON values only (finite numbers, bounded
-        nesting and size), then the tool's schema in JSON mode (no "12" for a number, but
-        ISO strings for dates)."""
-        checked_json(self.name, args, max_bytes)
+        nesting and size; `checked` when a parsed proposal's already were), then the tool's
+        schema in JSON mode (no "12" for a number, but ISO strings for dates)."""
+        encoded = checked_json(self.name, args, max_bytes, checked=checked)
         try:
-            model = self.args_model.model_validate_json(encode_json(args))
+            model = self.args_model.model_validate_json(encoded)
         except ValidationError as exc:
             errors = [{"loc": e["loc"], "msg": e["msg"]} for e in exc.errors()]
             raise ArgumentError(self.name, errors) from None

@@ -13,6 +13,7 @@ from datetime import UTC, datetime
 from typing import Any
 
 from tether.errors import ConcurrentWriteError
+from tether.hashing import encode_json
 from tether.journal.bodies import TicketDecided
 from tether.journal.records import (
     Commit,
@@ -63,7 +64,7 @@ INSERT_VALUE = "INSERT INTO run_values (run_id, name, value) VALUES (?, ?, ?)"
 
 
 def encode(column: str, value: Any) -> Any:
-    return json.dumps(value, default=str) if column in JSON_FIELDS else value
+    return encode_json(value) if column in JSON_FIELDS else value
 
 
 def decode_run(row: tuple[Any, ...]) -> RunRecord:

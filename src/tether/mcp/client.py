@@ -171,9 +171,11 @@ class McpTool(Tool):
     def json_schema(self) -> dict[str, Any]:
         return self.input_schema
 
-    def validate(self, args: Any, *, max_bytes: int = DEFAULT_LIMITS.max_bytes) -> ValidatedArgs:
+    def validate(
+        self, args: Any, *, max_bytes: int = DEFAULT_LIMITS.max_bytes, checked: bool = False
+    ) -> ValidatedArgs:
         """Check arguments against the server's schema; return them with top-level defaults."""
-        checked_json(self.name, args, max_bytes)
+        checked_json(self.name, args, max_bytes, checked=checked)
         errors = sorted(self._validator.iter_errors(args), key=lambda e: [str(p) for p in e.absolute_path])
         if errors:
             raise ArgumentError(self.name, [_problem(e) for e in errors])
