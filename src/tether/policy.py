@@ -395,7 +395,7 @@ class Policy:
                     continue
                 traced = tracer.of(tracer.args[param])
                 if traced.untrusted:
-                    carried.append(f"{param} {_short(tracer.args[param])} is {summary(traced.record())}")
+                    carried.append(f"{param} {_short(tracer.args[param])} {summary(traced.record())}")
             if carried:
                 why = "; ".join(carried) + " (what only untrusted content said is not sent without a person)"
                 candidates.append((defaults.untrusted, "provenance:untrusted", why))

@@ -277,16 +277,6 @@ class Source:
     # Loose keys of what a trusted tool was called with: it does not vouch for those.
     echo: frozenset[str] = frozenset()
 
-    def describe(self) -> str:
-        match self.kind:
-            case "input":
-                return "the run's input"
-            case "answer":
-                return f"{self.by or 'a person'}'s answer ({self.step_id})"
-            case "workflow":
-                return f"the workflow's step {self.step_id}"
-        return f"{self.tool} ({self.step_id}, {self.trust})"
-
 
 @dataclass(frozen=True)
 class Found:
@@ -307,14 +297,6 @@ class Found:
         if self.part is not None:
             found["part"] = self.part
         return found
-
-    def describe(self) -> str:
-        how = {"exact": "as is", "normalized": "normalized", "inside": "inside", "part": "in part"}[
-            self.match
-        ]
-        what = f"{self.part!r} " if self.part is not None else ""
-        alike = ", a look-alike" if self.lookalike else ""
-        return f"{what}{how} in {self.path} of {self.source.describe()}{alike}"
 
 
 @dataclass
@@ -349,32 +331,39 @@ class Traced:
 
 
 def summary(recorded: Mapping[str, Any]) -> str:
-    """One line a person reads: where a value was seen (from a recorded trace)."""
+    """One line a person reads: where a value could have come from (from a recorded trace)."""
     sources = recorded.get("sources") or []
     if not sources:
-        return "derived: the model's own (matches nothing the run has seen)"
+        return "derived: matches nothing the run has seen (the model's own)"
     if recorded.get("trusted"):
         head = "given by a trusted source"
     elif recorded.get("untrusted"):
-        head = "seen only in untrusted content"
+        whole = any(s.get("match") != "part" for s in sources if s.get("trust") == "untrusted")
+        head = (
+            "appears only in untrusted content" if whole else "carries what appears only in untrusted content"
+        )
     else:
-        head = "seen"
+        head = "not given by a trusted source (look-alikes only)"
     places = [_place(s) for s in sources[:3]]
     more = len(sources) - 3 + int(recorded.get("more_sources") or 0)
     return f"{head}: " + "; ".join(places) + (f"; and {more} more" if more > 0 else "")
 
 
 def _place(found: Mapping[str, Any]) -> str:
-    kind, step, tool = found.get("kind"), found.get("step_id"), found.get("tool")
-    where = {
-        "input": "the run's input",
-        "answer": f"{found.get('by') or 'a person'}'s answer ({step})",
-        "workflow": f"the workflow's step {step}",
-    }.get(str(kind), f"{tool} ({step}, {found.get('trust')})")
-    how = {"exact": "", "normalized": " (normalized)", "inside": " (inside)", "part": ""}[found["match"]]
-    part = f"{found['part']!r} in " if found.get("part") else ""
-    alike = " (look-alike)" if found.get("lookalike") else ""
-    return f"{part}{found['path']} of {where}{how}{alike}"
+    step, path = found.get("step_id"), found.get("path")
+    match found.get("kind"):
+        case "input":
+            where = f"{path} of the run's input"
+        case "answer":
+            where = f"{found.get('by') or 'a person'}'s answer ({step})"
+        case "workflow":
+            where = f"{path} of the workflow's step {step}"
+        case _:
+            where = f"{path} returned by {found.get('tool')} ({step}, {found.get('trust')})"
+    how = {"exact": "in ", "normalized": "normalized, in ", "inside": "inside ", "part": "inside "}
+    part = f"{found['part']!r} " if found.get("part") else ""
+    alike = " (a look-alike)" if found.get("lookalike") else ""
+    return f"{part}{how.get(str(found.get('match')), '')}{where}{alike}"
 
 
 # -- the index ------------------------------------------------------------------------------
