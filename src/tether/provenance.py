@@ -41,7 +41,7 @@ import binascii
 import re
 import unicodedata
 from collections.abc import Callable, Iterator, Mapping
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any, Literal
 from urllib.parse import parse_qsl, unquote_plus, urlsplit
 
@@ -55,8 +55,13 @@ MAX_SOURCES = 20
 # Digit-bearing word runs (IBANs, phone numbers) longer than this many words are indexed in
 # windows of this size: the sub-runs of a window are every way a value may have been cut.
 MAX_RUN_WORDS = 12
+# A value longer than this is not one identifier (the longest IBAN is 34 characters, 42 spaced).
+MAX_RUN_CHARS = 64
 # A run of digit groups is an identifier when it holds at least this many digits.
 MIN_RUN_DIGITS = 6
+# A seen text longer than this is not kept whole (an argument that long copied exactly is
+# reported as a normalized match).
+MAX_KEPT_CHARS = 256
 # Base64 shorter than this is too likely an ordinary word to be decoded.
 MIN_BASE64_CHARS = 12
 
@@ -80,8 +85,14 @@ _LOOKALIKES = str.maketrans(
     }
 )  # fmt: skip
 _EDGE = "\"'()[]{}<>.,;:!?*`«»“”‘’„"
-_WORD = re.compile(r"\w+")
-_RUN_SEPARATOR = re.compile(r"[\s\-./()+]{1,3}")
+_NON_ALNUM = re.compile(r"[\W_]+")
+_DIGIT = re.compile(r"\d")
+_DIGIT_WORD = re.compile(r"[^\W_]*\d[^\W_]*")
+# Between two digit groups of one identifier: short separators, and short letter groups.
+_RUN_GAP = re.compile(r"[\s\-./()+]{1,3}(?:[^\W\d_]{1,4}[\s\-./()+]{1,3})*")
+_ONE_RUN = re.compile(
+    r"[\s\-./()+]*(?:[^\W_]{1,4}|[^\W_]*\d[^\W_]*)(?:[\s\-./()+]{1,3}(?:[^\W_]{1,4}|[^\W_]*\d[^\W_]*))*"
+)
 _NUMBER = re.compile(r"[-+]?[$€£¥]?(\d{1,3}(?:,\d{3})+|\d+)(\.\d+)?[$€£¥%]?")
 _URL = re.compile(r"^(?:[a-z][a-z0-9+.-]*://|www\.)")
 _DOMAIN = re.compile(r"^[a-z0-9-]+(?:\.[a-z0-9-]+)*\.[a-z]{2,}$")
@@ -100,8 +111,11 @@ def loose(text: str) -> str:
     """The form untrusted matches also compare: compatibility forms (NFKC: full-width
     letters, ligatures), Latin look-alikes, case, and every character but letters and
     digits removed."""
-    folded = unicodedata.normalize("NFKC", text).translate(_LOOKALIKES).casefold()
-    return "".join(c for c in folded if c.isalnum())
+    return _NON_ALNUM.sub("", _loose_fold(text))
+
+
+def _loose_fold(text: str) -> str:
+    return unicodedata.normalize("NFKC", text).translate(_LOOKALIKES).casefold()
 
 
 def number_key(value: float) -> str:
@@ -129,37 +143,30 @@ def _tokens(text: str) -> list[str]:
 
 def _runs(folded: str) -> Iterator[str]:
     """Identifiers written in digit groups (IBANs, phone, card and account numbers), with the
-    separators removed: every sub-run of words joined by short separators that starts and
-    ends with a digit-bearing word and holds at least MIN_RUN_DIGITS digits. Short letter
-    groups inside count (the bank code of a British IBAN)."""
-    words = list(_WORD.finditer(folded))
-    start = 0
-    while start < len(words):
-        end = start + 1
-        while (
-            end < len(words)
-            and _RUN_SEPARATOR.fullmatch(folded[words[end - 1].end() : words[end].start()])
-            and (any(c.isdigit() for c in words[end].group()) or len(words[end].group()) <= 4)
-        ):
-            end += 1
-        run = [w.group() for w in words[start:end]]
-        yield from _sub_runs(run)
-        start = end
+    separators removed: every sub-run of digit-bearing words joined by short separators (and
+    short letter groups: the bank code of a British IBAN) that holds at least MIN_RUN_DIGITS
+    digits."""
+    words = list(_DIGIT_WORD.finditer(folded))
+    group: list[re.Match[str]] = []
+    for word in words:
+        if group and not _RUN_GAP.fullmatch(folded, group[-1].end(), word.start()):
+            yield from _sub_runs(folded, group)
+            group = []
+        group.append(word)
+    if group:
+        yield from _sub_runs(folded, group)
 
 
-def _sub_runs(run: list[str]) -> Iterator[str]:
-    digits = [any(c.isdigit() for c in w) for w in run]
-    if sum(digits) < 2 and not any(d and len(w) >= MIN_RUN_DIGITS for w, d in zip(run, digits, strict=True)):
+def _sub_runs(folded: str, group: list[re.Match[str]]) -> Iterator[str]:
+    digits = [sum(c.isdigit() for c in w.group()) for w in group]
+    if sum(digits) < MIN_RUN_DIGITS:
         return
-    for i in range(len(run)):
-        if not digits[i]:
-            continue
-        for j in range(i + 1, min(len(run), i + MAX_RUN_WORDS) + 1):
-            if not digits[j - 1]:
-                continue
-            joined = "".join(run[i:j])
-            if sum(c.isdigit() for c in joined) >= MIN_RUN_DIGITS:
-                yield joined
+    for i in range(len(group)):
+        held = 0
+        for j in range(i, min(len(group), i + MAX_RUN_WORDS)):
+            held += digits[j]
+            if held >= MIN_RUN_DIGITS:
+                yield _NON_ALNUM.sub("", folded[group[i].start() : group[j].end()])
 
 
 def _decoded(token: str) -> list[str]:
@@ -198,7 +205,7 @@ def _distinctive(key: str) -> bool:
     value carries it: an address, a domain, a path, an identifier — not an ordinary word."""
     if "@" in key or ("/" in key and len(key) >= 4) or _DOMAIN.fullmatch(key):
         return True
-    return len(key) >= MIN_RUN_DIGITS and any(c.isdigit() for c in key)
+    return len(key) >= MIN_RUN_DIGITS and _DIGIT.search(key) is not None
 
 
 @dataclass
@@ -207,58 +214,62 @@ class _Keys:
     hosts and query values, email domains, decoded text), `loose_whole`, `loose_parts`,
     and the token sequences that a longer value is looked for in."""
 
-    whole: set[str] = field(default_factory=set)
-    parts: set[str] = field(default_factory=set)
-    loose_whole: str = ""
-    loose_parts: set[str] = field(default_factory=set)
-    sequence: str = ""
-    loose_sequence: str = ""
-    tokens: list[str] = field(default_factory=list)
+    whole: set[str]
+    parts: set[str]
+    loose_whole: str
+    loose_parts: set[str]
+    tokens: list[str]
+    sequence: str
 
 
 def _keys(text: str, *, depth: int = 0) -> _Keys:
     folded = strict(text)
-    keys = _Keys(whole={folded}, loose_whole=loose(text))
-    tokens = _tokens(text)
-    keys.tokens = [t.casefold() for t in tokens]
-    keys.sequence = " ".join(keys.tokens)
-    keys.loose_sequence = " ".join(k for k in (loose(t) for t in tokens) if k)
-    identifier = list(_runs(folded))
-    number = _number_in(folded) if len(tokens) == 1 else None
+    loose_folded = _loose_fold(text)
+    raw_tokens = _tokens(text)
+    tokens = [t.casefold() for t in raw_tokens]
+    loose_tokens = [k for k in (_NON_ALNUM.sub("", t) for t in loose_folded.split()) if k]
+    whole = {folded}
     if _is_one_run(folded):  # an IBAN or a phone number as a whole: without its separators
-        keys.whole.add("".join(_WORD.findall(folded)))
+        whole.add(_NON_ALNUM.sub("", folded))
+    number = _number_in(tokens[0]) if len(tokens) == 1 and _DIGIT.search(tokens[0]) else None
     if number is not None:
-        keys.whole.add(number)
-    parts = keys.parts
-    parts.update(keys.tokens)
-    parts.update(identifier)
-    for raw, token in zip(tokens, keys.tokens, strict=True):
-        number = _number_in(token)
-        if number is not None:
+        whole.add(number)
+    runs = set(_runs(folded)) if _DIGIT.search(folded) else set()
+    parts = {*tokens, *runs}
+    loose_parts = {*loose_tokens, *runs}
+    others: list[str] = []  # parts beyond the tokens (their loose forms are made here)
+    for raw, token in zip(raw_tokens, tokens, strict=True):
+        if _DIGIT.search(token) and (number := _number_in(token)) is not None:
             parts.add(number)
         if "@" in token:
-            parts.add(token.rpartition("@")[2])
-        if _URL.match(token) or _DOMAIN.fullmatch(token):
-            parts.update(strict(p) for p in _url_parts(token) if p)
-        if depth == 0:
+            others.append(token.rpartition("@")[2])
+        if ("." in token or ":" in token) and (_URL.match(token) or _DOMAIN.fullmatch(token)):
+            others.extend(strict(p) for p in _url_parts(token))
+        if depth == 0 and ("%" in raw or "=" in raw or len(raw) >= MIN_BASE64_CHARS):
             for plain in _decoded(raw):
                 inner = _keys(plain, depth=1)
                 parts |= inner.whole | inner.parts
-                keys.loose_parts |= inner.loose_parts | {inner.loose_whole}
-    keys.loose_parts |= {k for k in (loose(p) for p in parts) if k}
+                loose_parts |= inner.loose_parts | {inner.loose_whole}
+    parts.update(others)
+    loose_parts.update(loose(p) for p in others)
     parts.discard("")
-    keys.loose_parts.discard("")
-    return keys
+    loose_parts.discard("")
+    return _Keys(
+        whole,
+        parts,
+        _NON_ALNUM.sub("", loose_folded),
+        loose_parts,
+        tokens,
+        " ".join(tokens),
+    )
 
 
 def _is_one_run(folded: str) -> bool:
     """Whether a value is nothing but digit groups and separators (an IBAN, a phone number)."""
-    words = _WORD.findall(folded)
-    digits = sum(c.isdigit() for c in folded)
     return (
-        digits >= MIN_RUN_DIGITS
-        and all(any(c.isdigit() for c in w) or len(w) <= 4 for w in words)
-        and re.fullmatch(r"[\w\s\-./()+]+", folded) is not None
+        len(folded) <= MAX_RUN_CHARS
+        and _ONE_RUN.fullmatch(folded) is not None
+        and sum(c.isdigit() for c in folded) >= MIN_RUN_DIGITS
     )
 
 
@@ -373,9 +384,8 @@ def _place(found: Mapping[str, Any]) -> str:
 class _Leaf:
     source: int
     path: str
-    text: str
+    text: str | None  # kept when short, to tell an exact match from a normalized one
     sequence: str
-    loose_sequence: str
 
 
 class SeenValues:
@@ -392,9 +402,10 @@ class SeenValues:
         self._queue: list[Entry | tuple[Source, str, Any]] = []
         self._sources: list[Source] = []
         self._leaves: list[_Leaf] = []
-        # key -> leaf ids; a leaf id is doubled and +1 when the key is the leaf's whole text.
-        self._strict: dict[str, list[int]] = {}
-        self._loose: dict[str, list[int]] = {}
+        # key -> leaf refs (an int when one, the common case); a ref is the leaf id doubled,
+        # +1 when the key is the leaf's whole text.
+        self._strict: dict[str, int | list[int]] = {}
+        self._loose: dict[str, int | list[int]] = {}
         # Loose keys of values the model put into the run's data (exits): not vouched for by
         # a deterministic step that copies them.
         self._model_keys: set[str] = set()
@@ -450,16 +461,17 @@ class SeenValues:
     def _index(self, sid: int, path: str, text: str) -> None:
         keys = _keys(text)
         lid = len(self._leaves)
-        self._leaves.append(_Leaf(sid, path, text, keys.sequence, keys.loose_sequence))
+        kept = text if len(text) <= MAX_KEPT_CHARS else None
+        self._leaves.append(_Leaf(sid, path, kept, keys.sequence))
         whole, part = lid * 2 + 1, lid * 2
         for key in keys.whole:
-            self._strict.setdefault(key, []).append(whole)
+            _post(self._strict, key, whole)
         for key in keys.parts - keys.whole:
-            self._strict.setdefault(key, []).append(part)
+            _post(self._strict, key, part)
         if keys.loose_whole:
-            self._loose.setdefault(keys.loose_whole, []).append(whole)
+            _post(self._loose, keys.loose_whole, whole)
         for key in keys.loose_parts - {keys.loose_whole}:
-            self._loose.setdefault(key, []).append(part)
+            _post(self._loose, key, part)
 
     # -- tracing -------------------------------------------------------------------------
 
@@ -518,7 +530,7 @@ class SeenValues:
         """Leaves holding the value: strictly (exact, normalized, inside), then loosely."""
         hits: dict[int, Found] = {}
         for key in strict_keys:
-            for ref in self._strict.get(key, ()):
+            for ref in _refs(self._strict, key):
                 lid, is_whole = divmod(ref, 2)
                 leaf = self._leaves[lid]
                 how = ("exact" if leaf.text == text else "normalized") if is_whole else "inside"
@@ -530,16 +542,16 @@ class SeenValues:
                     lid, Found(self._sources[self._leaves[lid].source], self._leaves[lid].path, "inside")
                 )
         for key in loose_keys:
-            for ref in self._loose.get(key, ()):
+            for ref in _refs(self._loose, key):
                 lid, is_whole = divmod(ref, 2)
                 if lid not in hits:
                     leaf = self._leaves[lid]
                     hits[lid] = Found(
                         self._sources[leaf.source], leaf.path, "normalized" if is_whole else "inside", True
                     )
-        if keys is not None and len(keys.tokens) > 1 and keys.loose_sequence:
-            loose_tokens = keys.loose_sequence.split()
-            for lid in self._containing(loose_tokens, keys.loose_sequence, strict_index=False):
+        loose_sequence = _loose_sequence(keys.sequence) if keys is not None and len(keys.tokens) > 1 else ""
+        if loose_sequence:
+            for lid in self._containing(loose_sequence.split(), loose_sequence, strict_index=False):
                 if lid not in hits:
                     leaf = self._leaves[lid]
                     hits[lid] = Found(self._sources[leaf.source], leaf.path, "inside", True)
@@ -548,7 +560,7 @@ class SeenValues:
     def _containing(self, tokens: list[str], sequence: str, *, strict_index: bool) -> list[int]:
         """Leaves whose token sequence contains this one: candidates from the rarest token."""
         index = self._strict if strict_index else self._loose
-        postings = [index.get(t, ()) for t in set(tokens)]
+        postings = [_refs(index, t) for t in set(tokens)]
         if not postings or not all(postings):
             return []
         rarest = min(postings, key=len)
@@ -556,7 +568,8 @@ class SeenValues:
         found = []
         for lid in sorted({ref // 2 for ref in rarest}):
             leaf = self._leaves[lid]
-            if wanted in f" {leaf.sequence if strict_index else leaf.loose_sequence} ":
+            held = leaf.sequence if strict_index else _loose_sequence(leaf.sequence)
+            if wanted in f" {held} ":
                 found.append(lid)
         return found
 
@@ -574,6 +587,29 @@ _SEEN_KINDS = frozenset(
         "step_done",
     }
 )
+
+
+def _post(index: dict[str, int | list[int]], key: str, ref: int) -> None:
+    held = index.get(key)
+    if held is None:
+        index[key] = ref
+    elif isinstance(held, int):
+        index[key] = [held, ref]
+    else:
+        held.append(ref)
+
+
+def _refs(index: dict[str, int | list[int]], key: str) -> list[int] | tuple[int, ...]:
+    held = index.get(key)
+    if held is None:
+        return ()
+    return (held,) if isinstance(held, int) else held
+
+
+def _loose_sequence(sequence: str) -> str:
+    """A token sequence in loose form (made when a multi-word value is looked for loosely:
+    the index keeps one form of each text)."""
+    return " ".join(k for k in (_NON_ALNUM.sub("", t) for t in _loose_fold(sequence).split()) if k)
 
 
 def _leaves(value: Any, path: str) -> Iterator[tuple[str, str]]:
