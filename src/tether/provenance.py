@@ -141,31 +141,36 @@ def _tokens(text: str) -> list[str]:
     return [t for t in (raw.strip(_EDGE) for raw in text.split()) if t]
 
 
-def _runs(folded: str) -> Iterator[str]:
+def _runs(folded: str, *, every: bool) -> Iterator[str]:
     """Identifiers written in digit groups (IBANs, phone, card and account numbers), with the
-    separators removed: every sub-run of digit-bearing words joined by short separators (and
-    short letter groups: the bank code of a British IBAN) that holds at least MIN_RUN_DIGITS
-    digits."""
+    separators removed: runs of digit-bearing words joined by short separators (and short
+    letter groups: the bank code of a British IBAN) that hold at least MIN_RUN_DIGITS digits.
+
+    `every`: every sub-run (what a seen text is indexed under: any way a value may have been
+    cut from it); else each whole run, and the run without a leading group of up to three
+    characters (a country code), which is what a value is looked up by."""
     words = list(_DIGIT_WORD.finditer(folded))
     group: list[re.Match[str]] = []
     for word in words:
         if group and not _RUN_GAP.fullmatch(folded, group[-1].end(), word.start()):
-            yield from _sub_runs(folded, group)
+            yield from _sub_runs(folded, group, every)
             group = []
         group.append(word)
     if group:
-        yield from _sub_runs(folded, group)
+        yield from _sub_runs(folded, group, every)
 
 
-def _sub_runs(folded: str, group: list[re.Match[str]]) -> Iterator[str]:
+def _sub_runs(folded: str, group: list[re.Match[str]], every: bool) -> Iterator[str]:
     digits = [sum(c.isdigit() for c in w.group()) for w in group]
     if sum(digits) < MIN_RUN_DIGITS:
         return
-    for i in range(len(group)):
+    starts = range(len(group)) if every else [0, 1] if len(group) > 1 and len(group[0].group()) <= 3 else [0]
+    for i in starts:
         held = 0
-        for j in range(i, min(len(group), i + MAX_RUN_WORDS)):
+        last = min(len(group), i + MAX_RUN_WORDS) if every else len(group)
+        for j in range(i, last):
             held += digits[j]
-            if held >= MIN_RUN_DIGITS:
+            if held >= MIN_RUN_DIGITS and (every or j == last - 1):
                 yield _NON_ALNUM.sub("", folded[group[i].start() : group[j].end()])
 
 
@@ -222,19 +227,23 @@ class _Keys:
     sequence: str
 
 
-def _keys(text: str, *, depth: int = 0) -> _Keys:
+def _keys(text: str, *, query: bool = False, depth: int = 0) -> _Keys:
+    """The keys of a seen text, or (`query`) of a value looked up."""
     folded = strict(text)
     loose_folded = _loose_fold(text)
     raw_tokens = _tokens(text)
     tokens = [t.casefold() for t in raw_tokens]
     loose_tokens = [k for k in (_NON_ALNUM.sub("", t) for t in loose_folded.split()) if k]
     whole = {folded}
-    if _is_one_run(folded):  # an IBAN or a phone number as a whole: without its separators
+    one_run = _is_one_run(folded)
+    if one_run:  # an IBAN or a phone number as a whole: without its separators
         whole.add(_NON_ALNUM.sub("", folded))
+        if query:
+            whole.update(_runs(folded, every=False))
     number = _number_in(tokens[0]) if len(tokens) == 1 and _DIGIT.search(tokens[0]) else None
     if number is not None:
         whole.add(number)
-    runs = set(_runs(folded)) if _DIGIT.search(folded) else set()
+    runs = set(_runs(folded, every=not query)) if _DIGIT.search(folded) and not (query and one_run) else set()
     parts = {*tokens, *runs}
     loose_parts = {*loose_tokens, *runs}
     others: list[str] = []  # parts beyond the tokens (their loose forms are made here)
@@ -247,7 +256,7 @@ def _keys(text: str, *, depth: int = 0) -> _Keys:
             others.extend(strict(p) for p in _url_parts(token))
         if depth == 0 and ("%" in raw or "=" in raw or len(raw) >= MIN_BASE64_CHARS):
             for plain in _decoded(raw):
-                inner = _keys(plain, depth=1)
+                inner = _keys(plain, query=query, depth=1)
                 parts |= inner.whole | inner.parts
                 loose_parts |= inner.loose_parts | {inner.loose_whole}
     parts.update(others)
@@ -491,7 +500,7 @@ class SeenValues:
         return Traced(trusted, untrusted, found)
 
     def _trace_text(self, text: str) -> tuple[bool, bool, list[Found]]:
-        keys = _keys(text)
+        keys = _keys(text, query=True)
         whole = self._matches(text, keys.whole, {keys.loose_whole}, keys)
         trusted = any(self._vouches(f, keys.loose_whole) for f in whole)
         untrusted = not trusted and any(f.source.trust == "untrusted" for f in whole)
