@@ -130,13 +130,12 @@ def _reason_code(record: Any) -> str | None:
 
 
 def _source(record: Any) -> Any:
-    """Where what the step brought into the run came from, and whether it is trusted."""
+    """Where what the step brought into the run came from: a tool (with the trust of its
+    results, tether.provenance) or a person (always trusted)."""
     if isinstance(record, b.Executed | b.ToolFailed):
         return {"kind": "tool", "tool": record.tool, "trust": "untrusted" if record.untrusted else "trusted"}
     if isinstance(record, b.EffectSettled | b.Answered):
-        return {"kind": "person", "by": record.by, "trust": "trusted"}
-    if isinstance(record, b.RunStarted):
-        return {"kind": "input", "trust": "trusted"}
+        return {"kind": "person", "by": record.by}
     return None
 
 
