@@ -424,6 +424,20 @@ class SeenValues:
     def add_input(self, value: Mapping[str, Any]) -> None:
         self._queue.append((Source("input", "trusted"), "input", dict(value)))
 
+    def add_result(
+        self,
+        tool: str,
+        result: Any,
+        *,
+        trust: Trust,
+        step_id: str | None = None,
+        args: Mapping[str, Any] | None = None,
+    ) -> None:
+        """A tool's result seen outside a journal (a policy test case's observations)."""
+        self._queue.append(
+            (self._tool(tool, step_id, trust == "untrusted", dict(args or {})), "result", result)
+        )
+
     def add_entry(self, entry: Entry) -> None:
         """What one journal entry adds (entries that carry no seen value add nothing)."""
         if entry.kind in _SEEN_KINDS or entry.kind == "step":
