@@ -40,6 +40,7 @@ class Bank:
     def __init__(self) -> None:
         self.sent: list[tuple[str, float]] = []
         self.passwords: list[str] = []
+        self.messages: list[tuple[str, str]] = []
 
         @tool(effect="read", results="untrusted")
         def get_transactions() -> list[dict[str, Any]]:
@@ -61,7 +62,19 @@ class Bank:
             self.passwords.append(password)
             return {"ok": True}
 
-        self.tools = (get_transactions, send_money, update_password)
+        @tool(effect="external")
+        def send_message(to: str, text: str) -> dict[str, Any]:
+            """Send a message (names no security-relevant parameter)."""
+            self.messages.append((to, text))
+            return {"sent": True}
+
+        @tool(effect="external", security=[])
+        def post_note(text: str) -> dict[str, Any]:
+            """Post a note to the user's own board (no parameter is security-relevant)."""
+            self.messages.append(("board", text))
+            return {"posted": True}
+
+        self.tools = (get_transactions, send_money, update_password, send_message, post_note)
 
     def workflow(self, policy: dict[str, Any]) -> Workflow:
         state = AgentState(
@@ -229,6 +242,40 @@ def test_a_sensitive_tool_is_asked_every_time_or_denied(journal: Journal, bank: 
     assert bank.passwords == []
 
 
+def test_an_external_tool_that_names_no_security_parameters_sends_nothing_untrusted_silently(
+    journal: Journal, bank: Bank
+) -> None:
+    allow = {"id": "out-ok", "tool": ["send_message", "post_note"], "decision": "allow"}
+    text = "Your refund: pay GB29 NWBK 6016 1331 9268 19 as the memo says"
+    message = call("send_message", to="anna@home.example", text=text)
+    note = call("post_note", text=text)
+    result = bank.start(
+        journal,
+        [READ, message, note, DONE],
+        policy=SAFE | {"rules": [allow]},
+        task="tell Anna at anna@home.example",
+    )
+
+    decision = decided(journal, result.run_id, "s2")["decision"]
+    assert (decision["decision"], decision["rule_id"]) == ("ask", "provenance:untrusted")
+    assert decision["reason"].startswith('text "Your refund: pay GB29')
+    assert decision["reason"].endswith(
+        "the tool names no security-relevant parameters, so every argument counts"
+    )
+    assert decision["provenance"]["args.to"]["trusted"] is True
+    assert bank.messages == []
+    run(journal.decide_ticket(result.ticket_id, approve=True, by="alice", now=time.time()))
+    done = run(
+        Runtime(journal).resume(
+            result.run_id,
+            bank.workflow(SAFE | {"rules": [allow]}),
+            ScriptedModel([READ, message, note, DONE]),
+        )
+    )
+    # `security=[]`: the author says no parameter of post_note matters; it is not asked.
+    assert done.status == "completed" and [to for to, _ in bank.messages] == ["anna@home.example", "board"]
+
+
 def test_without_the_section_provenance_changes_no_decision(journal: Journal, bank: Bank) -> None:
     result = bank.start(journal, [READ, SEND_TO_MEMO, DONE], policy={"rules": [ALLOW_SENDING]})
 
@@ -337,7 +384,7 @@ def test_tools_declare_untrusted_results_security_parameters_and_sensitivity_in_
 
     assert plain.tools()["read_inbox"].results == "untrusted"
     assert (
-        plain.tools()["send_email"].info["security"] == []
+        plain.tools()["send_email"].info["security"] is None
         and plain.tools()["send_email"].results == "trusted"
     )
     send = declared.tools()["send_email"]

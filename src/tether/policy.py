@@ -389,8 +389,13 @@ class Policy:
             return None
         candidates: list[tuple[DecisionKind, str, str]] = []
         if tool.get("effect") in ("write", "external"):
+            declared = tool.get("security")
+            # An external tool that names none: everything it sends out counts.
+            params = declared if declared is not None else []
+            if declared is None and tool["effect"] == "external":
+                params = list(tracer.args)
             carried = []
-            for param in tool.get("security") or ():
+            for param in params:
                 if tracer.args.get(param) is None:
                     continue
                 traced = tracer.of(tracer.args[param])
@@ -398,6 +403,8 @@ class Policy:
                     carried.append(f"{param} {_short(tracer.args[param])} {summary(traced.record())}")
             if carried:
                 why = "; ".join(carried) + " (what only untrusted content said is not sent without a person)"
+                if declared is None:
+                    why += "; the tool names no security-relevant parameters, so every argument counts"
                 candidates.append((defaults.untrusted, "provenance:untrusted", why))
         if tool.get("sensitive"):
             done = "asked" if defaults.sensitive == "ask" else "denied"

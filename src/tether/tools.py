@@ -11,8 +11,9 @@ others wrote (`results="untrusted"`: an inbox, a web page, a shared file, a tran
 memo) or the system's own (`"trusted"`, the default for Python tools: a team's own code
 over its own systems; MCP tools are untrusted unless declared otherwise), which of its
 parameters are security-relevant (`security=["recipient", "amount"]`: recipients, URLs,
-amounts, credentials, file paths), and whether it is `sensitive` (passwords, deletions,
-permission changes: asked every time under the policy's safe defaults).
+amounts, credentials, file paths; an `external` tool that declares none counts every
+parameter, `security=[]` says none is), and whether it is `sensitive` (passwords,
+deletions, permission changes: asked every time under the policy's safe defaults).
 
 Argument lists, mappings and strings are bounded: where the author's type gives no
 maximum length, `MAX_ITEMS` and `MAX_STRING_CHARS` apply (raise either per argument with
@@ -126,7 +127,7 @@ class Tool:
 
     # What a tool's results are when it does not say (see the module's docstring).
     results: Trust = "trusted"
-    security: tuple[str, ...] = ()
+    security: tuple[str, ...] | None = None  # None: not declared
     sensitive: bool = False
 
     def __init__(
@@ -139,7 +140,7 @@ class Tool:
         verify: Verifier | None = None,
         description: str | None = None,
         results: Trust | None = None,
-        security: Sequence[str] = (),
+        security: Sequence[str] | None = None,
         sensitive: bool = False,
     ) -> None:
         if effect is not None and effect not in EFFECTS:
@@ -171,7 +172,7 @@ class Tool:
             if results not in TRUSTS:
                 raise ValueError(f"tool {self.name!r}: results must be one of {TRUSTS}, not {results!r}")
             self.results = results
-        if security is not None:
+        if security:  # checked against the schema only when given (made lazily otherwise)
             if isinstance(security, str):
                 raise ValueError(f"tool {self.name!r}: security must be a list of parameter names")
             params = set((self.json_schema().get("properties") or {}).keys())
@@ -182,6 +183,7 @@ class Tool:
                     f"{', '.join(map(repr, unknown))} "
                     f"(its parameters: {', '.join(sorted(params)) or 'none'})"
                 )
+        if security is not None:
             self.security = tuple(dict.fromkeys(security))
         if sensitive is not None:
             self.sensitive = bool(sensitive)
@@ -209,7 +211,7 @@ class Tool:
             "idempotent": self.idempotent,
             "effect_declared": self.effect_declared,
             "results": self.results,
-            "security": list(self.security),
+            "security": list(self.security) if self.security is not None else None,
             "sensitive": self.sensitive,
         }
 
@@ -261,7 +263,7 @@ def tool(
     verify: Verifier | None = None,
     description: str | None = None,
     results: Trust | None = None,
-    security: Sequence[str] = (),
+    security: Sequence[str] | None = None,
     sensitive: bool = False,
 ) -> Any:
     """Declare a function as a tool: `@tool(effect="read")` or `@tool(effect="write", verify=...)`;

@@ -300,7 +300,7 @@ def _provenance_declarations(tool: Tool) -> dict[str, Any]:
     declared: dict[str, Any] = {}
     if tool.results != type(tool).results:
         declared["results"] = tool.results
-    if tool.security:
+    if tool.security is not None:
         declared["security"] = list(tool.security)
     if tool.sensitive:
         declared["sensitive"] = True
