@@ -552,3 +552,21 @@ def test_policy_test_cases_give_what_the_run_has_seen(tmp_path: Path) -> None:
         ("nobody said it", True),
     ]
     assert results[0].decision.provenance["args.recipient"]["sources"][0]["step_id"] == "o1"
+
+
+def test_tether_diff_re_decides_a_recorded_run_with_what_it_had_seen(journal: Journal, bank: Bank) -> None:
+    from tether.analysis.diff import redecide
+
+    before = bank.start(journal, [READ, SEND_TO_MEMO, DONE], policy={"rules": [ALLOW_SENDING]})
+    assert bank.sent == [("GB29NWBK60161331926819", 100.0)]  # nothing stopped it then
+
+    entries = run(journal.read_entries(before.run_id))
+    again = {
+        r.step_id: r
+        for r in redecide(before.run_id, entries, bank.workflow(SAFE | {"rules": [ALLOW_SENDING]}))
+    }
+
+    assert again["s2"].status == "changed"
+    assert again["s2"].decision is not None
+    assert (again["s2"].decision.decision, again["s2"].decision.rule_id) == ("ask", "provenance:untrusted")
+    assert again["s1"].status == "same"
