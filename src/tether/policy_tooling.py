@@ -26,9 +26,10 @@ from tether.journal import bodies as b
 from tether.loader import load_workflow
 from tether.policy import BUDGET_RULE_ID, HELPERS, REASON_OF, SEVERITY, Policy, Rule, cel_code
 from tether.proposals import Exit, Finish, ToolCall, as_dict
+from tether.provenance import SeenValues
 from tether.reasons import ReasonCode
 from tether.strict_yaml import load_yaml
-from tether.tools import ArgumentError, Tool, ToolContext
+from tether.tools import ArgumentError, Tool, ToolContext, Trust
 from tether.workflow import Workflow
 
 PRECEDENCE = (
@@ -284,6 +285,11 @@ def explain(entries: list[Entry], step_id: str, policy: Policy | None) -> Explan
         )
     if decision.rule_id.startswith("default:"):
         why = f"no rule's condition held, so the default applies: {decision.reason}"
+    elif decision.rule_id.startswith("provenance:"):
+        why = (
+            "the policy's safe defaults (its provenance: section) apply over the rules and only "
+            f"make a decision stricter: {decision.reason}"
+        )
     elif decision.rule_id == BUDGET_RULE_ID:
         why = f"the conditions took longer than one decision may, which denies: {decision.reason}"
     elif decision.rule_id.startswith(("runtime:", "approval:", "workflow:")):
@@ -365,6 +371,17 @@ class Expectation(BaseModel):
         )
 
 
+class Observed(BaseModel):
+    """A tool result the run of a case has seen (for provenance): untrusted unless said."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    tool: str
+    result: Any
+    trust: Trust = "untrusted"
+    step_id: str | None = None
+
+
 class Case(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
@@ -376,6 +393,10 @@ class Case(BaseModel):
     data: dict[str, Any] = Field(default_factory=dict)
     facts: dict[str, Any] = Field(default_factory=dict)
     history: list[dict[str, Any]] = Field(default_factory=list)
+    # What the run has seen, for `provenance()` and the safe defaults: its input (trusted)
+    # and tool results.
+    input: dict[str, Any] = Field(default_factory=dict)
+    observed: list[Observed] = Field(default_factory=list)
     expect: Expectation
 
     @model_validator(mode="after")
@@ -464,7 +485,15 @@ def _run_case(case: Case, spec: CaseFile, policy: Policy, workflow: Workflow | N
         "idempotent": tool.idempotent if tool else effect == "read",
         "effect_declared": tool.effect_declared if tool else True,
     }
+    if tool is not None:  # its provenance declarations (results, security, sensitive)
+        tool_info = {**tool.info, **tool_info}
+    seen = SeenValues()
+    seen.add_input(case.input)
+    for i, observed in enumerate(case.observed):
+        step_id = observed.step_id or f"o{i + 1}"
+        seen.add_result(observed.tool, observed.result, trust=observed.trust, step_id=step_id)
     decision = policy.decide(
+        provenance=seen.trace,
         kind=kind,
         name=name,
         effect=effect,

@@ -30,6 +30,7 @@ from tether.journal import Entry
 from tether.journal import bodies as b
 from tether.policy import SEVERITY, Policy, Rule
 from tether.proposals import Exit, Finish, ToolCall, as_dict
+from tether.provenance import SeenValues
 from tether.reasons import ReasonCode
 from tether.run import history_item
 from tether.tools import ArgumentError
@@ -485,14 +486,18 @@ _NOT_REDECIDED = ("runtime:budget", "runtime:loop", "runtime:parse")
 
 
 class _Replay:
-    """A run's variables as they were before each entry: data, facts and history."""
+    """A run's variables as they were before each entry: data, facts, history, and the values
+    it had seen (provenance, with the tools' trust as `workflow` declares it)."""
 
-    def __init__(self) -> None:
+    def __init__(self, workflow: Workflow) -> None:
         self.data: dict[str, Any] = {}
         self.facts: dict[str, Any] = {}
         self.history: list[dict[str, Any]] = []
+        tools = workflow.tools()
+        self.seen = SeenValues(lambda name: tools[name].results if name in tools else "trusted")
 
     def apply(self, entry: Entry) -> None:
+        self.seen.add_entry(entry)
         record = entry.body
         if isinstance(record, b.RunStarted):
             self.data = dict(record.input)
@@ -512,7 +517,7 @@ def redecide(run_id: str, entries: Sequence[Entry], workflow: Workflow) -> list[
     """Every proposal recorded in a run, decided again under `workflow` with the values of
     its time: arguments as recorded, data and facts rebuilt from the entries before it,
     resolver values as recorded with its decision (a call not recorded is not decidable)."""
-    replay = _Replay()
+    replay = _Replay(workflow)
     seen: set[str] = set()
     found = []
     for entry in entries:
@@ -620,14 +625,26 @@ def _decide(
             return runtime_refusal("arguments", ReasonCode.INVALID_ARGUMENTS, str(exc))
         variables |= {"args": args.values, "tool": tool.info}
         return policy.decide(
-            kind="tool", name=tool.name, effect=tool.effect, variables=variables, resolvers=resolvers
+            kind="tool",
+            name=tool.name,
+            effect=tool.effect,
+            variables=variables,
+            resolvers=resolvers,
+            provenance=replay.seen.trace,
         )
     name = proposal.exit if isinstance(proposal, Exit) else "finish"
     if name not in state.exits:
         reason = f"exit {name!r} is not allowed in state {state_name!r}"
         return runtime_refusal("scope", ReasonCode.OUT_OF_SCOPE, reason)
     variables |= {"args": {"exit": name, "update": proposal.update}, "tool": {"name": name, "effect": "exit"}}
-    return policy.decide(kind="exit", name=name, effect="exit", variables=variables, resolvers=resolvers)
+    return policy.decide(
+        kind="exit",
+        name=name,
+        effect="exit",
+        variables=variables,
+        resolvers=resolvers,
+        provenance=replay.seen.trace,
+    )
 
 
 def _out_of_scope(workflow: Workflow, state: AgentState, name: str) -> Decision:

@@ -166,6 +166,7 @@ class _GatewayPolicy(Policy):
         variables: Any,
         resolvers: Any = None,
         evaluation: Any = None,
+        provenance: Any = None,
     ) -> Decision:
         decision = super().decide(
             kind=kind,
@@ -174,6 +175,7 @@ class _GatewayPolicy(Policy):
             variables=variables,
             resolvers=resolvers,
             evaluation=evaluation,
+            provenance=provenance,
         )
         if decision.decision == "ask" and (decision.expires_in or math.inf) > self.approval_timeout:
             return msgspec.structs.replace(decision, expires_in=self.approval_timeout)
