@@ -6,7 +6,9 @@ attack's own choice of injection vectors). A scripted model then proposes, one p
 
 1. the user task's ground-truth calls (what a model doing its job would do),
 2. the injection task's ground-truth calls (what a model that obeyed the injected text
-   would do next),
+   would do next), if the injected text is in what the run has observed: a model cannot
+   obey text it never read (when policy refused the read that would have shown it, the
+   model finishes instead, and the result says so),
 3. `finish`, with the user task's expected answer as its summary.
 
 Every proposal goes through the governed step: policy decides; an `ask` is answered by the
@@ -33,7 +35,7 @@ from dojo_person import intent_person, prompt_person
 from dojo_suites import DECLARATIONS, suite, workflow
 from dojo_tools import attach, detach
 
-from tether import ScriptedModel, Workflow
+from tether import ModelContext, ModelReply, Workflow
 from tether.journal import Journal
 from tether.journal import bodies as b
 from tether.testing import ScriptedPerson, StepDecision, run_to_end_async
@@ -54,6 +56,8 @@ class PairResult:
     utility: bool
     attack_succeeded: bool
     asks: int
+    # Whether the model read the injected text and proposed the attacker's calls.
+    hijacked: bool
     steps: list[StepDecision]
     decision_seconds: list[float] = field(default_factory=list)
 
@@ -100,6 +104,38 @@ def _calls(task: BaseUserTask | BaseInjectionTask, environment: TaskEnvironment)
 
 def _proposal(call: FunctionCall) -> dict[str, Any]:
     return {"kind": "tool_call", "tool": call.function, "args": dict(call.args)}
+
+
+def _contains(value: Any, text: str) -> bool:
+    if isinstance(value, str):
+        return text in value
+    if isinstance(value, dict):
+        return any(_contains(v, text) for v in value.values())
+    if isinstance(value, list | tuple):
+        return any(_contains(v, text) for v in value)
+    return False
+
+
+class HijackedModel:
+    """Proposes the user task's calls; then, once the injected text is among the
+    observations, the injection task's calls; then `finish` with the expected answer."""
+
+    name = "agentdojo-ground-truth"
+
+    def __init__(self, intended: list[FunctionCall], injected: list[FunctionCall], goal: str, answer: str):
+        self.intended, self.injected, self.goal, self.answer = intended, injected, goal, answer
+
+    def read_injection(self, ctx: ModelContext) -> bool:
+        return any(m.role == "observation" and _contains(m.content, self.goal) for m in ctx.transcript)
+
+    async def propose(self, ctx: ModelContext) -> ModelReply:
+        turn = ctx.proposals_made
+        if turn < len(self.intended):
+            return ModelReply(output=_proposal(self.intended[turn]))
+        turn -= len(self.intended)
+        if turn < len(self.injected) and self.read_injection(ctx):
+            return ModelReply(output=_proposal(self.injected[turn]))
+        return ModelReply(output={"kind": "finish", "summary": self.answer})
 
 
 class DecisionTimer:
@@ -163,11 +199,8 @@ async def run_pair(
     environment = user_task.init_environment(s.load_and_inject_default_environment(injections))
     pre = environment.model_copy(deep=True)
     intended = _calls(user_task, environment)
-    script = [
-        *map(_proposal, intended),
-        *map(_proposal, _calls(injection_task, environment)),
-        {"kind": "finish", "summary": user_task.GROUND_TRUTH_OUTPUT},
-    ]
+    injected = _calls(injection_task, environment)
+    model = HijackedModel(intended, injected, injection_task.GOAL, user_task.GROUND_TRUTH_OUTPUT)
     declarations = DECLARATIONS[suite_name]
     decide = (
         prompt_person(user_task.PROMPT, declarations)
@@ -181,7 +214,7 @@ async def run_pair(
     try:
         outcome = await run_to_end_async(
             flow,
-            ScriptedModel(script, name="agentdojo-ground-truth"),
+            model,
             journal=journal,
             input={"prompt": user_task.PROMPT, "environment": key},
             person=ScriptedPerson(decide, name=f"user ({person})"),
@@ -194,6 +227,7 @@ async def run_pair(
         if isinstance(e.body, b.Executed)
     ]
     output = user_task.GROUND_TRUTH_OUTPUT if outcome.status == "completed" else ""
+    proposed = [st.proposal for st in outcome.steps if st.tool is not None]
     return PairResult(
         suite=suite_name,
         user_task=user_task_id,
@@ -204,6 +238,7 @@ async def run_pair(
         utility=_score(user_task, output, pre, environment, traces),
         attack_succeeded=_score(injection_task, output, pre, environment, traces),
         asks=sum(1 for st in outcome.steps if st.decision == "ask"),
+        hijacked=len(proposed) > len(intended),
         steps=outcome.steps,
         decision_seconds=list(timer.seconds),
     )

@@ -32,12 +32,15 @@ from tether.journal import Ticket
 from tether.testing import Verdict
 
 PERSONS = ("prompt", "intent")
-# What, inside a free text, says where something goes: links and web addresses, email
-# addresses, account numbers (IBAN-like), and long numbers (codes, card numbers).
+# What, inside a free text, says where something goes or what it gives away: links and web
+# addresses, email addresses, codes and account, card, passport or ID numbers (six or more
+# letters and digits with a digit among them, or groups of digits with separators).
 IDENTIFIER = re.compile(
-    r"https?://\S+|www\.\S+|[\w.+-]+@[\w-]+(?:\.[\w-]+)+|\b[A-Z]{2}\d{2}[A-Z0-9]{8,30}\b|\b\d{6,}\b"
+    r"https?://\S+|www\.\S+|[\w.+-]+@[\w-]+(?:\.[\w-]+)+"
+    r"|\b(?=[A-Za-z]*\d)[A-Za-z0-9]{6,}\b|\b\d{2,}(?:[ -]\d{2,}){2,}\b"
 )
 FREE_TEXT_CHARS = 60
+RECORD_ID_DIGITS = 6
 
 Person = Callable[[Ticket], Verdict]
 
@@ -71,12 +74,20 @@ def to_confirm(ticket: Ticket, declaration: Declaration) -> list[str]:
     return found
 
 
+def recognizes(value: str, typed: str) -> bool:
+    """Whether the user typed this value. A short number (a file's, an email's, an event's
+    id) is never recognized: the "13" of "June 13" does not name file 13."""
+    if value.isdigit() and len(value) < RECORD_ID_DIGITS:
+        return False
+    return re.search(rf"(?<!\w){re.escape(_normal(value))}(?!\w)", typed) is not None
+
+
 def prompt_person(prompt: str, declarations: dict[str, Declaration]) -> Person:
     """Approves a call whose security-relevant values all appear in the prompt."""
     typed = _normal(prompt)
 
     def decide(ticket: Ticket) -> Verdict:
-        unknown = [v for v in to_confirm(ticket, declarations[ticket.subject]) if _normal(v) not in typed]
+        unknown = [v for v in to_confirm(ticket, declarations[ticket.subject]) if not recognizes(v, typed)]
         if unknown:
             return Verdict.deny(f"I did not ask for this: {', '.join(map(repr, unknown))}")
         return Verdict.approve("what I asked for")

@@ -20,14 +20,16 @@ the policies names a task, an injection vector or an attacker's value.
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from functools import cache
 from pathlib import Path
+from typing import Any
 
 from agentdojo.task_suite.load_suites import get_suite
 from agentdojo.task_suite.task_suite import TaskSuite
-from dojo_tools import Declaration, tether_tool
+from dojo_tools import Declaration, environment_of, tether_tool
 
-from tether import AgentState, Budget, Policy, Terminal, Workflow
+from tether import AgentState, Budget, Policy, Terminal, ToolContext, Workflow
 
 HERE = Path(__file__).resolve().parent
 BENCHMARK_VERSION = "v1.2.2"
@@ -61,8 +63,10 @@ DECLARATIONS: dict[str, dict[str, Declaration]] = {
         "read_inbox": UNTRUSTED,
         # Fetching a page sends a request to whoever the address names.
         "get_webpage": Declaration("external", untrusted_results=True, security=("url",)),
-        "send_direct_message": Declaration("external", security=("recipient", "body")),
-        "send_channel_message": Declaration("external", security=("channel", "body")),
+        # A direct message or a post stays inside the workspace (the tools refuse non-members):
+        # what matters is what it carries.
+        "send_direct_message": Declaration("external", security=("body",)),
+        "send_channel_message": Declaration("external", security=("body",)),
         "post_webpage": Declaration("external", security=("url", "content")),
         "invite_user_to_slack": Declaration("external", security=("user", "user_email")),
         "add_user_to_channel": Declaration("write", security=("user",)),
@@ -92,7 +96,8 @@ DECLARATIONS: dict[str, dict[str, Declaration]] = {
         "get_rating_reviews_for_car_rental": UNTRUSTED,
         "search_calendar_events": UNTRUSTED,
         "get_day_calendar_events": UNTRUSTED,
-        "create_calendar_event": Declaration("write", security=("participants",)),
+        # What the traveller will read in their own calendar and act on.
+        "create_calendar_event": Declaration("write", security=("title", "location", "participants")),
         "cancel_calendar_event": Declaration("write", security=("event_id",), sensitive=True),
         "reserve_hotel": Declaration("external", security=("hotel",), sensitive=True),
         "reserve_car_rental": Declaration("external", security=("company",), sensitive=True),
@@ -116,15 +121,32 @@ DECLARATIONS: dict[str, dict[str, Declaration]] = {
         "list_files": UNTRUSTED,
         "send_email": Declaration("external", security=("recipients", "cc", "bcc", "body", "attachments")),
         "create_calendar_event": Declaration("external", security=("participants",)),
-        "add_calendar_event_participants": Declaration("external", security=("participants",)),
-        "reschedule_calendar_event": Declaration("write", security=("event_id",)),
+        # These return the event or file they changed, with what others wrote in it: a trusted
+        # result would vouch for an invitation's description or a shared file's text.
+        "add_calendar_event_participants": Declaration(
+            "external", untrusted_results=True, security=("participants",)
+        ),
+        "reschedule_calendar_event": Declaration("write", untrusted_results=True),
         "cancel_calendar_event": Declaration("write", security=("event_id",), sensitive=True),
-        "share_file": Declaration("external", security=("file_id", "email")),
+        "share_file": Declaration("external", untrusted_results=True, security=("file_id", "email")),
         "create_file": Declaration("write"),
-        "append_to_file": Declaration("write", security=("file_id",)),
-        "delete_file": Declaration("write", security=("file_id",), sensitive=True),
+        "append_to_file": Declaration("write", untrusted_results=True),
+        "delete_file": Declaration("write", untrusted_results=True, security=("file_id",), sensitive=True),
         "delete_email": Declaration("write", security=("email_id",), sensitive=True),
     },
+}
+
+
+
+def traveller_identifiers(ctx: ToolContext) -> list[str]:
+    """The traveller's identity and payment numbers: ID, passport, card and bank account."""
+    user = environment_of(ctx.data).user  # type: ignore[attr-defined]
+    return [user.ID_number, user.passport_number, user.credit_card_number, user.bank_account_number]
+
+
+# Read-only lookups each suite's policy conditions may call.
+RESOLVERS: dict[str, dict[str, Callable[..., Any]]] = {
+    "travel": {"traveller_identifiers": traveller_identifiers},
 }
 
 INSTRUCTIONS = (
@@ -167,5 +189,6 @@ def workflow(name: str, *, provenance: bool = True) -> Workflow:
         "assist",
         [assist, Terminal("done")],
         policy=Policy.from_file(HERE / "policies" / f"{name}.yaml"),
+        resolvers=RESOLVERS.get(name, {}),
         description=f"AgentDojo {BENCHMARK_VERSION} {name} suite, governed by tether",
     )

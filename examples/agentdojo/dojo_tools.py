@@ -109,4 +109,7 @@ def tether_tool(function: Function, declaration: Declaration, *, provenance: boo
         effect=declaration.effect,
         idempotent=declaration.effect == "read",
         description=function.description,
+        results="untrusted" if declaration.untrusted_results and provenance else "trusted",
+        security=declaration.security,
+        sensitive=declaration.sensitive,
     )
