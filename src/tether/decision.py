@@ -20,8 +20,9 @@ class Decision(msgspec.Struct, omit_defaults=True):
     """The outcome of policy evaluation for one proposal.
 
     `matched` lists the rules whose condition held; `evaluated` how each governing rule's
-    condition came out (true, false or the error) and `resolved` what the resolvers returned:
-    enough to explain the decision later without re-reading live state.
+    condition came out (true, false or the error), `resolved` what the resolvers returned and
+    `provenance` where the traced values came from: enough to explain the decision later
+    without re-reading live state.
 
     In the journal a decision is stored without `policy_hash` (the run's pinned policy, in
     its `run_started` and `migrated` entries) and without `evaluated` (the pinned policy and
@@ -40,6 +41,9 @@ class Decision(msgspec.Struct, omit_defaults=True):
     matched: list[str] = []
     evaluated: dict[str, bool | str] = {}
     resolved: dict[str, Any] = {}
+    # Where the values the decision looked at could have come from (tether.provenance):
+    # `args.NAME` or `provenance(VALUE)` -> trusted, untrusted, derived, sources.
+    provenance: dict[str, Any] = {}
 
     def stored(self) -> Decision:
         """The decision as a journal entry holds it."""

@@ -9,6 +9,7 @@ first. Every problem is reported as a DefinitionError naming its place.
 from __future__ import annotations
 
 import asyncio
+import copy
 import importlib
 import sys
 from collections.abc import Callable, Iterator
@@ -24,7 +25,7 @@ from tether.budget import Limits
 from tether.errors import DefinitionError, PolicyFileError
 from tether.policy import Policy
 from tether.strict_yaml import load_yaml
-from tether.tools import Effect, Tool
+from tether.tools import Effect, Tool, Trust
 from tether.workflow import AgentState, Budget, RunBudget, State, Step, Terminal, Workflow
 
 if TYPE_CHECKING:  # the MCP SDK is an extra, imported only by workflows that name MCP servers
@@ -44,6 +45,11 @@ class ToolRef(_Strict):
     idempotent: bool | None = None
     verify: str | None = None
     name: str | None = None
+    # Provenance: the results' trust (MCP tools: untrusted unless declared), the
+    # security-relevant parameters, ask-always (see tether.tools).
+    results: Trust | None = None
+    security: list[str] | None = None
+    sensitive: bool | None = None
 
 
 class StepDoc(_Strict):
@@ -264,7 +270,7 @@ def _tool(spec: str | ToolRef, base: Path, where: str, mcp: McpCatalog | None) -
     obj = _import(ref.ref, where=where, base=base)
     overrides = ref.effect, ref.idempotent, ref.verify, ref.name
     if isinstance(obj, Tool) and overrides == (None, None, None, None):
-        return obj
+        return _declared(obj, ref, where) if _declares_provenance(ref) else obj
     fn: Callable[..., Any] = obj.fn if isinstance(obj, Tool) else obj
     if not callable(fn):
         raise DefinitionError(f"{where}: {ref.ref} is not a function")
@@ -279,7 +285,7 @@ def _tool(spec: str | ToolRef, base: Path, where: str, mcp: McpCatalog | None) -
     if idempotent is None and isinstance(obj, Tool) and ref.effect is None:
         idempotent = obj.idempotent  # keep what the decorator declared unless the effect changes
     try:
-        return Tool(
+        made = Tool(
             fn,
             name=ref.name or (obj.name if isinstance(obj, Tool) else None),
             effect=effect,
@@ -289,6 +295,27 @@ def _tool(spec: str | ToolRef, base: Path, where: str, mcp: McpCatalog | None) -
         )
     except (TypeError, ValueError) as exc:
         raise DefinitionError(f"{where}: {ref.ref}: {exc}") from None
+    if isinstance(obj, Tool):  # keep what the decorator declared, unless the reference says otherwise
+        made.declare(results=obj.results, security=obj.security, sensitive=obj.sensitive)
+    return _declared(made, ref, where)
+
+
+def _declares_provenance(ref: ToolRef) -> bool:
+    return (ref.results, ref.security, ref.sensitive) != (None, None, None)
+
+
+def _declared(tool: Tool, ref: ToolRef, where: str) -> Tool:
+    """The tool with the reference's provenance declarations (a copy: a decorated tool may be
+    named by other states and workflows with declarations of their own)."""
+    if not _declares_provenance(ref):
+        return tool
+    declared = copy.copy(tool)
+    declared.__dict__.pop("info", None)
+    try:
+        declared.declare(results=ref.results, security=ref.security, sensitive=ref.sensitive)
+    except ValueError as exc:
+        raise DefinitionError(f"{where}: {ref.ref}: {exc}") from None
+    return declared
 
 
 async def _mcp_catalog(declared: dict[str, Any], base: Path, where: str) -> McpCatalog:
@@ -311,9 +338,10 @@ def _mcp_tool(ref: ToolRef, base: Path, where: str, mcp: McpCatalog | None) -> T
 
         raise no_servers_declared(ref.ref, where)
     verify = _import(ref.verify, where=f"{where}, verify", base=base) if ref.verify else None
-    return mcp.tool(
+    tool = mcp.tool(
         ref.ref, where, name=ref.name, effect=ref.effect, idempotent=ref.idempotent, verify=verify
     )
+    return _declared(tool, ref, where)
 
 
 @contextmanager

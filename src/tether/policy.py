@@ -11,6 +11,15 @@ reads and exits are allowed; writes and external effects are denied. A condition
 cannot be evaluated (a missing field, a type error) denies, with reason `policy_error`.
 Every decision names its rule id and the policy hash.
 
+Conditions may call `provenance(value)` (see `tether.provenance`): where a value could have
+come from — `.trusted`, `.untrusted`, `.derived`, `.sources` — traced over everything the
+run has seen, and recorded with the decision. A policy's `provenance:` section adopts the
+safe defaults in one line (`provenance: {untrusted: ask}`): a `write` or `external` call
+whose security-relevant argument carries a value seen only in untrusted content is asked
+(rule id `provenance:untrusted`), and a tool declared sensitive is asked every time
+(`provenance:sensitive`). They apply over the rules and the effect defaults, and only ever
+make a decision stricter: a rule may deny such a call, no rule can allow it without asking.
+
 Evaluation is bounded. A condition longer than `MAX_CONDITION_CHARS`, nested deeper than
 `MAX_CONDITION_NESTING`, or with more than `MAX_CONDITION_OPERATORS` operators is refused
 at load (the CEL engine's evaluator recurses once per operator and overflows its stack, a
@@ -31,12 +40,14 @@ from pathlib import Path
 from typing import Any, Literal
 
 import cel
+import msgspec
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
 from tether.decision import Decision, DecisionKind
 from tether.errors import PolicyFileError
 from tether.hashing import fingerprint
+from tether.provenance import SeenValues, Traced, summary
 from tether.reasons import ReasonCode
 from tether.strict_yaml import load_yaml
 from tether.tools import Tool
@@ -50,6 +61,8 @@ REASON_OF: dict[str, ReasonCode] = {
     "defer": ReasonCode.DEFERRED,
 }
 VARIABLES = frozenset({"args", "data", "facts", "history", "tool", "run"})
+# Built in like the helpers, but bound per decision to the run's seen values.
+PROVENANCE_FUNCTION = "provenance"
 # Functions CEL itself provides, plus the two helpers every policy gets.
 HELPERS: dict[str, Callable[..., Any]] = {
     "zip": lambda a, b: [list(pair) for pair in zip(a, b, strict=False)],
@@ -148,12 +161,32 @@ class Defaults(BaseModel):
         return self
 
 
+class ProvenanceDefaults(BaseModel):
+    """The safe defaults over provenance, adopted with `provenance: {untrusted: ask}`."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    untrusted: Literal["ask", "deny"] = "ask"
+    sensitive: Literal["ask", "deny"] = "ask"
+    approver: str | None = None
+    expires_in: float | None = Field(None, gt=0, description="seconds an approval stays valid")
+
+
 class PolicyDocument(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
     version: str | int = 1
     defaults: Defaults = Field(default_factory=Defaults)
+    provenance: ProvenanceDefaults | None = None
     rules: list[Rule] = Field(default_factory=list)
+
+    def hashed(self) -> dict[str, Any]:
+        """What the policy hash covers: sections left out are left out (a policy without
+        `provenance:` hashes as it did before the section existed)."""
+        content = self.model_dump(mode="json")
+        if content["provenance"] is None:
+            del content["provenance"]
+        return content
 
 
 class _CompiledRule:
@@ -183,7 +216,7 @@ class Policy:
         self.document = document
         self.source = source
         self.evaluation_budget = evaluation_budget
-        self.hash = fingerprint(document.model_dump(mode="json"))
+        self.hash = fingerprint(document.hashed())
         ids: set[str] = set()
         self._rules: list[_CompiledRule] = []
         self._by_target: dict[tuple[str, str], list[_CompiledRule]] = {}
@@ -196,6 +229,11 @@ class Policy:
         # resolvers any condition calls.
         self.variables: frozenset[str] = frozenset().union(*(c.variables for c in self._rules))
         self.functions: frozenset[str] = frozenset().union(*(c.functions for c in self._rules))
+        # Whether decisions need the run's provenance: a condition traces a value, or the safe
+        # defaults are adopted.
+        self.uses_provenance = document.provenance is not None or any(
+            PROVENANCE_FUNCTION in (c.program.functions() if c.program else ()) for c in self._rules
+        )
 
     @classmethod
     def default(cls) -> Policy:
@@ -316,6 +354,7 @@ class Policy:
         variables: Mapping[str, Any],
         resolvers: Mapping[str, Callable[..., Any]] | None = None,
         evaluation: Evaluation | None = None,
+        provenance: Callable[[Any], Traced] | None = None,
     ) -> Decision:
         """Evaluate every governing rule and return the winning decision.
 
@@ -324,14 +363,78 @@ class Policy:
         lookups conditions may call; each call is memoized and recorded in the decision.
         `evaluation` (from `Policy.evaluation()`) keeps the engine's context across the
         decisions of one run, so that unchanged values are not converted again.
+        `provenance` traces a value over what the run has seen (without it, nothing has been
+        seen: every value is derived); what it traced is recorded in the decision.
         """
+        resolving = _Stopwatch()
+        args = variables.get("args")
+        tracer = _Tracer(provenance, args if isinstance(args, Mapping) else {}, resolving)
+        decision = self._by_rules(kind, name, effect, variables, resolvers, evaluation, tracer, resolving)
+        if kind == "tool" and self.document.provenance is not None and decision.decision != "deny":
+            safe = self._safe_default(variables.get("tool"), tracer)
+            if safe is not None and SEVERITY[safe.decision] > SEVERITY[decision.decision]:
+                decision = msgspec.structs.replace(
+                    safe, matched=decision.matched, evaluated=decision.evaluated, resolved=decision.resolved
+                )
+        if tracer.recorded:
+            decision = msgspec.structs.replace(decision, provenance=tracer.recorded)
+        return decision
+
+    def _safe_default(self, tool: Any, tracer: _Tracer) -> Decision | None:
+        """What the safe defaults say about a tool call, if anything: the stricter of
+        `provenance:untrusted` (a security-relevant argument carrying a value seen only in
+        untrusted content, for a write or external tool) and `provenance:sensitive`."""
+        defaults = self.document.provenance
+        if defaults is None or not isinstance(tool, Mapping):
+            return None
+        candidates: list[tuple[DecisionKind, str, str]] = []
+        if tool.get("effect") in ("write", "external"):
+            carried = []
+            for param in tool.get("security") or ():
+                if tracer.args.get(param) is None:
+                    continue
+                traced = tracer.of(tracer.args[param])
+                if traced.untrusted:
+                    carried.append(f"{param} {_short(tracer.args[param])} {summary(traced.record())}")
+            if carried:
+                why = "; ".join(carried) + " (what only untrusted content said is not sent without a person)"
+                candidates.append((defaults.untrusted, "provenance:untrusted", why))
+        if tool.get("sensitive"):
+            done = "asked" if defaults.sensitive == "ask" else "denied"
+            why = f"tool {tool.get('name')!r} is declared sensitive: every call is {done}"
+            candidates.append((defaults.sensitive, "provenance:sensitive", why))
+        if not candidates:
+            return None
+        decision, rule_id, reason = max(candidates, key=lambda c: SEVERITY[c[0]])
+        asks = decision == "ask"
+        return Decision(
+            decision=decision,
+            rule_id=rule_id,
+            policy_hash=self.hash,
+            reason_code=REASON_OF[decision],
+            reason=reason,
+            approver=defaults.approver if asks else None,
+            expires_in=(defaults.expires_in or DEFAULT_APPROVAL_SECONDS) if asks else None,
+        )
+
+    def _by_rules(
+        self,
+        kind: Literal["tool", "exit"],
+        name: str,
+        effect: str,
+        variables: Mapping[str, Any],
+        resolvers: Mapping[str, Callable[..., Any]] | None,
+        evaluation: Evaluation | None,
+        tracer: _Tracer,
+        resolving: _Stopwatch,
+    ) -> Decision:
+        """The decision of the rules (or the effect's default), before the safe defaults."""
         started = time.thread_time()
         rules = self._governing(kind, name)
         resolved: dict[str, Any] = {}
-        resolving = _Stopwatch()
         resolvers = resolvers or {}
         evaluation = evaluation or Evaluation(self, resolvers)
-        context = evaluation.bind(variables, resolvers, resolved, resolving)
+        context = evaluation.bind(variables, resolvers, resolved, resolving, tracer)
         best: _CompiledRule | None = None
         matched: list[str] = []
         evaluated: dict[str, bool | str] = {}
@@ -390,11 +493,47 @@ class Policy:
 
 
 class _Stopwatch:
-    """CPU time spent in resolvers, which the evaluation budget does not count: a lookup's
-    cost is the workflow's business, the conditions' own work is the policy's."""
+    """CPU time spent in resolvers and in tracing provenance, which the evaluation budget
+    does not count: a lookup's cost is the workflow's business (and tracing the runtime's),
+    the conditions' own work is the policy's."""
 
     def __init__(self) -> None:
         self.seconds = 0.0
+
+
+class _Tracer:
+    """`provenance(value)` for one decision: each value traced once, and recorded under the
+    argument it is (`args.recipient`) or as the call (`provenance("…")`)."""
+
+    def __init__(
+        self, trace: Callable[[Any], Traced] | None, args: Mapping[str, Any], stopwatch: _Stopwatch
+    ) -> None:
+        self._trace = trace or SeenValues().trace
+        self.args = args
+        self._stopwatch = stopwatch
+        self.recorded: dict[str, Any] = {}
+        self._memo: dict[str, Traced] = {}
+
+    def of(self, value: Any) -> Traced:
+        key = json.dumps(value, sort_keys=True, default=str)
+        traced = self._memo.get(key)
+        if traced is None:
+            started = time.thread_time()
+            try:
+                traced = self._memo[key] = self._trace(value)
+            finally:
+                self._stopwatch.seconds += time.thread_time() - started
+            names = (f"args.{n}" for n, v in self.args.items() if v == value and type(v) is type(value))
+            self.recorded[next(names, f"{PROVENANCE_FUNCTION}({key})")] = traced.record()
+        return traced
+
+    def __call__(self, value: Any) -> dict[str, Any]:
+        return self.of(value).as_cel()
+
+
+def _short(value: Any) -> str:
+    text = json.dumps(value, default=str)
+    return text if len(text) <= 60 else text[:57] + "…"
 
 
 def _tried(file: Path) -> str:
@@ -423,7 +562,9 @@ class Evaluation:
         self._call: dict[str, Any] = {}
         self._held: dict[str, tuple[Any, int]] = {}
         self._recorders: dict[str, Callable[..., Any]] = {}
+        self._tracer: Callable[[Any], Any] = _Tracer(None, {}, _Stopwatch())
         functions: dict[str, Callable[..., Any]] = dict(HELPERS)
+        functions[PROVENANCE_FUNCTION] = lambda value: self._tracer(value)
         for fname in resolvers:
             functions[fname] = functools.partial(self._dispatch, fname)
         self._context = cel.Context({}, functions=functions)
@@ -438,8 +579,10 @@ class Evaluation:
         resolvers: Mapping[str, Callable[..., Any]],
         resolved: dict[str, Any],
         resolving: _Stopwatch,
+        tracer: Callable[[Any], Any] | None = None,
     ) -> cel.Context:
-        """The context for one decision over `variables`, its resolver calls recorded."""
+        """The context for one decision over `variables`, its resolver calls recorded (and
+        its `provenance()` calls, by `tracer`)."""
         for name in self._used:
             if name in PER_DECISION:
                 self._call[name] = variables.get(name)
@@ -452,6 +595,7 @@ class Evaluation:
                 self._context.add_variable(name, value)
                 self._held[name] = held
         self._recorders = {n: _recording(n, fn, resolved, resolving) for n, fn in resolvers.items()}
+        self._tracer = tracer or _Tracer(None, {}, resolving)
         return self._context
 
 
@@ -557,7 +701,7 @@ def _check_size(rule_id: str, expression: str, source: str) -> None:
 def _called_functions(program: cel.Program) -> set[str]:
     """Named functions a condition calls, other than CEL's own and the helpers."""
     names = {f for f in program.functions() if re.fullmatch(r"[A-Za-z_]\w*", f)}
-    return names - CEL_FUNCTIONS - set(HELPERS)
+    return names - CEL_FUNCTIONS - set(HELPERS) - {PROVENANCE_FUNCTION}
 
 
 def _bound_names(expression: str) -> set[str]:

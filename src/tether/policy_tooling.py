@@ -284,6 +284,11 @@ def explain(entries: list[Entry], step_id: str, policy: Policy | None) -> Explan
         )
     if decision.rule_id.startswith("default:"):
         why = f"no rule's condition held, so the default applies: {decision.reason}"
+    elif decision.rule_id.startswith("provenance:"):
+        why = (
+            "the policy's safe defaults (its provenance: section) apply over the rules and only "
+            f"make a decision stricter: {decision.reason}"
+        )
     elif decision.rule_id == BUDGET_RULE_ID:
         why = f"the conditions took longer than one decision may, which denies: {decision.reason}"
     elif decision.rule_id.startswith(("runtime:", "approval:", "workflow:")):

@@ -1,8 +1,9 @@
 """The in-memory view of a run being driven: its record, checkpoint, transcript and history.
 
 Everything here is rebuilt from the journal on resume — the checkpoint from the run's row,
-the transcript from the current visit's entries, `history` from the executed tool calls
-(only when the policy reads it) — and nothing lives only in memory across a commit.
+the transcript from the current visit's entries, `history` from the executed tool calls and
+the values the run has seen (each only when the policy reads it) — and nothing lives only in
+memory across a commit.
 `RunCursor.commit` is the one way a run is written.
 """
 
@@ -22,7 +23,8 @@ from tether.journal import Commit, Entry, Journal, ModelExchange, NewEntry, RunR
 from tether.journal import bodies as b
 from tether.models.protocol import Message
 from tether.policy import Evaluation, Policy
-from tether.tools import ToolContext
+from tether.provenance import SeenValues
+from tether.tools import ToolContext, Trust
 from tether.workflow import Workflow
 
 log = logging.getLogger("tether.run")
@@ -235,6 +237,9 @@ class RunCursor:
         self.transcript = Transcript()
         # Executed tool calls, kept only when a rule reads `history`.
         self.history: list[dict[str, Any]] | None = [] if policy.uses("history") else None
+        # What the run has seen (input, answers, tool results), kept only when the policy
+        # traces provenance: indexed from the committed entries.
+        self.seen: SeenValues | None = self._new_seen(record.input) if policy.uses_provenance else None
         # (owner, seconds): every commit is fenced by this lease and renews it.
         self.lease = lease
         # The policy engine's context for this run's decisions (made at the first decision: a
@@ -289,12 +294,31 @@ class RunCursor:
 
     async def load(self) -> list[Entry]:
         """Rebuild what a resumed run needs: the current visit's transcript, and `history`
-        if the policy reads it. Reads the visit's entries (returned), not the run's."""
+        and the seen values if the policy reads them. Reads the visit's entries (returned),
+        and the run's only for those."""
         visit = await self.journal.read_entries(self.run_id, self.visit.started_seq)
         self.transcript = Transcript(visit)
-        if self.history is not None:
-            self.history = history_from(await self.journal.read_entries(self.run_id))
+        if self.history is not None or self.seen is not None:
+            entries = await self.journal.read_entries(self.run_id)
+            if self.history is not None:
+                self.history = history_from(entries)
+            if self.seen is not None:
+                self.seen = self._new_seen()
+                for entry in entries:
+                    self.seen.add_entry(entry)
         return visit
+
+    def _new_seen(self, given: dict[str, Any] | None = None) -> SeenValues:
+        tools = self.workflow.tools()
+
+        def trust_of(name: str) -> Trust:
+            tool = tools.get(name)
+            return tool.results if tool is not None else "trusted"
+
+        seen = SeenValues(trust_of)
+        if given is not None:
+            seen.add_input(given)
+        return seen
 
     def observe(self, record: b.Body, step_id: str | None) -> None:
         """What a committed step adds to the transcript and to `history`."""
@@ -360,6 +384,9 @@ class RunCursor:
         self._buffered, self._dirty, self._exchanges = [], set(), []
         if written:
             self.record.last_seq, self.record.last_hash = written[-1].seq, written[-1].hash
+            if self.seen is not None:
+                for entry in written:
+                    self.seen.add_entry(entry)
             if self.on_commit is not None:
                 try:
                     self.on_commit(written)
@@ -409,4 +436,5 @@ class RunCursor:
             variables=variables,
             resolvers=resolvers,
             evaluation=self._evaluation,
+            provenance=self.seen.trace if self.seen is not None else None,
         )

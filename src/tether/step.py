@@ -292,15 +292,18 @@ class GovernedStep:
     ) -> None:
         """Run the tool, verify its effect, and record the step with the checkpoint."""
         ctx = self.tool_context()
+        # What the tool returns is someone else's content when it says so (provenance).
+        untrusted = tool.results == "untrusted"
         try:
             result = await tool.call(args, ctx)
         except Exception as exc:  # a tool's failure is recorded, never a crash of the run
             error = f"{type(exc).__name__}: {exc}"
-            return await self.record(b.ToolFailed(**fields, error=error), consume=consume)
+            failed_call = b.ToolFailed(**fields, error=error, untrusted=untrusted)
+            return await self.record(failed_call, consume=consume)
         verification, facts, failed = await self.verify(tool, args, result, ctx)
         kind = b.VerificationFailed if failed else b.Executed
         stored = recordable(result, self.limits, self.limits.max_result_bytes)
-        executed = kind(**fields, result=stored, verification=verification)
+        executed = kind(**fields, result=stored, verification=verification, untrusted=untrusted)
         new_facts = {**self.cursor.record.facts, **facts} if facts else None
         if failed and self.state.on_verification_failed != "retry":
             stop: Stop = self.state.on_verification_failed  # type: ignore[assignment]

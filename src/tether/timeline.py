@@ -65,6 +65,8 @@ def timeline(entries: list[Entry]) -> list[dict[str, Any]]:
                 "policy_hash": (decision.policy_hash or policy_hash) if decision else None,
                 "reason_code": _reason_code(record) or (decision.reason_code if decision else None),
                 "reason": decision.reason if decision else None,
+                # Where the values the decision traced came from (tether.provenance).
+                "provenance": decision.provenance if decision and decision.provenance else None,
                 "outcome": _outcome(record),
                 "args_hash": getattr(record, "args_hash", None),
                 "ticket_id": getattr(record, "ticket_id", None),
@@ -128,12 +130,13 @@ def _reason_code(record: Any) -> str | None:
 
 
 def _source(record: Any) -> Any:
+    """Where what the step brought into the run came from, and whether it is trusted."""
     if isinstance(record, b.Executed | b.ToolFailed):
-        return {"kind": "tool", "tool": record.tool}
-    if isinstance(record, b.EffectSettled):
-        return {"kind": "person", "by": record.by}
-    if isinstance(record, b.Answered):
-        return {"kind": "person", "by": record.by}
+        return {"kind": "tool", "tool": record.tool, "trust": "untrusted" if record.untrusted else "trusted"}
+    if isinstance(record, b.EffectSettled | b.Answered):
+        return {"kind": "person", "by": record.by, "trust": "trusted"}
+    if isinstance(record, b.RunStarted):
+        return {"kind": "input", "trust": "trusted"}
     return None
 
 

@@ -6,6 +6,14 @@ restrictive: default policy denies it, so forgetting to declare never lets a wri
 A tool may name a verifier that reads the resulting state and returns `Evidence`; the
 runtime never takes a tool's own return value as proof.
 
+For provenance (`tether.provenance`), a tool declares whether its results are content
+others wrote (`results="untrusted"`: an inbox, a web page, a shared file, a transaction
+memo) or the system's own (`"trusted"`, the default for Python tools: a team's own code
+over its own systems; MCP tools are untrusted unless declared otherwise), which of its
+parameters are security-relevant (`security=["recipient", "amount"]`: recipients, URLs,
+amounts, credentials, file paths), and whether it is `sensitive` (passwords, deletions,
+permission changes: asked every time under the policy's safe defaults).
+
 Argument lists, mappings and strings are bounded: where the author's type gives no
 maximum length, `MAX_ITEMS` and `MAX_STRING_CHARS` apply (raise either per argument with
 `Annotated[list[str], Field(max_length=N)]`), so no proposal can make validation or a
@@ -19,7 +27,7 @@ from __future__ import annotations
 import functools
 import inspect
 from collections import abc
-from collections.abc import Awaitable, Callable, Mapping
+from collections.abc import Awaitable, Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from types import UnionType
 from typing import Annotated, Any, Literal, NamedTuple, Union, get_args, get_origin, get_type_hints
@@ -32,6 +40,8 @@ from tether.hashing import encode_json, value_hash
 from tether.proposals import DEFAULT_LIMITS, json_value_problem
 
 Effect = Literal["read", "write", "external"]
+Trust = Literal["trusted", "untrusted"]
+TRUSTS: tuple[Trust, ...] = ("trusted", "untrusted")
 EFFECTS: tuple[Effect, ...] = ("read", "write", "external")
 UNDECLARED_EFFECT: Effect = "external"
 # Default bounds for arguments whose type names none. Lists and mappings: a policy condition
@@ -114,6 +124,11 @@ def args_hash(tool: str, encoded_args: str) -> str:
 class Tool:
     """A callable the runtime may execute on a model's behalf, with its contract."""
 
+    # What a tool's results are when it does not say (see the module's docstring).
+    results: Trust = "trusted"
+    security: tuple[str, ...] = ()
+    sensitive: bool = False
+
     def __init__(
         self,
         fn: Callable[..., Any],
@@ -123,6 +138,9 @@ class Tool:
         idempotent: bool | None = None,
         verify: Verifier | None = None,
         description: str | None = None,
+        results: Trust | None = None,
+        security: Sequence[str] = (),
+        sensitive: bool = False,
     ) -> None:
         if effect is not None and effect not in EFFECTS:
             raise ValueError(f"tool effect must be one of {EFFECTS}, not {effect!r}")
@@ -138,6 +156,36 @@ class Tool:
         self.description = description or _first_paragraph(inspect.getdoc(fn))
         self.args_model, self._context_param = _args_model(fn, self.name)
         self.is_async = inspect.iscoroutinefunction(fn)
+        self.declare(results=results, security=security, sensitive=sensitive)
+
+    def declare(
+        self,
+        *,
+        results: Trust | None = None,
+        security: Sequence[str] | None = None,
+        sensitive: bool | None = None,
+    ) -> None:
+        """Declare what provenance needs: the trust of the results, the security-relevant
+        parameters (each must be one of the tool's), whether the tool is sensitive."""
+        if results is not None:
+            if results not in TRUSTS:
+                raise ValueError(f"tool {self.name!r}: results must be one of {TRUSTS}, not {results!r}")
+            self.results = results
+        if security is not None:
+            if isinstance(security, str):
+                raise ValueError(f"tool {self.name!r}: security must be a list of parameter names")
+            params = set((self.json_schema().get("properties") or {}).keys())
+            unknown = [p for p in security if p not in params]
+            if unknown:
+                raise ValueError(
+                    f"tool {self.name!r}: security names unknown parameter(s) "
+                    f"{', '.join(map(repr, unknown))} "
+                    f"(its parameters: {', '.join(sorted(params)) or 'none'})"
+                )
+            self.security = tuple(dict.fromkeys(security))
+        if sensitive is not None:
+            self.sensitive = bool(sensitive)
+        self.__dict__.pop("info", None)  # what conditions see as `tool` is made again
 
     def __repr__(self) -> str:
         return f"Tool({self.name!r}, effect={self.effect!r}, idempotent={self.idempotent})"
@@ -160,6 +208,9 @@ class Tool:
             "effect": self.effect,
             "idempotent": self.idempotent,
             "effect_declared": self.effect_declared,
+            "results": self.results,
+            "security": list(self.security),
+            "sensitive": self.sensitive,
         }
 
     def validate(self, args: Any, *, max_bytes: int = DEFAULT_LIMITS.max_bytes) -> ValidatedArgs:
@@ -209,15 +260,28 @@ def tool(
     idempotent: bool | None = None,
     verify: Verifier | None = None,
     description: str | None = None,
+    results: Trust | None = None,
+    security: Sequence[str] = (),
+    sensitive: bool = False,
 ) -> Any:
-    """Declare a function as a tool: `@tool(effect="read")` or `@tool(effect="write", verify=...)`.
+    """Declare a function as a tool: `@tool(effect="read")` or `@tool(effect="write", verify=...)`;
+    `@tool(effect="read", results="untrusted")` for content others wrote,
+    `@tool(effect="external", security=["recipient"])` for its security-relevant parameters.
 
     Without `effect`, the tool counts as `external` (see the module's docstring).
     """
 
     def wrap(f: Callable[..., Any]) -> Tool:
         return Tool(
-            f, name=name, effect=effect, idempotent=idempotent, verify=verify, description=description
+            f,
+            name=name,
+            effect=effect,
+            idempotent=idempotent,
+            verify=verify,
+            description=description,
+            results=results,
+            security=security,
+            sensitive=sensitive,
         )
 
     return wrap(fn) if fn is not None else wrap

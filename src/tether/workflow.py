@@ -280,6 +280,7 @@ def _describe_state(state: State) -> dict[str, Any]:
                     "idempotent": t.idempotent,
                     "verifier": _ref(t.verifier) if t.verifier else None,
                     "schema": t.json_schema(),
+                    **_provenance_declarations(t),
                 }
                 for t in state.tools
             ],
@@ -291,3 +292,16 @@ def _describe_state(state: State) -> dict[str, Any]:
             "on_verification_failed": state.on_verification_failed,
         }
     return {"kind": "terminal", "name": state.name, "failed": state.failed}
+
+
+def _provenance_declarations(tool: Tool) -> dict[str, Any]:
+    """A tool's provenance declarations, where they differ from its kind's defaults (so that
+    workflows that declare none keep their hash, and the runs pinned to it)."""
+    declared: dict[str, Any] = {}
+    if tool.results != type(tool).results:
+        declared["results"] = tool.results
+    if tool.security:
+        declared["security"] = list(tool.security)
+    if tool.sensitive:
+        declared["sensitive"] = True
+    return declared

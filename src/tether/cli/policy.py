@@ -6,12 +6,14 @@ from pathlib import Path
 from typing import Annotated, Any
 
 import typer
+from rich.markup import escape
 
 from tether.cli.common import DbOption, JsonOption, fail, open_store, out, print_json, run_async, short
 from tether.errors import TetherError
 from tether.loader import WORKFLOW_FILE, load_workflow
 from tether.policy import Policy
 from tether.policy_tooling import explain, lint, run_cases
+from tether.provenance import summary
 
 app = typer.Typer(no_args_is_help=True)
 NO_WORKFLOW = (
@@ -92,6 +94,8 @@ def explain_step(
         out.print("  no rule governs this tool or exit")
     for call, value in d.resolved.items():
         out.print(f"  resolved {call} = {short(value, 100)}")
+    for name, traced in d.provenance.items():
+        out.print(f"  provenance of {escape(name)}: {escape(summary(traced))}", soft_wrap=True)
     if explanation.facts:
         out.print(f"  facts at the time: {short(explanation.facts, 100)}")
     out.print(f"[bold]{d.decision}[/] by {d.rule_id} ({d.reason_code}): {explanation.why}")

@@ -39,6 +39,7 @@ from tether.journal import FINISHED, Entry, RunRecord, RunStatus, Ticket, verify
 from tether.journal.common import SELF_DRIVEN
 from tether.loader import load_workflow_async, workflow_ref
 from tether.models import Model, close_model
+from tether.provenance import summary
 from tether.runtime import RunResult, Runtime
 from tether.timeline import timeline
 from tether.worker import is_set_aside, note
@@ -328,8 +329,11 @@ def show(
     )
     if lease is not None:
         out.print(f"  {escape(lease['note'])}")
+    traced: set[str] = set()  # steps whose provenance is shown (a step's later rows repeat it)
     for row in steps:
-        out.print(_timeline_row(row), soft_wrap=True)
+        out.print(_timeline_row(row, with_provenance=row["step_id"] not in traced), soft_wrap=True)
+        if row.get("provenance"):
+            traced.add(row["step_id"])
     if record.message:
         out.print(f"[bold]{record.reason_code or 'note'}[/]: {escape(record.message)}")
 
@@ -395,15 +399,20 @@ def _progress(entries: list[Entry]) -> None:
         )
 
 
-def _timeline_row(row: dict[str, Any]) -> str:
-    """Two or three lines per entry: what was proposed, what was decided, what happened."""
+def _timeline_row(row: dict[str, Any], *, with_provenance: bool = True) -> str:
+    """Two or three lines per entry: what was proposed, what was decided (and where the
+    values it traced came from), what happened."""
     head = f"\n[bold]{row['seq']:>3}[/] {row['step_id'] or '--':<4} {row['state'] or '':<10} "
     lines = [head + _proposed(row)]
     if row.get("decision"):
         colour = {"allow": "green", "ask": "yellow", "defer": "yellow"}.get(row["decision"], "red")
         reason = f" — {escape(short(row['reason'], 70))}" if row.get("reason") else ""
         lines.append(f"               [{colour}]{row['decision']}[/] by {row['rule_id']}{reason}")
+    for name, traced in (row.get("provenance") or {}).items() if with_provenance else ():
+        lines.append(f"               [dim]{escape(name)}:[/] {escape(summary(traced))}")
     outcome = f"               → {row['outcome']}"
+    if (row.get("source") or {}).get("trust") == "untrusted":
+        outcome += " [yellow](untrusted content)[/]"
     if row.get("reason_code") and row["reason_code"] not in ("policy_allowed", "approval_required"):
         outcome += f" ({row['reason_code']})"
     if row.get("ticket_id") and row["kind"] == "step":

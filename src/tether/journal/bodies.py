@@ -105,6 +105,9 @@ class Executed(ToolStep, kw_only=True):
     result: Any = None
     # The verifier's evidence; None for a read without a verifier.
     verification: dict[str, Any] | None = None
+    # The tool declares its results untrusted content (others wrote them): where a value
+    # seen in `result` came from, for provenance (tether.provenance).
+    untrusted: bool = False
 
 
 class VerificationFailed(Executed, kw_only=True):
@@ -113,6 +116,7 @@ class VerificationFailed(Executed, kw_only=True):
 
 class ToolFailed(ToolStep, kw_only=True):
     error: str
+    untrusted: bool = False  # as for `Executed`: the error text is the tool's content
 
 
 class Transition(StepRecord, kw_only=True):

@@ -27,7 +27,16 @@ from typing import IO, Any, Protocol, TypeVar
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
 from tether.proposals import DEFAULT_LIMITS
-from tether.tools import ArgumentError, Effect, Tool, ToolContext, ValidatedArgs, Verifier, checked_json
+from tether.tools import (
+    ArgumentError,
+    Effect,
+    Tool,
+    ToolContext,
+    Trust,
+    ValidatedArgs,
+    Verifier,
+    checked_json,
+)
 
 try:
     import anyio
@@ -129,6 +138,8 @@ class McpTool(Tool):
     the effect comes from the workflow's declaration, else from the server's annotations
     (conservatively: only `readOnlyHint` makes a read).
     """
+
+    results: Trust = "untrusted"  # what a server returns is someone else's content unless declared
 
     def __init__(
         self,
