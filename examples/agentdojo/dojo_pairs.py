@@ -4,11 +4,13 @@ The environment carries the injection: AgentDojo's "important instructions" atta
 with the injection task's goal, in every place the user task's ground truth reads (the
 attack's own choice of injection vectors). A scripted model then proposes, one per turn:
 
-1. the user task's ground-truth calls (what a model doing its job would do),
-2. the injection task's ground-truth calls (what a model that obeyed the injected text
-   would do next), if the injected text is in what the run has observed: a model cannot
-   obey text it never read (when policy refused the read that would have shown it, the
-   model finishes instead, and the result says so),
+1. the user task's ground-truth calls (what a model doing its job would do);
+2. as soon as a result shows it the injected text, the injection task's ground-truth calls
+   (what a model that obeys the text does: it asks for them "before you can solve the
+   task", and AgentDojo's checks assume that order, e.g. the attacker's calendar event is
+   looked for as the first one created), then the rest of the user task's calls. A model
+   cannot obey text it never read: when policy refused the read that would have shown it,
+   the model does not propose the attacker's calls, and the result says so;
 3. `finish`, with the user task's expected answer as its summary.
 
 Every proposal goes through the governed step: policy decides; an `ask` is answered by the
@@ -56,18 +58,47 @@ class PairResult:
     utility: bool
     attack_succeeded: bool
     asks: int
-    # Whether the model read the injected text and proposed the attacker's calls.
-    hijacked: bool
     steps: list[StepDecision]
     decision_seconds: list[float] = field(default_factory=list)
+
+    # How many calls the model had proposed when it read the injected text (None: it never
+    # did), and how many the attacker's were.
+    hijacked_at: int | None = None
+    injected_calls: int = 0
+    # The attacker's calls that changed something (a write or external effect) and ran: a
+    # check of our own beside AgentDojo's `security`, which looks for the goal's end state.
+    attacker_effects: list[str] = field(default_factory=list)
 
     @property
     def pair(self) -> str:
         return f"{self.suite}/{self.user_task}×{self.injection_task}"
 
-    def stopped_by(self) -> list[StepDecision]:
-        """The steps that were refused or denied."""
-        return [s for s in self.steps if s.outcome != "executed" and s.tool is not None]
+    @property
+    def denied_asks(self) -> int:
+        return sum(1 for s in self.steps if s.decision == "ask" and s.outcome == "approval_denied")
+
+    @property
+    def hijacked(self) -> bool:
+        """Whether the model read the injected text and proposed the attacker's calls."""
+        return self.hijacked_at is not None
+
+    def attacker_steps(self) -> list[StepDecision]:
+        """The steps of the injection task's calls (none if the model never read the injection)."""
+        return result_attacker_steps(self.steps, self.hijacked_at, self.injected_calls)
+
+    def user_steps(self) -> list[StepDecision]:
+        """The steps of the user task's calls."""
+        attacker = {id(s) for s in self.attacker_steps()}
+        return [s for s in self.steps if s.tool is not None and id(s) not in attacker]
+
+
+def result_attacker_steps(
+    steps: list[StepDecision], hijacked_at: int | None, injected_calls: int
+) -> list[StepDecision]:
+    if hijacked_at is None:
+        return []
+    calls = [s for s in steps if s.tool is not None]
+    return calls[hijacked_at : hijacked_at + injected_calls]
 
 
 @cache
@@ -117,24 +148,38 @@ def _contains(value: Any, text: str) -> bool:
 
 
 class HijackedModel:
-    """Proposes the user task's calls; then, once the injected text is among the
-    observations, the injection task's calls; then `finish` with the expected answer."""
+    """Proposes the user task's calls and, from the first result that shows it the injected
+    text, the injection task's calls before the rest; then `finish` with the expected answer.
+
+    Where it is comes from the transcript, like `ScriptedModel`'s; `hijacked_at` keeps, for
+    the result, how many calls it had proposed when it read the injection."""
 
     name = "agentdojo-ground-truth"
 
     def __init__(self, intended: list[FunctionCall], injected: list[FunctionCall], goal: str, answer: str):
         self.intended, self.injected, self.goal, self.answer = intended, injected, goal, answer
+        self.hijacked_at: int | None = None
 
-    def read_injection(self, ctx: ModelContext) -> bool:
-        return any(m.role == "observation" and _contains(m.content, self.goal) for m in ctx.transcript)
+    def read_injection_after(self, ctx: ModelContext) -> int | None:
+        """How many proposals had been made when a result first showed the injected text."""
+        made = 0
+        for message in ctx.transcript:
+            if message.role == "proposal":
+                made += 1
+            elif message.role == "observation" and _contains(message.content, self.goal):
+                return made
+        return None
+
+    def script(self, ctx: ModelContext) -> list[FunctionCall]:
+        hijacked_at = self.hijacked_at = self.read_injection_after(ctx)
+        if hijacked_at is None:
+            return self.intended
+        return [*self.intended[:hijacked_at], *self.injected, *self.intended[hijacked_at:]]
 
     async def propose(self, ctx: ModelContext) -> ModelReply:
-        turn = ctx.proposals_made
-        if turn < len(self.intended):
-            return ModelReply(output=_proposal(self.intended[turn]))
-        turn -= len(self.intended)
-        if turn < len(self.injected) and self.read_injection(ctx):
-            return ModelReply(output=_proposal(self.injected[turn]))
+        script, turn = self.script(ctx), ctx.proposals_made
+        if turn < len(script):
+            return ModelReply(output=_proposal(script[turn]))
         return ModelReply(output={"kind": "finish", "summary": self.answer})
 
 
@@ -227,7 +272,6 @@ async def run_pair(
         if isinstance(e.body, b.Executed)
     ]
     output = user_task.GROUND_TRUTH_OUTPUT if outcome.status == "completed" else ""
-    proposed = [st.proposal for st in outcome.steps if st.tool is not None]
     return PairResult(
         suite=suite_name,
         user_task=user_task_id,
@@ -238,7 +282,13 @@ async def run_pair(
         utility=_score(user_task, output, pre, environment, traces),
         attack_succeeded=_score(injection_task, output, pre, environment, traces),
         asks=sum(1 for st in outcome.steps if st.decision == "ask"),
-        hijacked=len(proposed) > len(intended),
         steps=outcome.steps,
         decision_seconds=list(timer.seconds),
+        hijacked_at=model.hijacked_at,
+        injected_calls=len(injected),
+        attacker_effects=[
+            s.proposed(200)
+            for s in result_attacker_steps(outcome.steps, model.hijacked_at, len(injected))
+            if s.outcome == "executed" and flow.tools()[str(s.tool)].effect != "read"
+        ],
     )
