@@ -110,6 +110,26 @@ class Journal(Protocol):
         approved too late); return it. `now` is ignored."""
         ...
 
+    async def page_runs(
+        self,
+        *,
+        status: str | None = None,
+        workflow: str | None = None,
+        workflows: Collection[str] | None = None,
+        owner: str | None = None,
+        since: float | None = None,
+        until: float | None = None,
+        after: tuple[float, str] | None = None,
+        limit: int = 50,
+    ) -> list[RunRecord]:
+        """Runs newest first, filtered (created in [since, until)); `after` is the
+        (created_at, run_id) of the previous page's last run (keyset pagination)."""
+        ...
+
+    async def last_seqs(self, run_ids: Collection[str]) -> dict[str, tuple[int, str]]:
+        """Each run's (last entry number, status), in one query."""
+        ...
+
     # -- leases: which worker drives a run, until when (the store's clock) --------------
 
     async def acquire(

@@ -269,6 +269,52 @@ class SQLStore:
         )
         return [decode_run(r) for r in rows]
 
+    async def page_runs(
+        self,
+        *,
+        status: str | None = None,
+        workflow: str | None = None,
+        workflows: Collection[str] | None = None,
+        owner: str | None = None,
+        since: float | None = None,
+        until: float | None = None,
+        after: tuple[float, str] | None = None,
+        limit: int = 50,
+    ) -> list[RunRecord]:
+        """Runs newest first, filtered (created in [since, until)); `after` is the
+        (created_at, run_id) of the last run of the previous page: keyset pagination."""
+        where: list[str] = []
+        params: list[Any] = []
+        for column, value in (("status", status), ("workflow_name", workflow), ("owner", owner)):
+            if value is not None:
+                where.append(f"{column} = ?")
+                params.append(value)
+        if workflows is not None:  # a caller allowed only some workflows sees only theirs
+            where.append(f"workflow_name IN ({placeholders(len(workflows))})" if workflows else "1 = 0")
+            params += list(workflows)
+        if since is not None:
+            where.append("created_at >= ?")
+            params.append(since)
+        if until is not None:
+            where.append("created_at < ?")
+            params.append(until)
+        if after is not None:
+            where.append("(created_at < ? OR (created_at = ? AND run_id < ?))")
+            params += [after[0], after[0], after[1]]
+        sql = f"{RUN_SELECT} {'WHERE ' + ' AND '.join(where) if where else ''}"
+        rows = await self._d.read(f"{sql} ORDER BY created_at DESC, run_id DESC LIMIT ?", (*params, limit))
+        return [decode_run(r) for r in rows]
+
+    async def last_seqs(self, run_ids: Collection[str]) -> dict[str, tuple[int, str]]:
+        """Each run's last entry number and status, in one query (what a watcher polls)."""
+        if not run_ids:
+            return {}
+        rows = await self._d.read(
+            f"SELECT run_id, last_seq, status FROM runs WHERE run_id IN ({placeholders(len(run_ids))})",
+            list(run_ids),
+        )
+        return {run_id: (seq, status) for run_id, seq, status in rows}
+
     # -- commits ---------------------------------------------------------------------
 
     async def commit(self, commit: Commit) -> list[Entry]:
