@@ -24,12 +24,17 @@ transaction, so that failure too stays with its commit.
 from __future__ import annotations
 
 import asyncio
+import json
 from collections.abc import Collection, Mapping, Sequence
 from contextlib import AbstractAsyncContextManager
 from dataclasses import dataclass, field
 from typing import Any, Protocol, Self
 
+import msgspec
+
 from tether.errors import ConcurrentWriteError, JournalError, RunNotFound, TicketError, TicketExpired
+from tether.hashing import encode_json
+from tether.identity import TokenInfo
 from tether.journal.common import (
     ACTIVE_STATUSES,
     ENTRY_COLUMNS,
@@ -597,6 +602,55 @@ class SQLStore:
         )
         return await self.get_ticket(ticket_id)
 
+    # -- tokens (tether.identity) ----------------------------------------------------
+
+    async def insert_token(self, info: TokenInfo, token_hash: str, expires_in: float | None) -> TokenInfo:
+        """Store a new token (its hash only), created now and expiring `expires_in` seconds
+        from now by the store's clock (None: never); return it as stored."""
+        expiry = f"{NOW} + ?" if expires_in is not None else "NULL"
+        params = [
+            info.token_id,
+            info.principal_id,
+            info.name,
+            info.kind,
+            info.role,
+            encode_json(list(info.approver_for)),
+            encode_json(list(info.workflows)),
+            token_hash,
+        ]
+        async with self._d.transaction() as tx:
+            await tx.execute(
+                f"INSERT INTO tokens ({', '.join(_TOKEN_COLUMNS[:7])}, token_hash, created_at, expires_at) "
+                f"VALUES ({placeholders(8)}, {NOW}, {expiry})",
+                params + ([expires_in] if expires_in is not None else []),
+            )
+            rows = await tx.fetch(f"{_TOKEN_SELECT} WHERE token_id = ?", (info.token_id,))
+        return _decode_token(rows[0])
+
+    async def find_token(self, token_hash: str) -> tuple[TokenInfo, float] | None:
+        """The token with this hash and the store's now, or None."""
+        rows = await self._d.read(
+            f"SELECT {', '.join(_TOKEN_COLUMNS)}, {NOW} FROM tokens WHERE token_hash = ?", (token_hash,)
+        )
+        return (_decode_token(rows[0][:-1]), rows[0][-1]) if rows else None
+
+    async def list_tokens(self) -> list[TokenInfo]:
+        rows = await self._d.read(f"{_TOKEN_SELECT} ORDER BY created_at, token_id")
+        return [_decode_token(r) for r in rows]
+
+    async def revoke_token(self, token_id: str, by: str) -> TokenInfo:
+        """Revoke a token now (store's clock); revoking it again changes nothing."""
+        async with self._d.transaction() as tx:
+            await tx.execute(
+                f"UPDATE tokens SET revoked_at = {NOW}, revoked_by = ? "
+                "WHERE token_id = ? AND revoked_at IS NULL",
+                (by, token_id),
+            )
+            rows = await tx.fetch(f"{_TOKEN_SELECT} WHERE token_id = ?", (token_id,))
+        if not rows:
+            raise JournalError(f"no token {token_id!r} in {self._d.where}")
+        return _decode_token(rows[0])
+
     # -- leases ----------------------------------------------------------------------
 
     async def acquire(
@@ -733,6 +787,29 @@ class SQLStore:
         if not rows:
             raise RunNotFound(f"no run {run_id!r} in {self._d.where}")
         return decode_run(rows[0])
+
+
+_TOKEN_COLUMNS = (
+    "token_id",
+    "principal_id",
+    "name",
+    "kind",
+    "role",
+    "approver_for",
+    "workflows",
+    "created_at",
+    "expires_at",
+    "revoked_at",
+    "revoked_by",
+)
+_TOKEN_SELECT = f"SELECT {', '.join(_TOKEN_COLUMNS)} FROM tokens"
+
+
+def _decode_token(row: tuple[Any, ...]) -> TokenInfo:
+    values = dict(zip(_TOKEN_COLUMNS, row, strict=True))
+    for k in ("approver_for", "workflows"):
+        values[k] = tuple(json.loads(values[k]))
+    return msgspec.convert(values, TokenInfo)
 
 
 def _settle(done: asyncio.Future[list[Entry]], outcome: list[Entry] | BaseException) -> None:

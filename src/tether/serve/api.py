@@ -265,23 +265,13 @@ def run_out(record: RunRecord) -> RunOut:
     )
 
 
-def _allowed(principal: Principal, action: str, **scope: Any) -> bool:
-    try:
-        identity.authorize(principal, action, **scope)
-    except Exception as exc:
-        if isinstance(exc, Problem) or type(exc).__name__ == "Forbidden":
-            return False
-        raise
-    return True
-
-
 def ticket_out(ticket: Ticket, workflow: str, principal: Principal, record: RunRecord) -> TicketOut:
     actions: list[str] = []
     if ticket.status == "pending":
         scope = {"workflow": workflow, "ticket": ticket, "run": record}
-        if ticket.kind == "approval" and _allowed(principal, "decide", **scope):
+        if ticket.kind == "approval" and identity.allowed(principal, "decide", **scope):
             actions = ["approve", "deny"]
-        elif ticket.kind == "question" and _allowed(principal, "answer", **scope):
+        elif ticket.kind == "question" and identity.allowed(principal, "answer", **scope):
             actions = ["answer", "deny"]
     return TicketOut(
         ticket_id=ticket.ticket_id,
@@ -477,7 +467,7 @@ async def list_tickets(server: Server, request: Request, principal: Principal) -
         if ticket.run_id not in runs:
             runs[ticket.run_id] = await server.journal.get_run(ticket.run_id)
         record = runs[ticket.run_id]
-        if _allowed(principal, "view", workflow=record.workflow_name, run=record):
+        if identity.allowed(principal, "view", workflow=record.workflow_name, run=record):
             shown.append(ticket_out(ticket, record.workflow_name, principal, record))
     return _ok(TicketList(tickets=shown))
 
@@ -572,7 +562,7 @@ async def list_workflows(server: Server, request: Request, principal: Principal)
             states=list(w.states),
         )
         for w in found
-        if _allowed(principal, "view", workflow=w.name)
+        if identity.allowed(principal, "view", workflow=w.name)
     ]
     return _ok(WorkflowList(workflows=shown))
 

@@ -60,6 +60,9 @@ def _code(exc: Exception, default: str) -> str:
 
 # Tether's errors, most specific first: (class, HTTP status, code when the error names none).
 MAPPED: list[tuple[type[Exception], int, str]] = [
+    (errors.AuthError, 401, "unauthenticated"),
+    (errors.Forbidden, 403, "forbidden"),
+    (errors.EditRefused, 422, "edit_refused"),
     (errors.RunNotFound, 404, "not_found"),
     (errors.TicketExpired, 409, "approval_expired"),
     (errors.TicketError, 409, "ticket_conflict"),
@@ -80,7 +83,9 @@ def problem_of(exc: Exception) -> Problem:
         return exc
     for kind, status, code in MAPPED:
         if isinstance(exc, kind):
-            return Problem(status, _code(exc, code), str(exc))
+            reason_code = getattr(exc, "reason_code", None)
+            extra = {"reason_code": str(reason_code)} if reason_code else {}
+            return Problem(status, _code(exc, code), str(exc), **extra)
     return Problem(500, "internal_error", "the server failed to handle the request; see its log")
 
 
