@@ -533,7 +533,9 @@ def deny(
     server: remote.ServerOption = None,
 ) -> None:
     """Deny a pending ticket; the model is told why."""
-    _decide(ticket_id, approve=False, by=by, reason=reason, answer=None, db=db, as_json=as_json, server=server)
+    _decide(
+        ticket_id, approve=False, by=by, reason=reason, answer=None, db=db, as_json=as_json, server=server
+    )
 
 
 @app.command()

@@ -268,11 +268,9 @@ def run_out(record: RunRecord) -> RunOut:
 def ticket_out(ticket: Ticket, workflow: str, principal: Principal, record: RunRecord) -> TicketOut:
     actions: list[str] = []
     if ticket.status == "pending":
-        scope = {"workflow": workflow, "ticket": ticket, "run": record}
-        if ticket.kind == "approval" and identity.allowed(principal, "decide", **scope):
-            actions = ["approve", "deny"]
-        elif ticket.kind == "question" and identity.allowed(principal, "answer", **scope):
-            actions = ["answer", "deny"]
+        action = "answer" if ticket.kind == "question" else "decide"
+        if identity.allowed(principal, action, workflow=workflow, ticket=ticket, run=record):
+            actions = ["answer", "deny"] if ticket.kind == "question" else ["approve", "deny"]
     return TicketOut(
         ticket_id=ticket.ticket_id,
         run_id=ticket.run_id,
@@ -473,7 +471,8 @@ async def list_tickets(server: Server, request: Request, principal: Principal) -
 
 
 async def _decide(server: Server, request: Request, principal: Principal, verb: str) -> Response:
-    kind = {"approve": Approve, "deny": Deny, "answer": AnswerIn}[verb]
+    kinds: dict[str, type[_In]] = {"approve": Approve, "deny": Deny, "answer": AnswerIn}
+    kind = kinds[verb]
     given = await _body(request, kind)
     ticket_id = request.path_params["ticket_id"]
     try:
@@ -732,7 +731,7 @@ def openapi(extra: tuple[Endpoint, ...] = ()) -> dict[str, Any]:
             }
         if e.stream:
             success: dict[str, Any] = {
-                "description": "An event per journal entry (event `entry`), then `end` once the run finished.",
+                "description": "An event per journal entry (`entry`), then `end` once the run finished.",
                 "content": {"text/event-stream": {"schema": {"type": "string"}}},
             }
         else:
