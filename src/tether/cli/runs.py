@@ -483,13 +483,15 @@ def _decide(
             if ticket.kind == "question" and approve and answer is None:
                 fail(
                     f"ticket {ticket_id} is a question ({ticket.question!r}), not an approval: answer it "
-                    f"with tether answer {ticket_id} TEXT{db_hint(db)} (or decline it with tether deny)",
+                    f"with tether answer {ticket_id} TEXT{db_hint(db)} (or decline it: tether deny "
+                    f"{ticket_id} --reason TEXT{db_hint(db)})",
                     "ticket_error",
                 )
             if ticket.kind == "approval" and answer is not None:
                 fail(
                     f"ticket {ticket_id} is an approval, not a question: "
-                    f"tether approve {ticket_id}{db_hint(db)} or tether deny",
+                    f"tether approve {ticket_id}{db_hint(db)} or "
+                    f"tether deny {ticket_id} --reason TEXT{db_hint(db)}",
                     "ticket_error",
                 )
             record = await journal.get_run(ticket.run_id)
