@@ -17,8 +17,8 @@ from typing import Any
 
 import httpx
 import pytest
-from servers import REFUND_INPUT, serve
 
+from servers import REFUND_INPUT, serve
 from tether import identity
 from tether.journal import open_journal
 
@@ -86,14 +86,18 @@ def test_two_approvers_racing_through_two_servers_decide_each_ticket_exactly_onc
         headers = {"Authorization": f"Bearer {tokens['operator']}"}
         with httpx.Client(base_url=driving.url, headers=headers, timeout=60) as client:
             runs = [
-                client.post("/api/v1/runs", json={"workflow": "refund", "input": REFUND_INPUT}).json()["run_id"]
+                client.post("/api/v1/runs", json={"workflow": "refund", "input": REFUND_INPUT}).json()[
+                    "run_id"
+                ]
                 for _ in range(TRIALS)
             ]
             tickets = _tickets_of(client, runs)
         context = multiprocessing.get_context("fork")
         barrier, results = context.Barrier(2), context.Queue()
         racers = [
-            context.Process(target=_approve_each, args=(driving.url, tokens["ann"], tickets, barrier, results)),
+            context.Process(
+                target=_approve_each, args=(driving.url, tokens["ann"], tickets, barrier, results)
+            ),
             context.Process(target=_approve_each, args=(other.url, tokens["bob"], tickets, barrier, results)),
         ]
         for racer in racers:

@@ -13,8 +13,8 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
-from servers import Served, env_for, serve
 
+from servers import Served, env_for, serve
 from tether import identity
 from tether.journal import open_journal
 
@@ -76,5 +76,7 @@ def test_schemathesis_finds_no_server_error_and_no_response_contradicting_the_do
         "--report-dir",
         str(workdir / f"report-{role}"),
     ]
-    found = subprocess.run(argv, cwd=workdir, env=env_for(workdir), capture_output=True, text=True, timeout=600)
+    found = subprocess.run(
+        argv, cwd=workdir, env=env_for(workdir), capture_output=True, text=True, timeout=600
+    )
     assert found.returncode == 0, found.stdout[-6000:] + found.stderr[-2000:]

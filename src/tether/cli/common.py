@@ -9,6 +9,7 @@ from __future__ import annotations
 import asyncio
 import json
 import os
+import re
 import shlex
 import sys
 from collections.abc import Awaitable, Callable
@@ -21,16 +22,21 @@ from rich.console import Console
 from rich.markup import escape
 
 from tether.errors import (
+    AuthError,
     ConcurrentWriteError,
     DefinitionError,
+    EditRefused,
+    Forbidden,
     JournalError,
     ModelSpecError,
     PolicyFileError,
     RunNotFound,
     RunStateError,
     TetherError,
+    TicketConflict,
     TicketError,
 )
+from tether.identity import Principal
 from tether.journal import DB_ENV, DEFAULT_DB, Journal, open_journal
 from tether.models import Model, ReplayModel, resolve_model
 
@@ -63,12 +69,27 @@ WaitOption = Annotated[
     bool, typer.Option("--wait", help="When the run pauses on a ticket, wait for the decision and go on.")
 ]
 ByOption = Annotated[str | None, typer.Option("--by", help="Who decides (default: your user name).")]
+# Decisions from a shell that opened the journal are the local admin's (tether.identity): a
+# name given here is shown beside that principal, never trusted in its place.
+NoteByOption = Annotated[
+    str | None,
+    typer.Option(
+        "--by",
+        metavar="NAME",
+        help="A display name shown with the decision. It is recorded as made by the local admin "
+        "(local:USER@HOST) whatever is given: whoever can write the journal is an admin.",
+    ),
+]
 FAILED_STATUSES = {"failed", "escalated", "effect_in_doubt"}
 
 # The stable codes of `--json` errors, most specific first (RunNotFound is a JournalError).
 ERROR_CODES: list[tuple[type[TetherError], str]] = [
     (RunNotFound, "not_found"),
+    (TicketConflict, "conflict"),
     (TicketError, "ticket_error"),
+    (Forbidden, "forbidden"),
+    (EditRefused, "edit_refused"),
+    (AuthError, "unauthenticated"),
     (ConcurrentWriteError, "conflict"),
     (RunStateError, "run_state"),
     (DefinitionError, "bad_input"),
@@ -79,13 +100,31 @@ ERROR_CODES: list[tuple[type[TetherError], str]] = [
 
 
 class Output:
-    """How this process reports errors; the command line sets it (`--json` asks for JSON)."""
+    """How this process reports errors; the command line sets it (`--json` asks for JSON).
+    `db_hint` is ` --db WHERE` once a command opened a journal that is not the default one."""
 
     json_errors = False
+    db_hint = ""
+
+
+# A next step an error names (`tether resolve run_x --done`, from the kernel, which does not
+# know which journal the command opened): the `--db` the command was given goes after the id.
+_NEXT_STEP = re.compile(
+    r"\btether (?:resume|resolve|pickup|approve|deny|answer|show|exchanges) (?:run|tkt)_\w+"
+)
+
+
+def with_db(message: str) -> str:
+    """`message` with the command's `--db` added to every next step it suggests."""
+    hint = Output.db_hint
+    if not hint or hint in message:
+        return message
+    return _NEXT_STEP.sub(lambda m: m.group(0) + hint, message)
 
 
 def print_error(code: str, message: str) -> None:
     """An error as the caller asked for output: `{"error": {...}}` on stdout, or text on stderr."""
+    message = with_db(message)
     if Output.json_errors:
         print_json({"error": {"code": code, "message": message}})
     else:
@@ -101,7 +140,16 @@ def fail(message: str, code: str = "bad_input") -> NoReturn:
 
 def fail_with(exc: TetherError) -> NoReturn:
     code = next((c for kind, c in ERROR_CODES if isinstance(exc, kind)), "bad_input")
-    fail(str(exc), code)
+    fail(str(exc), getattr(exc, "code", code) if isinstance(exc, AuthError) else code)
+
+
+def local_principal(display_name: str | None = None) -> Principal:
+    """Who a command that opened the journal directly acts as: the local admin
+    (`local:USER@HOST`), with `--by`'s name, if given, for display only."""
+    me = Principal.local()
+    if not display_name:
+        return me
+    return Principal(principal_id=me.principal_id, name=display_name, kind="local", role="admin")
 
 
 def print_json(value: Any) -> None:
@@ -151,6 +199,7 @@ def open_store(db: str | None, *, create: bool = False) -> Journal:
             "only reads or decides never creates one)",
             "no_journal",
         )
+    Output.db_hint = db_hint(db)
     try:
         return open_journal(db)
     except TetherError as exc:

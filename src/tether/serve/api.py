@@ -408,6 +408,7 @@ async def start_run(server: Server, request: Request, principal: Principal) -> R
             workflow_ref=str(server.registry.folders[workflow.hash]),
             model_spec=server.model_spec,
             run_id=run_id,
+            by=principal,
         )
     except Exception as exc:
         # Two requests with one key at once: the second finds the run the first created.
@@ -513,8 +514,9 @@ async def _decide(server: Server, request: Request, principal: Principal, verb: 
     if verb == "answer" and ticket.kind != "question":
         raise Problem(409, "wrong_ticket_kind", f"ticket {ticket.ticket_id} asks for approval, not an answer")
     decided = await decide(
-        server.journal,
-        ticket.ticket_id,
+        server,
+        ticket,
+        record,
         approve=verb != "deny",
         by=principal,
         reason=getattr(given, "reason", ""),
@@ -529,8 +531,9 @@ async def _decide(server: Server, request: Request, principal: Principal, verb: 
 
 
 async def decide(
-    journal: Journal,
-    ticket_id: str,
+    server: Server,
+    ticket: Ticket,
+    record: RunRecord,
     *,
     approve: bool,
     by: Principal,
@@ -538,11 +541,24 @@ async def decide(
     answer: str | None,
     edited_args: dict[str, Any] | None,
 ) -> Ticket:
-    """The kernel's one decision entry point, as the API calls it."""
+    """The kernel's one decision entry point (`Runtime.decide`); edited arguments are
+    checked against the workflow the run is pinned to, as this server loaded it."""
+    workflow = None
     if edited_args is not None:
-        raise Problem(422, "not_supported", "edit-and-approve needs the people branch's decide")
-    return await journal.decide_ticket(
-        ticket_id, approve=approve, by=by.principal_id, reason=reason, answer=answer
+        if server.registry is None:
+            raise Problem(409, "no_workflows", "checking edited arguments needs the server's --workflows")
+        try:
+            workflow = server.registry.workflow_for(record)
+        except NotRegistered as exc:
+            raise Problem(409, "workflow_not_loaded", str(exc)) from None
+    return await server.runtime.decide(
+        ticket.ticket_id,
+        approve=approve,
+        by=by,
+        reason=reason,
+        answer=answer,
+        edited_args=edited_args,
+        workflow=workflow,
     )
 
 
