@@ -53,7 +53,9 @@ class Served:
                 self.process.wait()
 
 
-def serve(db: str, workdir: Path, *, workers: int = 1, timeout: float = 30.0) -> Served:
+def serve(
+    db: str, workdir: Path, *, workers: int = 1, workflows: Path = REFUND, timeout: float = 30.0
+) -> Served:
     """Start `tether serve` over `db` and wait until it answers."""
     port = free_port()
     log = workdir / f"serve-{port}.log"
@@ -67,7 +69,7 @@ def serve(db: str, workdir: Path, *, workers: int = 1, timeout: float = 30.0) ->
         "--port",
         str(port),
         "--workflows",
-        str(REFUND),
+        str(workflows),
         "--workers",
         str(workers),
         "--model",

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import shutil
 import time
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -17,7 +18,7 @@ from typing import Any
 import httpx
 import pytest
 
-from servers import REFUND_INPUT, Served, serve
+from servers import REFUND, REFUND_INPUT, Served, serve
 from tether import identity
 from tether.identity import Principal
 from tether.journal import open_journal
@@ -349,3 +350,79 @@ def test_the_openapi_document_describes_every_endpoint(api: Api) -> None:
     start = document["paths"]["/api/v1/runs"]["post"]
     assert {"201", "200", "401", "403", "409", "422"} <= start["responses"].keys()
     assert any(p["name"] == "Idempotency-Key" for p in start["parameters"])
+
+
+def test_edited_arguments_are_checked_again_and_a_denied_edit_changes_nothing(api: Api) -> None:
+    run_id, ticket_id = api.paused_ticket()
+    over = {"order_id": "A-1001", "amount": 650.0, "reason": "kettle arrived broken"}
+    refused = api.call("POST", f"/api/v1/tickets/{ticket_id}/approve", "supervisor", json={"args": over})
+    assert "refund-over-hard-limit" in problem(refused, 422, "edit_refused")["detail"]
+    listed = {t["ticket_id"]: t for t in api.call("GET", "/api/v1/tickets").json()["tickets"]}
+    assert listed[ticket_id]["status"] == "pending" and listed[ticket_id]["args"]["amount"] == 180.0
+    less = {**over, "amount": 150.0}
+    approved = api.call("POST", f"/api/v1/tickets/{ticket_id}/approve", "supervisor", json={"args": less})
+    assert approved.status_code == 200, approved.text
+    assert approved.json()["ticket"]["args"]["amount"] == 150.0
+    api.wait(run_id, "completed", "failed", "escalated")
+    steps = api.call("GET", f"/api/v1/runs/{run_id}").json()["steps"]
+    paid = [
+        s for s in steps if s["outcome"] == "executed" and (s["proposal"] or {}).get("tool") == "issue_refund"
+    ]
+    # The model proposed 180; the run executed exactly the approver's 150, once.
+    assert [s["result"]["refunded"] for s in paid] == [150.0]
+
+
+# -- separation of duties: a rule with approvals: 2 and forbid_self_approval -------------------
+
+
+@pytest.fixture(scope="module")
+def team(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Api]:
+    """A server whose refund policy needs two distinct supervisors, neither the starter."""
+    workdir = tmp_path_factory.mktemp("team")
+    folder = workdir / "refund"
+    shutil.copytree(REFUND, folder, ignore=shutil.ignore_patterns("__pycache__"))
+    policy = (folder / "policy.yaml").read_text()
+    asked = "    approver: supervisor\n"
+    assert asked in policy
+    (folder / "policy.yaml").write_text(
+        policy.replace(asked, asked + "    approvals: 2\n    forbid_self_approval: true\n", 1)
+    )
+    db = workdir / "journal.db"
+    tokens = asyncio.run(_tokens(db))
+    tokens |= asyncio.run(
+        _more_tokens(db, {"supervisor2": {"role": "approver", "approver_for": ["supervisor"]}})
+    )
+    served = serve(str(db), workdir, workflows=folder)
+    try:
+        yield Api(served, db, tokens)
+    finally:
+        served.stop()
+
+
+async def _more_tokens(db: Path, specs: dict[str, dict[str, Any]]) -> dict[str, str]:
+    journal = open_journal(str(db))
+    try:
+        return {
+            name: (await identity.create_token(journal, name=name, expires_in=None, **spec))[0]
+            for name, spec in specs.items()
+        }
+    finally:
+        await journal.aclose()
+
+
+def test_the_starter_may_not_approve_and_two_distinct_approvers_are_needed(team: Api) -> None:
+    run_id = team.start("admin")["run_id"]  # an admin starts it: even an admin may not approve it
+    ticket_id = team.wait(run_id, "paused")["ticket_id"]
+    own = team.call("POST", f"/api/v1/tickets/{ticket_id}/approve", "admin", json={})
+    assert "forbid_self_approval" in problem(own, 403, "forbidden")["detail"]
+    first = team.call("POST", f"/api/v1/tickets/{ticket_id}/approve", "supervisor", json={"reason": "1"})
+    assert first.status_code == 200 and first.json()["ticket"]["status"] == "pending"
+    twice = team.call("POST", f"/api/v1/tickets/{ticket_id}/approve", "supervisor", json={"reason": "again"})
+    assert "already" in problem(twice, 409, "ticket_conflict")["detail"]
+    assert team.call("GET", f"/api/v1/runs/{run_id}").json()["run"]["status"] == "paused"
+    second = team.call("POST", f"/api/v1/tickets/{ticket_id}/approve", "supervisor2", json={"reason": "2"})
+    assert second.json()["ticket"]["status"] == "approved"
+    team.wait(run_id, "completed")
+    steps = team.call("GET", f"/api/v1/runs/{run_id}").json()["steps"]
+    kinds = [s["kind"] for s in steps]
+    assert kinds.count("approval_given") == 2 and kinds.count("ticket_decided") == 1
