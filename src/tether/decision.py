@@ -38,6 +38,8 @@ class Decision(msgspec.Struct, omit_defaults=True):
     approver: str | None = None
     owner: str | None = None
     expires_in: float | None = None
+    # The role an `ask` escalates the run to when its ticket expires (None: the call is denied).
+    escalate_on_expiry: str | None = None
     matched: list[str] = []
     evaluated: dict[str, bool | str] = {}
     resolved: dict[str, Any] = {}
