@@ -124,7 +124,9 @@ class Payments:
             {"id": "refund-ok", "tool": "refund_charge", "decision": "allow"},
         ]
         policy = Policy.from_dict({"rules": (rules or []) + allow}, "payments-policy")
-        return Workflow("payments", "1", "pay", [pay, Terminal("done"), Terminal("failed", failed=True)], policy=policy)
+        return Workflow(
+            "payments", "1", "pay", [pay, Terminal("done"), Terminal("failed", failed=True)], policy=policy
+        )
 
 
 def charge(card: str, amount: float) -> dict[str, Any]:
@@ -178,7 +180,9 @@ def test_cancel_records_who_and_why_and_a_finished_run_cannot_be_cancelled(any_j
 
 def test_cancel_of_a_paused_run_withdraws_its_ticket(any_journal: Journal) -> None:
     journal, payments = any_journal, Payments()
-    ask = [{"id": "big", "tool": "charge", "when": "args.amount > 100.0", "decision": "ask", "approver": "boss"}]
+    ask = [
+        {"id": "big", "tool": "charge", "when": "args.amount > 100.0", "decision": "ask", "approver": "boss"}
+    ]
     wf = payments.workflow(ask)
     result = run(Runtime(journal).start(wf, ScriptedModel([charge("4242", 500.0)])))
     assert result.status == "paused"
@@ -226,7 +230,14 @@ def test_rollback_undoes_effects_newest_first_and_reports_what_it_cannot(any_jou
 
 def test_a_compensation_policy_does_not_allow_is_refused_and_reported_not_run(journal: Journal) -> None:
     payments = Payments()
-    deny = [{"id": "no-big-refunds", "tool": "refund_charge", "when": "args.charge_id == 'ch_1'", "decision": "deny"}]
+    deny = [
+        {
+            "id": "no-big-refunds",
+            "tool": "refund_charge",
+            "when": "args.charge_id == 'ch_1'",
+            "decision": "deny",
+        }
+    ]
     wf, run_id = escalated_run(journal, payments, [charge("4242", 10.0), charge("4242", 20.0)], rules=deny)
     outcome = run(Operations(journal, load=loader(wf)).cancel(run_id, ALICE, rollback=True))
     assert payments.refunded == ["ch_2"]
@@ -293,7 +304,9 @@ def test_a_compensation_must_fit_the_tool_it_undoes() -> None:
     with pytest.raises(ValueError, match="names no argument of 'charge'"):
         payments.charge.compensate_with(payments.refund_charge, {"charge_id": "args.nope"})
     with pytest.raises(ValueError, match="no parameter"):
-        payments.charge.compensate_with(payments.refund_charge, {"charge_id": "result.x", "extra": "args.card"})
+        payments.charge.compensate_with(
+            payments.refund_charge, {"charge_id": "result.x", "extra": "args.card"}
+        )
     with pytest.raises(ValueError, match="not arguments of 'charge'"):
         payments.charge.compensate_with(payments.refund_charge)  # by name: charge has no charge_id
 
@@ -350,7 +363,9 @@ def test_retry_of_a_run_that_ended_in_a_terminal_state_is_refused(journal: Journ
 def test_take_over_chooses_an_exit_with_data_and_the_run_finishes(journal: Journal) -> None:
     payments = Payments()
     wf, run_id = escalated_run(journal, payments, [charge("4242", 10.0)])
-    outcome = run(Operations(journal, load=loader(wf)).take_over(run_id, ALICE, "done", {"note": "checked by hand"}))
+    outcome = run(
+        Operations(journal, load=loader(wf)).take_over(run_id, ALICE, "done", {"note": "checked by hand"})
+    )
     assert outcome.run.status == "completed" and outcome.run.state == "done"
     assert outcome.run.data["note"] == "checked by hand"
     (taken,) = bodies_of(journal, run_id, "taken_over")
@@ -360,13 +375,23 @@ def test_take_over_chooses_an_exit_with_data_and_the_run_finishes(journal: Journ
 
 def test_take_over_is_refused_clearly_and_changes_nothing(journal: Journal) -> None:
     payments = Payments()
-    no_done = [{"id": "not-done-yet", "exit": "done", "when": "!has(args.update.approved)", "decision": "deny", "reason": "nobody approved"}]
+    no_done = [
+        {
+            "id": "not-done-yet",
+            "exit": "done",
+            "when": "!has(args.update.approved)",
+            "decision": "deny",
+            "reason": "nobody approved",
+        }
+    ]
     wf, run_id = escalated_run(journal, payments, [charge("4242", 10.0)], rules=no_done)
     ops = Operations(journal, load=loader(wf))
     before = run(journal.get_run(run_id))
     with pytest.raises(RunStateError, match=r"no exit 'finish' \(its exits: done, give_up\)"):
         run(ops.take_over(run_id, ALICE, "finish"))
-    with pytest.raises(RunStateError, match="refused by policy: not-done-yet says deny \\(nobody approved\\)"):
+    with pytest.raises(
+        RunStateError, match="refused by policy: not-done-yet says deny \\(nobody approved\\)"
+    ):
         run(ops.take_over(run_id, ALICE, "done"))
     with pytest.raises(InputError, match="data is refused"):
         run(ops.take_over(run_id, ALICE, "done", {"x": float("nan")}))
@@ -377,7 +402,9 @@ def test_take_over_is_refused_clearly_and_changes_nothing(journal: Journal) -> N
 
 def test_take_over_of_a_paused_run_withdraws_its_ticket(journal: Journal) -> None:
     payments = Payments()
-    ask = [{"id": "big", "tool": "charge", "when": "args.amount > 100.0", "decision": "ask", "approver": "boss"}]
+    ask = [
+        {"id": "big", "tool": "charge", "when": "args.amount > 100.0", "decision": "ask", "approver": "boss"}
+    ]
     wf = payments.workflow(ask)
     result = run(Runtime(journal).start(wf, ScriptedModel([charge("4242", 500.0)])))
     outcome = run(Operations(journal, load=loader(wf)).take_over(result.run_id, ALICE, "give_up"))
@@ -390,6 +417,7 @@ def test_an_effect_in_doubt_is_settled_before_anything_else(journal: Journal) ->
     wf = payments.workflow()
     result = run(Runtime(journal).start(wf, ScriptedModel([charge("4242", 10.0)])))
     run_id = result.run_id
+
     # Make the run look cut off in the middle of a non-idempotent effect.
     async def doubt() -> None:
         record = await journal.get_run(run_id)
@@ -406,7 +434,11 @@ def test_an_effect_in_doubt_is_settled_before_anything_else(journal: Journal) ->
 
     run(doubt())
     ops = Operations(journal, load=loader(wf))
-    for act in (ops.retry(run_id, ALICE), ops.take_over(run_id, ALICE, "done"), ops.cancel(run_id, ALICE, rollback=True)):
+    for act in (
+        ops.retry(run_id, ALICE),
+        ops.take_over(run_id, ALICE, "done"),
+        ops.cancel(run_id, ALICE, rollback=True),
+    ):
         with pytest.raises(RunStateError, match="effect in doubt .*tether resolve"):
             run(act)
     items = run(actionable(journal))
@@ -417,7 +449,17 @@ def test_an_effect_in_doubt_is_settled_before_anything_else(journal: Journal) ->
 
 
 def _paused_on_expiring_ticket(journal: Journal, payments: Payments, **rule: Any) -> tuple[Workflow, Any]:
-    ask = [{"id": "big", "tool": "charge", "when": "args.amount > 100.0", "decision": "ask", "approver": "boss", "expires_in": 0.5, **rule}]
+    ask = [
+        {
+            "id": "big",
+            "tool": "charge",
+            "when": "args.amount > 100.0",
+            "decision": "ask",
+            "approver": "boss",
+            "expires_in": 0.5,
+            **rule,
+        }
+    ]
     wf = payments.workflow(ask)
     script = ScriptedModel([charge("4242", 500.0), {"kind": "exit", "exit": "give_up"}])
     # A reference a worker could load the workflow from (a run of a `<python:…>` one is never claimed).
@@ -426,7 +468,9 @@ def _paused_on_expiring_ticket(journal: Journal, payments: Payments, **rule: Any
     return wf, result
 
 
-def test_the_sweeper_expires_a_ticket_at_its_deadline_and_the_run_goes_on_denied(any_journal: Journal) -> None:
+def test_the_sweeper_expires_a_ticket_at_its_deadline_and_the_run_goes_on_denied(
+    any_journal: Journal,
+) -> None:
     journal, payments = any_journal, Payments()
     wf, result = _paused_on_expiring_ticket(journal, payments)
     assert run(sweep_expired(journal)) == 0  # not yet due by the store's clock
@@ -440,7 +484,11 @@ def test_the_sweeper_expires_a_ticket_at_its_deadline_and_the_run_goes_on_denied
     claimed = run(journal.claim("w1", lease_seconds=5))
     assert claimed is not None and claimed.run_id == result.run_id
     run(journal.release(result.run_id, "w1"))
-    final = run(Runtime(journal).resume(result.run_id, wf, ScriptedModel([charge("4242", 500.0), {"kind": "exit", "exit": "give_up"}])))
+    final = run(
+        Runtime(journal).resume(
+            result.run_id, wf, ScriptedModel([charge("4242", 500.0), {"kind": "exit", "exit": "give_up"}])
+        )
+    )
     assert final.status == "failed"
     refused = bodies_of(journal, result.run_id, "refused")[-1]
     assert refused.decision.reason_code == "approval_expired"
@@ -459,7 +507,10 @@ def test_on_expiry_escalate_makes_the_run_an_escalation_for_that_role(any_journa
     items = run(actionable(journal, owner="finance"))
     assert [(i.run.run_id, i.actions) for i in items] == [(result.run_id, ("retry", "take_over", "cancel"))]
     assert run(actionable(journal, owner="someone-else")) == []
-    assert run(Operations(journal, load=loader(wf)).cancel(result.run_id, ALICE, "late")).run.status == "cancelled"
+    assert (
+        run(Operations(journal, load=loader(wf)).cancel(result.run_id, ALICE, "late")).run.status
+        == "cancelled"
+    )
 
 
 def test_on_expiry_escalate_also_applies_when_a_worker_resumes_first(journal: Journal) -> None:

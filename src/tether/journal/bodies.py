@@ -554,6 +554,8 @@ def proposed(record: Any) -> Any:
     values, or its raw output when that was not a proposal; None for other records."""
     if isinstance(record, ToolStep | EffectSettled):
         return as_dict(record.proposal())
+    if isinstance(record, CompensationStep):  # a rollback's call (no model proposed it)
+        return as_dict(ToolCall(record.tool, record.args))
     if isinstance(record, Refused) and record.proposal is None:
         return record.raw
     proposal = getattr(record, "proposal", None)
