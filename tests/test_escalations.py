@@ -18,7 +18,6 @@ from tether import AgentState, Budget, Policy, Runtime, ScriptedModel, Terminal,
 from tether.errors import InputError, RunStateError, TicketError
 from tether.identity import Principal
 from tether.journal import Journal, open_journal
-from tether.journal import bodies as b
 from tether.operations import Operations, actionable
 from tether.sweeper import sweep_expired
 
@@ -299,7 +298,7 @@ def test_a_cut_off_compensation_that_is_not_idempotent_is_left_in_doubt(journal:
 
 def test_a_compensation_must_fit_the_tool_it_undoes() -> None:
     payments = Payments()
-    with pytest.raises(ValueError, match="'result.nope'|required parameter"):
+    with pytest.raises(ValueError, match=r"required parameter\(s\) charge_id not given"):
         payments.charge.compensate_with(payments.refund_charge, {})
     with pytest.raises(ValueError, match="names no argument of 'charge'"):
         payments.charge.compensate_with(payments.refund_charge, {"charge_id": "args.nope"})
@@ -439,7 +438,7 @@ def test_an_effect_in_doubt_is_settled_before_anything_else(journal: Journal) ->
         ops.take_over(run_id, ALICE, "done"),
         ops.cancel(run_id, ALICE, rollback=True),
     ):
-        with pytest.raises(RunStateError, match="effect in doubt .*tether resolve"):
+        with pytest.raises(RunStateError, match=r"effect in doubt .*tether resolve"):
             run(act)
     items = run(actionable(journal))
     assert [(i.run.run_id, i.actions) for i in items] == [(run_id, ("resolve", "cancel"))]

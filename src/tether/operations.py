@@ -33,6 +33,7 @@ from tether.hashing import encode_json
 from tether.identity import Principal
 from tether.journal import Commit, Journal, NewEntry, RunRecord, RunUpdate
 from tether.journal import bodies as b
+from tether.journal.common import SELF_DRIVEN
 from tether.proposals import json_value_problem
 from tether.reasons import ReasonCode
 from tether.run import Checkpoint
@@ -105,6 +106,30 @@ def actions_for(record: RunRecord) -> tuple[str, ...]:
     if status in ("queued", "running"):
         return ("cancel",)
     return ()
+
+
+def stuck_reason(record: RunRecord, now: float) -> tuple[str, str] | None:
+    """Why a run that should be moving is not (queued or running, no live lease): a reason
+    code and a message, never empty; None for a run that is moving or stopped. `now` is for
+    display only (whether a lease looks live), never for a decision."""
+    if record.status not in ("queued", "running"):
+        return None
+    if record.reason_code == STUCK:
+        return STUCK, record.message or "a worker could not drive it"
+    if record.lease_owner is not None and (record.lease_expires_at or 0.0) > now:
+        return None
+    hint = f"tether resume {record.run_id}"
+    if record.workflow_ref.startswith(SELF_DRIVEN):
+        return STUCK, (
+            f"its workflow ({record.workflow_ref}) was built in code by the process that started it, "
+            f"so no worker can load it: drive it from that process, or tether cancel {record.run_id}"
+        )
+    if record.status == "queued":
+        return ReasonCode.WAITING_FOR_WORKER, (
+            "no worker has claimed it: is one running with this workflow "
+            f"(tether worker --workflows DIR)? or {hint}"
+        )
+    return ReasonCode.WAITING_FOR_WORKER, f"no process holds its lease: a worker claims it again, or {hint}"
 
 
 async def actionable(journal: Journal, *, owner: str | None = None, limit: int = 100) -> list[Actionable]:
@@ -389,4 +414,5 @@ __all__ = [
     "actionable",
     "actions_for",
     "load_pinned",
+    "stuck_reason",
 ]

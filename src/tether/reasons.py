@@ -37,5 +37,7 @@ class ReasonCode(StrEnum):
     # A worker cannot drive the run (its workflow or model cannot be loaded there): stuck
     # until a person acts (tether.operations) or a worker that can drive it claims it.
     NOT_DRIVABLE = "not_drivable"
+    # Queued or running with no live lease: no worker has claimed it (yet).
+    WAITING_FOR_WORKER = "waiting_for_worker"
     # People acting on a run (tether.operations).
     CANCELLED = "cancelled"
