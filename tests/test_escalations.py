@@ -529,3 +529,174 @@ def test_on_expiry_belongs_to_ask_rules_and_leaves_other_policies_hashes_alone()
 
     with pytest.raises(PolicyFileError, match="on_expiry"):
         Policy.from_dict({"rules": [{"id": "r", "tool": "t", "decision": "allow", "on_expiry": "deny"}]}, "c")
+
+
+# -- workers: the sweeper in their loop, and runs they cannot drive ----------------------------
+
+
+def test_every_worker_loop_sweeps_expired_tickets(journal: Journal) -> None:
+    from tether.registry import Registry
+    from tether.worker import Worker
+
+    payments = Payments()
+    _, result = _paused_on_expiring_ticket(journal, payments, on_expiry={"escalate": "finance"})
+    time.sleep(0.7)
+    worker = Worker(journal, Registry(()), poll_seconds=0.05)
+    stats = run(worker.run(until_idle=True))
+    assert stats.expired == 1
+    assert run(journal.get_run(result.run_id)).status == "escalated"
+
+
+def test_a_run_no_worker_can_drive_says_why_and_can_be_retried_or_cancelled(journal: Journal) -> None:
+    from tether.registry import Registry
+    from tether.worker import Worker
+
+    wf = Payments().workflow()
+    queued = run(
+        Runtime(journal).submit(wf, workflow_ref="elsewhere/workflow.yaml", model_spec="script:x.json")
+    )
+    stats = run(Worker(journal, Registry(()), poll_seconds=0.05).run(until_idle=True))
+    assert stats.set_aside == 1
+    record = run(journal.get_run(queued.run_id))
+    assert (record.status, record.reason_code) == ("queued", "not_drivable")
+    assert "is not among the 0 workflow version(s) under this worker's roots" in (record.message or "")
+    items = run(actionable(journal))
+    assert [(i.run.run_id, i.actions) for i in items] == [(queued.run_id, ("retry", "take_over", "cancel"))]
+    ops = Operations(journal, load=loader(wf))
+    retried = run(ops.retry(queued.run_id, ALICE, "workflow deployed"))
+    assert (retried.run.status, retried.run.reason_code, retried.run.message) == ("queued", None, None)
+    assert run(ops.cancel(queued.run_id, ALICE, "not needed")).run.status == "cancelled"
+
+
+def test_stuck_reason_is_never_empty_for_a_run_nobody_drives(journal: Journal) -> None:
+    from tether.operations import stuck_reason
+
+    wf = Payments().workflow()
+    mine = run(Runtime(journal).submit(wf, workflow_ref="<python:payments>", model_spec="script:x.json"))
+    theirs = run(
+        Runtime(journal).submit(wf, workflow_ref="payments/workflow.yaml", model_spec="script:x.json")
+    )
+    now = time.time()
+    code, message = stuck_reason(run(journal.get_run(mine.run_id)), now) or ("", "")
+    assert code == "not_drivable" and "built in code by the process that started it" in message
+    code, message = stuck_reason(run(journal.get_run(theirs.run_id)), now) or ("", "")
+    assert code == "waiting_for_worker" and f"tether resume {theirs.run_id}" in message
+
+
+# -- the command line ---------------------------------------------------------------------------
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+def tether(tmp_path: Path, *args: str) -> Any:
+    import subprocess
+    import sys
+
+    env = {k: v for k, v in os.environ.items() if k not in ("TETHER_DB", "FORCE_COLOR")}
+    env |= {"REFUND_LEDGER": str(tmp_path / "ledger.sqlite"), "COLUMNS": "500", "NO_COLOR": "1"}
+    return subprocess.run(
+        [sys.executable, "-m", "tether", *args, "--db", str(tmp_path / "t.db")],
+        cwd=tmp_path,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+
+
+def _escalated_refund(tmp_path: Path) -> str:
+    import json
+
+    script = tmp_path / "script.json"
+    script.write_text(
+        json.dumps(
+            [
+                {"kind": "tool_call", "tool": "lookup_order", "args": {"order_id": "A-1002"}},
+                {
+                    "kind": "tool_call",
+                    "tool": "issue_refund",
+                    "args": {"order_id": "A-1002", "amount": 20.0, "reason": "late"},
+                },
+            ]
+        )
+    )
+    started = tether(
+        tmp_path,
+        "run",
+        str(REPO / "examples" / "refund"),
+        "--input",
+        '{"order_id": "A-1002"}',
+        "--model",
+        f"script:{script}",
+        "--json",
+    )
+    assert started.returncode == 1, started.stderr
+    value = json.loads(started.stdout)
+    assert value["status"] == "escalated"
+    return str(value["run_id"])
+
+
+def test_cli_cancel_with_rollback_voids_the_refund_of_the_refund_example(tmp_path: Path) -> None:
+    import json
+    import sqlite3
+
+    run_id = _escalated_refund(tmp_path)
+    listed = tether(tmp_path, "escalations")
+    assert f"tether cancel {run_id} --reason TEXT [--rollback] --db {tmp_path / 't.db'}" in listed.stdout
+    cancelled = tether(tmp_path, "cancel", run_id, "--rollback", "--reason", "customer called back")
+    assert cancelled.returncode == 0, cancelled.stderr
+    assert "rollback: 1 compensated" in cancelled.stdout
+    assert f"tether show {run_id} --db {tmp_path / 't.db'}" in cancelled.stdout
+    with sqlite3.connect(tmp_path / "ledger.sqlite") as ledger:
+        assert ledger.execute("SELECT order_id, amount FROM voids").fetchall() == [("A-1002", 20.0)]
+    again = tether(tmp_path, "cancel", run_id, "--json")
+    assert again.returncode == 2
+    assert json.loads(again.stdout)["error"]["code"] == "run_state"
+    shown = json.loads(tether(tmp_path, "show", run_id, "--json").stdout)
+    assert [e["kind"] for e in shown["entries"]][-5:] == [
+        "cancelled",
+        "rollback_started",
+        "compensation_intent",
+        "compensated",
+        "rolled_back",
+    ]
+    assert shown["entries"][-5]["body"]["by"]["kind"] == "local"  # the CLI acts as the local admin
+
+
+def test_cli_takeover_and_retry(tmp_path: Path) -> None:
+    import json
+
+    run_id = _escalated_refund(tmp_path)
+    refused = tether(tmp_path, "takeover", run_id, "--exit", "nope", "--json")
+    assert refused.returncode == 2
+    assert "state 'resolve' has no exit 'nope' (its exits: declined, refunded)" in refused.stdout
+    bad = tether(tmp_path, "takeover", run_id, "--exit", "declined", "--data", "[1]")
+    assert bad.returncode == 2 and "--data must be a JSON object" in bad.stderr
+    retried = tether(tmp_path, "retry", run_id, "--note", "try again")
+    assert retried.returncode == 0, retried.stderr
+    assert "now queued in state resolve" in retried.stdout
+    assert f"tether resume {run_id} --db {tmp_path / 't.db'}" in retried.stdout
+    runs = json.loads(tether(tmp_path, "runs", "--json").stdout)
+    assert runs[0]["stuck"]["reason_code"] == "waiting_for_worker"
+    listed = tether(tmp_path, "runs")
+    assert "waiting_for_worker" in listed.stdout
+    # Queued, not stuck: a worker drives it next; a take-over is for runs that stopped.
+    early = tether(tmp_path, "takeover", run_id, "--exit", "refunded")
+    assert early.returncode == 2 and "only a run that is escalated, failed, paused" in early.stderr
+    cancelled = tether(tmp_path, "cancel", run_id, "--json")
+    assert json.loads(cancelled.stdout)["status"] == "cancelled"
+
+
+def test_cli_takeover_finishes_the_run_through_the_exit_chosen(tmp_path: Path) -> None:
+    import json
+
+    run_id = _escalated_refund(tmp_path)
+    taken = tether(
+        tmp_path, "takeover", run_id, "--exit", "refunded", "--data", '{"note": "called the customer"}'
+    )
+    assert taken.returncode == 0, taken.stderr
+    assert "taken over through exit 'refunded': now completed in state done" in taken.stdout
+    shown = tether(tmp_path, "show", run_id)
+    assert "taken_over: by " in shown.stdout and "exit refunded → done" in shown.stdout
+    again = tether(tmp_path, "retry", run_id, "--json")
+    assert again.returncode == 2 and json.loads(again.stdout)["error"]["code"] == "run_state"
