@@ -205,7 +205,7 @@ class Operations:
                 )
                 return Outcome(RunResult.of(await self.journal.get_run(run_id)))
             if continuing:
-                final = RunUpdate(status=record.status)  # as the rollback left it
+                final = RunUpdate(status=record.status, message=record.message)  # as it was left
                 first: list[b.Body] = []
             else:
                 first = [cancelled]
@@ -301,9 +301,10 @@ class Operations:
                 from_status=record.status,
                 ticket_id=ticket_id,
             )
+            entry = NewEntry(b.KIND_OF[b.TakenOver], encode_json(taken), step_id, record.state)
             cursor.checkpoint.pending = None
             cursor.checkpoint.crashes = 0
-            cursor.enter(target, entries_in_commit=1)
+            cursor.enter(target, entries_in_commit=1)  # the record's state is now the target
             changes = RunUpdate(
                 status="queued",
                 state=target,
@@ -313,7 +314,6 @@ class Operations:
                 message=None,
                 checkpoint=msgspec.to_builtins(cursor.checkpoint),
             )
-            entry = NewEntry(b.KIND_OF[b.TakenOver], encode_json(taken), step_id, record.state)
             await self._commit(record, [entry], changes, withdraw=ticket_id)
         finally:
             await self.runtime._release(run_id)

@@ -124,6 +124,8 @@ def transitions(entries: list[Entry]) -> tuple[str | None, list[tuple[str, str, 
             start = e.state
         elif isinstance(record, b.StepDone | b.Transition) and e.state:
             moves.append((e.state, record.next, record.exit if isinstance(record, b.Transition) else None))
+        elif isinstance(record, b.TakenOver) and e.state:  # a person chose the exit
+            moves.append((e.state, record.next, record.exit))
         elif isinstance(record, b.HandoffReceived) and record.to_state and e.state:
             moves.append((e.state, record.to_state, None))  # a handoff routed to another agent state
     return start, moves
