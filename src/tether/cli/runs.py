@@ -40,6 +40,7 @@ from tether.journal import FINISHED, Entry, RunRecord, RunStatus, Ticket, bodies
 from tether.journal.common import SELF_DRIVEN
 from tether.loader import load_workflow_async, workflow_ref
 from tether.models import Model, close_model
+from tether.operations import stuck_reason
 from tether.provenance import summary
 from tether.runtime import RunResult, Runtime
 from tether.timeline import timeline
@@ -244,6 +245,11 @@ def _process_exists(pid: int) -> bool:
     return True
 
 
+def _stuck(record: RunRecord, now: float) -> dict[str, str] | None:
+    stuck = stuck_reason(record, now)
+    return {"reason_code": stuck[0], "message": stuck[1]} if stuck else None
+
+
 def _aligned(rows: list[list[str]]) -> list[str]:
     """Columns padded to their widest cell; nothing is ever cut, whatever the terminal width."""
     widths = [max(len(cell) for cell in column) for column in zip(*rows, strict=True)]
@@ -273,7 +279,12 @@ def runs(
     records = run_command(main)
     now = time.time()
     if as_json:
-        print_json([{**r.model_dump(exclude={"checkpoint"}), "lease": lease_of(r, now)} for r in records])
+        print_json(
+            [
+                {**r.model_dump(exclude={"checkpoint"}), "lease": lease_of(r, now), "stuck": _stuck(r, now)}
+                for r in records
+            ]
+        )
         return
     if not records:
         out.print(f"no runs{f' with status {status}' if status else ''}")
@@ -281,7 +292,10 @@ def runs(
     rows = [["run", "workflow", "status", "state", "owner", "reason", "updated", "note"]]
     for r in records:
         lease = lease_of(r, now)
-        note = " — ".join(n for n in (r.message, lease and lease["note"]) if n)
+        stuck = stuck_reason(r, now)  # a run that should be moving says why it is not
+        reason = r.reason_code or (stuck[0] if stuck else "")
+        message = r.message or (stuck[1] if stuck else None)
+        note = " — ".join(n for n in (message, lease and lease["note"]) if n)
         rows.append(
             [
                 r.run_id,
@@ -289,7 +303,7 @@ def runs(
                 r.status,
                 r.state,
                 r.owner or "",
-                r.reason_code or "",
+                reason,
                 time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(r.updated_at)),
                 short(note, 120),
             ]
