@@ -121,6 +121,10 @@ ENDPOINTS = [
     ("POST", "/api/v1/tickets/tkt_x/approve"),
     ("POST", "/api/v1/tickets/tkt_x/deny"),
     ("POST", "/api/v1/tickets/tkt_x/answer"),
+    ("POST", "/api/v1/runs/run_x/cancel"),
+    ("POST", "/api/v1/runs/run_x/retry"),
+    ("POST", "/api/v1/runs/run_x/take-over"),
+    ("GET", "/api/v1/escalations"),
 ]
 
 
@@ -426,3 +430,59 @@ def test_the_starter_may_not_approve_and_two_distinct_approvers_are_needed(team:
     steps = team.call("GET", f"/api/v1/runs/{run_id}").json()["steps"]
     kinds = [s["kind"] for s in steps]
     assert kinds.count("approval_given") == 2 and kinds.count("ticket_decided") == 1
+
+
+# -- operations: cancel, retry, take over ---------------------------------------------------------
+
+
+def escalated_run(api: Api) -> str:
+    """A refund run escalated to its supervisor: its approval was denied and the model,
+    told why, has nothing left to propose."""
+    run_id, ticket_id = api.paused_ticket()
+    api.call("POST", f"/api/v1/tickets/{ticket_id}/deny", "supervisor", json={"reason": "not this one"})
+    assert api.wait(run_id, "escalated", "completed", "failed")["status"] == "escalated"
+    return run_id
+
+
+def test_only_operators_cancel_and_a_cancelled_run_stays_cancelled(api: Api) -> None:
+    run_id, ticket_id = api.paused_ticket()
+    for who in ("viewer", "supervisor"):
+        problem(
+            api.call("POST", f"/api/v1/runs/{run_id}/cancel", who, json={"reason": "x"}), 403, "forbidden"
+        )
+    done = api.call("POST", f"/api/v1/runs/{run_id}/cancel", "operator", json={"reason": "customer withdrew"})
+    assert done.status_code == 200, done.text
+    assert done.json()["run"]["status"] == "cancelled" and done.json()["rollback"] is None
+    again = api.call("POST", f"/api/v1/runs/{run_id}/cancel", "operator", json={})
+    assert "nothing to cancel" in problem(again, 409, "run_state")["detail"]
+    late = api.call("POST", f"/api/v1/tickets/{ticket_id}/approve", "supervisor", json={})
+    assert late.status_code in (404, 409), late.text  # withdrawn with the run
+    steps = api.call("GET", f"/api/v1/runs/{run_id}").json()["steps"]
+    cancelled = [s for s in steps if s["kind"] == "cancelled"]
+    assert len(cancelled) == 1 and "person:operator" in json.dumps(cancelled[0])
+
+
+def test_an_escalated_run_is_listed_with_its_actions_and_taken_over_or_retried(api: Api) -> None:
+    taken, retried = escalated_run(api), escalated_run(api)
+    waiting = {r["run"]["run_id"]: r for r in api.call("GET", "/api/v1/escalations", "viewer").json()["runs"]}
+    assert {"retry", "take_over", "cancel"} <= set(waiting[taken]["actions"])
+    problem(
+        api.call("POST", f"/api/v1/runs/{taken}/take-over", "viewer", json={"exit": "declined"}),
+        403,
+        "forbidden",
+    )
+    unknown = api.call("POST", f"/api/v1/runs/{taken}/take-over", "operator", json={"exit": "teleport"})
+    assert unknown.status_code in (409, 422) and "teleport" in unknown.json()["detail"]
+    over = api.call(
+        "POST",
+        f"/api/v1/runs/{taken}/take-over",
+        "operator",
+        json={"exit": "declined", "data": {"why": "dup"}},
+    )
+    assert over.status_code == 200, over.text
+    assert api.wait(taken, "failed", "completed")["state"] == "rejected"
+    again = api.call("POST", f"/api/v1/runs/{retried}/retry", "operator", json={"note": "model fixed"})
+    assert again.status_code == 200, again.text
+    assert again.json()["run"]["status"] in ("queued", "running", "paused", "escalated")
+    kinds = [s["kind"] for s in api.call("GET", f"/api/v1/runs/{retried}").json()["steps"]]
+    assert kinds.count("retried") == 1

@@ -25,11 +25,13 @@ from tether.errors import RunNotFound, TicketError
 from tether.hashing import encode_json, sha256_hex
 from tether.identity import Principal
 from tether.journal import Journal, RunRecord, RunStatus, Ticket, verify_chain
+from tether.operations import Operations, Outcome, actionable
 from tether.registry import NotRegistered, Registry
 from tether.runtime import Runtime
 from tether.serve.events import EventHub
 from tether.serve.problems import MEDIA_TYPE, Problem
 from tether.timeline import timeline
+from tether.workflow import Workflow
 
 PREFIX = "/api/v1"
 STATUSES: tuple[str, ...] = get_args(RunStatus)
@@ -144,6 +146,22 @@ class Decided(msgspec.Struct, kw_only=True):
     run: RunOut
 
 
+class Operated(msgspec.Struct, kw_only=True):
+    run: RunOut
+    # A cancel with rollback: each effect undone (or not), newest first (tether.compensation).
+    rollback: dict[str, Any] | None = None
+
+
+class ActionableRun(msgspec.Struct, kw_only=True):
+    run: RunOut
+    # What a person may do about it: cancel, retry, take_over, resolve.
+    actions: list[str]
+
+
+class ActionableList(msgspec.Struct, kw_only=True):
+    runs: list[ActionableRun]
+
+
 class Me(msgspec.Struct, kw_only=True):
     principal_id: str
     name: str
@@ -195,9 +213,23 @@ class Server:
     model_spec: str | None
     hub: EventHub
     runtime: Runtime = field(init=False)
+    operations: Operations = field(init=False)
 
     def __post_init__(self) -> None:
         self.runtime = Runtime(self.journal)
+        self.operations = Operations(self.journal, load=self.pinned_workflow)
+
+    async def pinned_workflow(self, record: RunRecord) -> Workflow:
+        """The workflow a run is pinned to, as this server loaded it from its roots (never
+        from the path the journal names)."""
+        if self.registry is None:
+            raise Problem(
+                409, "no_workflows", "this server was started without workflow folders (--workflows)"
+            )
+        try:
+            return self.registry.workflow_for(record)
+        except NotRegistered as exc:
+            raise Problem(409, "workflow_not_loaded", str(exc)) from None
 
 
 Handler = Callable[[Server, Request, Principal], Awaitable[Response]]
@@ -574,6 +606,49 @@ async def answer(server: Server, request: Request, principal: Principal) -> Resp
     return await _decide(server, request, principal, "answer")
 
 
+# -- operations on runs (tether.operations) -------------------------------------------------
+
+
+async def _operated(server: Server, outcome: Outcome) -> Response:
+    record = await server.journal.get_run(outcome.run.run_id)
+    server.hub.poke(record.run_id, record.last_seq, record.status)
+    report = outcome.rollback.as_dict() if outcome.rollback is not None else None
+    return Response(
+        encode_json(Operated(run=run_out(record), rollback=report)), media_type="application/json"
+    )
+
+
+async def cancel(server: Server, request: Request, principal: Principal) -> Response:
+    given = await _body(request, Cancel)
+    record = await _run(server, request, principal, "cancel")
+    outcome = await server.operations.cancel(record.run_id, principal, given.reason, rollback=given.rollback)
+    return await _operated(server, outcome)
+
+
+async def retry(server: Server, request: Request, principal: Principal) -> Response:
+    given = await _body(request, Retry)
+    record = await _run(server, request, principal, "retry")
+    return await _operated(server, await server.operations.retry(record.run_id, principal, given.note))
+
+
+async def take_over(server: Server, request: Request, principal: Principal) -> Response:
+    given = await _body(request, TakeOver)
+    record = await _run(server, request, principal, "take_over")
+    outcome = await server.operations.take_over(record.run_id, principal, given.exit, given.data)
+    return await _operated(server, outcome)
+
+
+async def escalations(server: Server, request: Request, principal: Principal) -> Response:
+    identity.authorize(principal, "view")
+    waiting = await actionable(server.journal, owner=request.query_params.get("owner"), limit=_limit(request))
+    shown = [
+        ActionableRun(run=run_out(a.run), actions=list(a.actions))
+        for a in waiting
+        if identity.allowed(principal, "view", workflow=a.run.workflow_name, run=a.run)
+    ]
+    return _ok(ActionableList(runs=shown))
+
+
 # -- who and what ---------------------------------------------------------------------------
 
 
@@ -633,8 +708,53 @@ _RUN_FILTERS = (
     Param("cursor", "query", {"type": "string", "pattern": CURSOR}, "The next_cursor of the previous page."),
 )
 
+_OPERATION_ERRORS = (401, 403, 404, 409, 413, 422)
 ENDPOINTS: tuple[Endpoint, ...] = (
     Endpoint("GET", "/me", whoami, "The principal the token authenticates", response=Me),
+    Endpoint(
+        "POST",
+        "/runs/{run_id}/cancel",
+        cancel,
+        "Cancel a run (withdrawing its ticket); with rollback, undo its effects first",
+        params=(_RUN_ID,),
+        body=Cancel,
+        response=Operated,
+        errors=_OPERATION_ERRORS,
+    ),
+    Endpoint(
+        "POST",
+        "/runs/{run_id}/retry",
+        retry,
+        "Retry the state an escalated, failed or stuck run stopped in, with a fresh budget",
+        params=(_RUN_ID,),
+        body=Retry,
+        response=Operated,
+        errors=_OPERATION_ERRORS,
+    ),
+    Endpoint(
+        "POST",
+        "/runs/{run_id}/take-over",
+        take_over,
+        "Choose an exit of the run's state, with data, in place of the model (checked by policy)",
+        params=(_RUN_ID,),
+        body=TakeOver,
+        response=Operated,
+        errors=_OPERATION_ERRORS,
+    ),
+    Endpoint(
+        "GET",
+        "/escalations",
+        escalations,
+        "Runs waiting for a person (escalated, effect in doubt, stuck) and what may be done",
+        params=(
+            Param("owner", "query", {"type": "string"}, "Only runs escalated to this role or principal."),
+            Param(
+                "limit", "query", {"type": "integer", "minimum": 1, "maximum": 200}, "At most (default 50)."
+            ),
+        ),
+        response=ActionableList,
+        errors=(401, 403, 422),
+    ),
     Endpoint("GET", "/workflows", list_workflows, "Workflows this server can start", response=WorkflowList),
     Endpoint(
         "GET",
