@@ -52,6 +52,26 @@ _LEAN_RUNS: tuple[str, ...] = (
     "CREATE INDEX runs_by_lease_owner ON runs (lease_owner) WHERE lease_owner IS NOT NULL",
 )
 
+# Version 6, the same on both stores (SQLite reads DOUBLE PRECISION as REAL): webhooks and
+# the outbox of their deliveries. A ticket's event writes one outbox row per webhook that
+# subscribes to it, in the transaction that changes the ticket (`journal/outbox.py`).
+_WEBHOOKS: tuple[str, ...] = (
+    """CREATE TABLE webhooks (
+    webhook_id TEXT PRIMARY KEY, url TEXT NOT NULL, events TEXT NOT NULL, format TEXT NOT NULL,
+    secret_env TEXT, base_url TEXT NOT NULL, created_at DOUBLE PRECISION NOT NULL,
+    removed_at DOUBLE PRECISION)""",
+    """CREATE TABLE webhook_outbox (
+    message_id TEXT PRIMARY KEY, webhook_id TEXT NOT NULL, event TEXT NOT NULL,
+    ticket_id TEXT NOT NULL, run_id TEXT NOT NULL, ticket_status TEXT NOT NULL,
+    created_at DOUBLE PRECISION NOT NULL, status TEXT NOT NULL, attempts INTEGER NOT NULL,
+    next_attempt_at DOUBLE PRECISION NOT NULL, last_attempt_at DOUBLE PRECISION,
+    last_status INTEGER, last_error TEXT, delivered_at DOUBLE PRECISION,
+    lease_owner TEXT, lease_expires_at DOUBLE PRECISION)""",
+    # The dispatcher reads the pending rows that are due, soonest first.
+    "CREATE INDEX webhook_outbox_due ON webhook_outbox (next_attempt_at) WHERE status = 'pending'",
+    "CREATE INDEX webhook_outbox_by_age ON webhook_outbox (created_at)",
+)
+
 SQLITE: tuple[Migration, ...] = (
     Migration(
         1,
@@ -113,6 +133,7 @@ SQLITE: tuple[Migration, ...] = (
             "ALTER TABLE runs DROP COLUMN facts",
         ),
     ),
+    Migration(6, "webhooks and the outbox of their deliveries", _WEBHOOKS),
 )
 
 POSTGRES: tuple[Migration, ...] = (
@@ -177,6 +198,7 @@ POSTGRES: tuple[Migration, ...] = (
         "lean run rows: input, data and facts in run_values; indexes for claim and lease renewal",
         (*_LEAN_RUNS, "ALTER TABLE runs DROP COLUMN input, DROP COLUMN data, DROP COLUMN facts"),
     ),
+    Migration(6, "webhooks and the outbox of their deliveries", _WEBHOOKS),
 )
 
 LATEST = SQLITE[-1].version

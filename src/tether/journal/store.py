@@ -63,6 +63,7 @@ from tether.journal.common import (
     value_rows,
     when,
 )
+from tether.journal.outbox import ENQUEUE_GATED, OutboxStore, event_row
 from tether.journal.records import (
     Commit,
     Entry,
@@ -200,7 +201,7 @@ class _Queue:
     flusher: asyncio.Task[None] | None = None
 
 
-class SQLStore:
+class SQLStore(OutboxStore):
     """The journal on any SQL database a `Dialect` speaks (see the module's docstring)."""
 
     def __init__(self, dialect: Dialect) -> None:
@@ -371,6 +372,11 @@ class SQLStore:
             where += f" AND NOT EXISTS (SELECT 1 FROM tickets WHERE ticket_id IN ({placeholders(len(ids))}))"
             params += ids
             writes.append(Write(_INSERT_TICKET_GATED, [new_ticket_row(t) for t in commit.new_tickets]))
+            # Their webhook notifications, in the same transaction (journal/outbox.py).
+            opened = [
+                event_row("ticket.opened", t.ticket_id, commit.run_id, t.status) for t in commit.new_tickets
+            ]
+            writes.append(Write(ENQUEUE_GATED, opened))
         if commit.consume is not None:
             where += (
                 " AND EXISTS (SELECT 1 FROM tickets t WHERE t.ticket_id = ? AND t.run_id = runs.run_id "
@@ -528,6 +534,7 @@ class SQLStore:
                 "WHERE ticket_id = ?",
                 (status, store_now, by, reason, answer, ticket_id),
             )
+            await self._enqueue_events(tx, "ticket.decided", ticket_id, run.run_id, status)
             entry = decision_entry(ticket, run, status, by, reason, answer)
             written = chain(run.run_id, run.last_seq, run.last_hash, [entry], store_now)
             await tx.execute(
@@ -544,11 +551,15 @@ class SQLStore:
     async def expire_ticket(self, ticket_id: str, now: float | None = None) -> Ticket:
         """Mark a ticket expired if its expiry has passed by the store's clock and it was not
         used (pending, or approved too late); return it. `now` is ignored."""
-        await self._d.write(
-            "UPDATE tickets SET status = 'expired' "
-            f"WHERE ticket_id = ? AND status IN ('pending', 'approved') AND expires_at <= {NOW}",
-            (ticket_id,),
-        )
+        async with self._d.transaction() as tx:
+            expired = await tx.fetch(
+                "UPDATE tickets SET status = 'expired' "
+                f"WHERE ticket_id = ? AND status IN ('pending', 'approved') AND expires_at <= {NOW} "
+                "RETURNING run_id",
+                (ticket_id,),
+            )
+            if expired:
+                await self._enqueue_events(tx, "ticket.expired", ticket_id, expired[0][0], "expired")
         return await self.get_ticket(ticket_id)
 
     # -- leases ----------------------------------------------------------------------
