@@ -87,6 +87,13 @@ class DeliveryReport:
     errors: list[str] = field(default_factory=list)
 
 
+def outbox_of(journal: object) -> OutboxStore:
+    """The journal's webhooks and outbox (every SQL store has them)."""
+    if not isinstance(journal, OutboxStore):
+        raise WebhookError(f"{type(journal).__name__} keeps no webhooks: open a SQLite or PostgreSQL journal")
+    return journal
+
+
 # -- configuration ---------------------------------------------------------------------
 
 

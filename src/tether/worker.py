@@ -59,7 +59,10 @@ class Worker:
         limits: Mapping[str, int] | None = None,
         poll_seconds: float = 1.0,
         model_for: Callable[[str], Model] | None = None,
+        webhooks: bool = True,
     ) -> None:
+        """`webhooks`: also deliver the journal's due webhook notifications (tether/webhooks.py)."""
+        self.webhooks = webhooks
         self.runtime = Runtime(journal, worker_id=worker_id, lease_seconds=lease_seconds)
         self.journal = journal
         self.registry = registry
@@ -86,6 +89,7 @@ class Worker:
     async def run(self, *, until_idle: bool = False) -> WorkerStats:
         """Work until stopped (or, with `until_idle`, until nothing is runnable)."""
         active: set[asyncio.Task[None]] = set()
+        dispatcher = self._start_webhooks()
         while not self._stop.is_set():
             claimed = None
             if len(active) < self.concurrency:
@@ -118,10 +122,36 @@ class Worker:
                 t.cancel()
         if active:
             await asyncio.gather(*active, return_exceptions=True)
+        if dispatcher is not None:
+            await self._stop_webhooks(dispatcher, drain=until_idle)
         for model in self._models.values():
             await close_model(model)
         self._models.clear()
         return self.stats
+
+    def _start_webhooks(self) -> tuple[asyncio.Event, asyncio.Task[None]] | None:
+        """Deliver webhook notifications beside the runs, until the worker stops."""
+        if not self.webhooks:
+            return None
+        from tether.webhooks import dispatch_forever, outbox_of  # HTTP stays out of the kernel
+
+        done = asyncio.Event()
+        owner = f"{self.worker_id}:webhooks"
+        return done, asyncio.create_task(dispatch_forever(outbox_of(self.journal), done, owner=owner))
+
+    async def _stop_webhooks(
+        self, dispatcher: tuple[asyncio.Event, asyncio.Task[None]], *, drain: bool
+    ) -> None:
+        from tether.webhooks import deliver_due, outbox_of
+
+        done, task = dispatcher
+        done.set()
+        await asyncio.gather(task, return_exceptions=True)
+        # Idle and leaving: what the last runs notified is sent before exiting.
+        while (
+            drain and (await deliver_due(outbox_of(self.journal), owner=f"{self.worker_id}:webhooks")).claimed
+        ):
+            pass
 
     def _resolve_model(self, spec: str) -> Model:
         """A model of a run's spec; a `function:` model only from a module under the roots."""
