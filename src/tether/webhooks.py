@@ -69,13 +69,14 @@ class DispatchSettings:
     max_attempts: int = 12
     base_delay: float = 5.0
     max_delay: float = 3600.0
-    timeout: float = 10.0  # seconds for one POST, connecting included
+    timeout: float = 10.0  # seconds for one POST, start to end
     batch: int = 50  # rows claimed at once
 
     @property
     def lease_seconds(self) -> float:
-        """How long a claimed row stays with its dispatcher: past one POST's timeout."""
-        return 2 * self.timeout + 5.0
+        """How long a claimed row stays with its dispatcher: one POST's timeout, and time to
+        record its outcome. A dispatcher that dies leaves its rows to others after this."""
+        return self.timeout + 5.0
 
 
 @dataclass
@@ -294,11 +295,14 @@ async def _attempt(
                     f"${d.secret_env} (this webhook's secret) is not set where it is delivered"
                 )
             headers |= signature_headers(secret, d.message_id, int(datetime.now(UTC).timestamp()), body)
-        response = await http.post(d.url, content=body.encode(), headers=headers, timeout=settings.timeout)
+        async with asyncio.timeout(settings.timeout):  # the whole exchange, not each read
+            response = await http.post(d.url, content=body.encode(), headers=headers)
         status = response.status_code
         error = None if response.is_success else f"HTTP {status}: {response.text[:200]}"
     except WebhookError as exc:
         error = str(exc)
+    except TimeoutError:
+        error = f"no response within {settings.timeout:g}s"
     except httpx.HTTPError as exc:
         error = f"{type(exc).__name__}: {exc}" if str(exc) else type(exc).__name__
     if error is None:

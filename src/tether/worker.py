@@ -25,12 +25,16 @@ import logging
 import signal
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
+from typing import TYPE_CHECKING
 
 from tether.errors import ConcurrentWriteError, TetherError
 from tether.journal import Commit, Journal, RunRecord, RunUpdate
 from tether.models import Model, close_model, resolve_model
 from tether.registry import NotRegistered, Registry
 from tether.runtime import RunResult, Runtime
+
+if TYPE_CHECKING:
+    from tether.webhooks import DispatchSettings
 
 log = logging.getLogger("tether.worker")
 # The message of a run a worker set aside starts with this; driving the run clears it.
@@ -60,9 +64,10 @@ class Worker:
         poll_seconds: float = 1.0,
         model_for: Callable[[str], Model] | None = None,
         webhooks: bool = True,
+        webhook_settings: DispatchSettings | None = None,
     ) -> None:
         """`webhooks`: also deliver the journal's due webhook notifications (tether/webhooks.py)."""
-        self.webhooks = webhooks
+        self.webhooks, self.webhook_settings = webhooks, webhook_settings
         self.runtime = Runtime(journal, worker_id=worker_id, lease_seconds=lease_seconds)
         self.journal = journal
         self.registry = registry
@@ -137,7 +142,10 @@ class Worker:
 
         done = asyncio.Event()
         owner = f"{self.worker_id}:webhooks"
-        return done, asyncio.create_task(dispatch_forever(outbox_of(self.journal), done, owner=owner))
+        dispatch = dispatch_forever(
+            outbox_of(self.journal), done, owner=owner, settings=self.webhook_settings
+        )
+        return done, asyncio.create_task(dispatch)
 
     async def _stop_webhooks(
         self, dispatcher: tuple[asyncio.Event, asyncio.Task[None]], *, drain: bool
@@ -148,9 +156,8 @@ class Worker:
         done.set()
         await asyncio.gather(task, return_exceptions=True)
         # Idle and leaving: what the last runs notified is sent before exiting.
-        while (
-            drain and (await deliver_due(outbox_of(self.journal), owner=f"{self.worker_id}:webhooks")).claimed
-        ):
+        owner, settings = f"{self.worker_id}:webhooks", self.webhook_settings
+        while drain and (await deliver_due(outbox_of(self.journal), owner=owner, settings=settings)).claimed:
             pass
 
     def _resolve_model(self, spec: str) -> Model:
