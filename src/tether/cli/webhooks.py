@@ -138,6 +138,7 @@ def list_(
 def remove(
     webhook_id: Annotated[str, typer.Argument(metavar="WEBHOOK")],
     db: DbOption = None,
+    as_json: JsonOption = False,
 ) -> None:
     """Stop notifying a webhook; its pending deliveries are marked failed."""
 
@@ -146,6 +147,9 @@ def remove(
             return await outbox_of(journal).remove_webhook(webhook_id)
 
     dropped = run_command(main)
+    if as_json:
+        print_json({"webhook_id": webhook_id, "removed": True, "pending_dropped": dropped})
+        return
     out.print(f"webhook {webhook_id} removed; {dropped} pending delivery(ies) dropped", markup=False)
 
 
@@ -200,8 +204,8 @@ def deliveries(
             "delivered": f"at {when(d.delivered_at)}",
             "failed": short(d.last_error or "", 60),
         }[d.status]
-        line = f"{d.message_id}  {d.event}  {d.url}  {d.status}  attempts {d.attempts}  {last}  {after}"
-        out.print(line.rstrip(), markup=False)
+        fields = [d.message_id, d.event, d.url, d.status, f"attempts {d.attempts}", last, after]
+        out.print("  ".join(f for f in fields if f), markup=False)
 
 
 @app.command()
@@ -238,10 +242,14 @@ def deliver(
 
 
 @app.command("new-secret")
-def new_secret() -> None:
+def new_secret(as_json: JsonOption = False) -> None:
     """Print a new signing secret (whsec_…): give it to the receiver, and set it in the
     environment variable a webhook's --secret-env names."""
-    out.print(generate_secret(), markup=False)
+    secret = generate_secret()
+    if as_json:
+        print_json({"secret": secret})
+        return
+    out.print(secret, markup=False)
 
 
 __all__ = ["app"]
