@@ -37,16 +37,16 @@ import socket
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
-from typing import Any, Literal
+from typing import TYPE_CHECKING, Any, Literal
 from urllib.parse import urlsplit
-
-import httpx
-from standardwebhooks.webhooks import Webhook as Signer
 
 from tether import __version__
 from tether.errors import TetherError
 from tether.journal.common import when
 from tether.journal.outbox import EVENTS, FORMATS, DueDelivery, OutboxStore
+
+if TYPE_CHECKING:  # imported where a POST is made: every command imports this module
+    import httpx
 
 log = logging.getLogger("tether.webhooks")
 
@@ -227,6 +227,8 @@ def body_of(due: DueDelivery) -> str:
 
 def signature_headers(secret: str, message_id: str, timestamp: int, body: str) -> dict[str, str]:
     """The Standard Webhooks headers of one attempt."""
+    from standardwebhooks.webhooks import Webhook as Signer
+
     key = parse_secret(secret)
     signature = Signer(key).sign(message_id, datetime.fromtimestamp(timestamp, UTC), body)
     return {"webhook-id": message_id, "webhook-timestamp": str(timestamp), "webhook-signature": signature}
@@ -264,6 +266,8 @@ async def deliver_due(
     report.claimed = len(claimed)
     if not claimed:
         return report
+    import httpx
+
     own_client = client is None
     http = client or httpx.AsyncClient(timeout=settings.timeout, follow_redirects=False)
     try:
@@ -283,6 +287,8 @@ async def _attempt(
     rng: Callable[[], float],
     report: DeliveryReport,
 ) -> None:
+    import httpx
+
     d = due.delivery
     status: int | None = None
     try:
@@ -339,11 +345,16 @@ async def dispatch_forever(
     `stop` is set. An idle pass is one read; a journal error is logged and retried."""
     settings = settings or DispatchSettings()
     owner = owner or dispatcher_id()
-    async with httpx.AsyncClient(timeout=settings.timeout, follow_redirects=False) as http:
+    http: httpx.AsyncClient | None = None  # made when there is something to send
+    try:
         while not stop.is_set():
             full = False
             try:
                 if await store.deliveries_due():
+                    if http is None:
+                        import httpx
+
+                        http = httpx.AsyncClient(timeout=settings.timeout, follow_redirects=False)
                     report = await deliver_due(store, owner=owner, client=http, settings=settings)
                     full = report.claimed >= settings.batch
             except TetherError as exc:
@@ -352,3 +363,6 @@ async def dispatch_forever(
                 continue
             with contextlib.suppress(TimeoutError):
                 await asyncio.wait_for(stop.wait(), timeout=interval)
+    finally:
+        if http is not None:
+            await http.aclose()
