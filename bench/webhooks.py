@@ -8,7 +8,8 @@ what an idle dispatcher costs per poll, and how fast a dispatcher delivers.
    the median µs per commit (default durability).
 2. An idle poll: `deliveries_due()` on an outbox of delivered rows, median µs.
 3. Delivery: `deliveries` outbox rows POSTed to a receiver in another process (uvicorn, an
-   ASGI app answering 204), signed, by one dispatcher claiming 50 at a time; deliveries/s.
+   ASGI app answering 204), signed, by one dispatcher claiming 50 at a time over
+   `--connections` (default 8); deliveries/s.
 """
 
 from __future__ import annotations
@@ -28,11 +29,9 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
-import httpx
-
 from tether.hashing import encode_json
 from tether.journal import Commit, Journal, NewEntry, RunRecord, Ticket, open_journal
-from tether.webhooks import DispatchSettings, deliver_due, generate_secret, outbox_of
+from tether.webhooks import DispatchSettings, deliver_due, generate_secret, http_client, outbox_of
 
 PG = os.environ.get("TETHER_TEST_PG", "postgresql://postgres@127.0.0.1:5432/test")
 RECEIVER = """
@@ -135,7 +134,7 @@ def free_port() -> int:
         return int(s.getsockname()[1])
 
 
-async def measure(kind: str, runs: int, deliveries: int, url: str) -> dict[str, Any]:
+async def measure(kind: str, runs: int, deliveries: int, url: str, connections: int) -> dict[str, Any]:
     row: dict[str, Any] = {"store": kind}
     for hooks in (0, 1, 3):
         with journal_target(kind) as target:
@@ -151,9 +150,9 @@ async def measure(kind: str, runs: int, deliveries: int, url: str) -> dict[str, 
             await add_hooks(j, 1, url)
             await open_tickets(j, deliveries, "d")
             start = time.perf_counter()
-            settings = DispatchSettings(batch=50, timeout=10.0)
+            settings = DispatchSettings(batch=50, timeout=10.0, connections=connections)
             delivered = 0
-            async with httpx.AsyncClient() as http:
+            async with http_client(settings) as http:
                 while True:
                     report = await deliver_due(outbox_of(j), client=http, settings=settings)
                     delivered += report.delivered
@@ -179,6 +178,7 @@ def main() -> None:
     parser.add_argument("--store", choices=["sqlite", "postgres", "both"], default="both")
     parser.add_argument("--runs", type=int, default=300)
     parser.add_argument("--deliveries", type=int, default=1000)
+    parser.add_argument("--connections", type=int, default=DispatchSettings.connections)
     args = parser.parse_args()
     os.environ["BENCH_SECRET"] = generate_secret()
     port = free_port()
@@ -193,11 +193,16 @@ def main() -> None:
                 time.sleep(0.1)
         url = f"http://127.0.0.1:{port}/hook"
         kinds = ["sqlite", "postgres"] if args.store == "both" else [args.store]
-        rows = [asyncio.run(measure(kind, args.runs, args.deliveries, url)) for kind in kinds]
+        rows = [
+            asyncio.run(measure(kind, args.runs, args.deliveries, url, args.connections)) for kind in kinds
+        ]
     finally:
         receiver.terminate()
         receiver.wait(10)
-    print(f"ticket-opening commit, median µs ({args.runs} lone commits); delivery of {args.deliveries} rows")
+    print(
+        f"ticket-opening commit, median µs ({args.runs} lone commits); delivery of {args.deliveries} rows "
+        f"over {args.connections} connection(s)"
+    )
     print("| store | 0 webhooks | 1 webhook | 3 webhooks | idle poll µs | deliveries/s |")
     print("|---|---|---|---|---|---|")
     for r in rows:
