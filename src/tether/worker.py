@@ -29,6 +29,7 @@ import signal
 import time
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
+from typing import TYPE_CHECKING
 
 from tether.errors import ConcurrentWriteError, TetherError
 from tether.journal import Commit, Journal, RunRecord, RunUpdate
@@ -37,6 +38,9 @@ from tether.reasons import ReasonCode
 from tether.registry import NotRegistered, Registry
 from tether.runtime import RunResult, Runtime
 from tether.sweeper import sweep_expired
+
+if TYPE_CHECKING:
+    from tether.webhooks import DispatchSettings
 
 log = logging.getLogger("tether.worker")
 # The message of a run a worker set aside starts with this; driving the run clears it.
@@ -67,7 +71,11 @@ class Worker:
         poll_seconds: float = 1.0,
         model_for: Callable[[str], Model] | None = None,
         sweep_seconds: float | None = None,
+        webhooks: bool = True,
+        webhook_settings: DispatchSettings | None = None,
     ) -> None:
+        """`webhooks`: also deliver the journal's due webhook notifications (tether/webhooks.py)."""
+        self.webhooks, self.webhook_settings = webhooks, webhook_settings
         self.runtime = Runtime(journal, worker_id=worker_id, lease_seconds=lease_seconds)
         self.journal = journal
         self.registry = registry
@@ -97,6 +105,7 @@ class Worker:
     async def run(self, *, until_idle: bool = False) -> WorkerStats:
         """Work until stopped (or, with `until_idle`, until nothing is runnable)."""
         active: set[asyncio.Task[None]] = set()
+        dispatcher = self._start_webhooks()
         while not self._stop.is_set():
             await self._sweep()
             claimed = None
@@ -131,6 +140,8 @@ class Worker:
                 t.cancel()
         if active:
             await asyncio.gather(*active, return_exceptions=True)
+        if dispatcher is not None:
+            await self._stop_webhooks(dispatcher, drain=until_idle)
         for model in self._models.values():
             await close_model(model)
         self._models.clear()
@@ -145,6 +156,32 @@ class Worker:
             self.stats.expired += await sweep_expired(self.journal)
         except TetherError as exc:  # the store's trouble: tried again at the next interval
             log.warning("expiry sweep failed: %s", exc)
+
+    def _start_webhooks(self) -> tuple[asyncio.Event, asyncio.Task[None]] | None:
+        """Deliver webhook notifications beside the runs, until the worker stops."""
+        if not self.webhooks:
+            return None
+        from tether.webhooks import dispatch_forever, outbox_of  # HTTP stays out of the kernel
+
+        done = asyncio.Event()
+        owner = f"{self.worker_id}:webhooks"
+        dispatch = dispatch_forever(
+            outbox_of(self.journal), done, owner=owner, settings=self.webhook_settings
+        )
+        return done, asyncio.create_task(dispatch)
+
+    async def _stop_webhooks(
+        self, dispatcher: tuple[asyncio.Event, asyncio.Task[None]], *, drain: bool
+    ) -> None:
+        from tether.webhooks import deliver_due, outbox_of
+
+        done, task = dispatcher
+        done.set()
+        await asyncio.gather(task, return_exceptions=True)
+        # Idle and leaving: what the last runs notified is sent before exiting.
+        owner, settings = f"{self.worker_id}:webhooks", self.webhook_settings
+        while drain and (await deliver_due(outbox_of(self.journal), owner=owner, settings=settings)).claimed:
+            pass
 
     def _resolve_model(self, spec: str) -> Model:
         """A model of a run's spec; a `function:` model only from a module under the roots."""

@@ -16,7 +16,20 @@ import typer
 from typer.core import TyperGroup
 
 from tether import __version__
-from tether.cli import analysis, db, handoffs, mcp, operations, policy, runs, serve, testing, tokens, workers
+from tether.cli import (
+    analysis,
+    db,
+    handoffs,
+    mcp,
+    operations,
+    policy,
+    runs,
+    serve,
+    testing,
+    tokens,
+    webhooks,
+    workers,
+)
 from tether.cli.common import Output, print_error
 
 
@@ -79,5 +92,6 @@ for group in (runs, operations, handoffs, workers, mcp, analysis, testing, serve
 app.add_typer(policy.app, name="policy", help="Check, explain and test policies.")
 app.add_typer(db.app, name="db", help="The journal's database: schema upgrades, model-exchange retention.")
 app.add_typer(tokens.app, name="token", help="API tokens: create, list, revoke (roles and scopes).")
+app.add_typer(webhooks.app, name="webhooks", help="Webhooks notified of ticket events, and their deliveries.")
 
 __all__ = ["app"]

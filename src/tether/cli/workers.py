@@ -30,6 +30,7 @@ from tether.cli.common import (
 from tether.loader import load_workflow_async, workflow_ref
 from tether.registry import ROOTS_ENV, Registry
 from tether.runtime import RunResult, Runtime
+from tether.webhooks import DispatchSettings
 from tether.worker import Worker, install_signal_handlers
 
 app = typer.Typer()
@@ -139,6 +140,12 @@ def worker(
     ] = None,
     until_idle: Annotated[bool, typer.Option("--until-idle", help="Exit when nothing is runnable.")] = False,
     worker_id: Annotated[str | None, typer.Option(help="Name in leases (default host:pid:random).")] = None,
+    webhooks: Annotated[
+        bool, typer.Option(help="Also deliver the journal's webhook notifications (tether webhooks).")
+    ] = True,
+    webhook_timeout: Annotated[
+        float, typer.Option(min=0.1, help="Seconds one webhook POST may take before it counts as failed.")
+    ] = 10.0,
     as_json: JsonOption = False,
 ) -> None:
     """Claim runnable runs and drive them; SIGTERM drains gracefully.
@@ -170,6 +177,8 @@ def worker(
                 concurrency=concurrency,
                 lease_seconds=lease,
                 limits=limits,
+                webhooks=webhooks,
+                webhook_settings=DispatchSettings(timeout=webhook_timeout),
             )
             install_signal_handlers(w)
             names = sorted({f"{wf.name} {wf.version}" for wf in registry.workflows.values()})

@@ -77,6 +77,26 @@ def _people(time_type: str) -> tuple[str, ...]:
     )
 
 
+# Version 6, the same on both stores (SQLite reads DOUBLE PRECISION as REAL): webhooks and
+# the outbox of their deliveries. A ticket's event writes one outbox row per webhook that
+# subscribes to it, in the transaction that changes the ticket (`journal/outbox.py`).
+_WEBHOOKS: tuple[str, ...] = (
+    """CREATE TABLE webhooks (
+    webhook_id TEXT PRIMARY KEY, url TEXT NOT NULL, events TEXT NOT NULL, format TEXT NOT NULL,
+    secret_env TEXT, base_url TEXT NOT NULL, created_at DOUBLE PRECISION NOT NULL,
+    removed_at DOUBLE PRECISION)""",
+    """CREATE TABLE webhook_outbox (
+    message_id TEXT PRIMARY KEY, webhook_id TEXT NOT NULL, event TEXT NOT NULL,
+    ticket_id TEXT NOT NULL, run_id TEXT NOT NULL, ticket_status TEXT NOT NULL,
+    created_at DOUBLE PRECISION NOT NULL, status TEXT NOT NULL, attempts INTEGER NOT NULL,
+    next_attempt_at DOUBLE PRECISION NOT NULL, last_attempt_at DOUBLE PRECISION,
+    last_status INTEGER, last_error TEXT, delivered_at DOUBLE PRECISION,
+    lease_owner TEXT, lease_expires_at DOUBLE PRECISION)""",
+    # The dispatcher reads the pending rows that are due, soonest first.
+    "CREATE INDEX webhook_outbox_due ON webhook_outbox (next_attempt_at) WHERE status = 'pending'",
+    "CREATE INDEX webhook_outbox_by_age ON webhook_outbox (created_at)",
+)
+
 SQLITE: tuple[Migration, ...] = (
     Migration(
         1,
@@ -139,6 +159,7 @@ SQLITE: tuple[Migration, ...] = (
         ),
     ),
     Migration(5, "who acts: API tokens, approvals by distinct principals, run starters", _people("REAL")),
+    Migration(6, "webhooks and the outbox of their deliveries", _WEBHOOKS),
 )
 
 POSTGRES: tuple[Migration, ...] = (
@@ -206,6 +227,7 @@ POSTGRES: tuple[Migration, ...] = (
     Migration(
         5, "who acts: API tokens, approvals by distinct principals, run starters", _people("DOUBLE PRECISION")
     ),
+    Migration(6, "webhooks and the outbox of their deliveries", _WEBHOOKS),
 )
 
 LATEST = SQLITE[-1].version

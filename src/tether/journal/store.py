@@ -76,6 +76,7 @@ from tether.journal.common import (
     value_rows,
     when,
 )
+from tether.journal.outbox import ENQUEUE_GATED, OutboxStore, event_row
 from tether.journal.records import (
     Commit,
     Entry,
@@ -222,7 +223,7 @@ class _Queue:
     flusher: asyncio.Task[None] | None = None
 
 
-class SQLStore:
+class SQLStore(OutboxStore):
     """The journal on any SQL database a `Dialect` speaks (see the module's docstring)."""
 
     def __init__(self, dialect: Dialect) -> None:
@@ -439,6 +440,11 @@ class SQLStore:
             where += f" AND NOT EXISTS (SELECT 1 FROM tickets WHERE ticket_id IN ({placeholders(len(ids))}))"
             params += ids
             writes.append(Write(_INSERT_TICKET_GATED, [new_ticket_row(t) for t in commit.new_tickets]))
+            # Their webhook notifications, in the same transaction (journal/outbox.py).
+            opened = [
+                event_row("ticket.opened", t.ticket_id, commit.run_id, t.status) for t in commit.new_tickets
+            ]
+            writes.append(Write(ENQUEUE_GATED, opened))
         if commit.consume is not None:
             where += (
                 " AND EXISTS (SELECT 1 FROM tickets t WHERE t.ticket_id = ? AND t.run_id = runs.run_id "
@@ -657,6 +663,7 @@ class SQLStore:
                 ),
             )
             if decided:
+                await self._enqueue_events(tx, "ticket.decided", ticket_id, run.run_id, status)
                 record = TicketDecided(
                     ticket_id=ticket_id,
                     status=status,
@@ -703,11 +710,15 @@ class SQLStore:
     async def expire_ticket(self, ticket_id: str, now: float | None = None) -> Ticket:
         """Mark a ticket expired if its expiry has passed by the store's clock and it was not
         used (pending, or approved too late); return it. `now` is ignored."""
-        await self._d.write(
-            "UPDATE tickets SET status = 'expired' "
-            f"WHERE ticket_id = ? AND status IN ('pending', 'approved') AND expires_at <= {NOW}",
-            (ticket_id,),
-        )
+        async with self._d.transaction() as tx:
+            expired = await tx.fetch(
+                "UPDATE tickets SET status = 'expired' "
+                f"WHERE ticket_id = ? AND status IN ('pending', 'approved') AND expires_at <= {NOW} "
+                "RETURNING run_id",
+                (ticket_id,),
+            )
+            if expired:
+                await self._enqueue_events(tx, "ticket.expired", ticket_id, expired[0][0], "expired")
         return await self.get_ticket(ticket_id)
 
     # -- tokens (tether.identity) ----------------------------------------------------
@@ -758,6 +769,7 @@ class SQLStore:
         if not rows:
             raise JournalError(f"no token {token_id!r} in {self._d.where}")
         return _decode_token(rows[0])
+
     async def due_tickets(self, limit: int = 100) -> list[str]:
         """Pending tickets past their deadline by the store's clock, the oldest deadline first."""
         rows = await self._d.read(
