@@ -26,6 +26,7 @@ from tether.registry import Registry
 from tether.serve import api
 from tether.serve.events import EventHub
 from tether.serve.problems import Problem, handle
+from tether.sweeper import sweep_expired
 from tether.worker import Worker
 
 log = logging.getLogger("tether.serve")
@@ -70,9 +71,14 @@ def build_app(
                 worker.runtime.on_commit = hub.committed  # live events for what it commits
                 running.append(worker)
                 tasks.append(asyncio.create_task(worker.run()))
+        stopping = asyncio.Event()
+        if not running:  # no worker here to expire tickets and send notifications: the server does
+            tasks.append(asyncio.create_task(_sweep_forever(journal, stopping, poll_seconds=1.0)))
+            tasks.append(asyncio.create_task(_dispatch_forever(journal, stopping)))
         try:
             yield {"tether": server}
         finally:
+            stopping.set()
             hub.close()
             for worker in running:
                 worker.stop()
@@ -93,3 +99,21 @@ def build_app(
     )
     app.state.tether = server
     return app
+
+
+async def _sweep_forever(journal: Journal, stop: asyncio.Event, *, poll_seconds: float) -> None:
+    """The expiry sweeper (tether.sweeper) every `poll_seconds`, until `stop`."""
+    while not stop.is_set():
+        try:
+            await sweep_expired(journal)
+        except TetherError as exc:  # the store's trouble: tried again at the next interval
+            log.warning("expiry sweep failed: %s", exc)
+        with contextlib.suppress(TimeoutError):
+            await asyncio.wait_for(stop.wait(), timeout=poll_seconds)
+
+
+async def _dispatch_forever(journal: Journal, stop: asyncio.Event) -> None:
+    """Webhook notifications from the outbox (tether.webhooks), until `stop`."""
+    from tether.webhooks import dispatch_forever, dispatcher_id, outbox_of
+
+    await dispatch_forever(outbox_of(journal), stop, owner=f"{dispatcher_id()}:serve")
