@@ -9,6 +9,8 @@ from __future__ import annotations
 import asyncio
 import json
 import shutil
+import subprocess
+import sys
 import time
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -18,7 +20,7 @@ from typing import Any
 import httpx
 import pytest
 
-from servers import REFUND, REFUND_INPUT, Served, serve
+from servers import REFUND, REFUND_INPUT, Served, env_for, serve
 from tether import identity
 from tether.identity import Principal
 from tether.journal import open_journal
@@ -486,3 +488,40 @@ def test_an_escalated_run_is_listed_with_its_actions_and_taken_over_or_retried(a
     assert again.json()["run"]["status"] in ("queued", "running", "paused", "escalated")
     kinds = [s["kind"] for s in api.call("GET", f"/api/v1/runs/{retried}").json()["steps"]]
     assert kinds.count("retried") == 1
+
+
+# -- the CLI through the server (--server, $TETHER_TOKEN) ---------------------------------------
+
+
+def cli(api: Api, who: str | None, *args: str) -> subprocess.CompletedProcess[str]:
+    env = env_for(api.db.parent)
+    if who is not None:
+        env["TETHER_TOKEN"] = api.tokens[who]
+    return subprocess.run(
+        [sys.executable, "-m", "tether", *args, "--server", api.served.url],
+        env=env,
+        cwd=api.db.parent,
+        capture_output=True,
+        text=True,
+        timeout=TIMEOUT,
+    )
+
+
+def test_the_cli_decides_and_reads_through_the_server_as_the_tokens_principal(api: Api) -> None:
+    run_id, ticket_id = api.paused_ticket()
+    refused = cli(api, "viewer", "approve", ticket_id, "--json")
+    assert refused.returncode == 2
+    assert json.loads(refused.stdout)["error"]["code"] == "forbidden"
+    anonymous = cli(api, None, "approve", ticket_id)
+    assert anonymous.returncode == 2 and "TETHER_TOKEN" in anonymous.stderr
+    approved = cli(api, "supervisor", "approve", ticket_id, "--reason", "checked the photo")
+    assert approved.returncode == 0, approved.stderr
+    assert f"ticket {ticket_id} approved by person:supervisor" in " ".join(approved.stdout.split())
+    api.wait(run_id, "completed")
+    listed = cli(api, "viewer", "runs", "--status", "completed", "--json")
+    assert run_id in [r["run_id"] for r in json.loads(listed.stdout)]
+    shown = cli(api, "viewer", "show", run_id)
+    assert shown.returncode == 0 and run_id in shown.stdout and "issue_refund" in shown.stdout
+    assert "approved" in shown.stdout and "person:supervisor" in shown.stdout
+    again = cli(api, "supervisor", "deny", ticket_id, "--reason", "late", "--json")
+    assert again.returncode == 2 and json.loads(again.stdout)["error"]["code"] == "ticket_conflict"
