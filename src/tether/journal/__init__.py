@@ -133,6 +133,10 @@ class Journal(Protocol):
         (created_at, run_id) of the previous page's last run (keyset pagination)."""
         ...
 
+    async def get_runs(self, run_ids: Collection[str]) -> dict[str, RunRecord]:
+        """Several runs by id in one query, without their input, data and facts (listings)."""
+        ...
+
     async def last_seqs(self, run_ids: Collection[str]) -> dict[str, tuple[int, str]]:
         """Each run's (last entry number, status), in one query."""
         ...

@@ -53,10 +53,12 @@ from tether.journal.common import (
     INSERT_ENTRY,
     INSERT_VALUE,
     NOW,
+    RUN_COLUMNS,
     RUN_FIELDS_SQL,
     RUN_SELECT,
     TICKET_COLUMNS,
     TICKET_SELECT,
+    VALUE_NAMES,
     decided_status,
     decode_entry,
     decode_exchange,
@@ -92,6 +94,10 @@ from tether.reasons import ReasonCode
 # The reason code of a run no worker can drive (set aside by a worker: tether.worker).
 STUCK_REASON = ReasonCode.NOT_DRIVABLE.value
 
+# A run's row for listings: its input, data and facts (run_values) left out, read as empty.
+_RUN_SUMMARY_SELECT = (
+    "SELECT " + ", ".join("'{}'" if c in VALUE_NAMES else c for c in RUN_COLUMNS) + " FROM runs"
+)
 # The most commits one transaction carries; more wait for the next.
 MAX_BATCH = 1000
 
@@ -324,9 +330,18 @@ class SQLStore(OutboxStore):
         if after is not None:
             where.append("(created_at < ? OR (created_at = ? AND run_id < ?))")
             params += [after[0], after[0], after[1]]
-        sql = f"{RUN_SELECT} {'WHERE ' + ' AND '.join(where) if where else ''}"
+        sql = f"{_RUN_SUMMARY_SELECT} {'WHERE ' + ' AND '.join(where) if where else ''}"
         rows = await self._d.read(f"{sql} ORDER BY created_at DESC, run_id DESC LIMIT ?", (*params, limit))
         return [decode_run(r) for r in rows]
+
+    async def get_runs(self, run_ids: Collection[str]) -> dict[str, RunRecord]:
+        """Several runs by id in one query, without their input, data and facts (listings)."""
+        if not run_ids:
+            return {}
+        rows = await self._d.read(
+            f"{_RUN_SUMMARY_SELECT} WHERE run_id IN ({placeholders(len(run_ids))})", list(run_ids)
+        )
+        return {r.run_id: r for r in map(decode_run, rows)}
 
     async def last_seqs(self, run_ids: Collection[str]) -> dict[str, tuple[int, str]]:
         """Each run's last entry number and status, in one query (what a watcher polls)."""

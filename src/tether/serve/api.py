@@ -518,11 +518,9 @@ async def list_tickets(server: Server, request: Request, principal: Principal) -
         raise Problem(422, "invalid_request", f"status={status!r}: give pending or all")
     identity.authorize(principal, "view")
     tickets = await server.journal.list_tickets(None if status == "all" else "pending")
-    runs: dict[str, RunRecord] = {}
+    runs = await server.journal.get_runs({t.run_id for t in tickets})
     shown: list[TicketOut] = []
     for ticket in tickets:
-        if ticket.run_id not in runs:
-            runs[ticket.run_id] = await server.journal.get_run(ticket.run_id)
         record = runs[ticket.run_id]
         if identity.allowed(principal, "view", workflow=record.workflow_name, run=record):
             shown.append(ticket_out(ticket, record.workflow_name, principal, record))
