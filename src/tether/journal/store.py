@@ -330,8 +330,11 @@ class SQLStore(OutboxStore):
         if after is not None:
             where.append("(created_at < ? OR (created_at = ? AND run_id < ?))")
             params += [after[0], after[0], after[1]]
-        sql = f"{_RUN_SUMMARY_SELECT} {'WHERE ' + ' AND '.join(where) if where else ''}"
-        rows = await self._d.read(f"{sql} ORDER BY created_at DESC, run_id DESC LIMIT ?", (*params, limit))
+        # The page's ids are chosen first, sorting only (created_at, run_id): without an index
+        # on created_at (unfiltered listings) that sorts far less than whole rows.
+        order = "ORDER BY created_at DESC, run_id DESC"
+        page = f"SELECT run_id FROM runs {'WHERE ' + ' AND '.join(where) if where else ''} {order} LIMIT ?"
+        rows = await self._d.read(f"{_RUN_SUMMARY_SELECT} WHERE run_id IN ({page}) {order}", (*params, limit))
         return [decode_run(r) for r in rows]
 
     async def get_runs(self, run_ids: Collection[str]) -> dict[str, RunRecord]:

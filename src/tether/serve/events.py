@@ -84,11 +84,11 @@ class EventHub:
                     after = page[-1].seq
                 watch.seen = max(watch.seen, after)
                 if not entries:
-                    record = await self.journal.get_run(run_id)
-                    if record.status in FINISHED and record.last_seq <= after:
-                        yield {"event": "end", "data": encode_json({"status": record.status})}
+                    last_seq, status = (await self.journal.last_seqs([run_id]))[run_id]
+                    if status in FINISHED and last_seq <= after:
+                        yield {"event": "end", "data": encode_json({"status": status})}
                         return
-                    if record.last_seq > after:
+                    if last_seq > after:
                         continue
                     await self._wait(watch)
         finally:
