@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import time
 from collections.abc import AsyncIterator
 from dataclasses import dataclass, field
 
@@ -22,8 +23,10 @@ from tether.hashing import encode_json
 from tether.journal import FINISHED, Entry, Journal
 from tether.timeline import timeline
 
-# Entries sent per read: a long run's history goes out in pages, not one read.
-PAGE = 500
+# The newest events of a watched run kept in memory, shared by its subscribers.
+CACHED = 1000
+# How long a read of a run's last entry number and status serves its other subscribers.
+FRESH_SECONDS = 0.05
 
 
 @dataclass
@@ -32,6 +35,13 @@ class _Watch:
     seen: int = 0  # the highest seq known to be committed
     status: str = ""
     changed: asyncio.Event = field(default_factory=asyncio.Event)
+    # Subscribers of one run share its reads: the events of consecutive entries from seq
+    # `first`, newest last, and the last (seq, status) read with when it was read.
+    lock: asyncio.Lock = field(default_factory=asyncio.Lock)
+    recent: list[dict[str, str]] = field(default_factory=list)
+    first: int = 0
+    state: tuple[int, str] = (0, "")
+    state_at: float = float("-inf")
 
 
 class EventHub:
@@ -76,25 +86,67 @@ class EventHub:
         try:
             while not self.closed.is_set():
                 watch.changed.clear()
-                entries = await self.journal.read_entries(run_id, after)
-                for start in range(0, len(entries), PAGE):
-                    page = entries[start : start + PAGE]
-                    for entry, row in zip(page, timeline(page), strict=True):
-                        yield {"id": str(entry.seq), "event": "entry", "data": _event(entry, row)}
-                    after = page[-1].seq
-                watch.seen = max(watch.seen, after)
-                if not entries:
-                    last_seq, status = (await self.journal.last_seqs([run_id]))[run_id]
-                    if status in FINISHED and last_seq <= after:
-                        yield {"event": "end", "data": encode_json({"status": status})}
-                        return
-                    if last_seq > after:
-                        continue
-                    await self._wait(watch)
+                events = await self._events_after(run_id, watch, after)
+                for event in events:
+                    yield event
+                if events:
+                    after = int(events[-1]["id"])
+                    continue
+                last_seq, status = await self._state(run_id, watch)
+                if status in FINISHED and last_seq <= after:
+                    yield {"event": "end", "data": encode_json({"status": status})}
+                    return
+                if last_seq > after:
+                    watch.seen = max(watch.seen, last_seq)
+                    continue
+                await self._wait(watch)
         finally:
             watch.subscribers -= 1
             if watch.subscribers == 0:
                 self._watches.pop(run_id, None)
+
+    async def _events_after(self, run_id: str, watch: _Watch, after: int) -> list[dict[str, str]]:
+        """The events of the run's entries after `after`: from the run's shared cache when it
+        holds them, else read once for every subscriber waiting on the same entries."""
+        async with watch.lock:
+            if watch.recent and watch.first <= after + 1:
+                newest = watch.first + len(watch.recent) - 1
+                if watch.seen > newest or after >= newest:
+                    self._remember(watch, await self._read(run_id, newest), newest + 1)
+                return watch.recent[after + 1 - watch.first :]
+            events = await self._read(run_id, after)
+            if events:
+                watch.recent, watch.first = [], after + 1
+                self._remember(watch, events, after + 1)
+            return events
+
+    @staticmethod
+    def _remember(watch: _Watch, events: list[dict[str, str]], first: int) -> None:
+        if not events:
+            return
+        if not watch.recent:
+            watch.first = first
+        watch.recent += events
+        watch.seen = max(watch.seen, int(events[-1]["id"]))
+        if len(watch.recent) > CACHED:
+            dropped = len(watch.recent) - CACHED
+            watch.recent, watch.first = watch.recent[dropped:], watch.first + dropped
+
+    async def _read(self, run_id: str, after: int) -> list[dict[str, str]]:
+        entries = await self.journal.read_entries(run_id, after)
+        rows = timeline(entries)
+        return [
+            {"id": str(e.seq), "event": "entry", "data": _event(e, row)}
+            for e, row in zip(entries, rows, strict=True)
+        ]
+
+    async def _state(self, run_id: str, watch: _Watch) -> tuple[int, str]:
+        """The run's last entry number and status, read at most once per FRESH_SECONDS."""
+        async with watch.lock:
+            if time.monotonic() - watch.state_at > FRESH_SECONDS:
+                watch.state = (await self.journal.last_seqs([run_id]))[run_id]
+                watch.state_at = time.monotonic()
+            return watch.state
 
     async def _wait(self, watch: _Watch) -> None:
         with contextlib.suppress(TimeoutError):
