@@ -39,8 +39,13 @@ def serve(
         ),
     ] = None,
     workers: Annotated[
-        int, typer.Option(min=0, help="Workers driving runs inside this process (0: other processes do).")
-    ] = 1,
+        int | None,
+        typer.Option(
+            min=0,
+            help="Workers driving runs inside this process (0: other processes do; default 1 with "
+            "--workflows, else 0).",
+        ),
+    ] = None,
     concurrency: Annotated[int, typer.Option(min=1, help="Runs each in-process worker drives at once.")] = 8,
     model: ModelOption = None,
 ) -> None:
@@ -56,6 +61,8 @@ def serve(
     except ImportError as exc:
         fail(f"tether serve needs the serve extra ({exc}): pip install 'tether[serve]'")
     roots = _roots(workflows)
+    if workers is None:
+        workers = 1 if roots else 0
     if workers and not roots:
         fail(
             f"--workers {workers} needs the workflows to drive: --workflows DIR (or ${ROOTS_ENV}), "
