@@ -11,7 +11,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
-from collections.abc import AsyncIterator, Sequence
+from collections.abc import AsyncIterator, Callable, Sequence
 from typing import Any
 
 from starlette.applications import Starlette
@@ -48,18 +48,20 @@ def build_app(
     model_spec: str | None = None,
     workers: int = 0,
     concurrency: int = 8,
-    extra_routes: Sequence[BaseRoute] = (),
+    extra_routes: Sequence[BaseRoute] | Callable[[api.Server], Sequence[BaseRoute]] = (),
     poll_seconds: float = 0.25,
     close_journal: bool = False,
 ) -> Starlette:
     """The app over `journal`. `registry`: the workflows runs may be started from (and the
     in-process workers drive); `model_spec`: the model those runs are given. `extra_routes`
-    (the web interface) are served beside the API. With `close_journal` the journal is
-    closed when the app shuts down."""
+    (the web interface) are served beside the API: routes, or a function given the
+    `api.Server` (journal, registry, runtime, operations, live-event hub) that returns them.
+    With `close_journal` the journal is closed when the app shuts down."""
     hub = EventHub(journal, poll_seconds=poll_seconds)
     server = api.Server(journal, registry, model_spec, hub)
     document = api.openapi(registry)
-    routes: list[BaseRoute] = [*api.routes(server), api.openapi_route(document), *extra_routes]
+    web = extra_routes(server) if callable(extra_routes) else extra_routes
+    routes: list[BaseRoute] = [*api.routes(server), api.openapi_route(document), *web]
 
     @contextlib.asynccontextmanager
     async def lifespan(app: Starlette) -> AsyncIterator[dict[str, Any]]:
