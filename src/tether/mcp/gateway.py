@@ -41,6 +41,7 @@ import msgspec
 
 from tether import __version__
 from tether.errors import PolicyFileError, TetherError, TicketError
+from tether.identity import Principal
 from tether.journal import Journal, Ticket
 from tether.journal.common import SELF_DRIVEN
 from tether.mcp.client import McpError, McpServer, McpServerSpec, McpTool, McpToolError
@@ -470,9 +471,7 @@ class Gateway:
         caller gave up on, and the run goes on instead of staying paused."""
         log.info("ticket %s: denied: %s", ticket.ticket_id, reason)
         with contextlib.suppress(TicketError):  # decided or expired in the meantime
-            await self.journal.decide_ticket(
-                ticket.ticket_id, approve=False, by="mcp-gateway", reason=reason
-            )
+            await self.journal.decide_ticket(ticket.ticket_id, approve=False, by="mcp-gateway", reason=reason)
 
     # -- the MCP server ----------------------------------------------------------------
 
@@ -646,7 +645,14 @@ def approval_routes(gateway: Gateway, token: str) -> list[Any]:
             decided = await gateway.journal.decide_ticket(
                 ticket_id,
                 approve=verb == "approve",
-                by=str(body.get("by") or f"http:{request.client.host if request.client else '?'}"),
+                # Whoever holds the gateway's one approval token: recorded as the gateway's own
+                # principal (it writes the journal: a local admin); the name given is shown only.
+                by=Principal(
+                    principal_id="local:mcp-gateway-approvals",
+                    name=str(body.get("by") or f"http:{request.client.host if request.client else '?'}"),
+                    kind="local",
+                    role="admin",
+                ),
                 reason=str(body.get("reason") or ""),
             )
         except TicketError as exc:
