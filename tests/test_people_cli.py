@@ -108,6 +108,8 @@ def test_a_question_is_described_as_a_question_with_the_db_in_every_hint(cli: Cl
     tkt = cli.json("approvals")[0]["ticket_id"]
     assert f"waiting on question {tkt}" in out
     assert f"tether answer {tkt} TEXT --db {cli.db}" in out and "tether approve" not in out
+    listed = flat(cli("approvals").stdout)
+    assert f"question: Was the kettle used? (tether answer {tkt} TEXT --db {cli.db})" in listed
     refused = cli("approve", tkt)
     assert refused.returncode == 2
     message = flat(refused.stderr)
