@@ -20,8 +20,11 @@ from typing import Any
 
 import pytest
 
+from tether.identity import Principal
+
 CRASH = Path(__file__).parent / "fixtures" / "crash"
 TIMEOUT = 30.0
+LOCAL = Principal.local().principal_id  # who a command that opens the journal acts as
 
 
 def flat(text: str) -> str:
@@ -170,7 +173,8 @@ def test_a_non_idempotent_write_cut_off_by_a_crash_waits_for_a_person_and_is_nev
     ]
     settled = entries[3]["body"]
     assert entries[3]["step_id"] == "s1"
-    assert (settled["done"], settled["by"], settled["note"]) == (True, "ops", "charge is on the statement")
+    # Recorded as the local admin who ran the command; `--by ops` is a display name only.
+    assert (settled["done"], settled["by"], settled["note"]) == (True, LOCAL, "charge is on the statement")
     [told] = [row["observation"] for row in cli.steps(run_id) if row["outcome"] == "executed"]
     assert told["outcome"] == "executed"
     assert entries[4]["body"]["exit"] == "done"
@@ -238,7 +242,7 @@ def test_an_effect_settled_as_not_done_is_reported_to_the_model_which_may_try_ag
     assert row["observation"] == {
         "step_id": "s1",
         "outcome": "not_executed",
-        "resolved_by": "ops",
+        "resolved_by": LOCAL,
         "note": "no charge at the bank",
     }
     # The runtime did not redo s1 by itself; the model's next proposal, a new step, charged.

@@ -10,7 +10,6 @@ other processes, or the HTTP approval endpoint.
 from __future__ import annotations
 
 import asyncio
-import getpass
 import json
 import os
 import shlex
@@ -32,6 +31,7 @@ from mcp.client.streamable_http import streamable_http_client
 from mcp.types import CallToolResult, TextContent
 
 from mcp_servers import filesystem_server, time_server
+from tether.identity import Principal
 from tether.journal import open_journal
 from tether.mcp.gateway import Gateway, parse_upstreams
 from tether.policy import Policy
@@ -266,10 +266,12 @@ def test_every_call_is_governed_and_journaled(setup: Setup) -> None:
     # ... and with the resolved path it was decided on.
     assert explained["decision"]["resolved"] == {f'realpath("{outside}")': str(outside)}
     decided = [
-        (e["body"]["status"], e["body"]["by"]) for e in shown["entries"] if e["kind"] == "ticket_decided"
+        (e["body"]["status"], e["body"]["by"]["principal_id"])
+        for e in shown["entries"]
+        if e["kind"] == "ticket_decided"
     ]
-    person = getpass.getuser()  # what `tether approve` records without --by
-    assert decided == [("approved", person), ("denied", person), ("denied", "mcp-gateway")]
+    person = Principal.local().principal_id  # what `tether approve` records: the local admin
+    assert decided == [("approved", person), ("denied", person), ("denied", "local:mcp-gateway")]
 
 
 def gateway_process(
@@ -448,9 +450,9 @@ def test_over_http_an_approval_comes_from_the_approval_endpoint(setup: Setup) ->
                     status, decided = await asyncio.to_thread(
                         http, "POST", f"{base}/approvals/{ticket}/approve", token, {"by": "alice"}
                     )
-                    assert (
-                        status == 200 and decided["status"] == "approved" and decided["decided_by"] == "alice"
-                    )
+                    assert status == 200 and decided["status"] == "approved"
+                    # The holder of the gateway's shared token, not the name it gave ("alice").
+                    assert decided["decided_by"] == "local:mcp-gateway-approvals"
                     again = await asyncio.to_thread(
                         http, "POST", f"{base}/approvals/{ticket}/deny", token, {}
                     )

@@ -78,7 +78,7 @@ def test_a_person_who_approves_refunds_under_200_lets_180_through(journal: Journ
         "ask by refund-above-100-needs-approval (approval_required) → executed [approved by sam]"
     )
     ticket = asyncio.run(journal.list_tickets(None))[0]
-    assert (ticket.status, ticket.decided_by) == ("consumed", "sam")
+    assert (ticket.status, ticket.decided_by) == ("consumed", "person:sam")
 
 
 def test_the_same_person_denies_450_and_the_model_is_told(journal: Journal) -> None:

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import os
 import shutil
 import subprocess
 import sys
@@ -13,6 +14,7 @@ from typing import Any
 import pytest
 
 from tether import DefinitionError, RunStateError, Runtime, load_workflow, open_journal
+from tether.identity import Principal
 from tether.journal import bodies
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -39,7 +41,9 @@ def tether(*args: str, cwd: Path) -> subprocess.CompletedProcess[str]:
         capture_output=True,
         text=True,
         timeout=60,
-        env={"PATH": "/usr/bin:/bin", "COLUMNS": "200", "REFUND_LEDGER": str(cwd / "ledger.sqlite")},
+        env={"PATH": "/usr/bin:/bin", "COLUMNS": "200", "REFUND_LEDGER": str(cwd / "ledger.sqlite")}
+        # The code under test, when it is not the installed one (a worktree's src).
+        | {k: v for k, v in os.environ.items() if k == "PYTHONPATH"},
     )
 
 
@@ -101,7 +105,9 @@ def test_a_run_whose_version_is_gone_gets_a_clear_error_and_can_be_migrated(fold
     assert (record.workflow_version, record.status) == ("2", "paused")
     migrated = [e for e in run(journal.read_entries(run_id)) if e.kind == "migrated"]
     moved = migrated[0].body
-    assert isinstance(moved, bodies.Migrated) and (moved.from_.version, moved.by) == ("1", "ops")
+    # Recorded as the local admin who ran it (`--by ops` is a display name only).
+    local = Principal.local().principal_id
+    assert isinstance(moved, bodies.Migrated) and (moved.from_.version, moved.by) == ("1", local)
     ticket = run(journal.list_tickets())[0].ticket_id
     assert tether("approve", ticket, "--db", "j.db", cwd=folder.parent).returncode == 0
     done = tether("resume", run_id, "--db", "j.db", "--json", cwd=folder.parent)

@@ -333,10 +333,10 @@ class Policy:
         for c in self._rules:
             missing = sorted(c.functions - set(resolvers or {}))
             if missing:
-                known = ", ".join(sorted(resolvers or {})) or "none"
+                declared = ", ".join(sorted(resolvers or {})) or "none"
                 raise PolicyFileError(
                     f"{self.source}: rule {c.rule.id!r} calls unknown function(s) {', '.join(missing)} "
-                    f"(the workflow's resolvers: {known}; helpers: {', '.join(sorted(HELPERS))})"
+                    f"(the workflow's resolvers: {declared}; helpers: {', '.join(sorted(HELPERS))})"
                 )
             known = set(tools) if c.kind == "tool" else exits
             for name in c.names:

@@ -313,7 +313,7 @@ class GovernedStep:
         executed = kind(**fields, result=stored, verification=verification, untrusted=untrusted)
         new_facts = {**self.cursor.record.facts, **facts} if facts else None
         if failed and self.state.on_verification_failed != "retry":
-            stop: Stop = self.state.on_verification_failed  # type: ignore[assignment]
+            stop: Stop = self.state.on_verification_failed
             return await self.record(
                 executed,
                 self.stopped(stop, ReasonCode.VERIFICATION_FAILED, str(verification)),
@@ -571,12 +571,19 @@ class GovernedStep:
         cursor.clear_notice()
         if ticket.kind == "question":
             answered = ticket.status == "answered"
-            cls = b.Answered if answered else b.Unanswered
-            values = {"ticket_id": ticket.ticket_id, "answer": ticket.answer, "by": ticket.decided_by}
-            values["reason"] = ticket.reason
-            if not answered:
-                values["reason_code"] = ReasonCode.APPROVAL_DENIED
-            return await self.record(cls(**values), status="running")
+            t = ticket
+            body: b.Answered = (
+                b.Answered(ticket_id=t.ticket_id, answer=t.answer, by=t.decided_by, reason=t.reason)
+                if answered
+                else b.Unanswered(
+                    ticket_id=t.ticket_id,
+                    answer=t.answer,
+                    by=t.decided_by,
+                    reason=t.reason,
+                    reason_code=ReasonCode.APPROVAL_DENIED,
+                )
+            )
+            return await self.record(body, status="running")
         proposal = msgspec.convert(pending.proposal, Proposal)
         role = pending.decision.escalate_on_expiry
         if ticket.status == "expired" and role:  # the rule's `on_expiry: {escalate: ROLE}`

@@ -481,9 +481,15 @@ def approvals(
     for t in tickets:
         what = t.question or ", ".join(f"{k}={json.dumps(v)}" for k, v in t.args.items())
         expires = time.strftime("%Y-%m-%d %H:%M", time.localtime(t.expires_at))
+        duties = f"  approvals {t.approvals}/{t.approvals_required}" if t.approvals_required > 1 else ""
+        duties += "  not by the run's starter" if t.forbid_self_approval else ""
+        duties += f"  edited (was {t.original_args_hash})" if t.original_args_hash else ""
+        line = f"{t.kind}: [cyan]{escape(t.subject)}[/]({escape(what)})"
+        if t.kind == "question":
+            line = f"question: [cyan]{escape(what)}[/]  (tether answer {t.ticket_id} TEXT{db_hint(db)})"
         out.print(
             f"[bold]{t.ticket_id}[/]  {t.status}  run {t.run_id}  for {t.approver}  "
-            f"expires {expires}\n    {t.kind}: [cyan]{escape(t.subject)}[/]({escape(what)})"
+            f"expires {expires}{duties}\n    {line}"
         )
 
 

@@ -3,7 +3,6 @@ any number of workers."""
 
 from __future__ import annotations
 
-import getpass
 import json
 import logging
 import os
@@ -16,9 +15,11 @@ from tether.cli.common import (
     DbOption,
     JsonOption,
     ModelOption,
+    NoteByOption,
     db_hint,
     err,
     fail,
+    local_principal,
     open_store,
     out,
     pinned_model_spec,
@@ -65,6 +66,7 @@ def submit(
                 workflow_ref=workflow_ref(workflow),
                 policy_ref=str(policy.resolve()) if policy else None,
                 model_spec=spec,
+                by=local_principal(),
             )
 
     result = run_command(main)
@@ -82,7 +84,7 @@ def migrate(
     run_id: Annotated[str, typer.Argument(metavar="RUN")],
     to: Annotated[str, typer.Option("--to", help="The workflow (folder, YAML file) to move the run to.")],
     policy: Annotated[Path | None, typer.Option(help="Policy file overriding the workflow's.")] = None,
-    by: Annotated[str | None, typer.Option(help="Who moves it (recorded).")] = None,
+    by: NoteByOption = None,
     db: DbOption = None,
     as_json: JsonOption = False,
 ) -> None:
@@ -95,7 +97,7 @@ def migrate(
             result = await Runtime(journal).migrate(
                 run_id,
                 wf,
-                by=by or getpass.getuser(),
+                by=local_principal(by).principal_id,  # the local admin; --by is shown only
                 workflow_ref=workflow_ref(to),
                 policy_ref=str(policy.resolve()) if policy else None,
             )

@@ -17,6 +17,7 @@ from pathlib import Path
 from typing import Any
 
 from tether.decision import Decision
+from tether.identity import Principal
 from tether.journal import Entry, Journal
 from tether.journal import bodies as b
 from tether.loader import load_workflow_async, workflow_ref
@@ -195,7 +196,7 @@ def governed_steps(entries: list[Entry]) -> list[StepDecision]:
     for e in entries:
         record = e.body
         if isinstance(record, b.TicketDecided):
-            tickets[record.ticket_id] = f"{record.status} by {record.by.principal_id}"
+            tickets[record.ticket_id] = f"{record.status} by {record.by.name}"
         if e.step_id is None or not isinstance(record, b.StepRecord):
             continue
         last[e.step_id] = record
@@ -267,7 +268,8 @@ async def run_to_end_async(
         await journal.decide_ticket(
             ticket.ticket_id,
             approve=verdict.action != "deny",
-            by=person.name,
+            # A scripted person is a person of the test, who may decide anything it is shown.
+            by=Principal(principal_id=f"person:{person.name}", name=person.name, kind="person", role="admin"),
             reason=verdict.text if verdict.action != "answer" else "",
             answer=verdict.text if verdict.action == "answer" else None,
         )
