@@ -370,9 +370,9 @@ def test_take_over_chooses_an_exit_with_data_and_the_run_finishes(journal: Journ
     (taken,) = bodies_of(journal, run_id, "taken_over")
     assert (taken.by, taken.exit, taken.next, taken.from_status) == (ALICE, "done", "done", "escalated")
     assert taken.decision.rule_id == "default:exit"
-    from tether.timeline import transitions
+    from tether.timeline import transitions  # a take-over is drawn on the run's path
 
-    assert transitions(run(journal.read_entries(run_id)))[1] == [("pay", "done", "done")]  # drawn on the graph
+    assert transitions(run(journal.read_entries(run_id)))[1] == [("pay", "done", "done")]
 
 
 def test_take_over_is_refused_clearly_and_changes_nothing(journal: Journal) -> None:

@@ -110,7 +110,7 @@ def _covers(broad: Rule, narrow: Rule) -> bool:
 
 def _redundant_allows(policy: Policy, workflow: Workflow) -> list[Finding]:
     findings = []
-    tools = workflow.tools()
+    tools = workflow.tools() | workflow.compensations()  # a rollback's tools are governed too
     for rule in policy.rules:
         kind, names = rule.targets()
         if kind == "tool" and rule.decision == "allow" and "*" not in names:

@@ -311,7 +311,9 @@ async def _then(journal: Journal, workflow: Workflow, run: RunOutcome, then: The
 
     person = Principal(principal_id=SCENARIO_PERSON, name=SCENARIO_PERSON, kind="person", role="operator")
     cancel = then.cancel
-    done = await Operations(journal, load=pinned).cancel(run.run_id, person, cancel.reason, rollback=cancel.rollback)
+    done = await Operations(journal, load=pinned).cancel(
+        run.run_id, person, cancel.reason, rollback=cancel.rollback
+    )
     return RunOutcome.of(done.run, workflow, await journal.read_entries(run.run_id))
 
 
