@@ -409,7 +409,9 @@ def test_take_over_of_a_paused_run_withdraws_its_ticket(journal: Journal) -> Non
     ]
     wf = payments.workflow(ask)
     result = run(Runtime(journal).start(wf, ScriptedModel([charge("4242", 500.0)])))
-    outcome = run(Operations(journal, load=loader(wf)).take_over(result.run_id, ALICE, "give_up"))
+    outcome = run(
+        Operations(journal, load=lambda record: wf).take_over(result.run_id, ALICE, "give_up")
+    )  # a plain loader
     assert outcome.run.status == "failed" and outcome.run.state == "failed"
     assert run(journal.get_ticket(result.ticket_id)).status == "withdrawn"
 
