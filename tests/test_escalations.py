@@ -370,9 +370,9 @@ def test_take_over_chooses_an_exit_with_data_and_the_run_finishes(journal: Journ
     (taken,) = bodies_of(journal, run_id, "taken_over")
     assert (taken.by, taken.exit, taken.next, taken.from_status) == (ALICE, "done", "done", "escalated")
     assert taken.decision.rule_id == "default:exit"
-    from tether.timeline import transitions
+    from tether.timeline import transitions  # a take-over is drawn on the run's path
 
-    assert transitions(run(journal.read_entries(run_id)))[1] == [("pay", "done", "done")]  # drawn on the graph
+    assert transitions(run(journal.read_entries(run_id)))[1] == [("pay", "done", "done")]
 
 
 def test_take_over_is_refused_clearly_and_changes_nothing(journal: Journal) -> None:
@@ -409,7 +409,9 @@ def test_take_over_of_a_paused_run_withdraws_its_ticket(journal: Journal) -> Non
     ]
     wf = payments.workflow(ask)
     result = run(Runtime(journal).start(wf, ScriptedModel([charge("4242", 500.0)])))
-    outcome = run(Operations(journal, load=loader(wf)).take_over(result.run_id, ALICE, "give_up"))
+    outcome = run(
+        Operations(journal, load=lambda record: wf).take_over(result.run_id, ALICE, "give_up")
+    )  # a plain loader
     assert outcome.run.status == "failed" and outcome.run.state == "failed"
     assert run(journal.get_ticket(result.ticket_id)).status == "withdrawn"
 
@@ -591,12 +593,13 @@ def test_stuck_reason_is_never_empty_for_a_run_nobody_drives(journal: Journal) -
 REPO = Path(__file__).resolve().parents[1]
 
 
-def tether(tmp_path: Path, *args: str) -> Any:
+def tether(tmp_path: Path, *args: str, **extra_env: str) -> Any:
+    """`python -m tether ARGS --db tmp/t.db` in a process of its own (the tether under test)."""
     import subprocess
     import sys
 
     env = {k: v for k, v in os.environ.items() if k not in ("TETHER_DB", "FORCE_COLOR")}
-    env |= {"REFUND_LEDGER": str(tmp_path / "ledger.sqlite"), "COLUMNS": "500", "NO_COLOR": "1"}
+    env |= {"REFUND_LEDGER": str(tmp_path / "ledger.sqlite"), "COLUMNS": "500", "NO_COLOR": "1"} | extra_env
     return subprocess.run(
         [sys.executable, "-m", "tether", *args, "--db", str(tmp_path / "t.db")],
         cwd=tmp_path,
@@ -703,3 +706,32 @@ def test_cli_takeover_finishes_the_run_through_the_exit_chosen(tmp_path: Path) -
     assert "taken_over: by " in shown.stdout and "exit refunded → done" in shown.stdout
     again = tether(tmp_path, "retry", run_id, "--json")
     assert again.returncode == 2 and json.loads(again.stdout)["error"]["code"] == "run_state"
+
+
+def test_a_rollback_whose_process_is_killed_mid_compensation_finishes_when_run_again(tmp_path: Path) -> None:
+    import json
+    import sqlite3
+
+    fixture = REPO / "tests" / "fixtures" / "rollback"
+    ledger = {"PAYMENTS_LEDGER": str(tmp_path / "payments.sqlite")}
+    script = f"script:{fixture / 'proposals.json'}"
+    started = json.loads(tether(tmp_path, "run", str(fixture), "--model", script, "--json", **ledger).stdout)
+    run_id = started["run_id"]
+    assert started["status"] == "escalated"
+    killed = tether(tmp_path, "cancel", run_id, "--rollback", DIE_IN_REFUND=str(tmp_path / "died"), **ledger)
+    assert killed.returncode == 137  # the process died inside the first refund, after its intent
+    with sqlite3.connect(tmp_path / "t.db") as journal:
+        last = journal.execute(
+            "SELECT kind FROM entries WHERE run_id = ? ORDER BY seq DESC LIMIT 1", (run_id,)
+        )
+        assert last.fetchone()[0] == "compensation_intent"
+    again = tether(tmp_path, "cancel", run_id, "--rollback", **ledger)  # its lease: a dead process's
+    assert again.returncode == 0, again.stderr
+    assert "rollback: 2 compensated" in again.stdout
+    with sqlite3.connect(tmp_path / "payments.sqlite") as db:
+        refunded = [charge_id for (charge_id,) in db.execute("SELECT charge_id FROM refunds ORDER BY rowid")]
+        charges = [key for (key,) in db.execute("SELECT key FROM charges ORDER BY rowid")]
+    assert refunded == charges[::-1]  # each charge refunded once, the newest first
+    shown = json.loads(tether(tmp_path, "show", run_id, "--json").stdout)
+    done = [e["body"] for e in shown["entries"] if e["kind"] == "compensated"]
+    assert [d.get("recovered", False) for d in done] == [True, False]  # the cut-off one, re-run with its key

@@ -60,7 +60,8 @@ def test_the_kernel_imports_no_cli_or_vendor_code() -> None:
     import sys
 
     code = (
-        "import sys, tether, tether.runtime, tether.models, tether.loader; "
+        "import sys, tether, tether.runtime, tether.models, tether.loader, "
+        "tether.operations, tether.sweeper; "
         "bad = [m for m in sys.modules if m.split('.')[0] in "
         "('openai', 'anthropic', 'httpx', 'mcp', 'llama_cpp') "
         "or m == 'tether.cli']; "

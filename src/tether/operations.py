@@ -20,6 +20,7 @@ Each takes the run's lease first, so it never races a process that is driving th
 
 from __future__ import annotations
 
+import inspect
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 from typing import Any
@@ -40,7 +41,9 @@ from tether.run import Checkpoint
 from tether.runtime import RunResult, Runtime
 from tether.workflow import AgentState, Step, Terminal, Workflow
 
-Loader = Callable[[RunRecord], Awaitable[Workflow]]
+# The workflow a run is pinned to: a coroutine function, or a plain one (a worker
+# registry's `workflow_for`).
+Loader = Callable[[RunRecord], "Awaitable[Workflow] | Workflow"]
 # Statuses in which a run is stopped for a person (or waiting on one) rather than ended.
 STUCK = ReasonCode.NOT_DRIVABLE
 
@@ -175,7 +178,7 @@ class Operations:
                 f"run {run_id} has an effect in doubt ({record.message}); say whether it happened first "
                 f"(tether resolve {run_id} --done | --not-done), then cancel with --rollback"
             )
-        workflow = await self.load(record) if rollback else None
+        workflow = await self._load(record) if rollback else None
         record = await self.runtime._acquire(run_id)
         try:
             pending = record.checkpoint.get("pending") or {}
@@ -226,7 +229,7 @@ class Operations:
         """Send the run back into its state with a fresh visit budget (a new visit), queued."""
         record = await self.journal.get_run(run_id)
         self._refuse_unless(record, "retry", ("escalated", "failed"))
-        workflow = await self.load(record)
+        workflow = await self._load(record)
         state = workflow.states.get(record.state)
         if state is None or isinstance(state, Terminal):
             raise RunStateError(
@@ -276,7 +279,7 @@ class Operations:
         self._refuse_unless(record, "take over", allowed)
         update = dict(data or {})
         problem = json_value_problem(update)
-        workflow = await self.load(record)
+        workflow = await self._load(record)
         if problem is None and len(encode_json(update)) > workflow.limits.max_output_bytes:
             problem = f"more than {workflow.limits.max_output_bytes:,} bytes as JSON"
         if problem is not None:
@@ -348,6 +351,10 @@ class Operations:
         return decision
 
     # -- helpers -------------------------------------------------------------------------
+
+    async def _load(self, record: RunRecord) -> Workflow:
+        loaded = self.load(record)
+        return await loaded if inspect.isawaitable(loaded) else loaded
 
     @staticmethod
     def _refuse_unless(record: RunRecord, action: str, statuses: tuple[str, ...]) -> None:

@@ -110,7 +110,7 @@ def _covers(broad: Rule, narrow: Rule) -> bool:
 
 def _redundant_allows(policy: Policy, workflow: Workflow) -> list[Finding]:
     findings = []
-    tools = workflow.tools()
+    tools = workflow.tools() | workflow.compensations()  # a rollback's tools are governed too
     for rule in policy.rules:
         kind, names = rule.targets()
         if kind == "tool" and rule.decision == "allow" and "*" not in names:
@@ -259,7 +259,7 @@ def explain(entries: list[Entry], step_id: str, policy: Policy | None) -> Explan
         (e, record)
         for e in entries
         if e.step_id == step_id
-        and isinstance(record := e.body, b.StepRecord)
+        and isinstance(record := e.body, b.StepRecord | b.CompensationStep)  # a rollback's too
         and isinstance(getattr(record, "decision", None), Decision)
         and not getattr(record, "continuation", False)
     ]
@@ -312,7 +312,7 @@ def _evaluated(decision: Decision, record: Any, policy: Policy | None) -> dict[s
     after an error were not evaluated."""
     if policy is None or decision.rule_id.startswith(("runtime:", "approval:", "workflow:")):
         return {}
-    if isinstance(record, b.ToolStep):
+    if isinstance(record, b.ToolStep | b.CompensationStep):
         kind, name = "tool", record.tool
     elif isinstance(record, b.Transition):
         kind, name = "exit", record.exit

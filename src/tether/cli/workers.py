@@ -198,6 +198,7 @@ def worker(
                 "stopped": stats.stopped,
                 "set_aside": stats.set_aside,
                 "errors": stats.errors,
+                "tickets_expired": stats.expired,
             }
 
     summary = run_command(main)
@@ -207,6 +208,7 @@ def worker(
     stopped = ", ".join(f"{n} {status}" for status, n in sorted(summary["stopped"].items())) or "none"
     out.print(
         f"worker {summary['worker_id']} stopped: claimed {summary['claimed']}; runs stopped: {stopped}; "
-        f"set aside {summary['set_aside']}; errors {summary['errors']}",
+        f"set aside {summary['set_aside']}; errors {summary['errors']}; "
+        f"tickets expired {summary['tickets_expired']}",
         markup=False,
     )

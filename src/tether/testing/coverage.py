@@ -164,9 +164,10 @@ class Collector:
             decides = (
                 entry.step_id is not None
                 and entry.step_id not in decided
-                and isinstance(record, b.StepRecord)
+                # A rollback's compensation is decided by policy too (tether.compensation).
+                and isinstance(record, b.StepRecord | b.CompensationStep)
                 and isinstance(getattr(record, "decision", None), Decision)
-                and not record.continuation
+                and not getattr(record, "continuation", False)
             )
             if decides:
                 decided.add(entry.step_id or "")

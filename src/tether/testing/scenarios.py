@@ -19,6 +19,10 @@ with the decisions, states visited and end status expected of them (`tether test
             - {decision: allow, rule: refund-small, outcome: executed}
           path: [intake, resolve, done]
           status: completed
+      - name: a person cancels the run and its refund is voided
+        ...
+        then: {cancel: {reason: duplicate, rollback: true}}   # once the run stops
+        expect: {status: cancelled}
 
 Every scenario runs in a fresh temporary journal and folder. The file is read with
 `strict_yaml` and validated strictly: an unknown field, a rule id, state, tool or exit the
@@ -79,6 +83,18 @@ class Expectations(_Strict):
         return self
 
 
+class CancelDoc(_Strict):
+    reason: str = ""
+    rollback: bool = False
+
+
+class Then(_Strict):
+    """What the scenario's person does once the run stops: `cancel: {rollback: true}` (the
+    run is cancelled and its effects undone: tether.operations)."""
+
+    cancel: CancelDoc
+
+
 class Scenario(_Strict):
     name: str = Field(min_length=1)
     # Which of a skill's four test cases this scenario is (tether.skills): `tether check`
@@ -88,6 +104,7 @@ class Scenario(_Strict):
     input: dict[str, Any] = Field(default_factory=dict)
     proposals: list[Any] | dict[str, list[Any]] | str | None = None
     person: list[PersonRule] | None = None
+    then: Then | None = None
     expect: Expectations
 
 
@@ -270,6 +287,8 @@ async def _run(suite: Suite, scenario: Scenario, collector: Collector) -> Scenar
                 run = await _where_it_stopped(journal, workflow)
             if run is None:
                 return ScenarioResult(scenario.name, problems, None)
+            if scenario.then is not None and not problems:
+                run = await _then(journal, workflow, run, scenario.then)
             collector.know(workflow)
             collector.observe(run.entries)
     expect = scenario.expect
@@ -280,6 +299,22 @@ async def _run(suite: Suite, scenario: Scenario, collector: Collector) -> Scenar
     if expect.status is not None:
         problems += status_problems(run, expect.status, expect.reason_code)
     return ScenarioResult(scenario.name, problems, run)
+
+
+async def _then(journal: Journal, workflow: Workflow, run: RunOutcome, then: Then) -> RunOutcome:
+    """The person's act after the run stopped; the run as it is afterwards."""
+    from tether.identity import Principal
+    from tether.operations import Operations
+
+    async def pinned(record: Any) -> Workflow:
+        return workflow
+
+    person = Principal(principal_id=SCENARIO_PERSON, name=SCENARIO_PERSON, kind="person", role="operator")
+    cancel = then.cancel
+    done = await Operations(journal, load=pinned).cancel(
+        run.run_id, person, cancel.reason, rollback=cancel.rollback
+    )
+    return RunOutcome.of(done.run, workflow, await journal.read_entries(run.run_id))
 
 
 def _model(proposals: Any, base: Path) -> Model:
