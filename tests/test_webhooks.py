@@ -322,6 +322,31 @@ def test_a_refused_commit_writes_no_notification(db: str) -> None:
     run(main())
 
 
+def test_commits_grouped_in_one_transaction_each_notify_only_if_their_own_gate_passed(db: str) -> None:
+    """Group commit: 20 runs open tickets at once (one transaction carries several commits),
+    5 of them with a stale sequence number. Each refused commit writes no notification; each
+    applied one writes its own. (Synced commits: SQLite applies a lone unsynced one at once.)"""
+
+    async def main() -> None:
+        j = open_journal(db, durability="full")
+        try:
+            await add_hook(j, "https://a.example/hook", ("ticket.opened",))
+            outcomes = await asyncio.gather(
+                *(paused_run(j, f"r{n}", expected_seq=9 if n % 4 == 0 else None) for n in range(20)),
+                return_exceptions=True,
+            )
+            refused = {f"tkt_r{n}" for n in range(20) if n % 4 == 0}
+            assert all(isinstance(outcomes[n], ConcurrentWriteError) for n in range(0, 20, 4))
+            assert j.stats.transactions < j.stats.commits  # some commits shared a transaction
+            notified = {d.ticket_id for d in await outbox_of(j).list_deliveries()}
+            opened = {t.ticket_id for t in await j.list_tickets()}
+            assert notified == opened == {f"tkt_r{n}" for n in range(20)} - refused
+        finally:
+            await j.aclose()
+
+    run(main())
+
+
 # -- delivery --------------------------------------------------------------------------------
 
 
