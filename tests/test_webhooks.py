@@ -268,6 +268,12 @@ def test_backoff_doubles_with_jitter_up_to_the_cap() -> None:
     assert [backoff(n, settings, lambda: 1.0) for n in (1, 2, 3, 4)] == [5, 10, 20, 40]
     assert [backoff(n, settings, lambda: 0.0) for n in (1, 2, 3)] == [2.5, 5, 10]
     assert backoff(30, settings, lambda: 1.0) == 3600
+    # The defaults, as the README states them: 12 attempts over 1.2 to 2.4 hours.
+    defaults = DispatchSettings()
+    least = sum(backoff(n, defaults, lambda: 0.0) for n in range(1, defaults.max_attempts))
+    most = sum(backoff(n, defaults, lambda: 1.0) for n in range(1, defaults.max_attempts))
+    spans = [least, most]
+    assert defaults.max_attempts == 12 and [round(s / 3600, 1) for s in spans] == [1.2, 2.4]
 
 
 # -- the outbox, in the ticket's transaction -------------------------------------------------

@@ -63,8 +63,8 @@ class WebhookError(TetherError):
 
 @dataclass(frozen=True)
 class DispatchSettings:
-    """How deliveries are attempted. The defaults retry for about 2.7 hours: 5 s, 10 s, 20 s …
-    doubling up to an hour between attempts, 12 attempts in all."""
+    """How deliveries are attempted. The defaults: 12 attempts, 5 s, 10 s, 20 s … apart,
+    doubling up to an hour, less up to half of each (jitter): 1.2 to 2.4 hours in all."""
 
     max_attempts: int = 12
     base_delay: float = 5.0
