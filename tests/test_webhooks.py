@@ -727,3 +727,38 @@ def test_a_worker_killed_during_the_post_resends_the_same_id_and_the_refund_run_
         ("ticket.decided", "delivered", 1),
         ("ticket.opened", "delivered", 2),
     ]
+
+
+def test_a_worker_run_until_idle_sends_what_its_runs_notified_before_it_exits(
+    tmp_path: Path, receiver: Receiver
+) -> None:
+    db = str(tmp_path / "journal.db")
+    env = {**_env(), "REFUND_LEDGER": str(tmp_path / "ledger.sqlite")}
+
+    def cli(*args: str) -> subprocess.CompletedProcess[str]:
+        return subprocess.run(
+            [sys.executable, "-m", "tether", *args, "--db", db],
+            env=env,
+            capture_output=True,
+            text=True,
+            timeout=120,
+            cwd=ROOT,
+        )
+
+    assert cli(
+        "webhooks", "add", receiver.url, "--secret-env", "HOOK_SECRET", "--base-url", "https://t.example"
+    )
+    model = f"script:{REFUND / 'proposals.json'}"
+    assert cli("submit", str(REFUND), "--input", '{"order_id": "A-1001"}', "--model", model).returncode == 0
+    worker = cli("worker", "--workflows", str(REFUND), "--until-idle")
+    assert worker.returncode == 0, worker.stderr
+    [got] = receiver.received  # delivered before the worker exited, not left for later
+    assert got.valid and got.payload["type"] == "ticket.opened"
+    assert got.payload["data"]["link"].startswith("https://t.example/inbox/tkt_")
+    # With --no-webhooks a worker leaves notifications to other dispatchers.
+    approved = cli("approve", got.payload["data"]["ticket"]["id"], "--by", "supervisor")
+    assert approved.returncode == 0, approved.stderr
+    assert cli("worker", "--workflows", str(REFUND), "--until-idle", "--no-webhooks").returncode == 0
+    assert len(receiver.received) == 1
+    pending = json.loads(cli("webhooks", "deliveries", "--status", "pending", "--json").stdout)
+    assert [d["event"] for d in pending] == ["ticket.decided"]
