@@ -745,9 +745,10 @@ def test_a_worker_run_until_idle_sends_what_its_runs_notified_before_it_exits(
             cwd=ROOT,
         )
 
-    assert cli(
+    added = cli(
         "webhooks", "add", receiver.url, "--secret-env", "HOOK_SECRET", "--base-url", "https://t.example"
     )
+    assert added.returncode == 0, added.stderr
     model = f"script:{REFUND / 'proposals.json'}"
     assert cli("submit", str(REFUND), "--input", '{"order_id": "A-1001"}', "--model", model).returncode == 0
     worker = cli("worker", "--workflows", str(REFUND), "--until-idle")
