@@ -268,6 +268,12 @@ def test_backoff_doubles_with_jitter_up_to_the_cap() -> None:
     assert [backoff(n, settings, lambda: 1.0) for n in (1, 2, 3, 4)] == [5, 10, 20, 40]
     assert [backoff(n, settings, lambda: 0.0) for n in (1, 2, 3)] == [2.5, 5, 10]
     assert backoff(30, settings, lambda: 1.0) == 3600
+    # The defaults, as the README states them: 12 attempts over 1.2 to 2.4 hours.
+    defaults = DispatchSettings()
+    least = sum(backoff(n, defaults, lambda: 0.0) for n in range(1, defaults.max_attempts))
+    most = sum(backoff(n, defaults, lambda: 1.0) for n in range(1, defaults.max_attempts))
+    spans = [least, most]
+    assert defaults.max_attempts == 12 and [round(s / 3600, 1) for s in spans] == [1.2, 2.4]
 
 
 # -- the outbox, in the ticket's transaction -------------------------------------------------
@@ -316,6 +322,31 @@ def test_a_refused_commit_writes_no_notification(db: str) -> None:
                 await paused_run(j, "r1", expected_seq=7)  # the run is not at seq 7
             assert await j.list_tickets() == []
             assert await outbox_of(j).list_deliveries() == []
+        finally:
+            await j.aclose()
+
+    run(main())
+
+
+def test_commits_grouped_in_one_transaction_each_notify_only_if_their_own_gate_passed(db: str) -> None:
+    """Group commit: 20 runs open tickets at once (one transaction carries several commits),
+    5 of them with a stale sequence number. Each refused commit writes no notification; each
+    applied one writes its own. (Synced commits: SQLite applies a lone unsynced one at once.)"""
+
+    async def main() -> None:
+        j = open_journal(db, durability="full")
+        try:
+            await add_hook(j, "https://a.example/hook", ("ticket.opened",))
+            outcomes = await asyncio.gather(
+                *(paused_run(j, f"r{n}", expected_seq=9 if n % 4 == 0 else None) for n in range(20)),
+                return_exceptions=True,
+            )
+            refused = {f"tkt_r{n}" for n in range(20) if n % 4 == 0}
+            assert all(isinstance(outcomes[n], ConcurrentWriteError) for n in range(0, 20, 4))
+            assert j.stats.transactions < j.stats.commits  # some commits shared a transaction
+            notified = {d.ticket_id for d in await outbox_of(j).list_deliveries()}
+            opened = {t.ticket_id for t in await j.list_tickets()}
+            assert notified == opened == {f"tkt_r{n}" for n in range(20)} - refused
         finally:
             await j.aclose()
 
@@ -696,3 +727,39 @@ def test_a_worker_killed_during_the_post_resends_the_same_id_and_the_refund_run_
         ("ticket.decided", "delivered", 1),
         ("ticket.opened", "delivered", 2),
     ]
+
+
+def test_a_worker_run_until_idle_sends_what_its_runs_notified_before_it_exits(
+    tmp_path: Path, receiver: Receiver
+) -> None:
+    db = str(tmp_path / "journal.db")
+    env = {**_env(), "REFUND_LEDGER": str(tmp_path / "ledger.sqlite")}
+
+    def cli(*args: str) -> subprocess.CompletedProcess[str]:
+        return subprocess.run(
+            [sys.executable, "-m", "tether", *args, "--db", db],
+            env=env,
+            capture_output=True,
+            text=True,
+            timeout=120,
+            cwd=ROOT,
+        )
+
+    added = cli(
+        "webhooks", "add", receiver.url, "--secret-env", "HOOK_SECRET", "--base-url", "https://t.example"
+    )
+    assert added.returncode == 0, added.stderr
+    model = f"script:{REFUND / 'proposals.json'}"
+    assert cli("submit", str(REFUND), "--input", '{"order_id": "A-1001"}', "--model", model).returncode == 0
+    worker = cli("worker", "--workflows", str(REFUND), "--until-idle")
+    assert worker.returncode == 0, worker.stderr
+    [got] = receiver.received  # delivered before the worker exited, not left for later
+    assert got.valid and got.payload["type"] == "ticket.opened"
+    assert got.payload["data"]["link"].startswith("https://t.example/inbox/tkt_")
+    # With --no-webhooks a worker leaves notifications to other dispatchers.
+    approved = cli("approve", got.payload["data"]["ticket"]["id"], "--by", "supervisor")
+    assert approved.returncode == 0, approved.stderr
+    assert cli("worker", "--workflows", str(REFUND), "--until-idle", "--no-webhooks").returncode == 0
+    assert len(receiver.received) == 1
+    pending = json.loads(cli("webhooks", "deliveries", "--status", "pending", "--json").stdout)
+    assert [d["event"] for d in pending] == ["ticket.decided"]

@@ -63,8 +63,8 @@ class WebhookError(TetherError):
 
 @dataclass(frozen=True)
 class DispatchSettings:
-    """How deliveries are attempted. The defaults retry for about 2.7 hours: 5 s, 10 s, 20 s …
-    doubling up to an hour between attempts, 12 attempts in all."""
+    """How deliveries are attempted. The defaults: 12 attempts, 5 s, 10 s, 20 s … apart,
+    doubling up to an hour, less up to half of each (jitter): 1.2 to 2.4 hours in all."""
 
     max_attempts: int = 12
     base_delay: float = 5.0
@@ -209,17 +209,16 @@ def slack_body(due: DueDelivery) -> dict[str, Any]:
     """A Slack incoming-webhook message: one line of text with a link to the inbox."""
     d, t = due.delivery, due.ticket
     e = _slack_escape
-    what = (
-        f"question {e(t.question or t.subject)!s}" if t.kind == "question" else f"approval of {e(t.subject)}"
-    )
+    what = f"question {e(t.question or t.subject)}" if t.kind == "question" else f"approval of {e(t.subject)}"
+    upper = what[:1].upper() + what[1:]  # not str.capitalize, which lowercases the question
     where = f"run {e(d.run_id)} ({e(due.workflow)}, state {e(due.state)})"
     if d.event == "ticket.opened":
         head = f"New {what} for {e(t.approver)}: {where}; decide before {when(t.expires_at)}"
     elif d.event == "ticket.decided":
         reason = f": {e(t.reason)}" if t.reason else ""
-        head = f"{what.capitalize()} {e(d.ticket_status)} by {e(t.decided_by or '?')}{reason} — {where}"
+        head = f"{upper} {e(d.ticket_status)} by {e(t.decided_by or '?')}{reason} — {where}"
     else:
-        head = f"{what.capitalize()} expired ({e(t.ticket_id)}) — {where}"
+        head = f"{upper} expired ({e(t.ticket_id)}) — {where}"
     return {"text": f"{head}. <{link(due)}|Open {e(t.ticket_id)} in the tether inbox>"}
 
 
