@@ -54,9 +54,16 @@ class Served:
 
 
 def serve(
-    db: str, workdir: Path, *, workers: int = 1, workflows: Path = REFUND, timeout: float = 30.0
+    db: str,
+    workdir: Path,
+    *,
+    workers: int = 1,
+    workflows: Path = REFUND,
+    script: Path = PROPOSALS,
+    timeout: float = 30.0,
 ) -> Served:
-    """Start `tether serve` over `db` and wait until it answers."""
+    """Start `tether serve` over `db` and wait until it answers; its runs are proposed by
+    the scripted model `script`."""
     port = free_port()
     log = workdir / f"serve-{port}.log"
     argv = [
@@ -73,7 +80,7 @@ def serve(
         "--workers",
         str(workers),
         "--model",
-        f"script:{PROPOSALS}",
+        f"script:{script}",
     ]
     with log.open("w") as sink:
         process = subprocess.Popen(

@@ -525,3 +525,58 @@ def test_the_cli_decides_and_reads_through_the_server_as_the_tokens_principal(ap
     assert "approved" in shown.stdout and "person:supervisor" in shown.stdout
     again = cli(api, "supervisor", "deny", ticket_id, "--reason", "late", "--json")
     assert again.returncode == 2 and json.loads(again.stdout)["error"]["code"] == "ticket_conflict"
+
+
+# -- questions ------------------------------------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def asking(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Api]:
+    """A server whose refund model first asks its supervisor a question, then declines."""
+    workdir = tmp_path_factory.mktemp("asking")
+    script = workdir / "asks.json"
+    script.write_text(
+        json.dumps(
+            [
+                {"kind": "question", "question": "Was the kettle bought in our shop?"},
+                {"kind": "exit", "exit": "declined", "summary": "bought elsewhere"},
+            ]
+        )
+    )
+    db = workdir / "journal.db"
+    tokens = asyncio.run(_tokens(db))
+    served = serve(str(db), workdir, script=script)
+    try:
+        yield Api(served, db, tokens)
+    finally:
+        served.stop()
+
+
+def test_a_question_is_answered_not_approved_by_an_approver_of_its_role(asking: Api) -> None:
+    run = asking.wait(asking.start()["run_id"], "paused")
+    ticket_id = run["ticket_id"]
+    listed = {
+        t["ticket_id"]: t for t in asking.call("GET", "/api/v1/tickets", "supervisor").json()["tickets"]
+    }
+    assert listed[ticket_id]["kind"] == "question" and listed[ticket_id]["actions"] == ["answer", "deny"]
+    assert listed[ticket_id]["question"] == "Was the kettle bought in our shop?"
+    approve = asking.call("POST", f"/api/v1/tickets/{ticket_id}/approve", "supervisor", json={})
+    assert "answer it" in problem(approve, 409, "wrong_ticket_kind")["detail"]
+    problem(
+        asking.call("POST", f"/api/v1/tickets/{ticket_id}/answer", "finance", json={"answer": "x"}),
+        403,
+        "forbidden",
+    )
+    problem(
+        asking.call("POST", f"/api/v1/tickets/{ticket_id}/answer", "supervisor", json={}),
+        422,
+        "invalid_request",
+    )
+    answered = asking.call(
+        "POST", f"/api/v1/tickets/{ticket_id}/answer", "supervisor", json={"answer": "No."}
+    )
+    assert answered.status_code == 200, answered.text
+    assert answered.json()["ticket"]["status"] == "answered" and answered.json()["ticket"]["answer"] == "No."
+    assert asking.wait(run["run_id"], "failed", "completed")["state"] == "rejected"
+    steps = asking.call("GET", f"/api/v1/runs/{run['run_id']}").json()["steps"]
+    assert any(s["outcome"] == "answered" and "No." in json.dumps(s) for s in steps)
