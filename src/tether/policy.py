@@ -151,8 +151,10 @@ class Rule(BaseModel):
             raise ValueError("give exactly one of 'tool' or 'exit'")
         if self.decision == "defer" and not self.owner:
             raise ValueError("a 'defer' rule must name an 'owner' to hand off to")
-        if self.decision != "ask" and (self.approver or self.expires_in or self.on_expiry):
-            raise ValueError("'approver', 'expires_in' and 'on_expiry' apply only to 'ask' rules")
+        if self.decision != "ask" and (self.approver or self.expires_in):
+            raise ValueError("'approver' and 'expires_in' apply only to 'ask' rules")
+        if self.decision != "ask" and self.on_expiry:
+            raise ValueError("'on_expiry' applies only to 'ask' rules (what an expired approval comes to)")
         if self.decision != "ask" and (self.approvals is not None or self.forbid_self_approval):
             raise ValueError("'approvals' and 'forbid_self_approval' apply only to 'ask' rules")
         return self

@@ -256,18 +256,17 @@ class Explanation:
 def explain(entries: list[Entry], step_id: str, policy: Policy | None) -> Explanation:
     """Why a recorded step got its decision: each governing rule, its result, the values."""
     decided = [
-        (e, record)
+        (e, record, found)
         for e in entries
         if e.step_id == step_id
         and isinstance(record := e.body, b.StepRecord | b.CompensationStep)  # a rollback's too
-        and isinstance(getattr(record, "decision", None), Decision)
+        and isinstance(found := getattr(record, "decision", None), Decision)
         and not getattr(record, "continuation", False)
     ]
     if not decided:
         steps = sorted({e.step_id for e in entries if e.step_id}, key=lambda s: int(s[1:]))
         raise LookupError(f"no decided step {step_id!r} in this run (steps: {', '.join(steps)})")
-    entry, record = decided[0]
-    decision: Decision = record.decision  # type: ignore[attr-defined]
+    entry, record, decision = decided[0]
     evaluated = decision.evaluated or _evaluated(decision, record, policy)
     facts = _facts_before(entries, entry.seq)
     known = {r.id: (i, r) for i, r in enumerate(policy.rules)} if policy else {}
