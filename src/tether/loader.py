@@ -69,6 +69,10 @@ class AgentDoc(_Strict):
     handoff_to: list[str] = Field(default_factory=list)
     on_budget_exhausted: Literal["escalate", "fail"] = "escalate"
     on_verification_failed: Literal["retry", "escalate", "fail"] = "retry"
+    # Facts a person's answer may establish in this state: NAME -> what it is (tether.step).
+    facts_from_answers: dict[Annotated[str, Field(pattern=r"^[A-Za-z_][A-Za-z0-9_]*$")], str] = Field(
+        default_factory=dict
+    )
 
 
 class TerminalDoc(_Strict):
@@ -319,6 +323,7 @@ def _state(
         handoff_to=tuple(doc.handoff_to),
         on_budget_exhausted=doc.on_budget_exhausted,
         on_verification_failed=doc.on_verification_failed,
+        facts_from_answers=dict(doc.facts_from_answers),
     )
 
 

@@ -841,7 +841,10 @@ class Evaluation:
         return value
 
     def _time(self) -> Any:
-        now = self._now() if callable(self._now) else self._now
+        try:
+            now = self._now() if callable(self._now) else self._now
+        except Exception as exc:  # a replay whose decision recorded no time, say
+            return self._fail(f"`now` is not available: {exc}")
         if now is None:
             return self._fail("`now` is not available: this decision was made without a time")
         if not isinstance(now, datetime):

@@ -72,6 +72,9 @@ class AgentState:
     handoff_to: tuple[str, ...] = ()
     on_budget_exhausted: OnFailure = "escalate"
     on_verification_failed: Literal["retry", "escalate", "fail"] = "retry"
+    # Facts a person's answer may establish here: name -> what it is. A question proposing
+    # `fact: NAME` sets `facts.NAME` to the answer, its source recorded (the answer entry).
+    facts_from_answers: Mapping[str, str] = field(default_factory=dict)
     # The skill this state is made from (`uses: skills/NAME@VERSION`): its inputs are checked
     # when a visit begins, its output contract on every success exit (tether.skills).
     skill: Skill | None = None
@@ -401,6 +404,7 @@ def _describe_state(state: State) -> dict[str, Any]:
             "on_verification_failed": state.on_verification_failed,
             # A skill's version and hash: part of the workflow hash, so every run records them.
             **({"skill": state.skill.identity()} if state.skill is not None else {}),
+            **({"facts_from_answers": dict(state.facts_from_answers)} if state.facts_from_answers else {}),
         }
     return {"kind": "terminal", "name": state.name, "failed": state.failed}
 

@@ -12,6 +12,7 @@ from __future__ import annotations
 import json
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
+from datetime import datetime
 from typing import Any
 
 from tether.analysis.conditions import (
@@ -561,7 +562,13 @@ def _redecide(
     missing: list[str] = []
     try:
         decision = _decide(
-            workflow, state, proposal, replay, run_id, _recorded_resolvers(workflow, recorded, missing)
+            workflow,
+            state,
+            proposal,
+            replay,
+            run_id,
+            _recorded_resolvers(workflow, recorded, missing),
+            _recorded_now(recorded, missing),
         )
     except LookupError as exc:
         return Redecision(
@@ -597,6 +604,18 @@ def _recorded_resolvers(
     return {name: resolver(name) for name in workflow.resolvers}
 
 
+def _recorded_now(recorded: Decision, missing: list[str]) -> Callable[[], Any]:
+    """The decision's time as recorded with it (`resolved["now"]`), never the clock's now."""
+
+    def now() -> Any:
+        if "now" not in recorded.resolved:
+            missing.append("now")
+            raise _NotRecorded("now")
+        return datetime.fromisoformat(recorded.resolved["now"])
+
+    return now
+
+
 def _decide(
     workflow: Workflow,
     state_name: str,
@@ -604,6 +623,7 @@ def _decide(
     replay: _Replay,
     run_id: str,
     resolvers: dict[str, Callable[..., Any]],
+    now: Callable[[], Any] | None = None,
 ) -> Decision:
     state = workflow.states.get(state_name)
     if not isinstance(state, AgentState):
@@ -613,6 +633,7 @@ def _decide(
         "facts": replay.facts,
         "history": replay.history,
         "run": {"id": run_id, "workflow": workflow.name, "version": workflow.version, "state": state_name},
+        "now": now,
     }
     policy = _policy(workflow)
     if isinstance(proposal, ToolCall):

@@ -231,6 +231,9 @@ class Answered(StepRecord, kw_only=True):
     by: str | None = None
     reason: str | None = None
     continuation: bool = True
+    # The fact the answer established (`facts.NAME`, the question's `fact`): its source is
+    # this entry.
+    fact: str | None = None
 
 
 class Unanswered(Answered, kw_only=True):
