@@ -10,6 +10,7 @@ permissive (deny > defer > ask > allow). `redecide` does the same for recorded p
 from __future__ import annotations
 
 import json
+import re
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from datetime import datetime
@@ -22,6 +23,7 @@ from tether.analysis.conditions import (
     Possible,
     Space,
     Subject,
+    definition_trees,
     exit_subject,
     possible,
     tool_subject,
@@ -29,7 +31,7 @@ from tether.analysis.conditions import (
 from tether.decision import Decision, runtime_refusal
 from tether.journal import Entry
 from tether.journal import bodies as b
-from tether.policy import SEVERITY, Policy, Rule
+from tether.policy import SEVERITY, Policy, Rule, cel_code
 from tether.proposals import Exit, Finish, ToolCall, as_dict
 from tether.provenance import SeenValues
 from tether.reasons import ReasonCode
@@ -261,7 +263,7 @@ def _rules(old: Workflow, new: Workflow) -> list[Change]:
             direction = {"allow": MORE, "deny": LESS}.get(rule.decision, CHANGED)
             text = f"rule {rule_id} added: {_rule_text(rule)}"
             changes.append(Change("rule-added", f"rule {rule_id}", text, direction))
-        elif old_rules[rule_id] != rule:
+        elif old_rules[rule_id] != rule or _definitions_changed(old, new, rule):
             changes.append(_rule_edit(old, new, old_rules[rule_id], rule))
     for rule_id, rule in old_rules.items():
         if rule_id not in new_rules:
@@ -269,6 +271,22 @@ def _rules(old: Workflow, new: Workflow) -> list[Change]:
             text = f"rule {rule_id} removed: {_rule_text(rule)}"
             changes.append(Change("rule-removed", f"rule {rule_id}", text, direction))
     return changes
+
+
+def _definitions_changed(old: Workflow, new: Workflow, rule: Rule) -> list[str]:
+    """The definitions a rule reads (directly or through others) that differ between the
+    two policies: the rule's text is the same, its condition is not."""
+    if rule.when is None:
+        return []
+    was, now = _policy(old).document.definitions, _policy(new).document.definitions
+    read, todo = set(), [rule.when]
+    while todo:
+        text = todo.pop()
+        for name in set(re.findall(r"[A-Za-z_]\w*", cel_code(text))) - read:
+            if name in was or name in now:
+                read.add(name)
+                todo.extend(t for t in (was.get(name), now.get(name)) if t)
+    return sorted(n for n in read if was.get(n) != now.get(n))
 
 
 def _rule_text(rule: Rule) -> str:
@@ -299,9 +317,13 @@ def _rule_edit(old: Workflow, new: Workflow, before: Rule, after: Rule) -> Chang
         # Governing more calls is more permissive for an allow, more restrictive for a gate.
         lower |= gained if allow else lost
         higher |= lost if allow else gained
-    if before.when != after.when:
+    redefined = _definitions_changed(old, new, after)
+    if before.when != after.when or redefined:
         widened, narrowed, note = _compare_conditions(old, new, before, after)
-        detail.append(f"condition {_when(before)} → {_when(after)}: {note}")
+        if before.when != after.when:
+            detail.append(f"condition {_when(before)} → {_when(after)}: {note}")
+        else:
+            detail.append(f"condition reads changed definition(s) {', '.join(redefined)}: {note}")
         lower |= widened if allow else narrowed
         higher |= narrowed if allow else widened
     for setting in ("approver", "owner"):
@@ -324,7 +346,10 @@ def _compare_conditions(old: Workflow, new: Workflow, before: Rule, after: Rule)
     pairs = list(_subjects(old, new, after))
     if not pairs:
         return False, False, "not compared (it governs nothing both versions offer)"
-    conditions = (Condition.of(before), Condition.of(after))
+    conditions = (
+        Condition.of(before, definition_trees(_policy(old))),
+        Condition.of(after, definition_trees(_policy(new))),
+    )
     widened = narrowed = opaque = False
     for old_subject, new_subject in pairs:
         space = Space(new_subject, conditions)
@@ -398,8 +423,8 @@ def _changed_calls(
     possible decisions differ."""
     old_rules = _policy(old).governing(was.kind, was.name)
     new_rules = _policy(new).governing(now.kind, now.name)
-    old_conditions = [Condition.of(r) for r in old_rules]
-    new_conditions = [Condition.of(r) for r in new_rules]
+    old_conditions = [Condition.of(r, definition_trees(_policy(old))) for r in old_rules]
+    new_conditions = [Condition.of(r, definition_trees(_policy(new))) for r in new_rules]
     space = Space(now, [*old_conditions, *new_conditions])
     old_values = [space.evaluate(c, was) for c in old_conditions]
     new_values = [space.evaluate(c, now) for c in new_conditions]
