@@ -430,8 +430,10 @@ def _import(ref: str, *, where: str, base: Path) -> Any:
         except ImportError as exc:
             raise DefinitionError(f"{where}: cannot import module {module_name!r}: {exc}") from None
         except Exception as exc:  # the module itself is broken
+            # The module is imported once, for the first reference to it: the failure may be
+            # in any of its definitions, not the one named here.
             raise DefinitionError(
-                f"{where}: importing {module_name!r} failed: {type(exc).__name__}: {exc}"
+                f"{where}: importing {module_name!r} (first needed here) failed: {type(exc).__name__}: {exc}"
             ) from None
     obj: Any = module
     for part in attr.split("."):
