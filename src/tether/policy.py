@@ -306,10 +306,22 @@ class Policy:
         self._by_target: dict[tuple[str, str], list[_CompiledRule]] = {}
         definitions = document.definitions
         self.definitions: dict[str, _Expression] = _compile_definitions(definitions, source)
+        # Definitions reading `subject` (directly or through others): computed once per
+        # decision and subject, since a rule's `subject:` may differ from the tool's.
+        self.subject_dependent = frozenset(
+            n
+            for n in self.definitions
+            if any(SUBJECT in self.definitions[d].computed for d in _closure({n}, self.definitions))
+        )
         self.subjects: dict[str, _Expression] = {
-            tool: _named(f"subject of {tool!r}", text, definitions, source)
+            tool: _named(f"subject of {tool!r}", text, definitions, source, subject=True)
             for tool, text in document.subjects.items()
         }
+        for tool, expression in self.subjects.items():
+            if _closure(expression.definitions, self.definitions) & self.subject_dependent:
+                raise PolicyFileError(
+                    f"{source}: the subject of {tool!r} reads a definition that reads `subject`"
+                )
         for rule in document.rules:
             if rule.id in ids:
                 raise PolicyFileError(f"{source}: duplicate rule id {rule.id!r}")
@@ -317,7 +329,7 @@ class Policy:
             subject = None
             if rule.subject is not None:
                 where = f"rule {rule.id!r}: subject"
-                subject = _named(where, rule.subject, definitions, source)
+                subject = _named(where, rule.subject, definitions, source, subject=True)
             compiled = _CompiledRule(rule, _compile(rule, source, definitions), subject, definitions)
             self._check_rule(compiled, source)
             self._rules.append(compiled)
@@ -338,7 +350,14 @@ class Policy:
     def _check_rule(self, c: _CompiledRule, source: str) -> None:
         """A rule reading `subject` needs one for each tool it names; a condition's size is
         counted with the definitions (and subject) it reads, which it evaluates nested."""
-        if SUBJECT in c.computed and c.subject is None:
+        if (
+            c.subject is not None
+            and _closure(c.subject.definitions, self.definitions) & self.subject_dependent
+        ):
+            raise PolicyFileError(
+                f"{source}: rule {c.rule.id!r}: its subject reads a definition that reads `subject`"
+            )
+        if (SUBJECT in c.computed or c.definitions & self.subject_dependent) and c.subject is None:
             if c.kind == "exit":
                 raise PolicyFileError(
                     f"{source}: rule {c.rule.id!r} reads `subject` but declares none "
@@ -728,6 +747,7 @@ class Evaluation:
     def __init__(self, policy: Policy, resolvers: Mapping[str, Callable[..., Any]]) -> None:
         self._used = policy.variables
         self._definitions = policy.definitions
+        self._subject_dependent = policy.subject_dependent
         self._call: dict[str, Any] = {}
         self._held: dict[str, tuple[Any, int]] = {}
         self._recorders: dict[str, Callable[..., Any]] = {}
@@ -816,7 +836,8 @@ class Evaluation:
             return self._computed(self._subject, self._subject)
         expression = self._definitions.get(name)
         if expression is not None:
-            return self._computed(name, expression)
+            key = (name, id(self._subject)) if name in self._subject_dependent else name
+            return self._computed(key, expression)
         return None
 
     def _computed(self, key: Any, expression: _Expression) -> Any:
@@ -891,7 +912,13 @@ def _compile(rule: Rule, source: str, definitions: Mapping[str, str]) -> cel.Pro
 
 
 def _compile_named(
-    where: str, expression: str, definitions: Mapping[str, str], source: str, *, rule_id: str | None = None
+    where: str,
+    expression: str,
+    definitions: Mapping[str, str],
+    source: str,
+    *,
+    rule_id: str | None = None,
+    may_read_subject: bool = True,
 ) -> cel.Program:
     """Compile a condition, a definition or a subject: bounded in size, every name known."""
     _check_size(where, expression, source)
@@ -909,16 +936,17 @@ def _compile_named(
             f"{source}: {f'rule {rule_id!r}' if rule_id else where}: unknown name(s) {', '.join(unknown)} "
             f"in {'condition' if rule_id else 'expression'} (conditions may use: {names}{defined})"
         )
-    if rule_id is None and SUBJECT in program.variables():
-        raise PolicyFileError(
-            f"{source}: {where}: reads `subject`, which only a rule's condition may read "
-            "(a subject is chosen per rule; a definition is computed once per decision)"
-        )
+    if not may_read_subject and SUBJECT in program.variables():
+        raise PolicyFileError(f"{source}: {where}: a subject cannot read `subject`")
     return program
 
 
-def _named(label: str, text: str, definitions: Mapping[str, str], source: str) -> _Expression:
-    return _Expression(label, _compile_named(label, text, definitions, source), definitions)
+def _named(
+    label: str, text: str, definitions: Mapping[str, str], source: str, *, subject: bool = False
+) -> _Expression:
+    """A definition, or (`subject`) a subject expression, which cannot read `subject` itself."""
+    program = _compile_named(label, text, definitions, source, may_read_subject=not subject)
+    return _Expression(label, program, definitions)
 
 
 def _compile_definitions(definitions: Mapping[str, str], source: str) -> dict[str, _Expression]:
