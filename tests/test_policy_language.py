@@ -394,3 +394,15 @@ def test_tether_check_reads_rules_through_their_definitions(shop: Shop) -> None:
     assert not [
         f for f in report.findings if f.code == "opaque-condition" and f.at in ("big-asks", "small-ok")
     ]
+
+
+def test_a_handoff_names_a_person_s_answer_as_the_source_of_a_fact(journal: Journal, shop: Shop) -> None:
+    wf = shop.workflow(NEEDS_REASON, facts_from_answers={"refund_reason": "why"})
+    script = ScriptedModel([ASK_REASON, {"kind": "handoff", "to": "billing", "note": "refund over limit"}])
+    paused = run(Runtime(journal).start(wf, script))
+    run(journal.decide_ticket(paused.ticket_id, approve=True, by="customer", answer="damaged"))
+    run(Runtime(journal).resume(paused.run_id, wf, script))
+    entries = run(journal.read_entries(paused.run_id))
+    [handed] = [e.body for e in entries if isinstance(e.body, bodies.HandedOff)]
+    [fact] = [f for f in handed.handoff.relied_on if f.name == "facts.refund_reason"]
+    assert (fact.reader, fact.value) == ("answer", "damaged")

@@ -532,6 +532,8 @@ class _Replay:
             self.facts.update(record.facts)
         elif isinstance(record, b.Transition):
             self.data.update(record.proposal.update)
+        elif isinstance(record, b.Answered) and record.fact is not None and record.answer is not None:
+            self.facts[record.fact] = record.answer  # a fact from a person's answer
         elif isinstance(record, b.Executed):
             self.history.append(history_item(record, entry.step_id, entry.state))
             verification = record.verification or {}
