@@ -2,9 +2,12 @@
 
 A policy is a YAML file of rules. Each rule matches a tool (or an exit) and optionally a
 condition written in CEL (Common Expression Language: no loops, no side effects, no
-Python `eval`) over `args`, `data`, `facts`, `history`, `tool` and `run`, and may call the
-workflow's resolvers (registered read-only lookups, e.g. `order(args.order_id).status`)
-and the helpers `zip` and `sum`. Every matching rule whose
+Python `eval`) over `args`, `data`, `facts`, `history`, `tool`, `run`, `now` (the decision's
+time, from the journal's clock, recorded with the decision) and `subject` (what the call is
+about, per tool under `subjects:` or per rule), and the policy's named `definitions:`
+(each computed at most once per decision); it may call the workflow's resolvers
+(registered read-only lookups, e.g. `order(args.order_id).status`) and the helpers `zip`,
+`sum`, `pairs`, `indexed`, `first`, `last`, `max` and `min`. Every matching rule whose
 condition holds is a candidate; the most restrictive decision wins (deny > defer > ask >
 allow), and among equals the first in the file. With no candidate, a default applies:
 reads and exits are allowed; writes and external effects are denied. A condition that
@@ -119,6 +122,8 @@ HELPERS: dict[str, Callable[..., Any]] = {
     "max": _extreme("max", max),
     "min": _extreme("min", min),
 }
+# Functions the CEL engine provides (what docs/policy.md lists as working); a condition calling
+# any other name must call a resolver.
 CEL_FUNCTIONS = frozenset(
     {
         "size",
@@ -131,7 +136,6 @@ CEL_FUNCTIONS = frozenset(
         "double",
         "string",
         "bytes",
-        "bool",
         "type",
         "timestamp",
         "duration",
