@@ -469,10 +469,10 @@ class Policy:
         ]:
             missing = sorted(expression.functions - set(resolvers or {}))
             if missing:
-                known = ", ".join(sorted(resolvers or {})) or "none"
+                offered = ", ".join(sorted(resolvers or {})) or "none"
                 raise PolicyFileError(
-                    f"{self.source}: {label} calls unknown function(s) {', '.join(missing)} "
-                    f"(the workflow's resolvers: {known}; helpers: {', '.join(sorted(HELPERS))})"
+                    f"{self.source}: {label} calls unoffered function(s) {', '.join(missing)} "
+                    f"(the workflow's resolvers: {offered}; helpers: {', '.join(sorted(HELPERS))})"
                 )
         for name in self.subjects:
             if name not in tools:
@@ -483,10 +483,10 @@ class Policy:
         for c in self._rules:
             missing = sorted(c.functions - set(resolvers or {}))
             if missing:
-                known = ", ".join(sorted(resolvers or {})) or "none"
+                offered = ", ".join(sorted(resolvers or {})) or "none"
                 raise PolicyFileError(
                     f"{self.source}: rule {c.rule.id!r} calls unknown function(s) {', '.join(missing)} "
-                    f"(the workflow's resolvers: {known}; helpers: {', '.join(sorted(HELPERS))})"
+                    f"(the workflow's resolvers: {offered}; helpers: {', '.join(sorted(HELPERS))})"
                 )
             known = set(tools) if c.kind == "tool" else exits
             for name in c.names:

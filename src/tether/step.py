@@ -583,8 +583,8 @@ class GovernedStep:
         if ticket.kind == "question":
             answered = ticket.status == "answered"
             cls = b.Answered if answered else b.Unanswered
-            values = {"ticket_id": ticket.ticket_id, "answer": ticket.answer, "by": ticket.decided_by}
-            values["reason"] = ticket.reason
+            values: dict[str, Any] = {"ticket_id": ticket.ticket_id, "answer": ticket.answer}
+            values["by"], values["reason"] = ticket.decided_by, ticket.reason
             if not answered:
                 values["reason_code"] = ReasonCode.APPROVAL_DENIED
             fact = pending.proposal.get("fact") if answered and ticket.answer is not None else None

@@ -351,14 +351,14 @@ def _portable(annotation: Any) -> Any:
             return annotation
         if annotation not in _TYPED_DICTS:
             hints = get_type_hints(annotation, include_extras=True)
-            required = annotation.__required_keys__
-            fields = {}
+            required: frozenset[str] = getattr(annotation, "__required_keys__", frozenset())
+            fields: dict[str, Any] = {}
             for key, hint in hints.items():
                 if get_origin(hint) in (typing_extensions.Required, typing_extensions.NotRequired):
                     hint = get_args(hint)[0]
                 mark = typing_extensions.Required if key in required else typing_extensions.NotRequired
                 fields[key] = mark[_portable(hint)]
-            made = typing_extensions.TypedDict(annotation.__name__, fields)  # type: ignore[operator]
+            made = typing_extensions.TypedDict(annotation.__name__, fields)  # type: ignore[misc]
             made.__module__, made.__doc__ = annotation.__module__, annotation.__doc__
             _TYPED_DICTS[annotation] = made
         return _TYPED_DICTS[annotation]

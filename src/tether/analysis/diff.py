@@ -279,7 +279,8 @@ def _definitions_changed(old: Workflow, new: Workflow, rule: Rule) -> list[str]:
     if rule.when is None:
         return []
     was, now = _policy(old).document.definitions, _policy(new).document.definitions
-    read, todo = set(), [rule.when]
+    read: set[str] = set()
+    todo = [rule.when]
     while todo:
         text = todo.pop()
         for name in set(re.findall(r"[A-Za-z_]\w*", cel_code(text))) - read:
