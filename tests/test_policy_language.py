@@ -406,17 +406,3 @@ def test_a_handoff_names_a_person_s_answer_as_the_source_of_a_fact(journal: Jour
     [handed] = [e.body for e in entries if isinstance(e.body, bodies.HandedOff)]
     [fact] = [f for f in handed.handoff.relied_on if f.name == "facts.refund_reason"]
     assert (fact.reader, fact.value) == ("answer", "damaged")
-
-
-def test_a_skill_s_policy_may_not_declare_definitions(tmp_path: Path) -> None:
-    import shutil
-
-    from tether import load_workflow
-
-    example = Path(__file__).resolve().parent.parent / "examples" / "skills"
-    project = tmp_path / "skills"
-    shutil.copytree(example, project, ignore=shutil.ignore_patterns("__pycache__"))
-    policy = project / "skills" / "refund" / "policy.yaml"
-    policy.write_text("definitions: {big: 'args.amount > 100.0'}\n" + policy.read_text())
-    with pytest.raises(PolicyFileError, match="a skill's policy may not declare definitions or subjects"):
-        load_workflow(project)
