@@ -42,6 +42,7 @@ demo: $(STAMP)
 
 test: $(TEST_STAMP)
 	$(BIN)/ruff check src tests bench examples
+	$(BIN)/mypy
 	$(BIN)/pytest -q
 
 # The benchmarks run in a venv of their own: the bench extra (LangGraph, DBOS) never enters the

@@ -406,3 +406,16 @@ def test_a_handoff_names_a_person_s_answer_as_the_source_of_a_fact(journal: Jour
     [handed] = [e.body for e in entries if isinstance(e.body, bodies.HandedOff)]
     [fact] = [f for f in handed.handoff.relied_on if f.name == "facts.refund_reason"]
     assert (fact.reader, fact.value) == ("answer", "damaged")
+
+
+def test_a_definition_or_subject_calling_no_resolver_of_the_workflow_is_refused(shop: Shop) -> None:
+    for policy, where in (
+        ({"definitions": {"o": "lookup(args.order_id)"}}, "definition 'o'"),
+        ({"subjects": {"refund": "lookup(args.order_id)"}}, "subject of 'refund'"),
+        ({"subjects": {"wire": "args.to"}}, "subjects names unknown tool 'wire'"),
+    ):
+        with pytest.raises(PolicyFileError) as caught:
+            shop.workflow({**policy, "rules": []}).validate()
+        assert where in str(caught.value)
+        if "unknown tool" not in where:
+            assert "calls unknown function(s) lookup" in str(caught.value)

@@ -4,7 +4,7 @@ Workflows fix the allowed path; models propose the next local step inside a decl
 envelope; the runtime authorizes, executes, verifies and records every step.
 """
 
-from tether.budget import Limits
+from tether.budget import Budget, Limits, RunBudget
 from tether.decision import Decision
 from tether.errors import (
     ConcurrentWriteError,
@@ -26,7 +26,7 @@ from tether.proposals import Exit, Finish, Handoff, Question, ToolCall
 from tether.reasons import ReasonCode
 from tether.runtime import RunResult, Runtime
 from tether.tools import Evidence, Tool, ToolContext, tool
-from tether.workflow import AgentState, Budget, Next, RunBudget, Step, Terminal, Workflow
+from tether.workflow import AgentState, Next, Step, Terminal, Workflow
 
 __version__ = "0.1.0"
 

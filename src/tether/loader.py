@@ -21,12 +21,12 @@ from typing import TYPE_CHECKING, Annotated, Any, Literal
 import yaml
 from pydantic import BaseModel, ConfigDict, Discriminator, Field, Tag, ValidationError
 
-from tether.budget import Limits
+from tether.budget import Budget, Limits, RunBudget
 from tether.errors import DefinitionError, PolicyFileError
 from tether.policy import Policy
 from tether.strict_yaml import load_yaml
 from tether.tools import Effect, Tool, Trust
-from tether.workflow import AgentState, Budget, RunBudget, State, Step, Terminal, Workflow
+from tether.workflow import AgentState, State, Step, Terminal, Workflow
 
 if TYPE_CHECKING:  # the MCP SDK is an extra, imported only by workflows that name MCP servers
     from tether.mcp.catalog import McpCatalog

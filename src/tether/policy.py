@@ -471,7 +471,7 @@ class Policy:
             if missing:
                 offered = ", ".join(sorted(resolvers or {})) or "none"
                 raise PolicyFileError(
-                    f"{self.source}: {label} calls unoffered function(s) {', '.join(missing)} "
+                    f"{self.source}: {label} calls unknown function(s) {', '.join(missing)} "
                     f"(the workflow's resolvers: {offered}; helpers: {', '.join(sorted(HELPERS))})"
                 )
         for name in self.subjects:
@@ -483,10 +483,10 @@ class Policy:
         for c in self._rules:
             missing = sorted(c.functions - set(resolvers or {}))
             if missing:
-                offered = ", ".join(sorted(resolvers or {})) or "none"
+                declared = ", ".join(sorted(resolvers or {})) or "none"
                 raise PolicyFileError(
                     f"{self.source}: rule {c.rule.id!r} calls unknown function(s) {', '.join(missing)} "
-                    f"(the workflow's resolvers: {offered}; helpers: {', '.join(sorted(HELPERS))})"
+                    f"(the workflow's resolvers: {declared}; helpers: {', '.join(sorted(HELPERS))})"
                 )
             known = set(tools) if c.kind == "tool" else exits
             for name in c.names:

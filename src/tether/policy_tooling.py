@@ -222,7 +222,7 @@ def _numeric_fields(schema: Mapping[str, Any]) -> dict[str, str]:
     for name, prop in (schema.get("properties") or {}).items():
         options = prop.get("anyOf", [prop]) if isinstance(prop, Mapping) else []
         types = {o.get("type") for o in options if isinstance(o, Mapping)} - {"null"}
-        if len(types) == 1 and (kind := kinds.get(types.pop())):
+        if len(types) == 1 and (kind := kinds.get(str(types.pop()))):
             found[name] = kind
     return found
 

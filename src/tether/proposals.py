@@ -116,7 +116,8 @@ def parse_proposal(raw: Any, limits: OutputLimits = DEFAULT_LIMITS) -> Proposal:
     if not isinstance(value, dict):
         raise MalformedProposal(f"output must be a JSON object, got {type(value).__name__}", raw)
     try:
-        return msgspec.convert(value, Proposal)
+        proposal: Proposal = msgspec.convert(value, Proposal)
+        return proposal
     except msgspec.ValidationError as exc:
         # msgspec says "Expected `object`, got `str` - at `$.args`": the place first, as elsewhere.
         problem, _, where = str(exc).partition(" - at `")

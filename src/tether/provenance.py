@@ -298,13 +298,16 @@ class Source:
     echo: frozenset[str] = frozenset()
 
 
+Match = Literal["exact", "normalized", "inside", "part"]
+
+
 @dataclass(frozen=True)
 class Found:
     """One place a traced value (or a part of it) was seen."""
 
     source: Source
     path: str
-    match: Literal["exact", "normalized", "inside", "part"]
+    match: Match
     lookalike: bool = False  # only after folding look-alikes and punctuation: never vouches
     part: str | None = None
 
@@ -556,7 +559,7 @@ class SeenValues:
             for ref in _refs(self._strict, key):
                 lid, is_whole = divmod(ref, 2)
                 leaf = self._leaves[lid]
-                how = ("exact" if leaf.text == text else "normalized") if is_whole else "inside"
+                how: Match = ("exact" if leaf.text == text else "normalized") if is_whole else "inside"
                 if lid not in hits or how == "exact":
                     hits[lid] = Found(self._sources[leaf.source], leaf.path, how)
         if keys is not None and len(keys.tokens) > 1:

@@ -152,8 +152,8 @@ def _continues(source: Entry | tuple[b.Body, str | None]) -> bool:
         return True  # continuations by their kind (the field is at its default, so not stored)
     if '"continuation":true' not in source.body_json:  # the common case, without decoding
         return False
-    record = source.body
-    return isinstance(record, b.StepRecord) and record.continuation
+    decoded = source.body
+    return isinstance(decoded, b.StepRecord) and decoded.continuation
 
 
 def messages_for(record: b.Body | b.UnknownBody, step_id: str | None) -> list[Message]:
@@ -165,7 +165,7 @@ def messages_for(record: b.Body | b.UnknownBody, step_id: str | None) -> list[Me
     if not record.continuation:
         messages.append(Message.model_construct(role="proposal", content=b.proposed(record)))
     answered = isinstance(record, b.Answered) and not isinstance(record, b.Unanswered)
-    role = "person" if answered else "observation"
+    role: Literal["person", "observation"] = "person" if answered else "observation"
     seen = {"step_id": step_id, **_observed(record)}
     messages.append(Message.model_construct(role=role, content=seen))
     return messages

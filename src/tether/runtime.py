@@ -21,7 +21,7 @@ import socket
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, Literal
 
 import msgspec
 
@@ -440,7 +440,7 @@ class Runtime:
         while cursor.record.status == "running" and not self.stopping:
             state = cursor.workflow.states[cursor.record.state]
             if isinstance(state, Terminal):
-                status = "failed" if state.failed else "completed"
+                status: Literal["completed", "failed"] = "failed" if state.failed else "completed"
                 finished = b.RunFinished(status=status, data=cursor.record.data)
                 await cursor.commit([NewEntry.of(finished, state=state.name)], status=status)
             elif isinstance(state, Step):

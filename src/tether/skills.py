@@ -408,7 +408,7 @@ def _validator(schema: dict[str, Any], *, strict_objects: bool = False) -> Any:
 
 def _problems(validator: Any, value: Any, name: str = "") -> list[str]:
     """Each way `value` fails the schema, placed: `name.field: message`."""
-    found = []
+    found: list[str] = []
     for error in sorted(validator.iter_errors(value), key=lambda e: list(map(str, e.absolute_path))):
         place = ".".join(map(str, [*([name] if name else []), *error.absolute_path]))
         if error.validator == "required":

@@ -315,7 +315,7 @@ class GovernedStep:
         executed = kind(**fields, result=stored, verification=verification, untrusted=untrusted)
         new_facts = {**self.cursor.record.facts, **facts} if facts else None
         if failed and self.state.on_verification_failed != "retry":
-            stop: Stop = self.state.on_verification_failed  # type: ignore[assignment]
+            stop: Stop = self.state.on_verification_failed
             return await self.record(
                 executed,
                 self.stopped(stop, ReasonCode.VERIFICATION_FAILED, str(verification)),

@@ -49,14 +49,18 @@ class _StrictLoader(yaml.SafeLoader):
         self._alias_nodes = 0
 
     def compose_node(self, parent: yaml.Node | None, index: Any) -> yaml.Node:
-        if self.check_event(yaml.AliasEvent):  # type: ignore[no-untyped-call]
+        if self.check_event(yaml.AliasEvent):
             self._count_alias()
-            return super().compose_node(parent, index)  # type: ignore[no-untyped-call, no-any-return]
+            aliased = super().compose_node(parent, index)
+            assert aliased is not None  # an alias event always composes its anchored node
+            return aliased
         self._depth += 1
         if self._depth > MAX_DEPTH:
             mark = self.peek_event().start_mark  # type: ignore[no-untyped-call]
             raise YamlLimitError(f"nesting deeper than {MAX_DEPTH} levels at line {mark.line + 1}")
-        node: yaml.Node = super().compose_node(parent, index)  # type: ignore[no-untyped-call]
+        composed = super().compose_node(parent, index)
+        assert composed is not None  # compose_node is called only while events remain
+        node: yaml.Node = composed
         self._depth -= 1
         size, height = 1, 1
         if isinstance(node, yaml.SequenceNode):
@@ -96,7 +100,7 @@ class _StrictLoader(yaml.SafeLoader):
         for key_node, _ in node.value:
             if key_node.tag == _MERGE:  # `<<: *base` merges; its keys may be overridden here
                 continue
-            key = self.construct_object(key_node, deep=deep)  # type: ignore[no-untyped-call]
+            key = self.construct_object(key_node, deep=deep)
             mark = key_node.start_mark
             try:
                 repeated = key in seen

@@ -321,7 +321,7 @@ def _args_model(
         annotation = _portable(annotation)
         fields[param.name] = (_bounded(annotation, declared=declared) if bounded else annotation, default)
     try:
-        model = create_model(  # type: ignore[call-overload]
+        model = create_model(
             f"{tool_name}_args",
             __config__=ConfigDict(strict=True, extra="forbid"),
             **fields,
@@ -391,7 +391,7 @@ def _bounded(annotation: Any, *, declared: bool = False) -> Any:
         # Bound what it holds; its own bound is decided here when it has one (not a union).
         inner = _bounded(base, declared=declared or bound is not None)
         extra = [Field(max_length=bound)] if bound is not None and not declared else []
-        return Annotated[(inner, *metadata, *extra)]  # type: ignore[valid-type]
+        return Annotated[(inner, *metadata, *extra)]
     if origin in (Union, UnionType):
         return Union[tuple(_bounded(a, declared=declared) for a in get_args(annotation))]  # noqa: UP007
     args = get_args(annotation)

@@ -146,7 +146,7 @@ def _string(text: str, start: int, opening: str) -> tuple[Token, int]:
     prefix = opening.rstrip("\"'").lower()
     quote = opening[len(prefix) :]
     raw, is_bytes = "r" in prefix, "b" in prefix
-    pos, chars = start + len(opening), []
+    pos, chars = start + len(opening), list[str]()
     while True:
         if text.startswith(quote, pos):
             value = "".join(chars)

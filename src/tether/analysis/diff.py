@@ -133,9 +133,9 @@ def _states(old: Workflow, new: Workflow) -> list[Change]:
                 Change("state-removed", f"state {name}", f"{_kind(state)} state {name} removed", CHANGED)
             )
     for name, state in new.states.items():
-        was = old.states.get(name)
-        if isinstance(state, Step) and isinstance(was, Step) and set(state.next) != set(was.next):
-            text = f"step {name} may now go to {', '.join(state.next)} (was {', '.join(was.next)})"
+        before = old.states.get(name)
+        if isinstance(state, Step) and isinstance(before, Step) and set(state.next) != set(before.next):
+            text = f"step {name} may now go to {', '.join(state.next)} (was {', '.join(before.next)})"
             changes.append(Change("step-next-changed", f"state {name}", text, CHANGED))
     return changes
 

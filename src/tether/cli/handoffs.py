@@ -62,7 +62,11 @@ def pickup(
             finally:
                 await close_model(proposer)
             handed = next(
-                (e.body.handoff for e in reversed(await journal.read_entries(run_id)) if e.kind == "handoff"),
+                (
+                    e.body.handoff
+                    for e in reversed(await journal.read_entries(run_id))
+                    if isinstance(e.body, b.HandedOff)
+                ),
                 None,
             )
             return result, differences, handed if isinstance(handed, b.HandedOver) else None

@@ -493,7 +493,7 @@ def _legacy_step(body: dict[str, Any], decision: Any, common: dict[str, Any]) ->
             note=body.get("note", ""),
             continuation=bool(body.get("continuation")),
         )
-    cls = _LEGACY_OUTCOMES[outcome]
+    cls = _LEGACY_OUTCOMES[str(outcome)]
     if cls in (Answered, Unanswered):
         seen = body.get("observation") or {}
         values = {"ticket_id": body["ticket_id"], **{k: seen.get(k) for k in ("answer", "by", "reason")}}
@@ -501,8 +501,8 @@ def _legacy_step(body: dict[str, Any], decision: Any, common: dict[str, Any]) ->
             values["reason_code"] = body.get("reason_code")
         return msgspec.convert(values, cls)
     if cls in (Refused, AwaitingApproval, AwaitingAnswer):
-        keep = ("proposal", "args_hash", "raw" if cls is Refused else "ticket_id")
-        values = {k: body.get(k) for k in keep} | {"decision": decision} | common
+        kept = ("proposal", "args_hash", "raw" if cls is Refused else "ticket_id")
+        values = {k: body.get(k) for k in kept} | {"decision": decision} | common
         return msgspec.convert({k: v for k, v in values.items() if v is not None}, cls)
     extra = {"error": body.get("error", "")} if cls is ToolFailed else {}
     if cls in (Executed, VerificationFailed):

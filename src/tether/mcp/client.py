@@ -155,7 +155,8 @@ class McpTool(Tool):
         self.source = source
         self.remote_name = listed.name
         self.server = source.spec.name
-        self.fn = fn or McpToolRef(self.server, listed.name)
+        # Never called: an MCP tool is invoked through its server; `fn` only identifies it.
+        self.fn = fn or McpToolRef(self.server, listed.name)  # type: ignore[assignment]
         self.name = name or listed.name
         hinted_effect, hinted_idempotent = effect_from_annotations(listed.annotations)
         self.effect = effect or hinted_effect

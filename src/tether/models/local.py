@@ -277,7 +277,7 @@ def grammar_for(schema: dict[str, Any]) -> str:
     """llama.cpp's grammar (GBNF) for a schema; its strings are JSON strings."""
     from llama_cpp.llama_grammar import json_schema_to_gbnf
 
-    gbnf = json_schema_to_gbnf(json.dumps(schema))
+    gbnf: str = json_schema_to_gbnf(json.dumps(schema))
     return gbnf.replace(_LENIENT_CHAR, _JSON_CHAR)
 
 
@@ -307,7 +307,8 @@ def _hoist(parameters: dict[str, Any], tool: str, defs: dict[str, Any]) -> dict[
 
     for name, definition in own.items():
         defs[renamed[name]] = rewrite(definition)
-    return rewrite(parameters)
+    rewritten: dict[str, Any] = rewrite(parameters)
+    return rewritten
 
 
 def _nodes(value: Any) -> Iterator[dict[str, Any]]:

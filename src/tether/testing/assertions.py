@@ -65,7 +65,7 @@ class ExpectedStep(BaseModel):
         return all(want is None or actual[name] == want for name, want in self.model_dump().items())
 
     def describe(self) -> str:
-        parts = [self.decision or "any decision"]
+        parts: list[str] = [self.decision or "any decision"]
         if self.rule:
             parts.append(f"by {self.rule}")
         if self.reason_code:

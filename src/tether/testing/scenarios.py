@@ -258,7 +258,7 @@ async def _run(suite: Suite, scenario: Scenario, collector: Collector) -> Scenar
         with _environment(env), contextlib.closing(open_journal(str(Path(tmp) / "journal.db"))) as journal:
             problems: list[str] = []
             try:
-                run = await run_to_end_async(
+                run: RunOutcome | None = await run_to_end_async(
                     workflow,
                     _model(scenario.proposals, base),
                     journal=journal,
