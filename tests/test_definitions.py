@@ -74,7 +74,7 @@ def test_the_good_definition_loads(tmp_path: Path) -> None:
         (('good_tools:look",', 'good_tools:lookk",'), "module 'good_tools' has no attribute 'lookk'"),
         (
             ('good_tools:look",', 'exploding_tools:look",'),
-            "importing 'exploding_tools' failed: RuntimeError: database password not set",
+            "importing 'exploding_tools' (first needed here) failed: RuntimeError: database password not set",
         ),
         (('good_tools:look",', 'good_tools",'), "is not an import path of the form module:name"),
         (("kind: terminal}", "kind: terminus}"), "states.end: Input tag 'terminus'"),

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import json
-import os
 import subprocess
 import sys
 import time
@@ -28,9 +27,7 @@ def tether(*args: str, cwd: Path = ROOT) -> subprocess.CompletedProcess[str]:
         capture_output=True,
         text=True,
         timeout=60,
-        # PYTHONPATH kept: the tether under test, not whichever is installed.
-        env={"PATH": "/usr/bin:/bin", "COLUMNS": "200"}
-        | {k: v for k, v in os.environ.items() if k == "PYTHONPATH"},
+        env={"PATH": "/usr/bin:/bin", "COLUMNS": "200", "PYTHONPATH": str(ROOT / "src")},
     )
 
 

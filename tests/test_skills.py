@@ -475,3 +475,10 @@ def test_a_run_of_the_skill_alone_pauses_and_resumes_pinned_to_the_skill(
         "entries"
     ]
     assert [e["body"]["tool"] for e in entries if e["kind"] == "executed"] == ["lookup_order", "issue_refund"]
+
+
+def test_a_skill_s_policy_may_not_declare_definitions(project: Path) -> None:
+    policy = project / "skills" / "refund" / "policy.yaml"
+    policy.write_text("definitions: {big: 'args.amount > 100.0'}\n" + policy.read_text())
+    with pytest.raises(PolicyFileError, match="a skill's policy may not declare definitions or subjects"):
+        load_workflow(project)

@@ -170,6 +170,8 @@ def relied_on(entries: Sequence[Entry], facts: dict[str, Any], decision: Decisio
         elif isinstance(record, b.StepDone):
             for name in record.facts:
                 origins[name] = b.ReliedFact(f"facts.{name}", "step", step_id=e.step_id)
+        elif isinstance(record, b.Answered) and record.fact is not None:
+            origins[record.fact] = b.ReliedFact(f"facts.{record.fact}", "answer", step_id=e.step_id)
         recorded = getattr(record, "decision", None)
         if isinstance(recorded, Decision):
             calls.update(_calls(recorded, e.step_id))
@@ -221,7 +223,7 @@ async def read_again(
     verified: dict[str, dict[str, Any]] = {}  # a verifier runs once per step it verified
     executed: dict[str | None, b.Executed] | None = None
     for fact in handed.relied_on:
-        if fact.reader == "step":
+        if fact.reader in ("step", "answer"):  # what a step derived or a person said: not re-read
             unchecked.append(fact.name)
             continue
         try:

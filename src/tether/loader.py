@@ -79,6 +79,10 @@ class AgentDoc(_Strict):
     on_verification_failed: Literal["retry", "escalate", "fail"] = "retry"
     # `rollback`: when the run fails in this state, the compensations of its effects run.
     on_failure: Literal["stop", "rollback"] = "stop"
+    # Facts a person's answer may establish in this state: NAME -> what it is (tether.step).
+    facts_from_answers: dict[Annotated[str, Field(pattern=r"^[A-Za-z_][A-Za-z0-9_]*$")], str] = Field(
+        default_factory=dict
+    )
 
 
 class TerminalDoc(_Strict):
@@ -330,6 +334,7 @@ def _state(
         on_budget_exhausted=doc.on_budget_exhausted,
         on_verification_failed=doc.on_verification_failed,
         on_failure=doc.on_failure,
+        facts_from_answers=dict(doc.facts_from_answers),
     )
 
 
@@ -450,8 +455,10 @@ def _import(ref: str, *, where: str, base: Path) -> Any:
         except ImportError as exc:
             raise DefinitionError(f"{where}: cannot import module {module_name!r}: {exc}") from None
         except Exception as exc:  # the module itself is broken
+            # The module is imported once, for the first reference to it: the failure may be
+            # in any of its definitions, not the one named here.
             raise DefinitionError(
-                f"{where}: importing {module_name!r} failed: {type(exc).__name__}: {exc}"
+                f"{where}: importing {module_name!r} (first needed here) failed: {type(exc).__name__}: {exc}"
             ) from None
     obj: Any = module
     for part in attr.split("."):

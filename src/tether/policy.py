@@ -2,9 +2,12 @@
 
 A policy is a YAML file of rules. Each rule matches a tool (or an exit) and optionally a
 condition written in CEL (Common Expression Language: no loops, no side effects, no
-Python `eval`) over `args`, `data`, `facts`, `history`, `tool` and `run`, and may call the
-workflow's resolvers (registered read-only lookups, e.g. `order(args.order_id).status`)
-and the helpers `zip` and `sum`. Every matching rule whose
+Python `eval`) over `args`, `data`, `facts`, `history`, `tool`, `run`, `now` (the decision's
+time, from the journal's clock, recorded with the decision) and `subject` (what the call is
+about, per tool under `subjects:` or per rule), and the policy's named `definitions:`
+(each computed at most once per decision); it may call the workflow's resolvers
+(registered read-only lookups, e.g. `order(args.order_id).status`) and the helpers `zip`,
+`sum`, `pairs`, `indexed`, `first`, `last`, `max` and `min`. Every matching rule whose
 condition holds is a candidate; the most restrictive decision wins (deny > defer > ask >
 allow), and among equals the first in the file. With no candidate, a default applies:
 reads and exits are allowed; writes and external effects are denied. A condition that
@@ -32,10 +35,12 @@ it cannot be interrupted mid-condition) denies with `policy_error`.
 from __future__ import annotations
 
 import functools
+import itertools
 import json
 import re
 import time
 from collections.abc import Callable, Mapping
+from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any, Literal
 
@@ -61,13 +66,64 @@ REASON_OF: dict[str, ReasonCode] = {
     "defer": ReasonCode.DEFERRED,
 }
 VARIABLES = frozenset({"args", "data", "facts", "history", "tool", "run"})
+# Names computed per decision, on first use: the decision's time (from the store's clock,
+# recorded with the decision as `resolved["now"]`) and the call's subject (`subjects:`, or a
+# rule's `subject:`).
+NOW = "now"
+SUBJECT = "subject"
+COMPUTED = frozenset({NOW, SUBJECT})
 # Built in like the helpers, but bound per decision to the run's seen values.
 PROVENANCE_FUNCTION = "provenance"
-# Functions CEL itself provides, plus the two helpers every policy gets.
+# CEL's reserved words, which no definition may be named.
+RESERVED = frozenset(
+    {
+        *("true", "false", "null", "in", "as", "break", "const", "continue", "else", "for"),
+        *("function", "if", "import", "let", "loop", "package", "namespace", "return"),
+        *("var", "void", "while"),
+    }
+)
+_NAME = re.compile(r"[A-Za-z_][A-Za-z0-9_]*")
+
+
+def _list(name: str, value: Any) -> list[Any]:
+    if not isinstance(value, list):
+        raise TypeError(f"{name}() takes a list, not {type(value).__name__}")
+    return value
+
+
+def _pairs(values: Any) -> list[list[Any]]:
+    items = _list("pairs", values)
+    return [[a, b] for a, b in itertools.pairwise(items)]
+
+
+def _indexed(values: Any) -> list[list[Any]]:
+    return [[i, v] for i, v in enumerate(_list("indexed", values))]
+
+
+def _extreme(name: str, pick: Callable[..., Any]) -> Callable[[Any], Any]:
+    def helper(values: Any) -> Any:
+        items = _list(name, values)
+        if not items:
+            raise ValueError(f"{name}() of an empty list")
+        return pick(items)
+
+    return helper
+
+
+# The helpers every policy gets (docs/policy.md has the table). Each is linear in its list;
+# their time counts against the evaluation budget (they run inside the condition).
 HELPERS: dict[str, Callable[..., Any]] = {
-    "zip": lambda a, b: [list(pair) for pair in zip(a, b, strict=False)],
-    "sum": lambda values: sum(values, 0.0),
+    "zip": lambda a, b: [list(pair) for pair in zip(_list("zip", a), _list("zip", b), strict=False)],
+    "sum": lambda values: sum(_list("sum", values), 0.0),
+    "pairs": _pairs,
+    "indexed": _indexed,
+    "first": lambda values: _list("first", values)[0] if values else None,
+    "last": lambda values: _list("last", values)[-1] if values else None,
+    "max": _extreme("max", max),
+    "min": _extreme("min", min),
 }
+# Functions the CEL engine provides (what docs/policy.md lists as working); a condition calling
+# any other name must call a resolver.
 CEL_FUNCTIONS = frozenset(
     {
         "size",
@@ -80,7 +136,6 @@ CEL_FUNCTIONS = frozenset(
         "double",
         "string",
         "bytes",
-        "bool",
         "type",
         "timestamp",
         "duration",
@@ -91,8 +146,6 @@ CEL_FUNCTIONS = frozenset(
         "exists_one",
         "map",
         "filter",
-        "max",
-        "min",
         "getFullYear",
         "getMonth",
         "getDate",
@@ -144,6 +197,8 @@ class Rule(BaseModel):
     # What a ticket of this rule comes to when nobody decides it in time: `deny` (the
     # default), or `{escalate: ROLE}` (the run is escalated to ROLE, actionable by a person).
     on_expiry: Literal["deny"] | OnExpiryEscalate | None = None
+    # What the call is about, for this rule's condition (`subject`): overrides `subjects:`.
+    subject: str | None = None
 
     @model_validator(mode="after")
     def _target_and_fields(self) -> Rule:
@@ -197,35 +252,67 @@ class PolicyDocument(BaseModel):
     version: str | int = 1
     defaults: Defaults = Field(default_factory=Defaults)
     provenance: ProvenanceDefaults | None = None
+    # Named expressions rules may read by name, each evaluated at most once per decision.
+    definitions: dict[str, str] = Field(default_factory=dict)
+    # Per tool: the expression giving what a call is about, read in conditions as `subject`.
+    subjects: dict[str, str] = Field(default_factory=dict)
     rules: list[Rule] = Field(default_factory=list)
 
     def hashed(self) -> dict[str, Any]:
         """What the policy hash covers: sections left out are left out (a policy without
-        `provenance:` hashes as it did before the section existed)."""
+        `provenance:`, `definitions:`, `subjects:` or a rule's `subject:` hashes as it did
+        before these existed)."""
         content = self.model_dump(mode="json")
-        if content["provenance"] is None:
-            del content["provenance"]
-        for rule in content["rules"]:  # so are a rule's separation-of-duties options
+        for section in ("provenance", "definitions", "subjects"):
+            if not content[section]:
+                del content[section]
+        for rule in content["rules"]:  # rule fields added later: left out when not set
             for key, unset in _LATER_RULE_FIELDS.items():
                 if rule.get(key, unset) == unset:
                     rule.pop(key, None)
-        for rule in content["rules"]:  # likewise a rule without `on_expiry:`
-            if rule.get("on_expiry") is None:
-                rule.pop("on_expiry", None)
         return content
 
 
 # Rule fields added after policies were first hashed: left out of the hash when not set, so a
 # policy that does not use them keeps the hash its runs are pinned to.
-_LATER_RULE_FIELDS: dict[str, Any] = {"approvals": None, "forbid_self_approval": False}
+_LATER_RULE_FIELDS: dict[str, Any] = {
+    "approvals": None,
+    "forbid_self_approval": False,
+    "on_expiry": None,
+    "subject": None,
+}
+
+
+class _Expression:
+    """A compiled named expression: a definition, or a subject (a tool's or a rule's)."""
+
+    def __init__(self, label: str, program: cel.Program, definitions: Mapping[str, str]) -> None:
+        self.label = label
+        self.program = program
+        read = set(program.variables())
+        self.variables = read & VARIABLES
+        self.computed = read & COMPUTED
+        self.definitions = read & set(definitions)
+        self.functions = _called_functions(program)
+        self.operators = _operators(program.source)
 
 
 class _CompiledRule:
-    def __init__(self, rule: Rule, program: cel.Program | None) -> None:
+    def __init__(
+        self,
+        rule: Rule,
+        program: cel.Program | None,
+        subject: _Expression | None,
+        definitions: Mapping[str, str],
+    ) -> None:
         self.rule = rule
         self.kind, self.names = rule.targets()
         self.program = program
-        self.variables = set(program.variables()) & VARIABLES if program else set()
+        self.subject = subject
+        read = set(program.variables()) if program else set()
+        self.variables = read & VARIABLES
+        self.computed = read & COMPUTED
+        self.definitions = read & set(definitions)
         self.functions = _called_functions(program) if program else set()
 
     def governs(self, kind: str, name: str) -> bool:
@@ -251,20 +338,90 @@ class Policy:
         ids: set[str] = set()
         self._rules: list[_CompiledRule] = []
         self._by_target: dict[tuple[str, str], list[_CompiledRule]] = {}
+        definitions = document.definitions
+        self.definitions: dict[str, _Expression] = _compile_definitions(definitions, source)
+        # Definitions reading `subject` (directly or through others): computed once per
+        # decision and subject, since a rule's `subject:` may differ from the tool's.
+        self.subject_dependent = frozenset(
+            n
+            for n in self.definitions
+            if any(SUBJECT in self.definitions[d].computed for d in _closure({n}, self.definitions))
+        )
+        self.subjects: dict[str, _Expression] = {
+            tool: _named(f"subject of {tool!r}", text, definitions, source, subject=True)
+            for tool, text in document.subjects.items()
+        }
+        for tool, expression in self.subjects.items():
+            if _closure(expression.definitions, self.definitions) & self.subject_dependent:
+                raise PolicyFileError(
+                    f"{source}: the subject of {tool!r} reads a definition that reads `subject`"
+                )
         for rule in document.rules:
             if rule.id in ids:
                 raise PolicyFileError(f"{source}: duplicate rule id {rule.id!r}")
             ids.add(rule.id)
-            self._rules.append(_CompiledRule(rule, _compile(rule, source)))
+            subject = None
+            if rule.subject is not None:
+                where = f"rule {rule.id!r}: subject"
+                subject = _named(where, rule.subject, definitions, source, subject=True)
+            compiled = _CompiledRule(rule, _compile(rule, source, definitions), subject, definitions)
+            self._check_rule(compiled, source)
+            self._rules.append(compiled)
+        expressions = [*self.definitions.values(), *self.subjects.values()]
+        expressions += [c.subject for c in self._rules if c.subject is not None]
+        parts: list[_CompiledRule | _Expression] = [*self._rules, *expressions]
         # The variables any condition reads (only these are handed to the CEL engine), and the
-        # resolvers any condition calls.
-        self.variables: frozenset[str] = frozenset().union(*(c.variables for c in self._rules))
-        self.functions: frozenset[str] = frozenset().union(*(c.functions for c in self._rules))
+        # resolvers any condition calls; and whether any reads `now`.
+        self.variables: frozenset[str] = frozenset().union(*(p.variables for p in parts))
+        self.functions: frozenset[str] = frozenset().union(*(p.functions for p in parts))
+        self.reads_now = any(NOW in p.computed for p in parts)
         # Whether decisions need the run's provenance: a condition traces a value, or the safe
         # defaults are adopted.
         self.uses_provenance = document.provenance is not None or any(
-            PROVENANCE_FUNCTION in (c.program.functions() if c.program else ()) for c in self._rules
+            PROVENANCE_FUNCTION in (p.program.functions() if p.program else ()) for p in parts
         )
+
+    def _check_rule(self, c: _CompiledRule, source: str) -> None:
+        """A rule reading `subject` needs one for each tool it names; a condition's size is
+        counted with the definitions (and subject) it reads, which it evaluates nested."""
+        if (
+            c.subject is not None
+            and _closure(c.subject.definitions, self.definitions) & self.subject_dependent
+        ):
+            raise PolicyFileError(
+                f"{source}: rule {c.rule.id!r}: its subject reads a definition that reads `subject`"
+            )
+        if (SUBJECT in c.computed or c.definitions & self.subject_dependent) and c.subject is None:
+            if c.kind == "exit":
+                raise PolicyFileError(
+                    f"{source}: rule {c.rule.id!r} reads `subject` but declares none "
+                    "(give the rule a `subject:`)"
+                )
+            missing = [n for n in c.names if n != "*" and n not in self.subjects]
+            if missing:
+                raise PolicyFileError(
+                    f"{source}: rule {c.rule.id!r} reads `subject`, but no subject is declared for "
+                    f"{', '.join(missing)} (add it under `subjects:`, or give the rule a `subject:`)"
+                )
+        if c.program is None:
+            return
+        read = set(c.definitions)
+        if c.subject is not None:
+            read |= c.subject.definitions
+        elif SUBJECT in c.computed:
+            for n in c.names:
+                if n in self.subjects:
+                    read |= self.subjects[n].definitions
+        used = _closure(read, self.definitions)
+        total = _operators(c.program.source) + sum(self.definitions[d].operators for d in used)
+        if c.subject is not None:
+            total += c.subject.operators
+        if used and total > MAX_CONDITION_OPERATORS:
+            raise PolicyFileError(
+                f"{source}: rule {c.rule.id!r}: condition with the definitions it reads "
+                f"({', '.join(sorted(used))}) has {total} operators, over the limit of "
+                f"{MAX_CONDITION_OPERATORS}: split it into several rules"
+            )
 
     @classmethod
     def default(cls) -> Policy:
@@ -317,8 +474,9 @@ class Policy:
         return [c.rule for c in self._governing(kind, name)]
 
     def uses(self, variable: str) -> bool:
-        """Whether any rule's condition reads `variable` (e.g. `history`)."""
-        return variable in self.variables
+        """Whether any rule's condition (or a definition or subject) reads `variable`
+        (e.g. `history`, `now`)."""
+        return self.reads_now if variable == NOW else variable in self.variables
 
     def evaluation(self, resolvers: Mapping[str, Callable[..., Any]]) -> Evaluation:
         """A context to decide a run's proposals in (see `Evaluation`)."""
@@ -331,7 +489,27 @@ class Policy:
     def check_targets(
         self, tools: Mapping[str, Tool], exits: set[str], resolvers: Mapping[str, Any] | None = None
     ) -> None:
-        """Refuse rules naming a tool, exit or resolver the workflow does not have."""
+        """Refuse rules naming a tool, exit or resolver the workflow does not have (and
+        definitions or subjects calling a resolver it does not have, subjects of tools it
+        does not have)."""
+        for label, expression in [
+            *((f"definition {n!r}", e) for n, e in self.definitions.items()),
+            *((e.label, e) for e in self.subjects.values()),
+            *((f"rule {c.rule.id!r}: subject", c.subject) for c in self._rules if c.subject is not None),
+        ]:
+            missing = sorted(expression.functions - set(resolvers or {}))
+            if missing:
+                offered = ", ".join(sorted(resolvers or {})) or "none"
+                raise PolicyFileError(
+                    f"{self.source}: {label} calls unknown function(s) {', '.join(missing)} "
+                    f"(the workflow's resolvers: {offered}; helpers: {', '.join(sorted(HELPERS))})"
+                )
+        for name in self.subjects:
+            if name not in tools:
+                listing = ", ".join(sorted(tools)) or "none"
+                raise PolicyFileError(
+                    f"{self.source}: subjects names unknown tool {name!r} (the workflow has: {listing})"
+                )
         for c in self._rules:
             missing = sorted(c.functions - set(resolvers or {}))
             if missing:
@@ -472,13 +650,14 @@ class Policy:
         resolved: dict[str, Any] = {}
         resolvers = resolvers or {}
         evaluation = evaluation or Evaluation(self, resolvers)
-        context = evaluation.bind(variables, resolvers, resolved, resolving, tracer)
+        evaluation.bind(variables, resolvers, resolved, resolving, tracer)
+        subject = self.subjects.get(name) if kind == "tool" else None
         best: _CompiledRule | None = None
         matched: list[str] = []
         evaluated: dict[str, bool | str] = {}
         for c in rules:
             try:
-                holds = _holds(c, context)
+                holds = evaluation.holds(c, c.subject or subject, name)
             except _ConditionError as exc:
                 evaluated[c.rule.id] = f"error: {exc}"
                 return Decision(
@@ -598,20 +777,37 @@ class Evaluation:
     when they change (a new object, or a list that grew), `args` and `tool` are looked up per
     decision, and the workflow's resolvers are registered once and record into the decision
     being made.
+
+    Definitions, `subject` and `now` are computed on first use in a decision (the engine asks
+    for them by name) and kept for the rest of it. One that cannot be computed makes the
+    condition that read it fail, even where CEL would have absorbed the error (`x || true`).
     """
 
     def __init__(self, policy: Policy, resolvers: Mapping[str, Callable[..., Any]]) -> None:
         self._used = policy.variables
+        self._definitions = policy.definitions
+        self._subject_dependent = policy.subject_dependent
         self._call: dict[str, Any] = {}
         self._held: dict[str, tuple[Any, int]] = {}
         self._recorders: dict[str, Callable[..., Any]] = {}
         self._tracer: Callable[[Any], Any] = _Tracer(None, {}, _Stopwatch())
+        # Per decision: the computed values (by definition name, or the subject's expression),
+        # what failed while computing them in the condition being evaluated, the time given.
+        self._values: dict[Any, Any] = {}
+        self._failures: list[str] = []
+        self._now: Any = None
+        self._resolved: dict[str, Any] = {}
+        self._subject: _Expression | None = None
+        self._target = ""
         functions: dict[str, Callable[..., Any]] = dict(HELPERS)
         functions[PROVENANCE_FUNCTION] = lambda value: self._tracer(value)
         for fname in resolvers:
             functions[fname] = functools.partial(self._dispatch, fname)
-        self._context = cel.Context({}, functions=functions)
-        self._context.set_variable_resolver(self._call.get)
+        # A computed name whose value is null falls through to these (a resolver answering
+        # None means "not mine" to the engine); `now` has none: without a time it is unknown.
+        fallback = dict.fromkeys([*self._definitions, SUBJECT])
+        self._context = cel.Context(fallback, functions=functions)
+        self._context.set_variable_resolver(self._variable)
 
     def _dispatch(self, name: str, *args: Any) -> Any:
         return self._recorders[name](*args)
@@ -639,7 +835,93 @@ class Evaluation:
                 self._held[name] = held
         self._recorders = {n: _recording(n, fn, resolved, resolving) for n, fn in resolvers.items()}
         self._tracer = tracer or _Tracer(None, {}, resolving)
+        self._values = {}
+        self._now = variables.get(NOW)
+        self._resolved = resolved
         return self._context
+
+    def holds(self, c: _CompiledRule, subject: _Expression | None, target: str) -> bool:
+        """Whether the rule's condition holds, with `subject` bound to this expression's value."""
+        if c.program is None:
+            return True
+        self._subject, self._target, self._failures = subject, target, []
+        try:
+            value = c.program.execute(self._context)
+        except Exception as exc:  # the CEL runtime raises KeyError, TypeError, ValueError...
+            if self._failures:
+                raise _ConditionError(f"rule {c.rule.id!r}: {self._failures[0]}") from None
+            detail = f"missing field {exc}" if isinstance(exc, KeyError) else str(exc).split("\n")[0]
+            raise _ConditionError(f"rule {c.rule.id!r}: condition could not be evaluated: {detail}") from None
+        if self._failures:
+            raise _ConditionError(f"rule {c.rule.id!r}: {self._failures[0]}")
+        if not isinstance(value, bool):
+            raise _ConditionError(
+                f"rule {c.rule.id!r}: condition gave {type(value).__name__} {value!r}, not true/false"
+            )
+        return value
+
+    def _variable(self, name: str) -> Any:
+        """The engine's lookup of a name: per-decision values, and computed ones on first use.
+        None falls through to the context's variables."""
+        if name in self._call:
+            return self._call[name]
+        if name == NOW:
+            return self._time()
+        if name == SUBJECT:
+            if self._subject is None:
+                return self._fail(
+                    f"no subject is declared for {self._target!r} (`subjects:` or the rule's `subject:`)"
+                )
+            return self._computed(self._subject, self._subject)
+        expression = self._definitions.get(name)
+        if expression is not None:
+            key = (name, id(self._subject)) if name in self._subject_dependent else name
+            return self._computed(key, expression)
+        return None
+
+    def _computed(self, key: Any, expression: _Expression) -> Any:
+        if key in self._values:
+            value = self._values[key]
+            if isinstance(value, _Failed):
+                self._failures.append(value.message)
+                return None
+            return value
+        before = len(self._failures)
+        try:
+            value = expression.program.execute(self._context)
+        except Exception as exc:
+            detail = f"missing field {exc}" if isinstance(exc, KeyError) else str(exc).split("\n")[0]
+            value = None
+            if len(self._failures) == before:
+                self._failures.append(f"{expression.label} could not be evaluated: {detail}")
+        if len(self._failures) > before:
+            self._values[key] = _Failed(self._failures[before])
+            return None
+        self._values[key] = value
+        return value
+
+    def _time(self) -> Any:
+        try:
+            now = self._now() if callable(self._now) else self._now
+        except Exception as exc:  # a replay whose decision recorded no time, say
+            return self._fail(f"`now` is not available: {exc}")
+        if now is None:
+            return self._fail("`now` is not available: this decision was made without a time")
+        if not isinstance(now, datetime):
+            now = datetime.fromtimestamp(float(now), UTC)
+        elif now.tzinfo is None:
+            now = now.replace(tzinfo=UTC)
+        self._resolved[NOW] = now.isoformat().replace("+00:00", "Z")
+        return now
+
+    def _fail(self, message: str) -> None:
+        self._failures.append(message)
+        return None
+
+
+class _Failed:
+    def __init__(self, message: str) -> None:
+        self.message = message
 
 
 def _recording(
@@ -662,36 +944,95 @@ class _ConditionError(Exception):
     pass
 
 
-def _holds(c: _CompiledRule, context: cel.Context) -> bool:
-    if c.program is None:
-        return True
-    try:
-        value = c.program.execute(context)
-    except Exception as exc:  # the CEL runtime raises KeyError, TypeError, ValueError...
-        detail = f"missing field {exc}" if isinstance(exc, KeyError) else str(exc).split("\n")[0]
-        raise _ConditionError(f"rule {c.rule.id!r}: condition could not be evaluated: {detail}") from None
-    if not isinstance(value, bool):
-        raise _ConditionError(
-            f"rule {c.rule.id!r}: condition gave {type(value).__name__} {value!r}, not true/false"
-        )
-    return value
-
-
-def _compile(rule: Rule, source: str) -> cel.Program | None:
+def _compile(rule: Rule, source: str, definitions: Mapping[str, str]) -> cel.Program | None:
     if rule.when is None:
         return None
-    _check_size(rule.id, rule.when, source)
+    return _compile_named(f"rule {rule.id!r}: condition", rule.when, definitions, source, rule_id=rule.id)
+
+
+def _compile_named(
+    where: str,
+    expression: str,
+    definitions: Mapping[str, str],
+    source: str,
+    *,
+    rule_id: str | None = None,
+    may_read_subject: bool = True,
+) -> cel.Program:
+    """Compile a condition, a definition or a subject: bounded in size, every name known."""
+    _check_size(where, expression, source)
     try:
-        program = cel.compile(rule.when)
+        program = cel.compile(expression)
     except ValueError as exc:
-        raise PolicyFileError(f"{source}: rule {rule.id!r}: condition does not parse: {exc}") from None
-    unknown = sorted(set(program.variables()) - VARIABLES - _bound_names(rule.when))
+        what = f"rule {rule_id!r}: condition" if rule_id else where
+        raise PolicyFileError(f"{source}: {what} does not parse: {exc}") from None
+    allowed = VARIABLES | COMPUTED | set(definitions)
+    unknown = sorted(set(program.variables()) - allowed - _bound_names(expression))
     if unknown:
+        names = ", ".join(sorted(VARIABLES | COMPUTED))
+        defined = f"; definitions: {', '.join(sorted(definitions))}" if definitions else ""
         raise PolicyFileError(
-            f"{source}: rule {rule.id!r}: unknown name(s) {', '.join(unknown)} in condition "
-            f"(conditions may use: {', '.join(sorted(VARIABLES))})"
+            f"{source}: {f'rule {rule_id!r}' if rule_id else where}: unknown name(s) {', '.join(unknown)} "
+            f"in {'condition' if rule_id else 'expression'} (conditions may use: {names}{defined})"
         )
+    if not may_read_subject and SUBJECT in program.variables():
+        raise PolicyFileError(f"{source}: {where}: a subject cannot read `subject`")
     return program
+
+
+def _named(
+    label: str, text: str, definitions: Mapping[str, str], source: str, *, subject: bool = False
+) -> _Expression:
+    """A definition, or (`subject`) a subject expression, which cannot read `subject` itself."""
+    program = _compile_named(label, text, definitions, source, may_read_subject=not subject)
+    return _Expression(label, program, definitions)
+
+
+def _compile_definitions(definitions: Mapping[str, str], source: str) -> dict[str, _Expression]:
+    """Each definition compiled; names checked; no definition reaching itself."""
+    for name in definitions:
+        problem = None
+        if not _NAME.fullmatch(name):
+            problem = "is not a name (letters, digits and _, not starting with a digit)"
+        elif name in VARIABLES | COMPUTED:
+            problem = "is a variable every condition has"
+        elif name in RESERVED:
+            problem = "is a reserved word of CEL"
+        elif name in HELPERS or name in CEL_FUNCTIONS or name == PROVENANCE_FUNCTION:
+            problem = "is a function's name"
+        if problem:
+            raise PolicyFileError(f"{source}: definition {name!r} {problem}")
+    compiled = {
+        name: _named(f"definition {name!r}", text, definitions, source) for name, text in definitions.items()
+    }
+    # A cycle: depth-first over the references, naming the path that closes it.
+    done: set[str] = set()
+
+    def visit(name: str, path: list[str]) -> None:
+        if name in path:
+            cycle = " -> ".join([*path[path.index(name) :], name])
+            raise PolicyFileError(f"{source}: definitions refer to themselves: {cycle}")
+        if name in done:
+            return
+        for other in sorted(compiled[name].definitions):
+            visit(other, [*path, name])
+        done.add(name)
+
+    for name in compiled:
+        visit(name, [])
+    return compiled
+
+
+def _closure(names: set[str], definitions: Mapping[str, _Expression]) -> set[str]:
+    """The definitions these names read, directly or through each other."""
+    found: set[str] = set()
+    todo = list(names)
+    while todo:
+        name = todo.pop()
+        if name not in found:
+            found.add(name)
+            todo.extend(definitions[name].definitions)
+    return found
 
 
 # What in a condition is not syntax: comments, and string and bytes literals. One scanner,
@@ -714,9 +1055,15 @@ def cel_code(expression: str) -> str:
     return _CEL_NOT_SYNTAX.sub(lambda m: " " if m.group("comment") else '""', expression)
 
 
-def _check_size(rule_id: str, expression: str, source: str) -> None:
-    """Refuse a condition too large for the engine to evaluate safely (see the module doc)."""
-    where = f"{source}: rule {rule_id!r}: condition"
+def _operators(expression: str) -> int:
+    """The operators counted in an expression (see `_CEL_OPERATOR`)."""
+    return len(_CEL_OPERATOR.findall(cel_code(expression)))
+
+
+def _check_size(label: str, expression: str, source: str) -> None:
+    """Refuse a condition (or definition, subject) too large for the engine to evaluate
+    safely (see the module doc)."""
+    where = f"{source}: {label}"
     if len(expression) > MAX_CONDITION_CHARS:
         raise PolicyFileError(
             f"{where} is {len(expression)} characters long, over the limit of {MAX_CONDITION_CHARS}"

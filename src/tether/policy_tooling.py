@@ -11,6 +11,7 @@ import functools
 import re
 from collections.abc import Mapping
 from dataclasses import dataclass, field
+from datetime import datetime
 from pathlib import Path
 from typing import Any, Literal
 
@@ -398,6 +399,9 @@ class Case(BaseModel):
     # and tool results.
     input: dict[str, Any] = Field(default_factory=dict)
     observed: list[Observed] = Field(default_factory=list)
+    # The decision's time, for conditions reading `now` (an ISO 8601 time; UTC if it names no
+    # zone). Without it, a condition reading `now` fails (policy_error).
+    now: datetime | None = None
     expect: Expectation
 
     @model_validator(mode="after")
@@ -506,6 +510,7 @@ def _run_case(case: Case, spec: CaseFile, policy: Policy, workflow: Workflow | N
             "history": case.history,
             "tool": tool_info,
             "run": {"id": "policy-test", "workflow": "", "version": "", "state": ""},
+            "now": case.now,
         },
     )
     return CaseResult(case.name, case.expect.met_by(decision), decision, case.expect)

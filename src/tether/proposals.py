@@ -31,10 +31,19 @@ class Exit(msgspec.Struct, frozen=True, tag="exit", tag_field="kind", forbid_unk
     summary: str = ""
 
 
-class Question(msgspec.Struct, frozen=True, tag="question", tag_field="kind", forbid_unknown_fields=True):
-    """Pause and ask a person; the answer comes back as an observation."""
+class Question(
+    msgspec.Struct,
+    frozen=True,
+    tag="question",
+    tag_field="kind",
+    forbid_unknown_fields=True,
+    omit_defaults=True,
+):
+    """Pause and ask a person; the answer comes back as an observation. With `fact`, one the
+    state declares in `facts_from_answers`, the answer also becomes `facts.NAME`."""
 
     question: str
+    fact: str | None = None
 
 
 class Handoff(

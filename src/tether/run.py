@@ -427,12 +427,23 @@ class RunCursor:
                     log.exception("on_commit observer failed for run %s", self.run_id)
         return written
 
+    async def decision_time(self) -> float | None:
+        """The store's clock, when the policy reads `now` (else None: no read is made)."""
+        return await self.journal.now() if self.policy.uses("now") else None
+
     def decide(
-        self, *, kind: Literal["tool", "exit"], tool: dict[str, Any], args: dict[str, Any], step_id: str
+        self,
+        *,
+        kind: Literal["tool", "exit"],
+        tool: dict[str, Any],
+        args: dict[str, Any],
+        step_id: str,
+        now: float | None = None,
     ) -> Decision:
         """Ask the policy about a proposal, with this run's variables and resolvers.
 
         `tool` is what conditions see as `tool`: `name` and `effect` (and `idempotent` for tools).
+        `now` is the decision's time, from `decision_time()` (the store's clock).
         """
         record = self.record
         if self._run_seen is None or self._run_seen["state"] != record.state:
@@ -449,6 +460,7 @@ class RunCursor:
             "history": self.history if self.history is not None else NO_HISTORY,
             "tool": tool,
             "run": self._run_seen,
+            "now": now,
         }
         resolvers = None
         if self.policy.functions:  # bound per decision: a resolver gets this step's context

@@ -342,6 +342,11 @@ def _fragment(
     own = Policy.from_file(file) if file.exists() else Policy.default()
     if own.document.defaults != PolicyDocument().defaults:
         raise PolicyFileError(f"{file}: a skill's policy may not set defaults (the workflow's apply)")
+    if own.document.definitions or own.document.subjects or any(r.subject for r in own.rules):
+        # Its rules are merged into the workflow's policy, where these names are not carried.
+        raise PolicyFileError(
+            f"{file}: a skill's policy may not declare definitions or subjects (write them out in its rules)"
+        )
     tool_names, exit_names = [t.name for t in tools], list(doc.exits)
     own.check_targets({t.name: t for t in tools}, set(exit_names), {**BUILTIN_RESOLVERS, **resolvers})
     rules = []

@@ -126,6 +126,7 @@ class GovernedStep:
             tools=tools,
             exits=exits,
             data=cursor.record.data,
+            facts_from_answers=dict(state.facts_from_answers),
             budget_left=BudgetLeft.model_construct(
                 steps=budget.max_steps - visit.steps,
                 tool_calls=budget.max_tool_calls - visit.tool_calls,
@@ -202,7 +203,7 @@ class GovernedStep:
         args = self.arguments(tool, proposal.args)
         self.budget(args)
         self.loop(tool, args)
-        decision = self.policy(tool, args)
+        decision = self.policy(tool, args, await self.cursor.decision_time())
         if await self.unless_allowed(proposal, decision, tool.name, args.values, args.hash):
             return
         await self.execute(tool, args, decision, proposed=proposal.args)
@@ -241,8 +242,10 @@ class GovernedStep:
             decision = runtime_refusal("loop", ReasonCode.LOOP_DETECTED, looping)
             raise Refusal(decision, args_hash=args.hash, stop="escalate")
 
-    def policy(self, tool: Tool, args: ValidatedArgs) -> Decision:
-        decision = self.cursor.decide(kind="tool", tool=tool.info, args=args.values, step_id=self.step_id)
+    def policy(self, tool: Tool, args: ValidatedArgs, now: float | None = None) -> Decision:
+        decision = self.cursor.decide(
+            kind="tool", tool=tool.info, args=args.values, step_id=self.step_id, now=now
+        )
         if decision.decision == "deny":
             raise Refusal(decision, args_hash=args.hash)
         return decision
@@ -369,7 +372,8 @@ class GovernedStep:
         args_hash = value_hash(encode_json(args))
         self.contract(name, proposal.update, args_hash)
         info = {"name": name, "effect": "exit"}
-        decision = self.cursor.decide(kind="exit", tool=info, args=args, step_id=self.step_id)
+        now = await self.cursor.decision_time()
+        decision = self.cursor.decide(kind="exit", tool=info, args=args, step_id=self.step_id, now=now)
         if decision.decision == "deny":
             raise Refusal(decision, args_hash=args_hash)
         if await self.unless_allowed(proposal, decision, f"exit:{name}", args, args_hash):
@@ -422,7 +426,17 @@ class GovernedStep:
             approver=self.state.escalate_to,
             expires_in=QUESTION_SECONDS,
         )
-        args = {"question": proposal.question}
+        args: dict[str, Any] = {"question": proposal.question}
+        if proposal.fact is not None:
+            declared = self.state.facts_from_answers
+            if proposal.fact not in declared:
+                listing = ", ".join(sorted(declared)) or "none"
+                reason = (
+                    f"fact {proposal.fact!r} cannot be set from an answer in state {self.state.name!r} "
+                    f"(its facts_from_answers: {listing})"
+                )
+                raise Refusal(runtime_refusal("scope", ReasonCode.OUT_OF_SCOPE, reason))
+            args["fact"] = proposal.fact
         await self.ask(proposal, decision, "question", args, value_hash(encode_json(args)), kind="question")
 
     async def handoff(self, proposal: Handoff) -> None:
@@ -571,19 +585,17 @@ class GovernedStep:
         cursor.clear_notice()
         if ticket.kind == "question":
             answered = ticket.status == "answered"
-            t = ticket
-            body: b.Answered = (
-                b.Answered(ticket_id=t.ticket_id, answer=t.answer, by=t.decided_by, reason=t.reason)
-                if answered
-                else b.Unanswered(
-                    ticket_id=t.ticket_id,
-                    answer=t.answer,
-                    by=t.decided_by,
-                    reason=t.reason,
-                    reason_code=ReasonCode.APPROVAL_DENIED,
-                )
-            )
-            return await self.record(body, status="running")
+            cls = b.Answered if answered else b.Unanswered
+            values: dict[str, Any] = {"ticket_id": ticket.ticket_id, "answer": ticket.answer}
+            values["by"], values["reason"] = ticket.decided_by, ticket.reason
+            if not answered:
+                values["reason_code"] = ReasonCode.APPROVAL_DENIED
+            fact = pending.proposal.get("fact") if answered and ticket.answer is not None else None
+            if fact is None:
+                return await self.record(cls(**values), status="running")
+            # What the person said is now a fact, its source this entry (and `provenance()`).
+            facts = {**cursor.record.facts, fact: ticket.answer}
+            return await self.record(cls(**values, fact=fact), status="running", facts=facts)
         proposal = msgspec.convert(pending.proposal, Proposal)
         role = pending.decision.escalate_on_expiry
         if ticket.status == "expired" and role:  # the rule's `on_expiry: {escalate: ROLE}`

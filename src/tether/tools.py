@@ -27,13 +27,16 @@ from __future__ import annotations
 
 import functools
 import inspect
+import sys
 from collections import abc
 from collections.abc import Awaitable, Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from types import UnionType
 from typing import Annotated, Any, Literal, NamedTuple, Union, get_args, get_origin, get_type_hints
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, create_model
+import typing_extensions
+from pydantic import BaseModel, ConfigDict, Field, PydanticUserError, ValidationError, create_model
+from pydantic.errors import PydanticSchemaGenerationError
 from pydantic.fields import FieldInfo
 from pydantic_core import to_jsonable_python
 
@@ -395,13 +398,62 @@ def _args_model(
             raise TypeError(f"tool {tool_name!r}: *args and **kwargs cannot be described")
         default = ... if param.default is param.empty else param.default
         declared = isinstance(default, FieldInfo) and _declares_max_length(default.metadata)
+        annotation = _portable(annotation)
         fields[param.name] = (_bounded(annotation, declared=declared) if bounded else annotation, default)
-    model = create_model(
-        f"{tool_name}_args",
-        __config__=ConfigDict(strict=True, extra="forbid"),
-        **fields,
-    )
+    try:
+        model = create_model(
+            f"{tool_name}_args",
+            __config__=ConfigDict(strict=True, extra="forbid"),
+            **fields,
+        )
+    except (PydanticUserError, PydanticSchemaGenerationError) as exc:
+        # Named here: the module's import is where it surfaces, against whichever state and
+        # tool first imported the module.
+        where = getattr(fn, "__module__", "?") + "." + getattr(fn, "__qualname__", tool_name)
+        first = str(exc).split("\n")[0]
+        raise TypeError(
+            f"tool {tool_name!r} ({where}): its parameters cannot be described: {first}"
+        ) from None
     return model, context_param
+
+
+_TYPED_DICTS: dict[type, Any] = {}
+
+
+def _portable(annotation: Any) -> Any:
+    """The annotation with each `typing.TypedDict` in it (which pydantic refuses before
+    Python 3.12) made a `typing_extensions.TypedDict` with the same fields, required keys and
+    name. Unchanged on Python 3.12 and later, and where it holds none."""
+    if sys.version_info >= (3, 12):
+        return annotation
+    if isinstance(annotation, type) and typing_extensions.is_typeddict(annotation):
+        if type(annotation).__module__ != "typing":
+            return annotation
+        if annotation not in _TYPED_DICTS:
+            hints = get_type_hints(annotation, include_extras=True)
+            required: frozenset[str] = getattr(annotation, "__required_keys__", frozenset())
+            fields: dict[str, Any] = {}
+            for key, hint in hints.items():
+                if get_origin(hint) in (typing_extensions.Required, typing_extensions.NotRequired):
+                    hint = get_args(hint)[0]
+                mark = typing_extensions.Required if key in required else typing_extensions.NotRequired
+                fields[key] = mark[_portable(hint)]
+            made = typing_extensions.TypedDict(annotation.__name__, fields)  # type: ignore[misc]
+            made.__module__, made.__doc__ = annotation.__module__, annotation.__doc__
+            _TYPED_DICTS[annotation] = made
+        return _TYPED_DICTS[annotation]
+    origin, args = get_origin(annotation), get_args(annotation)
+    if origin is None or origin is Literal or not args:
+        return annotation
+    if origin is Annotated:
+        base = _portable(args[0])
+        return annotation if base is args[0] else Annotated[base, *annotation.__metadata__]
+    portable = tuple(_portable(a) for a in args)
+    if all(p is a for p, a in zip(portable, args, strict=True)):
+        return annotation
+    if origin in (Union, UnionType):
+        return Union[portable]  # noqa: UP007 (built from a tuple)
+    return origin[portable[0] if len(portable) == 1 else portable]
 
 
 _SEQUENCES = (list, set, frozenset, tuple, abc.Sequence, abc.Set, abc.MutableSequence, abc.MutableSet)

@@ -74,6 +74,9 @@ class AgentState:
     on_verification_failed: Literal["retry", "escalate", "fail"] = "retry"
     # `rollback`: a run that fails in this state runs the compensations of its effects.
     on_failure: Literal["stop", "rollback"] = "stop"
+    # Facts a person's answer may establish here: name -> what it is. A question proposing
+    # `fact: NAME` sets `facts.NAME` to the answer, its source recorded (the answer entry).
+    facts_from_answers: Mapping[str, str] = field(default_factory=dict)
     # The skill this state is made from (`uses: skills/NAME@VERSION`): its inputs are checked
     # when a visit begins, its output contract on every success exit (tether.skills).
     skill: Skill | None = None
@@ -410,6 +413,7 @@ def _describe_state(state: State) -> dict[str, Any]:
             **({"on_failure": state.on_failure} if state.on_failure != "stop" else {}),
             # A skill's version and hash: part of the workflow hash, so every run records them.
             **({"skill": state.skill.identity()} if state.skill is not None else {}),
+            **({"facts_from_answers": dict(state.facts_from_answers)} if state.facts_from_answers else {}),
         }
     return {"kind": "terminal", "name": state.name, "failed": state.failed}
 

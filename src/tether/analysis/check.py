@@ -24,6 +24,8 @@ from tether.analysis.conditions import (
     Condition,
     Outcome,
     Space,
+    definition_trees,
+    expand,
     possible,
     references,
     tool_subject,
@@ -235,7 +237,8 @@ def _unguarded_in(graph: StateGraph, state: str, tool: Tool) -> tuple[str, list[
     policy = graph.policy
     subject = tool_subject(tool, state, graph.workflow)
     rules = policy.governing("tool", tool.name)
-    conditions = [Condition.of(r) for r in rules]
+    definitions = definition_trees(policy)
+    conditions = [Condition.of(r, definitions) for r in rules]
     space = Space(subject, conditions)
     values = [space.evaluate(c) for c in conditions]
     default = Outcome(getattr(policy.document.defaults, tool.effect), f"default:{tool.effect}")
@@ -404,11 +407,13 @@ def _unknown_names(workflow: Workflow) -> list[Finding]:
         return []
     tools = workflow.tools()
     findings = []
+    definitions = definition_trees(policy)
     for rule in policy.rules:
         if rule.when is None:
             continue
         try:
-            tree = parse(rule.when)
+            # What a definition the rule reads reads, the rule reads.
+            tree = expand(parse(rule.when), definitions)
         except CelSyntaxError:
             continue  # not read: nothing can be said of its names
         offered = _offered(rule, tools)

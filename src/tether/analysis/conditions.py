@@ -13,6 +13,8 @@ a rule that is unknown somewhere is reported as opaque there, naming what it rea
 
 from __future__ import annotations
 
+import contextlib
+import dataclasses
 import itertools
 import json
 import math
@@ -138,17 +140,72 @@ class Condition:
     unreadable: str | None = None
 
     @classmethod
-    def of(cls, rule: Rule) -> Condition:
+    def of(cls, rule: Rule, definitions: Mapping[str, Node] | None = None) -> Condition:
+        """The rule's condition, each definition it reads by name read in its place
+        (`definitions` from `definition_trees`)."""
         if rule.when is None:
             return cls(rule, None)
         try:
-            return cls(rule, parse(rule.when))
+            tree = parse(rule.when)
         except CelSyntaxError as exc:
             return cls(rule, None, f"the analysis does not read this condition ({exc})")
+        return cls(rule, expand(tree, definitions) if definitions else tree)
 
     @property
     def always(self) -> bool:
         return self.rule.when is None
+
+
+def definition_trees(policy: Any) -> dict[str, Node]:
+    """A policy's definitions parsed, each with the definitions it reads expanded in it
+    (the loader refused cycles). A definition the analysis does not read is left out: a
+    condition reading it sees an unknown name, as before."""
+    texts: Mapping[str, str] = policy.document.definitions if policy is not None else {}
+    trees: dict[str, Node] = {}
+    parsed: dict[str, Node] = {}
+    for name, text in texts.items():
+        with contextlib.suppress(CelSyntaxError):
+            parsed[name] = parse(text)
+
+    def tree(name: str) -> Node:
+        if name not in trees:
+            inner = {d: tree(d) for d in _free_names(parsed[name]) if d in parsed and d != name}
+            trees[name] = expand(parsed[name], inner)
+        return trees[name]
+
+    for name in parsed:
+        tree(name)
+    return trees
+
+
+def _free_names(node: Node, bound: frozenset[str] = frozenset()) -> set[str]:
+    if isinstance(node, Ident):
+        return set() if node.name in bound else {node.name}
+    inner = bound | ({b} if (b := bound_name(node)) else set())
+    target = getattr(node, "target", None)
+    found: set[str] = set()
+    for child in children(node):
+        found |= _free_names(child, bound if child is target else inner)
+    return found
+
+
+def expand(node: Node, definitions: Mapping[str, Node], bound: frozenset[str] = frozenset()) -> Node:
+    """The tree with each definition it reads by name (not rebound by a comprehension)
+    replaced by the definition's own tree."""
+    if isinstance(node, Ident):
+        return definitions.get(node.name, node) if node.name not in bound else node
+    inner = bound | ({b} if (b := bound_name(node)) else set())
+    target = getattr(node, "target", None)
+
+    def sub(value: Any) -> Any:
+        if isinstance(value, Node):
+            return expand(value, definitions, bound if value is target else inner)
+        if isinstance(value, tuple):
+            return tuple(sub(v) for v in value)
+        return value
+
+    changes = {f.name: sub(getattr(node, f.name)) for f in dataclasses.fields(node)}
+    return dataclasses.replace(node, **changes)
 
 
 def references(tree: Node, root: str) -> list[tuple[str, Node]]:
@@ -438,6 +495,8 @@ class Evaluator:
             return self.unknown(name)
         if name == "tool":
             return dict(self.subject.tool)
+        if name in ("now", "subject"):  # the decision's time, the call's subject: the run's
+            return self.unknown(name)
         return self.unknown(f"{name} as a whole")
 
     def select(self, node: Select, bound: frozenset[str]) -> Any:

@@ -10,8 +10,10 @@ permissive (deny > defer > ask > allow). `redecide` does the same for recorded p
 from __future__ import annotations
 
 import json
+import re
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
+from datetime import datetime
 from typing import Any
 
 from tether.analysis.conditions import (
@@ -21,6 +23,7 @@ from tether.analysis.conditions import (
     Possible,
     Space,
     Subject,
+    definition_trees,
     exit_subject,
     possible,
     tool_subject,
@@ -28,7 +31,7 @@ from tether.analysis.conditions import (
 from tether.decision import Decision, runtime_refusal
 from tether.journal import Entry
 from tether.journal import bodies as b
-from tether.policy import SEVERITY, Policy, Rule
+from tether.policy import SEVERITY, Policy, Rule, cel_code
 from tether.proposals import Exit, Finish, ToolCall, as_dict
 from tether.provenance import SeenValues
 from tether.reasons import ReasonCode
@@ -260,7 +263,7 @@ def _rules(old: Workflow, new: Workflow) -> list[Change]:
             direction = {"allow": MORE, "deny": LESS}.get(rule.decision, CHANGED)
             text = f"rule {rule_id} added: {_rule_text(rule)}"
             changes.append(Change("rule-added", f"rule {rule_id}", text, direction))
-        elif old_rules[rule_id] != rule:
+        elif old_rules[rule_id] != rule or _definitions_changed(old, new, rule):
             changes.append(_rule_edit(old, new, old_rules[rule_id], rule))
     for rule_id, rule in old_rules.items():
         if rule_id not in new_rules:
@@ -268,6 +271,23 @@ def _rules(old: Workflow, new: Workflow) -> list[Change]:
             text = f"rule {rule_id} removed: {_rule_text(rule)}"
             changes.append(Change("rule-removed", f"rule {rule_id}", text, direction))
     return changes
+
+
+def _definitions_changed(old: Workflow, new: Workflow, rule: Rule) -> list[str]:
+    """The definitions a rule reads (directly or through others) that differ between the
+    two policies: the rule's text is the same, its condition is not."""
+    if rule.when is None:
+        return []
+    was, now = _policy(old).document.definitions, _policy(new).document.definitions
+    read: set[str] = set()
+    todo = [rule.when]
+    while todo:
+        text = todo.pop()
+        for name in set(re.findall(r"[A-Za-z_]\w*", cel_code(text))) - read:
+            if name in was or name in now:
+                read.add(name)
+                todo.extend(t for t in (was.get(name), now.get(name)) if t)
+    return sorted(n for n in read if was.get(n) != now.get(n))
 
 
 def _rule_text(rule: Rule) -> str:
@@ -298,9 +318,13 @@ def _rule_edit(old: Workflow, new: Workflow, before: Rule, after: Rule) -> Chang
         # Governing more calls is more permissive for an allow, more restrictive for a gate.
         lower |= gained if allow else lost
         higher |= lost if allow else gained
-    if before.when != after.when:
+    redefined = _definitions_changed(old, new, after)
+    if before.when != after.when or redefined:
         widened, narrowed, note = _compare_conditions(old, new, before, after)
-        detail.append(f"condition {_when(before)} → {_when(after)}: {note}")
+        if before.when != after.when:
+            detail.append(f"condition {_when(before)} → {_when(after)}: {note}")
+        else:
+            detail.append(f"condition reads changed definition(s) {', '.join(redefined)}: {note}")
         lower |= widened if allow else narrowed
         higher |= narrowed if allow else widened
     for setting in ("approver", "owner"):
@@ -323,7 +347,10 @@ def _compare_conditions(old: Workflow, new: Workflow, before: Rule, after: Rule)
     pairs = list(_subjects(old, new, after))
     if not pairs:
         return False, False, "not compared (it governs nothing both versions offer)"
-    conditions = (Condition.of(before), Condition.of(after))
+    conditions = (
+        Condition.of(before, definition_trees(_policy(old))),
+        Condition.of(after, definition_trees(_policy(new))),
+    )
     widened = narrowed = opaque = False
     for old_subject, new_subject in pairs:
         space = Space(new_subject, conditions)
@@ -397,8 +424,8 @@ def _changed_calls(
     possible decisions differ."""
     old_rules = _policy(old).governing(was.kind, was.name)
     new_rules = _policy(new).governing(now.kind, now.name)
-    old_conditions = [Condition.of(r) for r in old_rules]
-    new_conditions = [Condition.of(r) for r in new_rules]
+    old_conditions = [Condition.of(r, definition_trees(_policy(old))) for r in old_rules]
+    new_conditions = [Condition.of(r, definition_trees(_policy(new))) for r in new_rules]
     space = Space(now, [*old_conditions, *new_conditions])
     old_values = [space.evaluate(c, was) for c in old_conditions]
     new_values = [space.evaluate(c, now) for c in new_conditions]
@@ -506,6 +533,8 @@ class _Replay:
             self.facts.update(record.facts)
         elif isinstance(record, b.Transition):
             self.data.update(record.proposal.update)
+        elif isinstance(record, b.Answered) and record.fact is not None and record.answer is not None:
+            self.facts[record.fact] = record.answer  # a fact from a person's answer
         elif isinstance(record, b.Executed):
             self.history.append(history_item(record, entry.step_id, entry.state))
             verification = record.verification or {}
@@ -561,7 +590,13 @@ def _redecide(
     missing: list[str] = []
     try:
         decision = _decide(
-            workflow, state, proposal, replay, run_id, _recorded_resolvers(workflow, recorded, missing)
+            workflow,
+            state,
+            proposal,
+            replay,
+            run_id,
+            _recorded_resolvers(workflow, recorded, missing),
+            _recorded_now(recorded, missing),
         )
     except LookupError as exc:
         return Redecision(
@@ -597,6 +632,18 @@ def _recorded_resolvers(
     return {name: resolver(name) for name in workflow.resolvers}
 
 
+def _recorded_now(recorded: Decision, missing: list[str]) -> Callable[[], Any]:
+    """The decision's time as recorded with it (`resolved["now"]`), never the clock's now."""
+
+    def now() -> Any:
+        if "now" not in recorded.resolved:
+            missing.append("now")
+            raise _NotRecorded("now")
+        return datetime.fromisoformat(recorded.resolved["now"])
+
+    return now
+
+
 def _decide(
     workflow: Workflow,
     state_name: str,
@@ -604,6 +651,7 @@ def _decide(
     replay: _Replay,
     run_id: str,
     resolvers: dict[str, Callable[..., Any]],
+    now: Callable[[], Any] | None = None,
 ) -> Decision:
     state = workflow.states.get(state_name)
     if not isinstance(state, AgentState):
@@ -613,6 +661,7 @@ def _decide(
         "facts": replay.facts,
         "history": replay.history,
         "run": {"id": run_id, "workflow": workflow.name, "version": workflow.version, "state": state_name},
+        "now": now,
     }
     policy = _policy(workflow)
     if isinstance(proposal, ToolCall):

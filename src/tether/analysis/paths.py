@@ -13,7 +13,15 @@ from __future__ import annotations
 from collections import deque
 from dataclasses import dataclass
 
-from tether.analysis.conditions import Condition, Outcome, Possible, Space, exit_subject, possible
+from tether.analysis.conditions import (
+    Condition,
+    Outcome,
+    Possible,
+    Space,
+    definition_trees,
+    exit_subject,
+    possible,
+)
 from tether.policy import Policy
 from tether.workflow import AgentState, Step, Terminal, Workflow
 
@@ -54,7 +62,7 @@ class StateGraph:
         """What policy may decide when a model proposes exit `name` in `state`."""
         subject = exit_subject(name, state, self.workflow)
         rules = self.policy.governing("exit", name)
-        conditions = [Condition.of(r) for r in rules]
+        conditions = [Condition.of(r, definition_trees(self.policy)) for r in rules]
         space = Space(subject, conditions)
         values = [space.evaluate(c)[0] for c in conditions]
         default = self.policy.document.defaults.exit

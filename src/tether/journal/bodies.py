@@ -154,12 +154,13 @@ class ReliedFact(msgspec.Struct, omit_defaults=True):
     `reader` is `resolver` (a policy lookup: `name` is the call, `order_status("A-1")`,
     `resolver` and `args` how to make it again), `verifier` (a fact a tool's verifier
     established: `name` is `facts.NAME`, `tool` the verified tool; re-read by running the
-    verifier again on the call of `step_id`), or `step` (a fact a deterministic step set:
-    derived from the run's own data, not re-read).
+    verifier again on the call of `step_id`), `step` (a fact a deterministic step set:
+    derived from the run's own data, not re-read), or `answer` (a fact a person's answer
+    set, in step `step_id`: what they said, not re-read).
     """
 
     name: str
-    reader: Literal["resolver", "verifier", "step"]
+    reader: Literal["resolver", "verifier", "step", "answer"]
     value: Any = None
     step_id: str | None = None
     resolver: str | None = None
@@ -237,6 +238,9 @@ class Answered(StepRecord, kw_only=True):
     by: str | None = None
     reason: str | None = None
     continuation: bool = True
+    # The fact the answer established (`facts.NAME`, the question's `fact`): its source is
+    # this entry.
+    fact: str | None = None
 
 
 class Unanswered(Answered, kw_only=True):

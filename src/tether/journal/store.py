@@ -987,6 +987,11 @@ class SQLStore(OutboxStore):
 
     # -- helpers ---------------------------------------------------------------------
 
+    async def now(self) -> float:
+        """The store's clock, in seconds since the epoch: the time a policy's `now` is."""
+        rows = await self._d.read(f"SELECT {NOW}")
+        return float(rows[0][0])
+
     async def _run(self, tx: Tx, run_id: str, *, lock: bool = False) -> RunRecord:
         rows = await tx.fetch(
             f"{RUN_SELECT} WHERE run_id = ?" + (self._d.row_lock if lock else ""), (run_id,)

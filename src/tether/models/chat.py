@@ -84,11 +84,21 @@ def functions(ctx: ModelContext) -> list[Function]:
                 },
             )
         )
+    ask: dict[str, Any] = {
+        "type": "object",
+        "properties": {"question": {"type": "string"}},
+        "required": ["question"],
+    }
+    if ctx.facts_from_answers:
+        listing = "; ".join(f"{n}: {d}" for n, d in sorted(ctx.facts_from_answers.items()))
+        ask["properties"]["fact"] = {
+            "type": "string",
+            "enum": sorted(ctx.facts_from_answers),
+            "description": f"the fact the answer establishes ({listing})",
+        }
     offered.append(
         Function(
-            ASK_FUNCTION,
-            "Pause and ask a person a question; their answer comes back as a message.",
-            {"type": "object", "properties": {"question": {"type": "string"}}, "required": ["question"]},
+            ASK_FUNCTION, "Pause and ask a person a question; their answer comes back as a message.", ask
         )
     )
     return offered
@@ -127,7 +137,8 @@ def proposal_from_call(name: str, arguments: Any) -> dict[str, Any]:
         # Not an object: the kernel refuses it as malformed, naming the arguments.
         return {"kind": kind, "arguments": args}
     if kind == "question":
-        return {"kind": "question", "question": args.get("question")}
+        asked = {"kind": "question", "question": args.get("question")}
+        return asked | ({"fact": args["fact"]} if "fact" in args else {})
     proposal: dict[str, Any] = {"kind": "exit", "exit": args.get("exit")}
     for key in ("update", "summary"):
         if key in args:
@@ -158,7 +169,8 @@ def _as_call(content: Any) -> tuple[str, dict[str, Any]] | None:
                 args[key] = content[key]
         return EXIT_FUNCTION, args
     if kind == "question":
-        return ASK_FUNCTION, {"question": content.get("question")}
+        asked = {"question": content.get("question")}
+        return ASK_FUNCTION, asked | ({"fact": content["fact"]} if content.get("fact") else {})
     return None
 
 

@@ -259,7 +259,12 @@ def reply_schema(ctx: ModelContext, *, max_string: int = 200, max_items: int = 2
     if ctx.exits:
         exit_names = [e.name for e in ctx.exits]
         variants.append(_variant(kinds["Exit"], {"exit": {"enum": exit_names}}, drop=EXIT_FIELDS_LEFT_OUT))
-    variants.append(_variant(kinds["Question"], {}))
+    # A question may name a fact its answer sets, only one the state declares (none: no field).
+    facts = sorted(ctx.facts_from_answers)
+    question = _variant(kinds["Question"], {}, drop=() if facts else ("fact",))
+    if facts:
+        question["properties"]["fact"] = {"enum": facts}
+    variants.append(question)
     schema: dict[str, Any] = {"anyOf": variants}
     if defs:
         schema["$defs"] = defs

@@ -63,6 +63,8 @@ class ModelContext(BaseModel):
     exits: list[ExitSpec] = Field(default_factory=list)
     budget_left: BudgetLeft
     data: dict[str, Any] = Field(default_factory=dict)
+    # Facts a person's answer may establish here (a question's `fact`): name -> what it is.
+    facts_from_answers: dict[str, str] = Field(default_factory=dict)
 
     @property
     def proposals_made(self) -> int:
