@@ -82,7 +82,7 @@ def test_what_the_customer_said_decides_the_cancellation_on_the_journal_clock(
     entries = run(journal.read_entries(run_id))
     answered = [e.body for e in entries if isinstance(e.body, bodies.Answered)]
     assert [(a.fact, a.answer, a.by) for a in answered] == [
-        ("user_id", "omar_davis_3817", "customer"),
+        ("user_id", "omar_davis_3817", "local:customer"),
         ("cancel_reason", "health", "customer"),
     ]
     rows = step_rows(journal, run_id)

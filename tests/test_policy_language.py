@@ -71,11 +71,11 @@ def test_an_answer_becomes_a_fact_with_its_source(journal: Journal, shop: Shop) 
     rows = step_rows(journal, paused.run_id)
     assert rows[0]["decision"]["rule_id"] == "needs-a-reason"  # before the answer: no fact
     [answered] = [r["record"] for r in rows if isinstance(r["record"], bodies.Answered)]
-    assert (answered.fact, answered.answer, answered.by) == ("refund_reason", "damaged", "customer")
+    assert (answered.fact, answered.answer, answered.by) == ("refund_reason", "damaged", "local:customer")
     refund = next(r for r in rows[2:] if r["decision"] and r["decision"]["rule_id"] == "refund-ok")
     [traced] = refund["decision"]["provenance"].values()
     assert traced["trusted"] and traced["sources"][0]["kind"] == "answer"
-    assert traced["sources"][0]["by"] == "customer"
+    assert traced["sources"][0]["by"] == "local:customer"
     assert shop.refunds == [("A1", 20.0)]
 
 
