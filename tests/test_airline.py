@@ -83,7 +83,7 @@ def test_what_the_customer_said_decides_the_cancellation_on_the_journal_clock(
     answered = [e.body for e in entries if isinstance(e.body, bodies.Answered)]
     assert [(a.fact, a.answer, a.by) for a in answered] == [
         ("user_id", "omar_davis_3817", "local:customer"),
-        ("cancel_reason", "health", "customer"),
+        ("cancel_reason", "health", "local:customer"),
     ]
     rows = step_rows(journal, run_id)
     asked = next(r for r in rows if type(r["record"]) is bodies.AwaitingApproval)
