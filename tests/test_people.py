@@ -310,3 +310,26 @@ def test_policy_files_validate_the_separation_of_duties_options() -> None:
     )
     # A policy that does not use the options keeps its hash (runs pinned to it still resume).
     assert plain.hash == same.hash != strict.hash
+
+
+def test_an_edit_by_the_first_of_two_approvers_is_what_the_second_approves(
+    journal: Journal, shop: Shop
+) -> None:
+    runtime, wf, script, paused = paused_refund(journal, shop, approvals=2)
+    edit = {"order_id": "A1", "amount": 60}
+    first = run(runtime.decide(paused.ticket_id, approve=True, by=SAM, edited_args=edit, workflow=wf))
+    assert (first.status, first.args["amount"], first.approvals) == ("pending", 60.0, 1)
+    given = entries_of(journal, paused.run_id, "approval_given")
+    assert (
+        given[0].edited_args == {"order_id": "A1", "amount": 60.0} and given[0].args_hash == first.args_hash
+    )
+    second = run(runtime.decide(paused.ticket_id, approve=True, by=KIM))
+    assert second.status == "approved" and second.args_hash == first.args_hash
+    decided = entries_of(journal, paused.run_id, "ticket_decided")[0]
+    assert decided.edited_args == {"order_id": "A1", "amount": 60.0}
+    assert decided.original_args_hash == first.original_args_hash and decided.approvers == [
+        "person:sam",
+        "person:kim",
+    ]
+    run(runtime.resume(paused.run_id, wf, script))
+    assert shop.refunds == [("A1", 60.0)]

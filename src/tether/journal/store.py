@@ -690,8 +690,9 @@ class SQLStore(OutboxStore):
                     answer=answer,
                     args_hash=args_hash,
                     approvers=approvers if ticket.approvals_required > 1 and approve else [],
-                    edited_args=edited_args,
-                    original_args_hash=edited_from,
+                    # The arguments this ticket was edited to, by this approver or an earlier one.
+                    edited_args=args if original is not None else None,
+                    original_args_hash=original,
                 )
                 entries.append(NewEntry.of(record, step_id=ticket.step_id, state=run.state))
             written = chain(run.run_id, run.last_seq, run.last_hash, entries, store_now)
