@@ -11,6 +11,9 @@ TetherError
 │   │   └── TicketExpired  decided or used after its expiry, by the journal's clock
 │   └── ConcurrentWriteError  another process appended to the same run
 ├── RunStateError          the run cannot do what was asked in its current status
+├── AuthError              no valid API token: unauthenticated, token_expired, token_revoked
+├── Forbidden              the principal's role or scope does not allow the action
+├── EditRefused            edited arguments failed schema, scope or policy (ticket unchanged)
 └── InputError             a run's input is refused (not a JSON object within the limits)
 """
 
@@ -66,3 +69,27 @@ class RunStateError(TetherError):
 
 class InputError(TetherError):
     """A run's input is refused before anything is created; the message says why."""
+
+
+class AuthError(TetherError):
+    """A token did not authenticate. `code` is `unauthenticated` (unknown or malformed),
+    `token_expired` (by the store's clock) or `token_revoked`."""
+
+    def __init__(self, message: str, *, code: str = "unauthenticated") -> None:
+        super().__init__(message)
+        self.code = code
+
+
+class Forbidden(TetherError):
+    """The principal may not do this: the message names the role or scope that was missing."""
+
+    code = "forbidden"
+
+
+class EditRefused(TetherError):
+    """Arguments an approver edited were refused by schema, scope or policy; the ticket is
+    left pending, unchanged. `reason_code` is the refusal's (tether.reasons)."""
+
+    def __init__(self, message: str, *, reason_code: str) -> None:
+        super().__init__(message)
+        self.reason_code = reason_code

@@ -40,6 +40,8 @@ class Registry:
     roots: tuple[Path, ...]
     workflows: dict[str, Workflow] = field(default_factory=dict)
     problems: list[str] = field(default_factory=list)
+    # The folder each workflow (by hash) was loaded from: what a run started from it names.
+    folders: dict[str, Path] = field(default_factory=dict)
     _variants: dict[tuple[str, str], Workflow] = field(default_factory=dict)
 
     @classmethod
@@ -62,7 +64,18 @@ class Registry:
                     registry.problems.append(f"{file}: {exc}")
                     continue
                 registry.workflows.setdefault(workflow.hash, workflow)
+                registry.folders.setdefault(workflow.hash, folder)
         return registry
+
+    def named(self, name: str, version: str | None = None) -> Workflow:
+        """The workflow called `name` (its newest version, or `version`); NotRegistered if
+        the roots hold none. Newest: the folder's `workflow.yaml`, loaded first."""
+        for workflow in self.workflows.values():
+            if workflow.name == name and (version is None or workflow.version == version):
+                return workflow
+        known = sorted({f"{w.name} {w.version}" for w in self.workflows.values()})
+        wanted = f"{name} version {version}" if version is not None else name
+        raise NotRegistered(f"no workflow {wanted} under this server's roots (known: {', '.join(known) or 'none'})")
 
     def workflow_for(self, record: RunRecord) -> Workflow:
         """The workflow this run is pinned to, with its pinned policy; NotRegistered if the

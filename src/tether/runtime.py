@@ -159,8 +159,12 @@ class Runtime:
         workflow_ref: str,
         policy_ref: str | None = None,
         model_spec: str | None = None,
+        run_id: str | None = None,
     ) -> RunResult:
-        """Enqueue a run for a worker to drive (`tether submit`); nothing runs here."""
+        """Enqueue a run for a worker to drive (`tether submit`); nothing runs here.
+
+        `run_id` names the run (an API's idempotent start); a run of that id already
+        recorded is refused (JournalError)."""
         record = await self.create(
             workflow,
             None,
@@ -169,6 +173,7 @@ class Runtime:
             policy_ref=policy_ref,
             model_spec=model_spec,
             queued=True,
+            run_id=run_id,
         )
         return RunResult.of(record)
 
@@ -182,6 +187,7 @@ class Runtime:
         policy_ref: str | None,
         model_spec: str | None,
         queued: bool,
+        run_id: str | None = None,
     ) -> RunRecord:
         """Record a new run: queued for a worker, or leased to this runtime to drive now."""
         policy = workflow.policy or Policy.default()
@@ -194,7 +200,7 @@ class Runtime:
         data = _checked_input(input, workflow)
         now = self.clock()
         record = RunRecord(
-            run_id="run_" + secrets.token_hex(6),
+            run_id=run_id or "run_" + secrets.token_hex(6),
             workflow_name=workflow.name,
             workflow_version=workflow.version,
             workflow_hash=workflow.hash,

@@ -18,6 +18,7 @@ from typing import Annotated, Any, get_args
 import typer
 from rich.markup import escape
 
+from tether.cli import remote
 from tether.cli.common import (
     FAILED_STATUSES,
     ByOption,
@@ -253,10 +254,13 @@ def runs(
     limit: Annotated[int, typer.Option(min=1, help="At most this many runs.")] = 50,
     db: DbOption = None,
     as_json: JsonOption = False,
+    server: remote.ServerOption = None,
 ) -> None:
     """List runs, newest first: status, owner, reason, and for unfinished runs their lease."""
     if status is not None and status not in STATUSES:
         fail(f"--status {status!r} is not a run status (valid: {', '.join(STATUSES)})")
+    if server:
+        return remote.runs(server, status, limit, as_json)
 
     async def main() -> list[RunRecord]:
         async with open_store(db) as journal:
@@ -295,8 +299,13 @@ def show(
     run_id: Annotated[str, typer.Argument(metavar="RUN")],
     db: DbOption = None,
     as_json: JsonOption = False,
+    server: remote.ServerOption = None,
 ) -> None:
     """A run's timeline: each step's proposal, decision and rule, result and verification."""
+    if server:
+        for row in remote.show(server, run_id, as_json) or []:
+            out.print(_timeline_row(row), soft_wrap=True)
+        return
 
     async def main() -> tuple[RunRecord, list[Entry]]:
         async with open_store(db) as journal:
@@ -469,7 +478,13 @@ def _decide(
     answer: str | None,
     db: str | None,
     as_json: bool,
+    server: str | None = None,
 ) -> None:
+    if server:
+        verb = "answer" if answer is not None else "approve" if approve else "deny"
+        body = {"answer": answer} if answer is not None else {"reason": reason}
+        return remote.decide(server, ticket_id, verb, body, as_json)
+
     async def main() -> tuple[Ticket, RunRecord]:
         async with open_store(db) as journal:
             ticket = await journal.decide_ticket(
@@ -502,9 +517,10 @@ def approve(
     reason: Annotated[str, typer.Option(help="Why (recorded).")] = "",
     db: DbOption = None,
     as_json: JsonOption = False,
+    server: remote.ServerOption = None,
 ) -> None:
     """Approve a pending ticket: exactly the arguments it shows, once."""
-    _decide(ticket_id, approve=True, by=by, reason=reason, answer=None, db=db, as_json=as_json)
+    _decide(ticket_id, approve=True, by=by, reason=reason, answer=None, db=db, as_json=as_json, server=server)
 
 
 @app.command()
@@ -514,9 +530,10 @@ def deny(
     by: ByOption = None,
     db: DbOption = None,
     as_json: JsonOption = False,
+    server: remote.ServerOption = None,
 ) -> None:
     """Deny a pending ticket; the model is told why."""
-    _decide(ticket_id, approve=False, by=by, reason=reason, answer=None, db=db, as_json=as_json)
+    _decide(ticket_id, approve=False, by=by, reason=reason, answer=None, db=db, as_json=as_json, server=server)
 
 
 @app.command()
@@ -526,9 +543,10 @@ def answer(
     by: ByOption = None,
     db: DbOption = None,
     as_json: JsonOption = False,
+    server: remote.ServerOption = None,
 ) -> None:
     """Answer a question a model asked."""
-    _decide(ticket_id, approve=True, by=by, reason="", answer=text, db=db, as_json=as_json)
+    _decide(ticket_id, approve=True, by=by, reason="", answer=text, db=db, as_json=as_json, server=server)
 
 
 @app.command()

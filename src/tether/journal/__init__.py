@@ -19,7 +19,7 @@ from __future__ import annotations
 import os
 from collections.abc import Collection, Mapping
 from pathlib import Path
-from typing import Protocol, Self
+from typing import TYPE_CHECKING, Protocol, Self
 
 from tether.errors import JournalError, TicketExpired
 from tether.journal.records import (
@@ -36,6 +36,9 @@ from tether.journal.records import (
     verify_chain,
 )
 from tether.journal.store import StoreStats
+
+if TYPE_CHECKING:
+    from tether.identity import TokenInfo
 
 DEFAULT_DB = "tether.db"
 DB_ENV = "TETHER_DB"
@@ -109,6 +112,38 @@ class Journal(Protocol):
         """Mark the ticket expired if, by the store's clock, it expired unused (pending, or
         approved too late); return it. `now` is ignored."""
         ...
+
+    async def page_runs(
+        self,
+        *,
+        status: str | None = None,
+        workflow: str | None = None,
+        workflows: Collection[str] | None = None,
+        owner: str | None = None,
+        since: float | None = None,
+        until: float | None = None,
+        after: tuple[float, str] | None = None,
+        limit: int = 50,
+    ) -> list[RunRecord]:
+        """Runs newest first, filtered (created in [since, until)); `after` is the
+        (created_at, run_id) of the previous page's last run (keyset pagination)."""
+        ...
+
+    async def last_seqs(self, run_ids: Collection[str]) -> dict[str, tuple[int, str]]:
+        """Each run's (last entry number, status), in one query."""
+        ...
+
+    # -- tokens (tether.identity): stored as hashes, times by the store's clock ------------
+
+    async def insert_token(self, info: TokenInfo, token_hash: str, expires_in: float | None) -> TokenInfo: ...
+
+    async def find_token(self, token_hash: str) -> tuple[TokenInfo, float] | None:
+        """The token with this hash, and the store's now (to judge its expiry)."""
+        ...
+
+    async def list_tokens(self) -> list[TokenInfo]: ...
+
+    async def revoke_token(self, token_id: str, by: str) -> TokenInfo: ...
 
     # -- leases: which worker drives a run, until when (the store's clock) --------------
 

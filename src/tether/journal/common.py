@@ -64,6 +64,8 @@ INSERT_VALUE = "INSERT INTO run_values (run_id, name, value) VALUES (?, ?, ?)"
 
 
 def encode(column: str, value: Any) -> Any:
+    if isinstance(value, bool):  # stored as INTEGER on every database
+        return int(value)
     return encode_json(value) if column in JSON_FIELDS else value
 
 

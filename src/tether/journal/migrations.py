@@ -52,6 +52,31 @@ _LEAN_RUNS: tuple[str, ...] = (
     "CREATE INDEX runs_by_lease_owner ON runs (lease_owner) WHERE lease_owner IS NOT NULL",
 )
 
+
+# Version 5, the same on both stores but for the time type: who acts (tether.identity).
+# `tokens` holds each API token's principal, role and scope, and only the SHA-256 of the
+# token; `ticket_approvals` one row per principal that approved a ticket needing several
+# (`approvals: N`; the key keeps them distinct); a ticket carries what its rule required
+# and, after an edit-and-approve, the hash of the arguments first proposed; a run, who
+# started it (`forbid_self_approval`).
+def _people(time_type: str) -> tuple[str, ...]:
+    return (
+        f"""CREATE TABLE tokens (
+    token_id TEXT PRIMARY KEY, principal_id TEXT NOT NULL, name TEXT NOT NULL, kind TEXT NOT NULL,
+    role TEXT NOT NULL, approver_for TEXT NOT NULL, workflows TEXT NOT NULL,
+    token_hash TEXT NOT NULL UNIQUE, created_at {time_type} NOT NULL, expires_at {time_type},
+    revoked_at {time_type}, revoked_by TEXT)""",
+        f"""CREATE TABLE ticket_approvals (
+    ticket_id TEXT NOT NULL, principal_id TEXT NOT NULL, args_hash TEXT NOT NULL,
+    created_at {time_type} NOT NULL, PRIMARY KEY (ticket_id, principal_id))""",
+        "ALTER TABLE tickets ADD COLUMN approvals_required INTEGER NOT NULL DEFAULT 1",
+        "ALTER TABLE tickets ADD COLUMN forbid_self_approval INTEGER NOT NULL DEFAULT 0",
+        "ALTER TABLE tickets ADD COLUMN approvals INTEGER NOT NULL DEFAULT 0",
+        "ALTER TABLE tickets ADD COLUMN original_args_hash TEXT",
+        "ALTER TABLE runs ADD COLUMN started_by TEXT",
+    )
+
+
 SQLITE: tuple[Migration, ...] = (
     Migration(
         1,
@@ -113,6 +138,7 @@ SQLITE: tuple[Migration, ...] = (
             "ALTER TABLE runs DROP COLUMN facts",
         ),
     ),
+    Migration(5, "who acts: API tokens, approvals by distinct principals, run starters", _people("REAL")),
 )
 
 POSTGRES: tuple[Migration, ...] = (
@@ -176,6 +202,9 @@ POSTGRES: tuple[Migration, ...] = (
         4,
         "lean run rows: input, data and facts in run_values; indexes for claim and lease renewal",
         (*_LEAN_RUNS, "ALTER TABLE runs DROP COLUMN input, DROP COLUMN data, DROP COLUMN facts"),
+    ),
+    Migration(
+        5, "who acts: API tokens, approvals by distinct principals, run starters", _people("DOUBLE PRECISION")
     ),
 )
 

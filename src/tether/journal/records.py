@@ -48,6 +48,8 @@ class RunRecord(BaseModel):
     # Who is driving the run, until when (a process renews it while it works).
     lease_owner: str | None = None
     lease_expires_at: float | None = None
+    # The principal id of who started the run (tether.identity); None before schema 5.
+    started_by: str | None = None
 
 
 class NewEntry(msgspec.Struct, frozen=True):
@@ -165,6 +167,14 @@ class Ticket(BaseModel):
     reason: str | None = None
     answer: str | None = None
     consumed_at: float | None = None
+    # What the rule that asked required (schema 5): how many distinct principals must
+    # approve, and whether the run's starter may be one of them; approvals so far.
+    approvals_required: int = 1
+    forbid_self_approval: bool = False
+    approvals: int = 0
+    # Set when an approver edited the arguments: the hash of those first proposed
+    # (`args`/`args_hash` are then the edited ones, the ones the run executes).
+    original_args_hash: str | None = None
 
 
 class RunUpdate(msgspec.Struct):

@@ -24,12 +24,17 @@ transaction, so that failure too stays with its commit.
 from __future__ import annotations
 
 import asyncio
+import json
 from collections.abc import Collection, Mapping, Sequence
 from contextlib import AbstractAsyncContextManager
 from dataclasses import dataclass, field
 from typing import Any, Protocol, Self
 
+import msgspec
+
 from tether.errors import ConcurrentWriteError, JournalError, RunNotFound, TicketError, TicketExpired
+from tether.hashing import encode_json
+from tether.identity import TokenInfo
 from tether.journal.common import (
     ACTIVE_STATUSES,
     ENTRY_COLUMNS,
@@ -268,6 +273,52 @@ class SQLStore:
             f"{RUN_SELECT} {where} ORDER BY created_at DESC, run_id DESC LIMIT ?", (*given.values(), limit)
         )
         return [decode_run(r) for r in rows]
+
+    async def page_runs(
+        self,
+        *,
+        status: str | None = None,
+        workflow: str | None = None,
+        workflows: Collection[str] | None = None,
+        owner: str | None = None,
+        since: float | None = None,
+        until: float | None = None,
+        after: tuple[float, str] | None = None,
+        limit: int = 50,
+    ) -> list[RunRecord]:
+        """Runs newest first, filtered (created in [since, until)); `after` is the
+        (created_at, run_id) of the last run of the previous page: keyset pagination."""
+        where: list[str] = []
+        params: list[Any] = []
+        for column, value in (("status", status), ("workflow_name", workflow), ("owner", owner)):
+            if value is not None:
+                where.append(f"{column} = ?")
+                params.append(value)
+        if workflows is not None:  # a caller allowed only some workflows sees only theirs
+            where.append(f"workflow_name IN ({placeholders(len(workflows))})" if workflows else "1 = 0")
+            params += list(workflows)
+        if since is not None:
+            where.append("created_at >= ?")
+            params.append(since)
+        if until is not None:
+            where.append("created_at < ?")
+            params.append(until)
+        if after is not None:
+            where.append("(created_at < ? OR (created_at = ? AND run_id < ?))")
+            params += [after[0], after[0], after[1]]
+        sql = f"{RUN_SELECT} {'WHERE ' + ' AND '.join(where) if where else ''}"
+        rows = await self._d.read(f"{sql} ORDER BY created_at DESC, run_id DESC LIMIT ?", (*params, limit))
+        return [decode_run(r) for r in rows]
+
+    async def last_seqs(self, run_ids: Collection[str]) -> dict[str, tuple[int, str]]:
+        """Each run's last entry number and status, in one query (what a watcher polls)."""
+        if not run_ids:
+            return {}
+        rows = await self._d.read(
+            f"SELECT run_id, last_seq, status FROM runs WHERE run_id IN ({placeholders(len(run_ids))})",
+            list(run_ids),
+        )
+        return {run_id: (seq, status) for run_id, seq, status in rows}
 
     # -- commits ---------------------------------------------------------------------
 
@@ -551,6 +602,55 @@ class SQLStore:
         )
         return await self.get_ticket(ticket_id)
 
+    # -- tokens (tether.identity) ----------------------------------------------------
+
+    async def insert_token(self, info: TokenInfo, token_hash: str, expires_in: float | None) -> TokenInfo:
+        """Store a new token (its hash only), created now and expiring `expires_in` seconds
+        from now by the store's clock (None: never); return it as stored."""
+        expiry = f"{NOW} + ?" if expires_in is not None else "NULL"
+        params = [
+            info.token_id,
+            info.principal_id,
+            info.name,
+            info.kind,
+            info.role,
+            encode_json(list(info.approver_for)),
+            encode_json(list(info.workflows)),
+            token_hash,
+        ]
+        async with self._d.transaction() as tx:
+            await tx.execute(
+                f"INSERT INTO tokens ({', '.join(_TOKEN_COLUMNS[:7])}, token_hash, created_at, expires_at) "
+                f"VALUES ({placeholders(8)}, {NOW}, {expiry})",
+                params + ([expires_in] if expires_in is not None else []),
+            )
+            rows = await tx.fetch(f"{_TOKEN_SELECT} WHERE token_id = ?", (info.token_id,))
+        return _decode_token(rows[0])
+
+    async def find_token(self, token_hash: str) -> tuple[TokenInfo, float] | None:
+        """The token with this hash and the store's now, or None."""
+        rows = await self._d.read(
+            f"SELECT {', '.join(_TOKEN_COLUMNS)}, {NOW} FROM tokens WHERE token_hash = ?", (token_hash,)
+        )
+        return (_decode_token(rows[0][:-1]), rows[0][-1]) if rows else None
+
+    async def list_tokens(self) -> list[TokenInfo]:
+        rows = await self._d.read(f"{_TOKEN_SELECT} ORDER BY created_at, token_id")
+        return [_decode_token(r) for r in rows]
+
+    async def revoke_token(self, token_id: str, by: str) -> TokenInfo:
+        """Revoke a token now (store's clock); revoking it again changes nothing."""
+        async with self._d.transaction() as tx:
+            await tx.execute(
+                f"UPDATE tokens SET revoked_at = {NOW}, revoked_by = ? "
+                "WHERE token_id = ? AND revoked_at IS NULL",
+                (by, token_id),
+            )
+            rows = await tx.fetch(f"{_TOKEN_SELECT} WHERE token_id = ?", (token_id,))
+        if not rows:
+            raise JournalError(f"no token {token_id!r} in {self._d.where}")
+        return _decode_token(rows[0])
+
     # -- leases ----------------------------------------------------------------------
 
     async def acquire(
@@ -687,6 +787,29 @@ class SQLStore:
         if not rows:
             raise RunNotFound(f"no run {run_id!r} in {self._d.where}")
         return decode_run(rows[0])
+
+
+_TOKEN_COLUMNS = (
+    "token_id",
+    "principal_id",
+    "name",
+    "kind",
+    "role",
+    "approver_for",
+    "workflows",
+    "created_at",
+    "expires_at",
+    "revoked_at",
+    "revoked_by",
+)
+_TOKEN_SELECT = f"SELECT {', '.join(_TOKEN_COLUMNS)} FROM tokens"
+
+
+def _decode_token(row: tuple[Any, ...]) -> TokenInfo:
+    values = dict(zip(_TOKEN_COLUMNS, row, strict=True))
+    for k in ("approver_for", "workflows"):
+        values[k] = tuple(json.loads(values[k]))
+    return msgspec.convert(values, TokenInfo)
 
 
 def _settle(done: asyncio.Future[list[Entry]], outcome: list[Entry] | BaseException) -> None:
