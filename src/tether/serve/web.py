@@ -22,10 +22,10 @@ import json
 import math
 import secrets
 import time
-from collections.abc import AsyncIterator, Awaitable, Callable
+from collections.abc import AsyncIterator
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, get_args
 from urllib.parse import quote, urlencode
 
 import msgspec
@@ -40,24 +40,22 @@ from starlette.routing import BaseRoute, Mount, Route
 from starlette.staticfiles import StaticFiles
 
 from tether.analysis.graph import run_path, svg
-from tether.errors import AuthError, EditRefused, Forbidden, TetherError, TicketError
+from tether.errors import AuthError, TetherError
 from tether.identity import Principal, allowed, authenticate, authorize
 from tether.journal import FINISHED, Entry, Journal, RunRecord, RunStatus, Ticket
 from tether.journal import bodies as b
-from tether.registry import Registry
-from tether.serve.events import EventHub
+from tether.serve import api
+from tether.serve.problems import Problem, problem_of
 from tether.timeline import timeline
 from tether.workflow import Workflow
 
 SESSION_COOKIE = "tether_session"
+SECRET_ENV = "TETHER_WEB_SECRET"
 SESSION_SECONDS = 12 * 3600
 PAGE_SIZE = 50
 INBOX_PAGE_SIZE = 20
 STATIC = Path(__file__).parent / "static"
-STATUSES: tuple[str, ...] = RunStatus.__args__  # type: ignore[attr-defined]
-
-# Decide a ticket: the one kernel entry point (approve, deny, answer, edit-and-approve).
-Decide = Callable[..., Awaitable[Any]]
+STATUSES: tuple[str, ...] = get_args(RunStatus)
 
 
 class Refusal(Exception):
@@ -156,22 +154,10 @@ def _rule_text(rule: Any) -> str:
 
 
 class Web:
-    """The pages, over one journal; `registry` gives the workflows (graphs, policies)."""
+    """The pages. They work with the server the app was built around (`build_app`): its
+    journal, its workflows (for graphs and policies) and its live-event hub."""
 
-    def __init__(
-        self,
-        journal: Journal,
-        *,
-        registry: Registry | None,
-        hub: EventHub,
-        decide: Decide,
-        secret: str,
-        https: bool = False,
-    ) -> None:
-        self.journal = journal
-        self.registry = registry
-        self.hub = hub
-        self.decide = decide
+    def __init__(self, *, secret: str, https: bool = False) -> None:
         self.sessions = Sessions(secret, https=https)
         self.env = _environment()
 
@@ -193,9 +179,9 @@ class Web:
             Mount("/static", app=StaticFiles(directory=STATIC), name="static"),
         ]
 
-    def page(self, request: Request, template: str, status: int = 200, **values: Any) -> HTMLResponse:
+    def page(self, request: Request, template: str, code: int = 200, **values: Any) -> HTMLResponse:
         html = self.env.get_template(template).render(request=request, **values)
-        return HTMLResponse(html, status_code=status, headers=_PAGE_HEADERS)
+        return HTMLResponse(html, status_code=code, headers=_PAGE_HEADERS)
 
     def refused(self, request: Request, exc: Refusal, who: Principal | None, csrf: str = "") -> HTMLResponse:
         return self.page(request, "error.html", exc.status, who=who, csrf=csrf, message=str(exc))
@@ -206,7 +192,7 @@ class Web:
         if session is None or session.token is None:
             return None
         try:
-            return await authenticate(self.journal, session.token), session
+            return await authenticate(_server(request).journal, session.token), session
         except AuthError:
             return None
 
@@ -227,11 +213,11 @@ class Web:
     async def home(self, request: Request) -> Response:
         return RedirectResponse("/inbox", status_code=303)
 
-    async def login_form(self, request: Request, error: str = "", status: int = 200) -> Response:
+    async def login_form(self, request: Request, error: str = "", code: int = 200) -> Response:
         session = self.sessions.read(request) or Session(None, secrets.token_urlsafe(32))
         nxt = request.query_params.get("next", "/inbox")
         response = self.page(
-            request, "login.html", status, who=None, csrf=session.csrf, next=_local(nxt), error=error
+            request, "login.html", code, who=None, csrf=session.csrf, next=_local(nxt), error=error
         )
         self.sessions.write(response, Session(None, session.csrf))
         return response
@@ -242,14 +228,14 @@ class Web:
             form = await self.form(request, session)
         except Refusal as exc:
             return self.refused(request, exc, None)
+        token = form.get("token", "").strip()
         try:
-            principal = await authenticate(self.journal, form.get("token", "").strip())
+            await authenticate(_server(request).journal, token)
         except AuthError as exc:
-            return await self.login_form(request, error=str(exc), status=401)
+            return await self.login_form(request, error=str(exc), code=401)
         response = RedirectResponse(_local(form.get("next", "/inbox")), status_code=303)
         # A new CSRF token for the signed-in session (never the one of the sign-in form).
-        self.sessions.write(response, Session(_token_of(form), secrets.token_urlsafe(32)))
-        del principal
+        self.sessions.write(response, Session(token, secrets.token_urlsafe(32)))
         return response
 
     async def logout(self, request: Request) -> Response:
@@ -259,7 +245,9 @@ class Web:
         except Refusal as exc:
             return self.refused(request, exc, None)
         response = RedirectResponse("/login", status_code=303)
-        response.delete_cookie(SESSION_COOKIE, path="/", httponly=True, samesite="strict", secure=self.sessions.https)
+        response.delete_cookie(
+            SESSION_COOKIE, path="/", httponly=True, samesite="strict", secure=self.sessions.https
+        )
         return response
 
     # -- the inbox ---------------------------------------------------------------------
@@ -269,52 +257,29 @@ class Web:
         if signed is None:
             return self.to_login(request)
         who, session = signed
+        journal = _server(request).journal
         page = _page_number(request)
-        tickets = await self.journal.list_tickets("pending")
+        tickets = await journal.list_tickets("pending")
         runs: dict[str, RunRecord] = {}
         visible: list[tuple[Ticket, RunRecord]] = []
         for ticket in reversed(tickets):  # newest first
-            run = runs.get(ticket.run_id) or await self.journal.get_run(ticket.run_id)
+            run = runs.get(ticket.run_id) or await journal.get_run(ticket.run_id)
             runs[ticket.run_id] = run
             if allowed(who, "view", run=run):
                 visible.append((ticket, run))
         pages = max(1, math.ceil(len(visible) / INBOX_PAGE_SIZE))
         shown = visible[(page - 1) * INBOX_PAGE_SIZE : page * INBOX_PAGE_SIZE]
-        items = [await self._item(who, ticket, run) for ticket, run in shown]
+        items = [await _item(journal, who, ticket, run) for ticket, run in shown]
         return self.page(
-            request, "inbox.html", who=who, csrf=session.csrf, items=items, page=page, pages=pages,
+            request,
+            "inbox.html",
+            who=who,
+            csrf=session.csrf,
+            items=items,
+            page=page,
+            pages=pages,
             total=len(visible),
         )
-
-    async def _item(self, who: Principal, ticket: Ticket, run: RunRecord) -> dict[str, Any]:
-        """What a person needs to decide a ticket: the proposal, the rule and its reason,
-        the evidence of the run so far, the values the decision saw."""
-        entries = await self.journal.read_entries(run.run_id)
-        asked: b.AwaitingApproval | None = None
-        before: list[Entry] = []
-        for entry in entries:
-            body = entry.body
-            if isinstance(body, b.AwaitingApproval) and body.ticket_id == ticket.ticket_id:
-                asked = body
-                break
-            before.append(entry)
-        evidence = [
-            row for row in timeline(before) if row["kind"] == "step" and row["outcome"] in _EVIDENCE
-        ]
-        action = "answer" if ticket.kind == "question" else "decide"
-        decision = asked.decision if asked else None
-        return {
-            "ticket": ticket,
-            "run": run,
-            "proposal": b.proposed(asked) if asked else None,
-            "decision": decision,
-            "resolved": decision.resolved if decision else {},
-            "provenance": decision.provenance if decision else {},
-            "evidence": evidence,
-            "can_decide": allowed(who, action, ticket=ticket, run=run),
-            "action": action,
-            "args_json": json.dumps(ticket.args, indent=2, ensure_ascii=False),
-        }
 
     async def decide_ticket(self, request: Request) -> Response:
         signed = await self.who(request)
@@ -324,43 +289,12 @@ class Web:
             form = await self.form(request, session)
             if who is None:
                 raise Refusal(401, "sign in first: your session has ended or its token no longer works")
-            ticket_id, action = request.path_params["ticket_id"], request.path_params["action"]
-            run_id = await self._decide(who, ticket_id, action, form)
+            run_id = await _decide(
+                _server(request), who, request.path_params["ticket_id"], request.path_params["action"], form
+            )
         except Refusal as exc:
             return self.refused(request, exc, who, session.csrf if session else "")
         return RedirectResponse(f"/runs/{quote(run_id)}", status_code=303)
-
-    async def _decide(self, who: Principal, ticket_id: str, action: str, form: dict[str, str]) -> str:
-        try:
-            ticket = await self.journal.get_ticket(ticket_id)
-            run = await self.journal.get_run(ticket.run_id)
-            reason = form.get("reason", "").strip()
-            if action == "approve":
-                authorize(who, "decide", ticket=ticket, run=run)
-                await self.decide(ticket_id, approve=True, by=who, reason=reason)
-            elif action == "deny":
-                authorize(who, "decide", ticket=ticket, run=run)
-                if not reason:
-                    raise Refusal(422, "give a reason to deny: it is recorded and the model is told it")
-                await self.decide(ticket_id, approve=False, by=who, reason=reason)
-            elif action == "edit":
-                authorize(who, "decide", ticket=ticket, run=run)
-                await self.decide(ticket_id, approve=True, by=who, reason=reason, edited_args=_args(form))
-            elif action == "answer":
-                authorize(who, "answer", ticket=ticket, run=run)
-                text = form.get("answer", "").strip()
-                if not text:
-                    raise Refusal(422, "write an answer: an empty answer is not recorded")
-                await self.decide(ticket_id, approve=True, by=who, answer=text)
-            else:
-                raise Refusal(404, f"no action {action!r} on tickets (approve, deny, edit, answer)")
-        except Forbidden as exc:
-            raise Refusal(403, str(exc)) from None
-        except EditRefused as exc:
-            raise Refusal(422, f"the edited arguments were refused ({exc.reason_code}): {exc}") from None
-        except TicketError as exc:
-            raise Refusal(409, str(exc)) from None
-        return run.run_id
 
     # -- runs ----------------------------------------------------------------------------
 
@@ -369,28 +303,31 @@ class Web:
         if signed is None:
             return self.to_login(request)
         who, session = signed
+        server = _server(request)
         status = request.query_params.get("status") or None
         workflow = request.query_params.get("workflow") or None
         if status is not None and status not in STATUSES:
             return self.refused(request, Refusal(422, f"no run status {status!r}"), who, session.csrf)
-        if who.workflows and workflow is None:
-            workflow = who.workflows[0] if len(who.workflows) == 1 else None
-        after = _cursor(request.query_params.get("after"))
-        found = await self.journal.page_runs(
-            status=status, workflow=workflow, after=after, limit=PAGE_SIZE + 1
+        if workflow is None and len(who.workflows) == 1:
+            workflow = who.workflows[0]
+        found = await server.journal.page_runs(
+            status=status,
+            workflow=workflow,
+            after=_cursor(request.query_params.get("after")),
+            limit=PAGE_SIZE + 1,
         )
         shown = [r for r in found[:PAGE_SIZE] if allowed(who, "view", run=r)]
-        more = len(found) > PAGE_SIZE
         nxt = None
-        if more:
+        if len(found) > PAGE_SIZE:
             last = found[PAGE_SIZE - 1]
-            query = {"status": status or "", "workflow": workflow or "", "after": f"{last.created_at!r}:{last.run_id}"}
+            query = {"status": status, "workflow": workflow, "after": f"{last.created_at!r}:{last.run_id}"}
             nxt = "/runs?" + urlencode({k: v for k, v in query.items() if v})
-        workflows = sorted({w.name for w in self.registry.workflows.values()}) if self.registry else []
+        registry = server.registry
+        workflows = sorted({w.name for w in registry.workflows.values()}) if registry else []
         return self.page(
             request, "runs.html", who=who, csrf=session.csrf, runs=shown, status=status or "",
             workflow=workflow or "", statuses=STATUSES, workflows=workflows, next=nxt,
-        )
+        )  # fmt: skip
 
     async def _run(self, request: Request) -> tuple[Principal, Session, RunRecord]:
         signed = await self.who(request)
@@ -398,102 +335,167 @@ class Web:
             raise Refusal(401, "sign in first")
         who, session = signed
         try:
-            run = await self.journal.get_run(request.path_params["run_id"])
-        except TetherError as exc:
-            raise Refusal(404, str(exc)) from None
-        try:
+            run = await _server(request).journal.get_run(request.path_params["run_id"])
             authorize(who, "view", run=run)
-        except Forbidden as exc:
-            raise Refusal(403, str(exc)) from None
-        return who, session, run
-
-    def _workflow(self, run: RunRecord) -> tuple[Workflow | None, str]:
-        if self.registry is None:
-            return None, "this server was started without workflow folders (--workflows DIR)"
-        try:
-            return self.registry.workflow_for(run), ""
         except TetherError as exc:
-            return None, str(exc)
+            raise _refusal(exc) from None
+        return who, session, run
 
     async def run(self, request: Request) -> Response:
         try:
             who, session, run = await self._run(request)
         except Refusal as exc:
-            if exc.status == 401:
-                return self.to_login(request)
-            return self.refused(request, exc, None)
-        entries = await self.journal.read_entries(run.run_id)
-        rows = timeline(entries)
-        workflow, why_not = self._workflow(run)
-        graph = Markup(svg(workflow, run_path(run.run_id, entries))) if workflow else None  # noqa: S704
-        ticket = await self._pending_ticket(run)
+            return self.to_login(request) if exc.status == 401 else self.refused(request, exc, None)
+        server = _server(request)
+        entries = await server.journal.read_entries(run.run_id)
+        workflow, why_not = _workflow(server, run)
+        # The graph is tether.analysis.graph's SVG, which escapes every text it draws.
+        graph = Markup(svg(workflow, run_path(run.run_id, entries))) if workflow else None
         return self.page(
-            request, "run.html", who=who, csrf=session.csrf, run=run, rows=rows, graph=graph,
-            why_not=why_not, last_seq=entries[-1].seq if entries else 0, ticket=ticket,
-            finished=run.status in FINISHED,
-        )
-
-    async def _pending_ticket(self, run: RunRecord) -> Ticket | None:
-        if run.status != "paused":
-            return None
-        last = await self.journal.read_last_entries(run.run_id, 1)
-        ticket_id = getattr(last[0].body, "ticket_id", None) if last else None
-        if not isinstance(ticket_id, str):
-            return None
-        ticket = await self.journal.get_ticket(ticket_id)
-        return ticket if ticket.status == "pending" else None
+            request, "run.html", who=who, csrf=session.csrf, run=run, rows=timeline(entries), graph=graph,
+            why_not=why_not, last_seq=entries[-1].seq if entries else 0,
+            ticket=await _pending_ticket(server.journal, run), finished=run.status in FINISHED,
+        )  # fmt: skip
 
     async def run_graph(self, request: Request) -> Response:
         try:
             _, _, run = await self._run(request)
         except Refusal as exc:
             return Response(str(exc), status_code=exc.status, media_type="text/plain")
-        workflow, why_not = self._workflow(run)
+        server = _server(request)
+        workflow, why_not = _workflow(server, run)
         if workflow is None:
             return Response(why_not, status_code=404, media_type="text/plain")
-        entries = await self.journal.read_entries(run.run_id, kinds=_PATH_KINDS)
+        entries = await server.journal.read_entries(run.run_id, kinds=_PATH_KINDS)
         return Response(svg(workflow, run_path(run.run_id, entries)), media_type="image/svg+xml")
 
     async def run_policy(self, request: Request) -> Response:
         try:
             who, session, run = await self._run(request)
         except Refusal as exc:
-            if exc.status == 401:
-                return self.to_login(request)
-            return self.refused(request, exc, None)
-        workflow, why_not = self._workflow(run)
+            return self.to_login(request) if exc.status == 401 else self.refused(request, exc, None)
+        workflow, why_not = _workflow(_server(request), run)
         policy = workflow.policy if workflow else None
-        rules = [(r, _rule_text(r)) for r in policy.document.rules] if policy else []
-        defaults = policy.document.defaults.model_dump() if policy else {}
         return self.page(
-            request, "policy.html", who=who, csrf=session.csrf, run=run, rules=rules,
-            defaults=defaults, source=policy.source if policy else "", why_not=why_not,
-        )
+            request, "policy.html", who=who, csrf=session.csrf, run=run, why_not=why_not,
+            rules=[(r, _rule_text(r)) for r in policy.document.rules] if policy else [],
+            defaults=policy.document.defaults.model_dump() if policy else {},
+            source=policy.source if policy else "",
+        )  # fmt: skip
 
     async def run_events(self, request: Request) -> Response:
-        """The run's new timeline rows as they are committed (server-sent events, rendered
-        HTML for htmx to append), then its status; resumable with Last-Event-ID."""
+        """The run's new timeline rows as they are committed (server-sent events carrying
+        rendered rows for htmx to append, then the run's status); resumable with
+        Last-Event-ID."""
         try:
-            who, _, run = await self._run(request)
+            _, _, run = await self._run(request)
         except Refusal as exc:
             return Response(str(exc), status_code=exc.status, media_type="text/plain")
         after = _int(request.headers.get("last-event-id")) or _int(request.query_params.get("after")) or 0
-        return EventSourceResponse(self._events(run, after), ping=15)
+        return EventSourceResponse(self._events(_server(request), run, after), ping=15)
 
-    async def _events(self, run: RunRecord, after: int) -> AsyncIterator[dict[str, str]]:
+    async def _events(self, server: api.Server, run: RunRecord, after: int) -> AsyncIterator[dict[str, str]]:
         rows = self.env.get_template("_rows.html")
         status = self.env.get_template("_status.html")
-        async for event in self.hub.stream(run.run_id, after):
+        async for event in server.hub.stream(run.run_id, after):
             if event.get("event") == "entry":
                 row = msgspec.json.decode(event["data"])
                 yield {"event": "rows", "id": event["id"], "data": rows.render(rows=[row])}
-            current = await self.journal.get_run(run.run_id)
-            ticket = await self._pending_ticket(current)
+            current = await server.journal.get_run(run.run_id)
+            ticket = await _pending_ticket(server.journal, current)
             yield {"event": "status", "data": status.render(run=current, ticket=ticket)}
 
 
+def _server(request: Request) -> api.Server:
+    server: api.Server = request.app.state.tether
+    return server
+
+
+def _refusal(exc: Exception) -> Refusal:
+    problem = exc if isinstance(exc, Problem) else problem_of(exc)
+    return Refusal(problem.status, problem.detail)
+
+
+async def _item(journal: Journal, who: Principal, ticket: Ticket, run: RunRecord) -> dict[str, Any]:
+    """What a person needs to decide a ticket: the proposal, the rule and its reason, the
+    evidence of the run so far, the values the decision saw."""
+    asked: b.AwaitingApproval | None = None
+    before: list[Entry] = []
+    for entry in await journal.read_entries(run.run_id):
+        body = entry.body
+        if isinstance(body, b.AwaitingApproval) and body.ticket_id == ticket.ticket_id:
+            asked = body
+            break
+        before.append(entry)
+    action = "answer" if ticket.kind == "question" else "decide"
+    decision = asked.decision if asked else None
+    return {
+        "ticket": ticket,
+        "run": run,
+        "decision": decision,
+        "resolved": decision.resolved if decision else {},
+        "provenance": decision.provenance if decision else {},
+        "evidence": [r for r in timeline(before) if r["kind"] == "step" and r["outcome"] in _EVIDENCE],
+        "can_decide": allowed(who, action, ticket=ticket, run=run),
+        "action": action,
+        "args_json": json.dumps(ticket.args, indent=2, ensure_ascii=False),
+    }
+
+
+async def _decide(
+    server: api.Server, who: Principal, ticket_id: str, action: str, form: dict[str, str]
+) -> str:
+    """Decide through the same entry point as the API, after the same checks; the run's id."""
+    if action not in _ACTIONS:
+        raise Refusal(404, f"no action {action!r} on tickets (approve, deny, edit, answer)")
+    reason = form.get("reason", "").strip()
+    answer = form.get("answer", "").strip() if action == "answer" else None
+    edited = _args(form) if action == "edit" else None
+    if action == "deny" and not reason:
+        raise Refusal(422, "give a reason to deny: it is recorded, and the model is told it")
+    if action == "answer" and not answer:
+        raise Refusal(422, "write an answer: an empty answer is not recorded")
+    try:
+        ticket = await server.journal.get_ticket(ticket_id)
+        run = await server.journal.get_run(ticket.run_id)
+        authorize(who, "answer" if ticket.kind == "question" else "decide", ticket=ticket, run=run)
+        if (ticket.kind == "question") != (action == "answer"):
+            what = "a question: answer it" if ticket.kind == "question" else "an approval: it takes no answer"
+            raise Refusal(409, f"ticket {ticket_id} is {what}")
+        await api.decide(
+            server.journal, ticket_id, approve=action != "deny", by=who, reason=reason, answer=answer,
+            edited_args=edited,
+        )  # fmt: skip
+    except (TetherError, Problem) as exc:
+        raise _refusal(exc) from None
+    record = await server.journal.get_run(run.run_id)
+    server.hub.poke(record.run_id, record.last_seq, record.status)
+    return run.run_id
+
+
+async def _pending_ticket(journal: Journal, run: RunRecord) -> Ticket | None:
+    """The ticket a paused run waits on, while it is pending."""
+    if run.status != "paused":
+        return None
+    last = await journal.read_last_entries(run.run_id, 1)
+    ticket_id = getattr(last[0].body, "ticket_id", None) if last else None
+    if not isinstance(ticket_id, str):
+        return None
+    ticket = await journal.get_ticket(ticket_id)
+    return ticket if ticket.status == "pending" else None
+
+
+def _workflow(server: api.Server, run: RunRecord) -> tuple[Workflow | None, str]:
+    if server.registry is None:
+        return None, "this server was started without workflow folders (--workflows DIR)"
+    try:
+        return server.registry.workflow_for(run), ""
+    except TetherError as exc:
+        return None, str(exc)
+
+
 _PAGE_HEADERS = {
-    # Pages never run inline script and never load anything from elsewhere.
+    # Pages run no inline script and load nothing from elsewhere.
     "Content-Security-Policy": (
         "default-src 'self'; style-src 'self' 'unsafe-inline'; img-src 'self' data:; "
         "frame-ancestors 'none'; form-action 'self'"
@@ -502,12 +504,9 @@ _PAGE_HEADERS = {
     "Referrer-Policy": "same-origin",
     "Cache-Control": "no-store",
 }
+_ACTIONS = ("approve", "deny", "edit", "answer")
 _EVIDENCE = frozenset({"executed", "verification_failed", "tool_error", "answered", "refused"})
-_PATH_KINDS = (b.KIND_OF[b.RunStarted], b.KIND_OF[b.StepDone], b.KIND_OF[b.Transition], b.KIND_OF[b.HandoffReceived])
-
-
-def _token_of(form: dict[str, str]) -> str:
-    return form.get("token", "").strip()
+_PATH_KINDS = tuple(b.KIND_OF[k] for k in (b.RunStarted, b.StepDone, b.Transition, b.HandoffReceived))
 
 
 def _args(form: dict[str, str]) -> dict[str, Any]:
@@ -522,7 +521,9 @@ def _args(form: dict[str, str]) -> dict[str, Any]:
 
 def _local(target: str) -> str:
     """Where to go after signing in: a path on this site only (never another host)."""
-    return target if target.startswith("/") and not target.startswith("//") and "\\" not in target else "/inbox"
+    return (
+        target if target.startswith("/") and not target.startswith("//") and "\\" not in target else "/inbox"
+    )
 
 
 def _int(value: str | None) -> int | None:
@@ -534,27 +535,17 @@ def _page_number(request: Request) -> int:
 
 
 def _cursor(value: str | None) -> tuple[float, str] | None:
-    if not value or ":" not in value:
-        return None
-    created, _, run_id = value.partition(":")
+    created, _, run_id = (value or "").partition(":")
     try:
-        return float(created), run_id
+        return (float(created), run_id) if run_id else None
     except ValueError:
         return None
 
 
-def web_routes(
-    journal: Journal,
-    *,
-    registry: Registry | None,
-    hub: EventHub,
-    decide: Decide,
-    secret: str | None = None,
-    https: bool = False,
-) -> list[BaseRoute]:
-    """The web interface's routes, to mount at `/` of the server. Without a `secret`
-    (`$TETHER_WEB_SECRET`), sessions are signed with a random one: they end when it restarts."""
-    web = Web(
-        journal, registry=registry, hub=hub, decide=decide, secret=secret or secrets.token_urlsafe(32), https=https
-    )
-    return web.routes()
+def web_routes(*, secret: str | None = None, https: bool = False) -> list[BaseRoute]:
+    """The web interface's routes, for `build_app(..., extra_routes=...)` (mounted at `/`).
+
+    Sessions are signed with `secret` (`$TETHER_WEB_SECRET`); without one, with a random
+    secret: every session ends when the server restarts. `https`: cookies are Secure.
+    """
+    return Web(secret=secret or secrets.token_urlsafe(32), https=https).routes()
