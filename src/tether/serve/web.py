@@ -404,6 +404,8 @@ class Web:
             current = await server.journal.get_run(run.run_id)
             ticket = await _pending_ticket(server.journal, current)
             yield {"event": "status", "data": status.render(run=current, ticket=ticket)}
+            if event.get("event") == "end":  # the run finished and every row was sent
+                yield {"event": "end", "data": current.status}
 
 
 def _server(request: Request) -> api.Server:
