@@ -410,7 +410,7 @@ def test_a_ticket_is_decided_once_and_used_once_for_its_own_arguments(journal: J
     async def scenario() -> None:
         r = await pause_on(journal, await start(journal, "r1"), ticket("t1", "r1"))
         decided = await journal.decide_ticket("t1", approve=True, by="sam", reason="ok")
-        assert (decided.status, decided.decided_by, decided.reason) == ("approved", "sam", "ok")
+        assert (decided.status, decided.decided_by, decided.reason) == ("approved", "local:sam", "ok")
         with pytest.raises(TicketError, match="already approved"):
             await journal.decide_ticket("t1", approve=False, by="eve")
         entries = await journal.read_entries("r1")
@@ -911,7 +911,7 @@ def make_old_journal(store: Store, version: int) -> None:
         )
         entries = chain(run_id, 0, GENESIS_HASH, [raw_entry("run_started", {"v": 1})], rec.created_at)
         rec = rec.model_copy(update={"last_seq": 1, "last_hash": entries[0].hash})
-        row = rec.model_dump(exclude={"lease_owner", "lease_expires_at"})
+        row = rec.model_dump(exclude={"lease_owner", "lease_expires_at", "started_by"})
         for k in ("input", "data", "facts", "checkpoint"):
             row[k] = json.dumps(row[k])
         if version >= 2:

@@ -38,6 +38,10 @@ class Decision(msgspec.Struct, omit_defaults=True):
     approver: str | None = None
     owner: str | None = None
     expires_in: float | None = None
+    # An ask rule's separation of duties: distinct approvers needed (None: one), and
+    # whether the run's starter may approve (tether.identity).
+    approvals: int | None = None
+    forbid_self_approval: bool = False
     matched: list[str] = []
     evaluated: dict[str, bool | str] = {}
     resolved: dict[str, Any] = {}

@@ -8,7 +8,8 @@ TetherError
 │   ├── RunNotFound
 │   ├── TicketError        an approval ticket is unknown, already used, expired or
 │   │   │                  bound to other arguments
-│   │   └── TicketExpired  decided or used after its expiry, by the journal's clock
+│   │   ├── TicketExpired  decided or used after its expiry, by the journal's clock
+│   │   └── TicketConflict already decided, or already approved by this principal
 │   └── ConcurrentWriteError  another process appended to the same run
 ├── RunStateError          the run cannot do what was asked in its current status
 ├── AuthError              no valid API token: unauthenticated, token_expired, token_revoked
@@ -57,6 +58,11 @@ class TicketExpired(TicketError):
     def __init__(self, message: str, *, ticket_id: str, expires_at: float) -> None:
         super().__init__(message)
         self.ticket_id, self.expires_at = ticket_id, expires_at
+
+
+class TicketConflict(TicketError):
+    """The ticket is no longer pending (another decision won), or this principal already
+    gave one of the approvals it needs. An HTTP API answers it with 409."""
 
 
 class ConcurrentWriteError(JournalError):

@@ -165,7 +165,7 @@ async def create_token(
         principal_id=f"{kind}:{name}",
         name=name,
         kind=cast(PrincipalKind, kind),  # both checked above
-        role=cast(Role, role),
+        role=role,
         approver_for=scopes,
         workflows=_names(workflows, "workflow"),
         created_at=0.0,  # the store's clock sets it

@@ -129,6 +129,10 @@ class Rule(BaseModel):
     approver: str | None = None
     owner: str | None = None
     expires_in: float | None = Field(None, gt=0, description="seconds an approval stays valid")
+    # Separation of duties (ask rules): how many distinct principals must approve, and
+    # whether the principal who started the run is barred from approving it.
+    approvals: int | None = Field(None, ge=1, le=10, description="distinct approvers needed")
+    forbid_self_approval: bool = False
 
     @model_validator(mode="after")
     def _target_and_fields(self) -> Rule:
@@ -138,6 +142,8 @@ class Rule(BaseModel):
             raise ValueError("a 'defer' rule must name an 'owner' to hand off to")
         if self.decision != "ask" and (self.approver or self.expires_in):
             raise ValueError("'approver' and 'expires_in' apply only to 'ask' rules")
+        if self.decision != "ask" and (self.approvals is not None or self.forbid_self_approval):
+            raise ValueError("'approvals' and 'forbid_self_approval' apply only to 'ask' rules")
         return self
 
     def targets(self) -> tuple[str, list[str]]:
@@ -186,7 +192,16 @@ class PolicyDocument(BaseModel):
         content = self.model_dump(mode="json")
         if content["provenance"] is None:
             del content["provenance"]
+        for rule in content["rules"]:  # so are a rule's separation-of-duties options
+            for key, unset in _LATER_RULE_FIELDS.items():
+                if rule.get(key, unset) == unset:
+                    rule.pop(key, None)
         return content
+
+
+# Rule fields added after policies were first hashed: left out of the hash when not set, so a
+# policy that does not use them keeps the hash its runs are pinned to.
+_LATER_RULE_FIELDS: dict[str, Any] = {"approvals": None, "forbid_self_approval": False}
 
 
 class _CompiledRule:
@@ -493,6 +508,8 @@ class Policy:
             approver=(rule.approver or "approver") if rule.decision == "ask" else None,
             owner=rule.owner,
             expires_in=(rule.expires_in or DEFAULT_APPROVAL_SECONDS) if rule.decision == "ask" else None,
+            approvals=rule.approvals,
+            forbid_self_approval=rule.forbid_self_approval,
             matched=matched,
             evaluated=evaluated,
             resolved=resolved,

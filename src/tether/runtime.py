@@ -26,8 +26,9 @@ from typing import Any
 import msgspec
 
 from tether import handoffs
-from tether.errors import InputError, JournalError, RunStateError
+from tether.errors import EditRefused, InputError, JournalError, RunStateError, TicketError
 from tether.hashing import encode_json
+from tether.identity import Principal, authorize
 from tether.journal import (
     FINISHED,
     Commit,
@@ -37,14 +38,15 @@ from tether.journal import (
     NewEntry,
     RunRecord,
     RunUpdate,
+    Ticket,
 )
 from tether.journal import bodies as b
 from tether.models.protocol import Model
 from tether.policy import Policy
-from tether.proposals import json_value_problem
+from tether.proposals import Proposal, ToolCall, json_value_problem
 from tether.reasons import ReasonCode
 from tether.run import Checkpoint, RunCursor, new_checkpoint
-from tether.step import GovernedStep
+from tether.step import GovernedStep, Refusal
 from tether.workflow import AgentState, Next, Step, Terminal, Workflow
 
 log = logging.getLogger("tether.runtime")
@@ -66,10 +68,14 @@ class RunResult:
     message: str | None = None
     owner: str | None = None
     ticket_id: str | None = None
+    # What the ticket a paused run waits on asks for: "approval" or "question".
+    ticket_kind: str | None = None
 
     @classmethod
     def of(cls, record: RunRecord) -> RunResult:
         pending = record.checkpoint.get("pending") or {}
+        paused = record.status == "paused" and pending.get("ticket_id") is not None
+        asked = (pending.get("proposal") or {}).get("kind") == "question"
         return cls(
             run_id=record.run_id,
             status=record.status,
@@ -79,6 +85,7 @@ class RunResult:
             message=record.message,
             owner=record.owner,
             ticket_id=pending.get("ticket_id") if record.status == "paused" else None,
+            ticket_kind=("question" if asked else "approval") if paused else None,
         )
 
 
@@ -131,11 +138,13 @@ class Runtime:
         workflow_ref: str = "",
         policy_ref: str | None = None,
         model_spec: str | None = None,
+        by: Principal | None = None,
     ) -> RunResult:
         """Start a run pinned to this workflow's and policy's hashes; drive it until it stops.
 
         `workflow_ref` and `policy_ref` (a policy file overriding the workflow's) are what
-        `tether resume` and workers load the definition from in another process.
+        `tether resume` and workers load the definition from in another process. `by` is
+        the principal starting it (what `forbid_self_approval` compares approvers with).
         """
         record = await self.create(
             workflow,
@@ -145,6 +154,7 @@ class Runtime:
             policy_ref=policy_ref,
             model_spec=model_spec,
             queued=False,
+            by=by,
         )
         try:
             return await self._drive(self._cursor(record, workflow), model)
@@ -160,6 +170,7 @@ class Runtime:
         policy_ref: str | None = None,
         model_spec: str | None = None,
         run_id: str | None = None,
+        by: Principal | None = None,
     ) -> RunResult:
         """Enqueue a run for a worker to drive (`tether submit`); nothing runs here.
 
@@ -174,6 +185,7 @@ class Runtime:
             model_spec=model_spec,
             queued=True,
             run_id=run_id,
+            by=by,
         )
         return RunResult.of(record)
 
@@ -188,8 +200,10 @@ class Runtime:
         model_spec: str | None,
         queued: bool,
         run_id: str | None = None,
+        by: Principal | None = None,
     ) -> RunRecord:
-        """Record a new run: queued for a worker, or leased to this runtime to drive now."""
+        """Record a new run: queued for a worker, or leased to this runtime to drive now.
+        `by` is who starts it (recorded in `run_started` and the run's `started_by`)."""
         policy = workflow.policy or Policy.default()
         needs_model = [s.name for s in workflow.states.values() if isinstance(s, AgentState)]
         if model is None and not (queued and model_spec) and needs_model:
@@ -217,6 +231,7 @@ class Runtime:
             status="queued" if queued else "running",
             lease_owner=None if queued else self.worker_id,
             lease_expires_at=None if queued else now + self.lease_seconds,
+            started_by=by.principal_id if by is not None else None,
         )
         started = b.RunStarted(
             workflow=b.WorkflowRef(
@@ -225,6 +240,7 @@ class Runtime:
             policy_hash=policy.hash,
             input=data,
             model=record.model_spec,
+            started_by=by,
         )
         written = await self.journal.create_run(
             record,
@@ -329,6 +345,105 @@ class Runtime:
             return RunResult.of(cursor.record), differences
         finally:
             await self._release(run_id)
+
+    async def decide(
+        self,
+        ticket_id: str,
+        *,
+        approve: bool,
+        by: Principal,
+        reason: str = "",
+        answer: str | None = None,
+        edited_args: dict[str, Any] | None = None,
+        workflow: Workflow | None = None,
+    ) -> Ticket:
+        """A person decides a ticket: the one entry point the CLI, the API and the web use.
+
+        `by` must be allowed to (`tether.identity.authorize`: an approver for the ticket's
+        approver role and the run's workflow, or an admin). A question is answered (`answer`)
+        or declined (`approve=False`); an approval is approved or denied, never answered.
+        `edited_args` (edit-and-approve) go through scope, schema and policy again, with
+        `workflow` (the run's, as pinned) and this run's facts; refused, nothing changes and
+        `EditRefused` says why. The store then records the decision atomically, enforcing
+        the rule's `forbid_self_approval` and `approvals: N` (journal/store.py). A run that
+        is not driven by this runtime continues at its next `resume` (or a worker's claim).
+        """
+        ticket = await self.journal.get_ticket(ticket_id)
+        record = await self.journal.get_run(ticket.run_id)
+        authorize(by, "answer" if ticket.kind == "question" else "decide", ticket=ticket, run=record)
+        if ticket.kind == "question" and approve and answer is None:
+            raise TicketError(
+                f"ticket {ticket_id} is a question ({ticket.question!r}), not an approval: "
+                f"answer it (tether answer {ticket_id} TEXT), or decline it (tether deny)"
+            )
+        if ticket.kind == "approval" and answer is not None:
+            raise TicketError(f"ticket {ticket_id} is an approval, not a question: approve or deny it")
+        edited = None
+        if edited_args is not None:
+            if not approve or ticket.kind != "approval":
+                raise TicketError(
+                    f"only an approval's arguments can be edited, by approving it ({ticket_id})"
+                )
+            if workflow is None:
+                raise RunStateError(f"checking the edited arguments of {ticket_id} needs the run's workflow")
+            edited = await self._checked_edit(record, workflow, ticket, edited_args, by)
+        return await self.journal.decide_ticket(
+            ticket_id, approve=approve, by=by, reason=reason, answer=answer, edited=edited
+        )
+
+    async def _checked_edit(
+        self, record: RunRecord, workflow: Workflow, ticket: Ticket, edited: dict[str, Any], by: Principal
+    ) -> tuple[dict[str, Any], str]:
+        """Edited arguments as the run would check a proposal of them: the tool still in scope,
+        the arguments valid for its schema, and the policy (with this run's facts) allowing
+        them, or asking the same approval as the ticket's (never a wider one). Returns the
+        validated arguments and their hash."""
+        _check_pinned(record, workflow)
+        state = workflow.states.get(record.state)
+        cursor = RunCursor(
+            record, workflow, workflow.policy or Policy.default(), self.journal, clock=self.clock
+        )
+        pending = cursor.checkpoint.pending
+        if record.status != "paused" or pending is None or pending.ticket_id != ticket.ticket_id:
+            raise RunStateError(f"run {record.run_id} is not waiting on ticket {ticket.ticket_id}")
+        proposal = msgspec.convert(pending.proposal, Proposal)
+        if not isinstance(proposal, ToolCall) or not isinstance(state, AgentState):
+            raise TicketError(
+                f"ticket {ticket.ticket_id} approves an exit, not a tool call: it cannot be edited"
+            )
+        await cursor.load()  # history and provenance, if the policy reads them
+        step = GovernedStep(cursor, state, pending.step_id)
+        try:
+            tool = step.scope(proposal.tool)
+            args = step.arguments(tool, edited)
+            decision = step.policy(tool, args)
+        except Refusal as refusal:
+            d = refusal.decision
+            raise EditRefused(
+                f"edited arguments refused ({d.rule_id}, {d.reason_code}): {d.reason or d.reason_code}; "
+                f"ticket {ticket.ticket_id} is still pending",
+                reason_code=d.reason_code,
+            ) from None
+        wider = decision.decision == "defer" or (
+            decision.decision == "ask"
+            and (
+                (decision.approver or state.escalate_to) != ticket.approver
+                or (decision.approvals or 1) > ticket.approvals_required
+                or (decision.forbid_self_approval and not ticket.forbid_self_approval)
+            )
+        )
+        if wider:
+            raise EditRefused(
+                f"the edited call needs another decision than this ticket's (rule {decision.rule_id}: "
+                f"{decision.decision}{f' by {decision.approver}' if decision.approver else ''}): deny "
+                f"ticket {ticket.ticket_id} with a reason instead, for the model to propose it",
+                reason_code=str(decision.reason_code),
+            )
+        if args.hash == ticket.args_hash:
+            raise TicketError(
+                f"the edited arguments are those of ticket {ticket.ticket_id}: approve it as is"
+            )
+        return args.values, args.hash
 
     async def resolve(self, run_id: str, *, done: bool, by: str, note: str = "") -> RunResult:
         """A person settles an effect in doubt; the run can then be resumed."""

@@ -472,6 +472,8 @@ class GovernedStep:
             question=args.get("question") if kind == "question" else None,
             created_at=now,
             expires_at=now + (decision.expires_in or QUESTION_SECONDS),
+            approvals_required=decision.approvals or 1,
+            forbid_self_approval=decision.forbid_self_approval,
         )
         cls = b.AwaitingAnswer if kind == "question" else b.AwaitingApproval
         awaiting = cls(
@@ -590,7 +592,10 @@ class GovernedStep:
             if isinstance(proposal, ToolCall):
                 # The workflow may have been migrated since: the call must still be offered.
                 tool = self.scope(proposal.tool)
-                args = self.arguments(tool, proposal.args)
+                # An approver who edited the call approved exactly the edited arguments (the
+                # ticket is bound to them): those are what run, once.
+                edited = ticket.original_args_hash is not None
+                args = self.arguments(tool, ticket.args if edited else proposal.args)
                 await self.execute(tool, args, decision, proposed=proposal.args, ticket_id=ticket.ticket_id)
                 return
             assert isinstance(proposal, Exit | Finish)

@@ -35,6 +35,7 @@ _OUTCOMES: dict[type[Any], str] = {
     b.Escalated: "escalated",
     b.Migrated: "migrated",
     b.Crashed: "crashed",
+    b.ApprovalGiven: "approval_given",
 }
 
 
@@ -162,11 +163,23 @@ def _source(record: Any) -> Any:
     return None
 
 
+def _edit(record: b.TicketDecided | b.ApprovalGiven) -> str:
+    if record.edited_args is None:
+        return ""
+    return f" (arguments edited: {record.original_args_hash} → {record.args_hash})"
+
+
 def _detail(record: Any) -> Any:
     match record:
         case b.TicketDecided(ticket_id=t, by=by, answer=answer, reason=reason):
             said = answer or reason
-            return f"{t} by {by}" + (f": {said}" if said else "")
+            return f"{t} by {by.principal_id}" + _edit(record) + (f": {said}" if said else "")
+        case b.ApprovalGiven(ticket_id=t, by=by, count=count, required=required, reason=reason):
+            return (
+                f"{t} approval {count} of {required} by {by.principal_id}"
+                + _edit(record)
+                + (f": {reason}" if reason else "")
+            )
         case b.Escalated(message=message) | b.EffectInDoubt(message=message):
             return message
         case b.HandedOff(handoff=handed):

@@ -21,16 +21,21 @@ from rich.console import Console
 from rich.markup import escape
 
 from tether.errors import (
+    AuthError,
     ConcurrentWriteError,
     DefinitionError,
+    EditRefused,
+    Forbidden,
     JournalError,
     ModelSpecError,
     PolicyFileError,
     RunNotFound,
     RunStateError,
     TetherError,
+    TicketConflict,
     TicketError,
 )
+from tether.identity import Principal
 from tether.journal import DB_ENV, DEFAULT_DB, Journal, open_journal
 from tether.models import Model, ReplayModel, resolve_model
 
@@ -63,12 +68,27 @@ WaitOption = Annotated[
     bool, typer.Option("--wait", help="When the run pauses on a ticket, wait for the decision and go on.")
 ]
 ByOption = Annotated[str | None, typer.Option("--by", help="Who decides (default: your user name).")]
+# Decisions from a shell that opened the journal are the local admin's (tether.identity): a
+# name given here is shown beside that principal, never trusted in its place.
+NoteByOption = Annotated[
+    str | None,
+    typer.Option(
+        "--by",
+        metavar="NAME",
+        help="A display name shown with the decision. It is recorded as made by the local admin "
+        "(local:USER@HOST) whatever is given: whoever can write the journal is an admin.",
+    ),
+]
 FAILED_STATUSES = {"failed", "escalated", "effect_in_doubt"}
 
 # The stable codes of `--json` errors, most specific first (RunNotFound is a JournalError).
 ERROR_CODES: list[tuple[type[TetherError], str]] = [
     (RunNotFound, "not_found"),
+    (TicketConflict, "conflict"),
     (TicketError, "ticket_error"),
+    (Forbidden, "forbidden"),
+    (EditRefused, "edit_refused"),
+    (AuthError, "unauthenticated"),
     (ConcurrentWriteError, "conflict"),
     (RunStateError, "run_state"),
     (DefinitionError, "bad_input"),
@@ -101,7 +121,16 @@ def fail(message: str, code: str = "bad_input") -> NoReturn:
 
 def fail_with(exc: TetherError) -> NoReturn:
     code = next((c for kind, c in ERROR_CODES if isinstance(exc, kind)), "bad_input")
-    fail(str(exc), code)
+    fail(str(exc), getattr(exc, "code", code) if isinstance(exc, AuthError) else code)
+
+
+def local_principal(display_name: str | None = None) -> Principal:
+    """Who a command that opened the journal directly acts as: the local admin
+    (`local:USER@HOST`), with `--by`'s name, if given, for display only."""
+    me = Principal.local()
+    if not display_name:
+        return me
+    return Principal(principal_id=me.principal_id, name=display_name, kind="local", role="admin")
 
 
 def print_json(value: Any) -> None:

@@ -7,7 +7,6 @@ fails, escalates or has an effect in doubt; 2 for bad input (nothing was changed
 from __future__ import annotations
 
 import asyncio
-import getpass
 import json
 import os
 import socket
@@ -21,14 +20,15 @@ from rich.markup import escape
 from tether.cli import remote
 from tether.cli.common import (
     FAILED_STATUSES,
-    ByOption,
     DbOption,
     JsonOption,
     ModelOption,
+    NoteByOption,
     WaitOption,
     db_hint,
     err,
     fail,
+    local_principal,
     open_store,
     out,
     print_json,
@@ -66,11 +66,13 @@ def _report(
         )
         hint = db_hint(db)
         if result.status == "paused" and result.ticket_id:
-            out.print(f"  waiting on ticket [bold]{result.ticket_id}[/] ({result.owner})")
-            out.print(
-                f"  decide:   tether approve {result.ticket_id}{hint}   or   tether deny "
-                f"{result.ticket_id} --reason TEXT{hint}"
-            )
+            tkt, deny = result.ticket_id, f"--reason TEXT{hint}"
+            if result.ticket_kind == "question":
+                out.print(f"  waiting on question [bold]{tkt}[/] for {result.owner}")
+                out.print(f"  answer:   tether answer {tkt} TEXT{hint}   or   tether deny {tkt} {deny}")
+            else:
+                out.print(f"  waiting on ticket [bold]{tkt}[/] ({result.owner})")
+                out.print(f"  decide:   tether approve {tkt}{hint}   or   tether deny {tkt} {deny}")
             out.print(f"  continue: tether resume {result.run_id}{hint}")
         elif result.message:
             out.print(f"  {result.reason_code}: {escape(result.message)}")
@@ -81,10 +83,11 @@ def _report(
 async def _answer_all(
     runtime: Runtime, result: RunResult, workflow: Any, model: Model | None, *, approve: bool
 ) -> RunResult:
-    by = "script:approve-all" if approve else "script:deny-all"
+    # The local admin decides, with the script named as the display name (never trusted).
+    by = local_principal("script:approve-all" if approve else "script:deny-all")
     while result.status == "paused" and result.ticket_id:
         ticket = await runtime.journal.get_ticket(result.ticket_id)
-        await runtime.journal.decide_ticket(
+        await runtime.decide(
             ticket.ticket_id,
             approve=approve,
             by=by,
@@ -100,10 +103,10 @@ async def _wait_and_resume(
 ) -> RunResult:
     while result.status == "paused" and result.ticket_id:
         if not quiet:
+            verb = "tether answer {} TEXT" if result.ticket_kind == "question" else "tether approve {}"
             err.print(
                 f"waiting for a decision on ticket {result.ticket_id} "
-                f"({result.owner}); decide from another shell: tether approve "
-                f"{result.ticket_id}{db_hint(db)}"
+                f"({result.owner}); decide from another shell: {verb.format(result.ticket_id)}{db_hint(db)}"
             )
         while (await runtime.journal.get_ticket(result.ticket_id)).status == "pending":
             ticket = await runtime.journal.get_ticket(result.ticket_id)
@@ -126,7 +129,7 @@ def run(
         str | None,
         typer.Option(
             help="Scripted replays: answer every ticket of this run at once, approve-all or deny-all "
-            "(recorded as decided by script:approve-all / script:deny-all)."
+            "(recorded as decided by the local admin, shown as script:approve-all / script:deny-all)."
         ),
     ] = None,
     as_json: JsonOption = False,
@@ -156,6 +159,7 @@ def run(
                     workflow_ref=workflow_ref(workflow),
                     policy_ref=str(policy.resolve()) if policy else None,
                     model_spec=spec,
+                    by=local_principal(),
                 )
                 if answer:
                     result = await _answer_all(runtime, result, wf, proposer, approve=answer == "approve-all")
@@ -479,20 +483,45 @@ def _decide(
     db: str | None,
     as_json: bool,
     server: str | None = None,
+    edited: str | None = None,
 ) -> None:
+    edited_args = _edited_args(edited) if edited is not None else None
     if server:
         verb = "answer" if answer is not None else "approve" if approve else "deny"
-        body = {"answer": answer} if answer is not None else {"reason": reason}
+        body: dict[str, Any] = {"answer": answer} if answer is not None else {"reason": reason}
+        if edited_args is not None:
+            body["args"] = edited_args
         return remote.decide(server, ticket_id, verb, body, as_json)
 
     async def main() -> tuple[Ticket, RunRecord]:
         async with open_store(db) as journal:
-            ticket = await journal.decide_ticket(
+            ticket = await journal.get_ticket(ticket_id)
+            if ticket.kind == "question" and approve and answer is None:
+                fail(
+                    f"ticket {ticket_id} is a question ({ticket.question!r}), not an approval: answer it "
+                    f"with tether answer {ticket_id} TEXT{db_hint(db)} (or decline it with tether deny)",
+                    "ticket_error",
+                )
+            if ticket.kind == "approval" and answer is not None:
+                fail(
+                    f"ticket {ticket_id} is an approval, not a question: "
+                    f"tether approve {ticket_id}{db_hint(db)} or tether deny",
+                    "ticket_error",
+                )
+            record = await journal.get_run(ticket.run_id)
+            workflow = None
+            if edited_args is not None:  # checked against the definition the run is pinned to
+                workflow = await load_workflow_async(
+                    record.workflow_ref, policy=record.policy_ref, pinned=record.workflow_hash
+                )
+            ticket = await Runtime(journal).decide(
                 ticket_id,
                 approve=approve,
-                by=by or getpass.getuser(),
+                by=local_principal(by),
                 reason=reason,
                 answer=answer,
+                edited_args=edited_args,
+                workflow=workflow,
             )
             return ticket, await journal.get_run(ticket.run_id)
 
@@ -507,40 +536,71 @@ def _decide(
     if as_json:
         print_json({"ticket": ticket.model_dump(), "run": {"run_id": record.run_id, "status": record.status}})
         return
-    out.print(f"ticket {ticket.ticket_id} {ticket.status}; run {ticket.run_id} can continue: {hint}")
+    if ticket.status == "pending":  # one of several approvals it needs
+        out.print(
+            f"ticket {ticket.ticket_id}: approval {ticket.approvals} of {ticket.approvals_required} "
+            "recorded; it needs another approver"
+        )
+        return
+    edit = f" with edited arguments ({ticket.args_hash})" if ticket.original_args_hash else ""
+    out.print(f"ticket {ticket.ticket_id} {ticket.status}{edit}; run {ticket.run_id} can continue: {hint}")
+
+
+def _edited_args(text: str) -> dict[str, Any]:
+    try:
+        value = json.loads(text)
+    except json.JSONDecodeError as exc:
+        fail(f"--args is not JSON: {exc}")
+    if not isinstance(value, dict):
+        fail("--args must be a JSON object: the call's full arguments as the approver sets them")
+    return value
 
 
 @app.command()
 def approve(
     ticket_id: Annotated[str, typer.Argument(metavar="TICKET")],
-    by: ByOption = None,
+    by: NoteByOption = None,
     reason: Annotated[str, typer.Option(help="Why (recorded).")] = "",
+    args: Annotated[
+        str | None,
+        typer.Option(
+            "--args",
+            metavar="JSON",
+            help="Edit-and-approve: the call's full arguments as you set them, checked again by the "
+            "tool's schema, its scope and the policy; the run executes exactly these, once.",
+        ),
+    ] = None,
     db: DbOption = None,
     as_json: JsonOption = False,
     server: remote.ServerOption = None,
 ) -> None:
-    """Approve a pending ticket: exactly the arguments it shows, once."""
-    _decide(ticket_id, approve=True, by=by, reason=reason, answer=None, db=db, as_json=as_json, server=server)
+    """Approve a pending ticket: exactly the arguments it shows (or those of --args), once."""
+    _decide(
+        ticket_id, approve=True, by=by, reason=reason, answer=None, db=db, as_json=as_json, edited=args,
+        server=server,
+    )  # fmt: skip
 
 
 @app.command()
 def deny(
     ticket_id: Annotated[str, typer.Argument(metavar="TICKET")],
     reason: Annotated[str, typer.Option(help="Why (recorded and shown to the model).")],
-    by: ByOption = None,
+    by: NoteByOption = None,
     db: DbOption = None,
     as_json: JsonOption = False,
     server: remote.ServerOption = None,
 ) -> None:
-    """Deny a pending ticket; the model is told why."""
-    _decide(ticket_id, approve=False, by=by, reason=reason, answer=None, db=db, as_json=as_json, server=server)
+    """Deny a pending ticket (or decline a question); the model is told why."""
+    _decide(
+        ticket_id, approve=False, by=by, reason=reason, answer=None, db=db, as_json=as_json, server=server
+    )
 
 
 @app.command()
 def answer(
     ticket_id: Annotated[str, typer.Argument(metavar="TICKET")],
     text: Annotated[str, typer.Argument(help="The answer given to the model.")],
-    by: ByOption = None,
+    by: NoteByOption = None,
     db: DbOption = None,
     as_json: JsonOption = False,
     server: remote.ServerOption = None,
@@ -553,7 +613,7 @@ def answer(
 def resolve(
     run_id: Annotated[str, typer.Argument(metavar="RUN")],
     done: Annotated[bool, typer.Option("--done/--not-done", help="Whether the in-doubt effect happened.")],
-    by: ByOption = None,
+    by: NoteByOption = None,
     note: Annotated[str, typer.Option(help="What was checked (recorded).")] = "",
     db: DbOption = None,
     as_json: JsonOption = False,
@@ -562,7 +622,8 @@ def resolve(
 
     async def main() -> RunResult:
         async with open_store(db) as journal:
-            return await Runtime(journal).resolve(run_id, done=done, by=by or getpass.getuser(), note=note)
+            who = local_principal(by)  # recorded by principal id; --by is a display name only
+            return await Runtime(journal).resolve(run_id, done=done, by=who.principal_id, note=note)
 
     result = run_command(main)
     if as_json:

@@ -19,7 +19,7 @@ from __future__ import annotations
 import os
 from collections.abc import Collection, Mapping
 from pathlib import Path
-from typing import TYPE_CHECKING, Protocol, Self
+from typing import TYPE_CHECKING, Any, Protocol, Self
 
 from tether.errors import JournalError, TicketExpired
 from tether.journal.records import (
@@ -38,7 +38,7 @@ from tether.journal.records import (
 from tether.journal.store import StoreStats
 
 if TYPE_CHECKING:
-    from tether.identity import TokenInfo
+    from tether.identity import Principal, TokenInfo
 
 DEFAULT_DB = "tether.db"
 DB_ENV = "TETHER_DB"
@@ -99,13 +99,17 @@ class Journal(Protocol):
         ticket_id: str,
         *,
         approve: bool,
-        by: str,
+        by: Principal | str,
         reason: str = "",
         answer: str | None = None,
+        edited: tuple[dict[str, Any], str] | None = None,
         now: float | None = None,
     ) -> Ticket:
-        """Decide a pending ticket before its expiry by the store's clock (`TicketExpired`
-        after it). `now` is ignored."""
+        """Decide a pending ticket as principal `by`, before its expiry by the store's clock
+        (`TicketExpired` after it), enforcing its rule's separation of duties; `edited` binds
+        it to (arguments, hash) an approver set. Callers decide through `Runtime.decide`,
+        which authorizes `by` and checks edited arguments; a string `by` (code that opens the
+        journal itself) is recorded as `Principal.legacy(by)`, a local admin. `now` is ignored."""
         ...
 
     async def expire_ticket(self, ticket_id: str, now: float | None = None) -> Ticket:

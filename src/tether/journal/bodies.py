@@ -11,7 +11,8 @@ Governed steps (one proposal each; `step_id` set):
     tool_failed, transition, handoff, handoff_received, handoff_returned, answered,
     unanswered, effect_in_doubt, effect_settled
 Deterministic steps: step_done, step_failed
-The run: run_started, run_finished, escalated, failed, ticket_decided, migrated, crashed
+The run: run_started, run_finished, escalated, failed, ticket_decided, approval_given, migrated,
+crashed
 
 A step's decision is stored without the policy hash (the run's, from `run_started` and
 `migrated`) and without the per-rule results (`Decision.stored`). What the model sees of a
@@ -30,6 +31,7 @@ from typing import Any, Literal
 import msgspec
 
 from tether.decision import Decision
+from tether.identity import Principal
 from tether.proposals import Exit, Finish, Handoff, Proposal, Question, ToolCall, as_dict
 
 FORMAT = 2
@@ -291,6 +293,9 @@ class RunStarted(Body, kw_only=True):
     policy_hash: str
     input: dict[str, Any] = {}
     model: str | None = None
+    # Who started the run (tether.identity); absent for runs started before principals, or by
+    # code that named nobody.
+    started_by: Principal | None = None
 
 
 class RunFinished(Body, kw_only=True):
@@ -320,12 +325,38 @@ class Crashed(Body, kw_only=True):
 
 
 class TicketDecided(Body, kw_only=True):
+    """A ticket was decided, `by` the authenticated principal (tether.identity). Entries
+    recorded before principals (a free-text `by`) are read with `by` as `Principal.legacy`.
+
+    Edit-and-approve: `edited_args` are the arguments the approver set (the call the run
+    executes), `args_hash` their hash, `original_args_hash` the hash of those proposed.
+    Under `approvals: N`, `approvers` lists every principal id that approved (each also
+    has its `approval_given` entry)."""
+
     ticket_id: str
     status: str
-    by: str
+    by: Principal
     reason: str = ""
     answer: str | None = None
     args_hash: str | None = None
+    edited_args: dict[str, Any] | None = None
+    original_args_hash: str | None = None
+    approvers: list[str] = []
+
+
+class ApprovalGiven(Body, kw_only=True):
+    """One approval of a ticket that needs several distinct approvers (`approvals: N`),
+    bound to `args_hash`: approval `count` of `required`. The last one is followed by the
+    ticket's `ticket_decided`. An approver who edited the arguments records the edit here."""
+
+    ticket_id: str
+    by: Principal
+    args_hash: str
+    count: int
+    required: int
+    reason: str = ""
+    edited_args: dict[str, Any] | None = None
+    original_args_hash: str | None = None
 
 
 class Version(msgspec.Struct, omit_defaults=True):
@@ -364,6 +395,7 @@ KINDS: dict[str, type[Body]] = {
     "escalated": Escalated,
     "failed": Failed,
     "ticket_decided": TicketDecided,
+    "approval_given": ApprovalGiven,
     "migrated": Migrated,
     "crashed": Crashed,
 }
@@ -465,6 +497,9 @@ def _legacy_record(kind: str, body: dict[str, Any]) -> Body | UnknownBody:
             "args_hash": body.get("args_hash"),
         }
         return msgspec.convert(values | {"decision": decision} | common, HandedOff)
+    if kind == "ticket_decided" and isinstance(body.get("by"), str):
+        # Decided before principals existed: `by` was free text (docs/journal.md).
+        body = body | {"by": msgspec.to_builtins(Principal.legacy(body["by"]))}
     if kind != "step":
         return msgspec.convert(body, KINDS[kind])
     return _legacy_step(body, decision, common)
@@ -527,6 +562,7 @@ __all__ = [
     "KINDS",
     "STEP_KINDS",
     "Answered",
+    "ApprovalGiven",
     "AwaitingAnswer",
     "AwaitingApproval",
     "Body",

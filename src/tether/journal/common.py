@@ -14,13 +14,11 @@ from typing import Any
 
 from tether.errors import ConcurrentWriteError
 from tether.hashing import encode_json
-from tether.journal.bodies import TicketDecided
 from tether.journal.records import (
     Commit,
     Entry,
     LeaseHeld,
     ModelExchange,
-    NewEntry,
     RunRecord,
     RunUpdate,
     Ticket,
@@ -227,18 +225,3 @@ def decided_status(ticket: Ticket, approve: bool) -> TicketStatus:
     if ticket.kind == "question":
         return "answered" if approve else "denied"
     return "approved" if approve else "denied"
-
-
-def decision_entry(
-    ticket: Ticket, run: RunRecord, status: str, by: str, reason: str, answer: str | None
-) -> NewEntry:
-    """The entry a ticket's decision appends to its run's journal."""
-    decided = TicketDecided(
-        ticket_id=ticket.ticket_id,
-        status=status,
-        by=by,
-        reason=reason,
-        answer=answer,
-        args_hash=ticket.args_hash,
-    )
-    return NewEntry.of(decided, step_id=ticket.step_id, state=run.state)

@@ -32,9 +32,18 @@ from typing import Any, Protocol, Self
 
 import msgspec
 
-from tether.errors import ConcurrentWriteError, JournalError, RunNotFound, TicketError, TicketExpired
+from tether.errors import (
+    ConcurrentWriteError,
+    Forbidden,
+    JournalError,
+    RunNotFound,
+    TicketConflict,
+    TicketError,
+    TicketExpired,
+)
 from tether.hashing import encode_json
-from tether.identity import TokenInfo
+from tether.identity import Principal, TokenInfo
+from tether.journal.bodies import ApprovalGiven, TicketDecided
 from tether.journal.common import (
     ACTIVE_STATUSES,
     ENTRY_COLUMNS,
@@ -49,7 +58,6 @@ from tether.journal.common import (
     TICKET_COLUMNS,
     TICKET_SELECT,
     decided_status,
-    decision_entry,
     decode_entry,
     decode_exchange,
     decode_run,
@@ -543,15 +551,28 @@ class SQLStore:
         ticket_id: str,
         *,
         approve: bool,
-        by: str,
+        by: Principal | str,
         reason: str = "",
         answer: str | None = None,
+        edited: tuple[dict[str, Any], str] | None = None,
         now: float | None = None,
     ) -> Ticket:
-        """Approve or deny (answer) a pending ticket, before its expiry by the store's clock.
+        """Approve or deny (answer) a pending ticket, before its expiry by the store's clock,
+        as principal `by`, in one transaction that locks the run, then the ticket.
 
-        `now` is accepted for callers of the earlier signature and ignored.
+        The rule's separation of duties is enforced here: a ticket that forbids
+        self-approval refuses the principal who started the run (`Forbidden`); one needing
+        N approvals records each distinct principal's approval (`approval_given`) and is
+        decided at the Nth, refusing a second approval by the same principal
+        (`TicketConflict`); any denial decides it. `edited` is (arguments, their hash) an
+        approver set, already checked by the caller (`Runtime.decide`): the ticket is then
+        bound to them. A ticket no longer pending refuses with `TicketConflict`.
+        `by` as a string (the earlier signature, used by code that opens the journal itself)
+        is recorded as `Principal.legacy(by)`: a local admin, as whoever writes the database
+        is. `now` is accepted for callers of the earlier signature and ignored.
         """
+        if isinstance(by, str):
+            by = Principal.legacy(by)
         async with self._d.transaction() as tx:
             found = await tx.fetch("SELECT run_id FROM tickets WHERE ticket_id = ?", (ticket_id,))
             if not found:
@@ -565,7 +586,7 @@ class SQLStore:
             )
             ticket, store_now = decode_ticket(rows[0][:-1]), rows[0][-1]
             if ticket.status != "pending":
-                raise TicketError(f"ticket {ticket_id} is already {ticket.status}")
+                raise TicketConflict(f"ticket {ticket_id} is already {ticket.status}")
             if ticket.expires_at <= store_now:
                 raise TicketExpired(
                     f"ticket {ticket_id} expired at {when(ticket.expires_at)}; "
@@ -573,24 +594,100 @@ class SQLStore:
                     ticket_id=ticket_id,
                     expires_at=ticket.expires_at,
                 )
-            status = decided_status(ticket, approve)
+            if approve and ticket.forbid_self_approval and run.started_by == by.principal_id:
+                raise Forbidden(
+                    f"{by.describe()} started run {run.run_id}: the rule that asked forbids approving "
+                    "one's own run (forbid_self_approval); another approver must decide"
+                )
+            args, args_hash, original = ticket.args, ticket.args_hash, ticket.original_args_hash
+            if edited is not None:
+                if ticket.approvals:
+                    raise TicketConflict(
+                        f"ticket {ticket_id} already has {ticket.approvals} approval(s) of its arguments; "
+                        "an edit would void them: approve it as it is, or deny it"
+                    )
+                args, args_hash, original = edited[0], edited[1], ticket.args_hash
+            edited_args = args if edited is not None else None
+            edited_from = original if edited is not None else None
+            status: str = decided_status(ticket, approve)
+            count, approvers = ticket.approvals, [by.principal_id]
+            entries: list[NewEntry] = []
+            if approve and ticket.approvals_required > 1:
+                approvers = await self._approval(tx, ticket, by, args_hash)
+                count = len(approvers)
+                given_entry = ApprovalGiven(
+                    ticket_id=ticket_id,
+                    by=by,
+                    args_hash=args_hash,
+                    count=count,
+                    required=ticket.approvals_required,
+                    reason=reason,
+                    edited_args=edited_args,
+                    original_args_hash=edited_from,
+                )
+                entries.append(NewEntry.of(given_entry, step_id=ticket.step_id, state=run.state))
+                if count < ticket.approvals_required:
+                    status = "pending"
+            decided = status != "pending"
             await tx.execute(
-                "UPDATE tickets SET status = ?, decided_at = ?, decided_by = ?, reason = ?, answer = ? "
-                "WHERE ticket_id = ?",
-                (status, store_now, by, reason, answer, ticket_id),
+                "UPDATE tickets SET status = ?, decided_at = ?, decided_by = ?, reason = ?, answer = ?, "
+                "approvals = ?, args = ?, args_hash = ?, original_args_hash = ? WHERE ticket_id = ?",
+                (
+                    status,
+                    store_now if decided else None,
+                    by.principal_id if decided else None,
+                    reason if decided else None,
+                    answer,
+                    count,
+                    encode_json(args),
+                    args_hash,
+                    original,
+                    ticket_id,
+                ),
             )
-            entry = decision_entry(ticket, run, status, by, reason, answer)
-            written = chain(run.run_id, run.last_seq, run.last_hash, [entry], store_now)
+            if decided:
+                record = TicketDecided(
+                    ticket_id=ticket_id,
+                    status=status,
+                    by=by,
+                    reason=reason,
+                    answer=answer,
+                    args_hash=args_hash,
+                    approvers=approvers if ticket.approvals_required > 1 and approve else [],
+                    edited_args=edited_args,
+                    original_args_hash=edited_from,
+                )
+                entries.append(NewEntry.of(record, step_id=ticket.step_id, state=run.state))
+            written = chain(run.run_id, run.last_seq, run.last_hash, entries, store_now)
             await tx.execute(
                 "UPDATE runs SET last_seq = ?, last_hash = ?, updated_at = ? WHERE run_id = ?",
                 (written[-1].seq, written[-1].hash, store_now, run.run_id),
             )
             await tx.executemany(INSERT_ENTRY, [entry_row(e) for e in written])
-            await self._d.notify(tx, run.run_id)
-        return ticket.model_copy(
-            update={"status": status, "decided_at": store_now, "decided_by": by, "reason": reason}
-            | {"answer": answer}
+            if decided:
+                await self._d.notify(tx, run.run_id)
+            rows = await tx.fetch(f"{TICKET_SELECT} WHERE ticket_id = ?", (ticket_id,))
+        return decode_ticket(rows[0])
+
+    async def _approval(self, tx: Tx, ticket: Ticket, by: Principal, args_hash: str) -> list[str]:
+        """Record `by`'s approval of a ticket needing several; return every approver so far.
+        The table's key (ticket, principal) keeps them distinct even between racing deciders."""
+        given = await tx.fetch(
+            "SELECT principal_id FROM ticket_approvals WHERE ticket_id = ? ORDER BY created_at",
+            (ticket.ticket_id,),
         )
+        approvers = [r[0] for r in given]
+        if by.principal_id in approvers:
+            raise TicketConflict(
+                f"{by.describe()} already approved ticket {ticket.ticket_id}; it needs "
+                f"{ticket.approvals_required} distinct approvers"
+            )
+        await tx.execute(
+            "INSERT INTO ticket_approvals (ticket_id, principal_id, args_hash, created_at) "
+            f"VALUES (?, ?, ?, {NOW})",
+            (ticket.ticket_id, by.principal_id, args_hash),
+        )
+        return [*approvers, by.principal_id]
 
     async def expire_ticket(self, ticket_id: str, now: float | None = None) -> Ticket:
         """Mark a ticket expired if its expiry has passed by the store's clock and it was not

@@ -195,7 +195,7 @@ def governed_steps(entries: list[Entry]) -> list[StepDecision]:
     for e in entries:
         record = e.body
         if isinstance(record, b.TicketDecided):
-            tickets[record.ticket_id] = f"{record.status} by {record.by}"
+            tickets[record.ticket_id] = f"{record.status} by {record.by.principal_id}"
         if e.step_id is None or not isinstance(record, b.StepRecord):
             continue
         last[e.step_id] = record
