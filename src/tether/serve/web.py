@@ -397,6 +397,8 @@ class Web:
     async def _events(self, server: api.Server, run: RunRecord, after: int) -> AsyncIterator[dict[str, str]]:
         rows = self.env.get_template("_rows.html")
         status = self.env.get_template("_status.html")
+        workflow, _ = _workflow(server, run)
+        drawn = (run.state, run.status)
         async for event in server.hub.stream(run.run_id, after):
             if event.get("event") == "entry":
                 row = msgspec.json.decode(event["data"])
@@ -404,6 +406,10 @@ class Web:
             current = await server.journal.get_run(run.run_id)
             ticket = await _pending_ticket(server.journal, current)
             yield {"event": "status", "data": status.render(run=current, ticket=ticket)}
+            if workflow is not None and (current.state, current.status) != drawn:  # the path grew
+                drawn = (current.state, current.status)
+                path = await server.journal.read_entries(run.run_id, kinds=_PATH_KINDS)
+                yield {"event": "graph", "data": svg(workflow, run_path(run.run_id, path))}
             if event.get("event") == "end":  # the run finished and every row was sent
                 yield {"event": "end", "data": current.status}
 
@@ -447,7 +453,9 @@ async def _item(journal: Journal, who: Principal, ticket: Ticket, run: RunRecord
 async def _decide(
     server: api.Server, who: Principal, ticket_id: str, action: str, form: dict[str, str]
 ) -> str:
-    """Decide through the same entry point as the API, after the same checks; the run's id."""
+    """Decide through the kernel's one entry point (`Runtime.decide`, as the API and the CLI
+    do): it authorizes the principal again and checks edited arguments by scope, schema and
+    policy. Returns the run's id."""
     if action not in _ACTIONS:
         raise Refusal(404, f"no action {action!r} on tickets (approve, deny, edit, answer)")
     reason = form.get("reason", "").strip()
@@ -464,9 +472,10 @@ async def _decide(
         if (ticket.kind == "question") != (action == "answer"):
             what = "a question: answer it" if ticket.kind == "question" else "an approval: it takes no answer"
             raise Refusal(409, f"ticket {ticket_id} is {what}")
-        await api.decide(
-            server.journal, ticket_id, approve=action != "deny", by=who, reason=reason, answer=answer,
-            edited_args=edited,
+        workflow = server.registry.workflow_for(run) if edited is not None and server.registry else None
+        await server.runtime.decide(
+            ticket_id, approve=action != "deny", by=who, reason=reason, answer=answer, edited_args=edited,
+            workflow=workflow,
         )  # fmt: skip
     except (TetherError, Problem) as exc:
         raise _refusal(exc) from None
