@@ -4,8 +4,10 @@ driving the refund example: sessions, CSRF, who may decide, the pages' content."
 from __future__ import annotations
 
 import asyncio
+import json
 import re
 from collections.abc import Callable, Iterator
+from pathlib import Path
 
 import httpx
 import pytest
@@ -221,3 +223,37 @@ def test_run_list_filters_and_the_run_pages(server: WebServer, browse: Browse) -
         assert rule in policy
     assert "when: args.amount &gt; 500.0" in policy  # each rule's text, escaped
     assert client.get("/runs/run_nope").status_code == 404
+
+
+def test_a_question_is_answered_from_the_inbox(server: WebServer, browse: Browse, tmp_path: Path) -> None:
+    asks = [
+        {"kind": "tool_call", "tool": "lookup_order", "args": {"order_id": "A-1002"}},
+        {"kind": "question", "question": "Did the customer show the damage?"},
+        {
+            "kind": "tool_call",
+            "tool": "issue_refund",
+            "args": {"order_id": "A-1002", "amount": 64.5, "reason": "chipped"},
+        },
+        {"kind": "exit", "exit": "refunded"},
+    ]
+    script = tmp_path / "asks.json"
+    script.write_text(json.dumps({"proposals": asks}))
+    run_id = server.submit("A-1002", proposals=script)
+    server.wait_for(run_id, "paused")
+    client = browse("supervisor")
+    html = client.get("/inbox").text
+    found = re.search(r'<article class="card ticket" id="(tkt_\w+)"[^>]*>\s*<h2[^>]*>\s*Question', html)
+    assert found, "the question is not in the inbox"
+    ticket = found.group(1)
+    item = html[html.index(f'id="{ticket}"') :]
+    item = item[: item.index("</article>")]
+    assert "Did the customer show the damage?" in item and run_id in item
+    assert f"/tickets/{ticket}/answer" in item and f"/tickets/{ticket}/approve" not in item
+    csrf = _csrf(html)
+    # Approving a question is refused, and so is an empty answer.
+    assert client.post(f"/tickets/{ticket}/approve", data={"csrf": csrf}).status_code == 409
+    assert client.post(f"/tickets/{ticket}/answer", data={"csrf": csrf, "answer": ""}).status_code == 422
+    answer = {"csrf": csrf, "answer": "yes: a photo of the chip"}
+    assert client.post(f"/tickets/{ticket}/answer", data=answer).status_code == 303
+    server.wait_for(run_id, "completed")
+    assert "yes: a photo of the chip" in client.get(f"/runs/{run_id}").text
