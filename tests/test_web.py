@@ -121,6 +121,8 @@ def test_the_inbox_shows_what_the_approver_needs_to_decide(server: WebServer, br
     assert "refund-above-100-needs-approval" in item and "refunds above 100 need a supervisor" in item
     assert "lookup_order" in item and "Ada Lovelace" in item and "verified" in item
     assert "refund-over-hard-limit" in item
+    # The facts the rule's condition read (established by the lookup's verifier).
+    assert "<code>facts.order_total</code></td><td><code>180.0</code>" in item
     for action in ("approve", "deny", "edit"):
         assert f'action="/tickets/{ticket_id}/{action}"' in item
 
