@@ -46,8 +46,8 @@ SMALL = [
 
 
 async def fill(db: str, runs: int, tmp: Path) -> tuple[str, list[str], float]:
-    """`runs` refund runs; return an admin token, a few run ids (a paused one first), and
-    how long filling took."""
+    """`runs` refund runs (none if the journal has runs already: `--journal`); return an
+    admin token, a paused, a completed and the newest run's ids, and how long filling took."""
     from tether.identity import create_token
     from tether.journal import open_journal
     from tether.loader import load_workflow_async, workflow_ref
@@ -67,6 +67,10 @@ async def fill(db: str, runs: int, tmp: Path) -> tuple[str, list[str], float]:
             for spec in (f"script:{small}", f"script:{REFUND / 'proposals.json'}")
         }
         ids: list[str] = []
+        existing = await journal.page_runs(status="paused", limit=1)
+        if existing:
+            done = await journal.page_runs(status="completed", limit=1)
+            return token, [existing[0].run_id, done[0].run_id, done[0].run_id], 0.0
 
         async def one(i: int) -> str:
             spec = f"script:{REFUND / 'proposals.json'}" if i % 100 == 0 else f"script:{small}"
@@ -134,11 +138,12 @@ def main() -> None:
     parser.add_argument("--runs", type=int, default=10_000)
     parser.add_argument("--requests", type=int, default=50)
     parser.add_argument("--pg", help="a PostgreSQL URL (a fresh database or schema) instead of SQLite")
+    parser.add_argument("--journal", help="a SQLite file to fill once and measure again (kept)")
     options = parser.parse_args()
     with tempfile.TemporaryDirectory() as folder:
         tmp = Path(folder)
         os.environ["REFUND_LEDGER"] = str(tmp / "ledger.sqlite")
-        db = options.pg or str(tmp / "tether.db")
+        db = options.pg or options.journal or str(tmp / "tether.db")
         print(describe_machine(tmp, ["starlette", "uvicorn", "jinja2"]))
         token, (paused, completed, newest), seconds = asyncio.run(fill(db, options.runs, tmp))
         print(
