@@ -148,7 +148,8 @@ def main() -> None:
         token, (paused, completed, newest), seconds = asyncio.run(fill(db, options.runs, tmp))
         print(
             f"journal: {'PostgreSQL' if options.pg else 'SQLite'}, {options.runs:,} refund runs "
-            f"({options.runs // 100:,} paused on an approval), made in {seconds:.0f} s\n"
+            f"({options.runs // 100:,} paused on an approval), "
+            + (f"made in {seconds:.0f} s\n" if seconds else "filled by an earlier run (--journal)\n")
         )
         process, url = serve(db, tmp)
         try:
