@@ -217,9 +217,11 @@ def test_refund_pauses_for_approval_and_completes_once_a_supervisor_approves(cli
     assert asked[0]["proposal"]["args"] == REFUND_ARGS
 
     decisions = [e["body"] for e in shown["entries"] if e["kind"] == "ticket_decided"]
-    assert [(d["ticket_id"], d["status"], d["by"], d["reason"]) for d in decisions] == [
+    assert [(d["ticket_id"], d["status"], d["by"]["name"], d["reason"]) for d in decisions] == [
         (ticket_id, "approved", "supervisor", "photo checks out")
     ]
+    # Decided from a shell that opened the journal: the local admin, `--by` only its display name.
+    assert decisions[0]["by"]["principal_id"].startswith("local:") and decisions[0]["by"]["role"] == "admin"
 
     executed = [r for r in refunds if r["kind"] == "step" and r["outcome"] == "executed"]
     assert len(executed) == 1

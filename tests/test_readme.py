@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import re
 import subprocess
 import sys
@@ -20,7 +21,9 @@ def test_the_python_example_in_the_readme_runs(tmp_path: Path) -> None:
         capture_output=True,
         text=True,
         timeout=60,
-        env={"PATH": "/usr/bin:/bin", "REFUND_LEDGER": str(tmp_path / "l.db")},
+        # PYTHONPATH kept: the tether under test, not whichever is installed.
+        env={"PATH": "/usr/bin:/bin", "REFUND_LEDGER": str(tmp_path / "l.db")}
+        | {k: v for k, v in os.environ.items() if k == "PYTHONPATH"},
     )
     assert out.returncode == 0, out.stderr
     assert out.stdout.strip().startswith("completed")

@@ -24,6 +24,10 @@ def _ledger() -> sqlite3.Connection:
         "CREATE TABLE IF NOT EXISTS refunds (idempotency_key TEXT PRIMARY KEY, "
         "order_id TEXT NOT NULL, amount REAL NOT NULL, reason TEXT NOT NULL)"
     )
+    db.execute(
+        "CREATE TABLE IF NOT EXISTS voids (idempotency_key TEXT PRIMARY KEY, "
+        "order_id TEXT NOT NULL, amount REAL NOT NULL)"
+    )
     return db
 
 
@@ -75,3 +79,24 @@ def issue_refund(order_id: str, amount: float, reason: str, ctx: ToolContext) ->
             (ctx.idempotency_key, order_id, amount, reason),
         )
     return {"refunded": amount, "order_id": order_id}
+
+
+def void_recorded(args: dict[str, Any], result: Any, ctx: ToolContext) -> Evidence:
+    """Re-read the ledger: the void must be there, once, for the amount refunded."""
+    with _ledger() as db:
+        rows = db.execute(
+            "SELECT amount FROM voids WHERE idempotency_key = ?", (ctx.idempotency_key,)
+        ).fetchall()
+    if len(rows) != 1 or abs(rows[0][0] - args["amount"]) > 1e-9:
+        return Evidence(ok=False, detail={"ledger_rows": rows})
+    return Evidence(detail={"voided": rows[0][0]})
+
+
+@tool(effect="write", idempotent=True, verify=void_recorded)
+def void_refund(order_id: str, amount: float, ctx: ToolContext) -> dict[str, Any]:
+    """Void a refund of an order (the compensation of `issue_refund`: a rollback runs it)."""
+    with _ledger() as db:
+        db.execute(
+            "INSERT OR IGNORE INTO voids VALUES (?, ?, ?)", (ctx.idempotency_key, order_id, amount)
+        )
+    return {"voided": amount, "order_id": order_id}

@@ -42,6 +42,8 @@ class Decision(msgspec.Struct, omit_defaults=True):
     # whether the run's starter may approve (tether.identity).
     approvals: int | None = None
     forbid_self_approval: bool = False
+    # The role an `ask` escalates the run to when its ticket expires (None: the call is denied).
+    escalate_on_expiry: str | None = None
     matched: list[str] = []
     evaluated: dict[str, bool | str] = {}
     resolved: dict[str, Any] = {}

@@ -50,6 +50,14 @@ class ToolRef(_Strict):
     results: Trust | None = None
     security: list[str] | None = None
     sensitive: bool | None = None
+    # How a rollback undoes its effect: `module:func` (arguments of the same names), or
+    # {tool: module:func, args: {PARAM: args.NAME | result.PATH}} (tether.tools.Compensation).
+    compensate: str | CompensateDoc | None = None
+
+
+class CompensateDoc(_Strict):
+    tool: str
+    args: dict[str, str] | None = None
 
 
 class StepDoc(_Strict):
@@ -69,6 +77,8 @@ class AgentDoc(_Strict):
     handoff_to: list[str] = Field(default_factory=list)
     on_budget_exhausted: Literal["escalate", "fail"] = "escalate"
     on_verification_failed: Literal["retry", "escalate", "fail"] = "retry"
+    # `rollback`: when the run fails in this state, the compensations of its effects run.
+    on_failure: Literal["stop", "rollback"] = "stop"
 
 
 class TerminalDoc(_Strict):
@@ -319,11 +329,26 @@ def _state(
         handoff_to=tuple(doc.handoff_to),
         on_budget_exhausted=doc.on_budget_exhausted,
         on_verification_failed=doc.on_verification_failed,
+        on_failure=doc.on_failure,
     )
 
 
 def _tool(spec: str | ToolRef, base: Path, where: str, mcp: McpCatalog | None) -> Tool:
     ref = ToolRef(ref=spec) if isinstance(spec, str) else spec
+    made = _plain_tool(ref, base, where, mcp)
+    if ref.compensate is None:
+        return made
+    comp = ref.compensate if isinstance(ref.compensate, CompensateDoc) else CompensateDoc(tool=ref.compensate)
+    undo = _plain_tool(ToolRef(ref=comp.tool), base, f"{where}, compensate", mcp)
+    declared = copy.copy(made)  # a decorated tool may be named elsewhere without it
+    declared.__dict__.pop("info", None)
+    try:
+        return declared.compensate_with(undo, comp.args)
+    except ValueError as exc:
+        raise DefinitionError(f"{where}: {ref.ref}: {exc}") from None
+
+
+def _plain_tool(ref: ToolRef, base: Path, where: str, mcp: McpCatalog | None) -> Tool:
     if ref.ref.startswith("mcp:"):
         return _mcp_tool(ref, base, where, mcp)
     obj = _import(ref.ref, where=where, base=base)

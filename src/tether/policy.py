@@ -115,6 +115,14 @@ MAX_CONDITION_OPERATORS = 500
 DEFAULT_EVALUATION_BUDGET = 0.05
 
 
+class OnExpiryEscalate(BaseModel):
+    """`on_expiry: {escalate: ROLE}`: an expired ticket escalates the run to ROLE."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    escalate: str = Field(min_length=1)
+
+
 class Rule(BaseModel):
     """One rule. `tool` or `exit` names what it governs ("*" for every tool)."""
 
@@ -133,6 +141,9 @@ class Rule(BaseModel):
     # whether the principal who started the run is barred from approving it.
     approvals: int | None = Field(None, ge=1, le=10, description="distinct approvers needed")
     forbid_self_approval: bool = False
+    # What a ticket of this rule comes to when nobody decides it in time: `deny` (the
+    # default), or `{escalate: ROLE}` (the run is escalated to ROLE, actionable by a person).
+    on_expiry: Literal["deny"] | OnExpiryEscalate | None = None
 
     @model_validator(mode="after")
     def _target_and_fields(self) -> Rule:
@@ -140,8 +151,8 @@ class Rule(BaseModel):
             raise ValueError("give exactly one of 'tool' or 'exit'")
         if self.decision == "defer" and not self.owner:
             raise ValueError("a 'defer' rule must name an 'owner' to hand off to")
-        if self.decision != "ask" and (self.approver or self.expires_in):
-            raise ValueError("'approver' and 'expires_in' apply only to 'ask' rules")
+        if self.decision != "ask" and (self.approver or self.expires_in or self.on_expiry):
+            raise ValueError("'approver', 'expires_in' and 'on_expiry' apply only to 'ask' rules")
         if self.decision != "ask" and (self.approvals is not None or self.forbid_self_approval):
             raise ValueError("'approvals' and 'forbid_self_approval' apply only to 'ask' rules")
         return self
@@ -196,6 +207,9 @@ class PolicyDocument(BaseModel):
             for key, unset in _LATER_RULE_FIELDS.items():
                 if rule.get(key, unset) == unset:
                     rule.pop(key, None)
+        for rule in content["rules"]:  # likewise a rule without `on_expiry:`
+            if rule.get("on_expiry") is None:
+                rule.pop("on_expiry", None)
         return content
 
 
@@ -510,6 +524,9 @@ class Policy:
             expires_in=(rule.expires_in or DEFAULT_APPROVAL_SECONDS) if rule.decision == "ask" else None,
             approvals=rule.approvals,
             forbid_self_approval=rule.forbid_self_approval,
+            escalate_on_expiry=rule.on_expiry.escalate
+            if isinstance(rule.on_expiry, OnExpiryEscalate)
+            else None,
             matched=matched,
             evaluated=evaluated,
             resolved=resolved,

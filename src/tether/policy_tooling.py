@@ -56,7 +56,9 @@ def lint(policy: Policy, workflow: Workflow | None = None) -> list[Finding]:
     `_mixed_arithmetic` for what it can and cannot see).
     """
     if workflow is not None:
-        policy.check_targets(workflow.tools(), workflow.exit_names(), workflow.resolvers)
+        policy.check_targets(
+            workflow.tools() | workflow.compensations(), workflow.exit_names(), workflow.resolvers
+        )
     findings: list[Finding] = []
     rules = policy.rules
     for rule in rules:

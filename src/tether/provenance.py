@@ -458,6 +458,8 @@ class SeenValues:
                 return Source("answer", "trusted", step, by=by), "", said
             case b.EffectSettled(note=note, by=by) if note:
                 return Source("answer", "trusted", step, by=by), "note", note
+            case b.TakenOver(data=data, by=by) if data:  # a person chose the exit, with data
+                return Source("answer", "trusted", step, by=by.principal_id), "data", data
             case b.Transition(proposal=proposal) if proposal.update:
                 self._model_keys |= _loose_keys_of(proposal.update)
             case b.StepDone(update=update) if update:
@@ -600,6 +602,7 @@ class SeenValues:
 _SEEN_KINDS = frozenset(
     {
         "run_started",
+        "taken_over",
         "executed",
         "verification_failed",
         "tool_failed",

@@ -34,3 +34,10 @@ class ReasonCode(StrEnum):
     STEP_FAILED = "step_failed"
     # Driving the run raised an error no stage expected, MAX_CRASHES times (see runtime.py).
     RUNTIME_ERROR = "runtime_error"
+    # A worker cannot drive the run (its workflow or model cannot be loaded there): stuck
+    # until a person acts (tether.operations) or a worker that can drive it claims it.
+    NOT_DRIVABLE = "not_drivable"
+    # Queued or running with no live lease: no worker has claimed it (yet).
+    WAITING_FOR_WORKER = "waiting_for_worker"
+    # People acting on a run (tether.operations).
+    CANCELLED = "cancelled"

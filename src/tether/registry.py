@@ -75,7 +75,9 @@ class Registry:
                 return workflow
         known = sorted({f"{w.name} {w.version}" for w in self.workflows.values()})
         wanted = f"{name} version {version}" if version is not None else name
-        raise NotRegistered(f"no workflow {wanted} under this server's roots (known: {', '.join(known) or 'none'})")
+        raise NotRegistered(
+            f"no workflow {wanted} under this server's roots (known: {', '.join(known) or 'none'})"
+        )
 
     def workflow_for(self, record: RunRecord) -> Workflow:
         """The workflow this run is pinned to, with its pinned policy; NotRegistered if the

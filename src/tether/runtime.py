@@ -26,6 +26,7 @@ from typing import Any
 import msgspec
 
 from tether import handoffs
+from tether.compensation import Rollback
 from tether.errors import EditRefused, InputError, JournalError, RunStateError, TicketError
 from tether.hashing import encode_json
 from tether.identity import Principal, authorize
@@ -546,7 +547,28 @@ class Runtime:
             del self._driving[cursor.run_id]
         if crash is not None:
             return await self._crashed(cursor.run_id, crash)
+        state = cursor.workflow.states.get(cursor.record.state)
+        if (
+            cursor.record.status == "failed"
+            and isinstance(state, AgentState)
+            and state.on_failure == "rollback"
+        ):
+            return await self._roll_back(cursor)
         return RunResult.of(cursor.record)
+
+    async def _roll_back(self, failed: RunCursor) -> RunResult:
+        """A state's `on_failure: rollback`: the run failed there, so the compensations of its
+        effects run (tether.compensation), under its lease taken again (the failing commit
+        gave it back). The run stays failed; its message says what was undone."""
+        record = await self.journal.acquire(failed.run_id, self.worker_id, lease_seconds=self.lease_seconds)
+        cursor = self._cursor(record, failed.workflow)
+        await cursor.load()
+        entries = await self.journal.read_entries(record.run_id)
+        why = f"on_failure: rollback ({record.reason_code}: {record.message})"
+        await Rollback(cursor).run(
+            entries, final=RunUpdate(status="failed", message=record.message), reason=why
+        )
+        return RunResult.of(await self.journal.get_run(record.run_id))
 
     async def _renew_leases(self) -> None:
         """One task per runtime renews the leases of every run it is driving: one statement.

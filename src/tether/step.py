@@ -48,6 +48,7 @@ from tether.proposals import (
 )
 from tether.reasons import ReasonCode
 from tether.run import Pending, RunCursor
+from tether.sweeper import expired_message
 from tether.tools import ArgumentError, Tool, ToolContext, ValidatedArgs
 from tether.workflow import AgentState
 
@@ -577,6 +578,20 @@ class GovernedStep:
                 values["reason_code"] = ReasonCode.APPROVAL_DENIED
             return await self.record(cls(**values), status="running")
         proposal = msgspec.convert(pending.proposal, Proposal)
+        role = pending.decision.escalate_on_expiry
+        if ticket.status == "expired" and role:  # the rule's `on_expiry: {escalate: ROLE}`
+            message = expired_message(ticket, role)
+            expired = b.TicketExpiredRecord(
+                ticket_id=ticket.ticket_id,
+                on_expiry="escalate",
+                escalated_to=role,
+                expired_at=ticket.expires_at,
+            )
+            data, facts = cursor.record.data, cursor.record.facts
+            escalated = b.Escalated(
+                reason_code=ReasonCode.APPROVAL_EXPIRED, message=message, owner=role, data=data, facts=facts
+            )
+            return await self.record(expired, escalated, observe=False)
         if ticket.status != "approved":
             code = ReasonCode.APPROVAL_EXPIRED if ticket.status == "expired" else ReasonCode.APPROVAL_DENIED
             reason = ticket.reason or f"ticket {ticket.ticket_id} {ticket.status}"

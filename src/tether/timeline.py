@@ -36,6 +36,17 @@ _OUTCOMES: dict[type[Any], str] = {
     b.Migrated: "migrated",
     b.Crashed: "crashed",
     b.ApprovalGiven: "approval_given",
+    b.Cancelled: "cancelled",
+    b.Retried: "retried",
+    b.TakenOver: "taken_over",
+    b.TicketExpiredRecord: "ticket_expired",
+    b.RollbackStarted: "rollback_started",
+    b.CompensationIntent: "compensation intent recorded, starting",
+    b.Compensated: "compensated",
+    b.CompensationFailed: "compensation_failed",
+    b.CompensationRefused: "compensation_refused",
+    b.CompensationInDoubt: "compensation_in_doubt",
+    b.RolledBack: "rolled_back",
 }
 
 
@@ -119,6 +130,8 @@ def transitions(entries: list[Entry]) -> tuple[str | None, list[tuple[str, str, 
             start = e.state
         elif isinstance(record, b.StepDone | b.Transition) and e.state:
             moves.append((e.state, record.next, record.exit if isinstance(record, b.Transition) else None))
+        elif isinstance(record, b.TakenOver) and e.state:  # a person chose the exit
+            moves.append((e.state, record.next, record.exit))
         elif isinstance(record, b.HandoffReceived) and record.to_state and e.state:
             moves.append((e.state, record.to_state, None))  # a handoff routed to another agent state
     return start, moves
@@ -204,4 +217,32 @@ def _detail(record: Any) -> Any:
             return {"next": to}
         case b.Refused(decision=d):
             return d.reason
+    return _operation_detail(record)
+
+
+def _operation_detail(record: Any) -> Any:
+    """What a person's operation on the run, a rollback or an expiry says (tether.operations)."""
+    match record:
+        case b.Cancelled(by=by, reason=reason, rollback=rollback):
+            return (
+                f"by {by.describe()}"
+                + (f": {reason}" if reason else "")
+                + (" (with rollback)" if rollback else "")
+            )
+        case b.Retried(by=by, note=note, state=state):
+            return f"by {by.describe()}: state {state} again, fresh budget" + (f" ({note})" if note else "")
+        case b.TakenOver(by=by, exit=exit, next=to):
+            return f"by {by.describe()}: exit {exit} → {to}"
+        case b.TicketExpiredRecord(ticket_id=t, escalated_to=role):
+            return f"{t} expired undecided: " + (f"escalated to {role}" if role else "denied")
+        case b.RollbackStarted(effects=effects, uncompensated=missing):
+            return {"undo (newest first)": effects, "cannot undo": [m.step_id for m in missing]}
+        case b.CompensationRefused(reason=reason) | b.CompensationInDoubt(message=reason):
+            return reason
+        case b.CompensationFailed(error=error):
+            return error
+        case b.CompensationStep(compensates=step, of_tool=tool):
+            return f"undoes {step} ({tool})"
+        case b.RolledBack():
+            return {k: v for k, v in msgspec.to_builtins(record).items() if v}
     return None

@@ -125,11 +125,85 @@ def args_hash(tool: str, encoded_args: str) -> str:
     return value_hash(f'{{"args":{encoded_args},"tool":{encode_json(tool)}}}')
 
 
+class Compensation:
+    """How to undo a `write` or `external` tool's effect (a rollback runs it: tether.compensation).
+
+    `tool` is the compensating tool (itself a write); `args` says where each of its
+    arguments comes from: `args.NAME` (the original call's argument) or `result.PATH`
+    (a field of what the original call returned, dotted for nested objects). Checked when
+    declared: every source names a parameter or the result, every required parameter of
+    the compensating tool is given, and nothing else is.
+    """
+
+    def __init__(self, of: Tool, tool: Tool, args: Mapping[str, str] | None = None) -> None:
+        if tool.effect == "read":
+            raise ValueError(f"compensation {tool.name!r} of {of.name!r} is a read: it cannot undo an effect")
+        if of.effect == "read":
+            raise ValueError(f"tool {of.name!r} is a read: it has no effect to compensate")
+        params = tool.json_schema().get("properties") or {}
+        required = set(tool.json_schema().get("required") or [])
+        original = set((of.json_schema().get("properties") or {}).keys())
+        if args is None:  # by name: each parameter from the original call's argument of that name
+            missing = sorted(p for p in params if p not in original and p in required)
+            if missing:
+                raise ValueError(
+                    f"compensation {tool.name!r} of {of.name!r}: parameter(s) {', '.join(missing)} "
+                    f"are not arguments of {of.name!r}; say where each comes from with "
+                    "args: {NAME: args.X | result.PATH}"
+                )
+            args = {p: f"args.{p}" for p in params if p in original}
+        unknown = sorted(set(args) - set(params))
+        if unknown:
+            raise ValueError(
+                f"compensation {tool.name!r}: no parameter(s) {', '.join(unknown)} "
+                f"(its parameters: {', '.join(sorted(params)) or 'none'})"
+            )
+        missing = sorted(required - set(args))
+        if missing:
+            raise ValueError(
+                f"compensation {tool.name!r}: required parameter(s) {', '.join(missing)} not given"
+            )
+        for name, source in args.items():
+            head, _, rest = str(source).partition(".")
+            if head == "args" and rest not in original:
+                raise ValueError(
+                    f"compensation {tool.name!r}, argument {name!r}: {source!r} names no argument of "
+                    f"{of.name!r} (its arguments: {', '.join(sorted(original)) or 'none'})"
+                )
+            if head not in ("args", "result") or (head == "args" and not rest):
+                raise ValueError(
+                    f"compensation {tool.name!r}, argument {name!r}: {source!r} must be args.NAME or "
+                    "result or result.PATH"
+                )
+        self.of, self.tool, self.args = of.name, tool, dict(args)
+
+    def derive(self, args: Mapping[str, Any], result: Any) -> dict[str, Any]:
+        """The compensating call's arguments, from the original call's `args` and `result`;
+        LookupError naming the missing value when one is not there."""
+        derived: dict[str, Any] = {}
+        for name, source in self.args.items():
+            head, _, path = source.partition(".")
+            value: Any = args if head == "args" else result
+            for part in path.split(".") if path else ():
+                if not isinstance(value, Mapping) or part not in value:
+                    raise LookupError(f"{source} is not in the recorded call (needed for {name!r})")
+                value = value[part]
+            derived[name] = value
+        return derived
+
+    def describe(self) -> dict[str, Any]:
+        return {"tool": self.tool.name, "fn": f"{self.tool.fn.__module__}:{self.tool.fn.__qualname__}"} | {
+            "args": self.args
+        }
+
+
 class Tool:
     """A callable the runtime may execute on a model's behalf, with its contract."""
 
     # What a tool's results are when it does not say (see the module's docstring).
     results: Trust = "trusted"
+    # How its effect is undone by a rollback, if it says (tether.compensation).
+    compensation: Compensation | None = None
     security: tuple[str, ...] | None = None  # None: not declared
     sensitive: bool = False
 
@@ -191,6 +265,12 @@ class Tool:
         if sensitive is not None:
             self.sensitive = bool(sensitive)
         self.__dict__.pop("info", None)  # what conditions see as `tool` is made again
+
+    def compensate_with(self, tool: Tool, args: Mapping[str, str] | None = None) -> Tool:
+        """Declare how this tool's effect is undone: `tool` called with arguments derived as
+        `args` says (see `Compensation`); ValueError when they do not fit. Returns self."""
+        self.compensation = Compensation(self, tool, args)
+        return self
 
     def __repr__(self) -> str:
         return f"Tool({self.name!r}, effect={self.effect!r}, idempotent={self.idempotent})"

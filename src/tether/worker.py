@@ -14,6 +14,9 @@ startup from its roots), and `function:` models whose module lies under those ro
 pinned to anything else is set aside: left as it is for a person, its message saying why,
 and not claimed again by this worker.
 
+Every worker also runs the expiry sweeper (tether.sweeper) at most every `sweep_seconds`:
+tickets nobody decided expire at their deadline, whether or not anybody looks.
+
 SIGTERM or SIGINT drain a worker: it claims nothing more, lets each run finish the step it
 is in, releases the leases and exits.
 """
@@ -23,14 +26,17 @@ from __future__ import annotations
 import asyncio
 import logging
 import signal
+import time
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 
 from tether.errors import ConcurrentWriteError, TetherError
 from tether.journal import Commit, Journal, RunRecord, RunUpdate
 from tether.models import Model, close_model, resolve_model
+from tether.reasons import ReasonCode
 from tether.registry import NotRegistered, Registry
 from tether.runtime import RunResult, Runtime
+from tether.sweeper import sweep_expired
 
 log = logging.getLogger("tether.worker")
 # The message of a run a worker set aside starts with this; driving the run clears it.
@@ -43,6 +49,7 @@ class WorkerStats:
     stopped: dict[str, int] = field(default_factory=dict)
     set_aside: int = 0
     errors: int = 0
+    expired: int = 0  # tickets the sweeper expired
 
 
 class Worker:
@@ -59,6 +66,7 @@ class Worker:
         limits: Mapping[str, int] | None = None,
         poll_seconds: float = 1.0,
         model_for: Callable[[str], Model] | None = None,
+        sweep_seconds: float | None = None,
     ) -> None:
         self.runtime = Runtime(journal, worker_id=worker_id, lease_seconds=lease_seconds)
         self.journal = journal
@@ -66,6 +74,9 @@ class Worker:
         self.concurrency = concurrency
         self.limits = dict(limits or {})
         self.poll_seconds = poll_seconds
+        # How often the expiry sweeper runs (default: every poll interval).
+        self.sweep_seconds = poll_seconds if sweep_seconds is None else sweep_seconds
+        self._next_sweep = 0.0
         self.stats = WorkerStats()
         self._model_for = model_for or self._resolve_model
         # One model per spec, shared by the runs that name it (an adapter holds an HTTP
@@ -87,6 +98,7 @@ class Worker:
         """Work until stopped (or, with `until_idle`, until nothing is runnable)."""
         active: set[asyncio.Task[None]] = set()
         while not self._stop.is_set():
+            await self._sweep()
             claimed = None
             if len(active) < self.concurrency:
                 claimed = await self.journal.claim(
@@ -111,7 +123,8 @@ class Worker:
                 continue
             if until_idle and not active:
                 break
-            waiting = [asyncio.create_task(self.journal.wait_for_work(self.poll_seconds))]
+            timeout = min(self.poll_seconds, max(0.0, self._next_sweep - time.monotonic()))
+            waiting = [asyncio.create_task(self.journal.wait_for_work(timeout))]
             stop_waiter = asyncio.create_task(self._stop.wait())
             await asyncio.wait([*waiting, stop_waiter, *active], return_when=asyncio.FIRST_COMPLETED)
             for t in (*waiting, stop_waiter):
@@ -122,6 +135,16 @@ class Worker:
             await close_model(model)
         self._models.clear()
         return self.stats
+
+    async def _sweep(self) -> None:
+        """Expire the tickets past their deadline, at most every `sweep_seconds`."""
+        if time.monotonic() < self._next_sweep:
+            return
+        self._next_sweep = time.monotonic() + self.sweep_seconds
+        try:
+            self.stats.expired += await sweep_expired(self.journal)
+        except TetherError as exc:  # the store's trouble: tried again at the next interval
+            log.warning("expiry sweep failed: %s", exc)
 
     def _resolve_model(self, spec: str) -> Model:
         """A model of a run's spec; a `function:` model only from a module under the roots."""
@@ -165,9 +188,17 @@ class Worker:
             # A run its workflow cannot drive here (a policy that changed, a model that cannot
             # be built): left untouched for a person, and not claimed again by this worker.
             self.stats.errors += 1
-            self._unloadable.add(record.run_id)
-            await self.journal.release(record.run_id, self.worker_id)
             log.error("run %s cannot be driven here: %s", record.run_id, exc)
+            self._unloadable.add(record.run_id)
+            self.stats.set_aside += 1
+            await self.journal.release(record.run_id, self.worker_id)
+            try:  # so that `tether runs` says why (its lease was given back: noted unleased)
+                current = await self.journal.get_run(record.run_id)
+                await note(
+                    self.journal, current, f"{SET_ASIDE} {self.worker_id}: {exc}", reason_code=_stuck(current)
+                )
+            except TetherError as lost:  # the run moved on meanwhile: nothing to note
+                log.warning("run %s: not noted as set aside: %s", record.run_id, lost)
             return
         except Exception:  # a bug or a lost database: the lease expires and another worker resumes
             self.stats.errors += 1
@@ -183,7 +214,14 @@ class Worker:
         log.error("run %s set aside, not driven: %s", record.run_id, why)
         try:
             message = f"{SET_ASIDE} {self.worker_id}: {why}"
-            await note(self.journal, record, message, self.worker_id, self.runtime.lease_seconds)
+            await note(
+                self.journal,
+                record,
+                message,
+                self.worker_id,
+                self.runtime.lease_seconds,
+                reason_code=_stuck(record),
+            )
         finally:
             await self.journal.release(record.run_id, self.worker_id)
 
@@ -192,6 +230,12 @@ class Worker:
         waiting = f" on ticket {result.ticket_id}" if result.ticket_id else ""
         why = f" ({result.reason_code}: {result.message})" if result.reason_code and result.message else ""
         log.info("run %s %s in state %s%s%s", result.run_id, result.status, result.state, waiting, why)
+
+
+def _stuck(record: RunRecord) -> str | None:
+    """The reason code a run set aside is noted with: `not_drivable` while it waits for a
+    worker (queued or running); a paused or stopped run keeps its own."""
+    return ReasonCode.NOT_DRIVABLE if record.status in ("queued", "running") else None
 
 
 def is_set_aside(record: RunRecord) -> bool:
@@ -205,22 +249,27 @@ async def note(
     message: str | None,
     lease_owner: str | None = None,
     lease_seconds: float | None = None,
+    *,
+    reason_code: str | None = None,
 ) -> RunRecord:
-    """Set or clear the run's message, nothing else, under `lease_owner`'s lease (None: only
-    while nobody holds one)."""
-    if record.message == message:
+    """Set or clear the run's message (and, for a run no worker can drive, its reason code
+    `not_drivable`, cleared with the message), nothing else, under `lease_owner`'s lease
+    (None: only while nobody holds one)."""
+    stuck = record.reason_code == ReasonCode.NOT_DRIVABLE
+    code = reason_code if reason_code is not None else (None if stuck else record.reason_code)
+    if record.message == message and record.reason_code == code:
         return record
     await journal.commit(
         Commit(
             run_id=record.run_id,
             expected_seq=record.last_seq,
             expected_hash=record.last_hash,
-            update=RunUpdate(message=message),
+            update=RunUpdate(message=message, reason_code=code),
             lease_owner=lease_owner,
             lease_seconds=lease_seconds,
         )
     )
-    return record.model_copy(update={"message": message})
+    return record.model_copy(update={"message": message, "reason_code": code})
 
 
 def install_signal_handlers(worker: Worker) -> None:

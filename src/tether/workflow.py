@@ -72,6 +72,8 @@ class AgentState:
     handoff_to: tuple[str, ...] = ()
     on_budget_exhausted: OnFailure = "escalate"
     on_verification_failed: Literal["retry", "escalate", "fail"] = "retry"
+    # `rollback`: a run that fails in this state runs the compensations of its effects.
+    on_failure: Literal["stop", "rollback"] = "stop"
     # The skill this state is made from (`uses: skills/NAME@VERSION`): its inputs are checked
     # when a visit begins, its output contract on every success exit (tether.skills).
     skill: Skill | None = None
@@ -174,6 +176,12 @@ class Workflow:
     def tools(self) -> dict[str, Tool]:
         return {t.name: t for s in self.states.values() if isinstance(s, AgentState) for t in s.tools}
 
+    def compensations(self) -> dict[str, Tool]:
+        """The tools that undo its tools' effects in a rollback (governed by policy too)."""
+        return {
+            t.compensation.tool.name: t.compensation.tool for t in self.tools().values() if t.compensation
+        }
+
     def successors(self, state: State) -> tuple[str, ...]:
         if isinstance(state, Step):
             return state.next
@@ -208,7 +216,7 @@ class Workflow:
             if seen.setdefault(t.name, t) is not t and seen[t.name].fn is not t.fn:
                 raise DefinitionError(f"workflow {self.name!r}: two different tools are named {t.name!r}")
         if self.policy is not None:
-            self.policy.check_targets(self.tools(), self.exit_names(), self.resolvers)
+            self.policy.check_targets(self.tools() | self.compensations(), self.exit_names(), self.resolvers)
 
     def _check_skill_scope(self) -> None:
         """A skill's rules govern its tools and exits by name, so no other state may offer
@@ -242,9 +250,7 @@ class Workflow:
 
     def skills(self) -> dict[str, str]:
         """The skills the states are made from: `NAME@VERSION` -> the skill's hash."""
-        return {
-            s.skill.ref: s.skill.hash for s in self._state_list if isinstance(s, AgentState) and s.skill
-        }
+        return {s.skill.ref: s.skill.hash for s in self._state_list if isinstance(s, AgentState) and s.skill}
 
     def exit_names(self) -> set[str]:
         return {e for s in self.states.values() if isinstance(s, AgentState) for e in s.exits}
@@ -390,6 +396,8 @@ def _describe_state(state: State) -> dict[str, Any]:
                     "verifier": _ref(t.verifier) if t.verifier else None,
                     "schema": t.json_schema(),
                     **_provenance_declarations(t),
+                    # Only when declared: workflows without compensations keep their hash.
+                    **({"compensate": t.compensation.describe()} if t.compensation else {}),
                 }
                 for t in state.tools
             ],
@@ -399,6 +407,7 @@ def _describe_state(state: State) -> dict[str, Any]:
             "handoff_to": list(state.handoff_to),
             "on_budget_exhausted": state.on_budget_exhausted,
             "on_verification_failed": state.on_verification_failed,
+            **({"on_failure": state.on_failure} if state.on_failure != "stop" else {}),
             # A skill's version and hash: part of the workflow hash, so every run records them.
             **({"skill": state.skill.identity()} if state.skill is not None else {}),
         }

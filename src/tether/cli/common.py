@@ -9,6 +9,7 @@ from __future__ import annotations
 import asyncio
 import json
 import os
+import re
 import shlex
 import sys
 from collections.abc import Awaitable, Callable
@@ -99,13 +100,31 @@ ERROR_CODES: list[tuple[type[TetherError], str]] = [
 
 
 class Output:
-    """How this process reports errors; the command line sets it (`--json` asks for JSON)."""
+    """How this process reports errors; the command line sets it (`--json` asks for JSON).
+    `db_hint` is ` --db WHERE` once a command opened a journal that is not the default one."""
 
     json_errors = False
+    db_hint = ""
+
+
+# A next step an error names (`tether resolve run_x --done`, from the kernel, which does not
+# know which journal the command opened): the `--db` the command was given goes after the id.
+_NEXT_STEP = re.compile(
+    r"\btether (?:resume|resolve|pickup|approve|deny|answer|show|exchanges) (?:run|tkt)_\w+"
+)
+
+
+def with_db(message: str) -> str:
+    """`message` with the command's `--db` added to every next step it suggests."""
+    hint = Output.db_hint
+    if not hint or hint in message:
+        return message
+    return _NEXT_STEP.sub(lambda m: m.group(0) + hint, message)
 
 
 def print_error(code: str, message: str) -> None:
     """An error as the caller asked for output: `{"error": {...}}` on stdout, or text on stderr."""
+    message = with_db(message)
     if Output.json_errors:
         print_json({"error": {"code": code, "message": message}})
     else:
@@ -180,6 +199,7 @@ def open_store(db: str | None, *, create: bool = False) -> Journal:
             "only reads or decides never creates one)",
             "no_journal",
         )
+    Output.db_hint = db_hint(db)
     try:
         return open_journal(db)
     except TetherError as exc:

@@ -120,8 +120,7 @@ def show(server: str, run_id: str, as_json: bool) -> list[dict[str, Any]] | None
         f"[bold]{run['run_id']}[/]  {run['workflow']} {run['workflow_version']}  "
         f"status [bold]{run['status']}[/]  state {run['state']}"
     )
-    out.print(
-        f"  via {server}  journal {'intact' if chain['intact'] else 'BROKEN: ' + '; '.join(chain['problems'])}"
-    )
+    intact = "intact" if chain["intact"] else "BROKEN: " + "; ".join(chain["problems"])
+    out.print(f"  via {server}  journal {intact}", markup=False)
     steps: list[dict[str, Any]] = detail["steps"]
     return steps

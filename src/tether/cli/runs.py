@@ -40,6 +40,7 @@ from tether.journal import FINISHED, Entry, RunRecord, RunStatus, Ticket, bodies
 from tether.journal.common import SELF_DRIVEN
 from tether.loader import load_workflow_async, workflow_ref
 from tether.models import Model, close_model
+from tether.operations import stuck_reason
 from tether.provenance import summary
 from tether.runtime import RunResult, Runtime
 from tether.timeline import timeline
@@ -244,6 +245,11 @@ def _process_exists(pid: int) -> bool:
     return True
 
 
+def _stuck(record: RunRecord, now: float) -> dict[str, str] | None:
+    stuck = stuck_reason(record, now)
+    return {"reason_code": stuck[0], "message": stuck[1]} if stuck else None
+
+
 def _aligned(rows: list[list[str]]) -> list[str]:
     """Columns padded to their widest cell; nothing is ever cut, whatever the terminal width."""
     widths = [max(len(cell) for cell in column) for column in zip(*rows, strict=True)]
@@ -273,7 +279,12 @@ def runs(
     records = run_command(main)
     now = time.time()
     if as_json:
-        print_json([{**r.model_dump(exclude={"checkpoint"}), "lease": lease_of(r, now)} for r in records])
+        print_json(
+            [
+                {**r.model_dump(exclude={"checkpoint"}), "lease": lease_of(r, now), "stuck": _stuck(r, now)}
+                for r in records
+            ]
+        )
         return
     if not records:
         out.print(f"no runs{f' with status {status}' if status else ''}")
@@ -281,7 +292,10 @@ def runs(
     rows = [["run", "workflow", "status", "state", "owner", "reason", "updated", "note"]]
     for r in records:
         lease = lease_of(r, now)
-        note = " — ".join(n for n in (r.message, lease and lease["note"]) if n)
+        stuck = stuck_reason(r, now)  # a run that should be moving says why it is not
+        reason = r.reason_code or (stuck[0] if stuck else "")
+        message = r.message or (stuck[1] if stuck else None)
+        note = " — ".join(n for n in (message, lease and lease["note"]) if n)
         rows.append(
             [
                 r.run_id,
@@ -289,7 +303,7 @@ def runs(
                 r.status,
                 r.state,
                 r.owner or "",
-                r.reason_code or "",
+                reason,
                 time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(r.updated_at)),
                 short(note, 120),
             ]
@@ -482,16 +496,16 @@ def _decide(
     answer: str | None,
     db: str | None,
     as_json: bool,
-    server: str | None = None,
     edited: str | None = None,
+    server: str | None = None,
 ) -> None:
-    edited_args = _edited_args(edited) if edited is not None else None
     if server:
         verb = "answer" if answer is not None else "approve" if approve else "deny"
         body: dict[str, Any] = {"answer": answer} if answer is not None else {"reason": reason}
-        if edited_args is not None:
-            body["args"] = edited_args
+        if edited is not None:
+            body["args"] = _edited_args(edited)
         return remote.decide(server, ticket_id, verb, body, as_json)
+    edited_args = _edited_args(edited) if edited is not None else None
 
     async def main() -> tuple[Ticket, RunRecord]:
         async with open_store(db) as journal:
@@ -499,13 +513,15 @@ def _decide(
             if ticket.kind == "question" and approve and answer is None:
                 fail(
                     f"ticket {ticket_id} is a question ({ticket.question!r}), not an approval: answer it "
-                    f"with tether answer {ticket_id} TEXT{db_hint(db)} (or decline it with tether deny)",
+                    f"with tether answer {ticket_id} TEXT{db_hint(db)} (or decline it: tether deny "
+                    f"{ticket_id} --reason TEXT{db_hint(db)})",
                     "ticket_error",
                 )
             if ticket.kind == "approval" and answer is not None:
                 fail(
                     f"ticket {ticket_id} is an approval, not a question: "
-                    f"tether approve {ticket_id}{db_hint(db)} or tether deny",
+                    f"tether approve {ticket_id}{db_hint(db)} or "
+                    f"tether deny {ticket_id} --reason TEXT{db_hint(db)}",
                     "ticket_error",
                 )
             record = await journal.get_run(ticket.run_id)
@@ -576,9 +592,16 @@ def approve(
 ) -> None:
     """Approve a pending ticket: exactly the arguments it shows (or those of --args), once."""
     _decide(
-        ticket_id, approve=True, by=by, reason=reason, answer=None, db=db, as_json=as_json, edited=args,
+        ticket_id,
+        approve=True,
+        by=by,
+        reason=reason,
+        answer=None,
+        db=db,
+        as_json=as_json,
+        edited=args,
         server=server,
-    )  # fmt: skip
+    )
 
 
 @app.command()

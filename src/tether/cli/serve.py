@@ -60,7 +60,8 @@ def serve(
     roots = _roots(workflows)
     if workers and not roots:
         fail(
-            f"--workers {workers} needs the workflows to drive: --workflows DIR (or ${ROOTS_ENV}), or --workers 0"
+            f"--workers {workers} needs the workflows to drive: --workflows DIR (or ${ROOTS_ENV}), "
+            "or --workers 0"
         )
     logging.basicConfig(level=logging.INFO, format="%(asctime)s tether serve: %(message)s")
     try:

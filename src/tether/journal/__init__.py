@@ -17,7 +17,7 @@ Concurrent commits in one process share transactions (group commit; `journal/sto
 from __future__ import annotations
 
 import os
-from collections.abc import Collection, Mapping
+from collections.abc import Callable, Collection, Mapping
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Protocol, Self
 
@@ -150,6 +150,22 @@ class Journal(Protocol):
     async def revoke_token(self, token_id: str, by: str) -> TokenInfo: ...
 
     # -- leases: which worker drives a run, until when (the store's clock) --------------
+
+    async def due_tickets(self, limit: int = 100) -> list[str]:
+        """Pending tickets past their deadline by the store's clock (the expiry sweeper's)."""
+        ...
+
+    async def sweep_ticket(
+        self,
+        ticket_id: str,
+        consequence: Callable[[Ticket, RunRecord, float], tuple[list[NewEntry], RunUpdate | None]],
+    ) -> Ticket | None:
+        """Expire a due ticket with what `consequence` appends to its run, in one transaction."""
+        ...
+
+    async def list_actionable(self, *, owner: str | None = None, limit: int = 100) -> list[RunRecord]:
+        """Runs waiting for a person: escalated, effect in doubt, or stuck."""
+        ...
 
     async def acquire(
         self, run_id: str, worker_id: str, *, lease_seconds: float, now: float | None = None

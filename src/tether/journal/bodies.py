@@ -13,6 +13,10 @@ Governed steps (one proposal each; `step_id` set):
 Deterministic steps: step_done, step_failed
 The run: run_started, run_finished, escalated, failed, ticket_decided, approval_given, migrated,
 crashed
+People acting on a run (tether.operations): cancelled, retried, taken_over, ticket_expired
+Rollback (tether.compensation; `step_id` set to the compensation's own step):
+    rollback_started, compensation_intent, compensated, compensation_failed,
+    compensation_refused, compensation_in_doubt, rolled_back
 
 A step's decision is stored without the policy hash (the run's, from `run_started` and
 `migrated`) and without the per-rule results (`Decision.stored`). What the model sees of a
@@ -372,6 +376,126 @@ class Migrated(Body, kw_only=True):
     by: str
 
 
+# -- people acting on a run (tether.operations) ------------------------------------------
+
+
+class Cancelled(Body, kw_only=True):
+    """A person cancelled the run (`from_status` is what it was); with `rollback` the
+    compensations of its effects follow (`rollback_started` ... `rolled_back`).
+    `ticket_id` is a pending ticket withdrawn with it."""
+
+    by: Principal
+    reason: str = ""
+    from_status: str
+    rollback: bool = False
+    ticket_id: str | None = None
+
+
+class Retried(Body, kw_only=True):
+    """A person sent the run back into `state` with a fresh visit budget (a new visit,
+    whose transcript starts empty); it is queued for a worker or `tether resume`."""
+
+    by: Principal
+    note: str = ""
+    from_status: str
+    state: str
+    reason_code: str | None = None  # why the run had stopped
+
+
+class TakenOver(Body, kw_only=True):
+    """A person chose the exit `exit` of the run's state (to `next`) with `data`, in place
+    of the model; checked like a model's exit (scope, contract, policy: `decision`)."""
+
+    by: Principal
+    exit: str
+    next: str
+    data: dict[str, Any] = {}
+    decision: Decision
+    from_status: str
+    ticket_id: str | None = None  # a pending ticket withdrawn with it
+
+
+class TicketExpiredRecord(Body, kw_only=True):
+    """The sweeper found a ticket past its deadline (by the store's clock) and expired it;
+    `on_expiry` is what the rule said then: `deny`, or `escalate` to `escalated_to`."""
+
+    ticket_id: str
+    on_expiry: Literal["deny", "escalate"] = "deny"
+    escalated_to: str | None = None
+    expired_at: float
+
+
+# -- rollback (tether.compensation) --------------------------------------------------------
+
+
+class Uncompensated(msgspec.Struct, omit_defaults=True):
+    """An effect a rollback cannot undo, and why (no compensation declared, a value its
+    arguments derive from is missing, an effect settled by a person without a result)."""
+
+    step_id: str
+    tool: str
+    reason: str
+
+
+class RollbackStarted(Body, kw_only=True):
+    """A rollback begins: the effects it will compensate (`effects`, the step ids of their
+    `executed` entries, in the order they will be undone: newest first) and those it cannot."""
+
+    by: Principal | None = None  # None: the workflow's `on_failure: rollback`
+    reason: str = ""
+    effects: list[str] = []
+    uncompensated: list[Uncompensated] = []
+
+
+class CompensationStep(Body, kw_only=True):
+    """One compensation: `tool` called with `args` to undo the effect of step `compensates`
+    (its tool `of_tool`), decided by policy like any call (`decision`)."""
+
+    compensates: str
+    of_tool: str
+    tool: str
+    args: dict[str, Any] = {}
+    args_hash: str | None = None
+    decision: Decision | None = None
+
+
+class CompensationIntent(CompensationStep, kw_only=True):
+    """Written and synced before the compensation runs (as an intent is before any write)."""
+
+
+class Compensated(CompensationStep, kw_only=True):
+    result: Any = None
+    verification: dict[str, Any] | None = None
+    verified: bool = True  # False: its verifier did not find the effect undone
+    recovered: bool = False  # re-run after a crash (idempotent compensations only)
+
+
+class CompensationFailed(CompensationStep, kw_only=True):
+    error: str
+
+
+class CompensationRefused(CompensationStep, kw_only=True):
+    """Policy (or the arguments' schema) did not let the compensation run: `reason`."""
+
+    reason: str = ""
+
+
+class CompensationInDoubt(CompensationStep, kw_only=True):
+    """A compensation whose intent has no result after a crash, not idempotent: not re-run."""
+
+    message: str = ""
+
+
+class RolledBack(Body, kw_only=True):
+    """The rollback's outcome, per original step id."""
+
+    compensated: list[str] = []
+    failed: list[str] = []
+    refused: list[str] = []
+    in_doubt: list[str] = []
+    uncompensated: list[Uncompensated] = []
+
+
 KINDS: dict[str, type[Body]] = {
     "refused": Refused,
     "awaiting_approval": AwaitingApproval,
@@ -398,6 +522,17 @@ KINDS: dict[str, type[Body]] = {
     "approval_given": ApprovalGiven,
     "migrated": Migrated,
     "crashed": Crashed,
+    "cancelled": Cancelled,
+    "retried": Retried,
+    "taken_over": TakenOver,
+    "ticket_expired": TicketExpiredRecord,
+    "rollback_started": RollbackStarted,
+    "compensation_intent": CompensationIntent,
+    "compensated": Compensated,
+    "compensation_failed": CompensationFailed,
+    "compensation_refused": CompensationRefused,
+    "compensation_in_doubt": CompensationInDoubt,
+    "rolled_back": RolledBack,
 }
 KIND_OF: dict[type[Body], str] = {cls: kind for kind, cls in KINDS.items()}
 # Tool calls whose effect happened: what policy conditions see as `history`.
@@ -450,6 +585,8 @@ def proposed(record: Any) -> Any:
     values, or its raw output when that was not a proposal; None for other records."""
     if isinstance(record, ToolStep | EffectSettled):
         return as_dict(record.proposal())
+    if isinstance(record, CompensationStep):  # a rollback's call (no model proposed it)
+        return as_dict(ToolCall(record.tool, record.args))
     if isinstance(record, Refused) and record.proposal is None:
         return record.raw
     proposal = getattr(record, "proposal", None)
@@ -566,7 +703,14 @@ __all__ = [
     "AwaitingAnswer",
     "AwaitingApproval",
     "Body",
+    "Cancelled",
     "ChangedEffect",
+    "Compensated",
+    "CompensationFailed",
+    "CompensationInDoubt",
+    "CompensationIntent",
+    "CompensationRefused",
+    "CompensationStep",
     "Crashed",
     "EffectInDoubt",
     "EffectSettled",
@@ -586,15 +730,21 @@ __all__ = [
     "Question",
     "Refused",
     "ReliedFact",
+    "Retried",
+    "RollbackStarted",
+    "RolledBack",
     "RunFinished",
     "RunStarted",
     "StepDone",
     "StepFailed",
     "StepRecord",
+    "TakenOver",
     "TicketDecided",
+    "TicketExpiredRecord",
     "ToolFailed",
     "ToolStep",
     "Transition",
+    "Uncompensated",
     "UnknownBody",
     "Usage",
     "VerificationFailed",

@@ -13,11 +13,20 @@ from tether.hashing import encode_json, sha256_hex
 from tether.journal import bodies
 
 RunStatus = Literal[
-    "queued", "running", "paused", "completed", "failed", "escalated", "handed_off", "effect_in_doubt"
+    "queued",
+    "running",
+    "paused",
+    "completed",
+    "failed",
+    "escalated",
+    "handed_off",
+    "effect_in_doubt",
+    "cancelled",
 ]
-FINISHED: frozenset[str] = frozenset({"completed", "failed", "escalated", "handed_off"})
+FINISHED: frozenset[str] = frozenset({"completed", "failed", "escalated", "handed_off", "cancelled"})
 TicketKind = Literal["approval", "question"]
-TicketStatus = Literal["pending", "approved", "denied", "answered", "consumed", "expired"]
+# `withdrawn`: its run was cancelled or taken over by a person before anyone decided it.
+TicketStatus = Literal["pending", "approved", "denied", "answered", "consumed", "expired", "withdrawn"]
 GENESIS_HASH = "0" * 64
 
 
@@ -251,6 +260,9 @@ class Commit(msgspec.Struct):
     # Give the lease up in the same transaction (a run pausing or finishing): the run is
     # claimable at once, without a second transaction to release it.
     release: bool = False
+    # A pending ticket of this run to withdraw with the commit (a person cancelled the run,
+    # or took it over): no one can decide it any more.
+    withdraw: str | None = None
 
 
 class LeaseHeld(ConcurrentWriteError):

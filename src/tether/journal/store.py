@@ -25,7 +25,7 @@ from __future__ import annotations
 
 import asyncio
 import json
-from collections.abc import Collection, Mapping, Sequence
+from collections.abc import Callable, Collection, Mapping, Sequence
 from contextlib import AbstractAsyncContextManager
 from dataclasses import dataclass, field
 from typing import Any, Protocol, Self
@@ -82,9 +82,14 @@ from tether.journal.records import (
     ModelExchange,
     NewEntry,
     RunRecord,
+    RunUpdate,
     Ticket,
     chain,
 )
+from tether.reasons import ReasonCode
+
+# The reason code of a run no worker can drive (set aside by a worker: tether.worker).
+STUCK_REASON = ReasonCode.NOT_DRIVABLE.value
 
 # The most commits one transaction carries; more wait for the next.
 MAX_BATCH = 1000
@@ -103,6 +108,10 @@ _INSERT_TICKET_GATED = (
         NOW if c == "created_at" else f"{NOW} + ?" if c == "expires_at" else "?" for c in TICKET_COLUMNS
     )
     + f" WHERE {GATED}"
+)
+_WITHDRAW = (
+    f"UPDATE tickets SET status = 'withdrawn', decided_at = {NOW} "
+    f"WHERE ticket_id = ? AND run_id = ? AND status = 'pending' AND {GATED}"
 )
 _CONSUME = f"UPDATE tickets SET status = 'consumed', consumed_at = {NOW} WHERE ticket_id = ? AND {GATED}"
 # Rewritten only if it changed: an unchanged 50 MB `data` costs a comparison, not a copy.
@@ -440,6 +449,8 @@ class SQLStore:
             )
             params += commit.consume
             writes.append(Write(_CONSUME, [(commit.consume[0],)]))
+        if commit.withdraw is not None:
+            writes.append(Write(_WITHDRAW, [(commit.withdraw, commit.run_id)]))
         if commit.exchanges:
             writes.append(Write(_INSERT_EXCHANGE_GATED, [exchange_row(x) for x in commit.exchanges]))
         if values:
@@ -750,6 +761,75 @@ class SQLStore:
         if not rows:
             raise JournalError(f"no token {token_id!r} in {self._d.where}")
         return _decode_token(rows[0])
+    async def due_tickets(self, limit: int = 100) -> list[str]:
+        """Pending tickets past their deadline by the store's clock, the oldest deadline first."""
+        rows = await self._d.read(
+            f"SELECT ticket_id FROM tickets WHERE status = 'pending' AND expires_at <= {NOW} "
+            "ORDER BY expires_at, ticket_id LIMIT ?",
+            (limit,),
+        )
+        return [ticket_id for (ticket_id,) in rows]
+
+    async def sweep_ticket(
+        self,
+        ticket_id: str,
+        consequence: Callable[[Ticket, RunRecord, float], tuple[list[NewEntry], RunUpdate | None]],
+    ) -> Ticket | None:
+        """Expire a pending ticket whose deadline has passed (by the store's clock), in one
+        transaction with what `consequence(ticket, run, now)` appends to its run (entries, and
+        an update of the run's row: never its data). None, and nothing written, when it is not
+        due, was decided meanwhile, or its run is leased to a live process (which settles the
+        ticket itself when it resumes the run)."""
+        async with self._d.transaction() as tx:
+            found = await tx.fetch("SELECT run_id FROM tickets WHERE ticket_id = ?", (ticket_id,))
+            if not found:
+                raise TicketError(f"no ticket {ticket_id!r} in {self._d.where}")
+            # Lock the run, then the ticket: the order decide_ticket and commits take them in.
+            run = await self._run(tx, found[0][0], lock=True)
+            rows = await tx.fetch(
+                f"SELECT {', '.join(TICKET_COLUMNS)}, {NOW} FROM tickets "
+                f"WHERE ticket_id = ?{self._d.row_lock}",
+                (ticket_id,),
+            )
+            ticket, store_now = decode_ticket(rows[0][:-1]), rows[0][-1]
+            if ticket.status != "pending" or ticket.expires_at > store_now:
+                return None
+            if lease_is_live(run.lease_owner, run.lease_expires_at, store_now):
+                return None
+            await tx.execute(
+                "UPDATE tickets SET status = 'expired', decided_at = ? WHERE ticket_id = ?",
+                (store_now, ticket_id),
+            )
+            entries, update = consequence(ticket, run, store_now)
+            sets, values = update_values(update)
+            if values:
+                raise JournalError("an expired ticket's consequence cannot change a run's data")
+            written = chain(run.run_id, run.last_seq, run.last_hash, entries, store_now)
+            if written:
+                sets |= {"last_seq": written[-1].seq, "last_hash": written[-1].hash}
+            sets["updated_at"] = store_now
+            await tx.execute(
+                f"UPDATE runs SET {', '.join(f'{k} = ?' for k in sets)} WHERE run_id = ?",
+                (*sets.values(), run.run_id),
+            )
+            await tx.executemany(INSERT_ENTRY, [entry_row(e) for e in written])
+            await self._d.notify(tx, run.run_id)
+        return ticket.model_copy(update={"status": "expired", "decided_at": store_now})
+
+    async def list_actionable(self, *, owner: str | None = None, limit: int = 100) -> list[RunRecord]:
+        """Runs waiting for a person to act on them (tether.operations): escalated, with an
+        effect in doubt, or stuck (a run no worker can drive, set aside with a reason code);
+        newest first, only those escalated to `owner` if given."""
+        sql = (
+            f"{RUN_SELECT} WHERE (status IN ('escalated', 'effect_in_doubt') "
+            "OR (status IN ('queued', 'running') AND reason_code = ?))"
+        )
+        params: list[Any] = [STUCK_REASON]
+        if owner is not None:
+            sql += " AND owner = ?"
+            params.append(owner)
+        rows = await self._d.read(f"{sql} ORDER BY updated_at DESC, run_id DESC LIMIT ?", (*params, limit))
+        return [decode_run(r) for r in rows]
 
     # -- leases ----------------------------------------------------------------------
 

@@ -8,10 +8,8 @@ both generated from these declarations, so the document cannot drift from what i
 
 from __future__ import annotations
 
-import base64
-import binascii
 import datetime as dt
-import json
+import re
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
 from typing import Any, Literal, get_args
@@ -232,11 +230,38 @@ async def _body(request: Request, kind: type[_In]) -> Any:
     if not raw.strip():
         raw = b"{}"
     try:
-        return msgspec.json.decode(raw, type=kind)
+        decoded = msgspec.json.decode(raw, type=kind)
     except msgspec.ValidationError as exc:
         raise Problem(422, "invalid_request", f"the request body is refused: {exc}") from None
     except msgspec.DecodeError as exc:
         raise Problem(422, "invalid_request", f"the request body is not JSON: {exc}") from None
+    outside = _number_outside_range(msgspec.to_builtins(decoded))
+    if outside is not None:
+        raise Problem(
+            422, "invalid_request", f"the number {outside:.6g} is outside the range a journal value may hold"
+        )
+    return decoded
+
+
+# What a number in a journal value may be (a 64-bit integer's range; the document says so).
+NUMBER_RANGE = (-(2**63), 2**64 - 1)
+
+
+def _number_outside_range(value: Any) -> float | None:
+    stack = [value]
+    while stack:
+        item = stack.pop()
+        if isinstance(item, dict):
+            stack.extend(item.values())
+        elif isinstance(item, list):
+            stack.extend(item)
+        elif (
+            isinstance(item, int | float)
+            and not isinstance(item, bool)
+            and not NUMBER_RANGE[0] <= item <= NUMBER_RANGE[1]
+        ):
+            return float(item)
+    return None
 
 
 async def principal_of(journal: Journal, request: Request) -> Principal:
@@ -268,11 +293,9 @@ def run_out(record: RunRecord) -> RunOut:
 def ticket_out(ticket: Ticket, workflow: str, principal: Principal, record: RunRecord) -> TicketOut:
     actions: list[str] = []
     if ticket.status == "pending":
-        scope = {"workflow": workflow, "ticket": ticket, "run": record}
-        if ticket.kind == "approval" and identity.allowed(principal, "decide", **scope):
-            actions = ["approve", "deny"]
-        elif ticket.kind == "question" and identity.allowed(principal, "answer", **scope):
-            actions = ["answer", "deny"]
+        action = "answer" if ticket.kind == "question" else "decide"
+        if identity.allowed(principal, action, workflow=workflow, ticket=ticket, run=record):
+            actions = ["answer", "deny"] if ticket.kind == "question" else ["approve", "deny"]
     return TicketOut(
         ticket_id=ticket.ticket_id,
         run_id=ticket.run_id,
@@ -311,16 +334,19 @@ def _time(request: Request, name: str) -> float | None:
     return parsed.timestamp()
 
 
+# A page's position: the (created_at, run_id) of the previous page's last run, in plain text.
+CURSOR = r"^[0-9]{1,12}(\.[0-9]{1,9})?~[A-Za-z0-9_-]{1,64}$"
+
+
 def _cursor(value: str | None) -> tuple[float, str] | None:
     if value is None:
         return None
-    try:
-        created_at, run_id = json.loads(base64.urlsafe_b64decode(value.encode() + b"=="))
-        if isinstance(created_at, int | float) and isinstance(run_id, str):
-            return float(created_at), run_id
-    except (ValueError, TypeError, binascii.Error, UnicodeDecodeError):
-        pass
-    raise Problem(422, "invalid_request", "cursor is not one this API returned (pass next_cursor as given)")
+    if not re.fullmatch(CURSOR, value):
+        raise Problem(
+            422, "invalid_request", "cursor is not one this API returned (pass next_cursor as given)"
+        )
+    created_at, _, run_id = value.partition("~")
+    return float(created_at), run_id
 
 
 def _limit(request: Request) -> int:
@@ -349,11 +375,7 @@ async def list_runs(server: Server, request: Request, principal: Principal) -> R
         limit=limit,
     )
     last = records[-1] if len(records) == limit else None
-    cursor = (
-        base64.urlsafe_b64encode(json.dumps([last.created_at, last.run_id]).encode()).decode().rstrip("=")
-        if last
-        else None
-    )
+    cursor = f"{last.created_at!r}~{last.run_id}" if last else None
     return _ok(RunPage(runs=[run_out(r) for r in records], next_cursor=cursor))
 
 
@@ -386,6 +408,7 @@ async def start_run(server: Server, request: Request, principal: Principal) -> R
             workflow_ref=str(server.registry.folders[workflow.hash]),
             model_spec=server.model_spec,
             run_id=run_id,
+            by=principal,
         )
     except Exception as exc:
         # Two requests with one key at once: the second finds the run the first created.
@@ -446,9 +469,11 @@ async def show_run(server: Server, request: Request, principal: Principal) -> Re
 
 async def run_events(server: Server, request: Request, principal: Principal) -> Response:
     record = await _run(server, request, principal)
-    given = request.headers.get("last-event-id") or request.query_params.get("after") or "0"
-    if not given.isdigit():
-        raise Problem(422, "invalid_request", f"Last-Event-ID {given!r} is not an entry number")
+    header, query = request.headers.get("last-event-id"), request.query_params.get("after")
+    for name, value in (("Last-Event-ID", header), ("after", query)):
+        if value is not None and not re.fullmatch("[0-9]{1,18}", value):
+            raise Problem(422, "invalid_request", f"{name} {value!r} is not an entry number")
+    given = header if header is not None else query if query is not None else "0"
     return EventSourceResponse(server.hub.stream(record.run_id, int(given)), ping=15)
 
 
@@ -473,7 +498,8 @@ async def list_tickets(server: Server, request: Request, principal: Principal) -
 
 
 async def _decide(server: Server, request: Request, principal: Principal, verb: str) -> Response:
-    kind = {"approve": Approve, "deny": Deny, "answer": AnswerIn}[verb]
+    kinds: dict[str, type[_In]] = {"approve": Approve, "deny": Deny, "answer": AnswerIn}
+    kind = kinds[verb]
     given = await _body(request, kind)
     ticket_id = request.path_params["ticket_id"]
     try:
@@ -488,8 +514,9 @@ async def _decide(server: Server, request: Request, principal: Principal, verb: 
     if verb == "answer" and ticket.kind != "question":
         raise Problem(409, "wrong_ticket_kind", f"ticket {ticket.ticket_id} asks for approval, not an answer")
     decided = await decide(
-        server.journal,
-        ticket.ticket_id,
+        server,
+        ticket,
+        record,
         approve=verb != "deny",
         by=principal,
         reason=getattr(given, "reason", ""),
@@ -504,8 +531,9 @@ async def _decide(server: Server, request: Request, principal: Principal, verb: 
 
 
 async def decide(
-    journal: Journal,
-    ticket_id: str,
+    server: Server,
+    ticket: Ticket,
+    record: RunRecord,
     *,
     approve: bool,
     by: Principal,
@@ -513,11 +541,24 @@ async def decide(
     answer: str | None,
     edited_args: dict[str, Any] | None,
 ) -> Ticket:
-    """The kernel's one decision entry point, as the API calls it."""
+    """The kernel's one decision entry point (`Runtime.decide`); edited arguments are
+    checked against the workflow the run is pinned to, as this server loaded it."""
+    workflow = None
     if edited_args is not None:
-        raise Problem(422, "not_supported", "edit-and-approve needs the people branch's decide")
-    return await journal.decide_ticket(
-        ticket_id, approve=approve, by=by.principal_id, reason=reason, answer=answer
+        if server.registry is None:
+            raise Problem(409, "no_workflows", "checking edited arguments needs the server's --workflows")
+        try:
+            workflow = server.registry.workflow_for(record)
+        except NotRegistered as exc:
+            raise Problem(409, "workflow_not_loaded", str(exc)) from None
+    return await server.runtime.decide(
+        ticket.ticket_id,
+        approve=approve,
+        by=by,
+        reason=reason,
+        answer=answer,
+        edited_args=edited_args,
+        workflow=workflow,
     )
 
 
@@ -569,6 +610,17 @@ async def list_workflows(server: Server, request: Request, principal: Principal)
 
 # -- the table ------------------------------------------------------------------------------
 
+_SEQ = {"type": "string", "pattern": "^[0-9]{1,18}$"}
+# One server-sent event: `entry` (data: the entry's timeline row, JSON) or `end` (data: the status).
+_EVENT = {
+    "type": "object",
+    "properties": {
+        "id": {"type": "string"},
+        "event": {"enum": ["entry", "end"]},
+        "data": {"type": "string", "contentMediaType": "application/json"},
+    },
+    "required": ["event", "data"],
+}
 _RUN_ID = Param("run_id", "path", {"type": "string"}, "The run's id.", required=True)
 _TICKET_ID = Param("ticket_id", "path", {"type": "string"}, "The ticket's id.", required=True)
 _RUN_FILTERS = (
@@ -578,7 +630,7 @@ _RUN_FILTERS = (
     Param("since", "query", {"type": "string", "format": "date-time"}, "Created at or after (ISO 8601)."),
     Param("until", "query", {"type": "string", "format": "date-time"}, "Created before (ISO 8601)."),
     Param("limit", "query", {"type": "integer", "minimum": 1, "maximum": 200}, "Page size (default 50)."),
-    Param("cursor", "query", {"type": "string"}, "The next_cursor of the previous page."),
+    Param("cursor", "query", {"type": "string", "pattern": CURSOR}, "The next_cursor of the previous page."),
 )
 
 ENDPOINTS: tuple[Endpoint, ...] = (
@@ -628,11 +680,11 @@ ENDPOINTS: tuple[Endpoint, ...] = (
         "The run's entries as server-sent events (id = entry seq; resumable with Last-Event-ID)",
         params=(
             _RUN_ID,
-            Param("Last-Event-ID", "header", {"type": "string"}, "Resume after this entry seq."),
+            Param("Last-Event-ID", "header", _SEQ, "Resume after this entry seq."),
             Param(
                 "after",
                 "query",
-                {"type": "string"},
+                _SEQ,
                 "Resume after this entry seq (for clients without headers).",
             ),
         ),
@@ -686,25 +738,56 @@ ENDPOINTS: tuple[Endpoint, ...] = (
 
 
 def routes(server: Server) -> list[Route]:
-    """Starlette routes for the declarations, each authenticating its caller first."""
+    """Starlette routes for the declarations (one per path, its methods dispatched), each
+    authenticating its caller first."""
+    by_path: dict[str, dict[str, Endpoint]] = {}
+    for e in ENDPOINTS:
+        by_path.setdefault(e.path, {})[e.method] = e
 
-    def bind(endpoint: Endpoint) -> Callable[[Request], Awaitable[Response]]:
+    def bind(methods: dict[str, Endpoint]) -> Callable[[Request], Awaitable[Response]]:
         async def serve(request: Request) -> Response:
+            endpoint = methods[request.method if request.method != "HEAD" else "GET"]
             principal = await principal_of(server.journal, request)
             return await endpoint.handler(server, request, principal)
 
-        serve.__name__ = endpoint.handler.__name__
+        serve.__name__ = "_".join(e.handler.__name__ for e in methods.values())
         return serve
 
-    return [Route(PREFIX + e.path, bind(e), methods=[e.method]) for e in ENDPOINTS]
+    return [Route(PREFIX + path, bind(methods), methods=list(methods)) for path, methods in by_path.items()]
 
 
-def openapi(extra: tuple[Endpoint, ...] = ()) -> dict[str, Any]:
-    """The OpenAPI 3.1 document of the declared endpoints."""
+def openapi(registry: Registry | None = None, extra: tuple[Endpoint, ...] = ()) -> dict[str, Any]:
+    """The OpenAPI 3.1 document of the declared endpoints; a run may be started of the
+    workflows (and versions) `registry` holds, which the document lists."""
     endpoints = (*ENDPOINTS, *extra)
     types: list[Any] = [ProblemOut]
     types += [t for e in endpoints for t in (e.body, e.response) if t is not None]
     _, components = msgspec.json.schema_components(types, ref_template="#/components/schemas/{name}")
+    known = registry.workflows.values() if registry is not None else ()
+    # Free JSON values (a run's input, edited arguments, data) hold numbers within range.
+    value = {"$ref": "#/components/schemas/JsonValue"}
+    components["JsonValue"] = {
+        "anyOf": [
+            {"type": ["null", "boolean", "string"]},
+            {"type": "number", "minimum": NUMBER_RANGE[0], "maximum": NUMBER_RANGE[1]},
+            {"type": "array", "items": value},
+            {"type": "object", "additionalProperties": value},
+        ]
+    }
+    for name, field_name in (("StartRun", "input"), ("Approve", "args"), ("TakeOver", "data")):
+        prop = components.get(name, {}).get("properties", {}).get(field_name)
+        if prop is None:
+            continue
+        free = {"type": "object", "additionalProperties": value}
+        if "anyOf" in prop:  # optional: the object or null
+            prop["anyOf"] = [free if alt.get("type") == "object" else alt for alt in prop["anyOf"]]
+        else:
+            prop.update(free)
+    start = components["StartRun"]["properties"]
+    if known:  # without workflows the server starts nothing (409)
+        start["workflow"]["enum"] = sorted({w.name for w in known})
+        versions = sorted({w.version for w in known})
+        start["version"] = {"anyOf": [{"enum": versions}, {"type": "null"}], "default": None}
     paths: dict[str, dict[str, Any]] = {}
     for e in endpoints:
         operation: dict[str, Any] = {
@@ -732,8 +815,8 @@ def openapi(extra: tuple[Endpoint, ...] = ()) -> dict[str, Any]:
             }
         if e.stream:
             success: dict[str, Any] = {
-                "description": "An event per journal entry (event `entry`), then `end` once the run finished.",
-                "content": {"text/event-stream": {"schema": {"type": "string"}}},
+                "description": "An event per journal entry (`entry`), then `end` once the run finished.",
+                "content": {"text/event-stream": {"schema": _EVENT}},
             }
         else:
             schema = {"$ref": f"#/components/schemas/{e.response.__name__}"} if e.response else {}

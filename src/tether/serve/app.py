@@ -57,7 +57,7 @@ def build_app(
     closed when the app shuts down."""
     hub = EventHub(journal, poll_seconds=poll_seconds)
     server = api.Server(journal, registry, model_spec, hub)
-    document = api.openapi()
+    document = api.openapi(registry)
     routes: list[BaseRoute] = [*api.routes(server), api.openapi_route(document), *extra_routes]
 
     @contextlib.asynccontextmanager
