@@ -259,3 +259,17 @@ def test_a_question_is_answered_from_the_inbox(server: WebServer, browse: Browse
     assert client.post(f"/tickets/{ticket}/answer", data=answer).status_code == 303
     server.wait_for(run_id, "completed")
     assert "yes: a photo of the chip" in client.get(f"/runs/{run_id}").text
+
+
+def test_a_principal_limited_to_other_workflows_sees_none_of_these_runs(
+    server: WebServer, browse: Browse
+) -> None:
+    run_id, ticket_id = paused_run(server)
+    client = browse("billing")
+    assert run_id not in client.get("/runs").text
+    assert run_id not in client.get("/runs", params={"workflow": "refund"}).text
+    inbox = client.get("/inbox").text
+    assert ticket_id not in inbox and "0 pending tickets" in inbox
+    refused = client.get(f"/runs/{run_id}")
+    assert refused.status_code == 403 and "limited to billing" in refused.text
+    assert client.get(f"/runs/{run_id}/graph.svg").status_code == 403

@@ -81,13 +81,16 @@ async def _tokens(db: Path) -> dict[str, str]:
     journal = open_journal(str(db))
     try:
         made = {}
-        for name, role, scope in (
-            ("supervisor", "approver", ("supervisor",)),
-            ("viewer", "viewer", ()),
-            ("admin", "admin", ()),
-            ("finance", "approver", ("finance",)),
+        for name, role, scope, workflows in (
+            ("supervisor", "approver", ("supervisor",), ()),
+            ("viewer", "viewer", (), ()),
+            ("admin", "admin", (), ()),
+            ("finance", "approver", ("finance",), ()),
+            ("billing", "viewer", (), ("billing",)),  # sees the billing workflow only
         ):
-            token, _ = await create_token(journal, name=name, role=role, approver_for=scope, expires_in=3600)
+            token, _ = await create_token(
+                journal, name=name, role=role, approver_for=scope, workflows=workflows, expires_in=3600
+            )
             made[name] = token
         return made
     finally:
