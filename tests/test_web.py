@@ -273,3 +273,33 @@ def test_a_principal_limited_to_other_workflows_sees_none_of_these_runs(
     refused = client.get(f"/runs/{run_id}")
     assert refused.status_code == 403 and "limited to billing" in refused.text
     assert client.get(f"/runs/{run_id}/graph.svg").status_code == 403
+
+
+def test_the_live_stream_resumes_after_the_last_event_id_and_ends_with_the_run(
+    server: WebServer, browse: Browse
+) -> None:
+    run_id, ticket_id = paused_run(server)
+    client = browse("supervisor")
+    csrf = _csrf(client.get("/inbox").text)
+    assert client.post(f"/tickets/{ticket_id}/approve", data={"csrf": csrf}).status_code == 303
+    server.wait_for(run_id, "completed")
+    events: list[tuple[str, str, str]] = []
+    headers = {"Last-Event-ID": "7"}  # a browser reconnecting after it saw entry 7
+    with client.stream("GET", f"/runs/{run_id}/events", headers=headers, timeout=10) as stream:
+        assert stream.headers["content-type"].startswith("text/event-stream")
+        event, ident, data = "", "", []
+        for line in stream.iter_lines():
+            if line.startswith("event:"):
+                event = line.split(":", 1)[1].strip()
+            elif line.startswith("id:"):
+                ident = line.split(":", 1)[1].strip()
+            elif line.startswith("data:"):
+                data.append(line[5:].strip())
+            elif not line and event:
+                events.append((event, ident, "\n".join(data)))
+                event, ident, data = "", "", []
+    rows = [(ident, data) for event, ident, data in events if event == "rows"]
+    assert [ident for ident, _ in rows] == [str(seq) for seq in range(8, 8 + len(rows))] and rows
+    assert all(data.startswith("<tr id=") for _, data in rows)
+    assert events[-1][0] == "end" and events[-1][2] == "completed"
+    assert "status-completed" in events[-2][2]  # the status line, swapped in before the end
