@@ -75,9 +75,8 @@ class Session:
 class Sessions:
     """Signed session cookies: the API token and the session's CSRF token."""
 
-    def __init__(self, secret: str, *, https: bool) -> None:
+    def __init__(self, secret: str) -> None:
         self._signer = URLSafeTimedSerializer(secret, salt="tether-web-session")
-        self.https = https
 
     def read(self, request: Request) -> Session | None:
         raw = request.cookies.get(SESSION_COOKIE)
@@ -92,14 +91,16 @@ class Sessions:
         token = data.get("t")
         return Session(token if isinstance(token, str) else None, data["c"])
 
-    def write(self, response: Response, session: Session) -> None:
+    def write(self, request: Request, response: Response, session: Session) -> None:
+        """Set the cookie: Secure when the page was reached over HTTPS (behind a proxy, with
+        uvicorn's --forwarded-allow-ips, as the proxy says)."""
         response.set_cookie(
             SESSION_COOKIE,
             self._signer.dumps({"t": session.token, "c": session.csrf}),
             max_age=SESSION_SECONDS,
             httponly=True,
             samesite="strict",
-            secure=self.https,
+            secure=request.url.scheme == "https",
             path="/",
         )
 
@@ -157,8 +158,8 @@ class Web:
     """The pages. They work with the server the app was built around (`build_app`): its
     journal, its workflows (for graphs and policies) and its live-event hub."""
 
-    def __init__(self, *, secret: str, https: bool = False) -> None:
-        self.sessions = Sessions(secret, https=https)
+    def __init__(self, *, secret: str) -> None:
+        self.sessions = Sessions(secret)
         self.env = _environment()
 
     # -- plumbing ----------------------------------------------------------------------
@@ -219,7 +220,7 @@ class Web:
         response = self.page(
             request, "login.html", code, who=None, csrf=session.csrf, next=_local(nxt), error=error
         )
-        self.sessions.write(response, Session(None, session.csrf))
+        self.sessions.write(request, response, Session(None, session.csrf))
         return response
 
     async def login(self, request: Request) -> Response:
@@ -235,7 +236,7 @@ class Web:
             return await self.login_form(request, error=str(exc), code=401)
         response = RedirectResponse(_local(form.get("next", "/inbox")), status_code=303)
         # A new CSRF token for the signed-in session (never the one of the sign-in form).
-        self.sessions.write(response, Session(token, secrets.token_urlsafe(32)))
+        self.sessions.write(request, response, Session(token, secrets.token_urlsafe(32)))
         return response
 
     async def logout(self, request: Request) -> Response:
@@ -246,7 +247,7 @@ class Web:
             return self.refused(request, exc, None)
         response = RedirectResponse("/login", status_code=303)
         response.delete_cookie(
-            SESSION_COOKIE, path="/", httponly=True, samesite="strict", secure=self.sessions.https
+            SESSION_COOKIE, path="/", httponly=True, samesite="strict", secure=request.url.scheme == "https"
         )
         return response
 
@@ -549,10 +550,10 @@ def _cursor(value: str | None) -> tuple[float, str] | None:
         return None
 
 
-def web_routes(*, secret: str | None = None, https: bool = False) -> list[BaseRoute]:
+def web_routes(*, secret: str | None = None) -> list[BaseRoute]:
     """The web interface's routes, for `build_app(..., extra_routes=...)` (mounted at `/`).
 
     Sessions are signed with `secret` (`$TETHER_WEB_SECRET`); without one, with a random
-    secret: every session ends when the server restarts. `https`: cookies are Secure.
+    secret: every session ends when the server restarts.
     """
-    return Web(secret=secret or secrets.token_urlsafe(32), https=https).routes()
+    return Web(secret=secret or secrets.token_urlsafe(32)).routes()
