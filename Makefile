@@ -40,7 +40,18 @@ $(TEST_STAMP): $(STAMP)
 demo: $(STAMP)
 	PATH="$(CURDIR)/$(BIN):$$PATH" bash examples/refund/demo.sh
 
-test: $(TEST_STAMP)
+# The browser tests drive Debian's chromium (Playwright never downloads a browser): installed
+# here when missing (as root, or with sudo); without it they skip, except under CI=true.
+CHROMIUM ?= /usr/bin/chromium
+
+.PHONY: chromium
+chromium:
+	@[ -x "$(CHROMIUM)" ] || { echo "installing Debian's chromium for the browser tests"; \
+		SUDO=$$([ "$$(id -u)" = 0 ] || echo sudo); \
+		{ $$SUDO apt-get update -qq && $$SUDO apt-get install -y -qq chromium >/dev/null; } || \
+		{ [ "$$CI" != "true" ] && echo "could not install chromium: the browser tests will skip"; }; }
+
+test: $(TEST_STAMP) chromium
 	$(BIN)/ruff check src tests bench examples
 	$(BIN)/mypy
 	$(BIN)/pytest -q

@@ -83,6 +83,11 @@ def timeline(entries: list[Entry]) -> list[dict[str, Any]]:
                 "provenance": decision.provenance if decision and decision.provenance else None,
                 "outcome": _outcome(record),
                 "args_hash": getattr(record, "args_hash", None),
+                # The arguments the call ran with, when not the proposal's (edited by an
+                # approver, or normalized by the tool's schema).
+                "executed_args": record.args
+                if isinstance(record, b.ToolStep) and record.proposed_args is not None
+                else None,
                 "ticket_id": getattr(record, "ticket_id", None),
                 "result": getattr(record, "result", None),
                 "source": _source(record),

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import os
 from typing import Annotated
 
 import typer
@@ -58,6 +59,7 @@ def serve(
         import uvicorn
 
         from tether.serve import build_app
+        from tether.serve.web import SECRET_ENV, web_routes
     except ImportError as exc:
         fail(f"tether serve needs the serve extra ({exc}): pip install 'tether[serve]'")
     roots = _roots(workflows)
@@ -83,6 +85,8 @@ def serve(
         workers=workers,
         concurrency=concurrency,
         close_journal=True,
+        # The web interface at / (sessions signed with $TETHER_WEB_SECRET, else a random key).
+        extra_routes=web_routes(secret=os.environ.get(SECRET_ENV)),
     )
     err.print(
         f"tether serve on http://{host}:{port} over {without_password(db) if db else 'the default journal'}: "
