@@ -163,7 +163,7 @@ def main() -> None:
                 second_page = re.search(r'href="(/runs\?after=[^"]+)"', client.get("/runs").text)
                 assert second_page is not None
                 pages = [
-                    ("inbox (20 of the pending tickets, with their evidence)", "/inbox"),
+                    ("inbox (10 pending tickets, with their evidence)", "/inbox"),
                     ("run list, newest 50", "/runs"),
                     ("run list, second page", second_page.group(1).replace("&amp;", "&")),
                     ("run list, status completed", "/runs?status=completed"),
