@@ -34,3 +34,6 @@ class ReasonCode(StrEnum):
     STEP_FAILED = "step_failed"
     # Driving the run raised an error no stage expected, MAX_CRASHES times (see runtime.py).
     RUNTIME_ERROR = "runtime_error"
+    # A row the runtime would act on disagrees with the run's hash chain, the chain is
+    # broken, or the journal's append-only triggers are gone (tether.journal.integrity).
+    JOURNAL_TAMPERED = "journal_tampered"

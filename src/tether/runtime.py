@@ -39,6 +39,7 @@ from tether.journal import (
     RunUpdate,
 )
 from tether.journal import bodies as b
+from tether.journal import integrity
 from tether.models.protocol import Model
 from tether.policy import Policy
 from tether.proposals import json_value_problem
@@ -275,6 +276,8 @@ class Runtime:
         return await self.journal.acquire(run_id, self.worker_id, lease_seconds=self.lease_seconds)
 
     async def _resume(self, record: RunRecord, workflow: Workflow, model: Model | None) -> RunResult:
+        # The row is a cache of the chain: what it says is checked before anything is acted on.
+        await integrity.check_run(self.journal, record, doing=f"resume run {record.run_id}")
         _check_resumable(record, workflow)
         cursor = self._cursor(record, workflow)
         if record.status == "queued":
@@ -306,6 +309,7 @@ class Runtime:
         run is driven on from there, as `resume` would."""
         record = await self._acquire(run_id)
         try:
+            await integrity.check_run(self.journal, record, doing=f"pick up run {run_id}")
             if record.status != "handed_off":
                 raise RunStateError(f"run {run_id} is {record.status}, not handed off: nothing to pick up")
             _check_pinned(record, workflow)
@@ -327,6 +331,7 @@ class Runtime:
     async def resolve(self, run_id: str, *, done: bool, by: str, note: str = "") -> RunResult:
         """A person settles an effect in doubt; the run can then be resumed."""
         record = await self.journal.get_run(run_id)
+        await integrity.check_run(self.journal, record, doing=f"settle run {run_id}")
         if record.status != "effect_in_doubt":
             raise RunStateError(f"run {run_id} is {record.status}, not effect_in_doubt")
         started = int(record.checkpoint.get("visit", {}).get("started_seq", 0))
@@ -356,6 +361,7 @@ class Runtime:
         there. The move is an entry in the run's journal; the next step runs on the new version.
         """
         record = await self.journal.get_run(run_id)
+        await integrity.check_run(self.journal, record, doing=f"migrate run {run_id}")
         if record.status in FINISHED:
             raise RunStateError(f"run {run_id} is {record.status}; only unfinished runs can be migrated")
         if workflow.name != record.workflow_name:
