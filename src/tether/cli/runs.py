@@ -35,7 +35,9 @@ from tether.cli.common import (
     run_command,
     short,
 )
-from tether.journal import FINISHED, Entry, RunRecord, RunStatus, Ticket, bodies, verify_chain
+from tether.audit import checkpoint_configured
+from tether.journal import FINISHED, Entry, RunRecord, RunStatus, Ticket, bodies
+from tether.journal.integrity import run_findings
 from tether.journal.common import SELF_DRIVEN
 from tether.loader import load_workflow_async, workflow_ref
 from tether.models import Model, close_model
@@ -298,13 +300,18 @@ def show(
 ) -> None:
     """A run's timeline: each step's proposal, decision and rule, result and verification."""
 
-    async def main() -> tuple[RunRecord, list[Entry]]:
+    async def main() -> tuple[RunRecord, list[Entry], list[str]]:
         async with open_store(db) as journal:
-            return await journal.get_run(run_id), await journal.read_entries(run_id)
+            record, entries = await journal.get_run(run_id), await journal.read_entries(run_id)
+            # Intact only if the chain holds, the rows agree with it and the triggers are there.
+            found = [
+                *journal.trigger_problems,
+                *run_findings(record, entries, await journal.run_tickets(run_id)),
+            ]
+            return record, entries, [str(f) for f in found]
 
-    record, entries = run_command(main)
+    record, entries, problems = run_command(main)
     steps = timeline(entries)
-    problems = verify_chain(entries)
     lease = lease_of(record, time.time())
     if as_json:
         print_json(
@@ -479,6 +486,7 @@ def _decide(
                 reason=reason,
                 answer=answer,
             )
+            await checkpoint_configured(journal, ticket.run_id)  # signed, when a key is configured
             return ticket, await journal.get_run(ticket.run_id)
 
     ticket, record = run_command(main)

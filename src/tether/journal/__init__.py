@@ -19,7 +19,7 @@ from __future__ import annotations
 import os
 from collections.abc import Collection, Mapping
 from pathlib import Path
-from typing import Protocol, Self
+from typing import Any, Protocol, Self
 
 from tether.errors import JournalError, TicketExpired
 from tether.journal.records import (
@@ -35,6 +35,7 @@ from tether.journal.records import (
     Ticket,
     verify_chain,
 )
+from tether.journal.integrity import Finding
 from tether.journal.store import StoreStats
 
 DEFAULT_DB = "tether.db"
@@ -156,6 +157,51 @@ class Journal(Protocol):
     async def wait_for_work(self, timeout: float) -> None:
         """Return when work may have appeared (a queued run, a decided ticket, a released
         run), or after `timeout` seconds; may return early."""
+        ...
+
+    # -- audit: the chain is the truth (tether.journal.integrity, tether.audit) ----------
+
+    # What was wrong with the append-only triggers when the journal was opened; while this is
+    # not empty nothing is written (JournalTampered).
+    trigger_problems: list[Finding]
+
+    async def check_triggers(self) -> list[Finding]:
+        """The append-only triggers as the database has them now."""
+        ...
+
+    async def restore_triggers(self) -> list[Finding]:
+        """Make the append-only triggers again; return what was wrong before."""
+        ...
+
+    async def add_checkpoint(
+        self,
+        kind: str,
+        run_id: str | None,
+        seq: int | None,
+        hash_: str | None,
+        body: str,
+        key_id: str,
+        signature: str,
+    ) -> None:
+        """Store a signed checkpoint (append-only)."""
+        ...
+
+    async def read_checkpoints(
+        self, run_id: str | None = None, *, kind: str | None = None
+    ) -> list[tuple[Any, ...]]:
+        """Stored checkpoints, oldest first."""
+        ...
+
+    async def run_tickets(self, run_id: str) -> list[Ticket]:
+        """Every ticket row of a run."""
+        ...
+
+    async def run_heads(self) -> list[tuple[str, int, str]]:
+        """Every run's head as its chain has it: (run_id, seq, hash)."""
+        ...
+
+    async def run_ids(self) -> list[str]:
+        """Every run's id, in the rows and in the chains."""
         ...
 
     def close(self) -> None: ...

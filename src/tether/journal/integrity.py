@@ -62,7 +62,9 @@ class Finding(msgspec.Struct, frozen=True, omit_defaults=True):
 # -- the chain -------------------------------------------------------------------------
 
 
-def _rehashes(e: Entry, seq: int, prev_hash: str) -> bool:
+def rehashes(e: Entry, seq: int, prev_hash: str | None = None) -> bool:
+    """Whether the entry's hash is what it would be at `seq` after `prev_hash` (its own)."""
+    prev_hash = e.prev_hash if prev_hash is None else prev_hash
     return (
         entry_hash(e.run_id, seq, e.kind, e.step_id, e.state, e.body_json, prev_hash, e.created_at) == e.hash
     )
@@ -88,7 +90,7 @@ def chain_findings(run_id: str, entries: Sequence[Entry]) -> list[Finding]:
             missing = f"seq {expected}" if e.seq == expected + 1 else f"seqs {expected}-{e.seq - 1}"
             findings.append(Finding("deleted", f"{missing} missing from the chain", run_id, expected))
             gap = True
-        intact = _rehashes(e, e.seq, e.prev_hash)
+        intact = rehashes(e, e.seq, e.prev_hash)
         linked = e.prev_hash == prev or gap
         prev, expected, gap = e.hash, e.seq + 1, False
         if intact:
@@ -106,9 +108,7 @@ def chain_findings(run_id: str, entries: Sequence[Entry]) -> list[Finding]:
                     )
                 )
             continue
-        written_at = next(
-            (s for s in range(1, last + 2) if s != e.seq and _rehashes(e, s, e.prev_hash)), None
-        )
+        written_at = next((s for s in range(1, last + 2) if s != e.seq and rehashes(e, s, e.prev_hash)), None)
         if written_at is None:
             shift = None
             findings.append(
