@@ -23,10 +23,10 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from conftest import Shop, call, run
-from test_journal_contract import Store, postgres_url, store, with_schema  # noqa: F401 (fixtures)
 from typer.testing import CliRunner
 
+from conftest import Shop, call, run
+from test_journal_contract import Store, postgres_url, store, with_schema  # noqa: F401 (fixtures)
 from tether import Runtime
 from tether.audit import AuditKey, Auditor, merkle_root, read_witness, verify_bundle, verify_journal
 from tether.cli import app
@@ -42,7 +42,7 @@ cli = CliRunner()
 class Scene:
     """One journal with the refund run in it, and the back door to its database."""
 
-    def __init__(self, store: Store, tmp_path: Path) -> None:
+    def __init__(self, store: Store, tmp_path: Path) -> None:  # noqa: F811
         self.store = store
         self.key = AuditKey.generate()
         self.witness = tmp_path / "witness.jsonl"
@@ -214,7 +214,7 @@ class Scene:
 
 
 @pytest.fixture
-def scene(store: Store, tmp_path: Path) -> Iterator[Scene]:
+def scene(store: Store, tmp_path: Path) -> Iterator[Scene]:  # noqa: F811 (the imported fixture)
     yield Scene(store, tmp_path)
 
 

@@ -434,7 +434,8 @@ def checkpoint_findings(
             problems.append(
                 Finding(
                     "inserted",
-                    f"seqs {signed_to + 1}-{last} follow the run's signed end (seq {signed_to}, {final.kind})",
+                    f"seqs {signed_to + 1}-{last} follow the run's signed end "
+                    f"(seq {signed_to}, {final.kind})",
                     run_id,
                     signed_to + 1,
                 )
@@ -512,7 +513,8 @@ def witness_findings(
             out.append(
                 Finding(
                     "deleted",
-                    f"witness line {n} ({cp.kind} checkpoint, seq {values.get('seq')}) is not in the database",
+                    f"witness line {n} ({cp.kind} checkpoint, seq {values.get('seq')}) "
+                    "is not in the database",
                     values.get("run_id"),
                 )
             )

@@ -38,9 +38,9 @@ from tether.journal import (
     NewEntry,
     RunRecord,
     RunUpdate,
+    integrity,
 )
 from tether.journal import bodies as b
-from tether.journal import integrity
 from tether.models.protocol import Model
 from tether.policy import Policy
 from tether.proposals import json_value_problem

@@ -8,17 +8,16 @@ fails, escalates or has an effect in doubt, or a policy check or test finds prob
 
 from __future__ import annotations
 
+import os
 import sys
 from collections.abc import Sequence
+from pathlib import Path
 from typing import Annotated, Any
 
 import typer
 from typer.core import TyperGroup
 
 from tether import __version__
-import os
-from pathlib import Path
-
 from tether.cli import analysis, audit, db, handoffs, mcp, policy, runs, testing, workers
 from tether.cli.common import Output, print_error
 

@@ -123,7 +123,8 @@ def _print_report(report: Report, what: str, as_json: bool) -> None:
     else:
         keyed = f"key {report.key}" if report.key else "no key: signatures not checked"
         out.print(
-            f"{what}: {report.runs} run(s), {report.entries} entries, {report.checkpoints} checkpoint(s); {keyed}"
+            f"{what}: {report.runs} run(s), {report.entries} entries, "
+            f"{report.checkpoints} checkpoint(s); {keyed}"
         )
         for f in report.findings:
             out.print(f"  [red]{escape(f.kind)}[/] {escape(_where(f))}{escape(f.message)}")
@@ -216,7 +217,7 @@ def restore_triggers(db: DbOption = None) -> None:
 
     async def main() -> list[Finding]:
         async with open_store(db) as journal:
-            return await journal.restore_triggers()  # type: ignore[attr-defined,no-any-return]
+            return await journal.restore_triggers()
 
     before = run_command(main)
     if not before:

@@ -18,6 +18,7 @@ from typing import Annotated, Any, get_args
 import typer
 from rich.markup import escape
 
+from tether.audit import checkpoint_configured
 from tether.cli.common import (
     FAILED_STATUSES,
     ByOption,
@@ -35,10 +36,9 @@ from tether.cli.common import (
     run_command,
     short,
 )
-from tether.audit import checkpoint_configured
 from tether.journal import FINISHED, Entry, RunRecord, RunStatus, Ticket, bodies
-from tether.journal.integrity import run_findings
 from tether.journal.common import SELF_DRIVEN
+from tether.journal.integrity import run_findings
 from tether.loader import load_workflow_async, workflow_ref
 from tether.models import Model, close_model
 from tether.provenance import summary

@@ -22,6 +22,7 @@ from pathlib import Path
 from typing import Any, Protocol, Self
 
 from tether.errors import JournalError, TicketExpired
+from tether.journal.integrity import Finding
 from tether.journal.records import (
     FINISHED,
     Commit,
@@ -35,7 +36,6 @@ from tether.journal.records import (
     Ticket,
     verify_chain,
 )
-from tether.journal.integrity import Finding
 from tether.journal.store import StoreStats
 
 DEFAULT_DB = "tether.db"

@@ -206,55 +206,71 @@ class ChainView:
 def derive(entries: Sequence[Entry]) -> ChainView:
     """Fold a run's entries into what its rows should hold."""
     view = ChainView()
-    facts: Any = {}
     for e in entries:
         record = e.body
         known = e.kind in _STATUS_OF or e.kind in ("run_finished", "handoff")
         if isinstance(record, b.UnknownBody) or not known:
-            view.status = view.owner = facts = UNKNOWN  # a kind this tether cannot judge
+            view.status = view.owner = view.facts = UNKNOWN  # a kind this tether cannot judge
             continue
-        status = _STATUS_OF.get(e.kind)
-        if isinstance(record, b.RunFinished):
-            status = record.status
-        elif isinstance(record, b.HandedOff):
-            status = "running" if record.handoff.to_state else "handed_off"
-        elif isinstance(record, b.HandoffReceived):
-            status = "running" if record.to_state else "handed_off"
-        elif isinstance(record, b.Crashed) and record.retry_in is None:
-            status = "failed"
+        status = _status_after(e.kind, record)
         if status is not None:
             view.status, view.owner, view.last_awaiting = status, UNKNOWN, None
-        match record:
-            case b.RunStarted():
-                view.workflow_hash, view.policy_hash = record.workflow.hash, record.policy_hash
-            case b.Migrated():
-                view.workflow_hash, view.policy_hash = record.to.hash, record.to.policy_hash
-            case b.AwaitingApproval():  # and AwaitingAnswer
-                view.awaiting[record.ticket_id] = (e.seq, record, e.step_id)
-                view.last_awaiting = record.ticket_id
-                view.owner = record.decision.approver or UNKNOWN
-            case b.TicketDecided():
-                view.decided.setdefault(record.ticket_id, []).append((e.seq, e.created_at, record))
-            case b.Escalated():  # and Failed
-                view.owner = record.owner
-            case b.HandedOff():
-                view.owner = record.handoff.owner if not record.handoff.to_state else UNKNOWN
-            case b.HandoffReceived():
-                view.owner = UNKNOWN if record.to_state else record.by
-            case b.StepDone():
-                facts = facts if facts is UNKNOWN else {**facts, **record.facts}
-            case b.VerificationFailed():
-                pass
-            case b.Executed():
-                established = (record.verification or {}).get("facts") or {}
-                facts = facts if facts is UNKNOWN else {**facts, **established}
-            case b.HandoffReturned():
-                facts = facts if facts is UNKNOWN else _refreshed(facts, record.differences)
-        if isinstance(record, b.ToolStep | b.Transition) and e.kind in _USES_TICKET:
-            if record.ticket_id is not None and record.continuation:
-                view.used.setdefault(record.ticket_id, e.seq)
-    view.facts = facts
+        _record_on(view, e, record)
+        if view.facts is not UNKNOWN:
+            view.facts = _facts_after(view.facts, record)
     return view
+
+
+def _status_after(kind: str, record: b.Body) -> str | None:
+    """The status an entry leaves its run in (None: unchanged)."""
+    match record:
+        case b.RunFinished():
+            return record.status
+        case b.HandedOff():
+            return "running" if record.handoff.to_state else "handed_off"
+        case b.HandoffReceived():
+            return "running" if record.to_state else "handed_off"
+        case b.Crashed() if record.retry_in is None:
+            return "failed"
+    return _STATUS_OF.get(kind)
+
+
+def _record_on(view: ChainView, e: Entry, record: b.Body) -> None:
+    """What an entry says of the run's pins, owner and tickets."""
+    match record:
+        case b.RunStarted():
+            view.workflow_hash, view.policy_hash = record.workflow.hash, record.policy_hash
+        case b.Migrated():
+            view.workflow_hash, view.policy_hash = record.to.hash, record.to.policy_hash
+        case b.AwaitingApproval():  # and AwaitingAnswer
+            view.awaiting[record.ticket_id] = (e.seq, record, e.step_id)
+            view.last_awaiting = record.ticket_id
+            view.owner = record.decision.approver or UNKNOWN
+        case b.TicketDecided():
+            view.decided.setdefault(record.ticket_id, []).append((e.seq, e.created_at, record))
+        case b.Escalated():  # and Failed
+            view.owner = record.owner
+        case b.HandedOff():
+            view.owner = record.handoff.owner if not record.handoff.to_state else UNKNOWN
+        case b.HandoffReceived():
+            view.owner = UNKNOWN if record.to_state else record.by
+        case b.ToolStep() | b.Transition() if e.kind in _USES_TICKET and record.continuation:
+            if record.ticket_id is not None:
+                view.used.setdefault(record.ticket_id, e.seq)
+
+
+def _facts_after(facts: dict[str, Any], record: b.Body) -> dict[str, Any]:
+    """The run's facts after an entry: set by deterministic steps and by verifiers."""
+    match record:
+        case b.StepDone():
+            return {**facts, **record.facts}
+        case b.VerificationFailed():
+            return facts
+        case b.Executed():
+            return {**facts, **((record.verification or {}).get("facts") or {})}
+        case b.HandoffReturned():
+            return _refreshed(facts, record.differences)
+    return facts
 
 
 def _refreshed(facts: dict[str, Any], differences: list[b.FactCheck]) -> dict[str, Any]:
@@ -334,101 +350,104 @@ def head_findings(run: RunRecord, entries: Sequence[Entry]) -> list[Finding]:
 
 def row_findings(run: RunRecord, view: ChainView, tickets: dict[str, Ticket] | None = None) -> list[Finding]:
     """The run's row (status, owner, facts, pins, pending step) against its chain."""
-    run_id, out = run.run_id, []
-
-    def bad(message: str) -> None:
-        out.append(Finding("row_disagrees", message, run_id))
-
+    said: list[str] = []
     if view.workflow_hash is not None and run.workflow_hash != view.workflow_hash:
-        bad(f"workflow_hash is {run.workflow_hash[:19]}…, the chain pins {view.workflow_hash[:19]}…")
+        said.append(f"workflow_hash is {run.workflow_hash[:19]}…, the chain pins {view.workflow_hash[:19]}…")
     if view.policy_hash is not None and run.policy_hash != view.policy_hash:
-        bad(f"policy_hash is {run.policy_hash[:19]}…, the chain pins {view.policy_hash[:19]}…")
-    if view.status is not UNKNOWN and run.status != view.status:
-        if not (view.status == "running" and run.status == "queued"):
-            bad(f"status is {run.status!r}, the chain says {view.status!r}")
+        said.append(f"policy_hash is {run.policy_hash[:19]}…, the chain pins {view.policy_hash[:19]}…")
+    queued = view.status == "running" and run.status == "queued"  # not started by a worker yet
+    if view.status is not UNKNOWN and run.status != view.status and not queued:
+        said.append(f"status is {run.status!r}, the chain says {view.status!r}")
     if view.facts is not UNKNOWN and not _same(run.facts, view.facts):
         changed = sorted(
             k for k in {*run.facts, *view.facts} if not _same(run.facts.get(k), view.facts.get(k))
         )
-        bad(f"facts differ from the chain's ({', '.join(changed)})")
+        said.append(f"facts differ from the chain's ({', '.join(changed)})")
     pending_ticket = view.last_awaiting if view.status == "paused" else None
     owner = view.owner
     if pending_ticket is not None and owner is UNKNOWN and tickets and pending_ticket in tickets:
         owner = tickets[pending_ticket].approver  # the ask named no approver: the state's
-    if view.status in ("paused", "escalated", "failed", "handed_off") and owner is not UNKNOWN:
-        if (run.owner or None) != (owner or None):
-            bad(f"owner is {run.owner!r}, the chain says {owner!r}")
+    judged = view.status in ("paused", "escalated", "failed", "handed_off") and owner is not UNKNOWN
+    if judged and (run.owner or None) != (owner or None):
+        said.append(f"owner is {run.owner!r}, the chain says {owner!r}")
     if pending_ticket is not None:
-        pending = run.checkpoint.get("pending")
-        seq, awaiting, step_id = view.awaiting[pending_ticket]
-        if not isinstance(pending, dict) or pending.get("ticket_id") != pending_ticket:
-            named = pending.get("ticket_id") if isinstance(pending, dict) else None
-            bad(f"the checkpoint waits on {named!r}, the chain on ticket {pending_ticket} (seq {seq})")
-        elif pending.get("step_id") != step_id or not _same(
-            pending.get("proposal"), as_dict(awaiting.proposal)
-        ):
-            bad(f"the pending proposal differs from the one recorded at seq {seq}")
-    return out
+        said += _pending_problems(run, view, pending_ticket)
+    return [Finding("row_disagrees", message, run.run_id) for message in said]
+
+
+def _pending_problems(run: RunRecord, view: ChainView, ticket_id: str) -> list[str]:
+    """The checkpoint of a paused run waits on the step its chain paused on."""
+    pending = run.checkpoint.get("pending")
+    seq, awaiting, step_id = view.awaiting[ticket_id]
+    if not isinstance(pending, dict) or pending.get("ticket_id") != ticket_id:
+        named = pending.get("ticket_id") if isinstance(pending, dict) else None
+        return [f"the checkpoint waits on {named!r}, the chain on ticket {ticket_id} (seq {seq})"]
+    if pending.get("step_id") != step_id or not _same(pending.get("proposal"), as_dict(awaiting.proposal)):
+        return [f"the pending proposal differs from the one recorded at seq {seq}"]
+    return []
 
 
 def ticket_findings(ticket: Ticket, view: ChainView) -> list[Finding]:
     """One ticket row against the chain: asked for these arguments, decided once, by whom,
     how, and used at most once."""
-    tid, run_id, out = ticket.ticket_id, ticket.run_id, []
-
-    def bad(message: str, seq: int | None = None, kind: str = "row_disagrees") -> None:
-        out.append(Finding(kind, f"ticket {tid}: {message}", run_id, seq))
-
+    tid, run_id = ticket.ticket_id, ticket.run_id
     asked = view.awaiting.get(tid)
     if asked is None:
-        bad("no entry of the chain asked for it", kind="inserted")
-        return out
+        return [Finding("inserted", f"ticket {tid}: no entry of the chain asked for it", run_id)]
     seq, awaiting, step_id = asked
     kind = "question" if isinstance(awaiting, b.AwaitingAnswer) else "approval"
     decisions = view.decided.get(tid, [])
+    said: list[tuple[str, int | None]] = []
     # Bound to what the chain asked for, or to what its decision approved (edited arguments).
     bound = decisions[0][2].args_hash if decisions and decisions[0][2].args_hash else awaiting.args_hash
     if ticket.args_hash != bound:
-        bad(f"bound to {ticket.args_hash[:19]}…, the chain to {bound[:19]}…", seq)
+        said.append((f"bound to {ticket.args_hash[:19]}…, the chain to {bound[:19]}…", seq))
     elif _args_fingerprint(ticket) != ticket.args_hash:
-        bad("its arguments do not match the hash it is bound to", seq)
+        said.append(("its arguments do not match the hash it is bound to", seq))
     if ticket.kind != kind or ticket.step_id != step_id:
-        bad(f"kind/step {ticket.kind}/{ticket.step_id}, the chain asked {kind}/{step_id}", seq)
+        said.append((f"kind/step {ticket.kind}/{ticket.step_id}, the chain asked {kind}/{step_id}", seq))
+    said += _decision_problems(ticket, decisions[0] if decisions else None, view.used.get(tid))
+    out = [Finding("row_disagrees", f"ticket {tid}: {message}", run_id, at) for message, at in said]
     if len(decisions) > 1:
-        bad(
-            f"decided {len(decisions)} times in the chain (seqs {', '.join(str(d[0]) for d in decisions)})",
-            decisions[1][0],
-            kind="inserted",
+        seqs = ", ".join(str(d[0]) for d in decisions)
+        out.append(
+            Finding(
+                "inserted",
+                f"ticket {tid}: decided {len(decisions)} times (seqs {seqs})",
+                run_id,
+                decisions[1][0],
+            )
         )
-    decision = decisions[0] if decisions else None
-    used = view.used.get(tid)
-    status = ticket.status
-    if status == "pending":
-        if decision is not None:
-            bad(f"pending, but the chain records it {decision[2].status} at seq {decision[0]}", decision[0])
-    elif status in ("approved", "denied", "answered"):
-        if decision is None:
-            bad(f"{status}, but no decision of it is in the chain")
-        else:
-            d_seq, d_at, d = decision
-            if d.status != status:
-                bad(f"{status}, but the chain records it {d.status} at seq {d_seq}", d_seq)
-            if _row_names(ticket.decided_by) not in {_row_names(n) for n in principal_names(d.by)}:
-                bad(f"decided_by {ticket.decided_by!r}, the chain records {d.by!r} at seq {d_seq}", d_seq)
-            if (ticket.reason or "") != (d.reason or "") or (ticket.answer or None) != (d.answer or None):
-                bad(f"reason/answer differ from the decision at seq {d_seq}", d_seq)
-            if ticket.decided_at is not None and abs(ticket.decided_at - d_at) > 1e-6:
-                bad(f"decided_at differs from the decision at seq {d_seq}", d_seq)
-        if status == "approved" and used is not None:
-            bad(f"approved (usable), but the chain used it at seq {used}", used)
-    elif status == "consumed":
-        if decision is None or decision[2].status != "approved":
-            bad("consumed, but the chain records no approval of it")
-        if used is None:
-            bad("consumed, but no entry of the chain used it")
-    elif status == "expired" and decision is not None and decision[2].status not in ("approved", "answered"):
-        bad(f"expired, but the chain records it {decision[2].status} at seq {decision[0]}", decision[0])
     return out
+
+
+def _decision_problems(
+    ticket: Ticket, decision: tuple[int, float, b.TicketDecided] | None, used: int | None
+) -> list[tuple[str, int | None]]:
+    """A ticket's status, decider, reason and answer against its decision and use."""
+    status = ticket.status
+    if decision is None:
+        if status in ("approved", "denied", "answered", "consumed"):
+            return [(f"{status}, but no decision of it is in the chain", None)]
+        return []
+    d_seq, d_at, d = decision
+    if status == "pending":
+        return [(f"pending, but the chain records it {d.status} at seq {d_seq}", d_seq)]
+    said: list[tuple[str, int | None]] = []
+    if status == "consumed" and used is None:
+        said.append(("consumed, but no entry of the chain used it", None))
+    if status == "approved" and used is not None:
+        said.append((f"approved (usable again), but the chain used it at seq {used}", used))
+    expected = {"consumed": ("approved",), "expired": ("approved", "answered")}.get(status, (status,))
+    if d.status not in expected:
+        said.append((f"{status}, but the chain records it {d.status} at seq {d_seq}", d_seq))
+    if _row_names(ticket.decided_by) not in {_row_names(n) for n in principal_names(d.by)}:
+        said.append((f"decided_by {ticket.decided_by!r}, the chain records {d.by!r} at seq {d_seq}", d_seq))
+    if (ticket.reason or "") != (d.reason or "") or (ticket.answer or None) != (d.answer or None):
+        said.append((f"reason/answer differ from the decision at seq {d_seq}", d_seq))
+    if ticket.decided_at is not None and abs(ticket.decided_at - d_at) > 1e-6:
+        said.append((f"decided_at differs from the decision at seq {d_seq}", d_seq))
+    return said
 
 
 def _args_fingerprint(ticket: Ticket) -> str:
@@ -514,7 +533,7 @@ def trigger_findings(store: Literal["sqlite", "postgres"], rows: Sequence[Sequen
         if have is None or have[0] != table:
             out.append(Finding("triggers_missing", f"trigger {name} on {table} is gone"))
         elif have[1] not in ("O", "A"):
-            out.append(Finding("triggers_missing", f"trigger {name} on {table} is disabled ({have[1]})"))
+            out.append(Finding("triggers_missing", f"trigger {name} on {table} is disabled"))
         elif _REFUSES[store] not in have[2].upper().replace("RAISE (", "RAISE("):
             out.append(Finding("triggers_missing", f"trigger {name} on {table} no longer refuses changes"))
     return out

@@ -149,7 +149,8 @@ SQLITE: tuple[Migration, ...] = (
         8,
         "signed checkpoints (append-only); tickets by run",
         (
-            f"CREATE TABLE checkpoints (id INTEGER PRIMARY KEY, {_CHECKPOINT_COLUMNS}, created_at REAL NOT NULL)",
+            f"""CREATE TABLE checkpoints (id INTEGER PRIMARY KEY, {_CHECKPOINT_COLUMNS},
+    created_at REAL NOT NULL)""",
             *_AUDIT_INDEXES,
             *SQLITE_AUDIT_TRIGGERS[2:],
         ),

@@ -32,7 +32,7 @@ import time
 import weakref
 from collections.abc import AsyncIterator, Callable, Sequence
 from contextlib import asynccontextmanager
-from typing import Any
+from typing import Any, Literal
 from urllib.parse import parse_qsl, urlencode, urlsplit, urlunsplit
 
 import psycopg
@@ -64,7 +64,7 @@ class PostgresJournal(SQLStore):
 
 
 class PostgresDialect:
-    store = "postgres"
+    store: Literal["sqlite", "postgres"] = "postgres"
     triggers_sql = integrity.POSTGRES_TRIGGERS_SQL
     trigger_sql = (migrations.POSTGRES_APPEND_ONLY_FUNCTION, *migrations.POSTGRES_AUDIT_TRIGGERS)
     row_lock = " FOR UPDATE"

@@ -25,7 +25,7 @@ import time
 from collections.abc import AsyncIterator, Callable, Sequence
 from contextlib import asynccontextmanager
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 from tether.errors import JournalError
 from tether.journal import integrity, migrations
@@ -51,7 +51,7 @@ class SQLiteJournal(SQLStore):
 
 
 class SQLiteDialect:
-    store = "sqlite"
+    store: Literal["sqlite", "postgres"] = "sqlite"
     triggers_sql = integrity.SQLITE_TRIGGERS_SQL
     trigger_sql = migrations.SQLITE_AUDIT_TRIGGERS
     row_lock = ""  # BEGIN IMMEDIATE already holds the file's write lock

@@ -38,7 +38,6 @@ from tether.errors import (
     TicketExpired,
 )
 from tether.journal import integrity
-from tether.journal.integrity import Finding
 from tether.journal.common import (
     ACTIVE_STATUSES,
     ENTRY_COLUMNS,
@@ -72,6 +71,7 @@ from tether.journal.common import (
     value_rows,
     when,
 )
+from tether.journal.integrity import Finding
 from tether.journal.records import (
     Commit,
     Entry,
@@ -783,8 +783,8 @@ class SQLStore:
             params.append(kind)
         clause = f" WHERE {' AND '.join(where)}" if where else ""
         return await self._d.read(
-            f"SELECT id, kind, run_id, seq, hash, body, key_id, signature, created_at FROM checkpoints{clause} "
-            "ORDER BY id",
+            "SELECT id, kind, run_id, seq, hash, body, key_id, signature, created_at "
+            f"FROM checkpoints{clause} ORDER BY id",
             params,
         )
 
