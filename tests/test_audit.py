@@ -584,3 +584,95 @@ def test_show_says_intact_only_when_the_rows_agree_with_the_chain(journal: Journ
     shown = cli.invoke(app, ["show", result.run_id, "--db", target])
     assert "journal intact" not in shown.stdout
     assert "BROKEN" in shown.stdout and "no decision of it is in the chain" in shown.stdout
+
+
+# -- in real processes: the refund example, signed from the command line ---------------------------
+
+REPO = Path(__file__).resolve().parents[1]
+REFUND = REPO / "examples" / "refund"
+REFUND_INPUT = json.dumps({"order_id": "A-1001", "reason": "kettle arrived broken"})
+
+
+def test_the_command_line_signs_refuses_a_ticket_approved_by_sql_and_exports_a_bundle(tmp_path: Path) -> None:
+    import os
+    import subprocess
+    import sys
+
+    env = {k: v for k, v in os.environ.items() if not k.startswith("TETHER_")}
+    env |= {"REFUND_LEDGER": str(tmp_path / "ledger.sqlite"), "COLUMNS": "500", "NO_COLOR": "1"}
+    db = str(tmp_path / "tether.db")
+
+    def tether(*args: str) -> subprocess.CompletedProcess[str]:
+        return subprocess.run(
+            [sys.executable, "-m", "tether", *args],
+            cwd=tmp_path,
+            env=env,
+            capture_output=True,
+            text=True,
+            timeout=60,
+        )
+
+    made = tether("audit", "keygen", "--out", "audit.key")
+    assert made.returncode == 0, made.stderr
+    assert oct((tmp_path / "audit.key").stat().st_mode)[-3:] == "600"
+    signed = ("--audit-key", "audit.key")
+    script = f"script:{REFUND / 'proposals.json'}"
+
+    def paused_run() -> tuple[str, str]:
+        started = tether(
+            *signed, "run", str(REFUND), "--input", REFUND_INPUT, "--model", script, "--db", db, "--json"
+        )
+        assert started.returncode == 0, started.stderr
+        result = json.loads(started.stdout)
+        assert result["status"] == "paused"
+        return result["run_id"], result["ticket_id"]
+
+    # Approved by SQL, not by a person: resume refuses, nothing is refunded.
+    forged_run, forged_ticket = paused_run()
+    with sqlite3.connect(db) as conn:
+        conn.execute(
+            "UPDATE tickets SET status = 'approved', decided_by = 'supervisor', decided_at = created_at "
+            "WHERE ticket_id = ?",
+            (forged_ticket,),
+        )
+    refused = tether(*signed, "resume", forged_run, "--db", db, "--json")
+    assert refused.returncode == 2
+    error = json.loads(refused.stdout)["error"]
+    assert error["code"] == "journal_tampered"
+    assert "no decision of it is in the chain" in error["message"]
+    assert (
+        not (tmp_path / "ledger.sqlite").exists()
+        or sqlite3.connect(tmp_path / "ledger.sqlite")
+        .execute("SELECT count(*) FROM sqlite_master WHERE name = 'refunds'")
+        .fetchone()[0]
+        in (0, None)
+        or not sqlite3.connect(tmp_path / "ledger.sqlite").execute("SELECT * FROM refunds").fetchall()
+    )
+
+    # A person's approval, signed; the run completes and verifies with the public key.
+    run_id, ticket_id = paused_run()
+    approved = tether(*signed, "approve", ticket_id, "--by", "supervisor", "--db", db)
+    assert approved.returncode == 0, approved.stderr
+    resumed = tether(*signed, "resume", run_id, "--db", db)
+    assert resumed.returncode == 0, resumed.stderr
+    verified = tether("audit", "verify", run_id, "--key", "audit.key.pub", "--db", db, "--json")
+    assert verified.returncode == 0, verified.stdout
+    report = json.loads(verified.stdout)
+    assert report["ok"] and report["checkpoints"] >= 3 and report["warnings"] == []
+    everything = tether("audit", "verify", "--all", "--key", "audit.key.pub", "--db", db)
+    assert everything.returncode == 1  # the forged approval is still in the journal
+    assert f"{forged_run}: ticket {forged_ticket}" in flat(everything.stdout)
+
+    exported = tether("audit", "export", run_id, "--db", db)
+    assert exported.returncode == 0, exported.stderr
+    (tmp_path / "bundle.jsonl").write_text(exported.stdout)
+    sources = [json.loads(line) for line in exported.stdout.splitlines() if '"type": "source"' in line]
+    assert [s["role"] for s in sources] == ["workflow", "policy"]  # the files, by their SHA-256
+    assert sources[1]["text"] == (REFUND / "policy.yaml").read_text()
+    offline = tether("audit", "verify", "--bundle", "bundle.jsonl", "--key", "audit.key.pub")
+    assert offline.returncode == 0, offline.stdout
+    assert "verified: no damage found" in offline.stdout
+
+
+def flat(text: str) -> str:
+    return " ".join(text.split())

@@ -12,13 +12,16 @@ from pathlib import Path
 from typing import Annotated, Any
 
 import typer
+import yaml
 from rich.markup import escape
 
 from tether import audit
 from tether.audit import AuditKey, Auditor, Report
 from tether.cli.common import DbOption, JsonOption, fail, open_store, out, print_json, run_command
 from tether.errors import JournalError
+from tether.journal import RunRecord
 from tether.journal.integrity import Finding
+from tether.loader import POLICY_FILE
 
 app = typer.Typer(no_args_is_help=True)
 
@@ -157,15 +160,7 @@ def export(
     async def main() -> list[dict[str, Any]]:
         async with open_store(db) as journal:
             run = await journal.get_run(run_id)
-            sources = []
-            for role, ref, pinned in (
-                ("workflow", run.workflow_ref, run.workflow_hash),
-                ("policy", run.policy_ref, run.policy_hash),
-            ):
-                file = Path(ref) if ref and not ref.startswith("<") else None
-                if file is not None and file.is_file():
-                    sources.append((role, pinned, file.read_text()))
-            return await audit.export_run(journal, run_id, sources=sources)
+            return await audit.export_run(journal, run_id, sources=_sources(run))
 
     lines = run_command(main)
     text = "".join(json.dumps(line, sort_keys=True) + "\n" for line in lines)
@@ -173,6 +168,29 @@ def export(
         sys.stdout.write(text)
     else:
         out_file.write_text(text)
+
+
+def _sources(run: RunRecord) -> list[tuple[str, str, str]]:
+    """The workflow file and the policy file the run was started from, as they are now: the
+    bundle carries each text by its SHA-256, beside the hash the run is pinned to."""
+    found: list[tuple[str, str, str]] = []
+    ref = Path(run.workflow_ref) if not run.workflow_ref.startswith("<") else None
+    if ref is not None and ref.is_dir():
+        ref = ref / "workflow.yaml"
+    if ref is None or not ref.is_file():
+        return found
+    text = ref.read_text()
+    found.append(("workflow", run.workflow_hash, text))
+    policy = Path(run.policy_ref) if run.policy_ref else None
+    if policy is None:
+        try:
+            declared = yaml.safe_load(text).get("policy")
+        except (yaml.YAMLError, AttributeError):
+            declared = None
+        policy = ref.parent / (declared if isinstance(declared, str) else POLICY_FILE)
+    if policy.is_file():
+        found.append(("policy", run.policy_hash, policy.read_text()))
+    return found
 
 
 @app.command()

@@ -154,9 +154,15 @@ def open_store(db: str | None, *, create: bool = False) -> Journal:
             "no_journal",
         )
     try:
-        return open_journal(db)
+        journal = open_journal(db)
     except TetherError as exc:
         fail_with(exc)
+    for problem in journal.trigger_problems:  # found at opening: nothing will be written
+        err.print(
+            f"[bold yellow]warning:[/] {escape(problem.message)}: this journal is read-only until "
+            "`tether audit verify --all` finds it sound and `tether audit restore-triggers` is run"
+        )
+    return journal
 
 
 async def ready_model(spec: str | None, journal: Journal) -> tuple[Model | None, str | None]:
