@@ -640,14 +640,7 @@ def test_the_command_line_signs_refuses_a_ticket_approved_by_sql_and_exports_a_b
     error = json.loads(refused.stdout)["error"]
     assert error["code"] == "journal_tampered"
     assert "no decision of it is in the chain" in error["message"]
-    assert (
-        not (tmp_path / "ledger.sqlite").exists()
-        or sqlite3.connect(tmp_path / "ledger.sqlite")
-        .execute("SELECT count(*) FROM sqlite_master WHERE name = 'refunds'")
-        .fetchone()[0]
-        in (0, None)
-        or not sqlite3.connect(tmp_path / "ledger.sqlite").execute("SELECT * FROM refunds").fetchall()
-    )
+    assert refunds(tmp_path / "ledger.sqlite") == []
 
     # A person's approval, signed; the run completes and verifies with the public key.
     run_id, ticket_id = paused_run()
@@ -655,6 +648,7 @@ def test_the_command_line_signs_refuses_a_ticket_approved_by_sql_and_exports_a_b
     assert approved.returncode == 0, approved.stderr
     resumed = tether(*signed, "resume", run_id, "--db", db)
     assert resumed.returncode == 0, resumed.stderr
+    assert len(refunds(tmp_path / "ledger.sqlite")) == 1
     verified = tether("audit", "verify", run_id, "--key", "audit.key.pub", "--db", db, "--json")
     assert verified.returncode == 0, verified.stdout
     report = json.loads(verified.stdout)
@@ -676,3 +670,13 @@ def test_the_command_line_signs_refuses_a_ticket_approved_by_sql_and_exports_a_b
 
 def flat(text: str) -> str:
     return " ".join(text.split())
+
+
+def refunds(ledger: Path) -> list[tuple[Any, ...]]:
+    """The refunds the example's tool wrote (none if it never opened its ledger)."""
+    if not ledger.exists():
+        return []
+    with sqlite3.connect(ledger) as db:
+        if db.execute("SELECT 1 FROM sqlite_master WHERE name = 'refunds'").fetchone() is None:
+            return []
+        return db.execute("SELECT * FROM refunds").fetchall()
