@@ -433,6 +433,37 @@ def test_a_paused_run_whose_chain_is_broken_is_not_resumed(scene: Scene) -> None
     assert scene.shop.refunds == []
 
 
+def test_a_forged_decision_with_a_correct_hash_and_agreeing_rows_is_refused_with_the_key(
+    scene: Scene,
+) -> None:
+    scene.pause()
+    awaiting = scene.entry(3)
+    ticket = run(scene.journal.get_ticket(scene.ticket_id))
+    decided = {
+        "ticket_id": scene.ticket_id,
+        "status": "approved",
+        "by": "supervisor",
+        "args_hash": ticket.args_hash,
+    }
+    scene.forge(4, awaiting[7], "ticket_decided", decided)
+    scene.sql(
+        "UPDATE tickets SET status = 'approved', decided_by = 'supervisor', decided_at = ? "
+        "WHERE ticket_id = ?",
+        scene.entry(4)[8],
+        scene.ticket_id,
+    )
+    scene.fix_head()
+    # Chain and rows agree: inside the database this is a decision like any other.
+    assert scene.verify(key=False).ok
+    # But nobody holding the key signed it: verify says so, and the runtime does not act on it.
+    found = first(scene.verify())
+    assert (found.kind, found.seq) == ("inserted", 4)
+    refused = scene.refuses()
+    assert (refused.findings[0].kind, refused.findings[0].seq) == ("inserted", 4)
+    assert "nobody signed" in str(refused)
+    assert scene.shop.refunds == []
+
+
 # -- the triggers ------------------------------------------------------------------------------
 
 

@@ -258,8 +258,11 @@ class Auditor:
 
     async def check_anchor(self, journal: Any, run_id: str, *, doing: str) -> None:
         """Refuse (`JournalTampered`) to act on a run whose chain no longer holds the head its
-        last checkpoint signed (truncated, or rewritten consistently), or has entries after a
-        signed end. One read: the latest checkpoint, and the entries from its head on."""
+        last checkpoint signed (truncated, or rewritten consistently), has entries after a
+        signed end, or holds a ticket decision nobody signed: with a key configured, every
+        process that records a decision signs it (`tether approve` does), so an unsigned one
+        was written by someone without the key — a forged approval with a correct hash.
+        One read: the latest checkpoint, and the entries from its head on."""
         rows = await journal.read_checkpoints(run_id, kind="run")
         if not rows:
             return
@@ -288,6 +291,17 @@ class Auditor:
                 found.append(
                     Finding("inserted", f"entries follow the run's signed end (seq {seq})", run_id, seq + 1)
                 )
+            else:
+                found += [
+                    Finding(
+                        "inserted",
+                        "a ticket decision nobody signed (written without the audit key)",
+                        run_id,
+                        e.seq,
+                    )
+                    for e in entries[1:]
+                    if e.kind == "ticket_decided"
+                ]
         if found:
             raise JournalTampered(found, doing=doing)
 
@@ -341,12 +355,6 @@ def read_witness(path: Path) -> list[Checkpoint]:
         except (ValueError, KeyError, TypeError):
             raise AuditKeyError(f"witness {path} line {n} is not a checkpoint") from None
     return out
-
-
-async def checkpoint_configured(journal: Any, run_id: str) -> Checkpoint | None:
-    """Checkpoint a run if an audit key is configured (commands that record a decision)."""
-    auditor = Auditor.from_env()
-    return await auditor.checkpoint_run(journal, run_id) if auditor is not None else None
 
 
 # -- verification --------------------------------------------------------------------------
@@ -428,6 +436,16 @@ def checkpoint_findings(
                 )
                 break
         signed_to = max(signed_to, int(values["seq"]))
+    if signed_to and key is not None:
+        # Every process that records a decision signs it when a key is in use: one that
+        # nobody signed was written without the key.
+        problems += [
+            Finding(
+                "inserted", "a ticket decision nobody signed (written without the audit key)", run_id, e.seq
+            )
+            for e in entries
+            if e.seq > signed_to and e.kind == "ticket_decided"
+        ]
     if signed_to and last > signed_to:
         final = by_seq.get(signed_to)
         if final is not None and final.kind in FINAL_KINDS:

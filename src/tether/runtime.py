@@ -107,8 +107,8 @@ class Runtime:
     ) -> None:
         self.journal = journal
         # Signs a checkpoint of each run's head whenever the run stops (tether.audit): given,
-        # or configured by TETHER_AUDIT_KEY (and TETHER_AUDIT_WITNESS).
-        self.auditor = auditor if auditor is not None else Auditor.from_env()
+        # or the journal's (`open_journal` reads $TETHER_AUDIT_KEY and $TETHER_AUDIT_WITNESS).
+        self.auditor: Auditor | None = auditor if auditor is not None else getattr(journal, "auditor", None)
         # After an unexpected error a run waits this long (doubling per crash) before a retry.
         self.crash_backoff_seconds = crash_backoff_seconds
         # Model calls (prompts, raw responses, attempts) are kept apart from the entries.

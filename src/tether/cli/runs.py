@@ -18,7 +18,6 @@ from typing import Annotated, Any, get_args
 import typer
 from rich.markup import escape
 
-from tether.audit import checkpoint_configured
 from tether.cli.common import (
     FAILED_STATUSES,
     ByOption,
@@ -486,7 +485,6 @@ def _decide(
                 reason=reason,
                 answer=answer,
             )
-            await checkpoint_configured(journal, ticket.run_id)  # signed, when a key is configured
             return ticket, await journal.get_run(ticket.run_id)
 
     ticket, record = run_command(main)

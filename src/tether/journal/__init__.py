@@ -164,6 +164,9 @@ class Journal(Protocol):
     # What was wrong with the append-only triggers when the journal was opened; while this is
     # not empty nothing is written (JournalTampered).
     trigger_problems: list[Finding]
+    # Signs a checkpoint after each decision (tether.audit.Auditor): set by `open_journal`
+    # from $TETHER_AUDIT_KEY, or by the caller.
+    auditor: Any
 
     async def check_triggers(self) -> list[Finding]:
         """The append-only triggers as the database has them now."""
@@ -225,7 +228,21 @@ def open_journal(
     `migrate=True` upgrades an older schema on opening; with False an older schema is
     refused (`tether db upgrade` does it explicitly). A newer schema is always refused.
     `pool_size` is PostgreSQL's connection-pool size (also `?pool_size=N` in the URL).
+    With `$TETHER_AUDIT_KEY` set, every decision recorded through it is signed
+    (`tether.audit`), and runtimes over it sign each run's head when the run stops.
     """
+    journal = _open(target, durability=durability, migrate=migrate, pool_size=pool_size)
+    from tether.audit import Auditor  # signing is optional: imported when the journal opens
+
+    try:
+        journal.auditor = Auditor.from_env()
+    except BaseException:
+        journal.close()
+        raise
+    return journal
+
+
+def _open(target: str | None, *, durability: str, migrate: bool, pool_size: int | None) -> Journal:
     target = target or os.environ.get(DB_ENV) or DEFAULT_DB
     scheme = target.split("://", 1)[0] if "://" in target else ""
     if scheme in ("postgresql", "postgres"):

@@ -226,6 +226,8 @@ class SQLStore:
         self._queue = _Queue()
         # Found when the journal was opened: nothing is written while a trigger is missing.
         self.trigger_problems: list[Finding] = list(dialect.trigger_problems)
+        # Signs a checkpoint after each decision (tether.audit.Auditor), when a key is set.
+        self.auditor: Any = None
 
     def close(self) -> None:
         self._d.close()
@@ -558,6 +560,8 @@ class SQLStore:
             )
             await tx.executemany(INSERT_ENTRY, [entry_row(e) for e in written])
             await self._d.notify(tx, run.run_id)
+        if self.auditor is not None:  # the decision is signed before anyone can act on it
+            await self.auditor.checkpoint_run(self, run.run_id)
         return ticket.model_copy(
             update={"status": status, "decided_at": store_now, "decided_by": by, "reason": reason}
             | {"answer": answer}
