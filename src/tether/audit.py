@@ -585,8 +585,12 @@ async def verify_journal(
                 for f in journal_root_findings(cp, heads, key)
                 if all_runs or f.run_id in heads or f.run_id is None
             ]
-    if witness is not None:
+    if witness is not None and witness.exists():
         report.findings += witness_findings(read_witness(witness), stored, key)
+    elif witness is not None and stored:
+        report.findings.append(
+            Finding("deleted", f"the witness {witness} is gone; the journal holds checkpoints")
+        )
     if key is None and stored:
         report.warnings.append(
             Finding("unsigned", "checkpoint signatures not checked: give the public key (--key)")
