@@ -183,6 +183,8 @@ _STATUS_OF: dict[str, str | None] = {
     "migrated": None,
     "crashed": None,
 }
+# A ticket's decisions that settle it (a later one would be a second verdict).
+FINAL_DECISIONS = frozenset({"approved", "denied", "answered"})
 # Kinds that use an approved ticket (with `ticket_id` and `continuation`).
 _USES_TICKET = frozenset({"intent", "executed", "verification_failed", "tool_failed", "transition"})
 
@@ -397,25 +399,26 @@ def ticket_findings(ticket: Ticket, view: ChainView) -> list[Finding]:
     seq, awaiting, step_id = asked
     kind = "question" if isinstance(awaiting, b.AwaitingAnswer) else "approval"
     decisions = view.decided.get(tid, [])
+    # The last decision settles it; one recorded after a final one (a second verdict) is not
+    # how a ticket is decided. Partial decisions (a status still pending) may precede it.
+    last = decisions[-1] if decisions else None
     said: list[tuple[str, int | None]] = []
     # Bound to what the chain asked for, or to what its decision approved (edited arguments).
-    bound = decisions[0][2].args_hash if decisions and decisions[0][2].args_hash else awaiting.args_hash
+    bound = last[2].args_hash if last is not None and last[2].args_hash else awaiting.args_hash
     if ticket.args_hash != bound:
         said.append((f"bound to {ticket.args_hash[:19]}…, the chain to {bound[:19]}…", seq))
     elif _args_fingerprint(ticket) != ticket.args_hash:
         said.append(("its arguments do not match the hash it is bound to", seq))
     if ticket.kind != kind or ticket.step_id != step_id:
         said.append((f"kind/step {ticket.kind}/{ticket.step_id}, the chain asked {kind}/{step_id}", seq))
-    said += _decision_problems(ticket, decisions[0] if decisions else None, view.used.get(tid))
+    said += _decision_problems(ticket, last, view.used.get(tid))
     out = [Finding("row_disagrees", f"ticket {tid}: {message}", run_id, at) for message, at in said]
-    if len(decisions) > 1:
-        seqs = ", ".join(str(d[0]) for d in decisions)
+    final = [d for d in decisions if d[2].status in FINAL_DECISIONS]
+    if len(final) > 1:
+        seqs = ", ".join(str(d[0]) for d in final)
         out.append(
             Finding(
-                "inserted",
-                f"ticket {tid}: decided {len(decisions)} times (seqs {seqs})",
-                run_id,
-                decisions[1][0],
+                "inserted", f"ticket {tid}: decided {len(final)} times (seqs {seqs})", run_id, final[1][0]
             )
         )
     return out

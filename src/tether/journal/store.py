@@ -718,9 +718,10 @@ class SQLStore:
         rows = await tx.fetch(
             f"{ENTRY_SELECT} WHERE run_id = ? AND kind = 'ticket_decided' ORDER BY seq", (ticket.run_id,)
         )
-        decided = integrity.derive([decode_entry(r) for r in rows]).decided.get(ticket.ticket_id)
-        if decided:
-            seq, _, record = decided[0]
+        decided = integrity.derive([decode_entry(r) for r in rows]).decided.get(ticket.ticket_id, [])
+        final = [d for d in decided if d[2].status in integrity.FINAL_DECISIONS]
+        if final:
+            seq, _, record = final[0]
             finding = Finding(
                 "row_disagrees",
                 f"ticket {ticket.ticket_id}: pending, but the chain records it {record.status} at seq {seq}",
