@@ -210,14 +210,16 @@ def derive(entries: Sequence[Entry]) -> ChainView:
     view = ChainView()
     for e in entries:
         record = e.body
-        known = e.kind in _STATUS_OF or e.kind in ("run_finished", "handoff")
+        # The kind of the record read (a format 1 `step` entry is read as its typed record).
+        kind = e.kind if isinstance(record, b.UnknownBody) else b.KIND_OF[type(record)]
+        known = kind in _STATUS_OF or kind in ("run_finished", "handoff")
         if isinstance(record, b.UnknownBody) or not known:
             view.status = view.owner = view.facts = UNKNOWN  # a kind this tether cannot judge
             continue
-        status = _status_after(e.kind, record)
+        status = _status_after(kind, record)
         if status is not None:
             view.status, view.owner, view.last_awaiting = status, UNKNOWN, None
-        _record_on(view, e, record)
+        _record_on(view, e, kind, record)
         if view.facts is not UNKNOWN:
             view.facts = _facts_after(view.facts, record)
     return view
@@ -237,7 +239,7 @@ def _status_after(kind: str, record: b.Body) -> str | None:
     return _STATUS_OF.get(kind)
 
 
-def _record_on(view: ChainView, e: Entry, record: b.Body) -> None:
+def _record_on(view: ChainView, e: Entry, kind: str, record: b.Body) -> None:
     """What an entry says of the run's pins, owner and tickets."""
     match record:
         case b.RunStarted():
@@ -256,7 +258,7 @@ def _record_on(view: ChainView, e: Entry, record: b.Body) -> None:
             view.owner = record.handoff.owner if not record.handoff.to_state else UNKNOWN
         case b.HandoffReceived():
             view.owner = UNKNOWN if record.to_state else record.by
-        case b.ToolStep() | b.Transition() if e.kind in _USES_TICKET and record.continuation:
+        case b.ToolStep() | b.Transition() if kind in _USES_TICKET and record.continuation:
             if record.ticket_id is not None:
                 view.used.setdefault(record.ticket_id, e.seq)
 
