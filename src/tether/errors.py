@@ -6,6 +6,8 @@ TetherError
 ├── ModelSpecError         a --model string names no known model, or its file is bad
 ├── JournalError           the store refused an operation
 │   ├── RunNotFound
+│   ├── JournalTampered    a row disagrees with its chain, the chain is broken, or the
+│   │                      append-only triggers are gone: nothing is acted on
 │   ├── TicketError        an approval ticket is unknown, already used, expired or
 │   │   │                  bound to other arguments
 │   │   ├── TicketExpired  decided or used after its expiry, by the journal's clock
@@ -19,6 +21,9 @@ TetherError
 """
 
 from __future__ import annotations
+
+from collections.abc import Sequence
+from typing import Any
 
 
 class TetherError(Exception):
@@ -39,6 +44,23 @@ class ModelSpecError(TetherError):
 
 class JournalError(TetherError):
     """The journal refused an operation."""
+
+
+class JournalTampered(JournalError):
+    """The journal cannot be trusted for what was asked: `findings` (each with its run, first
+    bad entry and kind of damage, `tether.journal.integrity.Finding`) say why. Its reason
+    code is `journal_tampered`."""
+
+    reason_code = "journal_tampered"
+
+    def __init__(self, findings: Sequence[Any], *, doing: str) -> None:
+        self.findings = list(findings)
+        shown = "; ".join(str(f) for f in self.findings[:3])
+        more = f" (and {len(self.findings) - 3} more)" if len(self.findings) > 3 else ""
+        super().__init__(
+            f"journal_tampered: refusing to {doing}: {shown}{more}; "
+            "run `tether audit verify` and restore the journal from a trusted copy"
+        )
 
 
 class RunNotFound(JournalError):

@@ -41,3 +41,6 @@ class ReasonCode(StrEnum):
     WAITING_FOR_WORKER = "waiting_for_worker"
     # People acting on a run (tether.operations).
     CANCELLED = "cancelled"
+    # A row the runtime would act on disagrees with the run's hash chain, the chain is
+    # broken, or the journal's append-only triggers are gone (tether.journal.integrity).
+    JOURNAL_TAMPERED = "journal_tampered"

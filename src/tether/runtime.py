@@ -26,6 +26,7 @@ from typing import Any, Literal
 import msgspec
 
 from tether import handoffs
+from tether.audit import Auditor
 from tether.compensation import Rollback
 from tether.errors import EditRefused, InputError, JournalError, RunStateError, TicketError
 from tether.hashing import encode_json
@@ -40,6 +41,7 @@ from tether.journal import (
     RunRecord,
     RunUpdate,
     Ticket,
+    integrity,
 )
 from tether.journal import bodies as b
 from tether.models.protocol import Model
@@ -109,8 +111,12 @@ class Runtime:
         record_exchanges: bool = True,
         on_commit: Callable[[list[Entry]], None] | None = None,
         crash_backoff_seconds: float = CRASH_BACKOFF_SECONDS,
+        auditor: Auditor | None = None,
     ) -> None:
         self.journal = journal
+        # Signs a checkpoint of each run's head whenever the run stops (tether.audit): given,
+        # or the journal's (`open_journal` reads $TETHER_AUDIT_KEY and $TETHER_AUDIT_WITNESS).
+        self.auditor: Auditor | None = auditor if auditor is not None else getattr(journal, "auditor", None)
         # After an unexpected error a run waits this long (doubling per crash) before a retry.
         self.crash_backoff_seconds = crash_backoff_seconds
         # Model calls (prompts, raw responses, attempts) are kept apart from the entries.
@@ -158,9 +164,11 @@ class Runtime:
             by=by,
         )
         try:
-            return await self._drive(self._cursor(record, workflow), model)
+            result = await self._drive(self._cursor(record, workflow), model)
         finally:
             await self._release(record.run_id)
+        await self._checkpoint(result)
+        return result
 
     async def submit(
         self,
@@ -273,9 +281,23 @@ class Runtime:
         else:
             record = await self._acquire(run_id)
         try:
-            return await self._resume(record, workflow, model)
+            result = await self._resume(record, workflow, model)
         finally:
             await self._release(run_id)
+        await self._checkpoint(result)
+        return result
+
+    async def _check(self, record: RunRecord, doing: str) -> None:
+        """Before acting on a run: its rows agree with its chain (tether.journal.integrity),
+        and with a key, its chain still holds the head it was last signed at (tether.audit)."""
+        await integrity.check_run(self.journal, record, doing=doing)
+        if self.auditor is not None:
+            await self.auditor.check_anchor(self.journal, record.run_id, doing=doing)
+
+    async def _checkpoint(self, result: RunResult) -> None:
+        """Sign the run's head when it stopped (paused, finished, escalated, handed off)."""
+        if self.auditor is not None and result.status not in ("running", "queued"):
+            await self.auditor.checkpoint_run(self.journal, result.run_id)
 
     async def _release(self, run_id: str) -> None:
         """Give the run's lease back, unless its last commit did (or a crash keeps it)."""
@@ -298,6 +320,8 @@ class Runtime:
         return await self.journal.acquire(run_id, self.worker_id, lease_seconds=self.lease_seconds)
 
     async def _resume(self, record: RunRecord, workflow: Workflow, model: Model | None) -> RunResult:
+        # The row is a cache of the chain: what it says is checked before anything is acted on.
+        await self._check(record, f"resume run {record.run_id}")
         _check_resumable(record, workflow)
         cursor = self._cursor(record, workflow)
         if record.status == "queued":
@@ -329,6 +353,7 @@ class Runtime:
         run is driven on from there, as `resume` would."""
         record = await self._acquire(run_id)
         try:
+            await self._check(record, f"pick up run {run_id}")
             if record.status != "handed_off":
                 raise RunStateError(f"run {run_id} is {record.status}, not handed off: nothing to pick up")
             _check_pinned(record, workflow)
@@ -342,10 +367,13 @@ class Runtime:
             step = GovernedStep(cursor, state, entry.step_id)
             differences = await handoffs.pick_up(step, handed.handoff, by)
             if differences and model is not None:
-                return await self._drive(cursor, model), differences
-            return RunResult.of(cursor.record), differences
+                result = await self._drive(cursor, model)
+            else:
+                result = RunResult.of(cursor.record)
         finally:
             await self._release(run_id)
+        await self._checkpoint(result)
+        return result, differences
 
     async def decide(
         self,
@@ -449,6 +477,7 @@ class Runtime:
     async def resolve(self, run_id: str, *, done: bool, by: str, note: str = "") -> RunResult:
         """A person settles an effect in doubt; the run can then be resumed."""
         record = await self.journal.get_run(run_id)
+        await self._check(record, f"settle run {run_id}")
         if record.status != "effect_in_doubt":
             raise RunStateError(f"run {run_id} is {record.status}, not effect_in_doubt")
         started = int(record.checkpoint.get("visit", {}).get("started_seq", 0))
@@ -478,6 +507,7 @@ class Runtime:
         there. The move is an entry in the run's journal; the next step runs on the new version.
         """
         record = await self.journal.get_run(run_id)
+        await self._check(record, f"migrate run {run_id}")
         if record.status in FINISHED:
             raise RunStateError(f"run {run_id} is {record.status}; only unfinished runs can be migrated")
         if workflow.name != record.workflow_name:
@@ -514,7 +544,9 @@ class Runtime:
                 durable=True,
             )
         )
-        return RunResult.of(await self.journal.get_run(record.run_id))
+        result = RunResult.of(await self.journal.get_run(record.run_id))
+        await self._checkpoint(result)
+        return result
 
     # -- driving ---------------------------------------------------------------------
 

@@ -8,8 +8,10 @@ fails, escalates or has an effect in doubt, or a policy check or test finds prob
 
 from __future__ import annotations
 
+import os
 import sys
 from collections.abc import Sequence
+from pathlib import Path
 from typing import Annotated, Any
 
 import typer
@@ -18,6 +20,7 @@ from typer.core import TyperGroup
 from tether import __version__
 from tether.cli import (
     analysis,
+    audit,
     db,
     handoffs,
     mcp,
@@ -91,13 +94,24 @@ def main(
         bool,
         typer.Option("--version", callback=_version, is_eager=True, help="Print tether's version and exit."),
     ] = False,
+    audit_key: Annotated[
+        Path | None,
+        typer.Option(
+            "--audit-key",
+            help="Sign a checkpoint of each run's head whenever it stops, and of each decision, "
+            "with this Ed25519 key file (or set $TETHER_AUDIT_KEY; see `tether audit keygen`).",
+        ),
+    ] = None,
 ) -> None:
     """tether: run governed AI workflows and audit what they did."""
+    if audit_key is not None:
+        os.environ["TETHER_AUDIT_KEY"] = str(audit_key.resolve())
 
 
 for group in (runs, operations, handoffs, workers, mcp, analysis, testing, serve):
     app.registered_commands.extend(group.app.registered_commands)
 app.add_typer(policy.app, name="policy", help="Check, explain and test policies.")
+app.add_typer(audit.app, name="audit", help="Verify the journal, sign checkpoints, export runs for auditors.")
 app.add_typer(db.app, name="db", help="The journal's database: schema upgrades, model-exchange retention.")
 app.add_typer(tokens.app, name="token", help="API tokens: create, list, revoke (roles and scopes).")
 app.add_typer(webhooks.app, name="webhooks", help="Webhooks notified of ticket events, and their deliveries.")

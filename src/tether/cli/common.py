@@ -28,6 +28,7 @@ from tether.errors import (
     EditRefused,
     Forbidden,
     JournalError,
+    JournalTampered,
     ModelSpecError,
     PolicyFileError,
     RunNotFound,
@@ -91,6 +92,7 @@ ERROR_CODES: list[tuple[type[TetherError], str]] = [
     (EditRefused, "edit_refused"),
     (AuthError, "unauthenticated"),
     (ConcurrentWriteError, "conflict"),
+    (JournalTampered, "journal_tampered"),
     (RunStateError, "run_state"),
     (DefinitionError, "bad_input"),
     (PolicyFileError, "bad_input"),
@@ -201,9 +203,15 @@ def open_store(db: str | None, *, create: bool = False) -> Journal:
         )
     Output.db_hint = db_hint(db)
     try:
-        return open_journal(db)
+        journal = open_journal(db)
     except TetherError as exc:
         fail_with(exc)
+    for problem in journal.trigger_problems:  # found at opening: nothing will be written
+        err.print(
+            f"[bold yellow]warning:[/] {escape(problem.message)}: this journal is read-only until "
+            "`tether audit verify --all` finds it sound and `tether audit restore-triggers` is run"
+        )
+    return journal
 
 
 async def ready_model(spec: str | None, journal: Journal) -> tuple[Model | None, str | None]:

@@ -36,8 +36,9 @@ from tether.cli.common import (
     run_command,
     short,
 )
-from tether.journal import FINISHED, Entry, RunRecord, RunStatus, Ticket, bodies, verify_chain
+from tether.journal import FINISHED, Entry, RunRecord, RunStatus, Ticket, bodies
 from tether.journal.common import SELF_DRIVEN
+from tether.journal.integrity import run_findings
 from tether.loader import load_workflow_async, workflow_ref
 from tether.models import Model, close_model
 from tether.operations import stuck_reason
@@ -325,13 +326,18 @@ def show(
             out.print(_timeline_row(row), soft_wrap=True)
         return
 
-    async def main() -> tuple[RunRecord, list[Entry]]:
+    async def main() -> tuple[RunRecord, list[Entry], list[str]]:
         async with open_store(db) as journal:
-            return await journal.get_run(run_id), await journal.read_entries(run_id)
+            record, entries = await journal.get_run(run_id), await journal.read_entries(run_id)
+            # Intact only if the chain holds, the rows agree with it and the triggers are there.
+            found = [
+                *journal.trigger_problems,
+                *run_findings(record, entries, await journal.run_tickets(run_id)),
+            ]
+            return record, entries, [str(f) for f in found]
 
-    record, entries = run_command(main)
+    record, entries, problems = run_command(main)
     steps = timeline(entries)
-    problems = verify_chain(entries)
     lease = lease_of(record, time.time())
     if as_json:
         print_json(

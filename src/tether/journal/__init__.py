@@ -22,6 +22,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any, Protocol, Self
 
 from tether.errors import JournalError, TicketExpired
+from tether.journal.integrity import Finding
 from tether.journal.records import (
     FINISHED,
     Commit,
@@ -220,6 +221,52 @@ class Journal(Protocol):
     async def now(self) -> float:
         """The store's clock (seconds since the epoch): the decision time conditions read as
         `now`, never the caller's."""
+    # -- audit: the chain is the truth (tether.journal.integrity, tether.audit) ----------
+
+    # What was wrong with the append-only triggers when the journal was opened; while this is
+    # not empty nothing is written (JournalTampered).
+    trigger_problems: list[Finding]
+    # Signs a checkpoint after each decision (tether.audit.Auditor): set by `open_journal`
+    # from $TETHER_AUDIT_KEY, or by the caller.
+    auditor: Any
+
+    async def check_triggers(self) -> list[Finding]:
+        """The append-only triggers as the database has them now."""
+        ...
+
+    async def restore_triggers(self) -> list[Finding]:
+        """Make the append-only triggers again; return what was wrong before."""
+        ...
+
+    async def add_checkpoint(
+        self,
+        kind: str,
+        run_id: str | None,
+        seq: int | None,
+        hash_: str | None,
+        body: str,
+        key_id: str,
+        signature: str,
+    ) -> None:
+        """Store a signed checkpoint (append-only)."""
+        ...
+
+    async def read_checkpoints(
+        self, run_id: str | None = None, *, kind: str | None = None
+    ) -> list[tuple[Any, ...]]:
+        """Stored checkpoints, oldest first."""
+        ...
+
+    async def run_tickets(self, run_id: str) -> list[Ticket]:
+        """Every ticket row of a run."""
+        ...
+
+    async def run_heads(self) -> list[tuple[str, int, str]]:
+        """Every run's head as its chain has it: (run_id, seq, hash)."""
+        ...
+
+    async def run_ids(self) -> list[str]:
+        """Every run's id, in the rows and in the chains."""
         ...
 
     def close(self) -> None: ...
@@ -243,7 +290,21 @@ def open_journal(
     `migrate=True` upgrades an older schema on opening; with False an older schema is
     refused (`tether db upgrade` does it explicitly). A newer schema is always refused.
     `pool_size` is PostgreSQL's connection-pool size (also `?pool_size=N` in the URL).
+    With `$TETHER_AUDIT_KEY` set, every decision recorded through it is signed
+    (`tether.audit`), and runtimes over it sign each run's head when the run stops.
     """
+    journal = _open(target, durability=durability, migrate=migrate, pool_size=pool_size)
+    from tether.audit import Auditor  # signing is optional: imported when the journal opens
+
+    try:
+        journal.auditor = Auditor.from_env()
+    except BaseException:
+        journal.close()
+        raise
+    return journal
+
+
+def _open(target: str | None, *, durability: str, migrate: bool, pool_size: int | None) -> Journal:
     target = target or os.environ.get(DB_ENV) or DEFAULT_DB
     scheme = target.split("://", 1)[0] if "://" in target else ""
     if scheme in ("postgresql", "postgres"):

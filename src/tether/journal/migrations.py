@@ -97,6 +97,39 @@ _WEBHOOKS: tuple[str, ...] = (
     "CREATE INDEX webhook_outbox_by_age ON webhook_outbox (created_at)",
 )
 
+
+# Version 7 (audit), the same tables on both stores: signed checkpoints, append-only like the
+# entries (tether.audit), and tickets found by run (a run's audit reads them all).
+_CHECKPOINT_COLUMNS = """kind TEXT NOT NULL, run_id TEXT, seq BIGINT, hash TEXT, body TEXT NOT NULL,
+    key_id TEXT NOT NULL, signature TEXT NOT NULL"""
+_AUDIT_INDEXES: tuple[str, ...] = (
+    "CREATE INDEX checkpoints_by_run ON checkpoints (run_id, seq)",
+    "CREATE INDEX tickets_by_run ON tickets (run_id)",
+)
+SQLITE_AUDIT_TRIGGERS: tuple[str, ...] = (
+    """CREATE TRIGGER IF NOT EXISTS entries_no_update BEFORE UPDATE ON entries
+    BEGIN SELECT RAISE(ABORT, 'journal entries are append-only'); END""",
+    """CREATE TRIGGER IF NOT EXISTS entries_no_delete BEFORE DELETE ON entries
+    BEGIN SELECT RAISE(ABORT, 'journal entries are append-only'); END""",
+    """CREATE TRIGGER IF NOT EXISTS checkpoints_no_update BEFORE UPDATE ON checkpoints
+    BEGIN SELECT RAISE(ABORT, 'checkpoints are append-only'); END""",
+    """CREATE TRIGGER IF NOT EXISTS checkpoints_no_delete BEFORE DELETE ON checkpoints
+    BEGIN SELECT RAISE(ABORT, 'checkpoints are append-only'); END""",
+)
+POSTGRES_APPEND_ONLY_FUNCTION = """CREATE OR REPLACE FUNCTION tether_append_only() RETURNS trigger
+    LANGUAGE plpgsql AS $$
+    BEGIN RAISE EXCEPTION 'journal entries are append-only'
+        USING ERRCODE = 'integrity_constraint_violation'; END $$"""
+POSTGRES_AUDIT_TRIGGERS: tuple[str, ...] = tuple(
+    f"""CREATE TRIGGER {table}_{name} BEFORE {events} ON {table}
+    FOR EACH {each} EXECUTE FUNCTION tether_append_only()"""
+    for table in ("entries", "checkpoints")
+    for name, events, each in (
+        ("no_update_or_delete", "UPDATE OR DELETE", "ROW"),
+        ("no_truncate", "TRUNCATE", "STATEMENT"),
+    )
+)
+
 SQLITE: tuple[Migration, ...] = (
     Migration(
         1,
@@ -160,6 +193,16 @@ SQLITE: tuple[Migration, ...] = (
     ),
     Migration(5, "who acts: API tokens, approvals by distinct principals, run starters", _people("REAL")),
     Migration(6, "webhooks and the outbox of their deliveries", _WEBHOOKS),
+    Migration(
+        7,
+        "signed checkpoints (append-only); tickets by run",
+        (
+            f"""CREATE TABLE checkpoints (id INTEGER PRIMARY KEY, {_CHECKPOINT_COLUMNS},
+    created_at REAL NOT NULL)""",
+            *_AUDIT_INDEXES,
+            *SQLITE_AUDIT_TRIGGERS[2:],
+        ),
+    ),
 )
 
 POSTGRES: tuple[Migration, ...] = (
@@ -228,6 +271,16 @@ POSTGRES: tuple[Migration, ...] = (
         5, "who acts: API tokens, approvals by distinct principals, run starters", _people("DOUBLE PRECISION")
     ),
     Migration(6, "webhooks and the outbox of their deliveries", _WEBHOOKS),
+    Migration(
+        7,
+        "signed checkpoints (append-only); tickets by run",
+        (
+            f"""CREATE TABLE checkpoints (id BIGINT GENERATED ALWAYS AS IDENTITY PRIMARY KEY,
+    {_CHECKPOINT_COLUMNS}, created_at DOUBLE PRECISION NOT NULL)""",
+            *_AUDIT_INDEXES,
+            *POSTGRES_AUDIT_TRIGGERS[2:],
+        ),
+    ),
 )
 
 LATEST = SQLITE[-1].version

@@ -32,14 +32,14 @@ import time
 import weakref
 from collections.abc import AsyncIterator, Callable, Sequence
 from contextlib import asynccontextmanager
-from typing import Any
+from typing import Any, Literal
 from urllib.parse import parse_qsl, urlencode, urlsplit, urlunsplit
 
 import psycopg
 from psycopg_pool import AsyncConnectionPool
 
 from tether.errors import JournalError
-from tether.journal import migrations
+from tether.journal import integrity, migrations
 from tether.journal.common import GATED, NOW, WORK_CHANNEL
 from tether.journal.store import CommitPlan, SQLStore, Tx
 
@@ -64,6 +64,9 @@ class PostgresJournal(SQLStore):
 
 
 class PostgresDialect:
+    store: Literal["sqlite", "postgres"] = "postgres"
+    triggers_sql = integrity.POSTGRES_TRIGGERS_SQL
+    trigger_sql = (migrations.POSTGRES_APPEND_ONLY_FUNCTION, *migrations.POSTGRES_AUDIT_TRIGGERS)
     row_lock = " FOR UPDATE"
     skip_locked = " FOR UPDATE OF r SKIP LOCKED"
     runs_to_claim = "runs r"
@@ -103,6 +106,9 @@ class PostgresDialect:
                     )
                 for migration in todo:
                     migrations.apply(conn, migration, "%s")
+                # Every opening checks the append-only triggers (tether.journal.integrity).
+                rows = conn.execute(integrity.POSTGRES_TRIGGERS_SQL).fetchall()
+                self.trigger_problems = integrity.trigger_findings("postgres", rows)
         except psycopg.Error as exc:
             raise JournalError(f"cannot open journal {self.where}: {exc}") from None
         return current, migrations.LATEST if todo else current

@@ -25,10 +25,10 @@ import time
 from collections.abc import AsyncIterator, Callable, Sequence
 from contextlib import asynccontextmanager
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 from tether.errors import JournalError
-from tether.journal import migrations
+from tether.journal import integrity, migrations
 from tether.journal.common import GATED, NOW
 from tether.journal.store import CommitPlan, SQLStore
 
@@ -51,6 +51,9 @@ class SQLiteJournal(SQLStore):
 
 
 class SQLiteDialect:
+    store: Literal["sqlite", "postgres"] = "sqlite"
+    triggers_sql = integrity.SQLITE_TRIGGERS_SQL
+    trigger_sql = migrations.SQLITE_AUDIT_TRIGGERS
     row_lock = ""  # BEGIN IMMEDIATE already holds the file's write lock
     skip_locked = ""
     # Without statistics the planner prefers runs_by_status and sorts every unfinished run.
@@ -107,6 +110,10 @@ class SQLiteDialect:
                 )
             for migration in todo:
                 migrations.apply(db, migration, "?")
+            # Every opening checks the append-only triggers (tether.journal.integrity).
+            self.trigger_problems = integrity.trigger_findings(
+                "sqlite", db.execute(integrity.SQLITE_TRIGGERS_SQL).fetchall()
+            )
         except BaseException:
             db.execute("ROLLBACK")
             raise

@@ -28,7 +28,7 @@ import json
 from collections.abc import Callable, Collection, Mapping, Sequence
 from contextlib import AbstractAsyncContextManager
 from dataclasses import dataclass, field
-from typing import Any, Protocol, Self
+from typing import Any, Literal, Protocol, Self
 
 import msgspec
 
@@ -36,6 +36,7 @@ from tether.errors import (
     ConcurrentWriteError,
     Forbidden,
     JournalError,
+    JournalTampered,
     RunNotFound,
     TicketConflict,
     TicketError,
@@ -43,6 +44,7 @@ from tether.errors import (
 )
 from tether.hashing import encode_json
 from tether.identity import Principal, TokenInfo
+from tether.journal import integrity
 from tether.journal.bodies import ApprovalGiven, TicketDecided
 from tether.journal.common import (
     ACTIVE_STATUSES,
@@ -78,6 +80,7 @@ from tether.journal.common import (
     value_rows,
     when,
 )
+from tether.journal.integrity import Finding
 from tether.journal.outbox import ENQUEUE_GATED, OutboxStore, event_row
 from tether.journal.records import (
     Commit,
@@ -163,6 +166,12 @@ class CommitPlan:
 
 class Dialect(Protocol):
     where: str  # the journal's location, for messages (a URL without its password)
+    store: Literal["sqlite", "postgres"]
+    # The append-only triggers: the query that reads them, the statements that make them,
+    # and what was wrong with them when this journal was opened (tether.journal.integrity).
+    triggers_sql: str
+    trigger_sql: tuple[str, ...]
+    trigger_problems: list[Finding]
     durability: str
     migrated: tuple[int, int]
     row_lock: str  # appended to a SELECT of rows about to be changed
@@ -238,6 +247,10 @@ class SQLStore(OutboxStore):
         self.migrated = dialect.migrated
         self.stats = StoreStats()
         self._queue = _Queue()
+        # Found when the journal was opened: nothing is written while a trigger is missing.
+        self.trigger_problems: list[Finding] = list(dialect.trigger_problems)
+        # Signs a checkpoint after each decision (tether.audit.Auditor), when a key is set.
+        self.auditor: Any = None
 
     def close(self) -> None:
         self._d.close()
@@ -259,6 +272,7 @@ class SQLStore(OutboxStore):
         """Record a new run with its first entries. With `lease_seconds` (and the record's
         `lease_owner`) the lease runs that long from the store's clock; without, the
         record's `lease_expires_at` is stored as given."""
+        self._require_triggers("record a new run")
         written = chain(run.run_id, 0, run.last_hash, entries, run.created_at)
         if written:
             run = run.model_copy(update={"last_seq": written[-1].seq, "last_hash": written[-1].hash})
@@ -360,6 +374,8 @@ class SQLStore(OutboxStore):
 
     async def commit(self, commit: Commit) -> list[Entry]:
         """Apply `commit` whole or not at all (with whatever else is queued: group commit)."""
+        if self.trigger_problems:
+            self._require_triggers(f"write to run {commit.run_id}")
         loop = asyncio.get_running_loop()
         done: asyncio.Future[list[Entry]] = loop.create_future()
         queue = self._queue
@@ -608,6 +624,7 @@ class SQLStore(OutboxStore):
         """
         if isinstance(by, str):
             by = Principal.legacy(by)
+        self._require_triggers(f"decide ticket {ticket_id}")
         async with self._d.transaction() as tx:
             found = await tx.fetch("SELECT run_id FROM tickets WHERE ticket_id = ?", (ticket_id,))
             if not found:
@@ -620,15 +637,7 @@ class SQLStore(OutboxStore):
                 (ticket_id,),
             )
             ticket, store_now = decode_ticket(rows[0][:-1]), rows[0][-1]
-            if ticket.status != "pending":
-                raise TicketConflict(f"ticket {ticket_id} is already {ticket.status}")
-            if ticket.expires_at <= store_now:
-                raise TicketExpired(
-                    f"ticket {ticket_id} expired at {when(ticket.expires_at)}; "
-                    "the run will record it as expired",
-                    ticket_id=ticket_id,
-                    expires_at=ticket.expires_at,
-                )
+            await self._check_decidable(tx, ticket, store_now)
             if approve and ticket.forbid_self_approval and run.started_by == by.principal_id:
                 raise Forbidden(
                     f"{by.describe()} started run {run.run_id}: the rule that asked forbids approving "
@@ -704,7 +713,23 @@ class SQLStore(OutboxStore):
             if decided:
                 await self._d.notify(tx, run.run_id)
             rows = await tx.fetch(f"{TICKET_SELECT} WHERE ticket_id = ?", (ticket_id,))
+        if self.auditor is not None:  # the decision is signed before anyone can act on it
+            await self.auditor.checkpoint_run(self, run.run_id)
         return decode_ticket(rows[0])
+
+    async def _check_decidable(self, tx: Tx, ticket: Ticket, store_now: float) -> None:
+        """Refuse to decide a ticket that is no longer pending (by its row or by the chain) or
+        has expired by the store's clock."""
+        if ticket.status != "pending":
+            raise TicketConflict(f"ticket {ticket.ticket_id} is already {ticket.status}")
+        await self._check_undecided(tx, ticket)
+        if ticket.expires_at <= store_now:
+            raise TicketExpired(
+                f"ticket {ticket.ticket_id} expired at {when(ticket.expires_at)}; "
+                "the run will record it as expired",
+                ticket_id=ticket.ticket_id,
+                expires_at=ticket.expires_at,
+            )
 
     async def _approval(self, tx: Tx, ticket: Ticket, by: Principal, args_hash: str) -> list[str]:
         """Record `by`'s approval of a ticket needing several; return every approver so far.
@@ -866,6 +891,7 @@ class SQLStore(OutboxStore):
     ) -> RunRecord:
         """Lease this run to `worker_id` (renewed if it already holds it); LeaseHeld if another
         worker holds a live lease. `now` is ignored: leases run on the store's clock."""
+        self._require_triggers(f"lease run {run_id}")
         async with self._d.transaction() as tx:
             rows = await tx.fetch(
                 f"SELECT lease_owner, lease_expires_at, {NOW} FROM runs WHERE run_id = ?{self._d.row_lock}",
@@ -889,6 +915,7 @@ class SQLStore(OutboxStore):
     ) -> RunRecord | None:
         """Lease the oldest runnable run to `worker_id` and return it (leased: no acquire
         needed), or None. `now` is ignored."""
+        self._require_triggers("claim a run")
         await self._d.prepare_to_wait()
         limits = dict(limits or {})
         if not limits:  # one statement: the oldest runnable run, locked, leased and returned
@@ -985,6 +1012,114 @@ class SQLStore(OutboxStore):
         """Return when work may have appeared (a queued run, a decided ticket, a released
         run), or after `timeout` seconds; may return early."""
         await self._d.wait_for_work(timeout)
+
+    # -- audit: the chain is the truth (tether.journal.integrity, tether.audit) ----------
+
+    def _require_triggers(self, doing: str) -> None:
+        if self.trigger_problems:
+            raise JournalTampered(self.trigger_problems, doing=doing)
+
+    async def _check_undecided(self, tx: Tx, ticket: Ticket) -> None:
+        """A pending ticket about to be decided is decided nowhere in its run's chain yet: a
+        decided ticket set back to pending by hand is refused, not decided twice."""
+        rows = await tx.fetch(
+            f"{ENTRY_SELECT} WHERE run_id = ? AND kind = 'ticket_decided' ORDER BY seq", (ticket.run_id,)
+        )
+        decided = integrity.derive([decode_entry(r) for r in rows]).decided.get(ticket.ticket_id, [])
+        final = [d for d in decided if d[2].status in integrity.FINAL_DECISIONS]
+        if final:
+            seq, _, record = final[0]
+            finding = Finding(
+                "row_disagrees",
+                f"ticket {ticket.ticket_id}: pending, but the chain records it {record.status} at seq {seq}",
+                ticket.run_id,
+                seq,
+            )
+            raise JournalTampered([finding], doing=f"decide ticket {ticket.ticket_id}")
+
+    async def check_triggers(self) -> list[Finding]:
+        """The append-only triggers as the database has them now."""
+        return integrity.trigger_findings(self._d.store, await self._d.read(self._d.triggers_sql))
+
+    async def restore_triggers(self) -> list[Finding]:
+        """Make the append-only triggers again (after `tether audit verify` found the chains
+        sound): what was wrong before."""
+        before = await self.check_triggers()
+        async with self._d.transaction() as tx:
+            if self._d.store == "postgres":
+                for table in ("entries", "checkpoints"):
+                    for name in ("no_update_or_delete", "no_truncate"):
+                        await tx.execute(f"DROP TRIGGER IF EXISTS {table}_{name} ON {table}")
+            else:
+                for name in (
+                    "entries_no_update",
+                    "entries_no_delete",
+                    "checkpoints_no_update",
+                    "checkpoints_no_delete",
+                ):
+                    await tx.execute(f"DROP TRIGGER IF EXISTS {name}")
+            for sql in self._d.trigger_sql:
+                await tx.execute(sql)
+        self.trigger_problems = await self.check_triggers()
+        return before
+
+    async def add_checkpoint(
+        self,
+        kind: str,
+        run_id: str | None,
+        seq: int | None,
+        hash_: str | None,
+        body: str,
+        key_id: str,
+        signature: str,
+    ) -> None:
+        """Store a signed checkpoint (append-only, like the entries)."""
+        self._require_triggers("store a checkpoint")
+        await self._d.write(
+            "INSERT INTO checkpoints (kind, run_id, seq, hash, body, key_id, signature, created_at) "
+            f"VALUES (?, ?, ?, ?, ?, ?, ?, {NOW})",
+            (kind, run_id, seq, hash_, body, key_id, signature),
+        )
+
+    async def read_checkpoints(
+        self, run_id: str | None = None, *, kind: str | None = None
+    ) -> list[tuple[Any, ...]]:
+        """Stored checkpoints, oldest first: (id, kind, run_id, seq, hash, body, key_id,
+        signature, created_at); a run's only, or one kind's only, if given."""
+        where, params = [], []
+        if run_id is not None:
+            where.append("run_id = ?")
+            params.append(run_id)
+        if kind is not None:
+            where.append("kind = ?")
+            params.append(kind)
+        clause = f" WHERE {' AND '.join(where)}" if where else ""
+        return await self._d.read(
+            "SELECT id, kind, run_id, seq, hash, body, key_id, signature, created_at "
+            f"FROM checkpoints{clause} ORDER BY id",
+            params,
+        )
+
+    async def run_tickets(self, run_id: str) -> list[Ticket]:
+        """Every ticket row of a run, oldest first."""
+        rows = await self._d.read(f"{TICKET_SELECT} WHERE run_id = ? ORDER BY created_at", (run_id,))
+        return [decode_ticket(r) for r in rows]
+
+    async def run_heads(self) -> list[tuple[str, int, str]]:
+        """Every run's head as its chain has it: (run_id, last seq, its hash), by run id."""
+        rows = await self._d.read(
+            "SELECT e.run_id, e.seq, e.hash FROM entries e JOIN "
+            "(SELECT run_id, max(seq) AS seq FROM entries GROUP BY run_id) m "
+            "ON m.run_id = e.run_id AND m.seq = e.seq ORDER BY e.run_id"
+        )
+        return [(r, int(s), h) for r, s, h in rows]
+
+    async def run_ids(self) -> list[str]:
+        """Every run's id, in the rows and in the chains."""
+        rows = await self._d.read(
+            "SELECT run_id FROM runs UNION SELECT DISTINCT run_id FROM entries ORDER BY 1"
+        )
+        return [r for (r,) in rows]
 
     # -- helpers ---------------------------------------------------------------------
 
