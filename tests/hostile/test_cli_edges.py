@@ -198,7 +198,8 @@ def test_deciding_and_settling_commands_answer_in_json(tether: Tether) -> None:
     assert approved["run"] == {"run_id": started["run_id"], "status": "paused"}
     again = tether("deny", started["ticket_id"], "--reason", "late", "--json")
     assert again.returncode == 2
-    assert json.loads(again.stdout)["error"]["code"] == "ticket_error"
+    # Decided already: another decision won (the API answers it with 409).
+    assert json.loads(again.stdout)["error"]["code"] == "conflict"
     migrated = tether.json("migrate", started["run_id"], "--to", str(REFUND))
     assert (migrated["run_id"], migrated["workflow_name"]) == (started["run_id"], "refund")
     worker = tether.json("worker", "--workflows", str(REFUND), "--until-idle")
