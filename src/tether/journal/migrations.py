@@ -52,6 +52,14 @@ _LEAN_RUNS: tuple[str, ...] = (
     "CREATE INDEX runs_by_lease_owner ON runs (lease_owner) WHERE lease_owner IS NOT NULL",
 )
 
+# Version 9 (replay), the same on both stores: content-addressed definitions. A run pins its
+# workflow and policy by hash (`run_started`, `migrated`); this table keeps what each hash
+# covers — the workflow's description and the policy document, canonical JSON — so that a
+# replay months later re-evaluates every decision under the text it was made under. A row
+# is checked against its hash whenever it is read: an edited row is refused, never used.
+_DEFINITIONS = """CREATE TABLE definitions (
+    hash TEXT PRIMARY KEY, kind TEXT NOT NULL, body TEXT NOT NULL, created_at {time} NOT NULL)"""
+
 SQLITE: tuple[Migration, ...] = (
     Migration(
         1,
@@ -112,6 +120,11 @@ SQLITE: tuple[Migration, ...] = (
             "ALTER TABLE runs DROP COLUMN data",
             "ALTER TABLE runs DROP COLUMN facts",
         ),
+    ),
+    Migration(
+        9,
+        "definitions: the workflow descriptions and policy texts runs are pinned to, by hash",
+        (_DEFINITIONS.replace("{time}", "REAL"),),
     ),
 )
 
@@ -176,6 +189,11 @@ POSTGRES: tuple[Migration, ...] = (
         4,
         "lean run rows: input, data and facts in run_values; indexes for claim and lease renewal",
         (*_LEAN_RUNS, "ALTER TABLE runs DROP COLUMN input, DROP COLUMN data, DROP COLUMN facts"),
+    ),
+    Migration(
+        9,
+        "definitions: the workflow descriptions and policy texts runs are pinned to, by hash",
+        (_DEFINITIONS.replace("{time}", "DOUBLE PRECISION"),),
     ),
 )
 
