@@ -16,7 +16,7 @@ import typer
 from typer.core import TyperGroup
 
 from tether import __version__
-from tether.cli import analysis, db, handoffs, mcp, policy, runs, testing, workers
+from tether.cli import analysis, db, handoffs, mcp, policy, replay, runs, testing, workers
 from tether.cli.common import Output, print_error
 
 
@@ -74,7 +74,7 @@ def main(
     """tether: run governed AI workflows and audit what they did."""
 
 
-for group in (runs, handoffs, workers, mcp, analysis, testing):
+for group in (runs, handoffs, workers, mcp, analysis, testing, replay):
     app.registered_commands.extend(group.app.registered_commands)
 app.add_typer(policy.app, name="policy", help="Check, explain and test policies.")
 app.add_typer(db.app, name="db", help="The journal's database: schema upgrades, model-exchange retention.")
