@@ -374,6 +374,9 @@ class Replayer:
         )
         run = _Rebuilt(run_id)
         seen_steps: set[str] = set()
+        # Per step, the entry whose decision was evaluated: the step's later entries (the
+        # executed call after its intent, the approved call after its ask) repeat it.
+        first: dict[str, tuple[Entry, Any]] = {}
         for entry in entries:
             body = entry.body
             if isinstance(body, b.UnknownBody):
@@ -385,8 +388,11 @@ class Replayer:
                 continue
             decided = _decided(body) if entry.step_id and entry.step_id not in seen_steps else None
             if entry.step_id and isinstance(body, b.StepRecord):
+                if entry.step_id in first and isinstance(body, b.ToolStep | b.Transition):
+                    report.problems.extend(_repeats(*first[entry.step_id], entry, body))
                 seen_steps.add(entry.step_id)
-            if decided is not None:
+            if decided is not None and entry.step_id:
+                first[entry.step_id] = (entry, body)
                 report.decisions.append(await self._redecide(run, entry, body, *decided))
             self._check_values(run, entry, body, report)
             run.apply(entry, body)
@@ -448,21 +454,21 @@ class Replayer:
 
         workflow = await self.definitions.workflow(run.workflow_hash)
         envelope = workflow.states.get(state) if workflow is not None else None
-        if recorded.rule_id == "runtime:scope" and envelope is not None:
-            offered = name in (envelope.tools if is_tool else envelope.exits)
-            if offered:
-                return result(None, "diverged", f"refused as out of scope, but state {state!r} offers {name}")
-            return result(None, "not re-evaluated", "refused by the runtime (out of scope): checked")
-        if recorded.rule_id.startswith(("runtime:", "approval:")) or recorded.rule_id == BUDGET_RULE_ID:
-            why = "the CPU budget" if recorded.rule_id == BUDGET_RULE_ID else "the runtime, before policy"
-            return result(None, "not re-evaluated", f"decided by {why} ({recorded.rule_id})")
+        offered = envelope is not None and name in (envelope.tools if is_tool else envelope.exits)
+        not_policy = _not_by_policy(recorded, state, name, offered if envelope is not None else None)
+        if not_policy is not None:
+            return result(None, *not_policy)
         policy = self.against or await self.definitions.policy(run.policy_hash)
         if workflow is None or policy is None:
             return result(None, "unknown", "the definitions the run was pinned to are not kept")
-        if envelope is None or (name not in (envelope.tools if is_tool else envelope.exits)):
+        if envelope is None or not offered:
             where = f"state {state!r} of {workflow.name} {workflow.version}"
             return result(None, "diverged", f"a policy decision on {subject}, which {where} does not offer")
         if recorded_hash is not None and _hash_of(name, args, is_tool) != recorded_hash:
+            if isinstance(body, b.ToolStep):  # its args are the validated ones the hash covers
+                return result(
+                    None, "diverged", "its arguments do not hash to the args_hash recorded with them"
+                )
             return result(
                 None,
                 "unknown",
@@ -521,6 +527,48 @@ class Replayer:
             return call
 
         return evaluation, {n: resolver(n) for n in policy.functions}
+
+
+def _not_by_policy(
+    recorded: Decision, state: str, name: str, offered: bool | None
+) -> tuple[Status, str] | None:
+    """The status of a decision the policy did not make (None: the policy made it). A scope
+    refusal is checked against the envelope (`offered`: None when it is not known)."""
+    if recorded.rule_id == "runtime:scope" and offered is not None:
+        if offered:
+            return "diverged", f"refused as out of scope, but state {state!r} offers {name}"
+        return "not re-evaluated", "refused by the runtime (out of scope): checked"
+    if recorded.rule_id.startswith(("runtime:", "approval:")) or recorded.rule_id == BUDGET_RULE_ID:
+        why = "the CPU budget" if recorded.rule_id == BUDGET_RULE_ID else "the runtime, before policy"
+        return "not re-evaluated", f"decided by {why} ({recorded.rule_id})"
+    return None
+
+
+def _repeats(first: Entry, decided: Any, entry: Entry, body: b.ToolStep | b.Transition) -> list[str]:
+    """How a later entry of a step disagrees with the entry whose decision was evaluated: the
+    decision, the call or its arguments (a record changed after it was written)."""
+    where = f"entry {entry.seq} ({entry.kind}, step {entry.step_id})"
+    problems = []
+    if encode_json(body.decision) != encode_json(decided.decision):
+        problems.append(f"{where}: its decision is not the one entry {first.seq} ({first.kind}) recorded")
+    if isinstance(body, b.Transition):
+        if not isinstance(decided, b.Transition | b.AwaitingApproval) or encode_json(
+            body.proposal
+        ) != encode_json(decided.proposal):
+            problems.append(f"{where}: its exit is not the one entry {first.seq} ({first.kind}) decided on")
+        return problems
+    was = decided.tool if isinstance(decided, b.ToolStep) else getattr(decided.proposal, "tool", None)
+    if body.tool != was:
+        problems.append(f"{where}: its tool {body.tool} is not the {was} entry {first.seq} decided on")
+    elif body.args_hash is not None and args_hash(body.tool, encode_json(body.args)) != body.args_hash:
+        problems.append(f"{where}: its arguments do not hash to the args_hash recorded with them")
+    elif isinstance(decided, b.ToolStep) and encode_json(body.args) != encode_json(decided.args):
+        problems.append(f"{where}: its arguments are not the ones entry {first.seq} ({first.kind}) recorded")
+    elif body.args_hash is not None and decided.args_hash not in (None, body.args_hash):
+        problems.append(
+            f"{where}: its arguments are not the ones entry {first.seq} ({first.kind}) decided on"
+        )
+    return problems
 
 
 def _unbound(*args: Any) -> Any:  # a resolver slot: every decision binds its recorded answers

@@ -230,4 +230,3 @@ async def _in_thread(fn: Callable[..., Any], *args: Any) -> None:
     except asyncio.CancelledError:
         await asyncio.wait([done])
         raise
-

@@ -470,9 +470,7 @@ class Gateway:
         caller gave up on, and the run goes on instead of staying paused."""
         log.info("ticket %s: denied: %s", ticket.ticket_id, reason)
         with contextlib.suppress(TicketError):  # decided or expired in the meantime
-            await self.journal.decide_ticket(
-                ticket.ticket_id, approve=False, by="mcp-gateway", reason=reason
-            )
+            await self.journal.decide_ticket(ticket.ticket_id, approve=False, by="mcp-gateway", reason=reason)
 
     # -- the MCP server ----------------------------------------------------------------
 

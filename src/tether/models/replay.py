@@ -53,9 +53,7 @@ class ReplayModel:
         if not recording:
             recording = calls_from_entries(await self.journal.read_entries(self.recorded_run))
         if not recording:
-            raise ModelSpecError(
-                f"{self.name}: run {self.recorded_run} made no model call to re-run"
-            )
+            raise ModelSpecError(f"{self.name}: run {self.recorded_run} made no model call to re-run")
         self._recording = recording
 
     async def propose(self, ctx: ModelContext) -> ModelReply:
