@@ -242,7 +242,9 @@ class Workflow:
 
     def skills(self) -> dict[str, str]:
         """The skills the states are made from: `NAME@VERSION` -> the skill's hash."""
-        return {s.skill.ref: s.skill.hash for s in self._state_list if isinstance(s, AgentState) and s.skill}
+        return {
+            s.skill.ref: s.skill.hash for s in self._state_list if isinstance(s, AgentState) and s.skill
+        }
 
     def exit_names(self) -> set[str]:
         return {e for s in self.states.values() if isinstance(s, AgentState) for e in s.exits}

@@ -230,3 +230,4 @@ async def _in_thread(fn: Callable[..., Any], *args: Any) -> None:
     except asyncio.CancelledError:
         await asyncio.wait([done])
         raise
+

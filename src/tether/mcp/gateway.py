@@ -40,15 +40,17 @@ from urllib.parse import urlparse
 import msgspec
 
 from tether import __version__
+from tether.budget import Budget
+from tether.decision import Decision
 from tether.errors import PolicyFileError, TetherError, TicketError
 from tether.journal import Journal, Ticket
 from tether.journal.common import SELF_DRIVEN
 from tether.mcp.client import McpError, McpServer, McpServerSpec, McpTool, McpToolError
 from tether.models.protocol import Exchange, ModelContext, ModelReply
-from tether.policy import Decision, Policy
+from tether.policy import Policy
 from tether.runtime import Runtime
 from tether.tools import ToolContext, ValidatedArgs
-from tether.workflow import AgentState, Budget, Terminal, Workflow
+from tether.workflow import AgentState, Terminal, Workflow
 
 try:
     import anyio
@@ -251,7 +253,7 @@ class CallQueue:
     def stop(self, observation: dict[str, Any]) -> None:
         """The run no longer takes calls: answer every waiting one with `observation`."""
         self.stopped = observation
-        waiting = [self.current] if self.current else []
+        waiting: list[_Call | None] = [self.current] if self.current else []
         while not self._calls.empty():
             waiting.append(self._calls.get_nowait())
         for call in waiting:
@@ -367,7 +369,8 @@ class Gateway:
         )
         self.model = CallQueue(self.rotate_every)
         self._driver = asyncio.create_task(self._drive(), name="mcp-gateway-run")
-        await asyncio.wait([self.model.run_id, self._driver], return_when=asyncio.FIRST_COMPLETED)
+        started: list[asyncio.Future[Any]] = [self.model.run_id, self._driver]
+        await asyncio.wait(started, return_when=asyncio.FIRST_COMPLETED)
         if not self.model.run_id.done():
             raise GatewayError(f"the gateway's run did not start: {self.model.stopped}")
         self.run_id = self.model.run_id.result()
@@ -401,7 +404,7 @@ class Gateway:
 
     async def _drive(self) -> None:
         assert self.model is not None and self.workflow is not None
-        stopped = {"outcome": "gateway_stopped", "reason": "the gateway's run stopped"}
+        stopped: dict[str, Any] = {"outcome": "gateway_stopped", "reason": "the gateway's run stopped"}
         try:
             result = await self.runtime.start(
                 self.workflow,
@@ -470,7 +473,9 @@ class Gateway:
         caller gave up on, and the run goes on instead of staying paused."""
         log.info("ticket %s: denied: %s", ticket.ticket_id, reason)
         with contextlib.suppress(TicketError):  # decided or expired in the meantime
-            await self.journal.decide_ticket(ticket.ticket_id, approve=False, by="mcp-gateway", reason=reason)
+            await self.journal.decide_ticket(
+                ticket.ticket_id, approve=False, by="mcp-gateway", reason=reason
+            )
 
     # -- the MCP server ----------------------------------------------------------------
 
