@@ -44,9 +44,9 @@ def replay(
     (a bug, or a record changed after it was written) and the exit code is 1. With --policy
     it is a what-if: the decisions the new policy would change.
     """
-    new = Policy.from_file(policy) if policy is not None else None
 
     async def main() -> ReplayReport:
+        new = Policy.from_file(policy) if policy is not None else None
         async with open_store(db) as journal:
             return await replay_run(journal, run_id, policy=new)
 
@@ -104,10 +104,10 @@ def whatif(
     (allowed → denied, asked or deferred, and the reverse) listed with the rules involved.
     A resolver value the new policy needs that was not recorded makes the decision
     `unknown`, never a guess. Nothing is executed and nothing is written."""
-    new = Policy.from_file(policy)
     after = _since(since) if since is not None else None
 
     async def main() -> WhatIf:
+        new = Policy.from_file(policy)
         async with open_store(db) as journal:
             with Progress(
                 TextColumn("replaying runs"),
