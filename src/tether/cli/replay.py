@@ -176,7 +176,7 @@ def _proposal(d: Redecided) -> str:
     args: Any = d.proposal.get("args")
     if d.subject.startswith("exit"):
         return d.subject
-    return f"{d.subject.removeprefix('tool ')}({short(args, 60)})"
+    return f"{d.subject.removeprefix('tool ')}({short(args, 40)})"
 
 
 def _said(decision: Any) -> str:
