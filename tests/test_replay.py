@@ -15,7 +15,7 @@ from typing import Any
 import pytest
 
 from conftest import Shop, call, run
-from tether import Runtime, ScriptedModel, Tool
+from tether import Policy, Runtime, ScriptedModel, Tool
 from tether.errors import JournalError
 from tether.journal import Journal, open_journal, verify_chain
 from tether.journal.records import entry_hash
@@ -433,3 +433,33 @@ def test_rerun_is_the_model_that_re_proposes_recorded_answers_and_replay_is_its_
         Runtime(journal).start(shop.workflow(POLICY, resolvers={"status": lambda c, o: "paid"}), rerun)
     )
     assert again.status == "completed" and shop.executed == ["read_order", "read_order"]  # it acts
+
+
+# -- PostgreSQL ----------------------------------------------------------------------------------
+
+
+def test_on_postgresql_definitions_are_kept_and_checked_and_a_run_replays(
+    tether_journal_postgres: Journal, shop: Shop
+) -> None:
+    journal = tether_journal_postgres
+    run_id = shop_run(journal, shop, SCRIPT)
+    record = run(journal.get_run(run_id))
+
+    report = run(replay_run(journal, run_id))
+
+    assert report.ok and report.summary() == {
+        "same": 5,
+        "diverged": 0,
+        "changed": 0,
+        "unknown": 0,
+        "not re-evaluated": 1,
+    }
+    kept = run(journal.get_definition(record.policy_hash))
+    assert kept is not None and kept.intact()
+    # Kept once: a second runtime writes the same hash again, and nothing changes.
+    run(
+        Runtime(journal).keep_definitions(
+            shop.workflow(POLICY, resolvers=status_of(shop)), Policy.from_dict(POLICY, "test-policy")
+        )
+    )
+    assert run(journal.get_definition(record.policy_hash)) == kept
