@@ -15,7 +15,9 @@ Then, timed, in this one process (replay uses one core; nothing runs in parallel
   the policy recorded with it (resolvers answered from the recorded values), compared field
   by field with the record;
 * what-if: every recorded proposal decided under a changed policy (the approval threshold
-  moved), the changed decisions collected.
+  moved), the changed decisions collected;
+* the same what-if with the two rules over `history` left out, to show what converting
+  `history` into the policy engine's values costs (the goal is judged on the first two).
 
 Both read every run's entries from the database and decode them: that is part of the figure.
 The issue's goal: ≥ 10,000 runs per minute of 10-step runs on one core. No timing is asserted.
@@ -46,27 +48,26 @@ TEMPLATES = [(20.0, 30.0), (40.0, 80.0), (60.0, 700.0), (10.0, 15.0), (90.0, 45.
 ORDERS = [f"A{i}" for i in range(1, 8)]
 
 
-def policy(ask_over: float) -> dict[str, Any]:
-    return {
-        "rules": [
-            {"id": "refund-deny", "tool": "refund", "when": "args.amount > 500.0", "decision": "deny"},
-            {
-                "id": "refund-twice",
-                "tool": "refund",
-                "when": 'history.filter(h, h.tool == "refund").size() >= 2',
-                "decision": "deny",
-            },
-            {
-                "id": "refund-ask",
-                "tool": "refund",
-                "when": f'status(args.order_id) == "paid" && args.amount > {ask_over}',
-                "decision": "ask",
-                "approver": "supervisor",
-            },
-            {"id": "refund-ok", "tool": "refund", "decision": "allow"},
-            {"id": "done-after-read", "exit": "done", "when": "size(history) == 0", "decision": "deny"},
-        ]
-    }
+def policy(ask_over: float, *, history: bool = True) -> dict[str, Any]:
+    rules = [
+        {"id": "refund-deny", "tool": "refund", "when": "args.amount > 500.0", "decision": "deny"},
+        {
+            "id": "refund-twice",
+            "tool": "refund",
+            "when": 'history.filter(h, h.tool == "refund").size() >= 2',
+            "decision": "deny",
+        },
+        {
+            "id": "refund-ask",
+            "tool": "refund",
+            "when": f'status(args.order_id) == "paid" && args.amount > {ask_over}',
+            "decision": "ask",
+            "approver": "supervisor",
+        },
+        {"id": "refund-ok", "tool": "refund", "decision": "allow"},
+        {"id": "done-after-read", "exit": "done", "when": "size(history) == 0", "decision": "deny"},
+    ]
+    return {"rules": [r for r in rules if history or "history" not in r.get("when", "")]}
 
 
 def shop() -> Workflow:
@@ -180,7 +181,7 @@ async def bench(path: Path, runs: int) -> None:
         print(f"| {mode} | {done:,} | {decisions:,} | {seconds:.1f} | {rate} |")
     print("\n== goal of issue 11 measured here ==")
     print(GOALS_HEADER.replace("issue 9", "issue 11"))
-    slowest = min(done / seconds * 60 for _, done, _, seconds in rows)
+    slowest = min(done / seconds * 60 for _, done, _, seconds in rows[:2])
     goal = f"what-if ≥ {GOAL_RUNS_PER_MINUTE:,} runs/min of {steps}-step runs, one core"
     print(goal_line(goal, f"{slowest:,.0f} runs/min (the slower mode)", slowest >= GOAL_RUNS_PER_MINUTE))
 
