@@ -168,6 +168,7 @@ async def bench(path: Path, runs: int) -> None:
         for mode, new in (
             ("replay (recorded policy)", None),
             ("what-if (ask over 100)", Policy.from_dict(policy(100.0))),
+            ("what-if, a policy not reading `history`", Policy.from_dict(policy(100.0, history=False))),
         ):
             seconds, done, decisions = await measure(journal, new)
             rows.append((mode, done, decisions, seconds))
