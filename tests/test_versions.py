@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import os
 import shutil
 import subprocess
 import sys
@@ -39,7 +40,13 @@ def tether(*args: str, cwd: Path) -> subprocess.CompletedProcess[str]:
         capture_output=True,
         text=True,
         timeout=60,
-        env={"PATH": "/usr/bin:/bin", "COLUMNS": "200", "REFUND_LEDGER": str(cwd / "ledger.sqlite")},
+        env={
+            "PATH": "/usr/bin:/bin",
+            "COLUMNS": "200",
+            "REFUND_LEDGER": str(cwd / "ledger.sqlite"),
+            # The code under test, when it is not the installed one (a worktree's sources).
+            **({"PYTHONPATH": os.environ["PYTHONPATH"]} if "PYTHONPATH" in os.environ else {}),
+        },
     )
 
 
