@@ -53,7 +53,8 @@ Status = Literal["same", "diverged", "changed", "unknown", "not re-evaluated"]
 
 
 class ReplayError(TetherError):
-    """A run cannot be replayed: a definition it is pinned to is not kept, or was edited."""
+    """A kept policy document that no longer hashes to the hash it is kept under once
+    parsed (a document this tether reads otherwise than the one that wrote it)."""
 
 
 # -- the recorded definitions ----------------------------------------------------------------
