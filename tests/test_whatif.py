@@ -188,6 +188,10 @@ def test_runs_are_chosen_by_workflow_and_creation_time(journal: Journal, shop: S
     since = run(what_if(journal, new, since=START + 5 * DAY))
     other = run(what_if(journal, new, workflow="bank"))
 
+    ticks: list[tuple[int, int]] = []
+    run(what_if(journal, new, progress=lambda done, total: ticks.append((done, total))))
+
+    assert ticks == [(1, 2), (2, 2)]  # what the command's progress bar shows on stderr
     assert {d.run_id for d in everything.changed} == {old[80.0], recent[90.0]}
     assert {d.run_id for d in since.changed} == {recent[90.0]} and since.runs == 1
     assert other.runs == 0
