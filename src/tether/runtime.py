@@ -34,6 +34,7 @@ from tether.identity import Principal, authorize
 from tether.journal import (
     FINISHED,
     Commit,
+    Definition,
     Entry,
     Journal,
     LeaseHeld,
@@ -129,6 +130,8 @@ class Runtime:
         self.stopping = False
         self._driving: dict[str, RunCursor] = {}
         self._heartbeat: asyncio.Task[None] | None = None
+        # Workflow and policy hashes whose definitions this runtime has kept (tether.replay).
+        self._defined: set[str] = set()
         # Runs left leased after a crash until their backoff ends (never released early).
         self._quarantined: set[str] = set()
         # The cursor of each run being driven, until its lease is given back.
@@ -251,6 +254,7 @@ class Runtime:
             model=record.model_spec,
             started_by=by,
         )
+        await self.keep_definitions(workflow, policy)
         written = await self.journal.create_run(
             record,
             [NewEntry.of(started, state=workflow.start)],
@@ -523,6 +527,7 @@ class Runtime:
             to=b.Version(workflow.version, workflow.hash, policy.hash, workflow_ref),
             by=by,
         )
+        await self.keep_definitions(workflow, policy)
         update = RunUpdate(
             workflow_version=workflow.version,
             workflow_hash=workflow.hash,
@@ -531,6 +536,22 @@ class Runtime:
             policy_ref=policy_ref,
         )
         return await self._record(record, NewEntry.of(moved, state=record.state), update)
+
+    async def keep_definitions(self, workflow: Workflow, policy: Policy) -> None:
+        """Keep the workflow's description and the policy document by hash, before a run is
+        pinned to them, so that `tether replay` can re-evaluate its decisions under the very
+        text they were made under (once per hash per runtime: describing reads sources)."""
+        kept = []
+        if workflow.hash not in self._defined:
+            described = Definition.of("workflow", workflow.describe())
+            # A source file edited since the workflow was loaded describes another workflow.
+            if described.hash == workflow.hash:
+                kept.append(described)
+        if policy.hash not in self._defined:
+            kept.append(Definition.of("policy", policy.document.hashed()))
+        if kept:
+            await self.journal.put_definitions(kept)
+        self._defined |= {workflow.hash, policy.hash}
 
     async def _record(self, record: RunRecord, entry: NewEntry, update: RunUpdate) -> RunResult:
         """A person's act on a run nobody is driving (resolve, migrate): one synced commit."""

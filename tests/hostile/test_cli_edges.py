@@ -124,12 +124,12 @@ def test_a_replay_of_an_unknown_run_is_refused_before_anything_is_created(tether
         assert len(tether.json("runs")) == 1, "no run was created"
 
 
-def test_the_model_help_says_a_replay_executes_tools_for_real(tether: Tether) -> None:
+def test_the_model_help_says_a_rerun_executes_tools_for_real(tether: Tether) -> None:
     shown = flat(tether("run", "--help").stdout)
 
-    assert "replay:RUN" in shown
+    assert "rerun:RUN" in shown
     assert "executes its tools for real, writes included" in shown
-    assert "a replay that never executes is planned" in shown
+    assert "`tether replay RUN` is the replay that never executes anything" in shown
 
 
 # -- what a person reads ------------------------------------------------------------------

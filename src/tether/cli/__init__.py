@@ -26,6 +26,7 @@ from tether.cli import (
     mcp,
     operations,
     policy,
+    replay,
     runs,
     serve,
     testing,
@@ -108,7 +109,7 @@ def main(
         os.environ["TETHER_AUDIT_KEY"] = str(audit_key.resolve())
 
 
-for group in (runs, operations, handoffs, workers, mcp, analysis, testing, serve):
+for group in (runs, operations, handoffs, workers, mcp, analysis, testing, serve, replay):
     app.registered_commands.extend(group.app.registered_commands)
 app.add_typer(policy.app, name="policy", help="Check, explain and test policies.")
 app.add_typer(audit.app, name="audit", help="Verify the journal, sign checkpoints, export runs for auditors.")

@@ -62,8 +62,9 @@ ModelOption = Annotated[
     typer.Option(
         "--model",
         help="Who proposes steps: script:FILE.json, function:module:attr, openai:MODEL, anthropic:MODEL, "
-        "local, or replay:RUN — the model answers recorded in RUN; a replayed run still executes its "
-        "tools for real, writes included (a replay that never executes is planned).",
+        "local, or rerun:RUN — the model answers recorded in RUN, proposed again; a re-run still "
+        "executes its tools for real, writes included (replay:RUN is its deprecated name; "
+        "`tether replay RUN` is the replay that never executes anything).",
     ),
 ]
 WaitOption = Annotated[
@@ -220,6 +221,11 @@ async def ready_model(spec: str | None, journal: Journal) -> tuple[Model | None,
     spec = pinned_model_spec(spec)  # so that `resume` works from any folder
     if spec is None:
         return None, None
+    if spec.startswith("replay:"):
+        err.print(
+            "[yellow]note:[/] --model replay:RUN is now called rerun:RUN (it re-runs the recorded "
+            "answers and executes the tools for real; `tether replay RUN` never acts)"
+        )
     model = resolve_model(spec, journal=journal)
     if isinstance(model, ReplayModel):
         await model.load()

@@ -58,7 +58,7 @@ def submit(
         wf = await load_workflow_async(workflow, policy=policy)
         spec = pinned_model_spec(model)
         async with open_store(db, create=True) as journal:
-            if spec is not None and spec.startswith("replay:"):
+            if spec is not None and spec.startswith(("rerun:", "replay:")):
                 await ready_model(spec, journal)  # a recording that is not there: refused now
             return await Runtime(journal).submit(
                 wf,

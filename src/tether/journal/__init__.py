@@ -26,6 +26,7 @@ from tether.journal.integrity import Finding
 from tether.journal.records import (
     FINISHED,
     Commit,
+    Definition,
     Entry,
     LeaseHeld,
     ModelExchange,
@@ -89,6 +90,16 @@ class Journal(Protocol):
     async def prune_exchanges(self, before: float) -> int:
         """Delete model exchanges recorded before `before`; return how many. Entries,
         which hold every decision and the usage of every call, are never touched."""
+        ...
+
+    async def put_definitions(self, definitions: Collection[Definition]) -> None:
+        """Keep workflow and policy definitions by hash (those already kept are left as
+        they are: a hash names one text)."""
+        ...
+
+    async def get_definition(self, hash: str) -> Definition | None:
+        """The definition kept under `hash`, or None. An edited row (its body no longer
+        hashing to its key) raises `JournalError`: it is never returned."""
         ...
 
     async def get_ticket(self, ticket_id: str) -> Ticket: ...
@@ -340,6 +351,7 @@ __all__ = [
     "DEFAULT_DB",
     "FINISHED",
     "Commit",
+    "Definition",
     "Entry",
     "Journal",
     "LeaseHeld",

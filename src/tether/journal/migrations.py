@@ -129,6 +129,13 @@ POSTGRES_AUDIT_TRIGGERS: tuple[str, ...] = tuple(
         ("no_truncate", "TRUNCATE", "STATEMENT"),
     )
 )
+# Version 8 (replay), the same on both stores: content-addressed definitions. A run pins its
+# workflow and policy by hash (`run_started`, `migrated`); this table keeps what each hash
+# covers — the workflow's description and the policy document, canonical JSON — so that a
+# replay months later re-evaluates every decision under the text it was made under. A row
+# is checked against its hash whenever it is read: an edited row is refused, never used.
+_DEFINITIONS = """CREATE TABLE definitions (
+    hash TEXT PRIMARY KEY, kind TEXT NOT NULL, body TEXT NOT NULL, created_at {time} NOT NULL)"""
 
 SQLITE: tuple[Migration, ...] = (
     Migration(
@@ -202,6 +209,11 @@ SQLITE: tuple[Migration, ...] = (
             *_AUDIT_INDEXES,
             *SQLITE_AUDIT_TRIGGERS[2:],
         ),
+    ),
+    Migration(
+        8,
+        "definitions: the workflow descriptions and policy texts runs are pinned to, by hash",
+        (_DEFINITIONS.replace("{time}", "REAL"),),
     ),
 )
 
@@ -280,6 +292,11 @@ POSTGRES: tuple[Migration, ...] = (
             *_AUDIT_INDEXES,
             *POSTGRES_AUDIT_TRIGGERS[2:],
         ),
+    ),
+    Migration(
+        8,
+        "definitions: the workflow descriptions and policy texts runs are pinned to, by hash",
+        (_DEFINITIONS.replace("{time}", "DOUBLE PRECISION"),),
     ),
 )
 

@@ -9,7 +9,7 @@ from msgspec import UNSET, UnsetType
 from pydantic import BaseModel, Field
 
 from tether.errors import ConcurrentWriteError
-from tether.hashing import encode_json, sha256_hex
+from tether.hashing import canonical_json, encode_json, fingerprint, sha256_hex
 from tether.journal import bodies
 
 RunStatus = Literal[
@@ -274,3 +274,22 @@ class LeaseHeld(ConcurrentWriteError):
     def __init__(self, message: str, *, run_id: str, holder: str | None, expires_at: float | None) -> None:
         super().__init__(message)
         self.run_id, self.holder, self.expires_at = run_id, holder, expires_at
+
+
+class Definition(msgspec.Struct, frozen=True):
+    """What a definition hash covers, kept so a run can be re-evaluated under it later:
+    `kind` is `workflow` (the workflow's description, `Workflow.describe()`) or `policy`
+    (the policy document as hashed, `PolicyDocument.hashed()`); `body` is its canonical
+    JSON, whose fingerprint is `hash` (checked whenever it is read back)."""
+
+    hash: str
+    kind: Literal["workflow", "policy"]
+    body: str
+
+    @classmethod
+    def of(cls, kind: Literal["workflow", "policy"], content: Any) -> Definition:
+        return cls(fingerprint(content), kind, canonical_json(content))
+
+    def intact(self) -> bool:
+        """Whether the body is what the hash covers (a row edited in the database is not)."""
+        return self.hash == "sha256:" + sha256_hex(self.body)

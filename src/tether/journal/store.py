@@ -84,6 +84,7 @@ from tether.journal.integrity import Finding
 from tether.journal.outbox import ENQUEUE_GATED, OutboxStore, event_row
 from tether.journal.records import (
     Commit,
+    Definition,
     Entry,
     ModelExchange,
     NewEntry,
@@ -251,6 +252,7 @@ class SQLStore(OutboxStore):
         self.trigger_problems: list[Finding] = list(dialect.trigger_problems)
         # Signs a checkpoint after each decision (tether.audit.Auditor), when a key is set.
         self.auditor: Any = None
+        self._defined: set[str] = set()  # definition hashes this store has written
 
     def close(self) -> None:
         self._d.close()
@@ -583,6 +585,34 @@ class SQLStore(OutboxStore):
     async def prune_exchanges(self, before: float) -> int:
         changed, _ = await self._d.write("DELETE FROM exchanges WHERE created_at < ?", (before,))
         return changed
+
+    # -- definitions (content-addressed: replay reads the texts runs were pinned to) ---
+
+    async def put_definitions(self, definitions: Collection[Definition]) -> None:
+        """Keep definitions by hash; one already kept is left as it is (once per hash per
+        process: a run start pays nothing for a definition this store already wrote)."""
+        new = [d for d in definitions if d.hash not in self._defined]
+        if not new:
+            return
+        async with self._d.transaction() as tx:
+            await tx.executemany(
+                f"INSERT INTO definitions (hash, kind, body, created_at) VALUES (?, ?, ?, {NOW}) "
+                "ON CONFLICT (hash) DO NOTHING",
+                [(d.hash, d.kind, d.body) for d in new],
+            )
+        self._defined.update(d.hash for d in new)
+
+    async def get_definition(self, hash: str) -> Definition | None:
+        rows = await self._d.read("SELECT hash, kind, body FROM definitions WHERE hash = ?", (hash,))
+        if not rows:
+            return None
+        found = Definition(rows[0][0], rows[0][1], rows[0][2])
+        if not found.intact():
+            raise JournalError(
+                f"definition {hash[:19]}… in {self._d.where} does not hash to its key: it was edited "
+                "after it was written, and is not used"
+            )
+        return found
 
     # -- tickets ---------------------------------------------------------------------
 

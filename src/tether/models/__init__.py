@@ -70,13 +70,20 @@ def _function(arg: str, env: ModelEnv) -> Model:
     return FunctionModel(fn, name=f"function:{arg}")
 
 
-def _replay(arg: str, env: ModelEnv) -> Model:
-    """`replay:RUN_ID`: the recorded answers of another run in the same journal."""
+def _rerun(arg: str, env: ModelEnv, prefix: str = "rerun") -> Model:
+    """`rerun:RUN_ID`: the recorded answers of another run in the same journal, proposed
+    again; everything else runs for real, tools included (`tether replay` never acts)."""
     if not arg:
-        raise ModelSpecError("replay model needs a run: --model replay:RUN_ID")
+        raise ModelSpecError(f"{prefix} model needs a run: --model rerun:RUN_ID")
     if env.journal is None:
-        raise ModelSpecError("replay model needs the journal holding the recorded run")
-    return ReplayModel(env.journal, arg)
+        raise ModelSpecError(f"{prefix} model needs the journal holding the recorded run")
+    return ReplayModel(env.journal, arg, prefix=prefix)
+
+
+def _replay(arg: str, env: ModelEnv) -> Model:
+    """`replay:RUN_ID`: the name `rerun:` had before `tether replay` existed (deprecated:
+    it re-runs the answers and executes the tools, which a replay never does)."""
+    return _rerun(arg, env, prefix="replay")
 
 
 def _openai(arg: str, env: ModelEnv) -> Model:
@@ -103,7 +110,8 @@ def _anthropic(arg: str, env: ModelEnv) -> Model:
 REGISTRY: dict[str, ModelFactory] = {
     "script": _script,
     "function": _function,
-    "replay": _replay,
+    "rerun": _rerun,
+    "replay": _replay,  # deprecated alias of rerun
     "openai": _openai,
     "anthropic": _anthropic,
     "local": _local,

@@ -1,13 +1,14 @@
-"""Replay: answer a run's model calls with what a recorded run's model answered.
+"""Re-running a model's answers: a run's model calls answered with what a recorded run's
+model answered.
 
-`--model replay:RUN_ID` re-runs a workflow offline: the n-th model call of the new run
-gets the n-th recorded exchange's output (or its failure, with the same reason code).
-Everything else — parsing, policy, approvals, tools, verification — runs for real, so a
-changed policy or tool shows up as a different journal of decisions: the basis of
-regression tests for real-model behaviour. **Tools run for real too: a replayed write
-writes again** (against a copy of the data, or a test double, it is a regression test;
-against production it repeats the effects). A replay that never executes anything is
-planned; this is not it.
+`--model rerun:RUN_ID` (formerly `replay:RUN_ID`, still accepted) re-runs a workflow
+offline: the n-th model call of the new run gets the n-th recorded exchange's output (or
+its failure, with the same reason code). Everything else — parsing, policy, approvals,
+tools, verification — runs for real, so a changed policy or tool shows up as a different
+journal of decisions: the basis of regression tests for real-model behaviour. **Tools run
+for real too: a re-run write writes again** (against a copy of the data, or a test double,
+it is a regression test; against production it repeats the effects). `tether replay RUN`
+(`tether.replay`) is the replay that never executes anything.
 
 The position in the recording is the number of exchanges the new run has already
 recorded, so a replayed run that pauses continues in another process where it was. A run
@@ -29,10 +30,10 @@ from tether.reasons import ReasonCode
 
 
 class ReplayModel:
-    def __init__(self, journal: Any, run_id: str) -> None:
+    def __init__(self, journal: Any, run_id: str, *, prefix: str = "rerun") -> None:
         self.journal = journal
         self.recorded_run = run_id
-        self.name = f"replay:{run_id}"
+        self.name = f"{prefix}:{run_id}"
         self._recording: list[Any] | None = None
         self._served: dict[str, int] = {}
 
@@ -45,16 +46,14 @@ class ReplayModel:
             await self.journal.get_run(self.recorded_run)
         except RunNotFound:
             raise ModelSpecError(
-                f"replay:{self.recorded_run}: no run {self.recorded_run} in this journal, so no recorded "
+                f"{self.name}: no run {self.recorded_run} in this journal, so no recorded "
                 "model exchanges to replay"
             ) from None
         recording = await self.journal.read_exchanges(self.recorded_run)
         if not recording:
             recording = calls_from_entries(await self.journal.read_entries(self.recorded_run))
         if not recording:
-            raise ModelSpecError(
-                f"replay:{self.recorded_run}: run {self.recorded_run} made no model call to replay"
-            )
+            raise ModelSpecError(f"{self.name}: run {self.recorded_run} made no model call to re-run")
         self._recording = recording
 
     async def propose(self, ctx: ModelContext) -> ModelReply:
