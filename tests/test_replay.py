@@ -106,12 +106,12 @@ def test_replay_reproduces_every_decision_of_every_run_the_refund_and_retail_sce
         return problems
 
     assert asyncio.run(every_suite()) == []
-    assert len(reports) == 13  # one run per scenario
+    assert len(reports) == 14  # one run per scenario
     assert [r.as_dict() for r in reports if not r.ok or r.having("unknown") or r.notes] == []
     counts = {s: sum(r.summary()[s] for r in reports) for s in ("same", "not re-evaluated")}
     # Every policy decision of every run came out as recorded; one refusal was the runtime's
     # (made before policy, so not the policy's to reproduce).
-    assert counts == {"same": 70, "not re-evaluated": 1}
+    assert counts == {"same": 72, "not re-evaluated": 1}
 
 
 def test_replay_never_calls_a_tool_a_verifier_a_resolver_or_a_model(

@@ -76,7 +76,7 @@ async def hand_off(step: GovernedStep, proposal: Proposal, decision: Decision, a
     stale = [c for c in checked if c.changed]
     if stale:
         returned = b.HandoffReturned(by=by, differences=stale, checked=checked)
-        await step.record(record, returned, facts=refreshed(cursor.record.facts, stale))
+        await step.record(record, returned, facts=b.refreshed(cursor.record.facts, stale))
         return
     received = b.HandoffReceived(by=by, checked=checked, unchecked=unchecked, to_state=owner, handoff=handed)
     cursor.enter(owner, entries_in_commit=1)  # the receiver's visit opens with `received`
@@ -96,7 +96,7 @@ async def pick_up(step: GovernedStep, handed: b.HandedOver, by: str) -> list[b.F
     if stale:
         cursor.clear_notice()
         returned = b.HandoffReturned(by=by, differences=stale, checked=checked)
-        await step.record(returned, status="running", facts=refreshed(cursor.record.facts, stale))
+        await step.record(returned, status="running", facts=b.refreshed(cursor.record.facts, stale))
         return stale
     said = f"{len(checked)} value(s) read again, unchanged" + (
         f"; not re-readable: {', '.join(unchecked)}" if unchecked else ""
@@ -109,21 +109,6 @@ async def pick_up(step: GovernedStep, handed: b.HandedOver, by: str) -> list[b.F
         message=f"picked up by {by}: {said}",
     )
     return []
-
-
-def refreshed(facts: dict[str, Any], differences: list[b.FactCheck]) -> dict[str, Any]:
-    """The run's facts after a turned-back handoff: each fact its verifier established again
-    takes its new value, and one the verifier no longer shows is dropped, so the sender's
-    next decisions rest on what holds now (resolver values are read at every decision)."""
-    current = dict(facts)
-    for check in differences:
-        name = check.name.removeprefix("facts.")
-        if check.name.startswith("facts.") and name in current:
-            if check.error is None:
-                current[name] = check.now
-            else:
-                del current[name]
-    return current
 
 
 # -- what a handoff carries -----------------------------------------------------------------------

@@ -29,13 +29,13 @@ from __future__ import annotations
 import json
 from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass, field
+from datetime import datetime
 from typing import Any, Literal
 
 import msgspec
 
 from tether.decision import Decision
 from tether.errors import TetherError
-from tether.handoffs import refreshed
 from tether.hashing import encode_json, value_hash
 from tether.journal import Entry, Journal, RunRecord
 from tether.journal import bodies as b
@@ -311,18 +311,11 @@ class _Rebuilt:
             case b.StepDone():
                 if record.update:
                     self.data = {**self.data, **record.update}
-                if record.facts:
-                    self.facts = {**self.facts, **record.facts}
             case b.Transition(proposal=proposal) if proposal.update:
                 self.data = {**self.data, **proposal.update}
-            case b.VerificationFailed():
+            case b.VerificationFailed() | b.Executed():
                 self.history = [*self.history, history_item(record, entry.step_id, entry.state)]
-            case b.Executed(verification=verification):
-                self.history = [*self.history, history_item(record, entry.step_id, entry.state)]
-                if verification and verification.get("ok") and verification.get("facts"):
-                    self.facts = {**self.facts, **verification["facts"]}
-            case b.HandoffReturned(differences=differences):
-                self.facts = refreshed(self.facts, differences)
+        self.facts = b.facts_after(self.facts, record)
 
 
 # Records whose decision is the policy's (when not a continuation): the first of each step.
@@ -486,6 +479,7 @@ class Replayer:
             "history": run.history,
             "tool": tool,
             "run": {"id": run.run_id, "workflow": workflow.name, "version": run.version, "state": state},
+            "now": _recorded_now(recorded, missing),
         }
         evaluation, resolvers = self._evaluation(policy, recorded, missing)
         decision = policy.decide(
@@ -528,6 +522,19 @@ class Replayer:
             return call
 
         return evaluation, {n: resolver(n) for n in policy.functions}
+
+
+def _recorded_now(recorded: Decision, missing: list[str]) -> Callable[[], datetime]:
+    """`now` as the decision's time recorded with it (`resolved["now"]`), never the clock's:
+    a decision reading `now` replays at the moment it was made."""
+
+    def now() -> datetime:
+        if "now" not in recorded.resolved:
+            missing.append("now")
+            raise LookupError("the decision's time (now) was not recorded with it")
+        return datetime.fromisoformat(recorded.resolved["now"])
+
+    return now
 
 
 def _not_by_policy(

@@ -757,3 +757,42 @@ __all__ = [
     "decode",
     "proposed",
 ]
+
+
+# -- what entries say about a run's facts ----------------------------------------------------------
+
+
+def refreshed(facts: dict[str, Any], differences: list[FactCheck]) -> dict[str, Any]:
+    """The run's facts after a turned-back handoff: each fact its verifier established again
+    takes its new value, and one the verifier no longer shows is dropped, so the sender's
+    next decisions rest on what holds now (resolver values are read at every decision)."""
+    current = dict(facts)
+    for check in differences:
+        name = check.name.removeprefix("facts.")
+        if check.name.startswith("facts.") and name in current:
+            if check.error is None:
+                current[name] = check.now
+            else:
+                del current[name]
+    return current
+
+
+def facts_after(facts: dict[str, Any], record: Body | UnknownBody) -> dict[str, Any]:
+    """The run's facts after an entry, from the entry alone: set by deterministic steps, by
+    verifiers, by a person's answer to a question naming a fact, and refreshed by a
+    turned-back handoff. The one reading of the chain that the audit (rows against the
+    chain) and replay (values before each decision) share with the runtime that wrote it."""
+    match record:
+        case StepDone():
+            return {**facts, **record.facts}
+        case VerificationFailed():
+            return facts
+        case Executed():
+            return {**facts, **((record.verification or {}).get("facts") or {})}
+        case Unanswered():
+            return facts
+        case Answered(fact=str(fact), answer=str(answer)):
+            return {**facts, fact: answer}
+        case HandoffReturned():
+            return refreshed(facts, record.differences)
+    return facts

@@ -221,7 +221,7 @@ def derive(entries: Sequence[Entry]) -> ChainView:
             view.status, view.owner, view.last_awaiting = status, UNKNOWN, None
         _record_on(view, e, kind, record)
         if view.facts is not UNKNOWN:
-            view.facts = _facts_after(view.facts, record)
+            view.facts = b.facts_after(view.facts, record)
     return view
 
 
@@ -261,32 +261,6 @@ def _record_on(view: ChainView, e: Entry, kind: str, record: b.Body) -> None:
         case b.ToolStep() | b.Transition() if kind in _USES_TICKET and record.continuation:
             if record.ticket_id is not None:
                 view.used.setdefault(record.ticket_id, e.seq)
-
-
-def _facts_after(facts: dict[str, Any], record: b.Body) -> dict[str, Any]:
-    """The run's facts after an entry: set by deterministic steps and by verifiers."""
-    match record:
-        case b.StepDone():
-            return {**facts, **record.facts}
-        case b.VerificationFailed():
-            return facts
-        case b.Executed():
-            return {**facts, **((record.verification or {}).get("facts") or {})}
-        case b.HandoffReturned():
-            return _refreshed(facts, record.differences)
-    return facts
-
-
-def _refreshed(facts: dict[str, Any], differences: list[b.FactCheck]) -> dict[str, Any]:
-    current = dict(facts)
-    for check in differences:
-        name = check.name.removeprefix("facts.")
-        if check.name.startswith("facts.") and name in current:
-            if check.error is None:
-                current[name] = check.now
-            else:
-                del current[name]
-    return current
 
 
 def _same(a: Any, b_: Any) -> bool:
