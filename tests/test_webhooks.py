@@ -513,7 +513,7 @@ def test_slack_format_is_a_text_message_linking_to_the_inbox(db: str, receiver: 
     texts = sorted(r.payload["text"] for r in receiver.received)
     assert all(list(r.payload) == ["text"] for r in receiver.received)
     assert any("New approval of issue_refund for supervisor" in t for t in texts)
-    assert any("denied by sup: amount &lt;too&gt; high" in t for t in texts)
+    assert any("denied by local:sup: amount &lt;too&gt; high" in t for t in texts)
     assert all(
         "<https://tether.example.com/inbox/tkt_r1|Open tkt_r1 in the tether inbox>" in t for t in texts
     )
