@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import asyncio
 import shutil
+import sys
 import time
 from pathlib import Path
 
@@ -39,6 +40,8 @@ def test_a_server_without_workers_still_expires_tickets_at_their_deadline(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch, short_lived_refund: Path
 ) -> None:
     monkeypatch.setenv("REFUND_LEDGER", str(tmp_path / "ledger.sqlite"))
+    # Another test may have imported another copy of the refund example's tools.
+    monkeypatch.delitem(sys.modules, "refund_tools", raising=False)
     folder = short_lived_refund
 
     async def main() -> tuple[str, str]:
@@ -79,6 +82,8 @@ def test_a_commit_in_this_process_wakes_its_subscribers_without_waiting_for_a_po
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch, short_lived_refund: Path
 ) -> None:
     monkeypatch.setenv("REFUND_LEDGER", str(tmp_path / "ledger.sqlite"))
+    # Another test may have imported another copy of the refund example's tools.
+    monkeypatch.delitem(sys.modules, "refund_tools", raising=False)
 
     async def main() -> None:
         journal = open_journal(str(tmp_path / "journal.db"))
