@@ -47,6 +47,7 @@ from tether.policy import Policy
 from tether.proposals import Proposal, ToolCall, json_value_problem
 from tether.reasons import ReasonCode
 from tether.run import Checkpoint, RunCursor, new_checkpoint
+from tether.sensitive import Redactor
 from tether.step import GovernedStep, Refusal
 from tether.workflow import AgentState, Next, Step, Terminal, Workflow
 
@@ -213,6 +214,7 @@ class Runtime:
                 "give a model to propose their steps (e.g. --model script:FILE.json)"
             )
         data = _checked_input(input, workflow)
+        Redactor.for_workflow(workflow)  # sensitive fields and no key: refused before anything is written
         now = self.clock()
         record = RunRecord(
             run_id=run_id or "run_" + secrets.token_hex(6),

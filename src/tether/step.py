@@ -27,7 +27,7 @@ from typing import Any, Literal
 import msgspec
 
 from tether import budget as limits
-from tether import handoffs
+from tether import handoffs, sensitive
 from tether.decision import Decision, runtime_refusal
 from tether.errors import TicketError, TicketExpired
 from tether.hashing import encode_json, value_hash
@@ -460,6 +460,7 @@ class GovernedStep:
     ) -> None:
         """Pause durably with a single-use ticket bound to the exact arguments."""
         cursor = self.cursor
+        red = cursor.redactor  # the ticket and the paused step hold fingerprints, not values
         now = cursor.clock()
         ticket = Ticket(
             ticket_id="tkt_" + secrets.token_hex(6),
@@ -467,7 +468,7 @@ class GovernedStep:
             step_id=self.step_id,
             kind=kind,
             subject=subject,
-            args=args,
+            args=red.args(subject, args) if red is not None else args,
             args_hash=args_hash,
             approver=decision.approver or self.state.escalate_to,
             question=args.get("question") if kind == "question" else None,
@@ -484,9 +485,8 @@ class GovernedStep:
             args_hash=args_hash,
             usage=self.usage,
         )
-        cursor.checkpoint.pending = Pending(
-            self.step_id, ticket.ticket_id, as_dict(proposal), decision.stored()
-        )
+        pending = as_dict(proposal) if red is None else red.proposal(as_dict(proposal))
+        cursor.checkpoint.pending = Pending(self.step_id, ticket.ticket_id, pending, decision.stored())
         await self.record(
             awaiting,
             status="paused",
@@ -532,6 +532,9 @@ class GovernedStep:
     ) -> None:
         """The one stage that writes: the step's records and the run's checkpoint, in one
         transaction; then what the model and `history` see of them."""
+        red = self.cursor.redactor
+        if red is not None:  # sensitive fields are fingerprinted in whatever is written
+            records = tuple(red.body(r) for r in records)
         last = records[-1]
         if isinstance(last, b.Escalated):
             status = "failed" if isinstance(last, b.Failed) else "escalated"
@@ -617,7 +620,7 @@ class GovernedStep:
                 # An approver who edited the call approved exactly the edited arguments (the
                 # ticket is bound to them): those are what run, once.
                 edited = ticket.original_args_hash is not None
-                args = self.arguments(tool, ticket.args if edited else proposal.args)
+                args = self.arguments(tool, self._unsealed(ticket.args if edited else proposal.args))
                 await self.execute(tool, args, decision, proposed=proposal.args, ticket_id=ticket.ticket_id)
                 return
             assert isinstance(proposal, Exit | Finish)
@@ -633,6 +636,20 @@ class GovernedStep:
             await self._unusable(proposal, ticket, ReasonCode.APPROVAL_EXPIRED, str(exc))
         except TicketError as exc:  # the store refused the ticket for these arguments
             await self._unusable(proposal, ticket, ReasonCode.APPROVAL_DENIED, str(exc))
+
+    def _unsealed(self, args: dict[str, Any]) -> dict[str, Any]:
+        """Arguments recorded with fingerprints in place of sensitive values, with the values
+        this process still holds (tether.sensitive); a Refusal when it holds none of them: the
+        value was never recorded, so the approved call cannot be carried out here."""
+        restored, missing = sensitive.restore(args)
+        if missing:
+            reason = (
+                "the approved call has sensitive argument(s) whose values are not recorded and not "
+                "held by this process (it was resumed elsewhere or restarted): propose the call again"
+            )
+            raise Refusal(runtime_refusal("arguments", ReasonCode.SENSITIVE_VALUE_UNAVAILABLE, reason))
+        result: dict[str, Any] = restored
+        return result
 
     async def _unusable(self, proposal: Proposal, ticket: Ticket, code: ReasonCode, reason: str) -> None:
         """An approved call that can no longer be carried out is refused, on the record."""
@@ -651,13 +668,17 @@ class GovernedStep:
             for f in ("tool", "args", "decision", "args_hash", "proposed_args", "ticket_id", "usage")
         }
         fields["continuation"] = record.continuation
-        if tool is not None and tool.idempotent:
+        # A fingerprint is not the value: a call with a sensitive argument that this process
+        # does not hold cannot be repeated, idempotent or not.
+        unsealed, missing = sensitive.restore(record.args)
+        if tool is not None and tool.idempotent and not missing:
             cursor.record.status = "running"
             cursor.clear_notice()
-            args = tool.validate(record.args)
+            args = tool.validate(unsealed)
             return await self.run_tool(tool, args, fields | {"recovered": True})
+        why = "its sensitive arguments are not recorded" if missing else "not idempotent"
         message = (
-            f"step {intent.step_id}: {record.tool} (not idempotent) was started but its result was "
+            f"step {intent.step_id}: {record.tool} ({why}) was started but its result was "
             "never recorded; it will not be re-run without a person: check, then "
             f"tether resolve {cursor.run_id} --done | --not-done"
         )
