@@ -246,3 +246,61 @@ def test_redact_for_export_removes_given_values_wherever_they_are() -> None:
         "text": "paid with [sensitive]",
         "ok": True,
     }
+
+
+def test_an_idempotent_sensitive_call_cut_off_by_a_crash_is_in_doubt_not_rerun(
+    tmp_path: Path, key: None
+) -> None:
+    """The value is not in the journal: the call cannot be repeated from it, idempotent or not."""
+    calls: list[str] = []
+
+    @tool(effect="write", idempotent=True)
+    def store_secret(name: str, value: Annotated[str, Sensitive]) -> str:
+        calls.append(value)
+        if len(calls) == 1:
+            raise KeyboardInterrupt  # the process dies after the intent is on disk
+        return "stored"
+
+    state = AgentState("s", "x", (store_secret,), {"done": "done"}, escalate_to="ops")
+    policy = Policy.from_dict({"rules": [{"id": "ok", "tool": "store_secret", "decision": "allow"}]}, "p")
+    wf = Workflow("w", "1", "s", [state, Terminal("done")], policy=policy)
+    db = tmp_path / "j.db"
+    journal = open_journal(str(db))
+    script = model([call("store_secret", name="db", value=CARD), {"kind": "exit", "exit": "done"}])
+    with pytest.raises(KeyboardInterrupt):
+        run(Runtime(journal).start(wf, script))
+    run_id = run(journal.list_runs())[0].run_id
+    from tether import sensitive
+
+    sensitive._vault.clear()  # the process that held the value is gone
+    result = run(Runtime(journal).resume(run_id, wf, script))
+    assert result.status == "effect_in_doubt" and calls == [CARD]
+    assert "sensitive arguments are not recorded" in (result.message or "")
+    journal.close()
+    assert leaked(db) == []
+
+
+def test_edit_and_approve_keeps_the_sensitive_value_out_of_the_record(tmp_path: Path, key: None) -> None:
+    from tether.identity import Principal
+
+    db = tmp_path / "j.db"
+    journal = open_journal(str(db))
+    payments = Payments()
+    wf = payments.workflow()
+    runtime = Runtime(journal)
+    script = model([call("charge", card_number=CARD, amount=500.0), {"kind": "exit", "exit": "done"}])
+    paused = run(runtime.start(wf, script))
+    shown = run(journal.get_ticket(paused.ticket_id)).args  # what an approver sees: the fingerprint
+    fin = Principal(
+        principal_id="person:fin", name="fin", kind="person", role="approver", approver_for=("finance",)
+    )
+    edited = run(
+        runtime.decide(
+            paused.ticket_id, approve=True, by=fin, edited_args={**shown, "amount": 150.0}, workflow=wf
+        )
+    )
+    assert edited.args["card_number"] == shown["card_number"]
+    done = run(runtime.resume(paused.run_id, wf, script))
+    assert done.status == "completed" and payments.charged == [(CARD, 150.0)]
+    journal.close()
+    assert leaked(db) == []

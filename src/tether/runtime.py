@@ -418,7 +418,8 @@ class Runtime:
         step = GovernedStep(cursor, state, pending.step_id)
         try:
             tool = step.scope(proposal.tool)
-            args = step.arguments(tool, edited)
+            # A sensitive argument left as shown (its fingerprint) keeps the value it stands for.
+            args = step.arguments(tool, step._unsealed(edited))
             decision = step.policy(tool, args)
         except Refusal as refusal:
             d = refusal.decision
@@ -446,7 +447,8 @@ class Runtime:
             raise TicketError(
                 f"the edited arguments are those of ticket {ticket.ticket_id}: approve it as is"
             )
-        return args.values, args.hash
+        red = cursor.redactor  # recorded with fingerprints, like the call it replaces
+        return (red.args(tool.name, args.values) if red is not None else args.values), args.hash
 
     async def resolve(self, run_id: str, *, done: bool, by: str, note: str = "") -> RunResult:
         """A person settles an effect in doubt; the run can then be resumed."""

@@ -644,8 +644,8 @@ class GovernedStep:
         restored, missing = sensitive.restore(args)
         if missing:
             reason = (
-                "the approved call has sensitive argument(s) whose values are not recorded and not "
-                "held by this process (it was resumed elsewhere or restarted): propose the call again"
+                "the call has sensitive argument(s) whose values are not recorded and not held by "
+                "this process (it was resumed elsewhere or restarted): propose the call again"
             )
             raise Refusal(runtime_refusal("arguments", ReasonCode.SENSITIVE_VALUE_UNAVAILABLE, reason))
         result: dict[str, Any] = restored
