@@ -22,6 +22,7 @@ from tether.decision import Decision
 from tether.journal import Commit, Entry, Journal, ModelExchange, NewEntry, RunRecord, RunUpdate, Ticket
 from tether.journal import bodies as b
 from tether.models.protocol import Message
+from tether.observe import NO_OBSERVER, Observer
 from tether.policy import Evaluation, Policy
 from tether.provenance import SeenValues
 from tether.sensitive import Redactor
@@ -276,6 +277,8 @@ class RunCursor:
         # Fingerprints the workflow's sensitive fields in everything written (tether.sensitive);
         # None when it declares none. Refuses (SensitiveKeyMissing) when no key is configured.
         self.redactor = Redactor.for_workflow(workflow)
+        # Told of runs, steps, model and tool calls as spans (tether.observe); the runtime's.
+        self.observer: Observer = NO_OBSERVER
 
     @property
     def run_id(self) -> str:

@@ -18,9 +18,11 @@ returns nothing.
 
 from __future__ import annotations
 
+import contextlib
 import reprlib
 import secrets
 import time
+from collections.abc import Iterator
 from types import MappingProxyType
 from typing import Any, Literal
 
@@ -34,6 +36,7 @@ from tether.hashing import encode_json, value_hash
 from tether.journal import Entry, ModelExchange, NewEntry, Ticket
 from tether.journal import bodies as b
 from tether.models.protocol import BudgetLeft, Model, ModelCallError, ModelContext, ModelReply
+from tether.observe import NO_SPAN, ObservedSpan
 from tether.proposals import (
     Exit,
     Finish,
@@ -72,6 +75,26 @@ class GovernedStep:
         self.limits = cursor.workflow.limits
         self.step_id = step_id or cursor.new_step_id()
         self.usage: b.Usage | None = None
+        self.span: ObservedSpan = NO_SPAN  # the step's span while `observed`
+
+    @contextlib.contextmanager
+    def observed(self, how: str) -> Iterator[None]:
+        """The step as a span of the runtime's observer (tether.observe); `record` adds the
+        decision to it."""
+        cursor = self.cursor
+        attributes = {
+            "tether.run_id": cursor.run_id,
+            "tether.step_id": self.step_id,
+            "tether.state": self.state.name,
+            "tether.step": how,
+            "tether.policy_hash": cursor.policy.hash,
+        }
+        with cursor.observer.span("step", f"governed_step {self.state.name}", attributes) as span:
+            self.span = span
+            try:
+                yield
+            finally:
+                self.span = NO_SPAN
 
     # -- the model's turn ------------------------------------------------------------
 
@@ -91,9 +114,18 @@ class GovernedStep:
         context = self._context(seconds)
         started = time.monotonic()
         try:
-            reply = await model.propose(context)
-            if not isinstance(reply, ModelReply):
-                raise TypeError(f"propose returned {type(reply).__name__}, expected ModelReply")
+            with cursor.observer.span(
+                "model", f"chat {model.name}", _model_attributes(model, self.step_id)
+            ) as call:
+                reply = await model.propose(context)
+                if not isinstance(reply, ModelReply):
+                    raise TypeError(f"propose returned {type(reply).__name__}, expected ModelReply")
+                call.set(
+                    {
+                        "gen_ai.usage.input_tokens": reply.usage.input_tokens,
+                        "gen_ai.usage.output_tokens": reply.usage.output_tokens,
+                    }
+                )
         except Exception as exc:  # a failing model is recorded and escalated, never a crash
             code = exc.reason_code if isinstance(exc, ModelCallError) else ReasonCode.MODEL_ERROR
             message = str(exc) if isinstance(exc, ModelCallError) else f"{type(exc).__name__}: {exc}"
@@ -298,11 +330,20 @@ class GovernedStep:
         consume: tuple[str, str] | None = None,
     ) -> None:
         """Run the tool, verify its effect, and record the step with the checkpoint."""
-        ctx = self.tool_context()
         # What the tool returns is someone else's content when it says so (provenance).
         untrusted = tool.results == "untrusted"
+        call_id = f"{self.cursor.run_id}:{self.step_id}"
+        attributes = {
+            "gen_ai.operation.name": "execute_tool",
+            "gen_ai.tool.name": tool.name,
+            "gen_ai.tool.call.id": call_id,
+            "gen_ai.tool.type": "function",
+            "tether.effect": tool.effect,
+        }
         try:
-            result = await tool.call(args, ctx)
+            with self.cursor.observer.span("tool", f"execute_tool {tool.name}", attributes) as span:
+                ctx = self.tool_context(trace=span.carrier())
+                result = await tool.call(args, ctx)
         except Exception as exc:  # a tool's failure is recorded, never a crash of the run
             error = f"{type(exc).__name__}: {exc}"
             failed_call = b.ToolFailed(**fields, error=error, untrusted=untrusted)
@@ -322,7 +363,7 @@ class GovernedStep:
             )
         await self.record(executed, consume=consume, facts=new_facts)
 
-    def tool_context(self) -> ToolContext:
+    def tool_context(self, trace: dict[str, str] | None = None) -> ToolContext:
         cursor = self.cursor
         # Read-only: run data changes only through recorded steps, never behind the journal.
         return ToolContext(
@@ -331,6 +372,7 @@ class GovernedStep:
             idempotency_key=f"{cursor.run_id}:{self.step_id}",
             data=MappingProxyType(cursor.record.data),
             facts=MappingProxyType(cursor.record.facts),
+            trace=MappingProxyType(trace or {}),
         )
 
     async def verify(
@@ -560,9 +602,21 @@ class GovernedStep:
             consume=consume,
             durable=durable,
         )
-        if observe:
-            for r in records:
+        for r in records:
+            if observe:
                 self.cursor.observe(r, self.step_id)
+            decision: Decision | None = (
+                getattr(r, "decision", None) if "decision" in r.__struct_fields__ else None
+            )
+            if decision is not None:
+                self.span.set(
+                    {
+                        "tether.entry": b.KIND_OF.get(type(r), type(r).__name__),
+                        "tether.decision": decision.decision,
+                        "tether.rule_id": decision.rule_id,
+                        "tether.reason_code": str(decision.reason_code),
+                    }
+                )
 
     # -- continuations ---------------------------------------------------------------------------
 
@@ -689,6 +743,13 @@ class GovernedStep:
             reason_code=ReasonCode.EFFECT_IN_DOUBT,
             message=message,
         )
+
+
+def _model_attributes(model: Model, step_id: str) -> dict[str, str]:
+    """GenAI semantic conventions for a model call: `provider:model` names give both."""
+    provider, _, name = model.name.rpartition(":")
+    attributes = {"gen_ai.operation.name": "chat", "gen_ai.request.model": name, "tether.step_id": step_id}
+    return attributes | ({"gen_ai.provider.name": provider} if provider else {})
 
 
 def recordable(value: Any, lim: limits.Limits, max_bytes: int | None = None) -> Any:

@@ -62,6 +62,9 @@ class ToolContext:
     idempotency_key: str
     data: Mapping[str, Any] = field(default_factory=dict)
     facts: Mapping[str, Any] = field(default_factory=dict)
+    # The tool call's trace context as headers (W3C `traceparent`, `tracestate`), when the
+    # runtime has an observer (tether.observe): a tool passes it on to what it calls.
+    trace: Mapping[str, str] = field(default_factory=dict)
 
 
 class Evidence(BaseModel):
