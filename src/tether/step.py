@@ -350,7 +350,9 @@ class GovernedStep:
             return await self.record(failed_call, consume=consume)
         verification, facts, failed = await self.verify(tool, args, result, ctx)
         kind = b.VerificationFailed if failed else b.Executed
-        stored = recordable(result, self.limits, self.limits.max_result_bytes)
+        red = self.cursor.redactor  # fingerprinted before a preview of it could be recorded
+        shown = red.result(tool.name, result) if red is not None else result
+        stored = recordable(shown, self.limits, self.limits.max_result_bytes)
         executed = kind(**fields, result=stored, verification=verification, untrusted=untrusted)
         new_facts = {**self.cursor.record.facts, **facts} if facts else None
         if failed and self.state.on_verification_failed != "retry":
