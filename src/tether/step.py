@@ -120,10 +120,11 @@ class GovernedStep:
                 reply = await model.propose(context)
                 if not isinstance(reply, ModelReply):
                     raise TypeError(f"propose returned {type(reply).__name__}, expected ModelReply")
+                reported = getattr(reply, "usage", None)  # a broken adapter's reply crashes below, as before
                 call.set(
                     {
-                        "gen_ai.usage.input_tokens": reply.usage.input_tokens,
-                        "gen_ai.usage.output_tokens": reply.usage.output_tokens,
+                        "gen_ai.usage.input_tokens": getattr(reported, "input_tokens", None),
+                        "gen_ai.usage.output_tokens": getattr(reported, "output_tokens", None),
                     }
                 )
         except Exception as exc:  # a failing model is recorded and escalated, never a crash
