@@ -441,9 +441,7 @@ class RunCursor:
         if red is None or not self._exchanges:
             return self._exchanges
         fields = ("request", "response", "output", "error")
-        return [
-            x.model_copy(update={f: red.scrub(getattr(x, f)) for f in fields}) for x in self._exchanges
-        ]
+        return [x.model_copy(update={f: red.scrub(getattr(x, f)) for f in fields}) for x in self._exchanges]
 
     def decide(
         self, *, kind: Literal["tool", "exit"], tool: dict[str, Any], args: dict[str, Any], step_id: str
