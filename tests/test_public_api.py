@@ -34,6 +34,8 @@ EXPECTED = {
     "RunStateError",
     "Runtime",
     "ScriptedModel",
+    "Sensitive",
+    "SensitiveKeyMissing",
     "Step",
     "Terminal",
     "TetherError",

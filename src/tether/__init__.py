@@ -25,6 +25,7 @@ from tether.policy import Policy
 from tether.proposals import Exit, Finish, Handoff, Question, ToolCall
 from tether.reasons import ReasonCode
 from tether.runtime import RunResult, Runtime
+from tether.sensitive import Sensitive, SensitiveKeyMissing
 from tether.tools import Evidence, Tool, ToolContext, tool
 from tether.workflow import AgentState, Next, Step, Terminal, Workflow
 
@@ -60,6 +61,8 @@ __all__ = [
     "RunStateError",
     "Runtime",
     "ScriptedModel",
+    "Sensitive",
+    "SensitiveKeyMissing",
     "Step",
     "Terminal",
     "TetherError",

@@ -50,6 +50,9 @@ class ToolRef(_Strict):
     results: Trust | None = None
     security: list[str] | None = None
     sensitive: bool | None = None
+    # Parameters and result fields never recorded in clear: [NAME, result, result.PATH]
+    # (tether.sensitive; `sensitive` above is the ask-always flag of provenance).
+    sensitive_fields: list[str] | None = None
     # How a rollback undoes its effect: `module:func` (arguments of the same names), or
     # {tool: module:func, args: {PARAM: args.NAME | result.PATH}} (tether.tools.Compensation).
     compensate: str | CompensateDoc | None = None
@@ -386,11 +389,12 @@ def _plain_tool(ref: ToolRef, base: Path, where: str, mcp: McpCatalog | None) ->
         raise DefinitionError(f"{where}: {ref.ref}: {exc}") from None
     if isinstance(obj, Tool):  # keep what the decorator declared, unless the reference says otherwise
         made.declare(results=obj.results, security=obj.security, sensitive=obj.sensitive)
+        made.declare_sensitive(sorted(obj.sensitive_fields - made.sensitive_fields))
     return _declared(made, ref, where)
 
 
 def _declares_provenance(ref: ToolRef) -> bool:
-    return (ref.results, ref.security, ref.sensitive) != (None, None, None)
+    return (ref.results, ref.security, ref.sensitive, ref.sensitive_fields) != (None, None, None, None)
 
 
 def _declared(tool: Tool, ref: ToolRef, where: str) -> Tool:
@@ -402,6 +406,7 @@ def _declared(tool: Tool, ref: ToolRef, where: str) -> Tool:
     declared.__dict__.pop("info", None)
     try:
         declared.declare(results=ref.results, security=ref.security, sensitive=ref.sensitive)
+        declared.declare_sensitive(ref.sensitive_fields or [])
     except ValueError as exc:
         raise DefinitionError(f"{where}: {ref.ref}: {exc}") from None
     return declared

@@ -31,6 +31,9 @@ class ReasonCode(StrEnum):
     APPROVAL_DENIED = "approval_denied"
     APPROVAL_EXPIRED = "approval_expired"
     EFFECT_IN_DOUBT = "effect_in_doubt"
+    # An approved call's sensitive values are not recorded and this process does not hold
+    # them (tether.sensitive): refused, for the model to propose again.
+    SENSITIVE_VALUE_UNAVAILABLE = "sensitive_value_unavailable"
     STEP_FAILED = "step_failed"
     # Driving the run raised an error no stage expected, MAX_CRASHES times (see runtime.py).
     RUNTIME_ERROR = "runtime_error"

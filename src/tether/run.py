@@ -22,8 +22,10 @@ from tether.decision import Decision
 from tether.journal import Commit, Entry, Journal, ModelExchange, NewEntry, RunRecord, RunUpdate, Ticket
 from tether.journal import bodies as b
 from tether.models.protocol import Message
+from tether.observe import NO_OBSERVER, Observer
 from tether.policy import Evaluation, Policy
 from tether.provenance import SeenValues
+from tether.sensitive import Redactor
 from tether.tools import ToolContext, Trust
 from tether.workflow import Workflow
 
@@ -272,6 +274,11 @@ class RunCursor:
         # Set when a commit gave the lease back with it (the run stopped: paused, ended).
         self.released = False
         self._exchanges: list[ModelExchange] = []
+        # Fingerprints the workflow's sensitive fields in everything written (tether.sensitive);
+        # None when it declares none. Refuses (SensitiveKeyMissing) when no key is configured.
+        self.redactor = Redactor.for_workflow(workflow)
+        # Told of runs, steps, model and tool calls as spans (tether.observe); the runtime's.
+        self.observer: Observer = NO_OBSERVER
 
     @property
     def run_id(self) -> str:
@@ -406,7 +413,7 @@ class RunCursor:
                 update=RunUpdate(**fields),
                 new_tickets=tickets or [],
                 consume=consume,
-                exchanges=self._exchanges,
+                exchanges=self._redacted_exchanges(),
                 durable=durable,
                 lease_owner=self.lease[0] if self.lease else None,
                 lease_seconds=self.lease[1] if self.lease else None,
@@ -430,6 +437,14 @@ class RunCursor:
     async def decision_time(self) -> float | None:
         """The store's clock, when the policy reads `now` (else None: no read is made)."""
         return await self.journal.now() if self.policy.uses("now") else None
+    def _redacted_exchanges(self) -> list[ModelExchange]:
+        """The exchanges to write, with every sensitive value seen so far scrubbed from them
+        (a prompt quoting a result, a response proposing an argument)."""
+        red = self.redactor
+        if red is None or not self._exchanges:
+            return self._exchanges
+        fields = ("request", "response", "output", "error")
+        return [x.model_copy(update={f: red.scrub(getattr(x, f)) for f in fields}) for x in self._exchanges]
 
     def decide(
         self,

@@ -46,10 +46,12 @@ from tether.journal import (
 )
 from tether.journal import bodies as b
 from tether.models.protocol import Model
+from tether.observe import NO_OBSERVER, ObservedSpan, Observer
 from tether.policy import Policy
 from tether.proposals import Proposal, ToolCall, json_value_problem
 from tether.reasons import ReasonCode
 from tether.run import Checkpoint, RunCursor, new_checkpoint
+from tether.sensitive import Redactor
 from tether.step import GovernedStep, Refusal
 from tether.workflow import AgentState, Next, Step, Terminal, Workflow
 
@@ -113,11 +115,15 @@ class Runtime:
         on_commit: Callable[[list[Entry]], None] | None = None,
         crash_backoff_seconds: float = CRASH_BACKOFF_SECONDS,
         auditor: Auditor | None = None,
+        observer: Observer | None = None,
     ) -> None:
         self.journal = journal
         # Signs a checkpoint of each run's head whenever the run stops (tether.audit): given,
         # or the journal's (`open_journal` reads $TETHER_AUDIT_KEY and $TETHER_AUDIT_WITNESS).
         self.auditor: Auditor | None = auditor if auditor is not None else getattr(journal, "auditor", None)
+        # Told of each run driven, step, model and tool call as spans (tether.observe; the
+        # OpenTelemetry one is tether.otel). None: nothing is observed.
+        self.observer: Observer = observer or NO_OBSERVER
         # After an unexpected error a run waits this long (doubling per crash) before a retry.
         self.crash_backoff_seconds = crash_backoff_seconds
         # Model calls (prompts, raw responses, attempts) are kept apart from the entries.
@@ -167,7 +173,8 @@ class Runtime:
             by=by,
         )
         try:
-            result = await self._drive(self._cursor(record, workflow), model)
+            with self._observed(record, workflow, "start") as span:
+                result = self._ended(span, await self._drive(self._cursor(record, workflow), model))
         finally:
             await self._release(record.run_id)
         await self._checkpoint(result)
@@ -224,6 +231,7 @@ class Runtime:
                 "give a model to propose their steps (e.g. --model script:FILE.json)"
             )
         data = _checked_input(input, workflow)
+        Redactor.for_workflow(workflow)  # sensitive fields and no key: refused before anything is written
         now = self.clock()
         record = RunRecord(
             run_id=run_id or "run_" + secrets.token_hex(6),
@@ -285,7 +293,8 @@ class Runtime:
         else:
             record = await self._acquire(run_id)
         try:
-            result = await self._resume(record, workflow, model)
+            with self._observed(record, workflow, "resume") as span:
+                result = self._ended(span, await self._resume(record, workflow, model))
         finally:
             await self._release(run_id)
         await self._checkpoint(result)
@@ -334,7 +343,9 @@ class Runtime:
         state = workflow.states[record.state]
         doubt = _intent_without_result(visit)
         if doubt is not None and isinstance(state, AgentState):
-            await GovernedStep(cursor, state, doubt.step_id).recover(doubt)
+            step = GovernedStep(cursor, state, doubt.step_id)
+            with step.observed("recover"):
+                await step.recover(doubt)
         elif record.status == "paused" and isinstance(state, AgentState):
             pending = cursor.checkpoint.pending
             if pending is None:
@@ -344,7 +355,9 @@ class Runtime:
                 ticket = await self.journal.expire_ticket(ticket.ticket_id)
                 if ticket.status == "pending":  # not expired by the store's clock: still waiting
                     return RunResult.of(cursor.record)
-            await GovernedStep(cursor, state, pending.step_id).resume_ticket(ticket, pending)
+            step = GovernedStep(cursor, state, pending.step_id)
+            with step.observed("resume_ticket"):
+                await step.resume_ticket(ticket, pending)
         return await self._drive(cursor, model)
 
     async def pick_up(
@@ -448,7 +461,8 @@ class Runtime:
         step = GovernedStep(cursor, state, pending.step_id)
         try:
             tool = step.scope(proposal.tool)
-            args = step.arguments(tool, edited)
+            # A sensitive argument left as shown (its fingerprint) keeps the value it stands for.
+            args = step.arguments(tool, step._unsealed(edited))
             decision = step.policy(tool, args)
         except Refusal as refusal:
             d = refusal.decision
@@ -476,7 +490,8 @@ class Runtime:
             raise TicketError(
                 f"the edited arguments are those of ticket {ticket.ticket_id}: approve it as is"
             )
-        return args.values, args.hash
+        red = cursor.redactor  # recorded with fingerprints, like the call it replaces
+        return (red.args(tool.name, args.values) if red is not None else args.values), args.hash
 
     async def resolve(self, run_id: str, *, done: bool, by: str, note: str = "") -> RunResult:
         """A person settles an effect in doubt; the run can then be resumed."""
@@ -571,6 +586,25 @@ class Runtime:
 
     # -- driving ---------------------------------------------------------------------
 
+    def _observed(
+        self, record: RunRecord, workflow: Workflow, how: str
+    ) -> contextlib.AbstractContextManager[ObservedSpan]:
+        """One drive of a run (a start, a resume) as the observer's `run` span."""
+        attributes = {
+            "gen_ai.operation.name": "invoke_workflow",
+            "tether.run_id": record.run_id,
+            "tether.workflow": workflow.name,
+            "tether.workflow_version": workflow.version,
+            "tether.policy_hash": record.policy_hash,
+            "tether.drive": how,
+        }
+        return self.observer.span("run", f"invoke_workflow {workflow.name}", attributes)
+
+    @staticmethod
+    def _ended(span: ObservedSpan, result: RunResult) -> RunResult:
+        span.set({"tether.status": result.status, "tether.reason_code": result.reason_code})
+        return result
+
     def _cursor(self, record: RunRecord, workflow: Workflow) -> RunCursor:
         cursor = RunCursor(
             record,
@@ -581,6 +615,7 @@ class Runtime:
             lease=(self.worker_id, self.lease_seconds),
             on_commit=self.on_commit,
         )
+        cursor.observer = self.observer
         self._cursors[record.run_id] = cursor
         return cursor
 
@@ -644,7 +679,9 @@ class Runtime:
             else:
                 if model is None:
                     raise RunStateError(f"state {state.name!r} needs a model to propose steps")
-                await GovernedStep(cursor, state).turn(model, self.record_exchanges)
+                step = GovernedStep(cursor, state)
+                with step.observed("turn"):
+                    await step.turn(model, self.record_exchanges)
 
     async def _deterministic(self, cursor: RunCursor, state: Step) -> None:
         step_id = cursor.new_step_id()

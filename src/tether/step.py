@@ -18,22 +18,25 @@ returns nothing.
 
 from __future__ import annotations
 
+import contextlib
 import reprlib
 import secrets
 import time
+from collections.abc import Iterator
 from types import MappingProxyType
 from typing import Any, Literal
 
 import msgspec
 
 from tether import budget as limits
-from tether import handoffs
+from tether import handoffs, sensitive
 from tether.decision import Decision, runtime_refusal
 from tether.errors import TicketError, TicketExpired
 from tether.hashing import encode_json, value_hash
 from tether.journal import Entry, ModelExchange, NewEntry, Ticket
 from tether.journal import bodies as b
 from tether.models.protocol import BudgetLeft, Model, ModelCallError, ModelContext, ModelReply
+from tether.observe import NO_SPAN, ObservedSpan
 from tether.proposals import (
     Exit,
     Finish,
@@ -72,6 +75,26 @@ class GovernedStep:
         self.limits = cursor.workflow.limits
         self.step_id = step_id or cursor.new_step_id()
         self.usage: b.Usage | None = None
+        self.span: ObservedSpan = NO_SPAN  # the step's span while `observed`
+
+    @contextlib.contextmanager
+    def observed(self, how: str) -> Iterator[None]:
+        """The step as a span of the runtime's observer (tether.observe); `record` adds the
+        decision to it."""
+        cursor = self.cursor
+        attributes = {
+            "tether.run_id": cursor.run_id,
+            "tether.step_id": self.step_id,
+            "tether.state": self.state.name,
+            "tether.step": how,
+            "tether.policy_hash": cursor.policy.hash,
+        }
+        with cursor.observer.span("step", f"governed_step {self.state.name}", attributes) as span:
+            self.span = span
+            try:
+                yield
+            finally:
+                self.span = NO_SPAN
 
     # -- the model's turn ------------------------------------------------------------
 
@@ -91,9 +114,19 @@ class GovernedStep:
         context = self._context(seconds)
         started = time.monotonic()
         try:
-            reply = await model.propose(context)
-            if not isinstance(reply, ModelReply):
-                raise TypeError(f"propose returned {type(reply).__name__}, expected ModelReply")
+            with cursor.observer.span(
+                "model", f"chat {model.name}", _model_attributes(model, self.step_id)
+            ) as call:
+                reply = await model.propose(context)
+                if not isinstance(reply, ModelReply):
+                    raise TypeError(f"propose returned {type(reply).__name__}, expected ModelReply")
+                reported = getattr(reply, "usage", None)  # a broken adapter's reply crashes below, as before
+                call.set(
+                    {
+                        "gen_ai.usage.input_tokens": getattr(reported, "input_tokens", None),
+                        "gen_ai.usage.output_tokens": getattr(reported, "output_tokens", None),
+                    }
+                )
         except Exception as exc:  # a failing model is recorded and escalated, never a crash
             code = exc.reason_code if isinstance(exc, ModelCallError) else ReasonCode.MODEL_ERROR
             message = str(exc) if isinstance(exc, ModelCallError) else f"{type(exc).__name__}: {exc}"
@@ -301,18 +334,29 @@ class GovernedStep:
         consume: tuple[str, str] | None = None,
     ) -> None:
         """Run the tool, verify its effect, and record the step with the checkpoint."""
-        ctx = self.tool_context()
         # What the tool returns is someone else's content when it says so (provenance).
         untrusted = tool.results == "untrusted"
+        call_id = f"{self.cursor.run_id}:{self.step_id}"
+        attributes = {
+            "gen_ai.operation.name": "execute_tool",
+            "gen_ai.tool.name": tool.name,
+            "gen_ai.tool.call.id": call_id,
+            "gen_ai.tool.type": "function",
+            "tether.effect": tool.effect,
+        }
         try:
-            result = await tool.call(args, ctx)
+            with self.cursor.observer.span("tool", f"execute_tool {tool.name}", attributes) as span:
+                ctx = self.tool_context(trace=span.carrier())
+                result = await tool.call(args, ctx)
         except Exception as exc:  # a tool's failure is recorded, never a crash of the run
             error = f"{type(exc).__name__}: {exc}"
             failed_call = b.ToolFailed(**fields, error=error, untrusted=untrusted)
             return await self.record(failed_call, consume=consume)
         verification, facts, failed = await self.verify(tool, args, result, ctx)
         kind = b.VerificationFailed if failed else b.Executed
-        stored = recordable(result, self.limits, self.limits.max_result_bytes)
+        red = self.cursor.redactor  # fingerprinted before a preview of it could be recorded
+        shown = red.result(tool.name, result) if red is not None else result
+        stored = recordable(shown, self.limits, self.limits.max_result_bytes)
         executed = kind(**fields, result=stored, verification=verification, untrusted=untrusted)
         new_facts = {**self.cursor.record.facts, **facts} if facts else None
         if failed and self.state.on_verification_failed != "retry":
@@ -325,7 +369,7 @@ class GovernedStep:
             )
         await self.record(executed, consume=consume, facts=new_facts)
 
-    def tool_context(self) -> ToolContext:
+    def tool_context(self, trace: dict[str, str] | None = None) -> ToolContext:
         cursor = self.cursor
         # Read-only: run data changes only through recorded steps, never behind the journal.
         return ToolContext(
@@ -334,6 +378,7 @@ class GovernedStep:
             idempotency_key=f"{cursor.run_id}:{self.step_id}",
             data=MappingProxyType(cursor.record.data),
             facts=MappingProxyType(cursor.record.facts),
+            trace=MappingProxyType(trace or {}),
         )
 
     async def verify(
@@ -474,6 +519,7 @@ class GovernedStep:
     ) -> None:
         """Pause durably with a single-use ticket bound to the exact arguments."""
         cursor = self.cursor
+        red = cursor.redactor  # the ticket and the paused step hold fingerprints, not values
         now = cursor.clock()
         ticket = Ticket(
             ticket_id="tkt_" + secrets.token_hex(6),
@@ -481,7 +527,7 @@ class GovernedStep:
             step_id=self.step_id,
             kind=kind,
             subject=subject,
-            args=args,
+            args=red.args(subject, args) if red is not None else args,
             args_hash=args_hash,
             approver=decision.approver or self.state.escalate_to,
             question=args.get("question") if kind == "question" else None,
@@ -498,9 +544,8 @@ class GovernedStep:
             args_hash=args_hash,
             usage=self.usage,
         )
-        cursor.checkpoint.pending = Pending(
-            self.step_id, ticket.ticket_id, as_dict(proposal), decision.stored()
-        )
+        pending = as_dict(proposal) if red is None else red.proposal(as_dict(proposal))
+        cursor.checkpoint.pending = Pending(self.step_id, ticket.ticket_id, pending, decision.stored())
         await self.record(
             awaiting,
             status="paused",
@@ -546,6 +591,9 @@ class GovernedStep:
     ) -> None:
         """The one stage that writes: the step's records and the run's checkpoint, in one
         transaction; then what the model and `history` see of them."""
+        red = self.cursor.redactor
+        if red is not None:  # sensitive fields are fingerprinted in whatever is written
+            records = tuple(red.body(r) for r in records)
         last = records[-1]
         if isinstance(last, b.Escalated):
             status = "failed" if isinstance(last, b.Failed) else "escalated"
@@ -571,9 +619,21 @@ class GovernedStep:
             consume=consume,
             durable=durable,
         )
-        if observe:
-            for r in records:
+        for r in records:
+            if observe:
                 self.cursor.observe(r, self.step_id)
+            decision: Decision | None = (
+                getattr(r, "decision", None) if "decision" in r.__struct_fields__ else None
+            )
+            if decision is not None:
+                self.span.set(
+                    {
+                        "tether.entry": b.KIND_OF.get(type(r), type(r).__name__),
+                        "tether.decision": decision.decision,
+                        "tether.rule_id": decision.rule_id,
+                        "tether.reason_code": str(decision.reason_code),
+                    }
+                )
 
     # -- continuations ---------------------------------------------------------------------------
 
@@ -629,7 +689,7 @@ class GovernedStep:
                 # An approver who edited the call approved exactly the edited arguments (the
                 # ticket is bound to them): those are what run, once.
                 edited = ticket.original_args_hash is not None
-                args = self.arguments(tool, ticket.args if edited else proposal.args)
+                args = self.arguments(tool, self._unsealed(ticket.args if edited else proposal.args))
                 await self.execute(tool, args, decision, proposed=proposal.args, ticket_id=ticket.ticket_id)
                 return
             assert isinstance(proposal, Exit | Finish)
@@ -645,6 +705,20 @@ class GovernedStep:
             await self._unusable(proposal, ticket, ReasonCode.APPROVAL_EXPIRED, str(exc))
         except TicketError as exc:  # the store refused the ticket for these arguments
             await self._unusable(proposal, ticket, ReasonCode.APPROVAL_DENIED, str(exc))
+
+    def _unsealed(self, args: dict[str, Any]) -> dict[str, Any]:
+        """Arguments recorded with fingerprints in place of sensitive values, with the values
+        this process still holds (tether.sensitive); a Refusal when it holds none of them: the
+        value was never recorded, so the approved call cannot be carried out here."""
+        restored, missing = sensitive.restore(args)
+        if missing:
+            reason = (
+                "the call has sensitive argument(s) whose values are not recorded and not held by "
+                "this process (it was resumed elsewhere or restarted): propose the call again"
+            )
+            raise Refusal(runtime_refusal("arguments", ReasonCode.SENSITIVE_VALUE_UNAVAILABLE, reason))
+        result: dict[str, Any] = restored
+        return result
 
     async def _unusable(self, proposal: Proposal, ticket: Ticket, code: ReasonCode, reason: str) -> None:
         """An approved call that can no longer be carried out is refused, on the record."""
@@ -663,13 +737,17 @@ class GovernedStep:
             for f in ("tool", "args", "decision", "args_hash", "proposed_args", "ticket_id", "usage")
         }
         fields["continuation"] = record.continuation
-        if tool is not None and tool.idempotent:
+        # A fingerprint is not the value: a call with a sensitive argument that this process
+        # does not hold cannot be repeated, idempotent or not.
+        unsealed, missing = sensitive.restore(record.args)
+        if tool is not None and tool.idempotent and not missing:
             cursor.record.status = "running"
             cursor.clear_notice()
-            args = tool.validate(record.args)
+            args = tool.validate(unsealed)
             return await self.run_tool(tool, args, fields | {"recovered": True})
+        why = "its sensitive arguments are not recorded" if missing else "not idempotent"
         message = (
-            f"step {intent.step_id}: {record.tool} (not idempotent) was started but its result was "
+            f"step {intent.step_id}: {record.tool} ({why}) was started but its result was "
             "never recorded; it will not be re-run without a person: check, then "
             f"tether resolve {cursor.run_id} --done | --not-done"
         )
@@ -680,6 +758,13 @@ class GovernedStep:
             reason_code=ReasonCode.EFFECT_IN_DOUBT,
             message=message,
         )
+
+
+def _model_attributes(model: Model, step_id: str) -> dict[str, str]:
+    """GenAI semantic conventions for a model call: `provider:model` names give both."""
+    provider, _, name = model.name.rpartition(":")
+    attributes = {"gen_ai.operation.name": "chat", "gen_ai.request.model": name, "tether.step_id": step_id}
+    return attributes | ({"gen_ai.provider.name": provider} if provider else {})
 
 
 def recordable(value: Any, lim: limits.Limits, max_bytes: int | None = None) -> Any:

@@ -65,6 +65,9 @@ class ToolContext:
     idempotency_key: str
     data: Mapping[str, Any] = field(default_factory=dict)
     facts: Mapping[str, Any] = field(default_factory=dict)
+    # The tool call's trace context as headers (W3C `traceparent`, `tracestate`), when the
+    # runtime has an observer (tether.observe): a tool passes it on to what it calls.
+    trace: Mapping[str, str] = field(default_factory=dict)
 
 
 class Evidence(BaseModel):
@@ -209,6 +212,9 @@ class Tool:
     compensation: Compensation | None = None
     security: tuple[str, ...] | None = None  # None: not declared
     sensitive: bool = False
+    # Parameters (NAME) and result fields (`result`, `result.PATH`) never recorded in clear
+    # (tether.sensitive); from `Annotated[..., Sensitive]` hints and declarations.
+    sensitive_fields: frozenset[str] = frozenset()
 
     def __init__(
         self,
@@ -238,6 +244,23 @@ class Tool:
         self.args_model, self._context_param = _args_model(fn, self.name)
         self.is_async = inspect.iscoroutinefunction(fn)
         self.declare(results=results, security=security, sensitive=sensitive)
+        self.declare_sensitive(_sensitive_hints(fn))
+
+    def declare_sensitive(self, fields: Sequence[str]) -> None:
+        """Add sensitive fields: parameter names, `result`, or `result.PATH` (dotted)."""
+        if isinstance(fields, str):
+            raise ValueError(f"tool {self.name!r}: sensitive_fields must be a list of names")
+        params = set((self.json_schema().get("properties") or {}).keys()) if fields else set()
+        for f in fields:
+            head, _, rest = f.partition(".")
+            if f in params or (head == "result" and all(rest.split("."))) or f == "result":
+                continue
+            raise ValueError(
+                f"tool {self.name!r}: sensitive field {f!r} is neither a parameter "
+                f"({', '.join(sorted(params)) or 'none'}) nor result / result.PATH"
+            )
+        if fields:
+            self.sensitive_fields = self.sensitive_fields | frozenset(fields)
 
     def declare(
         self,
@@ -375,6 +398,18 @@ def tool(
         )
 
     return wrap(fn) if fn is not None else wrap
+
+
+def _sensitive_hints(fn: Callable[..., Any]) -> list[str]:
+    """The parameters (and `result`) whose type hint is `Annotated[..., Sensitive]`."""
+    from tether.sensitive import is_marker
+
+    hints = get_type_hints(fn, include_extras=True)
+    found: list[str] = []
+    for name, hint in hints.items():
+        if get_origin(hint) is Annotated and any(is_marker(m) for m in get_args(hint)[1:]):
+            found.append("result" if name == "return" else name)
+    return found
 
 
 def _first_paragraph(doc: str | None) -> str:

@@ -428,4 +428,6 @@ def _provenance_declarations(tool: Tool) -> dict[str, Any]:
         declared["security"] = list(tool.security)
     if tool.sensitive:
         declared["sensitive"] = True
+    if tool.sensitive_fields:  # what is kept out of the record (tether.sensitive)
+        declared["sensitive_fields"] = sorted(tool.sensitive_fields)
     return declared
