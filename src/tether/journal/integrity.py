@@ -38,6 +38,7 @@ from tether.hashing import encode_json, value_hash
 from tether.journal import bodies as b
 from tether.journal.records import GENESIS_HASH, Entry, RunRecord, Ticket, entry_hash
 from tether.proposals import as_dict
+from tether.sensitive import has_placeholder
 from tether.tools import args_hash as tool_args_hash
 
 Damage = Literal[
@@ -383,6 +384,17 @@ def ticket_findings(ticket: Ticket, view: ChainView) -> list[Finding]:
     bound = last[2].args_hash if last is not None and last[2].args_hash else awaiting.args_hash
     if ticket.args_hash != bound:
         said.append((f"bound to {ticket.args_hash[:19]}…, the chain to {bound[:19]}…", seq))
+    elif has_placeholder(ticket.args):
+        # Sensitive values are stored as fingerprints (tether.sensitive) and the hash is over
+        # the real values, so it cannot be computed again here: the row must hold exactly
+        # the (fingerprinted) arguments the chain asked about, unless a decision edited them.
+        asked_args = as_dict(awaiting.proposal).get("args")
+        if (
+            bound == awaiting.args_hash
+            and asked_args is not None
+            and encode_json(asked_args) != encode_json(ticket.args)
+        ):
+            said.append(("its arguments are not the ones the chain asked about", seq))
     elif _args_fingerprint(ticket) != ticket.args_hash:
         said.append(("its arguments do not match the hash it is bound to", seq))
     if ticket.kind != kind or ticket.step_id != step_id:
