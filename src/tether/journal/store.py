@@ -656,17 +656,7 @@ class SQLStore(OutboxStore):
             by = Principal.legacy(by)
         self._require_triggers(f"decide ticket {ticket_id}")
         async with self._d.transaction() as tx:
-            found = await tx.fetch("SELECT run_id FROM tickets WHERE ticket_id = ?", (ticket_id,))
-            if not found:
-                raise TicketError(f"no ticket {ticket_id!r} in {self._d.where}")
-            # Lock the run, then the ticket: the order a commit using a ticket takes them in.
-            run = await self._run(tx, found[0][0], lock=True)
-            rows = await tx.fetch(
-                f"SELECT {', '.join(TICKET_COLUMNS)}, {NOW} FROM tickets "
-                f"WHERE ticket_id = ?{self._d.row_lock}",
-                (ticket_id,),
-            )
-            ticket, store_now = decode_ticket(rows[0][:-1]), rows[0][-1]
+            run, ticket, store_now = await self._locked_ticket(tx, ticket_id)
             await self._check_decidable(tx, ticket, store_now)
             if approve and ticket.forbid_self_approval and run.started_by == by.principal_id:
                 raise Forbidden(
@@ -746,6 +736,19 @@ class SQLStore(OutboxStore):
         if self.auditor is not None:  # the decision is signed before anyone can act on it
             await self.auditor.checkpoint_run(self, run.run_id)
         return decode_ticket(rows[0])
+
+    async def _locked_ticket(self, tx: Tx, ticket_id: str) -> tuple[RunRecord, Ticket, float]:
+        """A ticket, its run and the store's clock, the run locked and then the ticket: the
+        order a commit using a ticket takes them in (no deadlock between the two)."""
+        found = await tx.fetch("SELECT run_id FROM tickets WHERE ticket_id = ?", (ticket_id,))
+        if not found:
+            raise TicketError(f"no ticket {ticket_id!r} in {self._d.where}")
+        run = await self._run(tx, found[0][0], lock=True)
+        rows = await tx.fetch(
+            f"SELECT {', '.join(TICKET_COLUMNS)}, {NOW} FROM tickets WHERE ticket_id = ?{self._d.row_lock}",
+            (ticket_id,),
+        )
+        return run, decode_ticket(rows[0][:-1]), rows[0][-1]
 
     async def _check_decidable(self, tx: Tx, ticket: Ticket, store_now: float) -> None:
         """Refuse to decide a ticket that is no longer pending (by its row or by the chain) or
@@ -864,17 +867,7 @@ class SQLStore(OutboxStore):
         due, was decided meanwhile, or its run is leased to a live process (which settles the
         ticket itself when it resumes the run)."""
         async with self._d.transaction() as tx:
-            found = await tx.fetch("SELECT run_id FROM tickets WHERE ticket_id = ?", (ticket_id,))
-            if not found:
-                raise TicketError(f"no ticket {ticket_id!r} in {self._d.where}")
-            # Lock the run, then the ticket: the order decide_ticket and commits take them in.
-            run = await self._run(tx, found[0][0], lock=True)
-            rows = await tx.fetch(
-                f"SELECT {', '.join(TICKET_COLUMNS)}, {NOW} FROM tickets "
-                f"WHERE ticket_id = ?{self._d.row_lock}",
-                (ticket_id,),
-            )
-            ticket, store_now = decode_ticket(rows[0][:-1]), rows[0][-1]
+            run, ticket, store_now = await self._locked_ticket(tx, ticket_id)
             if ticket.status != "pending" or ticket.expires_at > store_now:
                 return None
             if lease_is_live(run.lease_owner, run.lease_expires_at, store_now):
