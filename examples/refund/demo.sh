@@ -12,6 +12,6 @@ step tether run "$here" --input '{"order_id": "A-1001", "reason": "kettle arrive
 run_id=$(tether runs --json | python -c 'import json,sys; print(json.load(sys.stdin)[0]["run_id"])')
 step tether approvals
 ticket=$(tether approvals --json | python -c 'import json,sys; print(json.load(sys.stdin)[0]["ticket_id"])')
-step tether approve "$ticket" --by supervisor --reason "photo of the broken kettle checks out"
+step tether approve "$ticket" --reason "photo of the broken kettle checks out"
 step tether resume "$run_id"
 step tether show "$run_id"
