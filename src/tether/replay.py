@@ -43,6 +43,7 @@ from tether.policy import BUDGET_RULE_ID, SEVERITY, Evaluation, Policy
 from tether.proposals import Exit, Finish, ToolCall, as_dict
 from tether.provenance import SeenValues
 from tether.run import history_item
+from tether.sensitive import has_placeholder
 from tether.tools import args_hash
 from tether.workflow import Workflow
 
@@ -371,6 +372,9 @@ class Replayer:
         # Per step, the entry whose decision was evaluated: the step's later entries (the
         # executed call after its intent, the approved call after its ask) repeat it.
         first: dict[str, tuple[Entry, Any]] = {}
+        # Per step, the argument hashes a person's edit-and-approve bound it to (recorded with
+        # the decision, which checked them against the policy then).
+        edited: dict[str, set[str]] = {}
         for entry in entries:
             body = entry.body
             if isinstance(body, b.UnknownBody):
@@ -380,10 +384,18 @@ class Replayer:
                 run.apply(entry, body)
                 await self._pinned(run, report, entry)
                 continue
+            if (
+                isinstance(body, b.TicketDecided | b.ApprovalGiven)
+                and entry.step_id
+                and body.original_args_hash is not None
+                and body.args_hash is not None
+            ):
+                edited.setdefault(entry.step_id, set()).add(body.args_hash)  # a person's edit
             decided = _decided(body) if entry.step_id and entry.step_id not in seen_steps else None
             if entry.step_id and isinstance(body, b.StepRecord):
                 if entry.step_id in first and isinstance(body, b.ToolStep | b.Transition):
-                    report.problems.extend(_repeats(*first[entry.step_id], entry, body))
+                    edits = edited.get(entry.step_id, set())
+                    report.problems.extend(_repeats(*first[entry.step_id], entry, body, edits))
                 seen_steps.add(entry.step_id)
             if decided is not None and entry.step_id:
                 first[entry.step_id] = (entry, body)
@@ -458,6 +470,9 @@ class Replayer:
         if envelope is None or not offered:
             where = f"state {state!r} of {workflow.name} {workflow.version}"
             return result(None, "diverged", f"a policy decision on {subject}, which {where} does not offer")
+        if has_placeholder(args):
+            why = "its sensitive arguments are kept as fingerprints; the decision saw the real values"
+            return result(None, "not re-evaluated", why)
         if recorded_hash is not None and _hash_of(name, args, is_tool) != recorded_hash:
             if isinstance(body, b.ToolStep):  # its args are the validated ones the hash covers
                 return result(
@@ -552,9 +567,12 @@ def _not_by_policy(
     return None
 
 
-def _repeats(first: Entry, decided: Any, entry: Entry, body: b.ToolStep | b.Transition) -> list[str]:
+def _repeats(
+    first: Entry, decided: Any, entry: Entry, body: b.ToolStep | b.Transition, edits: set[str]
+) -> list[str]:
     """How a later entry of a step disagrees with the entry whose decision was evaluated: the
-    decision, the call or its arguments (a record changed after it was written)."""
+    decision, the call or its arguments (a record changed after it was written). `edits` are
+    argument hashes a person's recorded edit-and-approve bound the step to."""
     where = f"entry {entry.seq} ({entry.kind}, step {entry.step_id})"
     problems = []
     if encode_json(body.decision) != encode_json(decided.decision):
@@ -568,8 +586,14 @@ def _repeats(first: Entry, decided: Any, entry: Entry, body: b.ToolStep | b.Tran
     was = decided.tool if isinstance(decided, b.ToolStep) else getattr(decided.proposal, "tool", None)
     if body.tool != was:
         problems.append(f"{where}: its tool {body.tool} is not the {was} entry {first.seq} decided on")
-    elif body.args_hash is not None and args_hash(body.tool, encode_json(body.args)) != body.args_hash:
+    elif (
+        body.args_hash is not None
+        and not has_placeholder(body.args)  # sensitive: hashed over values kept out of the record
+        and args_hash(body.tool, encode_json(body.args)) != body.args_hash
+    ):
         problems.append(f"{where}: its arguments do not hash to the args_hash recorded with them")
+    elif body.args_hash is not None and body.args_hash in edits:
+        pass  # the arguments a person edited and approved, recorded with that decision
     elif isinstance(decided, b.ToolStep) and encode_json(body.args) != encode_json(decided.args):
         problems.append(f"{where}: its arguments are not the ones entry {first.seq} ({first.kind}) recorded")
     elif body.args_hash is not None and decided.args_hash not in (None, body.args_hash):
