@@ -136,6 +136,16 @@ def test_a_sensitive_argument_and_result_are_used_but_never_recorded(tmp_path: P
     ).stdout
     assert fp in shown and CARD not in shown and TOKEN not in shown
 
+    # The auditor's export bundle (`tether audit export`) holds the fingerprints, not the values.
+    bundle = subprocess.run(
+        [sys.executable, "-m", "tether", "audit", "export", result.run_id, "--db", str(db)],
+        capture_output=True,
+        text=True,
+        env=env,
+        check=True,
+    ).stdout
+    assert fp in bundle and CARD not in bundle and TOKEN not in bundle
+
 
 def test_policy_tests_the_real_value_and_an_approval_binds_it(tmp_path: Path, key: None) -> None:
     db = tmp_path / "j.db"
