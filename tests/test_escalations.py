@@ -6,7 +6,6 @@ from __future__ import annotations
 
 import asyncio
 import os
-import secrets
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -21,7 +20,8 @@ from tether.journal import Journal, open_journal
 from tether.operations import Operations, actionable
 from tether.sweeper import sweep_expired
 
-PG_URL = os.environ.get("TETHER_TEST_PG", "postgresql://postgres@127.0.0.1:5432/test")
+pytest_plugins = ("stores",)  # the db_target fixture: SQLite and PostgreSQL
+
 ALICE = Principal(principal_id="tok:alice", name="alice", kind="person", role="operator")
 
 
@@ -33,34 +33,12 @@ def run(coro: Any) -> Any:
     return asyncio.run(coro)
 
 
-@pytest.fixture(params=["sqlite", "postgres"])
-def any_journal(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[Journal]:
-    """A fresh journal on SQLite, and on PostgreSQL in a schema of its own."""
-    if request.param == "sqlite":
-        j = open_journal(str(tmp_path / "journal.db"))
-        yield j
-        j.close()
-        return
-    try:
-        import psycopg
-
-        psycopg.connect(PG_URL, connect_timeout=3).close()
-    except Exception as exc:
-        message = f"PostgreSQL not reachable at {PG_URL} ({exc}); set TETHER_TEST_PG to a URL"
-        if os.environ.get("CI") == "true":
-            pytest.fail(message)
-        pytest.skip(message)
-    schema = "tether_esc_" + secrets.token_hex(6)
-    with psycopg.connect(PG_URL, autocommit=True) as conn:
-        conn.execute(f"CREATE SCHEMA {schema}")
-    url = f"{PG_URL}{'&' if '?' in PG_URL else '?'}options=-csearch_path%3D{schema}"
-    j = open_journal(url)
-    try:
-        yield j
-    finally:
-        j.close()
-        with psycopg.connect(PG_URL, autocommit=True) as conn:
-            conn.execute(f"DROP SCHEMA {schema} CASCADE")
+@pytest.fixture
+def any_journal(db_target: str) -> Iterator[Journal]:
+    """A fresh journal on SQLite, and on PostgreSQL in a schema of its own (tests/stores.py)."""
+    j = open_journal(db_target)
+    yield j
+    j.close()
 
 
 @pytest.fixture

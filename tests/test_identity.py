@@ -23,7 +23,7 @@ from tether.identity import (
 )
 from tether.journal import RunRecord, Ticket, open_journal
 
-pytest_plugins = ("people_stores",)  # the db_target fixture: SQLite and PostgreSQL
+pytest_plugins = ("stores",)  # the db_target fixture: SQLite and PostgreSQL
 
 
 def run(coro: Any) -> Any:

@@ -11,7 +11,7 @@ from people_race import decide_all
 from tether.journal import Commit, NewEntry, RunRecord, RunUpdate, Ticket, open_journal
 from tether.journal import bodies as b
 
-pytest_plugins = ("people_stores",)  # the db_target fixture: SQLite and PostgreSQL
+pytest_plugins = ("stores",)  # the db_target fixture: SQLite and PostgreSQL
 TRIALS = 100
 
 

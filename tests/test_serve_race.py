@@ -8,10 +8,7 @@ from __future__ import annotations
 
 import asyncio
 import multiprocessing
-import os
-import secrets
 import time
-from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -22,32 +19,15 @@ from servers import REFUND_INPUT, serve
 from tether import identity
 from tether.journal import open_journal
 
+pytest_plugins = ("stores",)  # the db_target fixture: SQLite and PostgreSQL
+
 TRIALS = 100
-PG_URL = os.environ.get("TETHER_TEST_PG", "postgresql://postgres@127.0.0.1:5432/test")
 
 
-@pytest.fixture(params=["sqlite", "postgres"])
-def db(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[str]:
-    if request.param == "sqlite":
-        yield str(tmp_path / "journal.db")
-        return
-    try:
-        import psycopg
-
-        psycopg.connect(PG_URL, connect_timeout=3).close()
-    except Exception as exc:
-        message = f"PostgreSQL not reachable at {PG_URL} ({exc}); set TETHER_TEST_PG to a URL"
-        if os.environ.get("CI") == "true":
-            pytest.fail(message)
-        pytest.skip(message)
-    schema = "tether_serve_" + secrets.token_hex(6)
-    with psycopg.connect(PG_URL, autocommit=True) as conn:
-        conn.execute(f"CREATE SCHEMA {schema}")
-    try:
-        yield f"{PG_URL}{'&' if '?' in PG_URL else '?'}options=-csearch_path%3D{schema}"
-    finally:
-        with psycopg.connect(PG_URL, autocommit=True) as conn:
-            conn.execute(f"DROP SCHEMA {schema} CASCADE")
+@pytest.fixture
+def db(db_target: str) -> str:
+    """A SQLite file, or a PostgreSQL schema of its own (tests/stores.py)."""
+    return db_target
 
 
 async def _setup(db: str) -> dict[str, str]:

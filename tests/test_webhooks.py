@@ -19,7 +19,6 @@ import subprocess
 import sys
 import threading
 import time
-import uuid
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
@@ -48,7 +47,7 @@ from tether.webhooks import (
 
 ROOT = Path(__file__).resolve().parents[1]
 REFUND = ROOT / "examples" / "refund"
-PG = os.environ.get("TETHER_TEST_PG", "postgresql://postgres@127.0.0.1:5432/test")
+pytest_plugins = ("stores",)  # the db_target fixture: SQLite and PostgreSQL
 SECRET = generate_secret()
 FAST = DispatchSettings(base_delay=0.05, max_delay=0.2, timeout=5.0, max_attempts=4)
 
@@ -133,27 +132,10 @@ def receiver() -> Iterator[Receiver]:
 # -- stores ------------------------------------------------------------------------------
 
 
-@pytest.fixture(params=["sqlite", "postgres"])
-def db(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[str]:
-    """A journal's target: a SQLite file, or a fresh PostgreSQL schema."""
-    if request.param == "sqlite":
-        yield str(tmp_path / "journal.db")
-        return
-    try:
-        import psycopg
-
-        admin = psycopg.connect(PG, autocommit=True, connect_timeout=3)
-    except Exception as exc:
-        if os.environ.get("CI") == "true":
-            pytest.fail(f"PostgreSQL not reachable at {PG} ({exc}): CI must run the PostgreSQL tests")
-        pytest.skip(f"PostgreSQL not reachable at {PG} ({exc}); set TETHER_TEST_PG to a server URL")
-    schema = f"tether_webhooks_{uuid.uuid4().hex[:10]}"
-    admin.execute(f"CREATE SCHEMA {schema}")
-    try:
-        yield f"{PG}?options=-csearch_path%3D{schema}"
-    finally:
-        admin.execute(f"DROP SCHEMA {schema} CASCADE")
-        admin.close()
+@pytest.fixture
+def db(db_target: str) -> str:
+    """A journal's target: a SQLite file, or a fresh PostgreSQL schema (tests/stores.py)."""
+    return db_target
 
 
 @pytest.fixture(autouse=True)

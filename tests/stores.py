@@ -1,4 +1,4 @@
-"""The journals the identity and approval tests run against: SQLite, and PostgreSQL in a fresh
+"""The journals tests run against: SQLite, and PostgreSQL in a fresh
 schema per test (skipped when unreachable, except under CI=true, where that fails)."""
 
 from __future__ import annotations
