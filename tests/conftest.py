@@ -15,6 +15,37 @@ from tether.journal import Journal, open_journal
 from tether.run import messages_for
 from tether.timeline import timeline
 
+# The test files that take longest (docs/testing.md), collected first: `make test` hands each
+# file whole to one process (pytest-xdist, --dist loadfile) in collection order, and a long
+# file handed out last would leave the other processes idle at the end.
+SLOW_FIRST = (
+    "test_workers.py",
+    "test_mcp_gateway.py",
+    "test_model_local.py",
+    "test_cli_e2e.py",
+    "test_serve_schema.py",
+    "test_webhooks.py",
+    "test_mcp_tools.py",
+    "hostile/test_cli_edges.py",
+    "test_model_openai.py",  # apart from test_model_local: each keeps the cores busy
+    "test_crash.py",
+    "test_people_cli.py",
+    "test_serve_race.py",
+    "test_serve_api.py",
+    "test_escalations.py",
+)
+
+
+def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
+    here = Path(__file__).parent
+    rank = {name: i for i, name in enumerate(SLOW_FIRST)}
+
+    def file_rank(item: pytest.Item) -> int:
+        name = item.path.relative_to(here).as_posix() if item.path.is_relative_to(here) else ""
+        return rank.get(name, len(rank))
+
+    items.sort(key=file_rank)  # stable: within a file, and among the others, the order is kept
+
 
 @pytest.fixture
 def journal(tmp_path: Path) -> Iterator[Journal]:

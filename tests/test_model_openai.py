@@ -661,7 +661,10 @@ def test_a_transcript_of_calls_and_results_is_accepted_by_a_real_server(llama_se
         Message(role="proposal", content="I am done"),
         Message(role="observation", content={"outcome": "refused", "reason_code": "malformed_output"}),
     ]
-    model = OpenAIModel("smollm2", AdapterOptions(base_url=llama_server, max_attempts=1), environ={})
+    # A generous timeout: on a loaded machine (the suite runs in parallel) 200 tokens may take
+    # over a minute, and how long the answer takes is not what is tested here.
+    options = AdapterOptions(base_url=llama_server, max_attempts=1, timeout=300)
+    model = OpenAIModel("smollm2", options, environ={})
 
     async def ask() -> Any:
         try:
