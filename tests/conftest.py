@@ -19,6 +19,8 @@ from tether.timeline import timeline
 # file whole to one process (pytest-xdist, --dist loadfile) in collection order, and a long
 # file handed out last would leave the other processes idle at the end.
 SLOW_FIRST = (
+    "test_retail_conformance.py",
+    "hostile/test_cli_edges.py",
     "test_workers.py",
     "test_mcp_gateway.py",
     "test_model_local.py",
@@ -26,7 +28,8 @@ SLOW_FIRST = (
     "test_serve_schema.py",
     "test_webhooks.py",
     "test_mcp_tools.py",
-    "hostile/test_cli_edges.py",
+    "test_scenarios.py",
+    "test_audit.py",
     "test_model_openai.py",  # apart from test_model_local: each keeps the cores busy
     "test_crash.py",
     "test_people_cli.py",
