@@ -26,21 +26,20 @@ from typing import IO, Any, Protocol, TypeVar
 
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
-from tether.proposals import DEFAULT_LIMITS
 from tether.tools import (
-    ArgumentError,
     Effect,
+    SchemaError,
+    SchemaTool,
     Tool,
     ToolContext,
     Trust,
     ValidatedArgs,
     Verifier,
-    checked_json,
+    schema_validator,
 )
 
 try:
     import anyio
-    import jsonschema
     import mcp.types
     from mcp import Client, MCPError, StdioServerParameters
     from mcp.client.stdio import stdio_client
@@ -131,7 +130,7 @@ class McpToolRef:
         return f"mcp:{self.server}/{self.tool}"
 
 
-class McpTool(Tool):
+class McpTool(SchemaTool):
     """A tool an MCP server offers, governed exactly like a native tool.
 
     Arguments are checked against the server's `inputSchema` before the server is called;
@@ -172,30 +171,16 @@ class McpTool(Tool):
         self.description = listed.description or listed.title or ""
         self.is_async = True
         self.input_schema: dict[str, Any] = dict(listed.input_schema)
-        self._validator = _validator(self.input_schema, f"{self.server}/{listed.name}")
+        try:
+            self._validator = schema_validator(self.input_schema, f"{self.server}/{listed.name}")
+        except SchemaError as exc:
+            raise McpError(str(exc)) from None
 
     def __repr__(self) -> str:
         return (
             f"McpTool({self.name!r}, server={self.server!r}, effect={self.effect!r}, "
             f"idempotent={self.idempotent})"
         )
-
-    def json_schema(self) -> dict[str, Any]:
-        return self.input_schema
-
-    def validate(
-        self, args: Any, *, max_bytes: int = DEFAULT_LIMITS.max_bytes, checked: bool = False
-    ) -> ValidatedArgs:
-        """Check arguments against the server's schema; return them with top-level defaults."""
-        checked_json(self.name, args, max_bytes, checked=checked)
-        errors = sorted(self._validator.iter_errors(args), key=lambda e: [str(p) for p in e.absolute_path])
-        if errors:
-            raise ArgumentError(self.name, [_problem(e) for e in errors])
-        values = dict(args)
-        for key, prop in (self.input_schema.get("properties") or {}).items():
-            if key not in values and isinstance(prop, dict) and "default" in prop:
-                values[key] = prop["default"]
-        return ValidatedArgs.of(self.name, values)
 
     async def call(self, args: ValidatedArgs | dict[str, Any], ctx: ToolContext) -> Any:
         """Call the tool on its server; an `isError` result raises `McpToolError`."""
@@ -499,38 +484,6 @@ def _mark_retrieved(future: asyncio.Future[Any]) -> None:
     """A failure to connect reaches the callers through `start`; none may be waiting now."""
     if not future.cancelled():
         future.exception()
-
-
-def _validator(schema: dict[str, Any], where: str) -> Any:
-    """A validator for the server's schema, as strict as a native tool's arguments.
-
-    JSON Schema's types are already strict (no "12" for a number, no true for an integer).
-    Like a native tool, an object that names its properties refuses others unless the
-    schema says otherwise (`additionalProperties`).
-    """
-    if schema.get("type", "object") != "object":
-        raise McpError(f"{where}: the input schema is not an object schema: {schema!r}")
-    if "properties" in schema and "additionalProperties" not in schema and "patternProperties" not in schema:
-        schema = {**schema, "additionalProperties": False}
-    cls = jsonschema.validators.validator_for(schema, default=jsonschema.Draft202012Validator)
-    try:
-        cls.check_schema(schema)
-    except jsonschema.SchemaError as exc:
-        raise McpError(f"{where}: the server's input schema is invalid: {exc.message}") from None
-    return cls(schema)
-
-
-def _problem(error: Any) -> dict[str, Any]:
-    """One validation problem, located like pydantic's (`loc`, `msg`)."""
-    loc = tuple(error.absolute_path)
-    if error.validator == "required":
-        missing = [p for p in error.validator_value if p not in error.instance]
-        return {"loc": (*loc, *missing[:1]), "msg": "Field required"}
-    if error.validator == "additionalProperties" and error.validator_value is False:
-        known = set(error.schema.get("properties") or {})
-        extra = sorted(k for k in error.instance if k not in known)
-        return {"loc": loc, "msg": f"unknown field(s) {', '.join(extra)} (not in the tool's schema)"}
-    return {"loc": loc, "msg": error.message}
 
 
 def _text_of(result: mcp.types.CallToolResult) -> str:
