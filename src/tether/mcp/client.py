@@ -15,7 +15,10 @@ from __future__ import annotations
 
 import asyncio
 import importlib
+import logging
 import math
+import os
+import re
 import tempfile
 import threading
 import weakref
@@ -45,6 +48,7 @@ try:
     from mcp import Client, MCPError, StdioServerParameters
     from mcp.client.stdio import stdio_client
     from mcp.client.streamable_http import streamable_http_client
+    from mcp.client.subscriptions import ListenNotSupportedError
     from mcp.types import CONNECTION_CLOSED
 except ImportError as exc:  # pragma: no cover - depends on the installed extras
     raise ImportError(
@@ -52,12 +56,15 @@ except ImportError as exc:  # pragma: no cover - depends on the installed extras
     ) from exc
 
 T = TypeVar("T")
+_log = logging.getLogger("tether.mcp")
 
 # Connections' tasks, held until they end.
 _connections: set[asyncio.Task[None]] = set()
 
 # How much of a server's stderr an error quotes when the server fails to start or dies.
 _STDERR_TAIL = 1500
+# `${NAME}` in a value of a server's `env`: the variable NAME of tether's own environment.
+_VARIABLE = re.compile(r"\$\{([A-Za-z_][A-Za-z0-9_]*)\}")
 
 
 class McpServerSpec(BaseModel):
@@ -90,6 +97,27 @@ class McpServerSpec(BaseModel):
     def where(self) -> str:
         """The server as a person would recognise it in an error message."""
         return f"MCP server {self.name!r} ({self.url or ' '.join(self.command or [])})"
+
+    def environment(self, environ: Mapping[str, str] | None = None) -> dict[str, str]:
+        """`env` with each `${NAME}` replaced by the variable NAME of `environ` (tether's own
+        environment): a secret stays out of the files that name the server, and out of the
+        journal, which records the spec, never the expanded values. `$${NAME}` is a literal
+        `${NAME}`. A variable that is not set is refused with `McpError` naming it."""
+        source = os.environ if environ is None else environ
+        expanded: dict[str, str] = {}
+        for key, value in self.env.items():
+            missing = [
+                m.group(1) for m in _VARIABLE.finditer(value) if m.group(1) not in source and not _escaped(m)
+            ]
+            if missing:
+                raise McpError(
+                    f"{self.where()}: env {key} names ${{{missing[0]}}}, which is not set in tether's "
+                    f"environment; set {missing[0]} (or write $${{{missing[0]}}} for a literal)"
+                )
+            expanded[key] = _VARIABLE.sub(
+                lambda m: m.group(0) if _escaped(m) else source[m.group(1)], value
+            ).replace("$${", "${")
+        return expanded
 
 
 class ToolOverride(BaseModel):
@@ -231,10 +259,17 @@ def effect_from_annotations(annotations: mcp.types.ToolAnnotations | None) -> tu
 
 
 class McpClient:
-    """One connection to one server, usable from any task of the loop that started it."""
+    """One connection to one server, usable from any task of the loop that started it.
 
-    def __init__(self, spec: McpServerSpec) -> None:
+    `on_tools_changed`, when given, is awaited each time the server says its tool list
+    changed (`notifications/tools/list_changed`, or a `subscriptions/listen` event on a
+    2026-07-28 connection), in the connection's task: it should only schedule the re-listing.
+    """
+
+    def __init__(self, spec: McpServerSpec, on_tools_changed: Callable[[], None] | None = None) -> None:
         self.spec = spec
+        self.on_tools_changed = on_tools_changed
+        self._env: dict[str, str] | None = None
         self._loop: asyncio.AbstractEventLoop | None = None
         self._task: asyncio.Task[None] | None = None
         self._ready: asyncio.Future[None] | None = None
@@ -259,6 +294,7 @@ class McpClient:
         """Connect (once); raise `McpError` naming the server when it cannot be reached."""
         loop = asyncio.get_running_loop()
         if self._task is None:
+            self._env = self.spec.environment() if self.spec.command is not None else None
             send, receive = anyio.create_memory_object_stream[tuple[Any, asyncio.Future[Any]]](math.inf)
             self._loop, self._inbox, self._ready = loop, send, loop.create_future()
             self._task = loop.create_task(self._serve(receive), name=f"mcp:{self.spec.name}")
@@ -286,7 +322,7 @@ class McpClient:
             tools: list[mcp.types.Tool] = []
             cursor: str | None = None
             while True:
-                page = await client.list_tools(cursor=cursor)
+                page = await client.list_tools(cursor=cursor, cache_mode="bypass")  # a change is read at once
                 tools.extend(page.tools)
                 cursor = page.next_cursor
                 if not cursor:
@@ -294,8 +330,10 @@ class McpClient:
 
         return await self._submit(listing)
 
-    async def call_tool(self, name: str, arguments: dict[str, Any]) -> mcp.types.CallToolResult:
-        return await self._submit(lambda client: client.call_tool(name, arguments))
+    async def call_tool(
+        self, name: str, arguments: dict[str, Any], meta: dict[str, Any] | None = None
+    ) -> mcp.types.CallToolResult:
+        return await self._submit(lambda client: client.call_tool(name, arguments, meta=meta))  # type: ignore[arg-type]
 
     def tools(
         self, listed: Iterable[mcp.types.Tool], overrides: Mapping[str, ToolOverride] | None = None
@@ -323,11 +361,19 @@ class McpClient:
         assert self._ready is not None
         with tempfile.TemporaryFile() as stderr:
             try:
-                async with Client(self._transport(stderr), read_timeout_seconds=self.spec.timeout) as client:
+                async with Client(
+                    self._transport(stderr),
+                    read_timeout_seconds=self.spec.timeout,
+                    message_handler=self._notified if self.on_tools_changed else None,
+                ) as client:
                     self._ready.set_result(None)
                     async with anyio.create_task_group() as jobs, inbox:
+                        listening = anyio.CancelScope()
+                        if self.on_tools_changed is not None:
+                            jobs.start_soon(self._listen, client, listening)
                         async for job, future in inbox:
                             jobs.start_soon(self._run_job, client, job, future)
+                        listening.cancel()  # the jobs under way finish; nothing more is listened to
             except Exception as exc:  # the server could not start, or went away
                 self._failure = McpError(f"{self.spec.where()}: {_describe(exc)}{_tail(stderr)}")
                 if not self._ready.done():
@@ -346,6 +392,27 @@ class McpClient:
         """No new requests: the jobs under way finish, then the connection closes."""
         self._ending = True
         self._inbox.close()
+
+    async def _notified(self, message: Any) -> None:
+        """A notification on a handshake-era connection: the tool list changed, or not ours."""
+        if isinstance(message, mcp.types.ToolListChangedNotification) and self.on_tools_changed:
+            self.on_tools_changed()
+
+    async def _listen(self, client: Client, scope: anyio.CancelScope) -> None:
+        """On a 2026-07-28 connection, tool list changes come on a `subscriptions/listen`
+        stream, open while the connection is (an earlier protocol sends notifications instead)."""
+        assert self.on_tools_changed is not None
+        with scope:
+            try:
+                async with client.listen(tools_list_changed=True) as events:
+                    async for _ in events:
+                        self.on_tools_changed()
+            except ListenNotSupportedError:
+                return
+            except Exception as exc:  # the stream dropped: the tool list stays as last listed
+                _log.warning(
+                    "%s: its tool list changes are no longer followed: %s", self.spec.where(), _describe(exc)
+                )
 
     async def _run_job(
         self, client: Client, job: Callable[[Client], Awaitable[Any]], future: asyncio.Future[Any]
@@ -372,7 +439,7 @@ class McpClient:
             return streamable_http_client(spec.url)
         assert spec.command is not None
         params = StdioServerParameters(
-            command=spec.command[0], args=spec.command[1:], env=spec.env or None, cwd=spec.cwd
+            command=spec.command[0], args=spec.command[1:], env=self._env or None, cwd=spec.cwd
         )
         return stdio_client(params, errlog=stderr)  # type: ignore[arg-type]
 
@@ -387,8 +454,9 @@ class McpServer:
     the loop's end. A connection the server dropped is replaced at the next call.
     """
 
-    def __init__(self, spec: McpServerSpec) -> None:
+    def __init__(self, spec: McpServerSpec, on_tools_changed: Callable[[], None] | None = None) -> None:
         self.spec = spec
+        self.on_tools_changed = on_tools_changed
         self._clients: weakref.WeakKeyDictionary[asyncio.AbstractEventLoop, McpClient] = (
             weakref.WeakKeyDictionary()
         )
@@ -398,11 +466,13 @@ class McpServer:
         loop = asyncio.get_running_loop()
         client = self._clients.get(loop)
         if client is None or client.closed:
-            client = self._clients[loop] = McpClient(self.spec)
+            client = self._clients[loop] = McpClient(self.spec, self.on_tools_changed)
         return client
 
-    async def call_tool(self, name: str, arguments: dict[str, Any]) -> mcp.types.CallToolResult:
-        return await self.client().call_tool(name, arguments)
+    async def call_tool(
+        self, name: str, arguments: dict[str, Any], meta: dict[str, Any] | None = None
+    ) -> mcp.types.CallToolResult:
+        return await self.client().call_tool(name, arguments, meta)
 
     def tools(self, *names: str, overrides: Mapping[str, ToolOverride] | None = None) -> list[McpTool]:
         """List the server's tools now and build them (all, or those named), connected lazily.
@@ -485,6 +555,11 @@ async def close_servers(tools: Iterable[Tool]) -> None:
     for source in servers.values():
         if isinstance(source, McpServer | McpClient):
             await source.aclose()
+
+
+def _escaped(match: re.Match[str]) -> bool:
+    """`$${NAME}`: a literal `${NAME}`, not a variable."""
+    return match.string[max(0, match.start() - 1) : match.start()] == "$"
 
 
 def _tail(stderr: IO[bytes]) -> str:
