@@ -215,10 +215,17 @@ def test_every_call_is_governed_and_journaled(setup: Setup) -> None:
     log = (setup.folder / "gateway.log").read_text()
     assert "waits for a person" in log and "tether approve tkt_" in log
 
-    runs = json.loads(asyncio.run(setup.tether("runs", "--json")))
-    assert [(r["workflow_name"], r["status"]) for r in runs] == [("mcp-gateway", "completed")]
-    shown = json.loads(asyncio.run(setup.tether("show", runs[0]["run_id"], "--json")))
-    assert shown["chain"]["intact"]
+    # A call that waits for a person keeps its run; the caller's next calls go to a fresh one.
+    runs = sorted(json.loads(asyncio.run(setup.tether("runs", "--json"))), key=lambda r: r["created_at"])
+    assert [(r["workflow_name"], r["status"]) for r in runs] == [("mcp-gateway", "completed")] * 5
+    person = Principal.local().principal_id  # the stdio caller: the local user, who started them all
+    assert {r["started_by"] for r in runs} == {person}
+    shown_runs = [json.loads(asyncio.run(setup.tether("show", r["run_id"], "--json"))) for r in runs]
+    assert all(shown["chain"]["intact"] for shown in shown_runs)
+    shown = {
+        "steps": [s for shown in shown_runs for s in shown["steps"]],
+        "entries": [e for shown in shown_runs for e in shown["entries"]],
+    }
     steps = [
         (
             s["proposal"]["tool"],
@@ -270,7 +277,7 @@ def test_every_call_is_governed_and_journaled(setup: Setup) -> None:
         for e in shown["entries"]
         if e["kind"] == "ticket_decided"
     ]
-    person = Principal.local().principal_id  # what `tether approve` records: the local admin
+    # `tether approve` records the local admin
     assert decided == [("approved", person), ("denied", person), ("denied", "local:mcp-gateway")]
 
 

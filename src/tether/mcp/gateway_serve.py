@@ -99,13 +99,17 @@ async def serve_http(gateway: Gateway, *, host: str, port: int) -> None:
     """Streamable HTTP at /mcp, and the approval routes at /approvals, until a signal."""
     import uvicorn
 
-    server = gateway.server()
-    app = server.streamable_http_app(host=host, custom_starlette_routes=approval_routes(gateway))
-    authenticated = Authenticated(app, gateway)
-    web = uvicorn.Server(uvicorn.Config(authenticated, host=host, port=port, log_level="warning"))
+    web = uvicorn.Server(uvicorn.Config(http_app(gateway, host), host=host, port=port, log_level="warning"))
     _on_signals(lambda: setattr(web, "should_exit", True))
     log.info("MCP at http://%s:%d/mcp; approvals at http://%s:%d/approvals", host, port, host, port)
     await web.serve()
+
+
+def http_app(gateway: Gateway, host: str) -> ASGIApp:
+    """The gateway as an ASGI application: /mcp behind token authentication, /approvals."""
+    server = gateway.server()
+    app = server.streamable_http_app(host=host, custom_starlette_routes=approval_routes(gateway))
+    return Authenticated(app, gateway)
 
 
 class Authenticated:
