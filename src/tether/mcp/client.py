@@ -14,6 +14,7 @@ with one `McpClient` per event loop.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import importlib
 import logging
 import math
@@ -22,7 +23,7 @@ import re
 import tempfile
 import threading
 import weakref
-from collections.abc import Awaitable, Callable, Iterable, Mapping
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterable, Mapping
 from contextlib import AbstractAsyncContextManager
 from dataclasses import dataclass
 from typing import IO, Any, Protocol, TypeVar
@@ -49,7 +50,8 @@ try:
     from mcp.client.stdio import stdio_client
     from mcp.client.streamable_http import streamable_http_client
     from mcp.client.subscriptions import ListenNotSupportedError
-    from mcp.types import CONNECTION_CLOSED
+    from mcp.shared._httpx_utils import create_mcp_http_client
+    from mcp.types import CONNECTION_CLOSED, METHOD_NOT_FOUND
 except ImportError as exc:  # pragma: no cover - depends on the installed extras
     raise ImportError(
         f"MCP tools need the official MCP SDK ({exc}); install it with: pip install 'tether[mcp]'"
@@ -76,6 +78,8 @@ class McpServerSpec(BaseModel):
     command: list[str] | None = None
     url: str | None = None
     env: dict[str, str] = Field(default_factory=dict)
+    # HTTP headers sent to a url server (e.g. `Authorization: Bearer ${TOKEN}`).
+    headers: dict[str, str] = Field(default_factory=dict)
     cwd: str | None = None
     # Seconds one request may take (connecting, listing, a tool call); a hung server
     # becomes a tool_error instead of a run that never moves.
@@ -92,6 +96,8 @@ class McpServerSpec(BaseModel):
                 raise ValueError(f"'url' must be an http:// or https:// endpoint, not {self.url!r}")
             if self.env or self.cwd:
                 raise ValueError("'env' and 'cwd' apply to a command, not to a url")
+        elif self.headers:
+            raise ValueError("'headers' apply to a url, not to a command")
         return self
 
     def where(self) -> str:
@@ -103,15 +109,24 @@ class McpServerSpec(BaseModel):
         environment): a secret stays out of the files that name the server, and out of the
         journal, which records the spec, never the expanded values. `$${NAME}` is a literal
         `${NAME}`. A variable that is not set is refused with `McpError` naming it."""
+        return self._expanded(self.env, "env", environ)
+
+    def header_values(self, environ: Mapping[str, str] | None = None) -> dict[str, str]:
+        """`headers`, with `${NAME}` expanded as in `environment`."""
+        return self._expanded(self.headers, "header", environ)
+
+    def _expanded(
+        self, values: dict[str, str], what: str, environ: Mapping[str, str] | None
+    ) -> dict[str, str]:
         source = os.environ if environ is None else environ
         expanded: dict[str, str] = {}
-        for key, value in self.env.items():
+        for key, value in values.items():
             missing = [
                 m.group(1) for m in _VARIABLE.finditer(value) if m.group(1) not in source and not _escaped(m)
             ]
             if missing:
                 raise McpError(
-                    f"{self.where()}: env {key} names ${{{missing[0]}}}, which is not set in tether's "
+                    f"{self.where()}: {what} {key} names ${{{missing[0]}}}, which is not set in tether's "
                     f"environment; set {missing[0]} (or write $${{{missing[0]}}} for a literal)"
                 )
             expanded[key] = _VARIABLE.sub(
@@ -269,7 +284,7 @@ class McpClient:
     def __init__(self, spec: McpServerSpec, on_tools_changed: Callable[[], None] | None = None) -> None:
         self.spec = spec
         self.on_tools_changed = on_tools_changed
-        self._env: dict[str, str] | None = None
+        self._env: dict[str, str] | None = None  # the expanded env (a command) or headers (a url)
         self._loop: asyncio.AbstractEventLoop | None = None
         self._task: asyncio.Task[None] | None = None
         self._ready: asyncio.Future[None] | None = None
@@ -294,7 +309,8 @@ class McpClient:
         """Connect (once); raise `McpError` naming the server when it cannot be reached."""
         loop = asyncio.get_running_loop()
         if self._task is None:
-            self._env = self.spec.environment() if self.spec.command is not None else None
+            spec = self.spec
+            self._env = spec.environment() if spec.command is not None else spec.header_values()
             send, receive = anyio.create_memory_object_stream[tuple[Any, asyncio.Future[Any]]](math.inf)
             self._loop, self._inbox, self._ready = loop, send, loop.create_future()
             self._task = loop.create_task(self._serve(receive), name=f"mcp:{self.spec.name}")
@@ -408,8 +424,10 @@ class McpClient:
                     async for _ in events:
                         self.on_tools_changed()
             except ListenNotSupportedError:
-                return
+                return  # an earlier protocol: notifications come through `_notified`
             except Exception as exc:  # the stream dropped: the tool list stays as last listed
+                if isinstance(exc, MCPError) and exc.code == METHOD_NOT_FOUND:
+                    return  # the server offers no change events: its tools are as listed
                 _log.warning(
                     "%s: its tool list changes are no longer followed: %s", self.spec.where(), _describe(exc)
                 )
@@ -436,7 +454,7 @@ class McpClient:
     def _transport(self, stderr: IO[bytes]) -> AbstractAsyncContextManager[Any]:
         spec = self.spec
         if spec.url is not None:
-            return streamable_http_client(spec.url)
+            return _http_transport(spec.url, self._env or {})
         assert spec.command is not None
         params = StdioServerParameters(
             command=spec.command[0], args=spec.command[1:], env=self._env or None, cwd=spec.cwd
@@ -555,6 +573,16 @@ async def close_servers(tools: Iterable[Tool]) -> None:
     for source in servers.values():
         if isinstance(source, McpServer | McpClient):
             await source.aclose()
+
+
+@contextlib.asynccontextmanager
+async def _http_transport(url: str, headers: dict[str, str]) -> AsyncIterator[Any]:
+    """Streamable HTTP with the server's headers (its client closed with the connection)."""
+    async with (
+        create_mcp_http_client(headers=headers) as http,
+        streamable_http_client(url, http_client=http) as streams,
+    ):
+        yield streams
 
 
 def _escaped(match: re.Match[str]) -> bool:
