@@ -29,11 +29,14 @@ from mcp.types import CallToolResult, TextContent
 
 from tether.identity import Principal, create_token, revoke_token
 from tether.journal import Journal, open_journal
+from tether.mcp import gateway_lanes
 from tether.mcp.client import McpError, McpServer, McpServerSpec
 from tether.mcp.gateway import Gateway, Upstream
 from tether.mcp.gateway_serve import http_app
 from tether.policy import Policy
 from tether.timeline import timeline
+
+pytest_plugins = ("stores",)  # the db_target fixture: SQLite and PostgreSQL
 
 UPSTREAM = Path(__file__).with_name("gateway_upstream.py")
 SECRET = "AKIA" + "ABCDEFGHIJKLMNOP"  # the shape of an AWS access key id (not a real one)
@@ -316,6 +319,35 @@ def test_an_upstream_tool_list_change_reaches_the_gateways_clients(tmp_path: Pat
                     assert text(await alpha.call_tool("fresh", {})) == "I am fresh"
                     assert "fresh" in {t.name for t in (await modern.list_tools()).tools}
             assert [c["tool"] for c in s.received()] == ["grow"]  # the grown tool records nothing
+
+    asyncio.run(scenario())
+
+
+def test_a_decision_made_by_another_process_wakes_the_waiting_call(
+    db_target: str, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """On PostgreSQL the decision's NOTIFY wakes the call; on SQLite, the bounded poll of the
+    journal (0.2 s). The only other wake-up, the progress tick, is put out of the test's reach:
+    a call that were not woken would wait for the approval timeout, past the test's."""
+    monkeypatch.setattr(gateway_lanes, "PROGRESS_EVERY", 3600.0)
+    monkeypatch.setattr(gateway_lanes, "WATCH_SECONDS", 3600.0)
+    (tmp_path / "alpha.yaml").write_text(ALPHA)
+    upstream = Upstream(McpServerSpec(name="upstream", command=[sys.executable, str(UPSTREAM)]))
+
+    async def scenario() -> None:
+        async with open_journal(db_target) as journal, open_journal(db_target) as elsewhere:
+            policy = Policy.from_file(tmp_path / "alpha.yaml")
+            async with (
+                Gateway([upstream], policy, journal, approval_timeout=3600) as gateway,
+                Client(gateway.server()) as client,
+            ):
+                noted = asyncio.create_task(client.call_tool("note", {"text": "remember"}))
+                pending: list[Any] = []
+                while not pending:
+                    await asyncio.sleep(0.05)
+                    pending = await elsewhere.list_tickets("pending")
+                await elsewhere.decide_ticket(pending[0].ticket_id, approve=True, by=Principal.local())
+                assert text(await asyncio.wait_for(noted, timeout=30)) == "noted"
 
     asyncio.run(scenario())
 
