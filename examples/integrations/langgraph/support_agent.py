@@ -179,6 +179,9 @@ def agent_graph(
     return graph.compile(checkpointer=checkpointer)
 
 
+CONFIG: RunnableConfig = {"configurable": {"thread_id": "customer-42"}}
+
+
 def governed_tools(journal: Journal, shop: Shop) -> GovernedToolNode:
     return GovernedToolNode(
         shop.tools(),
@@ -189,22 +192,34 @@ def governed_tools(journal: Journal, shop: Shop) -> GovernedToolNode:
     )
 
 
-async def session(workdir: Path, graph_input: Any, script: list[BaseMessage] = SCRIPT) -> dict[str, Any]:
-    """One process's share of the thread: everything built afresh, the input run, closed."""
+async def session(
+    workdir: Path,
+    graph_input: Any,
+    script: list[BaseMessage] = SCRIPT,
+    *,
+    saver: type[FileSaver] | None = None,
+    governed: bool = True,
+    config: RunnableConfig | None = None,
+) -> dict[str, Any]:
+    """One process's share of the thread: journal, tools node, model, graph and checkpointer
+    built afresh (the thread's state read back from the checkpointer's file), the input run.
+    `governed=False` runs the same graph with LangGraph's plain ToolNode; `config` names the
+    thread (and, to resume from an earlier checkpoint, the checkpoint)."""
+    config = config or CONFIG
+    shop = Shop(workdir / "ledger.jsonl")
+    checkpointer = (saver or FileSaver)(workdir / "checkpoints.pickle")
+    if not governed:
+        graph = agent_graph(ScriptedChat(responses=script), ToolNode(shop.tools()), checkpointer)
+        return dict(await graph.ainvoke(graph_input, config))
     journal = open_journal(str(workdir / "tether.db"))
     try:
-        async with governed_tools(journal, Shop(workdir / "ledger.jsonl")) as tools:
-            graph = agent_graph(
-                ScriptedChat(responses=script), tools, FileSaver(workdir / "checkpoints.pickle")
-            )
-            result: dict[str, Any] = await graph.ainvoke(graph_input, CONFIG)
-            result["run_id"] = tools.run_id(CONFIG)
+        async with governed_tools(journal, shop) as tools:
+            graph = agent_graph(ScriptedChat(responses=script), tools, checkpointer)
+            result: dict[str, Any] = await graph.ainvoke(graph_input, config)
+            result["run_id"] = tools.run_id(config)
             return result
     finally:
         await journal.aclose()
-
-
-CONFIG: RunnableConfig = {"configurable": {"thread_id": "customer-42"}}
 
 
 def main(workdir: Path) -> str:
