@@ -12,18 +12,26 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
+import pytest
 from langchain_core.messages import AIMessage, HumanMessage, ToolMessage
 from langchain_core.tools import BaseTool, tool
+from langgraph.graph import START, StateGraph
 from langgraph.types import Command
 from typer.testing import CliRunner
 
 from tether.cli import app
+from tether.identity import Principal
+from tether.integrations.langgraph import GovernedToolNode
+from tether.journal import open_journal
 
 EXAMPLE = Path(__file__).resolve().parents[1] / "examples" / "integrations" / "langgraph"
 sys.path.insert(0, str(EXAMPLE))
 
 import support_agent as agent  # noqa: E402  (the example, from its directory)
 
+PERSON = Principal(
+    principal_id="person:ana", name="ana", kind="person", role="approver", approver_for=("supervisor",)
+)
 QUESTION = {"messages": [HumanMessage("Please refund 70 on order A1.")]}
 
 
@@ -55,6 +63,17 @@ def tether(*args: str, db: Path) -> str:
     )
     assert done.returncode == 0, done.stderr
     return " ".join(done.stdout.split())
+
+
+def decide(workdir: Path, ticket_id: str, *, approve: bool, reason: str = "ok") -> None:
+    """A person decides, on a journal connection of their own."""
+
+    async def decided() -> None:
+        journal = open_journal(str(workdir / "tether.db"))
+        await journal.decide_ticket(ticket_id, approve=approve, by=PERSON, reason=reason)
+        await journal.aclose()
+
+    asyncio.run(decided())
 
 
 def graph_of(workdir: Path) -> Any:
@@ -221,3 +240,102 @@ def test_a_crash_during_the_effect_is_in_doubt_with_tether_and_repeated_without(
     assert refunds(governed) == [("A1", 20.0)]
     # A person settles it with tether (`tether resolve`); the run says so meanwhile.
     assert "status effect_in_doubt" in show(resumed["run_id"], governed / "tether.db")
+
+
+# -- a node re-run after an interrupt; what is refused before anything runs --------------------
+
+
+def counting_lookups(shop_tools: Any, seen: list[str]) -> Any:
+    def tools(self: agent.Shop) -> list[BaseTool]:
+        real = {t.name: t for t in shop_tools(self)}
+
+        @tool
+        def lookup_order(order_id: str) -> dict[str, Any]:
+            """Look an order up."""
+            seen.append(order_id)
+            result: dict[str, Any] = real["lookup_order"].invoke({"order_id": order_id})
+            return result
+
+        return [lookup_order, real["refund"], real["delete_order"]]
+
+    return tools
+
+
+def test_calls_made_before_an_interrupt_are_not_run_again_when_the_node_resumes(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    seen: list[str] = []
+    monkeypatch.setattr(agent.Shop, "tools", counting_lookups(agent.Shop.tools, seen))
+    both = AIMessage(
+        content="",
+        tool_calls=[
+            {"name": "lookup_order", "args": {"order_id": "A1"}, "id": "c_read", "type": "tool_call"},
+            {
+                "name": "refund",
+                "args": {"order_id": "A1", "amount": 70.0},
+                "id": "c_refund",
+                "type": "tool_call",
+            },
+        ],
+    )
+    script = [both, AIMessage(content="Done.")]
+    paused = session(tmp_path, QUESTION, script)
+    [asked] = paused["__interrupt__"]
+    assert seen == ["A1"]
+
+    decide(tmp_path, asked.value["ticket_id"], approve=True)
+    done = session(tmp_path, Command(resume=True), script)
+    assert tool_message(done, "c_read").content == '{"total": 80.0, "status": "paid"}'
+    assert tool_message(done, "c_refund").content == "refunded 70.00 on A1"
+    assert seen == ["A1"], "LangGraph re-ran the node; tether returned the recorded read"
+    assert refunds(tmp_path) == [("A1", 70.0)]
+
+
+def test_a_denied_ticket_is_the_tools_error_and_the_thread_goes_on(tmp_path: Path) -> None:
+    paused = session(tmp_path, QUESTION)
+    [asked] = paused["__interrupt__"]
+    decide(tmp_path, asked.value["ticket_id"], approve=False, reason="not without a receipt")
+    done = session(tmp_path, Command(resume="decided"))
+    denied = tool_message(done, "call_refund")
+    assert denied.status == "error" and "approval_denied" in str(denied.content)
+    assert "not without a receipt" in str(denied.content)
+    assert denied.additional_kwargs["tether"] == {"outcome": "refused", "reason_code": "approval_denied"}
+    assert refunds(tmp_path) == []
+
+
+def test_a_synchronous_run_or_a_thread_without_an_id_runs_nothing(tmp_path: Path) -> None:
+    asking = {"messages": [agent.calls("refund", {"order_id": "A1", "amount": 20.0}, "c1")]}
+
+    async def refused() -> None:
+        journal = open_journal(str(tmp_path / "tether.db"))
+        async with agent.governed_tools(journal, agent.Shop(tmp_path / "ledger.jsonl")) as node:
+            graph = StateGraph(agent.State)
+            graph.add_node("tools", node)
+            graph.add_edge(START, "tools")
+            with pytest.raises(ValueError, match=r"needs the thread's id \(config\['configurable'\]"):
+                await graph.compile().ainvoke(asking)
+            with pytest.raises(TypeError, match="async graphs only"):
+                graph.compile(checkpointer=agent.InMemorySaver()).invoke(asking, agent.CONFIG)
+        await journal.aclose()
+
+    asyncio.run(refused())
+    assert refunds(tmp_path) == []
+
+
+def test_declarations_must_name_the_nodes_tools(tmp_path: Path) -> None:
+    journal = open_journal(str(tmp_path / "tether.db"))
+    tools = agent.Shop(tmp_path / "ledger.jsonl").tools()
+    with pytest.raises(ValueError, match="effects names no tool of this node: refnud"):
+        GovernedToolNode(tools, journal=journal, workflow="w", effects={"refnud": "write"})
+    with pytest.raises(ValueError, match="effects must be one of read, write, external"):
+        GovernedToolNode(tools, journal=journal, workflow="w", effects={"refund": "delete"})  # type: ignore[dict-item]
+    journal.close()
+
+
+def test_the_example_runs_offline(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    run_id = agent.main(tmp_path)
+    printed = capsys.readouterr().out
+    assert "refused (policy_denied)" in printed and "tether approve tkt_" in printed
+    assert "agent: Order A1 was refunded 70.00." in printed
+    assert refunds(tmp_path) == [("A1", 70.0)]
+    assert "status running" in show(run_id, tmp_path / "tether.db")
