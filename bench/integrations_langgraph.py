@@ -10,7 +10,10 @@ Governed: the node is `GovernedToolNode` over a fresh journal file, so each call
 governed step of the thread's one tether run (scope, arguments, policy, execution,
 verification, the step and its exchange recorded and committed).
 
-Measured interleaved: bare, governed, bare, governed ... (--repeat, default 5), each batch
+For reference, the same read as a tether tool taken by `tether.external.GovernedCalls` with no
+LangGraph at all: the governed step's own share of the overhead.
+
+Measured interleaved: bare, core, governed, bare, core, governed ... (--repeat, default 5), each batch
 --calls invocations after a warm-up; the overhead of a repetition is governed − bare µs per
 call, and the table shows medians with the lowest and highest in brackets. No timing is
 asserted anywhere: this is a report. Goal (issue 15): under 1 ms per call.
@@ -34,6 +37,8 @@ from langgraph.graph import START, StateGraph
 from langgraph.graph.message import add_messages
 from langgraph.prebuilt import ToolNode
 
+from tether import tool as tether_tool
+from tether.external import GovernedCalls
 from tether.integrations.langgraph import GovernedToolNode
 from tether.journal import open_journal
 
@@ -71,12 +76,36 @@ async def per_call(graph: Any, calls: int, prefix: str) -> float:
     return (time.perf_counter() - start) / calls
 
 
-async def measure(tmp: Path, calls: int, repeat: int) -> tuple[list[float], list[float]]:
+@tether_tool(effect="read")
+def tether_lookup(order_id: str) -> dict[str, Any]:
+    """Look an order up."""
+    return {"order_id": order_id, "total": 80.0, "status": "paid"}
+
+
+async def core_per_call(journal_path: Path, calls: int) -> float:
+    """Seconds per call of tether.external alone (no LangGraph): the governed step's share."""
+    journal = open_journal(str(journal_path))
+    try:
+        async with GovernedCalls(journal, [tether_lookup], name="bench", source="bench") as governed:
+            for i in range(20):
+                await governed.call("bench", "tether_lookup", {"order_id": "A1"}, call_id=f"warm-{i}")
+            start = time.perf_counter()
+            for i in range(calls):
+                outcome = await governed.call("bench", "tether_lookup", {"order_id": "A1"}, call_id=f"c{i}")
+                assert outcome.executed, outcome
+            return (time.perf_counter() - start) / calls
+    finally:
+        await journal.aclose()
+
+
+async def measure(tmp: Path, calls: int, repeat: int) -> tuple[list[float], list[float], list[float]]:
     bare_graph = one_node(ToolNode(TOOLS))
     bare: list[float] = []
     governed: list[float] = []
+    core: list[float] = []
     for rep in range(repeat):
         bare.append(await per_call(bare_graph, calls, f"b{rep}-"))
+        core.append(await core_per_call(tmp / f"core-{rep}.db", calls))
         journal = open_journal(str(tmp / f"journal-{rep}.db"))  # tether's default durability
         try:
             async with GovernedToolNode(
@@ -87,7 +116,7 @@ async def measure(tmp: Path, calls: int, repeat: int) -> tuple[list[float], list
                 governed.append(await per_call(graph, calls, f"g{rep}-"))
         finally:
             await journal.aclose()
-    return bare, governed
+    return bare, governed, core
 
 
 def main() -> None:
@@ -99,7 +128,7 @@ def main() -> None:
         tmp = Path(folder)
         print(describe_machine(tmp, ["langgraph", "langchain-core"]))
         asyncio.run(per_call(one_node(ToolNode(TOOLS)), 50, "warm-"))  # imports, first compile
-        bare, governed = asyncio.run(measure(tmp, args.calls, args.repeat))
+        bare, governed, core = asyncio.run(measure(tmp, args.calls, args.repeat))
     overhead = Spread.of([(g - b) * 1e6 for b, g in zip(bare, governed, strict=True)])
     print(
         f"\nLangGraph tool calls, one read tool, {args.calls} calls x {args.repeat} interleaved repetitions\n"
@@ -107,7 +136,9 @@ def main() -> None:
     print("| node | µs per call |\n|---|---|")
     print(f"| ToolNode (bare LangGraph) | {Spread.of([b * 1e6 for b in bare]).show()} |")
     print(f"| GovernedToolNode (tether, SQLite journal) | {Spread.of([g * 1e6 for g in governed]).show()} |")
-    print(f"| overhead per call | {overhead.show()} |")
+    print(f"| overhead per call (governed − bare) | {overhead.show()} |")
+    alone = Spread.of([c * 1e6 for c in core]).show()
+    print(f"| for reference: tether.external alone (GovernedCalls.call) | {alone} |")
     print("\n| goal (issue 15) | figure | met? |\n|---|---|---|")
     figure = f"{overhead.median / 1000:.2f} ms per read call"
     print(goal_line("LangGraph integration under 1 ms per call", figure, overhead.median / 1000 < GOAL_MS))
