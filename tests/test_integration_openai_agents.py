@@ -8,6 +8,7 @@ process (`python -m tether approve`), and `python -m tether show` reads the run.
 
 from __future__ import annotations
 
+import importlib.util
 import json
 import subprocess
 import sys
@@ -363,3 +364,24 @@ def test_tools_tether_cannot_govern_as_they_are_are_refused_at_wrapping(tmp_path
     with pytest.raises(ValueError, match="effects names no tool of the agent: refnud"):
         GovernedTools(journal, Shop().tools, name="t", effects={"refnud": "write"})
     journal.close()
+
+
+def test_the_example_runs_offline(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    path = ROOT / "examples" / "integrations" / "openai_agents" / "support_agent.py"
+    spec = importlib.util.spec_from_file_location("support_agent", path)
+    assert spec is not None and spec.loader is not None
+    example = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(example)
+    db = str(tmp_path / "shop.db")
+    ticket = run(example.start(db))
+    assert "refused (policy_denied): orders are kept for the accounts" in capsys.readouterr().out
+    assert run(example.resume(db)) is None  # undecided: nothing runs
+    journal = open_journal(db)
+    run(journal.decide_ticket(ticket, approve=True, by=PERSON, reason="ok"))
+    journal.close()
+    assert run(example.resume(db)) == "I refunded 70.00 on order A1."
+    assert "refunds in the shop: [('A1', 70.0)]" in capsys.readouterr().out
+    journal = open_journal(db)
+    (record,) = run(journal.list_runs())
+    journal.close()
+    assert record.status == "completed"
