@@ -215,7 +215,7 @@ def test_allowed_denied_and_asked_then_approved_elsewhere_runs_once(tmp_path: Pa
 
 
 def asked(db: Path, shop: Shop) -> tuple[dict[str, Any], str]:
-    """A conversation paused on a refund of 70: its saved state and the ticket."""
+    """A conversation paused on a refund of 70 (a streamed run): its saved state and the ticket."""
 
     async def go() -> tuple[dict[str, Any], str]:
         journal = open_journal(str(db))
@@ -223,7 +223,10 @@ def asked(db: Path, shop: Shop) -> tuple[dict[str, Any], str]:
             support = agent(
                 governed, [[function_call("refund", {"order_id": "A1", "amount": 70.0}, call_id="c1")]]
             )
-            result = await Runner.run(support, "refund A1", context=CONTEXT, run_config=NO_TRACES)
+            # Streamed, this time: the SDK pauses a streamed run the same way.
+            result = Runner.run_streamed(support, "refund A1", context=CONTEXT, run_config=NO_TRACES)
+            async for _ in result.stream_events():
+                pass
             (pending,) = await governed.pending(result)
         await journal.aclose()
         return result.to_state().to_json(), pending.ticket_id
