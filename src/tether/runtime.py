@@ -300,12 +300,15 @@ class Runtime:
         await self._checkpoint(result)
         return result
 
-    async def _check(self, record: RunRecord, doing: str) -> None:
+    async def _check(self, record: RunRecord, doing: str, *, whole: bool = False) -> list[Entry]:
         """Before acting on a run: its rows agree with its chain (tether.journal.integrity),
-        and with a key, its chain still holds the head it was last signed at (tether.audit)."""
-        await integrity.check_run(self.journal, record, doing=doing)
+        and with a key, its chain still holds the head it was last signed at (tether.audit).
+        Returns the entries checked: from the current visit's opening on, or (`whole`, for
+        what acts on every entry) all of them."""
+        entries = await integrity.check_run(self.journal, record, doing=doing, whole=whole)
         if self.auditor is not None:
             await self.auditor.check_anchor(self.journal, record.run_id, doing=doing)
+        return entries
 
     async def _checkpoint(self, result: RunResult) -> None:
         """Sign the run's head when it stopped (paused, finished, escalated, handed off)."""
@@ -333,13 +336,16 @@ class Runtime:
         return await self.journal.acquire(run_id, self.worker_id, lease_seconds=self.lease_seconds)
 
     async def _resume(self, record: RunRecord, workflow: Workflow, model: Model | None) -> RunResult:
-        # The row is a cache of the chain: what it says is checked before anything is acted on.
-        await self._check(record, f"resume run {record.run_id}")
+        # The row is a cache of the chain: what it says is checked before anything is acted on
+        # (every entry, when the policy reads the run's whole history or provenance).
+        policy = workflow.policy or Policy.default()
+        whole = policy.uses("history") or policy.uses_provenance
+        checked = await self._check(record, f"resume run {record.run_id}", whole=whole)
         _check_resumable(record, workflow)
         cursor = self._cursor(record, workflow)
         if record.status == "queued":
             cursor.record.status = "running"
-        visit = await cursor.load()
+        visit = await cursor.load(checked)
         state = workflow.states[record.state]
         doubt = _intent_without_result(visit)
         if doubt is not None and isinstance(state, AgentState):
@@ -370,7 +376,8 @@ class Runtime:
         run is driven on from there, as `resume` would."""
         record = await self._acquire(run_id)
         try:
-            await self._check(record, f"pick up run {run_id}")
+            # Reading the relied-on values again reads the run's results: the whole chain.
+            await self._check(record, f"pick up run {run_id}", whole=True)
             if record.status != "handed_off":
                 raise RunStateError(f"run {run_id} is {record.status}, not handed off: nothing to pick up")
             _check_pinned(record, workflow)
@@ -698,12 +705,13 @@ class Runtime:
                 message=message,
             )
             return
-        done = b.StepDone(next=nxt.to, update=nxt.update, facts=nxt.facts)
+        facts = {**cursor.record.facts, **nxt.facts} if nxt.facts else None
+        done = b.StepDone(next=nxt.to, update=nxt.update, facts=nxt.facts, carried=cursor.carried(facts))
         cursor.enter(nxt.to, entries_in_commit=1)
         await cursor.commit(
             [NewEntry.of(done, step_id=step_id, state=state.name)],
             data={**cursor.record.data, **nxt.update} if nxt.update else None,
-            facts={**cursor.record.facts, **nxt.facts} if nxt.facts else None,
+            facts=facts,
             buffer=not state.checkpoint,
         )
 

@@ -451,6 +451,7 @@ class GovernedStep:
             ticket_id=ticket[0] if ticket else None,
             args_hash=ticket[1] if ticket else None,
             continuation=ticket is not None,
+            carried=cursor.carried(),
         )
         data = {**cursor.record.data, **proposal.update} if proposal.update else None
         before = cursor.position()
