@@ -237,6 +237,30 @@ def history_from(entries: Sequence[Entry]) -> list[dict[str, Any]]:
 
 
 class RunCursor:
+    # One per run being driven, alive while it waits on its model: no per-instance dict.
+    __slots__ = (
+        "_buffered",
+        "_dirty",
+        "_evaluation",
+        "_exchanges",
+        "_run_seen",
+        "_since",
+        "checkpoint",
+        "clock",
+        "history",
+        "journal",
+        "lease",
+        "observer",
+        "on_commit",
+        "policy",
+        "record",
+        "redactor",
+        "released",
+        "seen",
+        "transcript",
+        "workflow",
+    )
+
     def __init__(
         self,
         record: RunRecord,
