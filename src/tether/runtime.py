@@ -341,9 +341,7 @@ class Runtime:
     async def _resume(self, record: RunRecord, workflow: Workflow, model: Model | None) -> RunResult:
         # The row is a cache of the chain: what it says is checked before anything is acted on
         # (every entry, when the policy reads the run's whole history or provenance).
-        policy = workflow.policy or Policy.default()
-        whole = policy.uses("history") or policy.uses_provenance
-        checked = await self._check(record, f"resume run {record.run_id}", whole=whole)
+        checked = await self._check(record, f"resume run {record.run_id}", whole=_reads_all(workflow))
         _check_resumable(record, workflow)
         cursor = self._cursor(record, workflow)
         if record.status == "queued":
@@ -757,6 +755,44 @@ class Runtime:
             self._quarantined.add(run_id)
         return RunResult.of(await self.journal.get_run(run_id))
 
+    # -- runs whose proposals come from outside (tether.external) -------------------------------
+
+    async def hold(
+        self, run_id: str, workflow: Workflow, *, claimed: RunRecord | None = None
+    ) -> tuple[RunCursor, Entry | None]:
+        """Lease and load a run to take proposals made outside tether (an agent framework's
+        tool calls; tether.external): checked like a resume, its lease renewed with the runs
+        this runtime drives until `let_go`. Also returns the visit's intent without a result,
+        if a process died while that effect was under way."""
+        record = claimed if claimed is not None else await self._acquire(run_id)
+        try:
+            checked = await self._check(record, f"take a call on run {run_id}", whole=_reads_all(workflow))
+            _check_resumable(record, workflow)
+            cursor = self._cursor(record, workflow)
+            if record.status == "queued":
+                cursor.record.status = "running"
+            doubt = _intent_without_result(await cursor.load(checked))
+        except BaseException:
+            await self._release(run_id)
+            raise
+        self._driving[run_id] = cursor
+        if self._heartbeat is None or self._heartbeat.done():
+            self._heartbeat = asyncio.create_task(self._renew_leases())
+        return cursor, doubt
+
+    async def finish(self, cursor: RunCursor) -> RunResult:
+        """Drive a held run that left its agent state on to where it stops (its deterministic
+        steps, its end); it needs no model."""
+        return await self._drive(cursor, None)
+
+    async def let_go(self, run_id: str) -> None:
+        """Stop holding a run taken with `hold`: its lease is given back (unless a step that
+        stopped it already did) and, with an auditor, its head is signed if it stopped."""
+        cursor = self._driving.pop(run_id, None)
+        await self._release(run_id)
+        if cursor is not None:
+            await self._checkpoint(RunResult.of(cursor.record))
+
 
 def _checked_input(input: dict[str, Any] | None, workflow: Workflow) -> dict[str, Any]:
     """A run's input: a JSON object within the workflow's limits, or an InputError."""
@@ -780,6 +816,13 @@ def _check_next(nxt: Any, state: Step) -> None:
         problem = json_value_problem(value)
         if problem is not None:
             raise ValueError(f"step's {name} is not recordable: {problem.replace('output', name)}")
+
+
+def _reads_all(workflow: Workflow) -> bool:
+    """Whether driving the run reads every entry it has (the policy reads `history` or
+    traces provenance): then the check before acting reads and checks every one too."""
+    policy = workflow.policy or Policy.default()
+    return policy.uses("history") or policy.uses_provenance
 
 
 def _check_resumable(record: RunRecord, workflow: Workflow) -> None:

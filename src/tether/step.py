@@ -35,7 +35,7 @@ from tether.errors import TicketError, TicketExpired
 from tether.hashing import encode_json, value_hash
 from tether.journal import Entry, ModelExchange, NewEntry, Ticket
 from tether.journal import bodies as b
-from tether.models.protocol import BudgetLeft, Model, ModelCallError, ModelContext, ModelReply
+from tether.models.protocol import BudgetLeft, Exchange, Model, ModelCallError, ModelContext, ModelReply
 from tether.observe import NO_OBSERVER, NO_SPAN, ObservedSpan
 from tether.proposals import (
     Exit,
@@ -187,9 +187,16 @@ class GovernedStep:
             ),
         )
 
+    async def take_external(self, source: str, proposal: dict[str, Any], request: Any) -> None:
+        """A proposal made outside tether (an agent framework's tool call, tether.external):
+        kept as the step's exchange (what replay re-decides from), then taken like a model's."""
+        reply = ModelReply.model_construct(output=proposal, exchange=Exchange(request=request))
+        self.cursor.record_exchange(self._exchange(source, time.monotonic(), reply=reply))
+        await self.take(proposal)
+
     def _exchange(
         self,
-        model: Model,
+        model: Model | str,
         started: float,
         *,
         reply: ModelReply | None = None,
@@ -216,7 +223,7 @@ class GovernedStep:
             seq=self.cursor.next_exchange_seq(),
             step_id=self.step_id,
             state=self.state.name,
-            model=model.name,
+            model=model if isinstance(model, str) else model.name,
             created_at=time.time(),
             seconds=round(time.monotonic() - started, 4),
             output=recordable(reply.output, self.limits) if reply is not None else None,
