@@ -3,7 +3,7 @@
 The real SDK (openai-agents 0.24.0) drives the agent; its own `ScriptedModel` stands in for the
 model's choices. A "restart" is a fresh journal connection, fresh GovernedTools and a fresh
 Agent that resumes from the RunState serialized to disk; the person approves in another
-process (`python -m tether approve`), and `python -m tether show` reads the run.
+process (`python -m tether approve`), and `tether show` (the CLI, in this process) reads the run.
 """
 
 from __future__ import annotations
@@ -21,9 +21,11 @@ from agents import Agent, FunctionTool, RunConfig, Runner, RunResult, RunState, 
 from agents._tool_invocation import tool_invocation_identity_and_scope
 from agents.testing import ScriptedModel, assistant_message, function_call
 from agents.tool_guardrails import ToolGuardrailFunctionOutput, tool_input_guardrail
+from typer.testing import CliRunner
 
 from conftest import run, step_rows
 from tether import Policy
+from tether.cli import app
 from tether.identity import Principal
 from tether.integrations.openai_agents import ConversationKeyError, GovernedTools, idempotency_key
 from tether.journal import Journal, open_journal
@@ -199,7 +201,7 @@ def test_allowed_denied_and_asked_then_approved_elsewhere_runs_once(tmp_path: Pa
     ]
     assert shop.keys == [f"{run_id}:s3"]  # the tool got tether's idempotency key for the step
 
-    shown = cli("show", run_id, "--db", str(db))
+    shown = CliRunner().invoke(app, ["show", run_id, "--db", str(db)], env={"NO_COLOR": "1"}).output
     for line in (
         'read_order(order_id="A1")',
         "deny by no-deletes",
