@@ -202,6 +202,14 @@ class GovernedCalls:
             finally:
                 await self._let_go(run_id)
 
+    async def release(self, conversation: str) -> None:
+        """Let go of the conversation's run, if this object holds it (its lease is given back),
+        once no call of it is under way: another process may take its next call at once. A
+        framework's run over, its adapter releases the conversation; the next call holds it again."""
+        run_id = self.run_id_for(conversation)
+        async with self._locks.setdefault(run_id, asyncio.Lock()):
+            await self._let_go(run_id)
+
     async def aclose(self) -> None:
         for run_id in list(self._held):
             await self._let_go(run_id)
