@@ -153,8 +153,7 @@ class GovernedCalls:
         await self.aclose()
 
     def run_id_for(self, conversation: str) -> str:
-        digest = hashlib.sha256(f"{self.workflow.name}\x00{conversation}".encode()).hexdigest()
-        return f"run_{digest[:20]}"
+        return conversation_run_id(self.workflow.name, conversation)
 
     def tool(self, name: str) -> Tool | None:
         return self.state.tool(name)
@@ -343,6 +342,12 @@ class GovernedCalls:
             return found.validate(dict(args)).hash
         except ArgumentError:
             return None
+
+
+def conversation_run_id(name: str, conversation: str) -> str:
+    """The id of the run that takes the tool calls of `conversation` for workflow `name`."""
+    digest = hashlib.sha256(f"{name}\x00{conversation}".encode()).hexdigest()
+    return f"run_{digest[:20]}"
 
 
 def _last_seen(cursor: RunCursor, step_id: str) -> Mapping[str, Any] | None:
