@@ -216,6 +216,8 @@ def test_the_capability_governs_every_tool_of_the_agent(tmp_path: Path) -> None:
                 output_type=[str, DeferredToolRequests],
             )
             result = await agent.run("delete order A1; read order B2", conversation_id="ticket-4711")
+            # The agent run over, its tether run is let go: another process can take the next turn.
+            assert (await journal.get_run(governed.run_id_for("ticket-4711"))).lease_owner is None
             ended = await governed.end("ticket-4711", "answered")
         await journal.aclose()
         return result.output, ended.outcome
