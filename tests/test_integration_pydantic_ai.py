@@ -291,3 +291,29 @@ def test_a_declaration_for_a_tool_the_agent_lacks_is_refused(tmp_path: Path) -> 
 
     with pytest.raises(ValueError, match=r"declared for tool\(s\) refnud, which the agent does not have"):
         run(go())
+
+
+def test_a_conversation_continued_with_other_tools_is_stopped_not_run(tmp_path: Path) -> None:
+    shop = example.Shop(tmp_path / "shop.json")
+
+    async def go() -> str:
+        journal = open_journal(str(tmp_path / "tether.db"))
+        async with example.governance(journal, shop) as governed:
+            agent = example.build_agent(governed, shop)
+            first = await agent.run("read order A1", conversation_id="c-1")
+            assert isinstance(first.output, str) and "read_order: success" in first.output
+        fewer = shop.toolset().filtered(lambda ctx, tool: tool.name != "delete_order")
+        reads = Policy.from_dict(
+            {"rules": [{"id": "reads-ok", "tool": "read_order", "decision": "allow"}]}, "p"
+        )
+        async with Governance(journal, name="support-agent", policy=reads) as other:
+            agent = Agent(FunctionModel(example.support_model), toolsets=[other.wrap(fewer)])
+            second = await agent.run("refund 5 on order A1", conversation_id="c-1")
+        await journal.aclose()
+        return second.output
+
+    output = run(go())
+    assert output.startswith("read_order: failed:")
+    assert "stopped (stopped): the conversation's run is stopped" in output
+    assert "pinned to support-agent 1" in output and "load the version the run started on" in output
+    assert shop.load()["refunds"] == []

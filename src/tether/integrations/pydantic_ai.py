@@ -36,8 +36,9 @@ one), so a conversation resumed from its message history, in another process, co
 same tether run; `conversation=` derives the key another way (from the app's deps, say). The
 tools' effects are what the app declares here (an undeclared tool counts as `external`, the
 most restrictive), never what the framework or the model says. A conversation's tool set is
-pinned with its run: the same conversation continued with other tools (or another policy) is
-refused, as a run resumed on another workflow version is.
+pinned with its run: the same conversation continued with other tools (or another policy)
+takes no call (each is told `stopped`, naming the version the run is pinned to), as a run
+resumed on another workflow version is refused.
 """
 
 from __future__ import annotations
