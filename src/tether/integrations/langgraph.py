@@ -90,7 +90,7 @@ class GovernedToolNode(ToolNode):
     workflow (and so the runs in `tether runs`); `policy` decides each call (default: tether's
     default policy). Each tool's effect is declared by name in `effects` (`read`, `write`,
     `external`; an undeclared tool counts as `external`), `idempotent` names the tools safe to
-    run again, `verifiers` gives a tether verifier per tool name. `by` is the principal the
+    run again, `verify` gives a tether verifier per tool name. `by` is the principal the
     runs start as. Close with `aclose` (or `async with`): the runs held between calls are
     let go. Create it inside the event loop that runs the graph.
     """
@@ -104,7 +104,7 @@ class GovernedToolNode(ToolNode):
         policy: Policy | None = None,
         effects: Mapping[str, Effect] | None = None,
         idempotent: Collection[str] = (),
-        verifiers: Mapping[str, Verifier] | None = None,
+        verify: Mapping[str, Verifier] | None = None,
         budget: Budget | None = None,
         escalate_to: str = "operator",
         by: Principal | None = None,
@@ -121,10 +121,10 @@ class GovernedToolNode(ToolNode):
             wrap_tool_call=_synchronous_run,
             awrap_tool_call=self._governed,
         )
-        effects, verifiers = dict(effects or {}), dict(verifiers or {})
-        _check_names(self.tools_by_name, effects=effects, idempotent=idempotent, verifiers=verifiers)
+        effects, verify = dict(effects or {}), dict(verify or {})
+        _check_names(self.tools_by_name, effects=effects, idempotent=idempotent, verify=verify)
         governed = [
-            _tether_tool(tool, effects.get(tool.name), tool.name in idempotent, verifiers.get(tool.name))
+            _tether_tool(tool, effects.get(tool.name), tool.name in idempotent, verify.get(tool.name))
             for tool in self.tools_by_name.values()
         ]
         self.by = by
@@ -223,9 +223,9 @@ def _check_names(
     *,
     effects: Mapping[str, Effect],
     idempotent: Collection[str],
-    verifiers: Mapping[str, Verifier],
+    verify: Mapping[str, Verifier],
 ) -> None:
-    for what, names in (("effects", effects), ("idempotent", idempotent), ("verifiers", verifiers)):
+    for what, names in (("effects", effects), ("idempotent", idempotent), ("verify", verify)):
         unknown = sorted(set(names) - set(tools))
         if unknown:
             raise ValueError(
