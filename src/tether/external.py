@@ -50,6 +50,8 @@ from tether.workflow import AgentState, Terminal, Workflow
 STATE = "agent"
 # A conversation is long and may repeat itself (the same read again): the limits are there
 # only because a budget must have some. Pass a Budget to bound it.
+# A call id longer than this is kept as its hash (it still names the call; it costs nothing).
+MAX_CALL_ID = 200
 OPEN_BUDGET = Budget(max_steps=10**9, max_tool_calls=10**9, max_seconds=1e9, max_repeats=10**9)
 
 
@@ -171,6 +173,8 @@ class GovernedCalls:
         `call_id` is the framework's id for the call; `by` who starts the conversation's run,
         if this call starts it (what `forbid_self_approval` compares approvers with)."""
         run_id = self.run_id_for(conversation)
+        if call_id is not None and len(call_id) > MAX_CALL_ID:  # a framework's, maybe a model's
+            call_id = "sha256:" + hashlib.sha256(call_id.encode()).hexdigest()
         async with self._locks.setdefault(run_id, asyncio.Lock()):
             held = await self._hold(run_id, by)
             if isinstance(held, CallOutcome):
@@ -194,7 +198,7 @@ class GovernedCalls:
                 step = GovernedStep(held, self.state)
                 with step.observed("external"):
                     proposal = {"kind": "exit", "exit": "end", "summary": summary}
-                    await step.take_external(self.source, proposal, {"end": True})
+                    await step.take_external(self.source, proposal, None)
                 if held.record.status == "running" and held.record.state != STATE:
                     await self.runtime.finish(held)
                 return CallOutcome(outcome=held.record.status, run_id=run_id, step_id=step.step_id)
@@ -289,9 +293,8 @@ class GovernedCalls:
                 return _waiting(cursor, f"take {tool}")
             return await self._decided(cursor, tool, args)
         step = GovernedStep(cursor, self.state)
-        request = {"call_id": call_id} if call_id else {}
         with step.observed("external"):
-            await step.take_external(self.source, {"kind": "tool_call", "tool": tool, "args": args}, request)
+            await step.take_external(self.source, {"kind": "tool_call", "tool": tool, "args": args}, call_id)
         if call_id:
             self._call_steps[run_id][call_id] = step.step_id
         seen = _last_seen(cursor, step.step_id)
@@ -352,7 +355,9 @@ def conversation_run_id(name: str, conversation: str) -> str:
 
 def _last_seen(cursor: RunCursor, step_id: str) -> Mapping[str, Any] | None:
     """The last observation the transcript holds of a step (a continuation's, if any)."""
-    for message in reversed(cursor.transcript):
+    transcript = cursor.transcript
+    for i in range(len(transcript) - 1, -1, -1):
+        message = transcript[i]
         content = message.content
         if message.role != "proposal" and isinstance(content, dict) and content.get("step_id") == step_id:
             return content

@@ -35,7 +35,7 @@ from tether.errors import TicketError, TicketExpired
 from tether.hashing import encode_json, value_hash
 from tether.journal import Entry, ModelExchange, NewEntry, Ticket
 from tether.journal import bodies as b
-from tether.models.protocol import BudgetLeft, Exchange, Model, ModelCallError, ModelContext, ModelReply
+from tether.models.protocol import BudgetLeft, Model, ModelCallError, ModelContext, ModelReply
 from tether.observe import NO_OBSERVER, NO_SPAN, ObservedSpan
 from tether.proposals import (
     Exit,
@@ -187,16 +187,35 @@ class GovernedStep:
             ),
         )
 
-    async def take_external(self, source: str, proposal: dict[str, Any], request: Any) -> None:
-        """A proposal made outside tether (an agent framework's tool call, tether.external):
-        kept as the step's exchange (what replay re-decides from), then taken like a model's."""
-        reply = ModelReply.model_construct(output=proposal, exchange=Exchange(request=request))
-        self.cursor.record_exchange(self._exchange(source, time.monotonic(), reply=reply))
+    async def take_external(self, source: str, proposal: dict[str, Any], call_id: str | None) -> None:
+        """A proposal made outside tether (an agent framework's tool call, tether.external),
+        taken like a model's. The framework's id for the call is kept as the step's exchange
+        (what `tether exchanges` lists, and how a call presented again is recognised); the
+        proposal itself is in the step's entry already, so the exchange does not repeat it."""
+        if call_id is not None:
+            cursor = self.cursor
+            exchange = ModelExchange.model_construct(
+                run_id=cursor.run_id,
+                seq=cursor.next_exchange_seq(),
+                step_id=self.step_id,
+                state=self.state.name,
+                model=source,
+                created_at=time.time(),
+                seconds=0.0,
+                output=None,
+                usage={},
+                error=None,
+                reason_code=None,
+                request={"call_id": call_id},
+                response=None,
+                attempts=[],
+            )
+            cursor.record_exchange(exchange)
         await self.take(proposal)
 
     def _exchange(
         self,
-        model: Model | str,
+        model: Model,
         started: float,
         *,
         reply: ModelReply | None = None,
@@ -223,7 +242,7 @@ class GovernedStep:
             seq=self.cursor.next_exchange_seq(),
             step_id=self.step_id,
             state=self.state.name,
-            model=model if isinstance(model, str) else model.name,
+            model=model.name,
             created_at=time.time(),
             seconds=round(time.monotonic() - started, 4),
             output=recordable(reply.output, self.limits) if reply is not None else None,
