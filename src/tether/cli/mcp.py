@@ -26,14 +26,25 @@ class Transport(StrEnum):
 @app.command("mcp-gateway")
 def mcp_gateway(
     upstream: Annotated[
-        list[str],
+        list[str] | None,
         typer.Option(
             "--upstream",
             help="An upstream MCP server: its command line (one string, split like a shell) or its "
             "http(s) URL; NAME=… prefixes its tools with NAME_. Repeat for several.",
         ),
-    ],
-    policy: Annotated[Path, typer.Option("--policy", help="The policy every call is decided by.")],
+    ] = None,
+    policy: Annotated[
+        Path | None, typer.Option("--policy", help="The policy every call is decided by.")
+    ] = None,
+    config: Annotated[
+        Path | None,
+        typer.Option(
+            "--config",
+            help="A gateway configuration file (YAML): upstreams, their tools' effects, verifiers and "
+            "facts, the policy and its resolvers over the upstreams' read tools. Instead of "
+            "--upstream and --policy.",
+        ),
+    ] = None,
     db: DbOption = None,
     approval_timeout: Annotated[
         float,
@@ -59,13 +70,27 @@ def mcp_gateway(
     On stdio, stdout carries the protocol only; logs go to stderr.
     """
     try:
-        from tether.mcp.gateway import Gateway, parse_upstreams, serve_http, serve_stdio
+        from tether.mcp.gateway import Gateway, config_upstreams, parse_upstreams, serve_http, serve_stdio
+        from tether.mcp.gateway_config import GatewayConfig, load_config
     except ImportError as exc:
         fail(str(exc))
     _log_to_stderr()
+    configured: GatewayConfig | None = None
     try:
-        upstreams = parse_upstreams(upstream)
-        governing = Policy.from_file(policy)
+        if config is not None:
+            if upstream or policy is not None:
+                fail("give either --config FILE or --upstream and --policy, not both")
+            configured = load_config(config)
+            upstreams, governing, policy_ref = (
+                config_upstreams(configured),
+                configured.policy,
+                configured.policy_ref,
+            )
+        else:
+            if policy is None:
+                fail("give --policy FILE (and --upstream), or --config FILE")
+            upstreams = parse_upstreams(upstream or [])
+            governing, policy_ref = Policy.from_file(policy), str(policy.resolve())
     except TetherError as exc:
         fail_with(exc)
     token = approval_token or secrets.token_urlsafe(24)
@@ -76,9 +101,10 @@ def mcp_gateway(
                 upstreams,
                 governing,
                 journal,
-                policy_ref=str(policy.resolve()),
+                policy_ref=policy_ref,
                 approval_timeout=approval_timeout,
                 db_hint=db_hint(db),
+                config=configured,
             )
             async with gateway:
                 if transport is Transport.http:

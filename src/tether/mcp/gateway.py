@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import functools
 import itertools
 import logging
 import math
@@ -46,7 +47,8 @@ from tether.errors import PolicyFileError, TetherError, TicketError
 from tether.identity import Principal
 from tether.journal import Journal, Ticket
 from tether.journal.common import SELF_DRIVEN
-from tether.mcp.client import McpError, McpServer, McpServerSpec, McpTool, McpToolError
+from tether.mcp.client import McpClient, McpError, McpServer, McpServerSpec, McpTool, McpToolError
+from tether.mcp.gateway_config import GatewayConfig, ToolConfig
 from tether.models.protocol import Exchange, ModelContext, ModelReply
 from tether.policy import Policy
 from tether.runtime import Runtime
@@ -88,10 +90,13 @@ class GatewayError(TetherError):
 
 @dataclass(frozen=True)
 class Upstream:
-    """One upstream server; `prefix` (its name, when given as NAME=CMD) prefixes its tools."""
+    """One upstream server; `prefix` (its name, when given as NAME=CMD) prefixes its tools;
+    `tools` is what a configuration file says about its tools (by the upstream's names)."""
 
     spec: McpServerSpec
     prefix: str | None = None
+    key: str = ""
+    tools: dict[str, ToolConfig] = field(default_factory=dict)
 
     def describe(self) -> dict[str, Any]:
         return {
@@ -135,6 +140,21 @@ def parse_upstreams(values: Sequence[str]) -> list[Upstream]:
     return upstreams
 
 
+def config_upstreams(config: GatewayConfig) -> list[Upstream]:
+    """The upstreams a configuration file declares."""
+    return [
+        Upstream(
+            McpServerSpec(
+                name=u.name, command=u.command, url=u.url, env=u.env, cwd=u.cwd, timeout=u.timeout
+            ),
+            prefix=u.key if u.prefix else None,
+            key=u.key,
+            tools=u.tools,
+        )
+        for u in config.upstreams
+    ]
+
+
 def _tools_only(policy: Policy) -> Policy:
     """The gateway's exits are its own (the session ends, the visit rotates): a policy
     that governs exits is refused rather than left to block them."""
@@ -157,7 +177,12 @@ class _GatewayPolicy(Policy):
     the ticket on the record carries the deadline the gateway keeps."""
 
     def __init__(self, policy: Policy, approval_timeout: float) -> None:
-        super().__init__(policy.document, policy.source)
+        super().__init__(
+            policy.document,
+            policy.source,
+            evaluation_budget=policy.evaluation_budget,
+            resolve_seconds=policy.resolve_seconds,
+        )
         self.approval_timeout = approval_timeout
 
     def decide(
@@ -185,18 +210,69 @@ class _GatewayPolicy(Policy):
         return decision
 
 
+class Connections:
+    """Which connection each upstream is on: a server that went away is started again at the
+    next call (`McpServer`), and the first step after that records the restart (in its
+    result's `_meta`, or its error), so the journal shows where the upstream's state may have
+    been lost."""
+
+    def __init__(self) -> None:
+        self._current: dict[str, McpClient] = {}
+        self._restarts: dict[str, int] = {}
+        self._unreported: list[dict[str, Any]] = []
+
+    def client(self, server: McpServer) -> McpClient:
+        """The connection a request to `server` goes out on; a new one is a restart."""
+        client = server.client()
+        known = self._current.get(server.spec.name)
+        if known is not None and known is not client:
+            count = self._restarts[server.spec.name] = self._restarts.get(server.spec.name, 0) + 1
+            log.warning("upstream %s went away; started again (restart %d)", server.spec.name, count)
+            self._unreported.append({"upstream": server.spec.name, "restart": count, "at": time.time()})
+        self._current[server.spec.name] = client
+        return client
+
+    def take(self) -> list[dict[str, Any]]:
+        """The restarts not yet recorded with a step."""
+        taken, self._unreported = self._unreported, []
+        return taken
+
+    async def call(self, server: McpServer, name: str, arguments: dict[str, Any]) -> dict[str, Any]:
+        """One of the upstream's tools, called outside any step (a resolver's or a verifier's
+        read): its result as JSON."""
+        result = await self.client(server).call_tool(name, arguments)
+        return result.model_dump(mode="json", by_alias=True, exclude_none=True)
+
+
 class PassThroughTool(McpTool):
     """An upstream tool whose whole result (content, structuredContent, _meta) is kept: the
     journal records it and the MCP client gets back what the upstream answered."""
 
+    connections: Connections | None = None
+
     async def call(self, args: ValidatedArgs | dict[str, Any], ctx: ToolContext) -> Any:
         if not isinstance(args, ValidatedArgs):
             args = self.validate(args)
-        result = await self.source.call_tool(self.remote_name, args.values)
+        source: Any = self.source
+        restarts: list[dict[str, Any]] = []
+        if self.connections is not None and isinstance(source, McpServer):
+            source = self.connections.client(source)
+            restarts = self.connections.take()
+        said = f" [the upstream was started again before this call: {restarts}]" if restarts else ""
+        try:
+            result = await source.call_tool(self.remote_name, args.values)
+        except Exception as exc:
+            if not restarts:
+                raise
+            raise McpError(f"{self.server}/{self.remote_name}: {exc}{said}") from None
         if result.is_error:
             text = " ".join(b.text for b in result.content if isinstance(b, mcp.types.TextContent)).strip()
-            raise McpToolError(f"{self.server}/{self.remote_name}: {text or 'the server reported an error'}")
-        return result.model_dump(mode="json", by_alias=True, exclude_none=True)
+            text = text or "the server reported an error"
+            raise McpToolError(f"{self.server}/{self.remote_name}: {text}{said}")
+        dumped: dict[str, Any] = result.model_dump(mode="json", by_alias=True, exclude_none=True)
+        if restarts:
+            dumped["_meta"] = {**(dumped.get("_meta") or {}), f"{META_KEY}/upstream_restarts": restarts}
+        return dumped
 
 
 @dataclass(eq=False)
@@ -302,7 +378,13 @@ class Gateway:
         approval_timeout: float = 300.0,
         db_hint: str = "",
         rotate_every: int = ROTATE_EVERY,
+        config: GatewayConfig | None = None,
     ) -> None:
+        """`config` (a configuration file, `gateway_config`) adds the policy's resolvers over
+        the upstreams' read tools and what a defer does; its upstreams and policy are the
+        ones given here (`config_upstreams(config)`, `config.policy`)."""
+        self.config = config
+        self.connections = Connections()
         self.upstreams = list(upstreams)
         self.policy: Policy = _GatewayPolicy(_tools_only(policy), approval_timeout)
         self.journal = journal
@@ -334,6 +416,8 @@ class Gateway:
 
     async def start(self) -> None:
         self.servers = [McpServer(u.spec) for u in self.upstreams]
+        for server in self.servers:
+            self.connections.client(server)  # the first connection of each: not a restart
         listings = await asyncio.gather(*(_list(s) for s in self.servers), return_exceptions=True)
         for failure in listings:
             if isinstance(failure, BaseException):
@@ -342,15 +426,13 @@ class Gateway:
         owner: dict[str, str] = {}
         for upstream, server, listed in zip(self.upstreams, self.servers, listings, strict=True):
             assert isinstance(listed, list)
+            _check_declared(upstream, listed, self.config)
             for item in listed:
                 name = f"{upstream.prefix}_{item.name}" if upstream.prefix else item.name
                 if name in owner:
                     raise GatewayError(_clash(name, owner[name], upstream.spec.name))
                 owner[name] = upstream.spec.name
-                try:
-                    tools.append(PassThroughTool(server, item, name=name))
-                except McpError as exc:
-                    raise GatewayError(str(exc)) from None
+                tools.append(self._tool(upstream, server, item, name))
                 self.offered.append(item.model_copy(update={"name": name}))
         self.workflow = Workflow(
             "mcp-gateway",
@@ -363,10 +445,12 @@ class Gateway:
                     tools=tuple(tools),
                     exits={"rotate": STATE, "end": "ended"},
                     budget=BUDGET,
+                    on_defer="hand_off" if self.config is None else self.config.defer,
                 ),
                 Terminal("ended"),
             ],
             policy=self.policy,
+            resolvers=self._resolvers(),
         )
         self.model = CallQueue(self.rotate_every)
         self._driver = asyncio.create_task(self._drive(), name="mcp-gateway-run")
@@ -383,6 +467,33 @@ class Gateway:
             self.policy.source,
             self.db_hint or " ./tether.db",
         )
+
+    def _tool(
+        self, upstream: Upstream, server: McpServer, item: mcp.types.Tool, name: str
+    ) -> PassThroughTool:
+        """An upstream tool as the gateway offers it, with what a configuration says of it."""
+        declared = upstream.tools.get(item.name)
+        options: dict[str, Any] = {}
+        if declared is not None:
+            options = {"effect": declared.effect, "idempotent": declared.idempotent}
+            if declared.verifies:
+                options["verify"] = declared.verifier(functools.partial(self.connections.call, server))
+        try:
+            tool = PassThroughTool(server, item, name=name, **options)
+        except McpError as exc:
+            raise GatewayError(str(exc)) from None
+        tool.connections = self.connections
+        return tool
+
+    def _resolvers(self) -> dict[str, Callable[..., Any]]:
+        """The policy's resolvers a configuration declares, over the upstreams' read tools."""
+        if self.config is None:
+            return {}
+        by_key = {u.key: s for u, s in zip(self.upstreams, self.servers, strict=True)}
+        return {
+            name: resolver.resolver(name, functools.partial(self.connections.call, by_key[resolver.upstream]))
+            for name, resolver in self.config.resolvers.items()
+        }
 
     async def aclose(self) -> None:
         """End the run (a call under way finishes first), then the upstream connections."""
@@ -414,6 +525,7 @@ class Gateway:
                     "upstreams": [u.describe() for u in self.upstreams],
                     "policy": self.policy_ref or self.policy.source,
                     "approval_timeout": self.approval_timeout,
+                    **({"configuration": self.config.describe()} if self.config is not None else {}),
                 },
                 workflow_ref=WORKFLOW_REF,
                 policy_ref=self.policy_ref,
@@ -521,7 +633,9 @@ def result_of(tool: str, observation: dict[str, Any], run_id: str | None) -> mcp
     """What the client gets: the upstream's result, or an error naming the reason code."""
     outcome = observation.get("outcome")
     facts = {"run_id": run_id, "step_id": observation.get("step_id"), "outcome": outcome}
-    if outcome == "executed" and isinstance(observation.get("result"), dict):
+    # An effect that happened is answered with the upstream's result, even when its
+    # verification failed (the outcome in `_meta` says so): the client must know it happened.
+    if outcome in ("executed", "verification_failed") and isinstance(observation.get("result"), dict):
         result = mcp.types.CallToolResult.model_validate(observation["result"])
         result.meta = {**(result.meta or {}), META_KEY: facts}
         return result
@@ -532,6 +646,10 @@ def result_of(tool: str, observation: dict[str, Any], run_id: str | None) -> mcp
     elif outcome == "tool_error":
         reason = observation.get("error") or "the upstream failed"
         text = f"{tool} failed upstream ({code}): {reason}"
+    elif outcome == "handed_off":
+        code = code or "deferred"
+        reason = f"handed to {observation.get('owner')}, who takes it from here"
+        text = f"tether did not run {tool}: it is {reason}"
     else:
         reason = observation.get("reason") or f"the step ended {outcome}"
         text = f"tether could not take {tool}: {reason}"
@@ -684,6 +802,22 @@ async def _list(server: McpServer) -> list[mcp.types.Tool]:
         raise GatewayError(f"cannot list the upstream's tools: {exc}") from None
     except Exception as exc:  # a protocol-level refusal of tools/list
         raise GatewayError(f"{server.spec.where()}: cannot list its tools: {exc}") from None
+
+
+def _check_declared(upstream: Upstream, listed: list[mcp.types.Tool], config: GatewayConfig | None) -> None:
+    """Every tool a configuration declares, reads or resolves through must be offered."""
+    offered = {t.name for t in listed}
+    named = [(tool, "tools") for tool in upstream.tools]
+    named += [(t.read.tool, f"tools.{tool}.verify.read") for tool, t in upstream.tools.items() if t.read]
+    if config is not None:
+        resolvers = config.resolvers.items()
+        named += [(r.tool, f"resolver {n!r}") for n, r in resolvers if r.upstream == upstream.key]
+    for tool, where in named:
+        if tool not in offered:
+            raise GatewayError(
+                f"{config.source if config else 'configuration'}: upstream {upstream.key!r}: {where} names "
+                f"{tool!r}, which the upstream does not offer (it offers: {', '.join(sorted(offered))})"
+            )
 
 
 def _clash(tool: str, first: str, second: str) -> str:
