@@ -247,6 +247,30 @@ def history_from(entries: Sequence[Entry]) -> list[dict[str, Any]]:
 
 
 class RunCursor:
+    # One per run being driven, alive while it waits on its model: no per-instance dict.
+    __slots__ = (
+        "_buffered",
+        "_dirty",
+        "_evaluation",
+        "_exchanges",
+        "_run_seen",
+        "_since",
+        "checkpoint",
+        "clock",
+        "history",
+        "journal",
+        "lease",
+        "observer",
+        "on_commit",
+        "policy",
+        "record",
+        "redactor",
+        "released",
+        "seen",
+        "transcript",
+        "workflow",
+    )
+
     def __init__(
         self,
         record: RunRecord,
@@ -331,6 +355,12 @@ class RunCursor:
         self.transcript = Transcript()
         self._since = time.monotonic()
 
+    def carried(self, facts: dict[str, Any] | None = None) -> b.Carried:
+        """What the entry opening a visit carries (the run's facts after it, given when it
+        changes them, and its pins): where a resume starts checking the row against the chain."""
+        record = self.record
+        return b.Carried(record.workflow_hash, record.policy_hash, record.facts if facts is None else facts)
+
     def position(self) -> tuple[str, Visit, Transcript, float]:
         """Where the run is (state, visit, transcript), to go back to if a move is not recorded."""
         return self.record.state, self.checkpoint.visit, self.transcript, self._since
@@ -338,14 +368,20 @@ class RunCursor:
     def restore(self, position: tuple[str, Visit, Transcript, float]) -> None:
         self.record.state, self.checkpoint.visit, self.transcript, self._since = position
 
-    async def load(self) -> list[Entry]:
+    async def load(self, read: Sequence[Entry] = ()) -> list[Entry]:
         """Rebuild what a resumed run needs: the current visit's transcript, and `history`
         and the seen values if the policy reads them. Reads the visit's entries (returned),
-        and the run's only for those."""
-        visit = await self.journal.read_entries(self.run_id, self.visit.started_seq)
+        and the run's only for those, unless `read` (the run's entries from at most the
+        visit's opening on, as the check before acting read them) holds them already."""
+        started = self.visit.started_seq
+        if read and read[0].seq <= started + 1:
+            visit = [e for e in read if e.seq > started] if read[0].seq <= started else list(read)
+        else:
+            visit = await self.journal.read_entries(self.run_id, started)
         self.transcript = Transcript(visit)
         if self.history is not None or self.seen is not None:
-            entries = await self.journal.read_entries(self.run_id)
+            whole = bool(read) and read[0].seq == 1
+            entries = list(read) if whole else await self.journal.read_entries(self.run_id)
             if self.history is not None:
                 self.history = history_from(entries)
             if self.seen is not None:
