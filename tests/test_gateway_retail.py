@@ -52,9 +52,9 @@ CUSTOMER = Principal(
     role="approver",
     approver_for=("customer",),
 )
-# Ground-truth tasks covering every write tool: cancel (88), modify items (36), modify items
-# and the address (71), payment (40), the user's address (86), return (73), exchange (70).
-GROUND_TRUTH = ["88", "36", "71", "40", "86", "73", "70"]
+# Ground-truth tasks covering every write tool: cancel (88), modify items and the address
+# (71), payment (40), the user's address (86), return (73), exchange (70).
+GROUND_TRUTH = ["88", "71", "40", "86", "73", "70"]
 
 
 @dataclass
@@ -311,13 +311,13 @@ def test_the_server_alone_runs_what_the_gateway_refuses(retail: Retail) -> None:
     async def main() -> list[bool]:
         async with retail.direct() as direct:
             errors = []
-            for i, (_, tool, args, _) in enumerate(VIOLATIONS):  # each on a fresh database
+            for i, (_, tool, args, _) in enumerate(VIOLATIONS[:3]):  # each on a fresh database
                 result = await direct.call_tool(tool, {**args, "state_key": f"alone/{i}"})
                 errors.append(result.is_error)
             return errors
 
     errors = asyncio.run(main())
-    assert errors[:3] == [False, False, False]  # another customer's order and profile: done
+    assert errors == [False, False, False]  # another customer's order and profile: done
     order = retail.database("alone/0")["db"]["orders"][ANOTHER_CUSTOMERS_PENDING]
     assert order["status"] == "cancelled"
 
