@@ -22,6 +22,7 @@ import hashlib
 import json
 import os
 import signal
+import sys
 from collections.abc import AsyncIterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -29,7 +30,8 @@ from typing import Any
 
 import pytest
 import yaml
-from mcp import Client
+from mcp import Client, ClientSession, StdioServerParameters
+from mcp.client.stdio import stdio_client
 from mcp.types import CallToolResult
 
 from mcp_servers import tau2_retail_server
@@ -416,3 +418,28 @@ def test_the_configuration_is_strict_and_names_the_line() -> None:
     wrong = text.replace("value: result.structuredContent", "value: results.structuredContent", 1)
     with pytest.raises(GatewayConfigError, match=r"resolvers\.order: value: unknown name\(s\) results"):
         parse_config(wrong, base=EXAMPLE)
+
+
+def test_the_command_line_gateway_takes_the_configuration_file(retail: Retail) -> None:
+    """`tether mcp-gateway --config FILE`, as a client starts it over stdio."""
+    env = {"PYTHONPATH": os.environ["PYTHONPATH"]} if os.environ.get("PYTHONPATH") else None
+    params = StdioServerParameters(
+        command=sys.executable,
+        args=["-m", "tether", "mcp-gateway", "--config", str(retail.config), "--db", str(retail.db)],
+        env=env,
+    )
+
+    async def main() -> tuple[CallToolResult, CallToolResult]:
+        async with stdio_client(params) as (read, write), ClientSession(read, write) as client:
+            await client.initialize()
+            key = {"state_key": "cli"}
+            found = await client.call_tool(
+                "find_user_id_by_email", {"email": "yusuf.rossi7301@example.com", **key}
+            )
+            other = {"order_id": ANOTHER_CUSTOMERS_PENDING, "reason": "no longer needed", **key}
+            return found, await client.call_tool("cancel_pending_order", other)
+
+    found, refused = asyncio.run(main())
+    assert outcome(found) == "executed"
+    assert outcome(refused) == "policy_denied"
+    assert "must deny any requests for tasks related to any other user" in str(refused.structured_content)

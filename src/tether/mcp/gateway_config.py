@@ -304,7 +304,6 @@ class GatewayConfig:
     source: str
     upstreams: list[UpstreamConfig]
     policy: Policy
-    policy_ref: str
     resolvers: dict[str, ResolverConfig]
     defer: Literal["continue", "hand_off"]
 
@@ -381,13 +380,11 @@ def _compiled(doc: GatewayConfigDoc, source: str, base: Path, text: str) -> Gate
     if isinstance(doc.policy, str):
         path = Path(doc.policy)
         path = path if path.is_absolute() else base / path
-        loaded = Policy.from_file(path)
-        policy_ref = str(path.resolve())
+        loaded = Policy.from_file(path.resolve())  # its source: a path any process can read again
     else:
         loaded = Policy.from_dict(doc.policy, f"{source} (policy:)")
-        policy_ref = f"{source}#policy"
     policy = Policy(loaded.document, loaded.source, resolve_seconds=doc.resolve_seconds)
-    return GatewayConfig(source, upstreams, policy, policy_ref, resolvers, doc.defer)
+    return GatewayConfig(source, upstreams, policy, resolvers, doc.defer)
 
 
 def _upstream(key: str, up: UpstreamDoc, base: Path, at: _Where) -> UpstreamConfig:
