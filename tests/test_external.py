@@ -2,14 +2,19 @@
 
 from __future__ import annotations
 
+import asyncio
+import gc
 from pathlib import Path
 from typing import Any
 
+import pytest
+
 from conftest import Shop, run, step_rows
-from tether import Policy
+from tether import Policy, Runtime
 from tether.external import CallOutcome, GovernedCalls
 from tether.identity import Principal
 from tether.journal import Journal, open_journal
+from tether.journal.records import LeaseHeld
 
 POLICY = {
     "rules": [
@@ -131,3 +136,40 @@ def test_ending_the_conversation_completes_its_run(tmp_path: Path, shop: Shop) -
 
     ended = run(end())
     assert ended.outcome == "completed"
+
+
+def test_closing_the_journal_after_letting_go_leaves_no_lease_renewal_behind(
+    tmp_path: Path, shop: Shop
+) -> None:
+    failures: list[dict[str, Any]] = []
+
+    async def go() -> None:
+        asyncio.get_running_loop().set_exception_handler(lambda loop, context: failures.append(context))
+        journal = open_journal(str(tmp_path / "j.db"))
+        runtime = Runtime(journal, lease_seconds=0.15)  # renewals every 0.05 s
+        async with GovernedCalls(journal, [shop.read_order], name="bot", runtime=runtime) as calls:
+            assert (await calls.call("conv-1", "read_order", {"order_id": "A1"})).executed
+            await asyncio.sleep(0.01)  # the renewal task is waiting for its next renewal
+        await journal.aclose()
+        await asyncio.sleep(0.2)  # the renewal task wakes after the journal closed
+
+    asyncio.run(go())
+    gc.collect()  # a task that failed unobserved reports it when it is collected
+    assert failures == []
+
+
+def test_a_released_conversation_is_taken_by_another_process_at_once(tmp_path: Path, shop: Shop) -> None:
+    async def go() -> CallOutcome:
+        journal = open_journal(str(tmp_path / "j.db"))
+        try:
+            async with governed(journal, shop) as first, governed(journal, shop) as second:
+                assert (await first.call("conv-1", "read_order", {"order_id": "A1"})).executed
+                with pytest.raises(LeaseHeld):  # held between calls by the first
+                    await second.call("conv-1", "read_order", {"order_id": "A1"})
+                await first.release("conv-1")
+                return await second.call("conv-1", "read_order", {"order_id": "A1"})
+        finally:
+            await journal.aclose()
+
+    assert run(go()).executed
+    assert shop.executed == ["read_order", "read_order"]

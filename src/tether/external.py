@@ -153,8 +153,7 @@ class GovernedCalls:
         await self.aclose()
 
     def run_id_for(self, conversation: str) -> str:
-        digest = hashlib.sha256(f"{self.workflow.name}\x00{conversation}".encode()).hexdigest()
-        return f"run_{digest[:20]}"
+        return conversation_run_id(self.workflow.name, conversation)
 
     def tool(self, name: str) -> Tool | None:
         return self.state.tool(name)
@@ -201,6 +200,14 @@ class GovernedCalls:
                 return CallOutcome(outcome=held.record.status, run_id=run_id, step_id=step.step_id)
             finally:
                 await self._let_go(run_id)
+
+    async def release(self, conversation: str) -> None:
+        """Let go of the conversation's run, if this object holds it (its lease is given back),
+        once no call of it is under way: another process may take its next call at once. A
+        framework's run over, its adapter releases the conversation; the next call holds it again."""
+        run_id = self.run_id_for(conversation)
+        async with self._locks.setdefault(run_id, asyncio.Lock()):
+            await self._let_go(run_id)
 
     async def aclose(self) -> None:
         for run_id in list(self._held):
@@ -335,6 +342,12 @@ class GovernedCalls:
             return found.validate(dict(args)).hash
         except ArgumentError:
             return None
+
+
+def conversation_run_id(name: str, conversation: str) -> str:
+    """The id of the run that takes the tool calls of `conversation` for workflow `name`."""
+    digest = hashlib.sha256(f"{name}\x00{conversation}".encode()).hexdigest()
+    return f"run_{digest[:20]}"
 
 
 def _last_seen(cursor: RunCursor, step_id: str) -> Mapping[str, Any] | None:

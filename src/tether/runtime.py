@@ -674,6 +674,8 @@ class Runtime:
         this task to end, every lease would lapse and other workers would redo the runs."""
         while self._driving:
             await asyncio.sleep(self.lease_seconds / 3)
+            if not self._driving:  # all let go while it slept: the journal may be closed by now
+                break
             with contextlib.suppress(JournalError):
                 await self.journal.renew_leases(self.worker_id, lease_seconds=self.lease_seconds)
 
