@@ -220,9 +220,19 @@ def _handoff_observed(record: b.HandedOff | b.HandoffReceived | b.HandoffReturne
 
 
 def history_item(record: b.ToolStep, step_id: str | None, state: str | None) -> dict[str, Any]:
-    """A tool call whose effect happened, as policy conditions see it in `history`."""
+    """A tool call whose effect happened, as policy conditions see it in `history`: with its
+    result as recorded (what the journal holds: sensitive values fingerprinted, an oversized
+    result replaced by a note saying so)."""
     outcome = "verification_failed" if isinstance(record, b.VerificationFailed) else "executed"
-    return {"tool": record.tool, "args": record.args, "step_id": step_id, "state": state, "outcome": outcome}
+    result = record.result if isinstance(record, b.Executed) else None
+    return {
+        "tool": record.tool,
+        "args": record.args,
+        "result": result,
+        "step_id": step_id,
+        "state": state,
+        "outcome": outcome,
+    }
 
 
 def history_from(entries: Sequence[Entry]) -> list[dict[str, Any]]:
@@ -482,7 +492,7 @@ class RunCursor:
         fields = ("request", "response", "output", "error")
         return [x.model_copy(update={f: red.scrub(getattr(x, f)) for f in fields}) for x in self._exchanges]
 
-    def decide(
+    async def decide(
         self,
         *,
         kind: Literal["tool", "exit"],
@@ -494,7 +504,9 @@ class RunCursor:
         """Ask the policy about a proposal, with this run's variables and resolvers.
 
         `tool` is what conditions see as `tool`: `name` and `effect` (and `idempotent` for tools).
-        `now` is the decision's time, from `decision_time()` (the store's clock).
+        `now` is the decision's time, from `decision_time()` (the store's clock). Asynchronous
+        resolvers are awaited before the evaluation (`Policy.adecide`), within the policy's
+        `resolve_seconds`.
         """
         record = self.record
         if self._run_seen is None or self._run_seen["state"] != record.state:
@@ -525,7 +537,7 @@ class RunCursor:
             resolvers = {n: functools.partial(fn, ctx) for n, fn in self.workflow.resolvers.items()}
         if self._evaluation is None:
             self._evaluation = self.policy.evaluation(self.workflow.resolvers)
-        return self.policy.decide(
+        return await self.policy.adecide(
             kind=kind,
             name=tool["name"],
             effect=tool["effect"],

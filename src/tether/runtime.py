@@ -471,7 +471,7 @@ class Runtime:
             tool = step.scope(proposal.tool)
             # A sensitive argument left as shown (its fingerprint) keeps the value it stands for.
             args = step.arguments(tool, step._unsealed(edited))
-            decision = step.policy(tool, args)
+            decision = await step.policy(tool, args)
         except Refusal as refusal:
             d = refusal.decision
             raise EditRefused(

@@ -280,7 +280,7 @@ class GovernedStep:
         args = self.arguments(tool, proposal.args)
         self.budget(args)
         self.loop(tool, args)
-        decision = self.policy(tool, args, await self.cursor.decision_time())
+        decision = await self.policy(tool, args, await self.cursor.decision_time())
         if await self.unless_allowed(proposal, decision, tool.name, args.values, args.hash):
             return
         await self.execute(tool, args, decision, proposed=proposal.args)
@@ -319,8 +319,8 @@ class GovernedStep:
             decision = runtime_refusal("loop", ReasonCode.LOOP_DETECTED, looping)
             raise Refusal(decision, args_hash=args.hash, stop="escalate")
 
-    def policy(self, tool: Tool, args: ValidatedArgs, now: float | None = None) -> Decision:
-        decision = self.cursor.decide(
+    async def policy(self, tool: Tool, args: ValidatedArgs, now: float | None = None) -> Decision:
+        decision = await self.cursor.decide(
             kind="tool", tool=tool.info, args=args.values, step_id=self.step_id, now=now
         )
         if decision.decision == "deny":
@@ -466,7 +466,7 @@ class GovernedStep:
         self.contract(name, proposal.update, args_hash)
         info = {"name": name, "effect": "exit"}
         now = await self.cursor.decision_time()
-        decision = self.cursor.decide(kind="exit", tool=info, args=args, step_id=self.step_id, now=now)
+        decision = await self.cursor.decide(kind="exit", tool=info, args=args, step_id=self.step_id, now=now)
         if decision.decision == "deny":
             raise Refusal(decision, args_hash=args_hash)
         if await self.unless_allowed(proposal, decision, f"exit:{name}", args, args_hash):

@@ -25,13 +25,22 @@ class Transport(StrEnum):
 @app.command("mcp-gateway")
 def mcp_gateway(
     upstream: Annotated[
-        list[str],
+        list[str] | None,
         typer.Option(
             "--upstream",
             help="An upstream MCP server: its command line (one string, split like a shell) or its "
             "http(s) URL; NAME=… prefixes its tools with NAME_. Repeat for several.",
         ),
-    ],
+    ] = None,
+    config: Annotated[
+        Path | None,
+        typer.Option(
+            "--config",
+            help="A gateway configuration file (YAML): upstreams, their tools' effects, verifiers and "
+            "facts, the policy of every caller and its resolvers over the upstreams' read tools. "
+            "Instead of --upstream and --policy.",
+        ),
+    ] = None,
     policy: Annotated[
         Path | None,
         typer.Option("--policy", help="The policy of every caller not mapped by --policy-for."),
@@ -76,27 +85,35 @@ def mcp_gateway(
     create --kind service --name NAME --role operator`) as `Authorization: Bearer TOKEN`.
     """
     try:
-        from tether.mcp.gateway import Gateway, GatewayError, check_access_key, parse_upstreams
+        from tether.mcp.gateway import (
+            Gateway,
+            GatewayError,
+            config_upstreams,
+            parse_upstreams,
+        )
+        from tether.mcp.gateway_config import GatewayConfig, load_config
         from tether.mcp.gateway_serve import serve_http, serve_stdio
         from tether.mcp.secrets_scan import SecretPatternError, SecretScan
     except ImportError as exc:
         fail(str(exc))
     _log_to_stderr()
+    configured: GatewayConfig | None = None
     try:
-        upstreams = parse_upstreams(upstream)
-        if transport is Transport.stdio and policy is None:
+        if config is not None:
+            if upstream or policy is not None:
+                raise GatewayError("give either --config FILE or --upstream and --policy, not both")
+            configured = load_config(config)
+            upstreams, policy_file = config_upstreams(configured), None
+        else:
+            upstreams, policy_file = parse_upstreams(upstream or []), policy
+        if transport is Transport.stdio and policy_file is None and configured is None:
             raise GatewayError("over stdio the caller is the local user: give its --policy FILE")
         if transport is Transport.stdio and policy_for:
             raise GatewayError("--policy-for maps the principals of tokens: it applies to --transport http")
-        governing = Policy.from_file(policy) if policy is not None else None
-        policies: dict[str, Policy] = {}
-        for value in policy_for or []:
-            key, sep, path = value.partition("=")
-            if not sep or not path:
-                raise GatewayError(f"--policy-for {value!r}: give KEY=FILE (e.g. service:ci-bot=ci.yaml)")
-            if check_access_key(key.strip()) in policies:
-                raise GatewayError(f"--policy-for {key.strip()} is given twice")
-            policies[key.strip()] = Policy.from_file(Path(path))
+        governing = configured.policy if configured is not None else None
+        if policy_file is not None:
+            governing = Policy.from_file(policy_file)
+        policies = _policies_for(policy_for or [])
         if governing is None and not policies:
             raise GatewayError("give --policy FILE (any caller) or --policy-for KEY=FILE")
         scan = SecretScan.with_extra(secret_pattern or [], defaults=not no_default_secrets)
@@ -115,6 +132,7 @@ def mcp_gateway(
                 approval_timeout=approval_timeout,
                 db_hint=db_hint(db),
                 secrets=scan,
+                config=configured,
             )
             async with gateway:
                 if transport is Transport.http:
@@ -123,6 +141,21 @@ def mcp_gateway(
                     await serve_stdio(gateway)
 
     run_command(serve)
+
+
+def _policies_for(values: list[str]) -> dict[str, Policy]:
+    """`--policy-for KEY=FILE` values, each key once."""
+    from tether.mcp.gateway import GatewayError, check_access_key
+
+    policies: dict[str, Policy] = {}
+    for value in values:
+        key, sep, path = value.partition("=")
+        if not sep or not path:
+            raise GatewayError(f"--policy-for {value!r}: give KEY=FILE (e.g. service:ci-bot=ci.yaml)")
+        if check_access_key(key.strip()) in policies:
+            raise GatewayError(f"--policy-for {key.strip()} is given twice")
+        policies[key.strip()] = Policy.from_file(Path(path))
+    return policies
 
 
 def _log_to_stderr() -> None:

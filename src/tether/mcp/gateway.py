@@ -34,13 +34,15 @@ from __future__ import annotations
 import asyncio
 import collections
 import contextlib
+import functools
 import itertools
 import logging
 import math
 import re
 import shlex
-from collections.abc import Mapping, Sequence
-from dataclasses import dataclass
+import time
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal
 from urllib.parse import urlparse
@@ -53,7 +55,8 @@ from tether.decision import Decision
 from tether.errors import DefinitionError, Forbidden, PolicyFileError, TetherError
 from tether.identity import ROLES, Principal, authorize
 from tether.journal import Journal
-from tether.mcp.client import McpError, McpServer, McpServerSpec, McpTool, McpToolError
+from tether.mcp.client import McpClient, McpError, McpServer, McpServerSpec, McpTool, McpToolError
+from tether.mcp.gateway_config import GatewayConfig, ToolConfig
 from tether.mcp.gateway_lanes import (
     BUDGET,
     CARRY,
@@ -101,10 +104,13 @@ class GatewayError(TetherError):
 
 @dataclass(frozen=True)
 class Upstream:
-    """One upstream server; `prefix` (its name, when given as NAME=CMD) prefixes its tools."""
+    """One upstream server; `prefix` (its name, when given as NAME=CMD) prefixes its tools;
+    `tools` is what a configuration file says about its tools (by the upstream's names)."""
 
     spec: McpServerSpec
     prefix: str | None = None
+    key: str = ""
+    tools: dict[str, ToolConfig] = field(default_factory=dict)
 
     def describe(self) -> dict[str, Any]:
         return {
@@ -148,6 +154,21 @@ def parse_upstreams(values: Sequence[str]) -> list[Upstream]:
     return upstreams
 
 
+def config_upstreams(config: GatewayConfig) -> list[Upstream]:
+    """The upstreams a configuration file declares."""
+    return [
+        Upstream(
+            McpServerSpec(
+                name=u.name, command=u.command, url=u.url, env=u.env, cwd=u.cwd, timeout=u.timeout
+            ),
+            prefix=u.key if u.prefix else None,
+            key=u.key,
+            tools=u.tools,
+        )
+        for u in config.upstreams
+    ]
+
+
 def _tools_only(policy: Policy) -> Policy:
     """The gateway's exits are its own (the session ends, the visit rotates): a policy
     that governs exits is refused rather than left to block them."""
@@ -170,7 +191,12 @@ class _GatewayPolicy(Policy):
     the ticket on the record carries the deadline the gateway keeps."""
 
     def __init__(self, policy: Policy, approval_timeout: float) -> None:
-        super().__init__(policy.document, policy.source)
+        super().__init__(
+            policy.document,
+            policy.source,
+            evaluation_budget=policy.evaluation_budget,
+            resolve_seconds=policy.resolve_seconds,
+        )
         self.approval_timeout = approval_timeout
 
     def decide(
@@ -198,6 +224,40 @@ class _GatewayPolicy(Policy):
         return decision
 
 
+class Connections:
+    """Which connection each upstream is on: a server that went away is started again at the
+    next call (`McpServer`), and the first step after that records the restart (in its
+    result's `_meta`, or its error), so the journal shows where the upstream's state may have
+    been lost."""
+
+    def __init__(self) -> None:
+        self._current: dict[str, McpClient] = {}
+        self._restarts: dict[str, int] = {}
+        self._unreported: list[dict[str, Any]] = []
+
+    def client(self, server: McpServer) -> McpClient:
+        """The connection a request to `server` goes out on; a new one is a restart."""
+        client = server.client()
+        known = self._current.get(server.spec.name)
+        if known is not None and known is not client:
+            count = self._restarts[server.spec.name] = self._restarts.get(server.spec.name, 0) + 1
+            log.warning("upstream %s went away; started again (restart %d)", server.spec.name, count)
+            self._unreported.append({"upstream": server.spec.name, "restart": count, "at": time.time()})
+        self._current[server.spec.name] = client
+        return client
+
+    def take(self) -> list[dict[str, Any]]:
+        """The restarts not yet recorded with a step."""
+        taken, self._unreported = self._unreported, []
+        return taken
+
+    async def call(self, server: McpServer, name: str, arguments: dict[str, Any]) -> dict[str, Any]:
+        """One of the upstream's tools, called outside any step (a resolver's or a verifier's
+        read): its result as JSON."""
+        result = await self.client(server).call_tool(name, arguments)
+        return result.model_dump(mode="json", by_alias=True, exclude_none=True)
+
+
 class PassThroughTool(McpTool):
     """An upstream tool whose whole result (content, structuredContent, _meta) is kept: the
     journal records it and the MCP client gets back what the upstream answered, with any
@@ -205,7 +265,14 @@ class PassThroughTool(McpTool):
     with tether's when the caller gives none (it is then not required of the caller)."""
 
     def __init__(
-        self, source: McpServer, listed: mcp.types.Tool, *, name: str, scan: SecretScan | None
+        self,
+        source: McpServer,
+        listed: mcp.types.Tool,
+        *,
+        name: str,
+        scan: SecretScan | None,
+        declared: ToolConfig | None = None,
+        connections: Connections | None = None,
     ) -> None:
         properties = listed.input_schema.get("properties") or {}
         self.key_param = next((k for k in IDEMPOTENCY_ARGS if k in properties), None)
@@ -213,9 +280,15 @@ class PassThroughTool(McpTool):
         if self.key_param and isinstance(required, list) and self.key_param in required:
             schema = {**listed.input_schema, "required": [r for r in required if r != self.key_param]}
             listed = listed.model_copy(update={"input_schema": schema})
-        super().__init__(source, listed, name=name)
+        options: dict[str, Any] = {}
+        if declared is not None:  # what a configuration file says of the tool
+            options = {"effect": declared.effect, "idempotent": declared.idempotent}
+            if declared.verifies and connections is not None:
+                options["verify"] = declared.verifier(functools.partial(connections.call, source))
+        super().__init__(source, listed, name=name, **options)
         self.listed = listed.model_copy(update={"name": name})
         self.scan = scan
+        self.connections = connections
 
     async def call(self, args: ValidatedArgs | dict[str, Any], ctx: ToolContext) -> Any:
         if not isinstance(args, ValidatedArgs):
@@ -224,15 +297,27 @@ class PassThroughTool(McpTool):
         if self.key_param is not None and self.key_param not in values:
             values[self.key_param] = ctx.idempotency_key
         assert isinstance(self.source, McpServer)
-        result = await self.source.call_tool(
-            self.remote_name, values, {IDEMPOTENCY_META: ctx.idempotency_key}
-        )
+        source: McpServer | McpClient = self.source
+        restarts: list[dict[str, Any]] = []
+        if self.connections is not None:
+            source = self.connections.client(self.source)
+            restarts = self.connections.take()
+        said = f" [the upstream was started again before this call: {restarts}]" if restarts else ""
+        try:
+            result = await source.call_tool(self.remote_name, values, {IDEMPOTENCY_META: ctx.idempotency_key})
+        except Exception as exc:
+            if not restarts:
+                raise
+            raise McpError(f"{self.server}/{self.remote_name}: {exc}{said}") from None
         if result.is_error:
             text = " ".join(b.text for b in result.content if isinstance(b, mcp.types.TextContent)).strip()
             if self.scan is not None:
                 text, _ = self.scan.text(text)
-            raise McpToolError(f"{self.server}/{self.remote_name}: {text or 'the server reported an error'}")
+            text = text or "the server reported an error"
+            raise McpToolError(f"{self.server}/{self.remote_name}: {text}{said}")
         dumped: dict[str, Any] = result.model_dump(mode="json", by_alias=True, exclude_none=True)
+        if restarts:
+            dumped["_meta"] = {**(dumped.get("_meta") or {}), f"{META_KEY}/upstream_restarts": restarts}
         if self.scan is None:
             return dumped
         redacted, found = self.scan.value(dumped)
@@ -318,20 +403,30 @@ class Governance:
     hidden: dict[str, str]  # tool -> why no call of it can be allowed
 
 
-def govern(key: str, policy: Policy, tools: Sequence[PassThroughTool]) -> Governance:
-    """Build the workflows of `policy` over `tools` (checking its rules against them)."""
+def govern(
+    key: str,
+    policy: Policy,
+    tools: Sequence[PassThroughTool],
+    config: GatewayConfig | None = None,
+    resolvers: Mapping[str, Callable[..., Any]] | None = None,
+) -> Governance:
+    """Build the workflows of `policy` over `tools` (checking its rules against them), with
+    a configuration's resolvers and what its `defer` does."""
     agent = AgentState(
         name=STATE,
         instructions="Calls from an MCP client, proxied to upstream MCP servers.",
         tools=tuple(tools),
         exits={"rotate": STATE, "end": "ended"},
         budget=BUDGET,
+        on_defer=config.defer if config is not None else "hand_off",
     )
     ended = Terminal("ended")
     try:
-        workflow = Workflow(WORKFLOW, __version__, STATE, [agent, ended], policy=policy)
+        workflow = Workflow(WORKFLOW, __version__, STATE, [agent, ended], policy=policy, resolvers=resolvers)
         carry = Step(CARRY, carry_facts, next=(STATE,))
-        carrying = Workflow(WORKFLOW, __version__, CARRY, [carry, agent, ended], policy=policy)
+        carrying = Workflow(
+            WORKFLOW, __version__, CARRY, [carry, agent, ended], policy=policy, resolvers=resolvers
+        )
     except DefinitionError as exc:
         raise GatewayError(f"policy for {key}: {exc}") from None
     hidden = {t.name: why for t in tools if (why := never_allowed(workflow, STATE, t)) is not None}
@@ -359,7 +454,13 @@ class Gateway:
         db_hint: str = "",
         rotate_every: int = ROTATE_EVERY,
         secrets: SecretScan | None = None,
+        config: GatewayConfig | None = None,
     ) -> None:
+        """`config` (a configuration file, `gateway_config`) adds the policy's resolvers over
+        the upstreams' read tools, what the upstreams' tools do, and what a defer does; its
+        upstreams and policy are the ones given here (`config_upstreams(config)`, `config.policy`)."""
+        self.config = config
+        self.connections = Connections()
         self.upstreams = list(upstreams)
         mapped = {**(policies or {}), **({ANY_CALLER: policy} if policy is not None else {})}
         self.access = Access({k: _GatewayPolicy(_tools_only(p), approval_timeout) for k, p in mapped.items()})
@@ -384,6 +485,7 @@ class Gateway:
             describe={
                 "upstreams": [u.describe() for u in self.upstreams],
                 "approval_timeout": approval_timeout,
+                **({"configuration": config.describe()} if config is not None else {}),
             },
         )
         self._listeners: collections.OrderedDict[int, ServerSession] = collections.OrderedDict()
@@ -445,6 +547,8 @@ class Gateway:
 
     async def _listing(self) -> tuple[list[PassThroughTool], dict[str, Governance]]:
         """List every upstream's tools and govern them with every policy."""
+        for server in self.servers:
+            self.connections.client(server)  # the connection listed on: not a restart
         listings = await asyncio.gather(*(_list(s) for s in self.servers), return_exceptions=True)
         for failure in listings:
             if isinstance(failure, BaseException):
@@ -453,17 +557,39 @@ class Gateway:
         owner: dict[str, str] = {}
         for upstream, server, listed in zip(self.upstreams, self.servers, listings, strict=True):
             assert isinstance(listed, list)
+            _check_declared(upstream, listed, self.config)
             for item in listed:
                 name = f"{upstream.prefix}_{item.name}" if upstream.prefix else item.name
                 if name in owner:
                     raise GatewayError(_clash(name, owner[name], upstream.spec.name))
                 owner[name] = upstream.spec.name
+                declared = upstream.tools.get(item.name)
                 try:
-                    tools.append(PassThroughTool(server, item, name=name, scan=self.scan))
+                    tool = PassThroughTool(
+                        server,
+                        item,
+                        name=name,
+                        scan=self.scan,
+                        declared=declared,
+                        connections=self.connections,
+                    )
                 except McpError as exc:
                     raise GatewayError(str(exc)) from None
-        governance = {key: govern(key, policy, tools) for key, policy in self.access.policies.items()}
+                tools.append(tool)
+        resolvers = self._resolvers()
+        policies = self.access.policies.items()
+        governance = {key: govern(key, policy, tools, self.config, resolvers) for key, policy in policies}
         return tools, governance
+
+    def _resolvers(self) -> dict[str, Callable[..., Any]]:
+        """The policy's resolvers a configuration declares, over the upstreams' read tools."""
+        if self.config is None:
+            return {}
+        by_key = {u.key: s for u, s in zip(self.upstreams, self.servers, strict=True)}
+        return {
+            name: resolver.resolver(name, functools.partial(self.connections.call, by_key[resolver.upstream]))
+            for name, resolver in self.config.resolvers.items()
+        }
 
     # -- callers ---------------------------------------------------------------------------
 
@@ -598,7 +724,9 @@ def result_of(tool: str, observation: dict[str, Any], run_id: str | None) -> mcp
     """What the client gets: the upstream's result, or an error naming the reason code."""
     outcome = observation.get("outcome")
     facts = {"run_id": run_id, "step_id": observation.get("step_id"), "outcome": outcome}
-    if outcome == "executed" and isinstance(observation.get("result"), dict):
+    # An effect that happened is answered with the upstream's result, even when its
+    # verification failed (the outcome in `_meta` says so): the client must know it happened.
+    if outcome in ("executed", "verification_failed") and isinstance(observation.get("result"), dict):
         result = mcp.types.CallToolResult.model_validate(observation["result"])
         result.meta = {**(result.meta or {}), META_KEY: facts}
         return result
@@ -609,6 +737,10 @@ def result_of(tool: str, observation: dict[str, Any], run_id: str | None) -> mcp
     elif outcome == "tool_error":
         reason = observation.get("error") or "the upstream failed"
         text = f"{tool} failed upstream ({code}): {reason}"
+    elif outcome == "handed_off":
+        code = code or "deferred"
+        reason = f"handed to {observation.get('owner')}, who takes it from here"
+        text = f"tether did not run {tool}: it is {reason}"
     else:
         reason = observation.get("reason") or f"the step ended {outcome}"
         text = f"tether could not take {tool}: {reason}"
@@ -630,6 +762,22 @@ async def _list(server: McpServer) -> list[mcp.types.Tool]:
         raise GatewayError(f"cannot list the upstream's tools: {exc}") from None
     except Exception as exc:  # a protocol-level refusal of tools/list
         raise GatewayError(f"{server.spec.where()}: cannot list its tools: {exc}") from None
+
+
+def _check_declared(upstream: Upstream, listed: list[mcp.types.Tool], config: GatewayConfig | None) -> None:
+    """Every tool a configuration declares, reads or resolves through must be offered."""
+    offered = {t.name for t in listed}
+    named = [(tool, "tools") for tool in upstream.tools]
+    named += [(t.read.tool, f"tools.{tool}.verify.read") for tool, t in upstream.tools.items() if t.read]
+    if config is not None:
+        resolvers = config.resolvers.items()
+        named += [(r.tool, f"resolver {n!r}") for n, r in resolvers if r.upstream == upstream.key]
+    for tool, where in named:
+        if tool not in offered:
+            raise GatewayError(
+                f"{config.source if config else 'configuration'}: upstream {upstream.key!r}: {where} names "
+                f"{tool!r}, which the upstream does not offer (it offers: {', '.join(sorted(offered))})"
+            )
 
 
 def _clash(tool: str, first: str, second: str) -> str:
