@@ -19,6 +19,7 @@ returns nothing.
 from __future__ import annotations
 
 import contextlib
+import math
 import reprlib
 import secrets
 import time
@@ -570,6 +571,7 @@ class GovernedStep:
         cursor = self.cursor
         red = cursor.redactor  # the ticket and the paused step hold fingerprints, not values
         now = cursor.clock()
+        open_for = min(decision.expires_in or QUESTION_SECONDS, self.state.max_ticket_seconds or math.inf)
         ticket = Ticket(
             ticket_id="tkt_" + secrets.token_hex(6),
             run_id=cursor.run_id,
@@ -581,7 +583,7 @@ class GovernedStep:
             approver=decision.approver or self.state.escalate_to,
             question=args.get("question") if kind == "question" else None,
             created_at=now,
-            expires_at=now + (decision.expires_in or QUESTION_SECONDS),
+            expires_at=now + open_for,
             approvals_required=decision.approvals or 1,
             forbid_self_approval=decision.forbid_self_approval,
         )

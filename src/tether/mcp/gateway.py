@@ -37,21 +37,17 @@ import contextlib
 import functools
 import itertools
 import logging
-import math
 import re
 import shlex
 import time
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any
 from urllib.parse import urlparse
-
-import msgspec
 
 from tether import __version__
 from tether.analysis.reach import never_allowed
-from tether.decision import Decision
 from tether.errors import DefinitionError, Forbidden, PolicyFileError, TetherError
 from tether.identity import ROLES, Principal, authorize
 from tether.journal import Journal
@@ -158,9 +154,7 @@ def config_upstreams(config: GatewayConfig) -> list[Upstream]:
     """The upstreams a configuration file declares."""
     return [
         Upstream(
-            McpServerSpec(
-                name=u.name, command=u.command, url=u.url, env=u.env, cwd=u.cwd, timeout=u.timeout
-            ),
+            McpServerSpec(name=u.name, command=u.command, url=u.url, env=u.env, cwd=u.cwd, timeout=u.timeout),
             prefix=u.key if u.prefix else None,
             key=u.key,
             tools=u.tools,
@@ -184,44 +178,6 @@ def _tools_only(policy: Policy) -> Policy:
             "when the session ends, must stay allowed); remove the exit rules"
         )
     return policy
-
-
-class _GatewayPolicy(Policy):
-    """The policy file as written, with every approval's expiry capped at --approval-timeout:
-    the ticket on the record carries the deadline the gateway keeps."""
-
-    def __init__(self, policy: Policy, approval_timeout: float) -> None:
-        super().__init__(
-            policy.document,
-            policy.source,
-            evaluation_budget=policy.evaluation_budget,
-            resolve_seconds=policy.resolve_seconds,
-        )
-        self.approval_timeout = approval_timeout
-
-    def decide(
-        self,
-        *,
-        kind: Literal["tool", "exit"],
-        name: str,
-        effect: str,
-        variables: Any,
-        resolvers: Any = None,
-        evaluation: Any = None,
-        provenance: Any = None,
-    ) -> Decision:
-        decision = super().decide(
-            kind=kind,
-            name=name,
-            effect=effect,
-            variables=variables,
-            resolvers=resolvers,
-            evaluation=evaluation,
-            provenance=provenance,
-        )
-        if decision.decision == "ask" and (decision.expires_in or math.inf) > self.approval_timeout:
-            return msgspec.structs.replace(decision, expires_in=self.approval_timeout)
-        return decision
 
 
 class Connections:
@@ -409,6 +365,7 @@ def govern(
     tools: Sequence[PassThroughTool],
     config: GatewayConfig | None = None,
     resolvers: Mapping[str, Callable[..., Any]] | None = None,
+    approval_timeout: float | None = None,
 ) -> Governance:
     """Build the workflows of `policy` over `tools` (checking its rules against them), with
     a configuration's resolvers and what its `defer` does."""
@@ -419,6 +376,9 @@ def govern(
         exits={"rotate": STATE, "end": "ended"},
         budget=BUDGET,
         on_defer=config.defer if config is not None else "hand_off",
+        # Every ticket expires at --approval-timeout at the latest: the caller cannot wait
+        # longer. Capped here, not in the decision, so that replay re-decides it as recorded.
+        max_ticket_seconds=approval_timeout,
     )
     ended = Terminal("ended")
     try:
@@ -463,7 +423,7 @@ class Gateway:
         self.connections = Connections()
         self.upstreams = list(upstreams)
         mapped = {**(policies or {}), **({ANY_CALLER: policy} if policy is not None else {})}
-        self.access = Access({k: _GatewayPolicy(_tools_only(p), approval_timeout) for k, p in mapped.items()})
+        self.access = Access({k: _tools_only(p) for k, p in mapped.items()})
         self.journal = journal
         self.approval_timeout = approval_timeout
         self.scan = secrets if secrets is not None else SecretScan()
@@ -578,7 +538,10 @@ class Gateway:
                 tools.append(tool)
         resolvers = self._resolvers()
         policies = self.access.policies.items()
-        governance = {key: govern(key, policy, tools, self.config, resolvers) for key, policy in policies}
+        governance = {
+            key: govern(key, policy, tools, self.config, resolvers, self.approval_timeout)
+            for key, policy in policies
+        }
         return tools, governance
 
     def _resolvers(self) -> dict[str, Callable[..., Any]]:
