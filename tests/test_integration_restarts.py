@@ -17,7 +17,9 @@ EXAMPLES = Path(__file__).resolve().parent.parent / "examples" / "integrations"
 
 def process(*args: str | Path, cwd: Path) -> str:
     """A new Python process (with this one's environment: the sources under test), its stdout."""
-    done = subprocess.run([sys.executable, *map(str, args)], cwd=cwd, capture_output=True, text=True, timeout=120)
+    done = subprocess.run(
+        [sys.executable, *map(str, args)], cwd=cwd, capture_output=True, text=True, timeout=120
+    )
     assert done.returncode == 0, done.stderr
     return done.stdout
 
