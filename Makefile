@@ -60,10 +60,16 @@ chromium:
 		{ $$SUDO apt-get update -qq && $$SUDO apt-get install -y -qq chromium >/dev/null; } || \
 		{ [ "$$CI" != "true" ] && echo "could not install chromium: the browser tests will skip"; }; }
 
+# The tests run in parallel (pytest-xdist): one process per core, each test file whole in one
+# of them (--dist loadfile: a module's servers start once). `make test PYTEST_WORKERS=0` runs
+# them in this process, one after another; PYTEST_ARGS adds arguments (`-k web`, `-x`).
+PYTEST_WORKERS ?= auto
+PYTEST_ARGS ?=
+
 test: $(TEST_STAMP) chromium
 	$(BIN)/ruff check src tests bench examples
 	$(BIN)/mypy
-	$(BIN)/pytest -q
+	$(BIN)/pytest -q -n $(PYTEST_WORKERS) --dist loadfile $(PYTEST_ARGS)
 
 # The benchmarks run in a venv of their own: the bench extra (LangGraph, DBOS) never enters the
 # one the tests use. `make bench QUICK=1` runs each script's --quick mode (about a minute each).

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import shutil
+import sys
 from pathlib import Path
 
 import pytest
@@ -20,6 +21,8 @@ PAUSED, TICKET = "run_90f98d1a0ff9", "tkt_399f214258de"
 def old_journal(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
     """A copy of the format 1 journal (opening it upgrades its schema in place)."""
     monkeypatch.setenv("REFUND_LEDGER", str(tmp_path / "ledger.sqlite"))
+    # Its refund_tools is the fixture's, not the example's another test of this process imported.
+    monkeypatch.delitem(sys.modules, "refund_tools", raising=False)
     copy = tmp_path / "format1.db"
     shutil.copy(FIXTURE / "format1.db", copy)
     return copy

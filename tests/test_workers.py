@@ -100,13 +100,15 @@ def worker_env(effects_url: str) -> dict[str, str]:
 
 
 def wait_until_settled(journal: Journal, ids: list[str], seconds: float, tick: Any = None) -> dict[str, str]:
+    """Until every run is settled; `tick(records)` is called with the runs twice a second."""
     deadline = time.time() + seconds
     while True:
-        now = statuses(journal)
+        records = run(journal.list_runs(limit=10_000))
+        now = {r.run_id: r.status for r in records}
         if all(now[i] in ("completed", "effect_in_doubt") for i in ids) or time.time() > deadline:
             return now
         if tick:
-            tick()
+            tick(records)
         time.sleep(0.5)
 
 
@@ -116,9 +118,17 @@ def test_chaos_200_runs_4_workers_killed_at_random(pg_url: str) -> None:
     env = worker_env(pg_url)
     workers = [spawn_worker(pg_url, env) for _ in range(4)]
     kills = 0
+    seen: dict[str, str] = {}
 
-    def kill_one() -> None:
-        nonlocal kills
+    def kill_one(records: list[Any]) -> None:
+        """Kill a worker at random, once some run moved on since the last kill: on a loaded
+        machine, where a worker may take seconds to start, the workers are not all killed
+        before any of them did anything."""
+        nonlocal kills, seen
+        now = {r.run_id: r.status for r in records}
+        if now == seen:
+            return
+        seen = now
         victim = random.choice(workers)
         victim.kill()
         victim.wait()
