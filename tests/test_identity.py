@@ -198,3 +198,11 @@ def test_the_local_principal_is_an_admin_recorded_as_such() -> None:
     assert local.kind == "local" and local.role == "admin" and local.principal_id.startswith("local:")
     authorize(local, "admin")
     assert hash_token("x") == hash_token("x") != hash_token("y")
+
+
+def test_a_principal_outside_the_vocabulary_is_refused_before_anything_is_recorded() -> None:
+    # Recorded, it could never be read back (the journal would then look tampered with).
+    with pytest.raises(ValueError, match="role must be one of"):
+        Principal(principal_id="person:ana", name="ana", kind="person", role="supervisor")  # type: ignore[arg-type]
+    with pytest.raises(ValueError, match="kind must be one of"):
+        Principal(principal_id="robot:r", name="r", kind="robot", role="admin")  # type: ignore[arg-type]

@@ -28,12 +28,14 @@ import pytest
 from mcp import Client, ClientSession, MCPError, StdioServerParameters
 from mcp.client.stdio import stdio_client
 from mcp.client.streamable_http import streamable_http_client
+from mcp.shared._httpx_utils import create_mcp_http_client
 from mcp.types import CallToolResult, TextContent
 
 from mcp_servers import filesystem_server, time_server
 from tether.identity import Principal
 from tether.journal import open_journal
-from tether.mcp.gateway import Gateway, parse_upstreams
+from tether.mcp.client import McpServerSpec
+from tether.mcp.gateway import Gateway, Upstream, parse_upstreams
 from tether.policy import Policy
 
 APPROVAL_TIMEOUT = 6.0
@@ -215,10 +217,17 @@ def test_every_call_is_governed_and_journaled(setup: Setup) -> None:
     log = (setup.folder / "gateway.log").read_text()
     assert "waits for a person" in log and "tether approve tkt_" in log
 
-    runs = json.loads(asyncio.run(setup.tether("runs", "--json")))
-    assert [(r["workflow_name"], r["status"]) for r in runs] == [("mcp-gateway", "completed")]
-    shown = json.loads(asyncio.run(setup.tether("show", runs[0]["run_id"], "--json")))
-    assert shown["chain"]["intact"]
+    # A call that waits for a person keeps its run; the caller's next calls go to a fresh one.
+    runs = sorted(json.loads(asyncio.run(setup.tether("runs", "--json"))), key=lambda r: r["created_at"])
+    assert [(r["workflow_name"], r["status"]) for r in runs] == [("mcp-gateway", "completed")] * 5
+    person = Principal.local().principal_id  # the stdio caller: the local user, who started them all
+    assert {r["started_by"] for r in runs} == {person}
+    shown_runs = [json.loads(asyncio.run(setup.tether("show", r["run_id"], "--json"))) for r in runs]
+    assert all(shown["chain"]["intact"] for shown in shown_runs)
+    shown = {
+        "steps": [s for shown in shown_runs for s in shown["steps"]],
+        "entries": [e for shown in shown_runs for e in shown["entries"]],
+    }
     steps = [
         (
             s["proposal"]["tool"],
@@ -270,7 +279,7 @@ def test_every_call_is_governed_and_journaled(setup: Setup) -> None:
         for e in shown["entries"]
         if e["kind"] == "ticket_decided"
     ]
-    person = Principal.local().principal_id  # what `tether approve` records: the local admin
+    # `tether approve` records the local admin
     assert decided == [("approved", person), ("denied", person), ("denied", "local:mcp-gateway")]
 
 
@@ -376,8 +385,8 @@ def test_a_long_session_starts_a_fresh_visit_every_so_many_calls(setup: Setup) -
                     for _ in range(7):
                         now = await client.call_tool("get_current_time", {"timezone": "UTC"})
                         assert not now.is_error
-                assert gateway.run_id is not None
-                return gateway.run_id
+                (run_id,) = gateway.run_ids  # the in-process client is the local user: one run
+                return run_id
         finally:
             journal.close()
 
@@ -412,9 +421,16 @@ def http(method: str, url: str, token: str, body: dict[str, Any] | None = None) 
             return exc.code, json.loads(exc.read())
 
 
-def test_over_http_an_approval_comes_from_the_approval_endpoint(setup: Setup) -> None:
-    port, token = free_port(), "s3cret-token"
+def test_over_http_callers_and_approvers_present_tether_tokens(setup: Setup) -> None:
+    port = free_port()
     base = f"http://127.0.0.1:{port}"
+
+    def token(name: str, *options: str) -> str:
+        made = json.loads(asyncio.run(setup.tether("token", "create", name, *options, "--json")))
+        return str(made["token"])
+
+    caller = token("ide", "--service", "--role", "operator")
+    approver = token("olivia", "--role", "approver", "--approver-for", "owner")
     with (setup.folder / "gateway.log").open("w") as errlog:
         gateway = subprocess.Popen(
             [sys.executable, *setup.gateway(setup.fs, extra=("--transport", "http", "--port", str(port)))],
@@ -422,7 +438,6 @@ def test_over_http_an_approval_comes_from_the_approval_endpoint(setup: Setup) ->
             stdout=errlog,
             stderr=errlog,
             cwd=setup.folder,
-            env={**os.environ, "TETHER_APPROVAL_TOKEN": token},
         )
         try:
             deadline = time.monotonic() + 30
@@ -432,7 +447,8 @@ def test_over_http_an_approval_comes_from_the_approval_endpoint(setup: Setup) ->
 
             async def session_of_a_client() -> CallToolResult:
                 async with (
-                    streamable_http_client(f"{base}/mcp") as (read, write),
+                    create_mcp_http_client(headers={"Authorization": f"Bearer {caller}"}) as client,
+                    streamable_http_client(f"{base}/mcp", http_client=client) as (read, write),
                     ClientSession(read, write) as session,
                 ):
                     await session.initialize()
@@ -443,18 +459,22 @@ def test_over_http_an_approval_comes_from_the_approval_endpoint(setup: Setup) ->
                     tickets: list[dict[str, Any]] = []
                     while not tickets:
                         await asyncio.sleep(0.2)
-                        status, listed = await asyncio.to_thread(http, "GET", f"{base}/approvals", token)
+                        status, listed = await asyncio.to_thread(http, "GET", f"{base}/approvals", approver)
                         tickets = listed["tickets"]
                     assert (await asyncio.to_thread(http, "GET", f"{base}/approvals", "wrong"))[0] == 401
                     ticket = tickets[0]["ticket_id"]
+                    # The caller's own token may call tools, not decide them.
+                    mine = await asyncio.to_thread(
+                        http, "POST", f"{base}/approvals/{ticket}/approve", caller, {}
+                    )
+                    assert mine[0] == 403
                     status, decided = await asyncio.to_thread(
-                        http, "POST", f"{base}/approvals/{ticket}/approve", token, {"by": "alice"}
+                        http, "POST", f"{base}/approvals/{ticket}/approve", approver, {"reason": "ok"}
                     )
                     assert status == 200 and decided["status"] == "approved"
-                    # The holder of the gateway's shared token, not the name it gave ("alice").
-                    assert decided["decided_by"] == "local:mcp-gateway-approvals"
+                    assert decided["decided_by"] == "person:olivia"  # the principal, from the token
                     again = await asyncio.to_thread(
-                        http, "POST", f"{base}/approvals/{ticket}/deny", token, {}
+                        http, "POST", f"{base}/approvals/{ticket}/deny", approver, {}
                     )
                     assert again[0] == 409  # single use: already decided
                     return await asyncio.wait_for(call, timeout=20)
@@ -464,16 +484,23 @@ def test_over_http_an_approval_comes_from_the_approval_endpoint(setup: Setup) ->
             assert (setup.sandbox / "over-http.txt").read_text() == "via http\n"
 
             async def through_a_second_gateway() -> CallToolResult:
-                # An upstream given by URL: here, this gateway behind another one (stdio).
-                params = setup.params(f"{base}/mcp")
-                async with (
-                    stdio_client(params, errlog=errlog) as (read, write),
-                    ClientSession(read, write) as session,
-                ):
-                    await session.initialize()
-                    return await session.call_tool(
-                        "read_text_file", {"path": str(setup.sandbox / "over-http.txt")}
-                    )
+                # An upstream given by URL, with its token from the environment: here, this
+                # gateway behind another one (in this process, as the local user).
+                headers = {"Authorization": "Bearer ${UPSTREAM_TOKEN}"}
+                upstream = Upstream(McpServerSpec(name="first", url=f"{base}/mcp", headers=headers))
+                os.environ["UPSTREAM_TOKEN"] = caller
+                journal = open_journal(str(setup.folder / "second.db"))
+                try:
+                    policy = Policy.from_file(setup.policy)
+                    async with (
+                        Gateway([upstream], policy, journal) as second,
+                        Client(second.server()) as client,
+                    ):
+                        path = str(setup.sandbox / "over-http.txt")
+                        return await client.call_tool("read_text_file", {"path": path})
+                finally:
+                    del os.environ["UPSTREAM_TOKEN"]
+                    journal.close()
 
             chained = asyncio.run(through_a_second_gateway())
             assert text(chained) == "via http\n"
@@ -482,7 +509,8 @@ def test_over_http_an_approval_comes_from_the_approval_endpoint(setup: Setup) ->
             gateway.wait(timeout=30)
     assert gateway.returncode == 0, (setup.folder / "gateway.log").read_text()
     runs = json.loads(asyncio.run(setup.tether("runs", "--json")))
-    assert [r["status"] for r in runs] == ["completed", "completed"]  # each gateway's session
+    # The caller's two runs (its write waited for a person; the chained read went to a fresh one).
+    assert [(r["status"], r["started_by"]) for r in runs] == [("completed", "service:ide")] * 2
 
 
 def _listening(port: int) -> bool:

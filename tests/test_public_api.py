@@ -63,9 +63,10 @@ def test_the_kernel_imports_no_cli_or_vendor_code() -> None:
 
     code = (
         "import sys, tether, tether.runtime, tether.models, tether.loader, "
-        "tether.operations, tether.sweeper; "
+        "tether.operations, tether.sweeper, tether.external, tether.integrations; "
         "bad = [m for m in sys.modules if m.split('.')[0] in "
-        "('openai', 'anthropic', 'httpx', 'mcp', 'llama_cpp') "
+        "('openai', 'anthropic', 'httpx', 'mcp', 'llama_cpp', 'agents', 'pydantic_ai', "
+        "'langgraph', 'langchain_core') "
         "or m == 'tether.cli']; "
         "print(','.join(bad))"
     )

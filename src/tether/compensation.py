@@ -281,7 +281,9 @@ class Rollback:
         except ArgumentError as exc:
             return await self._record(b.CompensationRefused(**fields, reason=str(exc)), step_id)
         fields |= {"args": validated.values, "args_hash": validated.hash}
-        decision = cursor.decide(kind="tool", tool=comp.tool.info, args=validated.values, step_id=step_id)
+        decision = await cursor.decide(
+            kind="tool", tool=comp.tool.info, args=validated.values, step_id=step_id
+        )
         fields["decision"] = decision.stored()
         if decision.decision != "allow":
             why = f"policy says {decision.decision} ({decision.rule_id}: {decision.reason})"

@@ -15,11 +15,14 @@ received (`handoff_received`):
   receives it at once, in the same commit: its visit opens with the handoff record, and its
   model sees that record, never the sender's transcript;
 - a person (any other owner) receives it later, through `Runtime.pick_up` (`tether pickup
-  RUN`): the run stays handed off, now theirs, or — when stale — goes back to the sender.
+  RUN`): the run stays handed off, now theirs, or — when stale — goes back to the sender;
+- unless the state hands over only the call (`on_defer: continue`, an MCP gateway's
+  session): the handoff is recorded for its owner, the call is not run, the run goes on.
 """
 
 from __future__ import annotations
 
+import inspect
 import json
 from collections.abc import Sequence
 from types import MappingProxyType
@@ -60,6 +63,10 @@ async def hand_off(step: GovernedStep, proposal: Proposal, decision: Decision, a
         relied_on=relied_on(entries, cursor.record.facts, decision),
     )
     record = b.HandedOff(proposal=proposal, decision=decision.stored(), handoff=handed, args_hash=args_hash)
+    if not routed and state.on_defer == "continue" and not isinstance(proposal, Handoff):
+        # Only the call is handed over: on the record, with its owner; the run goes on.
+        await step.record(record)
+        return
     if not routed:
         await step.record(
             record,
@@ -214,6 +221,8 @@ async def read_again(
         try:
             if fact.reader == "resolver":
                 now = _resolve(fact, workflow, run, step_id)
+                if inspect.isawaitable(now):  # an asynchronous resolver
+                    now = await now
             else:
                 if executed is None:
                     executed = {

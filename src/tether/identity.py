@@ -70,6 +70,19 @@ class Principal(msgspec.Struct, frozen=True, kw_only=True, omit_defaults=True):
     workflows: tuple[str, ...] = ()
     token_id: str | None = None
 
+    def __post_init__(self) -> None:
+        # msgspec checks the Literal types when decoding, not when code builds one: a
+        # principal with a role outside the vocabulary would be recorded and then unreadable.
+        if self.role not in ROLES:
+            raise ValueError(
+                f"principal {self.principal_id!r}: role must be one of {ROLES}, not {self.role!r}"
+            )
+        if self.kind not in get_args(PrincipalKind):
+            raise ValueError(
+                f"principal {self.principal_id!r}: kind must be one of {get_args(PrincipalKind)}, "
+                f"not {self.kind!r}"
+            )
+
     @classmethod
     def local(cls) -> Principal:
         """The operating-system user of a command that opened the journal directly."""

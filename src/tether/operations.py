@@ -292,7 +292,7 @@ class Operations:
             cursor = self.runtime._cursor(record, workflow)
             await cursor.load()
             step_id = cursor.new_step_id()
-            decision = self._exit_decision(cursor, state, exit, update, step_id, by)
+            decision = await self._exit_decision(cursor, state, exit, update, step_id, by)
             pending = record.checkpoint.get("pending") or {}
             ticket_id = pending.get("ticket_id") if record.status == "paused" else None
             taken = b.TakenOver(
@@ -324,7 +324,7 @@ class Operations:
             return Outcome(await self.runtime.resume(run_id, workflow, None))
         return Outcome(RunResult.of(await self.journal.get_run(run_id)))
 
-    def _exit_decision(
+    async def _exit_decision(
         self, cursor: Any, state: Any, exit: str, update: dict[str, Any], step_id: str, by: Principal
     ) -> Decision:
         if not isinstance(state, AgentState):  # a deterministic step's next state: the workflow allows it
@@ -338,7 +338,7 @@ class Operations:
         if problem:
             raise RunStateError(f"exit {exit!r} refused: the skill's output contract: {problem}")
         args = {"exit": exit, "update": update}
-        decision: Decision = cursor.decide(
+        decision: Decision = await cursor.decide(
             kind="exit", tool={"name": exit, "effect": "exit"}, args=args, step_id=step_id
         )
         if decision.decision != "allow":

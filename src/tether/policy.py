@@ -30,16 +30,28 @@ crash of the whole process, at about 12,000 on an 8 MB stack). Tool arguments ar
 by the tool's schema (see `tether.tools`). And a decision whose conditions use more CPU time
 than the policy's `evaluation_budget` (checked after each rule: the engine holds the GIL, so
 it cannot be interrupted mid-condition) denies with `policy_error`.
+
+A resolver may be asynchronous (`async def`, or any callable returning an awaitable: a lookup
+over the network, another MCP server's read tool). CEL evaluation itself is synchronous, so
+`Policy.adecide` evaluates in rounds: a round in which a condition calls a lookup not yet
+answered counts as null for it, notes the call and is thrown away; the calls noted are awaited
+concurrently, and the decision is evaluated again, until a round needs nothing new. Only that
+last round's decision is returned, with the values it read recorded in `resolved` exactly as a
+synchronous resolver's are (replay answers from them, never live). The lookups of one decision
+are bounded in wall time (`resolve_seconds`), in rounds and in number; a lookup that fails, or
+that is still unanswered when the time is up, denies with `policy_error`.
 """
 
 from __future__ import annotations
 
+import asyncio
 import functools
+import inspect
 import itertools
 import json
 import re
 import time
-from collections.abc import Callable, Mapping
+from collections.abc import Awaitable, Callable, Mapping
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any, Literal
@@ -58,6 +70,12 @@ from tether.strict_yaml import load_yaml
 from tether.tools import Tool
 
 BUDGET_RULE_ID = "policy:evaluation_budget"
+LOOKUP_RULE_ID = "policy:lookups"
+# The asynchronous lookups of one decision: wall seconds for all of them (every round), rounds
+# of evaluation (one per chain of lookups whose arguments come from another lookup), and calls.
+DEFAULT_RESOLVE_SECONDS = 10.0
+MAX_LOOKUP_ROUNDS = 8
+MAX_LOOKUPS = 100
 SEVERITY: dict[str, int] = {"allow": 0, "ask": 1, "defer": 2, "deny": 3}
 REASON_OF: dict[str, ReasonCode] = {
     "allow": ReasonCode.POLICY_ALLOWED,
@@ -328,12 +346,17 @@ class Policy:
         source: str = "<policy>",
         *,
         evaluation_budget: float = DEFAULT_EVALUATION_BUDGET,
+        resolve_seconds: float = DEFAULT_RESOLVE_SECONDS,
     ) -> None:
         if not evaluation_budget > 0:
             raise ValueError(f"evaluation_budget must be a positive number of seconds: {evaluation_budget}")
+        if not resolve_seconds > 0:
+            raise ValueError(f"resolve_seconds must be a positive number of seconds: {resolve_seconds}")
         self.document = document
         self.source = source
         self.evaluation_budget = evaluation_budget
+        # Wall seconds the asynchronous lookups of one decision may take, all rounds together.
+        self.resolve_seconds = resolve_seconds
         self.hash = fingerprint(document.hashed())
         ids: set[str] = set()
         self._rules: list[_CompiledRule] = []
@@ -588,6 +611,79 @@ class Policy:
         if tracer.recorded:
             decision = msgspec.structs.replace(decision, provenance=tracer.recorded)
         return decision
+
+    async def adecide(
+        self,
+        *,
+        kind: Literal["tool", "exit"],
+        name: str,
+        effect: str,
+        variables: Mapping[str, Any],
+        resolvers: Mapping[str, Callable[..., Any]] | None = None,
+        evaluation: Evaluation | None = None,
+        provenance: Callable[[Any], Traced] | None = None,
+        resolve_seconds: float | None = None,
+    ) -> Decision:
+        """`decide`, with resolvers that may be asynchronous (see the module doc): the lookups
+        the decision needs are awaited before the evaluation whose decision is returned, all
+        of them within `resolve_seconds` (default: the policy's). With only synchronous
+        resolvers this is `decide`, evaluated once."""
+        if not resolvers:
+            return self.decide(
+                kind=kind,
+                name=name,
+                effect=effect,
+                variables=variables,
+                evaluation=evaluation,
+                provenance=provenance,
+            )
+        lookups = _Lookups(resolvers)
+        seconds = self.resolve_seconds if resolve_seconds is None else resolve_seconds
+        deadline = time.monotonic() + seconds
+        try:
+            for _ in range(MAX_LOOKUP_ROUNDS):
+                decision = self.decide(
+                    kind=kind,
+                    name=name,
+                    effect=effect,
+                    variables=variables,
+                    resolvers=lookups.resolvers,
+                    evaluation=evaluation,
+                    provenance=provenance,
+                )
+                if not lookups.pending:
+                    return decision
+                if lookups.calls > MAX_LOOKUPS:
+                    return self._lookups_failed(
+                        lookups, f"the decision needs more than {MAX_LOOKUPS} lookups ({lookups.waiting()})"
+                    )
+                try:
+                    async with asyncio.timeout(max(0.0, deadline - time.monotonic())):
+                        await lookups.fetch()
+                except TimeoutError:
+                    return self._lookups_failed(
+                        lookups,
+                        f"lookups unanswered after {seconds:g} s, the decision's time for them "
+                        f"({lookups.waiting()})",
+                    )
+            return self._lookups_failed(
+                lookups,
+                f"the decision still needs lookups after {MAX_LOOKUP_ROUNDS} rounds, each reading "
+                f"what the one before found ({lookups.waiting()})",
+            )
+        finally:
+            lookups.discard()
+
+    def _lookups_failed(self, lookups: _Lookups, reason: str) -> Decision:
+        """A decision whose lookups could not all be made: denied, with what was answered."""
+        return Decision(
+            decision="deny",
+            rule_id=LOOKUP_RULE_ID,
+            policy_hash=self.hash,
+            reason_code=ReasonCode.POLICY_ERROR,
+            reason=reason,
+            resolved=lookups.answered(),
+        )
 
     def _safe_default(self, tool: Any, tracer: _Tracer) -> Decision | None:
         """What the safe defaults say about a tool call, if anything: the stricter of
@@ -924,20 +1020,106 @@ class _Failed:
         self.message = message
 
 
+def call_key(name: str, args: tuple[Any, ...]) -> str:
+    """A resolver call as a decision records it: `order("A-1", 2)`, each argument as JSON."""
+    return f"{name}({', '.join(json.dumps(a, default=str) for a in args)})"
+
+
 def _recording(
     name: str, fn: Callable[..., Any], resolved: dict[str, Any], resolving: _Stopwatch
 ) -> Callable[..., Any]:
     def call(*args: Any) -> Any:
-        key = f"{name}({', '.join(json.dumps(a, default=str) for a in args)})"
+        key = call_key(name, args)
         if key not in resolved:
             started = time.thread_time()
             try:
-                resolved[key] = fn(*args)
+                value = fn(*args)
+                if inspect.isawaitable(value):
+                    _discard(value)
+                    raise TypeError(
+                        f"resolver {name!r} is asynchronous: its decisions are made with Policy.adecide"
+                    )
+                resolved[key] = value
             finally:
                 resolving.seconds += time.thread_time() - started
         return resolved[key]
 
     return call
+
+
+class LookupFailed(Exception):
+    """An asynchronous lookup a condition read failed: the condition cannot be evaluated."""
+
+
+class _Lookups:
+    """The resolvers of one `adecide`, answering from what was fetched so far.
+
+    A call already answered returns its value (or fails, when the lookup failed); a
+    synchronous resolver is called at once (and kept for the later rounds); an asynchronous
+    one not yet answered returns null for this round and is noted as pending."""
+
+    def __init__(self, resolvers: Mapping[str, Callable[..., Any]]) -> None:
+        self._answers: dict[str, tuple[bool, Any]] = {}
+        self.pending: dict[str, Awaitable[Any]] = {}
+        self.calls = 0
+        self.resolvers = {n: functools.partial(self._call, n, fn) for n, fn in resolvers.items()}
+
+    def _call(self, name: str, fn: Callable[..., Any], *args: Any) -> Any:
+        key = call_key(name, args)
+        answer = self._answers.get(key)
+        if answer is not None:
+            ok, value = answer
+            if ok:
+                return value
+            raise LookupFailed(f"{key} failed: {value}")
+        if key in self.pending:
+            return None
+        value = fn(*args)
+        if inspect.isawaitable(value):
+            self.pending[key] = value
+            self.calls += 1
+            return None
+        self._answers[key] = (True, value)
+        return value
+
+    async def fetch(self) -> None:
+        """Await every pending lookup, concurrently; each answer (or failure) is kept."""
+        pending, self.pending = self.pending, {}
+        tasks = {key: asyncio.ensure_future(aw) for key, aw in pending.items()}
+        try:
+            await asyncio.wait(tasks.values())
+        finally:
+            for key, task in tasks.items():
+                if not task.done():
+                    task.cancel()
+                    self.pending[key] = task  # still unanswered: named by `waiting`
+                elif task.cancelled():
+                    self._answers[key] = (False, "cancelled")
+                elif (exc := task.exception()) is not None:
+                    self._answers[key] = (False, f"{type(exc).__name__}: {exc}")
+                else:
+                    self._answers[key] = (True, task.result())
+
+    def waiting(self) -> str:
+        keys = list(self.pending)
+        shown = ", ".join(keys[:5]) + (f" and {len(keys) - 5} more" if len(keys) > 5 else "")
+        return f"waiting on {shown}" if keys else "none waiting"
+
+    def answered(self) -> dict[str, Any]:
+        return {key: value for key, (ok, value) in self._answers.items() if ok}
+
+    def discard(self) -> None:
+        """Nothing is left running or unawaited when the decision is made."""
+        for aw in self.pending.values():
+            _discard(aw)
+        self.pending = {}
+
+
+def _discard(awaitable: Awaitable[Any]) -> None:
+    if inspect.iscoroutine(awaitable):
+        awaitable.close()
+    elif isinstance(awaitable, asyncio.Future):
+        awaitable.cancel()
 
 
 class _ConditionError(Exception):

@@ -31,6 +31,10 @@ class ReasonCode(StrEnum):
     APPROVAL_DENIED = "approval_denied"
     APPROVAL_EXPIRED = "approval_expired"
     EFFECT_IN_DOUBT = "effect_in_doubt"
+    # A call from an agent framework (tether.external): its run waits on a ticket for another
+    # call; or the call a person approved is presented again with other arguments. Nothing ran.
+    APPROVAL_PENDING = "approval_pending"
+    APPROVAL_MISMATCH = "approval_mismatch"
     # An approved call's sensitive values are not recorded and this process does not hold
     # them (tether.sensitive): refused, for the model to propose again.
     SENSITIVE_VALUE_UNAVAILABLE = "sensitive_value_unavailable"

@@ -39,7 +39,7 @@ from tether.errors import TetherError
 from tether.hashing import encode_json, value_hash
 from tether.journal import Entry, Journal, RunRecord
 from tether.journal import bodies as b
-from tether.policy import BUDGET_RULE_ID, SEVERITY, Evaluation, Policy
+from tether.policy import BUDGET_RULE_ID, LOOKUP_RULE_ID, SEVERITY, Evaluation, Policy
 from tether.proposals import Exit, Finish, ToolCall, as_dict
 from tether.provenance import SeenValues
 from tether.run import history_item
@@ -552,6 +552,10 @@ def _recorded_now(recorded: Decision, missing: list[str]) -> Callable[[], dateti
     return now
 
 
+# Decisions the policy's engine made without its rules deciding: not re-evaluated.
+_NOT_BY_RULES = {BUDGET_RULE_ID: "the CPU budget", LOOKUP_RULE_ID: "its lookups, which could not all be made"}
+
+
 def _not_by_policy(
     recorded: Decision, state: str, name: str, offered: bool | None
 ) -> tuple[Status, str] | None:
@@ -561,8 +565,8 @@ def _not_by_policy(
         if offered:
             return "diverged", f"refused as out of scope, but state {state!r} offers {name}"
         return "not re-evaluated", "refused by the runtime (out of scope): checked"
-    if recorded.rule_id.startswith(("runtime:", "approval:")) or recorded.rule_id == BUDGET_RULE_ID:
-        why = "the CPU budget" if recorded.rule_id == BUDGET_RULE_ID else "the runtime, before policy"
+    if recorded.rule_id.startswith(("runtime:", "approval:")) or recorded.rule_id in _NOT_BY_RULES:
+        why = _NOT_BY_RULES.get(recorded.rule_id, "the runtime, before policy")
         return "not re-evaluated", f"decided by {why} ({recorded.rule_id})"
     return None
 

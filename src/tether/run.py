@@ -220,9 +220,19 @@ def _handoff_observed(record: b.HandedOff | b.HandoffReceived | b.HandoffReturne
 
 
 def history_item(record: b.ToolStep, step_id: str | None, state: str | None) -> dict[str, Any]:
-    """A tool call whose effect happened, as policy conditions see it in `history`."""
+    """A tool call whose effect happened, as policy conditions see it in `history`: with its
+    result as recorded (what the journal holds: sensitive values fingerprinted, an oversized
+    result replaced by a note saying so)."""
     outcome = "verification_failed" if isinstance(record, b.VerificationFailed) else "executed"
-    return {"tool": record.tool, "args": record.args, "step_id": step_id, "state": state, "outcome": outcome}
+    result = record.result if isinstance(record, b.Executed) else None
+    return {
+        "tool": record.tool,
+        "args": record.args,
+        "result": result,
+        "step_id": step_id,
+        "state": state,
+        "outcome": outcome,
+    }
 
 
 def history_from(entries: Sequence[Entry]) -> list[dict[str, Any]]:
@@ -237,6 +247,30 @@ def history_from(entries: Sequence[Entry]) -> list[dict[str, Any]]:
 
 
 class RunCursor:
+    # One per run being driven, alive while it waits on its model: no per-instance dict.
+    __slots__ = (
+        "_buffered",
+        "_dirty",
+        "_evaluation",
+        "_exchanges",
+        "_run_seen",
+        "_since",
+        "checkpoint",
+        "clock",
+        "history",
+        "journal",
+        "lease",
+        "observer",
+        "on_commit",
+        "policy",
+        "record",
+        "redactor",
+        "released",
+        "seen",
+        "transcript",
+        "workflow",
+    )
+
     def __init__(
         self,
         record: RunRecord,
@@ -321,6 +355,12 @@ class RunCursor:
         self.transcript = Transcript()
         self._since = time.monotonic()
 
+    def carried(self, facts: dict[str, Any] | None = None) -> b.Carried:
+        """What the entry opening a visit carries (the run's facts after it, given when it
+        changes them, and its pins): where a resume starts checking the row against the chain."""
+        record = self.record
+        return b.Carried(record.workflow_hash, record.policy_hash, record.facts if facts is None else facts)
+
     def position(self) -> tuple[str, Visit, Transcript, float]:
         """Where the run is (state, visit, transcript), to go back to if a move is not recorded."""
         return self.record.state, self.checkpoint.visit, self.transcript, self._since
@@ -328,14 +368,20 @@ class RunCursor:
     def restore(self, position: tuple[str, Visit, Transcript, float]) -> None:
         self.record.state, self.checkpoint.visit, self.transcript, self._since = position
 
-    async def load(self) -> list[Entry]:
+    async def load(self, read: Sequence[Entry] = ()) -> list[Entry]:
         """Rebuild what a resumed run needs: the current visit's transcript, and `history`
         and the seen values if the policy reads them. Reads the visit's entries (returned),
-        and the run's only for those."""
-        visit = await self.journal.read_entries(self.run_id, self.visit.started_seq)
+        and the run's only for those, unless `read` (the run's entries from at most the
+        visit's opening on, as the check before acting read them) holds them already."""
+        started = self.visit.started_seq
+        if read and read[0].seq <= started + 1:
+            visit = [e for e in read if e.seq > started] if read[0].seq <= started else list(read)
+        else:
+            visit = await self.journal.read_entries(self.run_id, started)
         self.transcript = Transcript(visit)
         if self.history is not None or self.seen is not None:
-            entries = await self.journal.read_entries(self.run_id)
+            whole = bool(read) and read[0].seq == 1
+            entries = list(read) if whole else await self.journal.read_entries(self.run_id)
             if self.history is not None:
                 self.history = history_from(entries)
             if self.seen is not None:
@@ -446,7 +492,7 @@ class RunCursor:
         fields = ("request", "response", "output", "error")
         return [x.model_copy(update={f: red.scrub(getattr(x, f)) for f in fields}) for x in self._exchanges]
 
-    def decide(
+    async def decide(
         self,
         *,
         kind: Literal["tool", "exit"],
@@ -458,7 +504,9 @@ class RunCursor:
         """Ask the policy about a proposal, with this run's variables and resolvers.
 
         `tool` is what conditions see as `tool`: `name` and `effect` (and `idempotent` for tools).
-        `now` is the decision's time, from `decision_time()` (the store's clock).
+        `now` is the decision's time, from `decision_time()` (the store's clock). Asynchronous
+        resolvers are awaited before the evaluation (`Policy.adecide`), within the policy's
+        `resolve_seconds`.
         """
         record = self.record
         if self._run_seen is None or self._run_seen["state"] != record.state:
@@ -489,7 +537,7 @@ class RunCursor:
             resolvers = {n: functools.partial(fn, ctx) for n, fn in self.workflow.resolvers.items()}
         if self._evaluation is None:
             self._evaluation = self.policy.evaluation(self.workflow.resolvers)
-        return self.policy.decide(
+        return await self.policy.adecide(
             kind=kind,
             name=tool["name"],
             effect=tool["effect"],

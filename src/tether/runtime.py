@@ -46,7 +46,7 @@ from tether.journal import (
 )
 from tether.journal import bodies as b
 from tether.models.protocol import Model
-from tether.observe import NO_OBSERVER, ObservedSpan, Observer
+from tether.observe import NO_OBSERVER, NO_SPAN, ObservedSpan, Observer
 from tether.policy import Policy
 from tether.proposals import Proposal, ToolCall, json_value_problem
 from tether.reasons import ReasonCode
@@ -233,7 +233,10 @@ class Runtime:
         data = _checked_input(input, workflow)
         Redactor.for_workflow(workflow)  # sensitive fields and no key: refused before anything is written
         now = self.clock()
-        record = RunRecord(
+        # Built from checked values, so not validated again; no field marked as set (a run
+        # waiting holds this record: pydantic's set of 21 names would cost it 2 KB).
+        record = RunRecord.model_construct(
+            set(),
             run_id=run_id or "run_" + secrets.token_hex(6),
             workflow_name=workflow.name,
             workflow_version=workflow.version,
@@ -244,7 +247,7 @@ class Runtime:
             model_spec=model_spec or (model.name if model else None),
             state=workflow.start,
             input=data,
-            data=data,
+            data=dict(data),
             checkpoint=msgspec.to_builtins(new_checkpoint(workflow.start)),
             created_at=now,
             updated_at=now,
@@ -300,12 +303,15 @@ class Runtime:
         await self._checkpoint(result)
         return result
 
-    async def _check(self, record: RunRecord, doing: str) -> None:
+    async def _check(self, record: RunRecord, doing: str, *, whole: bool = False) -> list[Entry]:
         """Before acting on a run: its rows agree with its chain (tether.journal.integrity),
-        and with a key, its chain still holds the head it was last signed at (tether.audit)."""
-        await integrity.check_run(self.journal, record, doing=doing)
+        and with a key, its chain still holds the head it was last signed at (tether.audit).
+        Returns the entries checked: from the current visit's opening on, or (`whole`, for
+        what acts on every entry) all of them."""
+        entries = await integrity.check_run(self.journal, record, doing=doing, whole=whole)
         if self.auditor is not None:
             await self.auditor.check_anchor(self.journal, record.run_id, doing=doing)
+        return entries
 
     async def _checkpoint(self, result: RunResult) -> None:
         """Sign the run's head when it stopped (paused, finished, escalated, handed off)."""
@@ -333,13 +339,14 @@ class Runtime:
         return await self.journal.acquire(run_id, self.worker_id, lease_seconds=self.lease_seconds)
 
     async def _resume(self, record: RunRecord, workflow: Workflow, model: Model | None) -> RunResult:
-        # The row is a cache of the chain: what it says is checked before anything is acted on.
-        await self._check(record, f"resume run {record.run_id}")
+        # The row is a cache of the chain: what it says is checked before anything is acted on
+        # (every entry, when the policy reads the run's whole history or provenance).
+        checked = await self._check(record, f"resume run {record.run_id}", whole=_reads_all(workflow))
         _check_resumable(record, workflow)
         cursor = self._cursor(record, workflow)
         if record.status == "queued":
             cursor.record.status = "running"
-        visit = await cursor.load()
+        visit = await cursor.load(checked)
         state = workflow.states[record.state]
         doubt = _intent_without_result(visit)
         if doubt is not None and isinstance(state, AgentState):
@@ -370,7 +377,8 @@ class Runtime:
         run is driven on from there, as `resume` would."""
         record = await self._acquire(run_id)
         try:
-            await self._check(record, f"pick up run {run_id}")
+            # Reading the relied-on values again reads the run's results: the whole chain.
+            await self._check(record, f"pick up run {run_id}", whole=True)
             if record.status != "handed_off":
                 raise RunStateError(f"run {run_id} is {record.status}, not handed off: nothing to pick up")
             _check_pinned(record, workflow)
@@ -463,7 +471,7 @@ class Runtime:
             tool = step.scope(proposal.tool)
             # A sensitive argument left as shown (its fingerprint) keeps the value it stands for.
             args = step.arguments(tool, step._unsealed(edited))
-            decision = step.policy(tool, args)
+            decision = await step.policy(tool, args)
         except Refusal as refusal:
             d = refusal.decision
             raise EditRefused(
@@ -590,6 +598,8 @@ class Runtime:
         self, record: RunRecord, workflow: Workflow, how: str
     ) -> contextlib.AbstractContextManager[ObservedSpan]:
         """One drive of a run (a start, a resume) as the observer's `run` span."""
+        if self.observer is NO_OBSERVER:
+            return contextlib.nullcontext(NO_SPAN)
         attributes = {
             "gen_ai.operation.name": "invoke_workflow",
             "tether.run_id": record.run_id,
@@ -664,6 +674,8 @@ class Runtime:
         this task to end, every lease would lapse and other workers would redo the runs."""
         while self._driving:
             await asyncio.sleep(self.lease_seconds / 3)
+            if not self._driving:  # all let go while it slept: the journal may be closed by now
+                break
             with contextlib.suppress(JournalError):
                 await self.journal.renew_leases(self.worker_id, lease_seconds=self.lease_seconds)
 
@@ -698,12 +710,13 @@ class Runtime:
                 message=message,
             )
             return
-        done = b.StepDone(next=nxt.to, update=nxt.update, facts=nxt.facts)
+        facts = {**cursor.record.facts, **nxt.facts} if nxt.facts else None
+        done = b.StepDone(next=nxt.to, update=nxt.update, facts=nxt.facts, carried=cursor.carried(facts))
         cursor.enter(nxt.to, entries_in_commit=1)
         await cursor.commit(
             [NewEntry.of(done, step_id=step_id, state=state.name)],
             data={**cursor.record.data, **nxt.update} if nxt.update else None,
-            facts={**cursor.record.facts, **nxt.facts} if nxt.facts else None,
+            facts=facts,
             buffer=not state.checkpoint,
         )
 
@@ -744,6 +757,44 @@ class Runtime:
             self._quarantined.add(run_id)
         return RunResult.of(await self.journal.get_run(run_id))
 
+    # -- runs whose proposals come from outside (tether.external) -------------------------------
+
+    async def hold(
+        self, run_id: str, workflow: Workflow, *, claimed: RunRecord | None = None
+    ) -> tuple[RunCursor, Entry | None]:
+        """Lease and load a run to take proposals made outside tether (an agent framework's
+        tool calls; tether.external): checked like a resume, its lease renewed with the runs
+        this runtime drives until `let_go`. Also returns the visit's intent without a result,
+        if a process died while that effect was under way."""
+        record = claimed if claimed is not None else await self._acquire(run_id)
+        try:
+            checked = await self._check(record, f"take a call on run {run_id}", whole=_reads_all(workflow))
+            _check_resumable(record, workflow)
+            cursor = self._cursor(record, workflow)
+            if record.status == "queued":
+                cursor.record.status = "running"
+            doubt = _intent_without_result(await cursor.load(checked))
+        except BaseException:
+            await self._release(run_id)
+            raise
+        self._driving[run_id] = cursor
+        if self._heartbeat is None or self._heartbeat.done():
+            self._heartbeat = asyncio.create_task(self._renew_leases())
+        return cursor, doubt
+
+    async def finish(self, cursor: RunCursor) -> RunResult:
+        """Drive a held run that left its agent state on to where it stops (its deterministic
+        steps, its end); it needs no model."""
+        return await self._drive(cursor, None)
+
+    async def let_go(self, run_id: str) -> None:
+        """Stop holding a run taken with `hold`: its lease is given back (unless a step that
+        stopped it already did) and, with an auditor, its head is signed if it stopped."""
+        cursor = self._driving.pop(run_id, None)
+        await self._release(run_id)
+        if cursor is not None:
+            await self._checkpoint(RunResult.of(cursor.record))
+
 
 def _checked_input(input: dict[str, Any] | None, workflow: Workflow) -> dict[str, Any]:
     """A run's input: a JSON object within the workflow's limits, or an InputError."""
@@ -767,6 +818,13 @@ def _check_next(nxt: Any, state: Step) -> None:
         problem = json_value_problem(value)
         if problem is not None:
             raise ValueError(f"step's {name} is not recordable: {problem.replace('output', name)}")
+
+
+def _reads_all(workflow: Workflow) -> bool:
+    """Whether driving the run reads every entry it has (the policy reads `history` or
+    traces provenance): then the check before acting reads and checks every one too."""
+    policy = workflow.policy or Policy.default()
+    return policy.uses("history") or policy.uses_provenance
 
 
 def _check_resumable(record: RunRecord, workflow: Workflow) -> None:

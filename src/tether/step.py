@@ -19,6 +19,7 @@ returns nothing.
 from __future__ import annotations
 
 import contextlib
+import math
 import reprlib
 import secrets
 import time
@@ -36,7 +37,7 @@ from tether.hashing import encode_json, value_hash
 from tether.journal import Entry, ModelExchange, NewEntry, Ticket
 from tether.journal import bodies as b
 from tether.models.protocol import BudgetLeft, Model, ModelCallError, ModelContext, ModelReply
-from tether.observe import NO_SPAN, ObservedSpan
+from tether.observe import NO_OBSERVER, NO_SPAN, ObservedSpan
 from tether.proposals import (
     Exit,
     Finish,
@@ -68,6 +69,8 @@ class Refusal(Exception):
 
 
 class GovernedStep:
+    __slots__ = ("cursor", "limits", "span", "state", "step_id", "usage")
+
     def __init__(self, cursor: RunCursor, state: AgentState, step_id: str | None = None) -> None:
         """A new step, or (with `step_id`) the continuation of a paused or cut-off one."""
         self.cursor = cursor
@@ -82,6 +85,9 @@ class GovernedStep:
         """The step as a span of the runtime's observer (tether.observe); `record` adds the
         decision to it."""
         cursor = self.cursor
+        if cursor.observer is NO_OBSERVER:  # nothing observes: no span, no attributes made
+            yield
+            return
         attributes = {
             "tether.run_id": cursor.run_id,
             "tether.step_id": self.step_id,
@@ -114,19 +120,12 @@ class GovernedStep:
         context = self._context(seconds)
         started = time.monotonic()
         try:
-            with cursor.observer.span(
-                "model", f"chat {model.name}", _model_attributes(model, self.step_id)
-            ) as call:
+            if cursor.observer is NO_OBSERVER:
                 reply = await model.propose(context)
                 if not isinstance(reply, ModelReply):
                     raise TypeError(f"propose returned {type(reply).__name__}, expected ModelReply")
-                reported = getattr(reply, "usage", None)  # a broken adapter's reply crashes below, as before
-                call.set(
-                    {
-                        "gen_ai.usage.input_tokens": getattr(reported, "input_tokens", None),
-                        "gen_ai.usage.output_tokens": getattr(reported, "output_tokens", None),
-                    }
-                )
+            else:
+                reply = await self._observed_propose(model, context)
         except Exception as exc:  # a failing model is recorded and escalated, never a crash
             code = exc.reason_code if isinstance(exc, ModelCallError) else ReasonCode.MODEL_ERROR
             message = str(exc) if isinstance(exc, ModelCallError) else f"{type(exc).__name__}: {exc}"
@@ -147,11 +146,30 @@ class GovernedStep:
             self.usage = b.Usage(spent_in, spent_out, cost)
         await self.take(reply.output)
 
+    async def _observed_propose(self, model: Model, context: ModelContext) -> ModelReply:
+        """The model call as the observer's `model` span, with its usage."""
+        with self.cursor.observer.span(
+            "model", f"chat {model.name}", _model_attributes(model, self.step_id)
+        ) as call:
+            reply = await model.propose(context)
+            if not isinstance(reply, ModelReply):
+                raise TypeError(f"propose returned {type(reply).__name__}, expected ModelReply")
+            reported = getattr(reply, "usage", None)  # a broken adapter's reply crashes below, as before
+            call.set(
+                {
+                    "gen_ai.usage.input_tokens": getattr(reported, "input_tokens", None),
+                    "gen_ai.usage.output_tokens": getattr(reported, "output_tokens", None),
+                }
+            )
+        return reply
+
     def _context(self, seconds: float) -> ModelContext:
         cursor, state, budget = self.cursor, self.state, self.state.budget
         visit = cursor.visit
         tools, exits = state.model_specs()
+        # Nothing marked as set: the context lives as long as the model call (a run waiting).
         return ModelContext.model_construct(
+            set(),
             run_id=cursor.run_id,
             state=state.name,
             instructions=state.instructions,
@@ -161,6 +179,7 @@ class GovernedStep:
             data=cursor.record.data,
             facts_from_answers=dict(state.facts_from_answers),
             budget_left=BudgetLeft.model_construct(
+                set(),
                 steps=budget.max_steps - visit.steps,
                 tool_calls=budget.max_tool_calls - visit.tool_calls,
                 seconds=budget.max_seconds - seconds,
@@ -168,6 +187,32 @@ class GovernedStep:
                 cost=budget.max_cost - visit.cost if budget.max_cost else None,
             ),
         )
+
+    async def take_external(self, source: str, proposal: dict[str, Any], call_id: str | None) -> None:
+        """A proposal made outside tether (an agent framework's tool call, tether.external),
+        taken like a model's. The framework's id for the call is kept as the step's exchange
+        (what `tether exchanges` lists, and how a call presented again is recognised); the
+        proposal itself is in the step's entry already, so the exchange does not repeat it."""
+        if call_id is not None:
+            cursor = self.cursor
+            exchange = ModelExchange.model_construct(
+                run_id=cursor.run_id,
+                seq=cursor.next_exchange_seq(),
+                step_id=self.step_id,
+                state=self.state.name,
+                model=source,
+                created_at=time.time(),
+                seconds=0.0,
+                output=None,
+                usage={},
+                error=None,
+                reason_code=None,
+                request={"call_id": call_id},
+                response=None,
+                attempts=[],
+            )
+            cursor.record_exchange(exchange)
+        await self.take(proposal)
 
     def _exchange(
         self,
@@ -236,7 +281,7 @@ class GovernedStep:
         args = self.arguments(tool, proposal.args)
         self.budget(args)
         self.loop(tool, args)
-        decision = self.policy(tool, args, await self.cursor.decision_time())
+        decision = await self.policy(tool, args, await self.cursor.decision_time())
         if await self.unless_allowed(proposal, decision, tool.name, args.values, args.hash):
             return
         await self.execute(tool, args, decision, proposed=proposal.args)
@@ -275,8 +320,8 @@ class GovernedStep:
             decision = runtime_refusal("loop", ReasonCode.LOOP_DETECTED, looping)
             raise Refusal(decision, args_hash=args.hash, stop="escalate")
 
-    def policy(self, tool: Tool, args: ValidatedArgs, now: float | None = None) -> Decision:
-        decision = self.cursor.decide(
+    async def policy(self, tool: Tool, args: ValidatedArgs, now: float | None = None) -> Decision:
+        decision = await self.cursor.decide(
             kind="tool", tool=tool.info, args=args.values, step_id=self.step_id, now=now
         )
         if decision.decision == "deny":
@@ -336,18 +381,22 @@ class GovernedStep:
         """Run the tool, verify its effect, and record the step with the checkpoint."""
         # What the tool returns is someone else's content when it says so (provenance).
         untrusted = tool.results == "untrusted"
-        call_id = f"{self.cursor.run_id}:{self.step_id}"
-        attributes = {
-            "gen_ai.operation.name": "execute_tool",
-            "gen_ai.tool.name": tool.name,
-            "gen_ai.tool.call.id": call_id,
-            "gen_ai.tool.type": "function",
-            "tether.effect": tool.effect,
-        }
+        observer = self.cursor.observer
         try:
-            with self.cursor.observer.span("tool", f"execute_tool {tool.name}", attributes) as span:
-                ctx = self.tool_context(trace=span.carrier())
+            if observer is NO_OBSERVER:
+                ctx = self.tool_context()
                 result = await tool.call(args, ctx)
+            else:
+                attributes = {
+                    "gen_ai.operation.name": "execute_tool",
+                    "gen_ai.tool.name": tool.name,
+                    "gen_ai.tool.call.id": f"{self.cursor.run_id}:{self.step_id}",
+                    "gen_ai.tool.type": "function",
+                    "tether.effect": tool.effect,
+                }
+                with observer.span("tool", f"execute_tool {tool.name}", attributes) as span:
+                    ctx = self.tool_context(trace=span.carrier())
+                    result = await tool.call(args, ctx)
         except Exception as exc:  # a tool's failure is recorded, never a crash of the run
             error = f"{type(exc).__name__}: {exc}"
             failed_call = b.ToolFailed(**fields, error=error, untrusted=untrusted)
@@ -418,7 +467,7 @@ class GovernedStep:
         self.contract(name, proposal.update, args_hash)
         info = {"name": name, "effect": "exit"}
         now = await self.cursor.decision_time()
-        decision = self.cursor.decide(kind="exit", tool=info, args=args, step_id=self.step_id, now=now)
+        decision = await self.cursor.decide(kind="exit", tool=info, args=args, step_id=self.step_id, now=now)
         if decision.decision == "deny":
             raise Refusal(decision, args_hash=args_hash)
         if await self.unless_allowed(proposal, decision, f"exit:{name}", args, args_hash):
@@ -451,6 +500,7 @@ class GovernedStep:
             ticket_id=ticket[0] if ticket else None,
             args_hash=ticket[1] if ticket else None,
             continuation=ticket is not None,
+            carried=cursor.carried(),
         )
         data = {**cursor.record.data, **proposal.update} if proposal.update else None
         before = cursor.position()
@@ -521,6 +571,7 @@ class GovernedStep:
         cursor = self.cursor
         red = cursor.redactor  # the ticket and the paused step hold fingerprints, not values
         now = cursor.clock()
+        open_for = min(decision.expires_in or QUESTION_SECONDS, self.state.max_ticket_seconds or math.inf)
         ticket = Ticket(
             ticket_id="tkt_" + secrets.token_hex(6),
             run_id=cursor.run_id,
@@ -532,7 +583,7 @@ class GovernedStep:
             approver=decision.approver or self.state.escalate_to,
             question=args.get("question") if kind == "question" else None,
             created_at=now,
-            expires_at=now + (decision.expires_in or QUESTION_SECONDS),
+            expires_at=now + open_for,
             approvals_required=decision.approvals or 1,
             forbid_self_approval=decision.forbid_self_approval,
         )
@@ -622,6 +673,8 @@ class GovernedStep:
         for r in records:
             if observe:
                 self.cursor.observe(r, self.step_id)
+            if self.span is NO_SPAN:
+                continue
             decision: Decision | None = (
                 getattr(r, "decision", None) if "decision" in r.__struct_fields__ else None
             )

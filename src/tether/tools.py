@@ -365,6 +365,102 @@ class Tool:
         return evidence
 
 
+class SchemaTool(Tool):
+    """A tool declared by a JSON Schema rather than a Python signature: an MCP server's, or an
+    agent framework's (tether.integrations). `fn` is called with the validated arguments as
+    one dict (and the ToolContext); its result must be JSON-compatible.
+
+    Arguments are checked against the schema as strictly as a native tool's: JSON Schema's
+    types are already strict (no "12" for a number), and an object schema that names its
+    properties refuses others unless it says otherwise (`additionalProperties`).
+    """
+
+    def __init__(
+        self,
+        fn: Callable[[dict[str, Any], ToolContext], Any],
+        *,
+        name: str,
+        schema: Mapping[str, Any],
+        description: str = "",
+        effect: Effect | None = None,
+        idempotent: bool | None = None,
+        verify: Verifier | None = None,
+        results: Trust | None = None,
+    ) -> None:
+        if effect is not None and effect not in EFFECTS:
+            raise ValueError(f"tool effect must be one of {EFFECTS}, not {effect!r}")
+        self.fn = fn
+        self.name = name
+        self.effect_declared = effect is not None
+        self.effect = UNDECLARED_EFFECT if effect is None else effect
+        self.idempotent = (effect == "read") if idempotent is None else idempotent
+        self.verifier = verify
+        self.description = description
+        self.is_async = True
+        self.input_schema: dict[str, Any] = dict(schema)
+        self._validator = schema_validator(self.input_schema, name)
+        if results is not None:
+            self.declare(results=results)
+
+    def json_schema(self) -> dict[str, Any]:
+        return self.input_schema
+
+    def validate(
+        self, args: Any, *, max_bytes: int = DEFAULT_LIMITS.max_bytes, checked: bool = False
+    ) -> ValidatedArgs:
+        """Check arguments against the schema; return them with top-level defaults."""
+        checked_json(self.name, args, max_bytes, checked=checked)
+        errors = sorted(self._validator.iter_errors(args), key=lambda e: [str(p) for p in e.absolute_path])
+        if errors:
+            raise ArgumentError(self.name, [schema_problem(e) for e in errors])
+        values = dict(args)
+        for key, prop in (self.input_schema.get("properties") or {}).items():
+            if key not in values and isinstance(prop, dict) and "default" in prop:
+                values[key] = prop["default"]
+        return ValidatedArgs.of(self.name, values)
+
+    async def call(self, args: ValidatedArgs | dict[str, Any], ctx: ToolContext) -> Any:
+        if not isinstance(args, ValidatedArgs):
+            args = self.validate(args)
+        result = self.fn(dict(args.values), ctx)
+        if inspect.isawaitable(result):
+            result = await result
+        return to_jsonable_python(result)
+
+
+class SchemaError(ValueError):
+    """A tool's JSON Schema cannot be used: not an object schema, or not valid."""
+
+
+def schema_validator(schema: dict[str, Any], where: str) -> Any:
+    """A validator for a tool's JSON Schema, as strict as a native tool's arguments."""
+    import jsonschema
+
+    if schema.get("type", "object") != "object":
+        raise SchemaError(f"{where}: the input schema is not an object schema: {schema!r}")
+    if "properties" in schema and "additionalProperties" not in schema and "patternProperties" not in schema:
+        schema = {**schema, "additionalProperties": False}
+    cls = jsonschema.validators.validator_for(schema, default=jsonschema.Draft202012Validator)
+    try:
+        cls.check_schema(schema)
+    except jsonschema.SchemaError as exc:
+        raise SchemaError(f"{where}: the input schema is invalid: {exc.message}") from None
+    return cls(schema)
+
+
+def schema_problem(error: Any) -> dict[str, Any]:
+    """One JSON Schema validation problem, located like pydantic's (`loc`, `msg`)."""
+    loc = tuple(error.absolute_path)
+    if error.validator == "required":
+        missing = [p for p in error.validator_value if p not in error.instance]
+        return {"loc": (*loc, *missing[:1]), "msg": "Field required"}
+    if error.validator == "additionalProperties" and error.validator_value is False:
+        known = set(error.schema.get("properties") or {})
+        extra = sorted(k for k in error.instance if k not in known)
+        return {"loc": loc, "msg": f"unknown field(s) {', '.join(extra)} (not in the tool's schema)"}
+    return {"loc": loc, "msg": error.message}
+
+
 def tool(
     fn: Callable[..., Any] | None = None,
     *,

@@ -74,6 +74,14 @@ class AgentState:
     on_verification_failed: Literal["retry", "escalate", "fail"] = "retry"
     # `rollback`: a run that fails in this state runs the compensations of its effects.
     on_failure: Literal["stop", "rollback"] = "stop"
+    # What a policy `defer` to a person hands over: the run (`hand_off`: it stops, handed
+    # off, until the person picks it up), or only the call (`continue`: the handoff is
+    # recorded with everything it carries, the call is not run, and the run goes on: an MCP
+    # gateway's session). A defer routed to an agent state is received there either way.
+    on_defer: Literal["hand_off", "continue"] = "hand_off"
+    # The longest a ticket asked here stays open, whatever the policy's `expires_in` (an MCP
+    # gateway's --approval-timeout: its caller cannot wait longer). None: as the policy says.
+    max_ticket_seconds: float | None = None
     # Facts a person's answer may establish here: name -> what it is. A question proposing
     # `fact: NAME` sets `facts.NAME` to the answer, its source recorded (the answer entry).
     facts_from_answers: Mapping[str, str] = field(default_factory=dict)
@@ -411,6 +419,8 @@ def _describe_state(state: State) -> dict[str, Any]:
             "on_budget_exhausted": state.on_budget_exhausted,
             "on_verification_failed": state.on_verification_failed,
             **({"on_failure": state.on_failure} if state.on_failure != "stop" else {}),
+            **({"on_defer": state.on_defer} if state.on_defer != "hand_off" else {}),
+            **({"max_ticket_seconds": state.max_ticket_seconds} if state.max_ticket_seconds else {}),
             # A skill's version and hash: part of the workflow hash, so every run records them.
             **({"skill": state.skill.identity()} if state.skill is not None else {}),
             **({"facts_from_answers": dict(state.facts_from_answers)} if state.facts_from_answers else {}),

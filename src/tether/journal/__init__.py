@@ -224,6 +224,11 @@ class Journal(Protocol):
         """Give the lease up (if `worker_id` holds it): the run is claimable at once."""
         ...
 
+    async def prepare_to_wait(self) -> None:
+        """Start listening for `wait_for_work`'s wake-ups now (PostgreSQL: LISTEN), so that
+        one sent after the caller's next look is not missed."""
+        ...
+
     async def wait_for_work(self, timeout: float) -> None:
         """Return when work may have appeared (a queued run, a decided ticket, a released
         run), or after `timeout` seconds; may return early."""
@@ -232,6 +237,7 @@ class Journal(Protocol):
     async def now(self) -> float:
         """The store's clock (seconds since the epoch): the decision time conditions read as
         `now`, never the caller's."""
+
     # -- audit: the chain is the truth (tether.journal.integrity, tether.audit) ----------
 
     # What was wrong with the append-only triggers when the journal was opened; while this is

@@ -126,8 +126,22 @@ class ToolFailed(ToolStep, kw_only=True):
     untrusted: bool = False  # as for `Executed`: the error text is the tool's content
 
 
+class Carried(msgspec.Struct, omit_defaults=True, frozen=True):
+    """What the run's row must hold as a visit opens, carried by the entry that opens it:
+    the run's facts and the hashes it is pinned to, as the chain before it makes them.
+
+    A resume checks the row against the chain from the current visit's opening on (the
+    entries it acts on), starting from these values, instead of folding every entry of
+    the run (tether.journal.integrity); `tether audit verify` checks them against the
+    entries before them."""
+
+    workflow_hash: str
+    policy_hash: str
+    facts: dict[str, Any] = {}
+
+
 class Transition(StepRecord, kw_only=True):
-    """The model took exit `exit` to state `next`."""
+    """The model took exit `exit` to state `next` (whose visit this entry opens)."""
 
     proposal: Exit | Finish
     decision: Decision
@@ -135,6 +149,7 @@ class Transition(StepRecord, kw_only=True):
     next: str
     args_hash: str | None = None
     ticket_id: str | None = None
+    carried: Carried | None = None
 
 
 class ChangedEffect(msgspec.Struct, omit_defaults=True):
@@ -273,11 +288,12 @@ class EffectSettled(StepRecord, kw_only=True):
 
 
 class StepDone(Body, kw_only=True):
-    """A deterministic step moved the run on."""
+    """A deterministic step moved the run on (to `next`, whose visit this entry opens)."""
 
     next: str
     update: dict[str, Any] = {}
     facts: dict[str, Any] = {}
+    carried: Carried | None = None
 
 
 class StepFailed(Body, kw_only=True):
@@ -708,6 +724,7 @@ __all__ = [
     "AwaitingApproval",
     "Body",
     "Cancelled",
+    "Carried",
     "ChangedEffect",
     "Compensated",
     "CompensationFailed",

@@ -36,7 +36,7 @@ import msgspec
 from tether.errors import JournalError, JournalTampered
 from tether.hashing import encode_json, value_hash
 from tether.journal import bodies as b
-from tether.journal.records import GENESIS_HASH, Entry, RunRecord, Ticket, entry_hash
+from tether.journal.records import FINISHED, GENESIS_HASH, Entry, RunRecord, Ticket, entry_hash
 from tether.proposals import as_dict
 from tether.sensitive import has_placeholder
 from tether.tools import args_hash as tool_args_hash
@@ -71,18 +71,36 @@ def rehashes(e: Entry, seq: int, prev_hash: str | None = None) -> bool:
     )
 
 
-def chain_findings(run_id: str, entries: Sequence[Entry]) -> list[Finding]:
+def _intact(entries: Sequence[Entry], prev: str, expected: int) -> bool:
+    """Whether every entry is numbered on from `expected`, links to the one before (the first
+    to `prev`) and rehashes: the common case, told in one tight pass."""
+    for e in entries:
+        if e.seq != expected or e.prev_hash != prev:
+            return False
+        if entry_hash(e.run_id, e.seq, e.kind, e.step_id, e.state, e.body_json, prev, e.created_at) != e.hash:
+            return False
+        prev, expected = e.hash, expected + 1
+    return True
+
+
+def chain_findings(run_id: str, entries: Sequence[Entry], *, whole: bool = True) -> list[Finding]:
     """What is wrong with a run's chain as stored (entries in seq order), first bad first.
 
     Every entry's hash covers its sequence number and its predecessor's hash, so an entry
     moved, removed or put in shows as a link that does not hold; the kind of damage is told
     from the place the entry does rehash at (where it was written) and what it links to.
     A damage's consequences (every later entry shifted by one cut) are not repeated.
+    `whole=False`: the entries are the chain's tail from the first one given on (its own
+    link to the entry before it is not judged).
     """
+    prev, expected = GENESIS_HASH, 1
+    if not whole and entries:
+        prev, expected = entries[0].prev_hash, entries[0].seq
+    if _intact(entries, prev, expected):
+        return []
     findings: list[Finding] = []
     by_hash = {e.hash: e for e in entries}
     last = entries[-1].seq if entries else 0
-    prev, expected = GENESIS_HASH, 1
     gap = False
     shift: int | None = None  # how far the entries are displaced after a cut or insertion
     displaced: set[int] = set()  # stored seqs holding an entry written elsewhere
@@ -186,6 +204,11 @@ _STATUS_OF: dict[str, str | None] = {
 }
 # A ticket's decisions that settle it (a later one would be a second verdict).
 FINAL_DECISIONS = frozenset({"approved", "denied", "answered"})
+# Kinds of the entries that may carry what the chain says before them (`carried_view`).
+_OPENERS = frozenset({"run_started", "transition", "step_done"})
+# Kinds whose entries only leave the run running, unless they continue a paused step (use a
+# ticket) or carry a verifier's evidence (which may set facts).
+_PLAIN_STEPS = frozenset({"executed", "refused"})
 # Kinds that use an approved ticket (with `ticket_id` and `continuation`).
 _USES_TICKET = frozenset({"intent", "executed", "verification_failed", "tool_failed", "transition"})
 
@@ -204,12 +227,37 @@ class ChainView:
     decided: dict[str, list[tuple[int, float, b.TicketDecided]]] = field(default_factory=dict)
     used: dict[str, int] = field(default_factory=dict)
     last_awaiting: str | None = None  # the ticket the run waits on, if paused
+    # Entries whose carried facts or pins (`b.Carried`) are not what the entries before them
+    # make: (seq, what differs).
+    miscarried: list[tuple[int, str]] = field(default_factory=list)
 
 
-def derive(entries: Sequence[Entry]) -> ChainView:
-    """Fold a run's entries into what its rows should hold."""
-    view = ChainView()
+def carried_view(e: Entry) -> ChainView | None:
+    """What the chain says up to `e` when `e` says it itself: the run's start (nothing before
+    it), or an entry opening a visit with the run's facts and pins carried (`b.Carried`); the
+    view is to be folded on from `e` (included). None: `e` does not say."""
+    if e.seq == 1 and e.kind == "run_started":
+        return ChainView()
+    if e.kind not in ("transition", "step_done") or '"carried":' not in e.body_json:
+        return None
+    record = e.body
+    if not isinstance(record, b.Transition | b.StepDone) or record.carried is None:
+        return None
+    c = record.carried
+    return ChainView(facts=dict(c.facts), workflow_hash=c.workflow_hash, policy_hash=c.policy_hash)
+
+
+def derive(entries: Sequence[Entry], start: ChainView | None = None) -> ChainView:
+    """Fold a run's entries into what its rows should hold: all of them, or (with `start`, the
+    `carried_view` of the first) the tail from an entry that carries what came before."""
+    view = start or ChainView()
     for e in entries:
+        text = e.body_json
+        if e.kind in _PLAIN_STEPS and '"continuation":true' not in text and '"verification":' not in text:
+            # Most entries: a step that only says the run goes on (no ticket used, no facts
+            # set), told from its canonical text without decoding it.
+            view.status, view.owner, view.last_awaiting = "running", UNKNOWN, None
+            continue
         record = e.body
         # The kind of the record read (a format 1 `step` entry is read as its typed record).
         kind = e.kind if isinstance(record, b.UnknownBody) else b.KIND_OF[type(record)]
@@ -223,7 +271,23 @@ def derive(entries: Sequence[Entry]) -> ChainView:
         _record_on(view, e, kind, record)
         if view.facts is not UNKNOWN:
             view.facts = b.facts_after(view.facts, record)
+        if isinstance(record, b.Transition | b.StepDone) and record.carried is not None:
+            _check_carried(view, e.seq, record.carried)
     return view
+
+
+def _check_carried(view: ChainView, seq: int, carried: b.Carried) -> None:
+    """An entry's carried facts and pins against what the entries before it make."""
+    said = []
+    if view.workflow_hash is not None and carried.workflow_hash != view.workflow_hash:
+        said.append("workflow_hash")
+    if view.policy_hash is not None and carried.policy_hash != view.policy_hash:
+        said.append("policy_hash")
+    if view.facts is not UNKNOWN and not _same(carried.facts, view.facts):
+        said.append("facts")
+    if said:
+        what = ", ".join(said)
+        view.miscarried.append((seq, f"the {what} it carries are not what the entries before it make"))
 
 
 def _status_after(kind: str, record: b.Body) -> str | None:
@@ -448,11 +512,21 @@ def _args_fingerprint(ticket: Ticket) -> str:
     return value_hash(encoded)
 
 
-def run_findings(run: RunRecord, entries: Sequence[Entry], tickets: Sequence[Ticket]) -> list[Finding]:
-    """Everything wrong with one run: its chain, its row and its tickets against the chain."""
-    found = chain_findings(run.run_id, entries)
+def run_findings(
+    run: RunRecord, entries: Sequence[Entry], tickets: Sequence[Ticket], *, anchor: int | None = None
+) -> list[Finding]:
+    """Everything wrong with one run: its chain, its row and its tickets against the chain.
+
+    `entries` is the whole chain, or (with `anchor`) its tail, of which `entries[anchor]`
+    carries what the chain says before it (`carried_view`): the tail is checked link by
+    link, and the rows against the view folded on from the anchor."""
+    found = chain_findings(run.run_id, entries, whole=anchor is None)
     found += head_findings(run, entries)
-    view = derive(entries)
+    start = carried_view(entries[anchor]) if anchor is not None else None
+    view = derive(entries[anchor or 0 :], start)
+    found += [
+        Finding("edited", f"seq {seq}: {message}", run.run_id, seq) for seq, message in view.miscarried
+    ]
     by_id = {t.ticket_id: t for t in tickets}
     found += row_findings(run, view, by_id)
     for ticket in tickets:
@@ -460,12 +534,42 @@ def run_findings(run: RunRecord, entries: Sequence[Entry], tickets: Sequence[Tic
     return found
 
 
-async def check_run(journal: Any, run: RunRecord, *, doing: str, ticket: Ticket | None = None) -> None:
+def _anchor(entries: Sequence[Entry]) -> int | None:
+    """The index of the last entry that carries what the chain says before it."""
+    for i in range(len(entries) - 1, -1, -1):
+        if entries[i].kind in _OPENERS and carried_view(entries[i]) is not None:
+            return i
+    return None
+
+
+async def check_run(
+    journal: Any, run: RunRecord, *, doing: str, ticket: Ticket | None = None, whole: bool = False
+) -> list[Entry]:
     """Refuse (`JournalTampered`) to act on a run whose rows disagree with its chain: the
     chain itself, the row's head, status, owner, facts, pins and pending step, and `ticket`
-    (the one about to be acted on). One read of the run's entries."""
+    (the one about to be acted on, else a paused run's pending one).
+
+    What is read is what acting reads: the entries from the opening of the run's current
+    visit on (its transcript, its pending ticket's request and decision, any intent in
+    doubt), every one rehashed and linked to the next up to the row's head, and the rows
+    checked against the facts and pins the opening entry carries (`b.Carried`) folded with
+    the entries after it. The whole chain is read and checked instead when `whole` (the
+    caller acts on every entry: `history`, provenance, a handoff's relied-on results),
+    when the row says the run is over (nothing is acted on; the refusal names any damage),
+    and when the visit's opening carries nothing (runs recorded before it did, a take-over).
+    `tether audit verify` always walks the whole chain. Returns the entries read, in order:
+    from the visit's opening entry on, or all of them."""
     problems = list(getattr(journal, "trigger_problems", ()))
-    entries = await journal.read_entries(run.run_id)
+    anchor: int | None = None
+    entries: list[Entry] = []
+    if not whole and run.status not in FINISHED:
+        visit = run.checkpoint.get("visit")
+        opened = visit.get("started_seq") if isinstance(visit, dict) else None
+        if isinstance(opened, int) and 1 <= opened <= run.last_seq:
+            entries = await journal.read_entries(run.run_id, opened - 1)
+            anchor = _anchor(entries) if entries and entries[0].seq == opened else None
+    if anchor is None:
+        entries = await journal.read_entries(run.run_id)
     tickets = [ticket] if ticket is not None else []
     if ticket is None and run.status == "paused":
         pending = run.checkpoint.get("pending")
@@ -474,9 +578,10 @@ async def check_run(journal: Any, run: RunRecord, *, doing: str, ticket: Ticket 
                 tickets = [await journal.get_ticket(pending["ticket_id"])]
             except JournalError:
                 tickets = []
-    problems += run_findings(run, entries, tickets)
+    problems += run_findings(run, entries, tickets, anchor=anchor)
     if problems:
         raise JournalTampered(problems, doing=doing)
+    return entries
 
 
 # -- the append-only triggers -------------------------------------------------------------

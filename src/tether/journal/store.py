@@ -1031,6 +1031,10 @@ class SQLStore(OutboxStore):
         if rows and rows[0][0]:
             await self._d.notify(None, run_id)
 
+    async def prepare_to_wait(self) -> None:
+        """Listen for wake-ups from now on (a wake-up sent after the caller's next look is kept)."""
+        await self._d.prepare_to_wait()
+
     async def wait_for_work(self, timeout: float) -> None:
         """Return when work may have appeared (a queued run, a decided ticket, a released
         run), or after `timeout` seconds; may return early."""

@@ -14,50 +14,58 @@ with one `McpClient` per event loop.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import importlib
+import logging
 import math
+import os
+import re
 import tempfile
 import threading
 import weakref
-from collections.abc import Awaitable, Callable, Iterable, Mapping
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterable, Mapping
 from contextlib import AbstractAsyncContextManager
 from dataclasses import dataclass
 from typing import IO, Any, Protocol, TypeVar
 
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
-from tether.proposals import DEFAULT_LIMITS
 from tether.tools import (
-    ArgumentError,
     Effect,
+    SchemaError,
+    SchemaTool,
     Tool,
     ToolContext,
     Trust,
     ValidatedArgs,
     Verifier,
-    checked_json,
+    schema_validator,
 )
 
 try:
     import anyio
-    import jsonschema
     import mcp.types
     from mcp import Client, MCPError, StdioServerParameters
     from mcp.client.stdio import stdio_client
     from mcp.client.streamable_http import streamable_http_client
-    from mcp.types import CONNECTION_CLOSED
+    from mcp.client.subscriptions import ListenNotSupportedError
+    from mcp.shared._httpx_utils import create_mcp_http_client
+    from mcp.types import CONNECTION_CLOSED, METHOD_NOT_FOUND
 except ImportError as exc:  # pragma: no cover - depends on the installed extras
     raise ImportError(
         f"MCP tools need the official MCP SDK ({exc}); install it with: pip install 'tether[mcp]'"
     ) from exc
 
 T = TypeVar("T")
+_log = logging.getLogger("tether.mcp")
 
 # Connections' tasks, held until they end.
 _connections: set[asyncio.Task[None]] = set()
 
 # How much of a server's stderr an error quotes when the server fails to start or dies.
 _STDERR_TAIL = 1500
+# `${NAME}` in a value of a server's `env`: the variable NAME of tether's own environment.
+_VARIABLE = re.compile(r"\$\{([A-Za-z_][A-Za-z0-9_]*)\}")
 
 
 class McpServerSpec(BaseModel):
@@ -69,6 +77,8 @@ class McpServerSpec(BaseModel):
     command: list[str] | None = None
     url: str | None = None
     env: dict[str, str] = Field(default_factory=dict)
+    # HTTP headers sent to a url server (e.g. `Authorization: Bearer ${TOKEN}`).
+    headers: dict[str, str] = Field(default_factory=dict)
     cwd: str | None = None
     # Seconds one request may take (connecting, listing, a tool call); a hung server
     # becomes a tool_error instead of a run that never moves.
@@ -85,11 +95,43 @@ class McpServerSpec(BaseModel):
                 raise ValueError(f"'url' must be an http:// or https:// endpoint, not {self.url!r}")
             if self.env or self.cwd:
                 raise ValueError("'env' and 'cwd' apply to a command, not to a url")
+        elif self.headers:
+            raise ValueError("'headers' apply to a url, not to a command")
         return self
 
     def where(self) -> str:
         """The server as a person would recognise it in an error message."""
         return f"MCP server {self.name!r} ({self.url or ' '.join(self.command or [])})"
+
+    def environment(self, environ: Mapping[str, str] | None = None) -> dict[str, str]:
+        """`env` with each `${NAME}` replaced by the variable NAME of `environ` (tether's own
+        environment): a secret stays out of the files that name the server, and out of the
+        journal, which records the spec, never the expanded values. `$${NAME}` is a literal
+        `${NAME}`. A variable that is not set is refused with `McpError` naming it."""
+        return self._expanded(self.env, "env", environ)
+
+    def header_values(self, environ: Mapping[str, str] | None = None) -> dict[str, str]:
+        """`headers`, with `${NAME}` expanded as in `environment`."""
+        return self._expanded(self.headers, "header", environ)
+
+    def _expanded(
+        self, values: dict[str, str], what: str, environ: Mapping[str, str] | None
+    ) -> dict[str, str]:
+        source = os.environ if environ is None else environ
+        expanded: dict[str, str] = {}
+        for key, value in values.items():
+            missing = [
+                m.group(1) for m in _VARIABLE.finditer(value) if m.group(1) not in source and not _escaped(m)
+            ]
+            if missing:
+                raise McpError(
+                    f"{self.where()}: {what} {key} names ${{{missing[0]}}}, which is not set in tether's "
+                    f"environment; set {missing[0]} (or write $${{{missing[0]}}} for a literal)"
+                )
+            expanded[key] = _VARIABLE.sub(
+                lambda m: m.group(0) if _escaped(m) else source[m.group(1)], value
+            ).replace("$${", "${")
+        return expanded
 
 
 class ToolOverride(BaseModel):
@@ -131,7 +173,7 @@ class McpToolRef:
         return f"mcp:{self.server}/{self.tool}"
 
 
-class McpTool(Tool):
+class McpTool(SchemaTool):
     """A tool an MCP server offers, governed exactly like a native tool.
 
     Arguments are checked against the server's `inputSchema` before the server is called;
@@ -172,30 +214,16 @@ class McpTool(Tool):
         self.description = listed.description or listed.title or ""
         self.is_async = True
         self.input_schema: dict[str, Any] = dict(listed.input_schema)
-        self._validator = _validator(self.input_schema, f"{self.server}/{listed.name}")
+        try:
+            self._validator = schema_validator(self.input_schema, f"{self.server}/{listed.name}")
+        except SchemaError as exc:
+            raise McpError(str(exc)) from None
 
     def __repr__(self) -> str:
         return (
             f"McpTool({self.name!r}, server={self.server!r}, effect={self.effect!r}, "
             f"idempotent={self.idempotent})"
         )
-
-    def json_schema(self) -> dict[str, Any]:
-        return self.input_schema
-
-    def validate(
-        self, args: Any, *, max_bytes: int = DEFAULT_LIMITS.max_bytes, checked: bool = False
-    ) -> ValidatedArgs:
-        """Check arguments against the server's schema; return them with top-level defaults."""
-        checked_json(self.name, args, max_bytes, checked=checked)
-        errors = sorted(self._validator.iter_errors(args), key=lambda e: [str(p) for p in e.absolute_path])
-        if errors:
-            raise ArgumentError(self.name, [_problem(e) for e in errors])
-        values = dict(args)
-        for key, prop in (self.input_schema.get("properties") or {}).items():
-            if key not in values and isinstance(prop, dict) and "default" in prop:
-                values[key] = prop["default"]
-        return ValidatedArgs.of(self.name, values)
 
     async def call(self, args: ValidatedArgs | dict[str, Any], ctx: ToolContext) -> Any:
         """Call the tool on its server; an `isError` result raises `McpToolError`."""
@@ -231,10 +259,17 @@ def effect_from_annotations(annotations: mcp.types.ToolAnnotations | None) -> tu
 
 
 class McpClient:
-    """One connection to one server, usable from any task of the loop that started it."""
+    """One connection to one server, usable from any task of the loop that started it.
 
-    def __init__(self, spec: McpServerSpec) -> None:
+    `on_tools_changed`, when given, is awaited each time the server says its tool list
+    changed (`notifications/tools/list_changed`, or a `subscriptions/listen` event on a
+    2026-07-28 connection), in the connection's task: it should only schedule the re-listing.
+    """
+
+    def __init__(self, spec: McpServerSpec, on_tools_changed: Callable[[], None] | None = None) -> None:
         self.spec = spec
+        self.on_tools_changed = on_tools_changed
+        self._env: dict[str, str] | None = None  # the expanded env (a command) or headers (a url)
         self._loop: asyncio.AbstractEventLoop | None = None
         self._task: asyncio.Task[None] | None = None
         self._ready: asyncio.Future[None] | None = None
@@ -259,6 +294,8 @@ class McpClient:
         """Connect (once); raise `McpError` naming the server when it cannot be reached."""
         loop = asyncio.get_running_loop()
         if self._task is None:
+            spec = self.spec
+            self._env = spec.environment() if spec.command is not None else spec.header_values()
             send, receive = anyio.create_memory_object_stream[tuple[Any, asyncio.Future[Any]]](math.inf)
             self._loop, self._inbox, self._ready = loop, send, loop.create_future()
             self._task = loop.create_task(self._serve(receive), name=f"mcp:{self.spec.name}")
@@ -286,7 +323,7 @@ class McpClient:
             tools: list[mcp.types.Tool] = []
             cursor: str | None = None
             while True:
-                page = await client.list_tools(cursor=cursor)
+                page = await client.list_tools(cursor=cursor, cache_mode="bypass")  # a change is read at once
                 tools.extend(page.tools)
                 cursor = page.next_cursor
                 if not cursor:
@@ -294,8 +331,10 @@ class McpClient:
 
         return await self._submit(listing)
 
-    async def call_tool(self, name: str, arguments: dict[str, Any]) -> mcp.types.CallToolResult:
-        return await self._submit(lambda client: client.call_tool(name, arguments))
+    async def call_tool(
+        self, name: str, arguments: dict[str, Any], meta: dict[str, Any] | None = None
+    ) -> mcp.types.CallToolResult:
+        return await self._submit(lambda client: client.call_tool(name, arguments, meta=meta))  # type: ignore[arg-type]
 
     def tools(
         self, listed: Iterable[mcp.types.Tool], overrides: Mapping[str, ToolOverride] | None = None
@@ -323,11 +362,19 @@ class McpClient:
         assert self._ready is not None
         with tempfile.TemporaryFile() as stderr:
             try:
-                async with Client(self._transport(stderr), read_timeout_seconds=self.spec.timeout) as client:
+                async with Client(
+                    self._transport(stderr),
+                    read_timeout_seconds=self.spec.timeout,
+                    message_handler=self._notified if self.on_tools_changed else None,
+                ) as client:
                     self._ready.set_result(None)
                     async with anyio.create_task_group() as jobs, inbox:
+                        listening = anyio.CancelScope()
+                        if self.on_tools_changed is not None:
+                            jobs.start_soon(self._listen, client, listening)
                         async for job, future in inbox:
                             jobs.start_soon(self._run_job, client, job, future)
+                        listening.cancel()  # the jobs under way finish; nothing more is listened to
             except Exception as exc:  # the server could not start, or went away
                 self._failure = McpError(f"{self.spec.where()}: {_describe(exc)}{_tail(stderr)}")
                 if not self._ready.done():
@@ -346,6 +393,29 @@ class McpClient:
         """No new requests: the jobs under way finish, then the connection closes."""
         self._ending = True
         self._inbox.close()
+
+    async def _notified(self, message: Any) -> None:
+        """A notification on a handshake-era connection: the tool list changed, or not ours."""
+        if isinstance(message, mcp.types.ToolListChangedNotification) and self.on_tools_changed:
+            self.on_tools_changed()
+
+    async def _listen(self, client: Client, scope: anyio.CancelScope) -> None:
+        """On a 2026-07-28 connection, tool list changes come on a `subscriptions/listen`
+        stream, open while the connection is (an earlier protocol sends notifications instead)."""
+        assert self.on_tools_changed is not None
+        with scope:
+            try:
+                async with client.listen(tools_list_changed=True) as events:
+                    async for _ in events:
+                        self.on_tools_changed()
+            except ListenNotSupportedError:
+                return  # an earlier protocol: notifications come through `_notified`
+            except Exception as exc:  # the stream dropped: the tool list stays as last listed
+                if isinstance(exc, MCPError) and exc.code == METHOD_NOT_FOUND:
+                    return  # the server offers no change events: its tools are as listed
+                _log.warning(
+                    "%s: its tool list changes are no longer followed: %s", self.spec.where(), _describe(exc)
+                )
 
     async def _run_job(
         self, client: Client, job: Callable[[Client], Awaitable[Any]], future: asyncio.Future[Any]
@@ -369,10 +439,10 @@ class McpClient:
     def _transport(self, stderr: IO[bytes]) -> AbstractAsyncContextManager[Any]:
         spec = self.spec
         if spec.url is not None:
-            return streamable_http_client(spec.url)
+            return _http_transport(spec.url, self._env or {})
         assert spec.command is not None
         params = StdioServerParameters(
-            command=spec.command[0], args=spec.command[1:], env=spec.env or None, cwd=spec.cwd
+            command=spec.command[0], args=spec.command[1:], env=self._env or None, cwd=spec.cwd
         )
         return stdio_client(params, errlog=stderr)  # type: ignore[arg-type]
 
@@ -387,8 +457,9 @@ class McpServer:
     the loop's end. A connection the server dropped is replaced at the next call.
     """
 
-    def __init__(self, spec: McpServerSpec) -> None:
+    def __init__(self, spec: McpServerSpec, on_tools_changed: Callable[[], None] | None = None) -> None:
         self.spec = spec
+        self.on_tools_changed = on_tools_changed
         self._clients: weakref.WeakKeyDictionary[asyncio.AbstractEventLoop, McpClient] = (
             weakref.WeakKeyDictionary()
         )
@@ -398,11 +469,13 @@ class McpServer:
         loop = asyncio.get_running_loop()
         client = self._clients.get(loop)
         if client is None or client.closed:
-            client = self._clients[loop] = McpClient(self.spec)
+            client = self._clients[loop] = McpClient(self.spec, self.on_tools_changed)
         return client
 
-    async def call_tool(self, name: str, arguments: dict[str, Any]) -> mcp.types.CallToolResult:
-        return await self.client().call_tool(name, arguments)
+    async def call_tool(
+        self, name: str, arguments: dict[str, Any], meta: dict[str, Any] | None = None
+    ) -> mcp.types.CallToolResult:
+        return await self.client().call_tool(name, arguments, meta)
 
     def tools(self, *names: str, overrides: Mapping[str, ToolOverride] | None = None) -> list[McpTool]:
         """List the server's tools now and build them (all, or those named), connected lazily.
@@ -487,6 +560,21 @@ async def close_servers(tools: Iterable[Tool]) -> None:
             await source.aclose()
 
 
+@contextlib.asynccontextmanager
+async def _http_transport(url: str, headers: dict[str, str]) -> AsyncIterator[Any]:
+    """Streamable HTTP with the server's headers (its client closed with the connection)."""
+    async with (
+        create_mcp_http_client(headers=headers) as http,
+        streamable_http_client(url, http_client=http) as streams,
+    ):
+        yield streams
+
+
+def _escaped(match: re.Match[str]) -> bool:
+    """`$${NAME}`: a literal `${NAME}`, not a variable."""
+    return match.string[max(0, match.start() - 1) : match.start()] == "$"
+
+
 def _tail(stderr: IO[bytes]) -> str:
     """The end of what a stdio server wrote to stderr: often the reason it stopped."""
     size = stderr.seek(0, 2)
@@ -499,38 +587,6 @@ def _mark_retrieved(future: asyncio.Future[Any]) -> None:
     """A failure to connect reaches the callers through `start`; none may be waiting now."""
     if not future.cancelled():
         future.exception()
-
-
-def _validator(schema: dict[str, Any], where: str) -> Any:
-    """A validator for the server's schema, as strict as a native tool's arguments.
-
-    JSON Schema's types are already strict (no "12" for a number, no true for an integer).
-    Like a native tool, an object that names its properties refuses others unless the
-    schema says otherwise (`additionalProperties`).
-    """
-    if schema.get("type", "object") != "object":
-        raise McpError(f"{where}: the input schema is not an object schema: {schema!r}")
-    if "properties" in schema and "additionalProperties" not in schema and "patternProperties" not in schema:
-        schema = {**schema, "additionalProperties": False}
-    cls = jsonschema.validators.validator_for(schema, default=jsonschema.Draft202012Validator)
-    try:
-        cls.check_schema(schema)
-    except jsonschema.SchemaError as exc:
-        raise McpError(f"{where}: the server's input schema is invalid: {exc.message}") from None
-    return cls(schema)
-
-
-def _problem(error: Any) -> dict[str, Any]:
-    """One validation problem, located like pydantic's (`loc`, `msg`)."""
-    loc = tuple(error.absolute_path)
-    if error.validator == "required":
-        missing = [p for p in error.validator_value if p not in error.instance]
-        return {"loc": (*loc, *missing[:1]), "msg": "Field required"}
-    if error.validator == "additionalProperties" and error.validator_value is False:
-        known = set(error.schema.get("properties") or {})
-        extra = sorted(k for k in error.instance if k not in known)
-        return {"loc": loc, "msg": f"unknown field(s) {', '.join(extra)} (not in the tool's schema)"}
-    return {"loc": loc, "msg": error.message}
 
 
 def _text_of(result: mcp.types.CallToolResult) -> str:
