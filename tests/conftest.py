@@ -36,6 +36,7 @@ SLOW_FIRST = (
     "test_serve_race.py",
     "test_serve_api.py",
     "test_escalations.py",
+    "test_integration_restarts.py",
 )
 
 
