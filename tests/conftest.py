@@ -36,7 +36,12 @@ SLOW_FIRST = (
     "test_serve_race.py",
     "test_serve_api.py",
     "test_escalations.py",
+    "test_gateway_retail.py",
+    "test_mcp_gateway_product.py",
     "test_integration_restarts.py",
+    "test_integration_langgraph.py",
+    "test_integration_pydantic_ai.py",
+    "test_integration_openai_agents.py",
 )
 
 
