@@ -38,8 +38,8 @@ from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
-from tether.budget import Budget
 from tether.errors import TicketError
+from tether.external import OPEN_BUDGET
 from tether.identity import Principal
 from tether.journal import Journal, Ticket
 from tether.journal.common import SELF_DRIVEN
@@ -63,9 +63,9 @@ WORKFLOW_REF = f"{SELF_DRIVEN}mcp-gateway>"
 # A fresh visit of the gateway state every so many calls (exit `rotate`), so that the visit's
 # transcript, which the runtime keeps in memory, stays bounded however long the session.
 ROTATE_EVERY = 200
-# A gateway session is long and repeats itself (the same read, again and again): the limits
-# are there only because a budget must have some.
-BUDGET = Budget(max_steps=10**9, max_tool_calls=10**9, max_seconds=1e9, max_repeats=10**9)
+# A gateway session is long and repeats itself (the same read, again and again): the budget
+# of any conversation driven from outside (tether.external).
+BUDGET = OPEN_BUDGET
 PROGRESS_EVERY = 10.0  # seconds between progress notifications while a call waits for a person
 WATCH_SECONDS = 60.0  # the longest a wait for the journal's notifications lasts before it is renewed
 
