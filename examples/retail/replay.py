@@ -12,8 +12,8 @@ omit the lookup. For those, the replay authenticates first by the order owner's 
 
 from __future__ import annotations
 
-import copy
 import json
+import pickle
 import sys
 import time
 from dataclasses import dataclass, field
@@ -174,7 +174,7 @@ async def replay(
                 None if row["outcome"] == "executed" else row["reason_code"],
             )
         )
-    expected = copy.deepcopy(source_db)
+    expected = pickle.loads(pickle.dumps(source_db))  # a deep copy, ten times faster
     retail_tools.apply_actions(expected, actions)
     actual = json.loads(db_file.read_text())
     return TaskReplay(

@@ -518,7 +518,8 @@ def db_path(ctx: ToolContext) -> Path:
 
 
 def _read(ctx: ToolContext, name: str, **arguments: Any) -> Any:
-    return ACTIONS[name](retail_db.load(db_path(ctx)), **arguments)
+    # Reads look at the shared snapshot (no 2.7 MB copy per read) and copy what they return.
+    return copy.deepcopy(ACTIONS[name](retail_db.snapshot(db_path(ctx)), **arguments))
 
 
 def _write(ctx: ToolContext, name: str, **arguments: Any) -> Any:

@@ -56,11 +56,11 @@ from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any, Literal
 
-import cel
 import msgspec
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
+from tether import cel_engine as cel
 from tether.decision import Decision, DecisionKind
 from tether.errors import PolicyFileError
 from tether.hashing import fingerprint

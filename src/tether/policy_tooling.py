@@ -15,11 +15,11 @@ from datetime import datetime
 from pathlib import Path
 from typing import Any, Literal
 
-import cel
 import msgspec
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
+from tether import cel_engine as cel
 from tether.decision import Decision
 from tether.errors import PolicyFileError
 from tether.journal import Entry

@@ -55,10 +55,10 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Literal
 
-import cel
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
+from tether import cel_engine as cel
 from tether.errors import PolicyFileError, TetherError
 from tether.policy import CEL_FUNCTIONS, DEFAULT_RESOLVE_SECONDS, HELPERS, MAX_CONDITION_CHARS, Policy
 from tether.strict_yaml import load_yaml

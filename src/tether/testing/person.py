@@ -23,9 +23,9 @@ from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any, Literal
 
-import cel
 from pydantic import BaseModel, ConfigDict, PrivateAttr, model_validator
 
+from tether import cel_engine as cel
 from tether.journal import Ticket
 
 DEFAULT_NAME = "scripted-person"
