@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import gc
+import time
 from pathlib import Path
 from typing import Any
 
@@ -11,10 +12,10 @@ import pytest
 
 from conftest import Shop, run, step_rows
 from tether import Policy, Runtime
-from tether.external import CallOutcome, GovernedCalls
+from tether.external import CallOutcome, GovernedCalls, recorded_calls
 from tether.identity import Principal
 from tether.journal import Journal, open_journal
-from tether.journal.records import LeaseHeld
+from tether.journal.records import Commit, LeaseHeld, ModelExchange
 
 POLICY = {
     "rules": [
@@ -61,9 +62,49 @@ def test_allowed_denied_and_recorded_as_one_run(tmp_path: Path, shop: Shop) -> N
     journal = open_journal(str(db))
     rows = step_rows(journal, read.run_id)
     assert [r["observation"]["outcome"] for r in rows] == ["executed", "refused", "refused"]
-    exchanges = run(journal.read_exchanges(read.run_id))
-    assert [x.request for x in exchanges] == [{"call_id": "c1"}, {"call_id": "c2"}, {"call_id": "c3"}]
+    # Each call's id is in its step's entry, under the hash chain; nothing is kept beside it.
+    entries = run(journal.read_entries(read.run_id))
+    assert [(e.body.call_id, e.kind) for e in entries if e.step_id] == [
+        ("c1", "executed"),
+        ("c2", "refused"),
+        ("c3", "refused"),
+    ]
+    assert run(journal.read_exchanges(read.run_id)) == []
     journal.close()
+
+
+def test_call_ids_survive_pruning_exchanges_and_those_kept_by_earlier_versions_still_count(
+    tmp_path: Path, shop: Shop
+) -> None:
+    db = tmp_path / "j.db"
+    first = call(db, shop, "refund", {"order_id": "A1", "amount": 20.0}, "c1")
+    journal = open_journal(str(db))
+    assert run(journal.prune_exchanges(before=time.time() + 3600)) == 0
+    # A run recorded by an earlier version kept a call's id as the step's exchange only.
+    old_style = ModelExchange(
+        run_id=first.run_id,
+        seq=1,
+        step_id="s-earlier",
+        state="agent",
+        model="test",
+        created_at=time.time(),
+        request={"call_id": "c0"},
+    )
+    assert run(recorded_calls(journal, first.run_id)) == {"c1": first.step_id}
+    run(
+        journal.commit(
+            Commit(
+                run_id=first.run_id,
+                expected_seq=run(journal.get_run(first.run_id)).last_seq,
+                expected_hash=run(journal.get_run(first.run_id)).last_hash,
+                exchanges=[old_style],
+            )
+        )
+    )
+    assert run(recorded_calls(journal, first.run_id)) == {"c0": "s-earlier", "c1": first.step_id}
+    journal.close()
+    again = call(db, shop, "refund", {"order_id": "A1", "amount": 20.0}, "c1")
+    assert again.executed and again.step_id == first.step_id and shop.refunds == [("A1", 20.0)]
 
 
 def test_a_call_id_seen_before_is_never_run_again(tmp_path: Path, shop: Shop) -> None:

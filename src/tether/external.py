@@ -6,8 +6,8 @@ keeps its own loop and its own conversation; it hands tether one tool call at a 
 governed step (tether.step): scope, arguments, budget, loop, policy, approval, intent,
 execution, verification, record. The run's workflow is built here, one agent state whose
 tools are the agent's; `tether show`, `audit`, `replay` and the inbox treat the run like any
-other. Each call is also kept as the step's exchange (the proposal, and the framework's call
-id), which is what replay re-decides from.
+other. The framework's id for each call is written in the step's entries (`call_id`, under
+the hash chain); replay re-decides each call from its entry.
 
 - A call the policy asks about pauses the run on a ticket bound to the call's arguments
   (outcome `awaiting_approval`); the framework ends its own run its own way (a deferred tool,
@@ -38,6 +38,7 @@ from tether.budget import Budget
 from tether.errors import JournalError, RunNotFound, RunStateError
 from tether.identity import Principal
 from tether.journal import Journal
+from tether.journal import bodies as b
 from tether.journal.common import SELF_DRIVEN
 from tether.policy import Policy
 from tether.reasons import ReasonCode
@@ -198,7 +199,7 @@ class GovernedCalls:
                 step = GovernedStep(held, self.state)
                 with step.observed("external"):
                     proposal = {"kind": "exit", "exit": "end", "summary": summary}
-                    await step.take_external(self.source, proposal, None)
+                    await step.take_external(proposal, None)
                 if held.record.status == "running" and held.record.state != STATE:
                     await self.runtime.finish(held)
                 return CallOutcome(outcome=held.record.status, run_id=run_id, step_id=step.step_id)
@@ -225,6 +226,7 @@ class GovernedCalls:
             return held
         if held is not None:
             await self._let_go(run_id)
+        created = False
         try:
             record = await self.journal.get_run(run_id)
         except RunNotFound:
@@ -240,6 +242,7 @@ class GovernedCalls:
                     run_id=run_id,
                     by=by,
                 )
+                created = True
             except JournalError:  # another process started it in the meantime
                 await self.journal.get_run(run_id)
         else:
@@ -250,12 +253,8 @@ class GovernedCalls:
         except RunStateError as exc:
             return _stopped(run_id, "stopped", None, str(exc))
         self._held[run_id] = cursor
-        exchanges = await self.journal.read_exchanges(run_id)
-        self._call_steps[run_id] = {
-            str(x.request["call_id"]): x.step_id
-            for x in exchanges
-            if isinstance(x.request, dict) and x.request.get("call_id") and x.step_id
-        }
+        # A run this call just created has no calls yet: nothing to read back.
+        self._call_steps[run_id] = {} if created else await recorded_calls(self.journal, run_id)
         if doubt is not None:  # a process died while this effect was under way: settle it first
             step = GovernedStep(cursor, self.state, doubt.step_id)
             with step.observed("recover"):
@@ -294,7 +293,7 @@ class GovernedCalls:
             return await self._decided(cursor, tool, args)
         step = GovernedStep(cursor, self.state)
         with step.observed("external"):
-            await step.take_external(self.source, {"kind": "tool_call", "tool": tool, "args": args}, call_id)
+            await step.take_external({"kind": "tool_call", "tool": tool, "args": args}, call_id)
         if call_id:
             self._call_steps[run_id][call_id] = step.step_id
         seen = _last_seen(cursor, step.step_id)
@@ -353,15 +352,25 @@ def conversation_run_id(name: str, conversation: str) -> str:
     return f"run_{digest[:20]}"
 
 
+async def recorded_calls(journal: Journal, run_id: str) -> dict[str, str]:
+    """Call id -> step id, for every call a conversation's run has taken: from its entries
+    (`call_id`), and from its exchanges, where runs recorded by earlier versions of tether
+    kept them."""
+    found: dict[str, str] = {}
+    for x in await journal.read_exchanges(run_id):
+        if isinstance(x.request, dict) and x.request.get("call_id") and x.step_id:
+            found[str(x.request["call_id"])] = x.step_id
+    for entry in await journal.read_entries(run_id):
+        if entry.step_id and '"call_id":' in entry.body_json:  # skips decoding the others
+            body = entry.body
+            if isinstance(body, b.StepRecord) and body.call_id:
+                found[body.call_id] = entry.step_id
+    return found
+
+
 def _last_seen(cursor: RunCursor, step_id: str) -> Mapping[str, Any] | None:
     """The last observation the transcript holds of a step (a continuation's, if any)."""
-    transcript = cursor.transcript
-    for i in range(len(transcript) - 1, -1, -1):
-        message = transcript[i]
-        content = message.content
-        if message.role != "proposal" and isinstance(content, dict) and content.get("step_id") == step_id:
-            return content
-    return None
+    return cursor.transcript.observation_of(step_id)
 
 
 def _stopped(run_id: str, status: str, code: str | None, message: str | None) -> CallOutcome:

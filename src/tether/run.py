@@ -12,7 +12,7 @@ from __future__ import annotations
 import functools
 import logging
 import time
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from typing import Any, Literal, overload
 
 import msgspec
@@ -95,6 +95,22 @@ class Transcript(Sequence[Message]):
                 self._ends.append(len(self._messages))
             self._sources = []
         return self._messages
+
+    def observation_of(self, step_id: str) -> Mapping[str, Any] | None:
+        """The last observation the transcript holds of a step (a continuation's, if any),
+        without turning the steps after it into messages (tether.external asks after each
+        call; nothing in its runs reads the messages)."""
+        for source in reversed(self._sources):
+            record, source_step = (source.body, source.step_id) if isinstance(source, Entry) else source
+            if source_step == step_id:
+                made = messages_for(record, source_step)
+                if made and made[-1].role != "proposal" and isinstance(made[-1].content, dict):
+                    return made[-1].content
+        for message in reversed(self._messages):
+            content = message.content
+            if message.role != "proposal" and isinstance(content, dict) and content.get("step_id") == step_id:
+                return content
+        return None
 
     def messages_after(self, steps: int) -> int:
         """How many messages the first `steps` steps make."""

@@ -69,7 +69,7 @@ class Refusal(Exception):
 
 
 class GovernedStep:
-    __slots__ = ("cursor", "limits", "span", "state", "step_id", "usage")
+    __slots__ = ("call_id", "cursor", "limits", "span", "state", "step_id", "usage")
 
     def __init__(self, cursor: RunCursor, state: AgentState, step_id: str | None = None) -> None:
         """A new step, or (with `step_id`) the continuation of a paused or cut-off one."""
@@ -79,6 +79,7 @@ class GovernedStep:
         self.step_id = step_id or cursor.new_step_id()
         self.usage: b.Usage | None = None
         self.span: ObservedSpan = NO_SPAN  # the step's span while `observed`
+        self.call_id: str | None = None  # an agent framework's id for the call (take_external)
 
     @contextlib.contextmanager
     def observed(self, how: str) -> Iterator[None]:
@@ -188,30 +189,13 @@ class GovernedStep:
             ),
         )
 
-    async def take_external(self, source: str, proposal: dict[str, Any], call_id: str | None) -> None:
+    async def take_external(self, proposal: dict[str, Any], call_id: str | None) -> None:
         """A proposal made outside tether (an agent framework's tool call, tether.external),
-        taken like a model's. The framework's id for the call is kept as the step's exchange
-        (what `tether exchanges` lists, and how a call presented again is recognised); the
-        proposal itself is in the step's entry already, so the exchange does not repeat it."""
-        if call_id is not None:
-            cursor = self.cursor
-            exchange = ModelExchange.model_construct(
-                run_id=cursor.run_id,
-                seq=cursor.next_exchange_seq(),
-                step_id=self.step_id,
-                state=self.state.name,
-                model=source,
-                created_at=time.time(),
-                seconds=0.0,
-                output=None,
-                usage={},
-                error=None,
-                reason_code=None,
-                request={"call_id": call_id},
-                response=None,
-                attempts=[],
-            )
-            cursor.record_exchange(exchange)
+        taken like a model's. The framework's id for the call is written in the step's entries
+        (`call_id`): how a call presented again is recognised, under the hash chain, and not
+        lost when exchanges are pruned. Nothing else is kept beside the entry: it holds the
+        proposal already."""
+        self.call_id = call_id
         await self.take(proposal)
 
     def _exchange(
@@ -645,6 +629,10 @@ class GovernedStep:
         red = self.cursor.redactor
         if red is not None:  # sensitive fields are fingerprinted in whatever is written
             records = tuple(red.body(r) for r in records)
+        if self.call_id is not None:
+            for r in records:
+                if isinstance(r, b.StepRecord):
+                    r.call_id = self.call_id
         last = records[-1]
         if isinstance(last, b.Escalated):
             status = "failed" if isinstance(last, b.Failed) else "escalated"

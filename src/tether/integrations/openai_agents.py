@@ -62,7 +62,7 @@ from agents.tool_context import ToolContext as SdkToolContext
 
 from tether.budget import Budget
 from tether.errors import RunNotFound
-from tether.external import CallOutcome, GovernedCalls
+from tether.external import CallOutcome, GovernedCalls, recorded_calls
 from tether.identity import Principal
 from tether.journal import Journal, Ticket
 from tether.policy import Policy
@@ -221,15 +221,10 @@ class GovernedTools:
         conversation = self.conversation_of(context)
         run_id = self.run_id(conversation)
         try:
-            exchanges = await self.journal.read_exchanges(run_id)
+            steps = await recorded_calls(self.journal, run_id)
             tickets = await self.journal.run_tickets(run_id)
         except RunNotFound:
-            exchanges, tickets = [], []
-        steps = {
-            x.request["call_id"]: x.step_id
-            for x in exchanges
-            if isinstance(x.request, dict) and x.request.get("call_id")
-        }
+            steps, tickets = {}, []
         by_step = {t.step_id: t for t in sorted(tickets, key=lambda t: t.created_at)}
         found = []
         for item in items:

@@ -59,10 +59,12 @@ class Body(msgspec.Struct, omit_defaults=True, kw_only=True):
 class StepRecord(Body, kw_only=True):
     """Fields every governed step may carry. `continuation` marks the second half of a step
     that paused (an approved call, a refusal after a denial): its proposal is already in the
-    transcript."""
+    transcript. `call_id` is the id an agent framework gave the call (tether.external): how
+    a call presented again is recognised, covered by the entry's hash like the rest."""
 
     usage: Usage | None = None
     continuation: bool = False
+    call_id: str | None = None
 
 
 class Refused(StepRecord, kw_only=True):
