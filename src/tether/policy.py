@@ -859,8 +859,10 @@ def _tried(file: Path) -> str:
     return str(file) if file.is_absolute() else f"{file} (looked for {file.absolute()})"
 
 
-# A decision's own values, looked up through the context's resolver; every other variable
-# changes between steps, if at all, and is converted again only when it does.
+# A decision's own values, converted for the engine once per decision (a lookup through the
+# context's resolver instead would convert them again for every condition that reads them:
+# ~35 µs per decision measured with 9 conditions on `args`); every other variable changes
+# between steps, if at all, and is converted again only when it does.
 PER_DECISION = frozenset({"args", "tool"})
 
 
@@ -883,7 +885,6 @@ class Evaluation:
         self._used = policy.variables
         self._definitions = policy.definitions
         self._subject_dependent = policy.subject_dependent
-        self._call: dict[str, Any] = {}
         self._held: dict[str, tuple[Any, int]] = {}
         self._recorders: dict[str, Callable[..., Any]] = {}
         self._tracer: Callable[[Any], Any] = _Tracer(None, {}, _Stopwatch())
@@ -920,7 +921,7 @@ class Evaluation:
         its `provenance()` calls, by `tracer`)."""
         for name in self._used:
             if name in PER_DECISION:
-                self._call[name] = variables.get(name)
+                self._context.add_variable(name, variables.get(name))
                 continue
             value = variables.get(name)
             value = value() if callable(value) else value
@@ -957,10 +958,8 @@ class Evaluation:
         return value
 
     def _variable(self, name: str) -> Any:
-        """The engine's lookup of a name: per-decision values, and computed ones on first use.
+        """The engine's lookup of a name: `now`, the subject and definitions, on first use.
         None falls through to the context's variables."""
-        if name in self._call:
-            return self._call[name]
         if name == NOW:
             return self._time()
         if name == SUBJECT:
