@@ -4,6 +4,9 @@ from __future__ import annotations
 
 import asyncio
 import gc
+import json
+import subprocess
+import sys
 import time
 from pathlib import Path
 from typing import Any
@@ -12,6 +15,7 @@ import pytest
 
 from conftest import Shop, run, step_rows
 from tether import Policy, Runtime
+from tether.errors import EditRefused
 from tether.external import CallOutcome, GovernedCalls, recorded_calls
 from tether.identity import Principal
 from tether.journal import Journal, open_journal
@@ -214,3 +218,40 @@ def test_a_released_conversation_is_taken_by_another_process_at_once(tmp_path: P
 
     assert run(go()).executed
     assert shop.executed == ["read_order", "read_order"]
+
+
+def test_editing_the_arguments_of_an_agents_call_is_refused_clearly_and_changes_nothing(
+    tmp_path: Path, shop: Shop
+) -> None:
+    db = tmp_path / "j.db"
+    asked = call(db, shop, "refund", {"order_id": "A1", "amount": 70.0}, "c1")
+    assert asked.outcome == "awaiting_approval" and asked.ticket_id
+    edited = json.dumps({"order_id": "A1", "amount": 40.0})
+    # From the command line (another process, which cannot load the agent's tools):
+    cli = subprocess.run(
+        [sys.executable, "-m", "tether", "approve", asked.ticket_id, "--args", edited, "--db", str(db)],
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+    assert cli.returncode == 2, cli.stdout + cli.stderr
+    said = " ".join((cli.stdout + cli.stderr).split())
+    assert "cannot be edited here" in said and "deny it with a reason" in said
+    # And in the kernel, for the API and the web inbox: refused, with its reason code.
+    journal = open_journal(str(db))
+    admin = Principal(principal_id="local:admin", name="admin", kind="person", role="admin")
+    with pytest.raises(EditRefused) as refused:
+        run(
+            Runtime(journal).decide(
+                asked.ticket_id, approve=True, by=admin, edited_args={"order_id": "A1", "amount": 40.0}
+            )
+        )
+    assert refused.value.reason_code == "not_drivable"
+    ticket = run(journal.get_ticket(asked.ticket_id))
+    assert (ticket.status, ticket.args, ticket.original_args_hash) == (
+        "pending",
+        {"order_id": "A1", "amount": 70.0},
+        None,
+    )
+    journal.close()
+    assert shop.refunds == []

@@ -45,6 +45,7 @@ from tether.journal import (
     integrity,
 )
 from tether.journal import bodies as b
+from tether.journal.common import SELF_DRIVEN
 from tether.models.protocol import Model
 from tether.observe import NO_OBSERVER, NO_SPAN, ObservedSpan, Observer
 from tether.policy import Policy
@@ -437,6 +438,15 @@ class Runtime:
             if not approve or ticket.kind != "approval":
                 raise TicketError(
                     f"only an approval's arguments can be edited, by approving it ({ticket_id})"
+                )
+            if record.workflow_ref.startswith(SELF_DRIVEN):
+                # Its tools (their schemas, the policy's resolvers) exist only in that process.
+                raise EditRefused(
+                    f"the arguments of {ticket_id} cannot be edited here: run {record.run_id}'s tools "
+                    f"live in the process that drives it ({record.workflow_ref}), which alone can "
+                    "check them. Approve the call as it is, or deny it with a reason saying what to "
+                    "change: the agent is told, and may propose the call again",
+                    reason_code=ReasonCode.NOT_DRIVABLE,
                 )
             if workflow is None:
                 raise RunStateError(f"checking the edited arguments of {ticket_id} needs the run's workflow")

@@ -538,7 +538,9 @@ def _decide(
                 )
             record = await journal.get_run(ticket.run_id)
             workflow = None
-            if edited_args is not None:  # checked against the definition the run is pinned to
+            # Checked against the definition the run is pinned to (the kernel refuses an edit
+            # for a run whose workflow lives in the process driving it).
+            if edited_args is not None and not record.workflow_ref.startswith(SELF_DRIVEN):
                 workflow = await load_workflow_async(
                     record.workflow_ref, policy=record.policy_ref, pinned=record.workflow_hash
                 )

@@ -25,6 +25,7 @@ from tether.errors import RunNotFound, TicketError
 from tether.hashing import encode_json, sha256_hex
 from tether.identity import Principal
 from tether.journal import Journal, RunRecord, RunStatus, Ticket, verify_chain
+from tether.journal.common import SELF_DRIVEN
 from tether.operations import Operations, Outcome, actionable
 from tether.registry import NotRegistered, Registry
 from tether.runtime import Runtime
@@ -574,7 +575,8 @@ async def decide(
     """The kernel's one decision entry point (`Runtime.decide`); edited arguments are
     checked against the workflow the run is pinned to, as this server loaded it."""
     workflow = None
-    if edited_args is not None:
+    # A run whose workflow lives in the process driving it: the kernel refuses the edit.
+    if edited_args is not None and not record.workflow_ref.startswith(SELF_DRIVEN):
         if server.registry is None:
             raise Problem(409, "no_workflows", "checking edited arguments needs the server's --workflows")
         try:
