@@ -88,7 +88,7 @@ BENCH_FLAGS := $(if $(filter 1,$(QUICK)),--quick,)
 $(BENCH_STAMP): pyproject.toml
 	$(PYTHON) -m venv $(BENCH_VENV)
 	$(BENCH_VENV)/bin/pip install --quiet --upgrade pip
-	$(BENCH_VENV)/bin/pip install --quiet -e '.[dev,bench]'
+	$(BENCH_VENV)/bin/pip install --quiet -e '.[dev,bench]' $(MCP_PY_SERVERS)
 	touch $(BENCH_STAMP)
 
 bench: $(BENCH_STAMP)
@@ -98,6 +98,7 @@ bench: $(BENCH_STAMP)
 	$(BENCH_VENV)/bin/python bench/expression_languages.py
 	$(BENCH_VENV)/bin/python bench/retail_conformance.py
 	$(BENCH_VENV)/bin/python bench/integrations.py $(BENCH_FLAGS)
+	$(BENCH_VENV)/bin/python bench/gateway.py $(BENCH_FLAGS)
 
 # The property tests of the loaders and of parse_proposal, at length: 20,000 random examples
 # per property (the normal suite runs a few dozen, derandomized).
