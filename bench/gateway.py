@@ -20,8 +20,9 @@ only, resolution one clock tick) is shown per call: the gateway itself and mcp-s
 on both paths. Journal bytes per call: how much the journal grew (its logical size, the WAL's
 pages included) over the measured calls. No timing is asserted anywhere: this is a report.
 
-Needs `mcp-server-time` (PyPI; `make test` installs it into .venv, `make bench` into .venv-bench): it is looked for next to
-this Python, in .venv/bin, then on PATH. The gateway runs from this checkout's src/.
+Needs `mcp-server-time` (PyPI; `make test` installs it into .venv, `make bench` into
+.venv-bench): it is looked for next to this Python, in .venv/bin, then on PATH. The gateway
+runs from this checkout's src/.
 
 Run: .venv/bin/python bench/gateway.py [--calls 300] [--repeat 7] [--quick]
 """

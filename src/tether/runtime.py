@@ -439,8 +439,9 @@ class Runtime:
                 raise TicketError(
                     f"only an approval's arguments can be edited, by approving it ({ticket_id})"
                 )
-            if record.workflow_ref.startswith(SELF_DRIVEN):
-                # Its tools (their schemas, the policy's resolvers) exist only in that process.
+            if workflow is None and record.workflow_ref.startswith(SELF_DRIVEN):
+                # Its tools (their schemas, the policy's resolvers) exist only in the process
+                # that built the workflow in code; that process passes it, no other can.
                 raise EditRefused(
                     f"the arguments of {ticket_id} cannot be edited here: run {record.run_id}'s tools "
                     f"live in the process that drives it ({record.workflow_ref}), which alone can "
