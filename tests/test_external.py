@@ -11,15 +11,22 @@ import time
 from pathlib import Path
 from typing import Any
 
+import msgspec
 import pytest
 
 from conftest import Shop, run, step_rows
 from tether import Policy, Runtime
+from tether.analysis.diff import redecide
+from tether.audit import verify_journal
 from tether.errors import EditRefused
 from tether.external import CallOutcome, GovernedCalls, recorded_calls
 from tether.identity import Principal
-from tether.journal import Journal, open_journal
+from tether.journal import Journal, integrity, open_journal
+from tether.journal import bodies as b
 from tether.journal.records import Commit, LeaseHeld, ModelExchange
+from tether.proposals import Exit, ToolCall
+from tether.replay import replay_run
+from tether.tools import Tool
 
 POLICY = {
     "rules": [
@@ -255,3 +262,227 @@ def test_editing_the_arguments_of_an_agents_call_is_refused_clearly_and_changes_
     )
     journal.close()
     assert shop.refunds == []
+
+
+# -- calls refused while the run waits on a ticket: on the record, the run still waiting ---------
+
+
+def _refusals(journal: Journal, run_id: str) -> list[tuple[str | None, b.Refused]]:
+    found = []
+    for entry in run(journal.read_entries(run_id)):
+        body = entry.body
+        if isinstance(body, b.Refused) and not body.continuation:
+            found.append((entry.step_id, body))
+    return found
+
+
+def test_calls_refused_while_the_run_waits_are_recorded_and_the_run_keeps_waiting(
+    tmp_path: Path, shop: Shop
+) -> None:
+    db = tmp_path / "j.db"
+    asked = call(db, shop, "refund", {"order_id": "A1", "amount": 70.0}, "c1")
+    run_id, ticket_id = asked.run_id, asked.ticket_id or ""
+    journal = open_journal(str(db))
+    before, ticket_before = run(journal.get_run(run_id)), run(journal.get_ticket(ticket_id))
+    journal.close()
+
+    # Another call of the conversation while it waits: refused, naming the ticket, as before...
+    other = call(db, shop, "read_order", {"order_id": "A1"}, "c2")
+    assert (other.outcome, other.reason_code, other.ticket_id) == ("refused", "approval_pending", ticket_id)
+    assert other.reason == (
+        f"cannot take read_order: the conversation waits on ticket {ticket_id} (refund); a person "
+        "decides it (tether approve / tether deny), then present that call again"
+    )
+    assert other.step_id == "s2"  # ...and now a step of its own on the record
+
+    journal = open_journal(str(db))
+    run(journal.decide_ticket(ticket_id, approve=True, by=PERSON, reason="ok"))
+    journal.close()
+    # The waiting call presented with other arguments (a tampered resume): refused, on the record.
+    tampered = call(db, shop, "refund", {"order_id": "A1", "amount": 700.0}, "c1")
+    assert (tampered.outcome, tampered.reason_code, tampered.step_id) == (
+        "refused",
+        "approval_mismatch",
+        "s3",
+    )
+    assert shop.executed == []
+
+    journal = open_journal(str(db))
+    after, ticket_after = run(journal.get_run(run_id)), run(journal.get_ticket(ticket_id))
+    # Still paused on the same ticket and step, the ticket approved and unused.
+    assert (after.status, after.owner, after.reason_code, after.message) == (
+        before.status,
+        before.owner,
+        before.reason_code,
+        before.message,
+    )
+    assert after.status == "paused"
+    assert after.checkpoint["pending"] == before.checkpoint["pending"]
+    assert after.checkpoint["pending"]["step_id"] == asked.step_id
+    assert (ticket_after.status, ticket_after.consumed_at) == ("approved", None)
+    assert (ticket_after.args, ticket_after.args_hash) == (ticket_before.args, ticket_before.args_hash)
+    # Each refusal: the presented call and the fingerprint of its arguments, denied by the
+    # ticket, the presented call id in its reason and never in `call_id`.
+    refusals = _refusals(journal, run_id)
+    forged = {"order_id": "A1", "amount": 700.0}
+    assert [(step, r.proposal, r.decision.reason_code, r.args_hash) for step, r in refusals] == [
+        ("s2", ToolCall("read_order", {"order_id": "A1"}), "approval_pending", _hash(shop.read_order, "A1")),
+        ("s3", ToolCall("refund", forged), "approval_mismatch", _hash(shop.refund, "A1", 700.0)),
+    ]
+    for (_, refusal), call_id in zip(refusals, ("c2", "c1"), strict=True):
+        assert (refusal.decision.decision, refusal.decision.rule_id) == ("deny", f"approval:{ticket_id}")
+        assert refusal.call_id is None
+        assert refusal.decision.reason.endswith(f'(presented as call id "{call_id}")')
+    assert run(recorded_calls(journal, run_id)) == {"c1": asked.step_id}
+    journal.close()
+
+    # The call as it was approved: the approved arguments run, once, in the step that asked.
+    done = call(db, shop, "refund", {"order_id": "A1", "amount": 70.0}, "c1")
+    assert done.executed and done.step_id == asked.step_id
+    assert call(db, shop, "refund", {"order_id": "A1", "amount": 70.0}, "c1").executed
+    assert shop.refunds == [("A1", 70.0)] and shop.keys == [f"{run_id}:{asked.step_id}"]
+    # The call refused while the run waited, presented again now: taken, not its old refusal.
+    read = call(db, shop, "read_order", {"order_id": "A1"}, "c2")
+    assert read.executed and read.step_id == "s4"
+    assert shop.executed == ["refund", "read_order"]
+
+    journal = open_journal(str(db))
+    rows = step_rows(journal, run_id)
+    assert [(r["step_id"], r["outcome"], r["reason_code"], r["rule_id"]) for r in rows] == [
+        ("s1", "awaiting_approval", "approval_required", "refund-ask"),
+        ("s2", "refused", "approval_pending", f"approval:{ticket_id}"),
+        ("s3", "refused", "approval_mismatch", f"approval:{ticket_id}"),
+        ("s1", "executed", "approval_required", "refund-ask"),
+        ("s4", "executed", "policy_allowed", "default:read"),
+    ]
+    assert rows[2]["proposal"] == {
+        "kind": "tool_call",
+        "tool": "refund",
+        "args": {"order_id": "A1", "amount": 700.0},
+    }
+    # The journal is intact, rows and tickets agree with the chain, replay finds no divergence.
+    assert run(verify_journal(journal, [run_id])).findings == []
+    report = run(replay_run(journal, run_id))
+    assert report.ok, report.as_dict()
+    assert [(d.step_id, d.status) for d in report.decisions] == [
+        ("s1", "same"),
+        ("s2", "not re-evaluated"),
+        ("s3", "not re-evaluated"),
+        ("s4", "same"),
+    ]
+    # `tether diff --runs` does not decide them again either: no policy made them.
+    redecided = redecide(run_id, run(journal.read_entries(run_id)), governed(journal, shop).workflow)
+    assert [(d.step_id, d.status) for d in redecided if d.recorded.rule_id.startswith("approval:")] == [
+        ("s2", "not re-decided"),
+        ("s3", "not re-decided"),
+    ]
+    journal.close()
+
+
+def test_ending_a_waiting_conversation_is_refused_on_the_record(tmp_path: Path, shop: Shop) -> None:
+    db = tmp_path / "j.db"
+    asked = call(db, shop, "refund", {"order_id": "A1", "amount": 70.0}, "c1")
+
+    async def end() -> CallOutcome:
+        journal = open_journal(str(db))
+        try:
+            async with governed(journal, shop) as calls:
+                return await calls.end("conv-1", "all done")
+        finally:
+            await journal.aclose()
+
+    ended = run(end())
+    assert (ended.outcome, ended.reason_code, ended.ticket_id) == (
+        "refused",
+        "approval_pending",
+        asked.ticket_id,
+    )
+    assert (ended.reason or "").startswith(
+        f"cannot end the conversation: the conversation waits on ticket {asked.ticket_id}"
+    )
+    journal = open_journal(str(db))
+    [(step, refusal)] = _refusals(journal, asked.run_id)
+    assert (step, refusal.proposal, refusal.decision.rule_id) == (
+        ended.step_id,
+        Exit("end", summary="all done"),
+        f"approval:{asked.ticket_id}",
+    )
+    assert run(journal.get_run(asked.run_id)).status == "paused"
+    assert run(verify_journal(journal, [asked.run_id])).findings == []
+    assert run(replay_run(journal, asked.run_id)).ok
+    journal.close()
+
+
+def test_a_call_presented_again_with_nothing_recorded_since_its_refusal_is_one_attempt(
+    tmp_path: Path, shop: Shop
+) -> None:
+    """A framework that presents a call twice (the Agents SDK: `needs_approval`, then the
+    tool), or re-runs a node before the ticket is decided, adds no second refusal; a
+    presentation after anything else was recorded is another attempt."""
+    db = tmp_path / "j.db"
+
+    async def go() -> list[CallOutcome]:
+        journal = open_journal(str(db))
+        try:
+            async with governed(journal, shop) as calls:
+                said = [
+                    await calls.call("conv-1", "refund", {"order_id": "A1", "amount": 70.0}, call_id="c1")
+                ]
+                for tool, args, call_id in (
+                    ("read_order", {"order_id": "A1"}, "c2"),
+                    ("read_order", {"order_id": "A1"}, "c2"),  # the same presentation again
+                    ("read_order", {"order_id": "A1"}, "c3"),  # another call
+                    ("read_order", {"order_id": "A1"}, "c2"),  # c2 again, after c3's refusal
+                    ("read_order", {"order_id": "A1"}, None),  # no call id: never taken as a repeat
+                    ("read_order", {"order_id": "A1"}, None),
+                ):
+                    said.append(await calls.call("conv-1", tool, args, call_id=call_id))
+                return said
+        finally:
+            await journal.aclose()
+
+    asked, *refused = run(go())
+    assert [(r.outcome, r.reason_code, r.step_id) for r in refused] == [
+        ("refused", "approval_pending", "s2"),
+        ("refused", "approval_pending", "s2"),
+        ("refused", "approval_pending", "s3"),
+        ("refused", "approval_pending", "s4"),
+        ("refused", "approval_pending", "s5"),
+        ("refused", "approval_pending", "s6"),
+    ]
+    assert refused[0] == refused[1]
+    journal = open_journal(str(db))
+    assert [step for step, _ in _refusals(journal, asked.run_id)] == ["s2", "s3", "s4", "s5", "s6"]
+    assert shop.executed == []
+    journal.close()
+
+
+def test_a_refusal_leaves_the_run_waiting_only_when_it_names_the_ticket_it_waits_on(
+    tmp_path: Path, shop: Shop
+) -> None:
+    """What the chain says of the run after such a refusal (tether.journal.integrity): still
+    paused on its ticket; a refusal naming another ticket, or continuing the paused step (a
+    denial), moves it on, as before."""
+    db = tmp_path / "j.db"
+    asked = call(db, shop, "refund", {"order_id": "A1", "amount": 70.0}, "c1")
+    call(db, shop, "read_order", {"order_id": "A1"}, "c2")
+    journal = open_journal(str(db))
+    entries = run(journal.read_entries(asked.run_id))
+    journal.close()
+    view = integrity.derive(entries)
+    assert (view.status, view.last_awaiting, view.owner) == ("paused", asked.ticket_id, "approver")
+
+    refused = entries[-1]
+    assert refused.kind == "refused"
+    other = refused.body_json.replace(f"approval:{asked.ticket_id}", "approval:tkt_000000000000")
+    assert other != refused.body_json
+    view = integrity.derive([*entries[:-1], msgspec.structs.replace(refused, body_json=other)])
+    assert (view.status, view.last_awaiting) == ("running", None)
+    continued = refused.body_json.replace('"decision":{', '"continuation":true,"decision":{')
+    view = integrity.derive([*entries[:-1], msgspec.structs.replace(refused, body_json=continued)])
+    assert (view.status, view.last_awaiting) == ("running", None)
+
+
+def _hash(tool: Tool, order_id: str, amount: float | None = None) -> str:
+    args: dict[str, Any] = {"order_id": order_id} | ({"amount": amount} if amount is not None else {})
+    return tool.validate(args).hash

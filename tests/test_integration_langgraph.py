@@ -19,10 +19,14 @@ from langgraph.graph import START, StateGraph
 from langgraph.types import Command
 from typer.testing import CliRunner
 
+from tether.audit import verify_journal
 from tether.cli import app
 from tether.identity import Principal
 from tether.integrations.langgraph import GovernedToolNode
-from tether.journal import open_journal
+from tether.journal import RunRecord, open_journal
+from tether.journal import bodies as b
+from tether.proposals import ToolCall
+from tether.replay import replay_run
 
 EXAMPLE = Path(__file__).resolve().parents[1] / "examples" / "integrations" / "langgraph"
 sys.path.insert(0, str(EXAMPLE))
@@ -127,6 +131,16 @@ def test_a_thread_pauses_on_the_ticket_and_runs_exactly_the_approved_call_once(t
     refused = tool_message(tampered, "call_refund")
     assert refused.status == "error" and "refused (approval_mismatch)" in str(refused.content)
     assert refunds(tmp_path) == []
+    # The attempt is on the record: the presented arguments, refused by the ticket; the tether
+    # run still waits on the same ticket, for the call as it was approved.
+    attempt, record = recorded(db, tampered["run_id"])
+    assert attempt.proposal == ToolCall("refund", {"order_id": "A1", "amount": 700.0})
+    assert (attempt.decision.rule_id, attempt.decision.reason_code) == (
+        f"approval:{ticket}",
+        "approval_mismatch",
+    )
+    assert 'presented as call id "call_refund"' in attempt.decision.reason and attempt.call_id is None
+    assert (record.status, record.checkpoint["pending"]["ticket_id"]) == ("paused", ticket)
 
     # Resumed from the checkpoint it paused at: exactly the approved arguments, once.
     approved = session(tmp_path, Command(resume={"ticket_id": ticket}), config=checkpoint)
@@ -149,10 +163,13 @@ def test_a_thread_pauses_on_the_ticket_and_runs_exactly_the_approved_call_once(t
         'refund(amount=70.0, order_id="A1") ask by refund-over-50-needs-approval',
         f"→ awaiting_approval (ticket {ticket})",
         f"ticket_decided → approved: {ticket}",
+        f'refund(amount=700.0, order_id="A1") deny by approval:{ticket} — ticket {ticket} approved refund',
+        f"→ refused (approval_mismatch): ticket {ticket} approved refund with other arguments",
         f"→ executed (ticket {ticket}): refunded 70.00 on A1",
     ):
         assert line in shown, line
-    assert shown.count("→ executed") == 2 and "700" not in shown
+    assert shown.count("→ executed") == 2 and shown.count("700") == 1  # the refused attempt only
+    assert run_verified(db, approved["run_id"])
 
 
 # -- a node re-run after a crash: plain LangGraph repeats the effect, the governed node does not --
@@ -289,6 +306,97 @@ def test_calls_made_before_an_interrupt_are_not_run_again_when_the_node_resumes(
     assert tool_message(done, "c_refund").content == "refunded 70.00 on A1"
     assert seen == ["A1"], "LangGraph re-ran the node; tether returned the recorded read"
     assert refunds(tmp_path) == [("A1", 70.0)]
+
+
+def test_calls_refused_while_the_thread_waits_are_recorded_and_run_when_the_node_resumes(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The model asks for a refund and a lookup in one turn: the refund pauses the thread, the
+    lookup is refused (`approval_pending`) and that is recorded, not under its call id: when
+    the node re-runs after the decision, the lookup is taken, once."""
+    seen: list[str] = []
+    monkeypatch.setattr(agent.Shop, "tools", counting_lookups(agent.Shop.tools, seen))
+    both = AIMessage(
+        content="",
+        tool_calls=[
+            {
+                "name": "refund",
+                "args": {"order_id": "A1", "amount": 70.0},
+                "id": "c_refund",
+                "type": "tool_call",
+            },
+            {"name": "lookup_order", "args": {"order_id": "A1"}, "id": "c_read", "type": "tool_call"},
+        ],
+    )
+    script = [both, AIMessage(content="Done.")]
+    paused = session(tmp_path, QUESTION, script)
+    [asked] = paused["__interrupt__"]
+    ticket = asked.value["ticket_id"]
+    assert seen == []
+    db = tmp_path / "tether.db"
+    attempt, record = recorded(db, paused["run_id"])
+    assert attempt.proposal == ToolCall("lookup_order", {"order_id": "A1"})
+    assert (attempt.decision.rule_id, attempt.decision.reason_code) == (
+        f"approval:{ticket}",
+        "approval_pending",
+    )
+    assert attempt.call_id is None and 'presented as call id "c_read"' in attempt.decision.reason
+    assert (record.status, record.checkpoint["pending"]["ticket_id"]) == ("paused", ticket)
+
+    # Resumed before anyone decided: both calls presented again, nothing new to record.
+    early = session(tmp_path, Command(resume=True), script)
+    assert [i.value["ticket_id"] for i in early["__interrupt__"]] == [ticket]
+    assert len(refusals(db, paused["run_id"])) == 1 and seen == []
+
+    decide(tmp_path, ticket, approve=True)
+    done = session(tmp_path, Command(resume=True), script)
+    assert tool_message(done, "c_refund").content == "refunded 70.00 on A1"
+    assert tool_message(done, "c_read").content == '{"total": 80.0, "status": "paid"}'
+    assert seen == ["A1"] and refunds(tmp_path) == [("A1", 70.0)]
+    assert done["messages"][-1].content == "Done."
+    shown = show(done["run_id"], db)
+    assert f'lookup_order(order_id="A1") deny by approval:{ticket}' in shown
+    assert "→ refused (approval_pending): cannot take lookup_order" in shown
+    assert shown.count("→ executed") == 2
+    assert run_verified(db, done["run_id"])
+
+
+def recorded(db: Path, run_id: str) -> tuple[b.Refused, RunRecord]:
+    """The last call refused while the run waited, and the run's row."""
+    journal = open_journal(str(db))
+    try:
+        record = asyncio.run(journal.get_run(run_id))
+    finally:
+        journal.close()
+    return refusals(db, run_id)[-1], record
+
+
+def refusals(db: Path, run_id: str) -> list[b.Refused]:
+    """The run's refusals of calls presented while it waited on a ticket."""
+    journal = open_journal(str(db))
+    try:
+        entries = asyncio.run(journal.read_entries(run_id))
+    finally:
+        journal.close()
+    found = [e.body for e in entries if e.kind == "refused"]
+    return [r for r in found if isinstance(r, b.Refused) and r.decision.rule_id.startswith("approval:")]
+
+
+def run_verified(db: Path, run_id: str) -> bool:
+    """`tether audit verify` finds nothing wrong with the run, and replay no divergence."""
+
+    async def verified() -> bool:
+        journal = open_journal(str(db))
+        try:
+            report = await verify_journal(journal, [run_id])
+            replayed = await replay_run(journal, run_id)
+        finally:
+            await journal.aclose()
+        assert report.findings == [], report.findings
+        assert replayed.ok, replayed.as_dict()
+        return True
+
+    return asyncio.run(verified())
 
 
 def test_a_denied_ticket_is_the_tools_error_and_the_thread_goes_on(tmp_path: Path) -> None:

@@ -25,10 +25,14 @@ from typer.testing import CliRunner
 
 from conftest import run, step_rows
 from tether import Policy
+from tether.audit import verify_journal
 from tether.cli import app
 from tether.identity import Principal
 from tether.integrations.openai_agents import ConversationKeyError, GovernedTools, idempotency_key
-from tether.journal import Journal, open_journal
+from tether.journal import Journal, RunRecord, open_journal
+from tether.journal import bodies as b
+from tether.proposals import ToolCall
+from tether.replay import replay_run
 
 ROOT = Path(__file__).resolve().parent.parent
 POLICY = {
@@ -180,7 +184,17 @@ def test_allowed_denied_and_asked_then_approved_elsewhere_runs_once(tmp_path: Pa
     forged_state = tampered(state, "c3", "refund", {"order_id": "A1", "amount": 700.0})
     forged = run(resume(db, shop, forged_state, [[assistant_message("could not refund")]]))
     assert outputs(forged)[-1].startswith("tether: refused (approval_mismatch): ticket")
+    assert outputs(forged)[-1].endswith(f"[run {run_id}, step s4]")  # the refusal's own step
     assert shop.executed == [("read_order", "A1")]
+    # On the record: the forged arguments, refused by the ticket; the run still waits on it.
+    attempt, record = refusal_and_run(db, run_id)
+    assert attempt.proposal == ToolCall("refund", {"order_id": "A1", "amount": 700.0})
+    assert (attempt.decision.rule_id, attempt.decision.reason_code) == (
+        f"approval:{ticket}",
+        "approval_mismatch",
+    )
+    assert attempt.call_id is None and 'presented as call id "c3"' in attempt.decision.reason
+    assert (record.status, record.checkpoint["pending"]["step_id"]) == ("paused", "s3")
 
     done = run(resume(db, shop, state, [[assistant_message("refunded 70 on A1")]]))
     assert outputs(done)[-1] == "refunded 70.00 on A1" and done.final_output == "refunded 70 on A1"
@@ -197,7 +211,8 @@ def test_allowed_denied_and_asked_then_approved_elsewhere_runs_once(tmp_path: Pa
         ("s1", "executed"),
         ("s2", "refused"),
         ("s3", "awaiting_approval"),
-        ("s3", "executed"),  # once: the forged and the repeated resume added no step
+        ("s4", "refused"),  # the forged resume
+        ("s3", "executed"),  # once: the repeated resume added no step
     ]
     assert shop.keys == [f"{run_id}:s3"]  # the tool got tether's idempotency key for the step
 
@@ -210,10 +225,14 @@ def test_allowed_denied_and_asked_then_approved_elsewhere_runs_once(tmp_path: Pa
         "ask by refund-ask",
         f"awaiting_approval (ticket {ticket})",
         f"approved: {ticket}",
+        'refund(amount=700.0, order_id="A1")',
+        f"deny by approval:{ticket}",
+        f"refused (approval_mismatch): ticket {ticket} approved refund with other arguments",
         f"executed (ticket {ticket}): refunded 70.00 on A1",
     ):
         assert line in shown, line
     assert "model openai-agents" in shown and "journal intact" in shown
+    assert verified(db, run_id)
 
 
 def asked(db: Path, shop: Shop) -> tuple[dict[str, Any], str]:
@@ -283,6 +302,74 @@ def test_an_undecided_ticket_keeps_the_run_paused_and_an_sdk_approval_alone_runs
     shown = outputs(run(go()))[-1]
     assert shown.startswith(f"tether: waiting for a person to approve (ticket {ticket})")
     assert shop.executed == []
+
+
+def test_a_call_made_while_the_conversation_waits_is_refused_and_recorded_once(tmp_path: Path) -> None:
+    """A new SDK run of a conversation that waits on a ticket: its call is refused
+    (`approval_pending`), recorded once although the SDK presents it twice (`needs_approval`,
+    then the tool), and the conversation still waits on the same ticket."""
+    db, shop = tmp_path / "j.db", Shop()
+    _, ticket = asked(db, shop)
+
+    async def go() -> RunResult:
+        journal = open_journal(str(db))
+        async with shop.governed(journal) as governed:
+            support = agent(
+                governed,
+                [
+                    [function_call("read_order", {"order_id": "A1"}, call_id="c9")],
+                    [assistant_message("later")],
+                ],
+            )
+            result = await Runner.run(support, "read A1", context=CONTEXT, run_config=NO_TRACES)
+        await journal.aclose()
+        return result
+
+    said = outputs(run(go()))[-1]
+    assert said.startswith("tether: refused (approval_pending): cannot take read_order: the conversation")
+    assert f"waits on ticket {ticket} (refund)" in said
+    assert shop.executed == []
+    journal = open_journal(str(db))
+    run_id = run(journal.list_runs(None))[0].run_id
+    journal.close()
+    attempt, record = refusal_and_run(db, run_id)
+    assert attempt.proposal == ToolCall("read_order", {"order_id": "A1"})
+    assert (attempt.decision.rule_id, attempt.decision.reason_code) == (
+        f"approval:{ticket}",
+        "approval_pending",
+    )
+    assert (record.status, record.checkpoint["pending"]["ticket_id"]) == ("paused", ticket)
+    journal = open_journal(str(db))
+    rows = step_rows(journal, run_id)
+    journal.close()
+    assert [(r["step_id"], r["outcome"]) for r in rows] == [("s1", "awaiting_approval"), ("s2", "refused")]
+    assert verified(db, run_id)
+
+
+def refusal_and_run(db: Path, run_id: str) -> tuple[b.Refused, RunRecord]:
+    """The last call refused while the run waited on a ticket, and the run's row."""
+    journal = open_journal(str(db))
+    try:
+        entries = run(journal.read_entries(run_id))
+        record = run(journal.get_run(run_id))
+    finally:
+        journal.close()
+    [*_, last] = [e.body for e in entries if e.kind == "refused" and '"rule_id":"approval:' in e.body_json]
+    assert isinstance(last, b.Refused) and not last.continuation
+    return last, record
+
+
+def verified(db: Path, run_id: str) -> bool:
+    """`tether audit verify` finds nothing wrong with the run, and replay no divergence."""
+    journal = open_journal(str(db))
+    try:
+        report = run(verify_journal(journal, [run_id]))
+        replayed = run(replay_run(journal, run_id))
+    finally:
+        journal.close()
+    assert report.findings == [], report.findings
+    assert replayed.ok, replayed.as_dict()
+    return True
 
 
 def test_a_tool_failure_is_recorded_and_told_to_the_model(tmp_path: Path) -> None:

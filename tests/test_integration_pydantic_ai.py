@@ -27,7 +27,9 @@ from tether import Policy
 from tether.external import conversation_run_id
 from tether.identity import Principal
 from tether.integrations.pydantic_ai import Governance, resume_results
+from tether.journal import bodies as b
 from tether.journal import open_journal
+from tether.proposals import ToolCall
 from tether.tools import Effect
 
 EXAMPLE = Path(__file__).resolve().parents[1] / "examples" / "integrations" / "pydantic_ai"
@@ -158,6 +160,27 @@ def test_an_ask_pauses_survives_a_restart_and_runs_the_approved_arguments_once(t
         assert isinstance(output, str) and "refund: denied: refused (approval_mismatch)" in output
         assert returns(after)["refund"].outcome == "denied"
     assert turn.refunds() == []
+    # Each attempt is on the record, with the arguments presented, refused by the ticket; the
+    # run still waits on the same ticket, for the call as it was approved.
+    journal = open_journal(turn.db)
+    entries = run(journal.read_entries(run_id))
+    record = run(journal.get_run(run_id))
+    journal.close()
+    attempts = [(e.step_id, e.body) for e in entries if e.kind == "refused"]
+    assert [(step, r.proposal) for step, r in attempts] == [
+        ("s3", ToolCall("refund", {**args, "amount": 80.0})),
+        ("s4", ToolCall("refund", {**args, "amount": 700.0})),
+    ]
+    for _, attempt in attempts:
+        assert isinstance(attempt, b.Refused) and attempt.call_id is None
+        decision = attempt.decision
+        assert (decision.decision, decision.rule_id, decision.reason_code) == (
+            "deny",
+            f"approval:{ticket}",
+            "approval_mismatch",
+        )
+        assert decision.reason.endswith(f"(presented as call id {json.dumps(call_id)})")
+    assert (record.status, record.checkpoint["pending"]["step_id"]) == ("paused", "s2")
 
     done, after = turn(saved=saved, results=resume_results(paused))
     assert isinstance(done, str) and returns(after)["refund"].outcome == "success"
@@ -177,11 +200,23 @@ def test_an_ask_pauses_survives_a_restart_and_runs_the_approved_arguments_once(t
         "ask by refund-over-50-asks — refunds above 50 need a supervisor",
         f"→ awaiting_approval (ticket {ticket})",
         f"→ approved: {ticket} by local:",
+        'refund(amount=80.0, order_id="A1")',
+        'refund(amount=700.0, order_id="A1")',
+        f"deny by approval:{ticket} — ticket {ticket} approved refund with other arguments",
+        f"→ refused (approval_mismatch): ticket {ticket} approved refund with other arguments",
         "→ intent recorded, effect starting",
         f'→ executed (ticket {ticket}): {{"refunded": 70.0}}',
     ):
         assert line in shown, line
     assert shown.count("→ executed") == 2  # the read and the refund, once
+    assert shown.count("→ refused (approval_mismatch)") == 2
+    # `tether audit verify` finds the run intact, rows and tickets agreeing with the chain, and
+    # `tether replay` no divergence (each exits 0 only then).
+    turn.tether("audit", "verify", run_id)
+    replayed = json.loads(turn.tether("replay", run_id, "--json"))
+    assert replayed["ok"] and replayed["summary"]["diverged"] == 0
+    by_ticket = [d for d in replayed["decisions"] if d["recorded"]["rule_id"] == f"approval:{ticket}"]
+    assert [d["status"] for d in by_ticket] == ["not re-evaluated"] * 2
 
 
 def test_a_person_s_denial_reaches_the_model_and_the_conversation_goes_on(tmp_path: Path) -> None:

@@ -16,6 +16,9 @@ the hash chain); replay re-decides each call from its entry.
   arguments), the decision is carried out: the approved arguments run, once, or the denial is
   recorded. The call presented with other arguments is refused and nothing runs.
 - While its run waits on a ticket, a conversation takes no other call (refused, naming it).
+  Such refusals (`approval_mismatch`, `approval_pending`) are recorded as steps of the run,
+  decided by the ticket (`approval:TICKET`), while it stays paused on the same ticket: an
+  attempt to get around an approval is on the record (`_refuse_waiting`).
 - A call id seen before gets what was recorded for it, never a second execution: a framework
   that re-runs a node after a crash does not repeat the effect. A crash while an effect was
   under way is settled as in any run: an idempotent tool runs again with the same idempotency
@@ -30,19 +33,22 @@ from __future__ import annotations
 
 import asyncio
 import hashlib
+import json
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
 from tether.budget import Budget
+from tether.decision import Decision
 from tether.errors import JournalError, RunNotFound, RunStateError
+from tether.hashing import encode_json, value_hash
 from tether.identity import Principal
 from tether.journal import Journal
 from tether.journal import bodies as b
 from tether.journal.common import SELF_DRIVEN
 from tether.policy import Policy
 from tether.reasons import ReasonCode
-from tether.run import RunCursor
+from tether.run import Pending, RunCursor
 from tether.runtime import Runtime
 from tether.step import GovernedStep
 from tether.tools import ArgumentError, Tool
@@ -194,11 +200,19 @@ class GovernedCalls:
             if isinstance(held, CallOutcome):
                 return held
             try:
-                if held.checkpoint.pending is not None:
-                    return _waiting(held, "end the conversation")
+                proposal: dict[str, Any] = {"kind": "exit", "exit": "end", "summary": summary}
+                pending = held.checkpoint.pending
+                if pending is not None:
+                    return await self._refuse_waiting(
+                        held,
+                        proposal,
+                        ReasonCode.APPROVAL_PENDING,
+                        _waiting_reason(pending, "end the conversation"),
+                        call_id=None,
+                        args_hash=value_hash(encode_json({"exit": "end", "update": {}})),
+                    )
                 step = GovernedStep(held, self.state)
                 with step.observed("external"):
-                    proposal = {"kind": "exit", "exit": "end", "summary": summary}
                     await step.take_external(proposal, None)
                 if held.record.status == "running" and held.record.state != STATE:
                     await self.runtime.finish(held)
@@ -289,8 +303,15 @@ class GovernedCalls:
                 and self._hash(tool, args) == self._hash(tool, pending.proposal.get("args") or {})
             )
             if not same:
-                return _waiting(cursor, f"take {tool}")
-            return await self._decided(cursor, tool, args)
+                return await self._refuse_waiting(
+                    cursor,
+                    {"kind": "tool_call", "tool": tool, "args": args},
+                    ReasonCode.APPROVAL_PENDING,
+                    _waiting_reason(pending, f"take {tool}"),
+                    call_id=call_id,
+                    args_hash=self._hash(tool, args),
+                )
+            return await self._decided(cursor, tool, args, call_id)
         step = GovernedStep(cursor, self.state)
         with step.observed("external"):
             await step.take_external({"kind": "tool_call", "tool": tool, "args": args}, call_id)
@@ -300,7 +321,9 @@ class GovernedCalls:
         assert seen is not None  # every path of a step records what it came to
         return CallOutcome.observed(run_id, seen)
 
-    async def _decided(self, cursor: RunCursor, tool: str, args: dict[str, Any]) -> CallOutcome:
+    async def _decided(
+        self, cursor: RunCursor, tool: str, args: dict[str, Any], call_id: str | None
+    ) -> CallOutcome:
         """The call a paused run waits on, presented again: carry out the person's decision."""
         pending = cursor.checkpoint.pending
         assert pending is not None
@@ -318,16 +341,14 @@ class GovernedCalls:
                 )
         presented = self._hash(tool, args)
         if ticket.status == "approved" and presented not in (ticket.args_hash, ticket.original_args_hash):
-            return CallOutcome(
-                outcome="refused",
-                run_id=cursor.run_id,
-                step_id=pending.step_id,
-                reason_code=ReasonCode.APPROVAL_MISMATCH,
-                reason=(
-                    f"ticket {ticket.ticket_id} approved {ticket.subject} with other arguments than "
-                    "these; nothing was run (present the call as it was approved)"
-                ),
-                ticket_id=ticket.ticket_id,
+            return await self._refuse_waiting(
+                cursor,
+                {"kind": "tool_call", "tool": tool, "args": args},
+                ReasonCode.APPROVAL_MISMATCH,
+                f"ticket {ticket.ticket_id} approved {ticket.subject} with other arguments than "
+                "these; nothing was run (present the call as it was approved)",
+                call_id=call_id,
+                args_hash=presented,
             )
         step = GovernedStep(cursor, self.state, pending.step_id)
         with step.observed("resume_ticket"):
@@ -335,6 +356,71 @@ class GovernedCalls:
         seen = _last_seen(cursor, pending.step_id)
         assert seen is not None
         return CallOutcome.observed(cursor.run_id, seen)
+
+    async def _refuse_waiting(
+        self,
+        cursor: RunCursor,
+        proposal: dict[str, Any],
+        code: ReasonCode,
+        reason: str,
+        *,
+        call_id: str | None,
+        args_hash: str | None,
+    ) -> CallOutcome:
+        """A call presented while the run waits on its ticket, refused (`approval_pending`: any
+        other call, or ending the conversation; `approval_mismatch`: the waiting call with other
+        arguments than the approved ones). Nothing runs. The refusal is on the record, a step of
+        its own with the presented proposal and arguments' fingerprint, decided by the ticket
+        (`approval:TICKET`); the run stays paused on the same ticket and pending step, and the
+        call the ticket is for, presented as it was approved, still carries out the decision."""
+        pending = cursor.checkpoint.pending
+        assert pending is not None
+        run_id, ticket_id = cursor.run_id, pending.ticket_id
+        # The presented call id is NOT the step's `call_id`: a call id in a step's entry is
+        # answered from the record and never taken again (`recorded_calls`). Under the waiting
+        # call's id, the legitimate presentation of that call would be answered "refused"
+        # instead of carrying out the decision; under another call's id (approval_pending),
+        # that call presented again once the ticket is decided (a LangGraph node re-run after
+        # its interrupt) would get this refusal instead of being taken. The id is kept in the
+        # recorded reason instead (under the hash chain; `tether show --json`), not in a field
+        # of its own: the journal's schema is unchanged, and no reader of it can take the id for
+        # the step's call id.
+        said = reason + (f" (presented as call id {json.dumps(call_id)})" if call_id else "")
+        decision = Decision("deny", f"approval:{ticket_id}", code, said)
+        step_id = await self._just_refused(cursor, decision, args_hash) if call_id else None
+        if step_id is None:
+            step = GovernedStep(cursor, self.state)
+            with step.observed("external"):
+                await step.refuse(proposal, decision, args_hash)
+            step_id = step.step_id
+        return CallOutcome(
+            outcome="refused",
+            run_id=run_id,
+            step_id=step_id,
+            reason_code=code,
+            reason=reason,
+            ticket_id=ticket_id,
+        )
+
+    async def _just_refused(self, cursor: RunCursor, decision: Decision, args_hash: str | None) -> str | None:
+        """The step of the run's last entry if it is this very refusal: the same call (by its
+        id) presented again as it was, nothing recorded since (the Agents SDK presents a call
+        twice, to `needs_approval` and then to the tool; a LangGraph node re-run before the
+        ticket is decided presents its other calls again). One attempt, one entry."""
+        if args_hash is None:
+            return None
+        last = await self.journal.read_entries(cursor.run_id, cursor.record.last_seq - 1)
+        if not last or last[-1].kind != "refused" or last[-1].step_id is None:
+            return None
+        body = last[-1].body
+        if (
+            isinstance(body, b.Refused)
+            and not body.continuation
+            and body.args_hash == args_hash
+            and body.decision == decision  # the ticket, the reason code, the reason with the call id
+        ):
+            return last[-1].step_id
+        return None
 
     def _hash(self, tool: str, args: Mapping[str, Any]) -> str | None:
         found = self.state.tool(tool)
@@ -382,18 +468,9 @@ def _stopped(run_id: str, status: str, code: str | None, message: str | None) ->
     )
 
 
-def _waiting(cursor: RunCursor, doing: str) -> CallOutcome:
-    pending = cursor.checkpoint.pending
-    assert pending is not None
+def _waiting_reason(pending: Pending, doing: str) -> str:
     what = pending.proposal.get("tool") or pending.proposal.get("exit")
-    return CallOutcome(
-        outcome="refused",
-        run_id=cursor.run_id,
-        step_id=pending.step_id,
-        reason_code=ReasonCode.APPROVAL_PENDING,
-        reason=(
-            f"cannot {doing}: the conversation waits on ticket {pending.ticket_id} ({what}); a "
-            "person decides it (tether approve / tether deny), then present that call again"
-        ),
-        ticket_id=pending.ticket_id,
+    return (
+        f"cannot {doing}: the conversation waits on ticket {pending.ticket_id} ({what}); a "
+        "person decides it (tether approve / tether deny), then present that call again"
     )

@@ -17,9 +17,11 @@ no known answer: that decision is `unknown`, never guessed. `what_if(journal, po
 it over many runs.
 
 What is evaluated again is the policy's part of each governed step. Refusals the runtime
-made before policy (`runtime:*`: scope, arguments, budget, loop, parse, contract) and
-continuations of a step a person decided (`approval:*`) are listed as not re-evaluated,
-except that a scope refusal is checked against the recorded envelope. A decision the
+made before policy (`runtime:*`: scope, arguments, budget, loop, parse, contract) and calls
+refused because their run waited on a ticket (`approval:*`: an agent framework's call
+presented meanwhile, tether.external) are listed as not re-evaluated, except that a scope
+refusal is checked against the recorded envelope; continuations of a step a person decided
+(`approval:*` too) repeat the decision evaluated for the step. A decision the
 policy's CPU-time budget cut short (`policy:evaluation_budget`) depends on the machine,
 not the record, and is not re-evaluated either.
 """
@@ -565,7 +567,10 @@ def _not_by_policy(
         if offered:
             return "diverged", f"refused as out of scope, but state {state!r} offers {name}"
         return "not re-evaluated", "refused by the runtime (out of scope): checked"
-    if recorded.rule_id.startswith(("runtime:", "approval:")) or recorded.rule_id in _NOT_BY_RULES:
+    if recorded.rule_id.startswith("approval:"):  # a call presented while its run waited (tether.external)
+        why = "refused by the runtime while the run waited on its ticket"
+        return "not re-evaluated", f"{why} ({recorded.rule_id})"
+    if recorded.rule_id.startswith("runtime:") or recorded.rule_id in _NOT_BY_RULES:
         why = _NOT_BY_RULES.get(recorded.rule_id, "the runtime, before policy")
         return "not re-evaluated", f"decided by {why} ({recorded.rule_id})"
     return None

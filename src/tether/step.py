@@ -198,6 +198,18 @@ class GovernedStep:
         self.call_id = call_id
         await self.take(proposal)
 
+    async def refuse(self, raw: dict[str, Any], decision: Decision, args_hash: str | None) -> None:
+        """Record `raw` refused by `decision` before any stage took it: a call an agent
+        framework presented while its run waits on a ticket (tether.external). Recorded as
+        every refusal is (`refused`), as a step of its own; the run's status, owner and pending
+        step are left as they are (tether.journal.integrity reads such a refusal, its rule
+        naming the ticket the run waits on, as leaving the run waiting)."""
+        try:
+            proposal: Proposal | None = self.parse(raw)
+        except Refusal:  # not a proposal within the limits: recorded as received (or a note)
+            proposal = None
+        await self.refused(proposal, Refusal(decision, args_hash=args_hash), raw=raw)
+
     def _exchange(
         self,
         model: Model,

@@ -508,8 +508,10 @@ def _decision_dict(decision: Decision) -> dict[str, Any]:
     return values | ({"role": role} if role else {})
 
 
-# Refusals made before policy on counters a re-decision cannot rebuild: kept as recorded.
-_NOT_REDECIDED = ("runtime:budget", "runtime:loop", "runtime:parse")
+# Refusals made before policy on counters a re-decision cannot rebuild, and calls refused
+# because their run waited on a ticket (`approval:TICKET`, tether.external: no policy decided
+# them): kept as recorded.
+_NOT_REDECIDED = ("runtime:budget", "runtime:loop", "runtime:parse", "approval:")
 
 
 class _Replay:

@@ -209,6 +209,8 @@ _OPENERS = frozenset({"run_started", "transition", "step_done"})
 # Kinds whose entries only leave the run running, unless they continue a paused step (use a
 # ticket) or carry a verifier's evidence (which may set facts).
 _PLAIN_STEPS = frozenset({"executed", "refused"})
+# In the text of a refusal a ticket decided (`_refused_while_waiting`): read by decoding it.
+_BY_TICKET = '"rule_id":"approval:'
 # Kinds that use an approved ticket (with `ticket_id` and `continuation`).
 _USES_TICKET = frozenset({"intent", "executed", "verification_failed", "tool_failed", "transition"})
 
@@ -253,7 +255,12 @@ def derive(entries: Sequence[Entry], start: ChainView | None = None) -> ChainVie
     view = start or ChainView()
     for e in entries:
         text = e.body_json
-        if e.kind in _PLAIN_STEPS and '"continuation":true' not in text and '"verification":' not in text:
+        if (
+            e.kind in _PLAIN_STEPS
+            and '"continuation":true' not in text
+            and '"verification":' not in text
+            and _BY_TICKET not in text
+        ):
             # Most entries: a step that only says the run goes on (no ticket used, no facts
             # set), told from its canonical text without decoding it.
             view.status, view.owner, view.last_awaiting = "running", UNKNOWN, None
@@ -265,7 +272,7 @@ def derive(entries: Sequence[Entry], start: ChainView | None = None) -> ChainVie
         if isinstance(record, b.UnknownBody) or not known:
             view.status = view.owner = view.facts = UNKNOWN  # a kind this tether cannot judge
             continue
-        status = _status_after(kind, record)
+        status = None if _refused_while_waiting(view, record) else _status_after(kind, record)
         if status is not None:
             view.status, view.owner, view.last_awaiting = status, UNKNOWN, None
         _record_on(view, e, kind, record)
@@ -274,6 +281,20 @@ def derive(entries: Sequence[Entry], start: ChainView | None = None) -> ChainVie
         if isinstance(record, b.Transition | b.StepDone) and record.carried is not None:
             _check_carried(view, e.seq, record.carried)
     return view
+
+
+def _refused_while_waiting(view: ChainView, record: b.Body) -> bool:
+    """A call presented while the run waited on its ticket, refused by that ticket (its rule
+    `approval:TICKET`, the ticket the chain says the run waits on) as a step of its own
+    (tether.external): the run goes on waiting, its status, owner and pending step unchanged.
+    A refusal that continues the paused step (the ticket denied or expired) moves it on."""
+    return (
+        isinstance(record, b.Refused)
+        and not record.continuation
+        and view.status == "paused"
+        and view.last_awaiting is not None
+        and record.decision.rule_id == f"approval:{view.last_awaiting}"
+    )
 
 
 def _check_carried(view: ChainView, seq: int, carried: b.Carried) -> None:
