@@ -9,6 +9,7 @@ so a test can show what reached the upstream and what never did. Its tools:
     read_config()            read: a configuration with a (fake) AWS access key in it
     send(to, body, idempotency_key)   external: "sends" a message; the key is required here
     note(text)               external: a tool a test's policy asks a person about
+    refund(order_id, amount) external: "refunds" an order (a test's policy allows one per order)
     delete_everything()      external: a tool a test's policy denies outright
     grow(name)               adds a read tool NAME and says the tool list changed
 """
@@ -64,6 +65,13 @@ def note(text: str, ctx: Context) -> str:
     """Write a note."""
     record("note", {"text": text}, ctx)
     return "noted"
+
+
+@server.tool()
+def refund(order_id: str, amount: float, ctx: Context) -> str:
+    """Refund an amount on an order."""
+    record("refund", {"order_id": order_id, "amount": amount}, ctx)
+    return f"refunded {amount:g} on {order_id}"
 
 
 @server.tool()

@@ -38,10 +38,12 @@ from mcp_servers import tau2_retail_server
 from tether.identity import Principal
 from tether.journal import bodies as b
 from tether.journal import open_journal
+from tether.journal.integrity import run_findings
 from tether.mcp.client import McpClient, McpServerSpec
 from tether.mcp.gateway import Gateway, config_upstreams
 from tether.mcp.gateway_config import GatewayConfigError, load_config, parse_config
 from tether.replay import Replayer
+from tether.timeline import timeline
 
 REPO = Path(__file__).resolve().parent.parent
 EXAMPLE = REPO / "examples" / "gateway" / "tau2-retail"
@@ -371,9 +373,77 @@ def test_an_upstream_that_dies_is_started_again_and_the_journal_says_so(retail: 
     assert outcome(again) == "executed"  # the server's database is on disk: the session goes on
     executed = asyncio.run(entries(retail.db, b.Executed))
     assert [e.tool for e in executed] == ["find_user_id_by_email", "get_order_details"]
+    # The restart is an entry of its own, just before the outcome of the step whose call went
+    # out on the new connection (and in that step's entries: the same step id).
+    (run,) = asyncio.run(runs_of(retail.db))
+    (at,) = [i for i, e in enumerate(run) if e.kind == "upstream_restarted"]
+    step = run[at].step_id
+    assert run[at + 1].kind == "executed" and run[at + 1].step_id == step
+    assert run[at + 1].body.tool == "get_order_details"
+    restarted = run[at].body
+    assert isinstance(restarted, b.UpstreamRestarted)
+    assert restarted.upstream == "tau2-retail (AgentEval)" and restarted.restart == 1
+    assert run[at - 1].created_at <= restarted.at <= run[at].created_at
+    # The call lost with the old connection (its policy lookup failed, or the call itself) is
+    # a step of its own, before it.
+    assert [e.kind for e in run[:at] if e.step_id == step] == []
+    assert run[at - 1].kind in ("refused", "tool_failed")
+    # `tether show` has it.
+    row = timeline(run)[at]
+    assert row["outcome"] == "upstream_restarted" and "restart 1" in row["detail"]
+    # The client is told in the result too (the journal is not the client's to read).
     assert "tether/upstream_restarts" not in (executed[0].result.get("_meta") or {})
     (restart,) = executed[1].result["_meta"]["tether/upstream_restarts"]
     assert restart["upstream"] == "tau2-retail (AgentEval)" and restart["restart"] == 1
+    # The run with the restart replays and passes the audit of its rows against its chain.
+    report, findings = asyncio.run(replayed_and_checked(retail.db))
+    assert report.ok and not findings, (report.problems, findings)
+
+
+async def runs_of(db: Path) -> list[list[Any]]:
+    """Every run's entries, run after run."""
+    async with open_journal(str(db)) as journal:
+        runs = sorted(await journal.list_runs(), key=lambda r: r.created_at)
+        return [await journal.read_entries(r.run_id) for r in runs]
+
+
+async def replayed_and_checked(db: Path) -> tuple[Any, list[Any]]:
+    """The journal's one run replayed, and what checking its rows against its chain finds."""
+    async with open_journal(str(db)) as journal:
+        (record,) = await journal.list_runs()
+        entries = await journal.read_entries(record.run_id)
+        found = run_findings(record, entries, await journal.run_tickets(record.run_id))
+        return await Replayer(journal).replay(record.run_id), found
+
+
+def test_an_order_is_modified_once_across_a_confirmation(retail: Retail) -> None:
+    """`modify-items-once-per-order` reads `history`: after the first modification waited for
+    the customer's confirmation, the session goes on in a fresh run whose history carries it,
+    so the second is refused by the rule of its own (before, only `modify-only-pending` did,
+    because the first had moved the order out of "pending")."""
+    order = {"order_id": "#W4776164", "payment_method_id": "credit_card_9513926"}
+    shirt = {"item_ids": ["8349118980"], "new_item_ids": ["9612497925"]}  # a T-shirt, another size
+    espresso = {"item_ids": ["6324294385"], "new_item_ids": ["3709608322"]}  # a 2 L one
+
+    async def main() -> tuple[list[str], list[Any]]:
+        async with session(retail, "once") as s:
+            await s.call("find_user_id_by_email", email="yusuf.rossi7301@example.com")
+            said = [
+                outcome(await s.call("modify_pending_order_items", **order, **items))
+                for items in (shirt, espresso)
+            ]
+        async with open_journal(str(retail.db)) as journal:
+            replayer = Replayer(journal)
+            return said, [await replayer.replay(run.run_id) for run in await journal.list_runs()]
+
+    said, reports = asyncio.run(main())
+    assert said == ["executed", "policy_denied"]
+    (refusal,) = asyncio.run(entries(retail.db, b.Refused))
+    assert refusal.decision.rule_id == "modify-items-once-per-order"
+    assert "modify-only-pending" in refusal.decision.matched
+    assert len(reports) == 2  # the confirmation's run, and the fresh one that carried its call
+    for report in reports:
+        assert report.ok, [(d.status, d.note) for d in report.decisions]
 
 
 def test_every_decision_of_a_gateway_run_replays_from_what_it_recorded(retail: Retail) -> None:

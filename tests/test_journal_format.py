@@ -100,3 +100,28 @@ def test_a_run_paused_before_kernel_v2_resumes_and_appends_format_2_entries(old_
     executed = next(e.body for e in entries if e.kind == "executed")
     assert isinstance(executed, bodies.Executed) and executed.ticket_id == TICKET
     assert executed.args == {"order_id": "A-1001", "amount": 180.0, "reason": "kettle arrived broken"}
+
+
+def test_step_done_reads_as_before_without_carried_history_and_with_it_round_trips() -> None:
+    """`step_done`'s `history` (calls carried into the run's `history`, the MCP gateway's
+    `carry` step) is an added field: an entry without it reads as before and encodes to the
+    same text (the text its hash covers); one with it, and `upstream_restarted`, round-trip."""
+    from tether.hashing import encode_json
+
+    before = (
+        '{"carried":{"facts":{"a":1},"policy_hash":"p","workflow_hash":"w"},"facts":{"a":1},"next":"gateway"}'
+    )
+    record = bodies.decode("step_done", before)
+    assert isinstance(record, bodies.StepDone) and record.history is None
+    assert encode_json(record) == before
+    call = {"args": {"order_id": "A-1"}, "outcome": "executed", "result": None, "state": "gateway"}
+    carried = bodies.StepDone(
+        next="gateway",
+        history=bodies.CarriedHistory([call | {"step_id": "s1", "tool": "refund"}], ["run_1"], 2),
+    )
+    text = encode_json(carried)
+    assert '"history":{"calls":[' in text and '"cut":2' in text and '"runs":["run_1"]' in text
+    assert bodies.decode("step_done", text) == carried
+    restarted = bodies.UpstreamRestarted(upstream="retail", restart=1, at=1.5)
+    assert bodies.decode("upstream_restarted", encode_json(restarted)) == restarted
+    assert bodies.KIND_OF[bodies.UpstreamRestarted] == "upstream_restarted"

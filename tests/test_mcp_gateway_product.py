@@ -29,11 +29,13 @@ from mcp.types import CallToolResult, TextContent
 
 from tether.identity import Principal, create_token, revoke_token
 from tether.journal import Journal, open_journal
+from tether.journal import bodies as b
 from tether.mcp import gateway_lanes
 from tether.mcp.client import McpError, McpServer, McpServerSpec
 from tether.mcp.gateway import Gateway, Upstream
 from tether.mcp.gateway_serve import http_app
 from tether.policy import Policy
+from tether.replay import Replayer
 from tether.timeline import timeline
 
 pytest_plugins = ("stores",)  # the db_target fixture: SQLite and PostgreSQL
@@ -55,6 +57,19 @@ rules:
     decision: deny
     reason: a secret went by; nothing leaves after that
 """
+# alpha's policy, and refunds: each asks a person, and an order is refunded once (a rule over
+# `history`, which must see the calls of the session's earlier runs).
+REFUNDS = (
+    ALPHA
+    + """\
+  - {id: refunds-need-a-person, tool: refund, decision: ask, approver: owner}
+  - id: one-refund-per-order
+    tool: refund
+    when: history.exists(h, h.tool == "refund" && h.args.order_id == args.order_id)
+    decision: deny
+    reason: an order is refunded once
+"""
+)
 # Operators (service:beta among them) only read: send is denied outright, so it is hidden.
 READER = """\
 version: 1
@@ -97,8 +112,10 @@ def free_port() -> int:
 
 
 @contextlib.asynccontextmanager
-async def served(tmp_path: Path, *, timeout: float = 20.0) -> AsyncIterator[Served]:
-    (tmp_path / "alpha.yaml").write_text(ALPHA)
+async def served(
+    tmp_path: Path, *, timeout: float = 20.0, alpha: str = ALPHA, **options: Any
+) -> AsyncIterator[Served]:
+    (tmp_path / "alpha.yaml").write_text(alpha)
     (tmp_path / "reader.yaml").write_text(READER)
     calls = tmp_path / "calls.jsonl"
     journal = open_journal(str(tmp_path / "tether.db"))
@@ -119,7 +136,9 @@ async def served(tmp_path: Path, *, timeout: float = 20.0) -> AsyncIterator[Serv
     }
     port = free_port()
     try:
-        async with Gateway([upstream], None, journal, policies=policies, approval_timeout=timeout) as gateway:
+        async with Gateway(
+            [upstream], None, journal, policies=policies, approval_timeout=timeout, **options
+        ) as gateway:
             web = uvicorn.Server(
                 uvicorn.Config(
                     http_app(gateway, "127.0.0.1"), host="127.0.0.1", port=port, log_level="warning"
@@ -252,6 +271,99 @@ def test_a_call_waiting_for_a_person_does_not_hold_up_the_callers_other_calls(tm
             assert await steps_of(s.journal, second) == [("echo", "allow", "executed")]
             for run_id in (first, second):
                 assert (await s.journal.get_run(run_id)).started_by == "service:alpha"
+
+    asyncio.run(scenario())
+
+
+async def approved(s: Served, alpha: ClientSession, tool: str, args: dict[str, Any]) -> CallToolResult:
+    """A call the policy asks a person about, approved by olivia (as over the approval route)."""
+    call = asyncio.create_task(alpha.call_tool(tool, args))
+    async with httpx.AsyncClient() as http:
+        approver = {"Authorization": f"Bearer {s.tokens['olivia']}"}
+        tickets: list[dict[str, Any]] = []
+        while not tickets:
+            await asyncio.sleep(0.05)
+            tickets = (await http.get(f"{s.base}/approvals", headers=approver)).json()["tickets"]
+        (ticket,) = tickets
+        assert ticket["subject"] == tool and ticket["args"] == args
+        url = f"{s.base}/approvals/{ticket['ticket_id']}/approve"
+        assert (await http.post(url, headers=approver, json={})).status_code == 200
+    return await asyncio.wait_for(call, timeout=10)
+
+
+def test_history_holds_the_calls_of_the_sessions_earlier_runs(tmp_path: Path) -> None:
+    """A call that waits for a person leaves the session to a fresh run: that run's `history`
+    starts with the session's earlier calls, recorded by its `carry` step, so "one refund per
+    order" holds across the wait (before, the fresh run's history was empty and the second
+    refund of the order was asked about again, and done once approved)."""
+
+    async def scenario() -> None:
+        async with served(tmp_path, alpha=REFUNDS) as s, s.session("alpha") as alpha:
+            first = await approved(s, alpha, "refund", {"order_id": "A-1", "amount": 30})
+            assert text(first) == "refunded 30 on A-1"
+            again = await alpha.call_tool("refund", {"order_id": "A-1", "amount": 30})
+            assert refused(again) == "policy_denied" and "an order is refunded once" in text(again)
+            # Another order's refund is asked about (and done), in that second run; after it,
+            # a third run carries both refunds, of two runs.
+            other = await approved(s, alpha, "refund", {"order_id": "B-2", "amount": 5})
+            assert text(other) == "refunded 5 on B-2"
+            late = await alpha.call_tool("refund", {"order_id": "B-2", "amount": 5})
+            assert refused(late) == "policy_denied"
+            assert text(await alpha.call_tool("echo", {"text": "still here"})) == "still here"
+            refunds = [c["args"]["order_id"] for c in s.received() if c["tool"] == "refund"]
+            assert refunds == ["A-1", "B-2"]  # the refused ones never reached the upstream
+
+            runs = s.gateway.lanes["service:alpha"].run_ids
+            assert len(runs) == 3
+            # The carried calls are on each fresh run's own record (its `carry` step's entry).
+            carried = []
+            for run_id in runs[1:]:
+                entries = await s.journal.read_entries(run_id)
+                (carry,) = [e.body for e in entries if isinstance(e.body, b.StepDone)]
+                assert carry.history is not None and carry.history.cut == 0
+                carried.append([(c["tool"], c["args"]["order_id"]) for c in carry.history.calls])
+                assert carry.history.runs == runs[: len(carry.history.runs)]
+                refusal = next(e.body for e in entries if isinstance(e.body, b.Refused))
+                assert refusal.decision.rule_id == "one-refund-per-order"
+                assert (await s.journal.get_run(run_id)).input["carried_from"] == runs[: runs.index(run_id)]
+            assert carried == [[("refund", "A-1")], [("refund", "A-1"), ("refund", "B-2")]]
+            rows = timeline(await s.journal.read_entries(runs[2]))
+            assert rows[1]["detail"]["history_carried"] == {"calls": 2, "from_runs": sorted(runs[:2])}
+
+            # Replay re-decides every decision from each run's own entries: no divergence.
+            replayer = Replayer(s.journal)
+            reports = [await replayer.replay(run_id) for run_id in runs]
+            for report in reports:
+                assert report.ok, [(d.status, d.note) for d in report.decisions]
+            refusals = [
+                d for r in reports for d in r.decisions if d.recorded.rule_id == "one-refund-per-order"
+            ]
+            assert [d.status for d in refusals] == ["same", "same"]
+
+    asyncio.run(scenario())
+
+
+def test_a_carried_history_cut_at_its_bound_refuses_what_rules_over_history_govern(tmp_path: Path) -> None:
+    """Past the bound (here one call) the fresh run's history lacks calls, and says how many:
+    a call a rule over `history` governs is refused (`history_incomplete`), not decided on a
+    history that could be missing what changes it; other calls go on."""
+
+    async def scenario() -> None:
+        async with served(tmp_path, alpha=REFUNDS, carry_calls=1) as s, s.session("alpha") as alpha:
+            assert text(await alpha.call_tool("echo", {"text": "first"})) == "first"
+            await approved(s, alpha, "refund", {"order_id": "A-1", "amount": 30})
+            cut = await alpha.call_tool("refund", {"order_id": "B-2", "amount": 5})
+            assert refused(cut) == "history_incomplete"
+            assert "lacks 1 earlier call(s)" in text(cut) and "one-refund-per-order" in text(cut)
+            assert text(await alpha.call_tool("echo", {"text": "reads go on"})) == "reads go on"
+            first, second = s.gateway.lanes["service:alpha"].run_ids
+            assert (await s.journal.get_run(second)).input["carried_from"] == [first]
+            entries = await s.journal.read_entries(second)
+            (carry,) = [e.body for e in entries if isinstance(e.body, b.StepDone)]
+            assert carry.history is not None and carry.history.cut == 1
+            assert [c["tool"] for c in carry.history.calls] == ["refund"]
+            report = await Replayer(s.journal).replay(second)
+            assert report.ok and [d.status for d in report.decisions] == ["same", "same"]
 
     asyncio.run(scenario())
 

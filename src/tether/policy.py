@@ -71,6 +71,10 @@ from tether.tools import Tool
 
 BUDGET_RULE_ID = "policy:evaluation_budget"
 LOOKUP_RULE_ID = "policy:lookups"
+HISTORY_CUT_RULE_ID = "policy:history_cut"
+# The key of `decide`'s variables saying how many of the run's earlier calls `history` lacks
+# (a bounded carry from a session's earlier runs was cut: tether.journal.bodies.CarriedHistory).
+HISTORY_CUT = "history_cut"
 # The asynchronous lookups of one decision: wall seconds for all of them (every round), rounds
 # of evaluation (one per chain of lookups whose arguments come from another lookup), and calls.
 DEFAULT_RESOLVE_SECONDS = 10.0
@@ -361,6 +365,7 @@ class Policy:
         ids: set[str] = set()
         self._rules: list[_CompiledRule] = []
         self._by_target: dict[tuple[str, str], list[_CompiledRule]] = {}
+        self._reads_history: dict[tuple[str, str], list[str]] = {}
         definitions = document.definitions
         self.definitions: dict[str, _Expression] = _compile_definitions(definitions, source)
         # Definitions reading `subject` (directly or through others): computed once per
@@ -496,6 +501,29 @@ class Policy:
         """The rules naming this tool or exit (or "*"), in file order."""
         return [c.rule for c in self._governing(kind, name)]
 
+    def reads_history(self, kind: str, name: str) -> bool:
+        """Whether a rule governing this tool or exit reads `history`."""
+        return bool(self.history_readers(kind, name))
+
+    def history_readers(self, kind: str, name: str) -> list[str]:
+        """The rules governing this tool or exit that read `history` (in the condition, the
+        rule's subject or the tool's, or a definition any of them reads); memoized per target."""
+        key = (kind, name)
+        known = self._reads_history.get(key)
+        if known is not None:
+            return known
+        readers = []
+        for c in self._governing(kind, name):
+            subject = c.subject or (self.subjects.get(name) if kind == "tool" else None)
+            names = set(c.definitions) | (subject.definitions if subject is not None else set())
+            expressions = [self.definitions[d] for d in _closure(names, self.definitions)]
+            if subject is not None:
+                expressions.append(subject)
+            if "history" in c.variables or any("history" in e.variables for e in expressions):
+                readers.append(c.rule.id)
+        self._reads_history[key] = readers
+        return readers
+
     def uses(self, variable: str) -> bool:
         """Whether any rule's condition (or a definition or subject) reads `variable`
         (e.g. `history`, `now`)."""
@@ -597,7 +625,13 @@ class Policy:
         decisions of one run, so that unchanged values are not converted again.
         `provenance` traces a value over what the run has seen (without it, nothing has been
         seen: every value is derived); what it traced is recorded in the decision.
+        `variables[HISTORY_CUT]`, when more than 0, says `history` lacks that many of the run's
+        earlier calls: if a rule governing the proposal reads `history`, it could be fooled by
+        what is missing, and the proposal is denied (`history_incomplete`) without evaluating.
         """
+        cut = variables.get(HISTORY_CUT)
+        if isinstance(cut, int) and cut > 0 and self.reads_history(kind, name):
+            return self._history_cut(kind, name, cut)
         resolving = _Stopwatch()
         args = variables.get("args")
         tracer = _Tracer(provenance, args if isinstance(args, Mapping) else {}, resolving)
@@ -673,6 +707,22 @@ class Policy:
             )
         finally:
             lookups.discard()
+
+    def _history_cut(self, kind: str, name: str, cut: int) -> Decision:
+        """A proposal governed by a rule reading `history`, in a run whose history is cut."""
+        rules = self.history_readers(kind, name)
+        return Decision(
+            decision="deny",
+            rule_id=HISTORY_CUT_RULE_ID,
+            policy_hash=self.hash,
+            reason_code=ReasonCode.HISTORY_INCOMPLETE,
+            reason=(
+                f"the run's history lacks {cut} earlier call(s) of its session (the calls carried "
+                f"from its earlier runs were cut at their bound), and a rule governing {kind} "
+                f"{name!r} reads history ({', '.join(rules)}): what is missing could change the "
+                "decision, so it is denied"
+            ),
+        )
 
     def _lookups_failed(self, lookups: _Lookups, reason: str) -> Decision:
         """A decision whose lookups could not all be made: denied, with what was answered."""

@@ -25,7 +25,16 @@ from tether.errors import PolicyFileError
 from tether.journal import Entry
 from tether.journal import bodies as b
 from tether.loader import load_workflow
-from tether.policy import BUDGET_RULE_ID, HELPERS, REASON_OF, SEVERITY, Policy, Rule, cel_code
+from tether.policy import (
+    BUDGET_RULE_ID,
+    HELPERS,
+    HISTORY_CUT_RULE_ID,
+    REASON_OF,
+    SEVERITY,
+    Policy,
+    Rule,
+    cel_code,
+)
 from tether.proposals import Exit, Finish, ToolCall, as_dict
 from tether.provenance import SeenValues
 from tether.reasons import ReasonCode
@@ -292,6 +301,11 @@ def explain(entries: list[Entry], step_id: str, policy: Policy | None) -> Explan
             "the policy's safe defaults (its provenance: section) apply over the rules and only "
             f"make a decision stricter: {decision.reason}"
         )
+    elif decision.rule_id == HISTORY_CUT_RULE_ID:
+        why = (
+            "the run's history is incomplete and a rule governing the call reads it, which "
+            f"denies without evaluating the rules: {decision.reason}"
+        )
     elif decision.rule_id == BUDGET_RULE_ID:
         why = f"the conditions took longer than one decision may, which denies: {decision.reason}"
     elif decision.rule_id.startswith(("runtime:", "approval:", "workflow:")):
@@ -311,6 +325,8 @@ def _evaluated(decision: Decision, record: Any, policy: Policy | None) -> dict[s
     rules that held (`matched`) and, for a condition error, the rule that raised it. Rules
     after an error were not evaluated."""
     if policy is None or decision.rule_id.startswith(("runtime:", "approval:", "workflow:")):
+        return {}
+    if decision.rule_id == HISTORY_CUT_RULE_ID:  # denied before any rule was evaluated
         return {}
     if isinstance(record, b.ToolStep | b.CompensationStep):
         kind, name = "tool", record.tool

@@ -17,6 +17,9 @@ class ReasonCode(StrEnum):
     UNKNOWN_TOOL = "unknown_tool"
     INVALID_ARGUMENTS = "invalid_arguments"
     POLICY_ERROR = "policy_error"
+    # A rule reading `history` governs the call, and the run's history is incomplete (the
+    # calls carried into it from a session's earlier runs were cut at their bound).
+    HISTORY_INCOMPLETE = "history_incomplete"
     # What happened when acting.
     TOOL_ERROR = "tool_error"
     MODEL_ERROR = "model_error"

@@ -41,7 +41,7 @@ from tether.errors import TetherError
 from tether.hashing import encode_json, value_hash
 from tether.journal import Entry, Journal, RunRecord
 from tether.journal import bodies as b
-from tether.policy import BUDGET_RULE_ID, LOOKUP_RULE_ID, SEVERITY, Evaluation, Policy
+from tether.policy import BUDGET_RULE_ID, HISTORY_CUT, LOOKUP_RULE_ID, SEVERITY, Evaluation, Policy
 from tether.proposals import Exit, Finish, ToolCall, as_dict
 from tether.provenance import SeenValues
 from tether.run import history_item
@@ -295,6 +295,7 @@ class _Rebuilt:
         self.data: dict[str, Any] = {}
         self.facts: dict[str, Any] = {}
         self.history: list[dict[str, Any]] = []
+        self.history_cut = 0  # earlier calls `history` lacks (a carry cut at its bound)
         self.seen: SeenValues | None = None
         self.trust: dict[str, str] = {}
         self.workflow_hash = ""
@@ -314,6 +315,9 @@ class _Rebuilt:
             case b.StepDone():
                 if record.update:
                     self.data = {**self.data, **record.update}
+                if record.history is not None:  # calls carried in from a session's earlier runs
+                    self.history = [*self.history, *record.history.calls]
+                    self.history_cut += record.history.cut
             case b.Transition(proposal=proposal) if proposal.update:
                 self.data = {**self.data, **proposal.update}
             case b.VerificationFailed() | b.Executed():
@@ -497,6 +501,7 @@ class Replayer:
             "tool": tool,
             "run": {"id": run.run_id, "workflow": workflow.name, "version": run.version, "state": state},
             "now": _recorded_now(recorded, missing),
+            **({HISTORY_CUT: run.history_cut} if run.history_cut else {}),
         }
         evaluation, resolvers = self._evaluation(policy, recorded, missing)
         decision = policy.decide(

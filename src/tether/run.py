@@ -23,7 +23,7 @@ from tether.journal import Commit, Entry, Journal, ModelExchange, NewEntry, RunR
 from tether.journal import bodies as b
 from tether.models.protocol import Message
 from tether.observe import NO_OBSERVER, Observer
-from tether.policy import Evaluation, Policy
+from tether.policy import HISTORY_CUT, Evaluation, Policy
 from tether.provenance import SeenValues
 from tether.sensitive import Redactor
 from tether.tools import ToolContext, Trust
@@ -252,14 +252,31 @@ def history_item(record: b.ToolStep, step_id: str | None, state: str | None) -> 
 
 
 def history_from(entries: Sequence[Entry]) -> list[dict[str, Any]]:
-    """The run's executed tool calls, from its journal."""
-    items = []
+    """The run's executed tool calls, from its journal: those a deterministic step carried
+    into it (`step_done`'s `history`: a gateway session's earlier calls), then its own."""
+    return history_and_cut(entries)[0]
+
+
+def history_and_cut(entries: Sequence[Entry]) -> tuple[list[dict[str, Any]], int]:
+    """`history_from`, and how many earlier calls it lacks (the carried ones' `cut`)."""
+    items: list[dict[str, Any]] = []
+    cut = 0
     for e in entries:
         if e.kind in b.EXECUTED_KINDS or e.kind == "step":
             record = e.body
             if isinstance(record, b.Executed):
                 items.append(history_item(record, e.step_id, e.state))
-    return items
+        elif e.kind == "step_done" and '"history":' in e.body_json:
+            carried = carried_history(e.body)
+            if carried is not None:
+                items.extend(carried.calls)
+                cut += carried.cut
+    return items, cut
+
+
+def carried_history(record: b.Body | b.UnknownBody) -> b.CarriedHistory | None:
+    """The calls a deterministic step carried into the run's `history`, if any."""
+    return record.history if isinstance(record, b.StepDone) else None
 
 
 class RunCursor:
@@ -274,6 +291,7 @@ class RunCursor:
         "checkpoint",
         "clock",
         "history",
+        "history_cut",
         "journal",
         "lease",
         "observer",
@@ -307,8 +325,10 @@ class RunCursor:
         self.journal = journal
         self.clock = clock
         self.transcript = Transcript()
-        # Executed tool calls, kept only when a rule reads `history`.
+        # Executed tool calls, kept only when a rule reads `history`; how many earlier calls
+        # it lacks (calls carried into the run were cut at their bound: tether.policy).
         self.history: list[dict[str, Any]] | None = [] if policy.uses("history") else None
+        self.history_cut = 0
         # What the run has seen (input, answers, tool results), kept only when the policy
         # traces provenance: indexed from the committed entries.
         self.seen: SeenValues | None = self._new_seen(record.input) if policy.uses_provenance else None
@@ -399,7 +419,7 @@ class RunCursor:
             whole = bool(read) and read[0].seq == 1
             entries = list(read) if whole else await self.journal.read_entries(self.run_id)
             if self.history is not None:
-                self.history = history_from(entries)
+                self.history, self.history_cut = history_and_cut(entries)
             if self.seen is not None:
                 self.seen = self._new_seen()
                 for entry in entries:
@@ -423,6 +443,10 @@ class RunCursor:
         self.transcript.add(record, step_id)
         if self.history is not None and isinstance(record, b.Executed):
             self.history.append(history_item(record, step_id, self.record.state))
+        elif isinstance(record, b.StepDone) and record.history is not None:
+            self.history_cut += record.history.cut
+            if self.history is not None:
+                self.history.extend(record.history.calls)
 
     async def commit(
         self,
@@ -499,6 +523,7 @@ class RunCursor:
     async def decision_time(self) -> float | None:
         """The store's clock, when the policy reads `now` (else None: no read is made)."""
         return await self.journal.now() if self.policy.uses("now") else None
+
     def _redacted_exchanges(self) -> list[ModelExchange]:
         """The exchanges to write, with every sensitive value seen so far scrubbed from them
         (a prompt quoting a result, a response proposing an argument)."""
@@ -541,6 +566,8 @@ class RunCursor:
             "run": self._run_seen,
             "now": now,
         }
+        if self.history_cut:
+            variables[HISTORY_CUT] = self.history_cut
         resolvers = None
         if self.policy.functions:  # bound per decision: a resolver gets this step's context
             ctx = ToolContext(

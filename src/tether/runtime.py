@@ -722,7 +722,12 @@ class Runtime:
             )
             return
         facts = {**cursor.record.facts, **nxt.facts} if nxt.facts else None
-        done = b.StepDone(next=nxt.to, update=nxt.update, facts=nxt.facts, carried=cursor.carried(facts))
+        carried = None
+        if nxt.history or nxt.history_cut:
+            carried = b.CarriedHistory(list(nxt.history), list(nxt.history_runs), nxt.history_cut)
+        done = b.StepDone(
+            next=nxt.to, update=nxt.update, facts=nxt.facts, carried=cursor.carried(facts), history=carried
+        )
         cursor.enter(nxt.to, entries_in_commit=1)
         await cursor.commit(
             [NewEntry.of(done, step_id=step_id, state=state.name)],
@@ -730,6 +735,7 @@ class Runtime:
             facts=facts,
             buffer=not state.checkpoint,
         )
+        cursor.observe(done, step_id)  # the calls it carried into `history`, if any
 
     async def _crashed(self, run_id: str, exc: Exception) -> RunResult:
         """Driving the run raised something no stage expected: record it from the last
@@ -829,6 +835,13 @@ def _check_next(nxt: Any, state: Step) -> None:
         problem = json_value_problem(value)
         if problem is not None:
             raise ValueError(f"step's {name} is not recordable: {problem.replace('output', name)}")
+    # Carried calls are read from entries (recordable already; a result nested near the depth
+    # limit is deeper still inside the list), so only their shape is checked here.
+    calls_ok = all(isinstance(c, dict) for c in nxt.history)
+    if not calls_ok or len(nxt.history_runs) != len(nxt.history) or nxt.history_cut < 0:
+        raise ValueError(
+            "step's history: give each carried call as a mapping, the run of each, and a cut of 0 or more"
+        )
 
 
 def _reads_all(workflow: Workflow) -> bool:

@@ -378,9 +378,9 @@ class GovernedStep:
         # What the tool returns is someone else's content when it says so (provenance).
         untrusted = tool.results == "untrusted"
         observer = self.cursor.observer
+        ctx = self.tool_context()
         try:
             if observer is NO_OBSERVER:
-                ctx = self.tool_context()
                 result = await tool.call(args, ctx)
             else:
                 attributes = {
@@ -396,7 +396,7 @@ class GovernedStep:
         except Exception as exc:  # a tool's failure is recorded, never a crash of the run
             error = f"{type(exc).__name__}: {exc}"
             failed_call = b.ToolFailed(**fields, error=error, untrusted=untrusted)
-            return await self.record(failed_call, consume=consume)
+            return await self.record(*_restarted(ctx), failed_call, consume=consume)
         verification, facts, failed = await self.verify(tool, args, result, ctx)
         kind = b.VerificationFailed if failed else b.Executed
         red = self.cursor.redactor  # fingerprinted before a preview of it could be recorded
@@ -404,15 +404,18 @@ class GovernedStep:
         stored = recordable(shown, self.limits, self.limits.max_result_bytes)
         executed = kind(**fields, result=stored, verification=verification, untrusted=untrusted)
         new_facts = {**self.cursor.record.facts, **facts} if facts else None
+        # The upstream restarts the call found, each an entry of its own before the outcome.
+        restarted = _restarted(ctx)
         if failed and self.state.on_verification_failed != "retry":
             stop: Stop = self.state.on_verification_failed
             return await self.record(
+                *restarted,
                 executed,
                 self.stopped(stop, ReasonCode.VERIFICATION_FAILED, str(verification)),
                 consume=consume,
                 facts=new_facts,
             )
-        await self.record(executed, consume=consume, facts=new_facts)
+        await self.record(*restarted, executed, consume=consume, facts=new_facts)
 
     def tool_context(self, trace: dict[str, str] | None = None) -> ToolContext:
         cursor = self.cursor
@@ -652,7 +655,7 @@ class GovernedStep:
         entries: list[NewEntry] = [
             NewEntry.of(
                 r,
-                step_id=self.step_id if isinstance(r, b.StepRecord) else None,
+                step_id=self.step_id if isinstance(r, b.StepRecord | b.UpstreamRestarted) else None,
                 # A handoff an agent state received opens that state's visit.
                 state=r.to_state if isinstance(r, b.HandoffReceived) and r.to_state else self.state.name,
             )
@@ -818,6 +821,11 @@ def _model_attributes(model: Model, step_id: str) -> dict[str, str]:
     provider, _, name = model.name.rpartition(":")
     attributes = {"gen_ai.operation.name": "chat", "gen_ai.request.model": name, "tether.step_id": step_id}
     return attributes | ({"gen_ai.provider.name": provider} if provider else {})
+
+
+def _restarted(ctx: ToolContext) -> list[b.UpstreamRestarted]:
+    """The restarts of the servers a tool calls that its call found, as entries."""
+    return [b.UpstreamRestarted(upstream=str(r[0]), restart=int(r[1]), at=float(r[2])) for r in ctx.restarts]
 
 
 def recordable(value: Any, lim: limits.Limits, max_bytes: int | None = None) -> Any:

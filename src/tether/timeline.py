@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from datetime import UTC, datetime
 from typing import Any
 
 import msgspec
@@ -35,6 +36,7 @@ _OUTCOMES: dict[type[Any], str] = {
     b.Escalated: "escalated",
     b.Migrated: "migrated",
     b.Crashed: "crashed",
+    b.UpstreamRestarted: "upstream_restarted",
     b.ApprovalGiven: "approval_given",
     b.Cancelled: "cancelled",
     b.Retried: "retried",
@@ -214,15 +216,31 @@ def _detail(record: Any) -> Any:
         case b.ToolFailed(error=error) | b.StepFailed(error=error):
             return error
         case b.StepDone(next=to) | b.Transition(next=to):
-            return {"next": to}
+            return {"next": to, **_carried(record)}
         case b.Refused(decision=d):
             return d.reason
     return _operation_detail(record)
 
 
+def _carried(record: Any) -> dict[str, Any]:
+    """The calls a deterministic step carried into the run's `history` (a gateway session's)."""
+    history = record.history if isinstance(record, b.StepDone) else None
+    if history is None:
+        return {}
+    carried: dict[str, Any] = {"calls": len(history.calls), "from_runs": sorted(set(history.runs))}
+    return {"history_carried": carried | ({"cut": history.cut} if history.cut else {})}
+
+
 def _operation_detail(record: Any) -> Any:
-    """What a person's operation on the run, a rollback or an expiry says (tether.operations)."""
+    """What a person's operation on the run, a rollback, an expiry or an upstream's restart
+    says (tether.operations, tether.mcp.gateway)."""
     match record:
+        case b.UpstreamRestarted(upstream=name, restart=count, at=at):
+            when = datetime.fromtimestamp(at, UTC).isoformat(timespec="seconds").replace("+00:00", "Z")
+            return (
+                f"upstream {name} went away and was started again (restart {count}, {when}); "
+                "the next call went out on the new connection: what it held in memory may be lost"
+            )
         case b.Cancelled(by=by, reason=reason, rollback=rollback):
             return (
                 f"by {by.describe()}"

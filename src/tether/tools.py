@@ -68,6 +68,19 @@ class ToolContext:
     # The tool call's trace context as headers (W3C `traceparent`, `tracestate`), when the
     # runtime has an observer (tether.observe): a tool passes it on to what it calls.
     trace: Mapping[str, str] = field(default_factory=dict)
+    # Servers the call found started again before it went out (an MCP gateway's upstreams,
+    # tether.mcp.gateway), told by the tool: the runtime records each as an
+    # `upstream_restarted` entry, with the step, just before the step's outcome.
+    restarts: list[Restart] = field(default_factory=list)
+
+
+class Restart(NamedTuple):
+    """A server a tool calls went away and was started again (`restart`: how many times so
+    far; `at`: when, in seconds since the epoch)."""
+
+    upstream: str
+    restart: int
+    at: float
 
 
 class Evidence(BaseModel):

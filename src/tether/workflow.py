@@ -30,11 +30,21 @@ BUILTIN_RESOLVERS: dict[str, Callable[..., Any]] = {"realpath": realpath}
 
 @dataclass(frozen=True)
 class Next:
-    """What a deterministic step returns: the next state, data to merge, facts established."""
+    """What a deterministic step returns: the next state, data to merge, facts established.
+
+    `history` (rarely given) carries tool calls made elsewhere into the run's `history`, ahead
+    of its own, each as `history` holds a call (`tether.run.history_item`), with the run each
+    was executed in (`history_runs`, same length) and how many earlier ones were left out
+    (`history_cut`: rules reading `history` then refuse). The step's entry records them
+    (`step_done`'s `history`); the MCP gateway's `carry` step carries a session's calls.
+    """
 
     to: str
     update: dict[str, Any] = field(default_factory=dict)
     facts: dict[str, Any] = field(default_factory=dict)
+    history: list[dict[str, Any]] = field(default_factory=list)
+    history_runs: list[str] = field(default_factory=list)
+    history_cut: int = 0
 
 
 StepFn = Callable[[dict[str, Any]], "Next | Awaitable[Next]"]

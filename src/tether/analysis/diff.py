@@ -31,7 +31,7 @@ from tether.analysis.conditions import (
 from tether.decision import Decision, runtime_refusal
 from tether.journal import Entry
 from tether.journal import bodies as b
-from tether.policy import SEVERITY, Policy, Rule, cel_code
+from tether.policy import HISTORY_CUT, SEVERITY, Policy, Rule, cel_code
 from tether.proposals import Exit, Finish, ToolCall, as_dict
 from tether.provenance import SeenValues
 from tether.reasons import ReasonCode
@@ -522,6 +522,7 @@ class _Replay:
         self.data: dict[str, Any] = {}
         self.facts: dict[str, Any] = {}
         self.history: list[dict[str, Any]] = []
+        self.history_cut = 0  # earlier calls `history` lacks (a carry cut at its bound)
         tools = workflow.tools()
         self.seen = SeenValues(lambda name: tools[name].results if name in tools else "trusted")
 
@@ -533,6 +534,9 @@ class _Replay:
         elif isinstance(record, b.StepDone):
             self.data.update(record.update)
             self.facts.update(record.facts)
+            if record.history is not None:  # calls carried in from a session's earlier runs
+                self.history.extend(record.history.calls)
+                self.history_cut += record.history.cut
         elif isinstance(record, b.Transition):
             self.data.update(record.proposal.update)
         elif isinstance(record, b.Answered) and record.fact is not None and record.answer is not None:
@@ -665,6 +669,8 @@ def _decide(
         "run": {"id": run_id, "workflow": workflow.name, "version": workflow.version, "state": state_name},
         "now": now,
     }
+    if replay.history_cut:
+        variables[HISTORY_CUT] = replay.history_cut
     policy = _policy(workflow)
     if isinstance(proposal, ToolCall):
         tool = state.tool(proposal.tool)

@@ -12,7 +12,7 @@ Governed steps (one proposal each; `step_id` set):
     unanswered, effect_in_doubt, effect_settled
 Deterministic steps: step_done, step_failed
 The run: run_started, run_finished, escalated, failed, ticket_decided, approval_given, migrated,
-crashed
+crashed, upstream_restarted
 People acting on a run (tether.operations): cancelled, retried, taken_over, ticket_expired
 Rollback (tether.compensation; `step_id` set to the compensation's own step):
     rollback_started, compensation_intent, compensated, compensation_failed,
@@ -289,13 +289,29 @@ class EffectSettled(StepRecord, kw_only=True):
 # -- deterministic steps -------------------------------------------------------------------
 
 
+class CarriedHistory(msgspec.Struct, omit_defaults=True, frozen=True):
+    """Tool calls carried into a run's `history` from the runs before it (an MCP gateway
+    session's, tether.mcp.gateway_lanes), oldest first, each as policy conditions see a call
+    in `history` (`tether.run.history_item`); `runs[i]` is the run `calls[i]` was executed
+    in. `cut`: how many earlier calls were left out (the carry is bounded): a decision that a
+    rule reading `history` takes part in is then refused (`history_incomplete`), since what
+    was left out could change it."""
+
+    calls: list[dict[str, Any]] = []
+    runs: list[str] = []
+    cut: int = 0
+
+
 class StepDone(Body, kw_only=True):
-    """A deterministic step moved the run on (to `next`, whose visit this entry opens)."""
+    """A deterministic step moved the run on (to `next`, whose visit this entry opens).
+    `history`: calls it carried into the run's `history` (absent in entries before it existed,
+    and when it carried none)."""
 
     next: str
     update: dict[str, Any] = {}
     facts: dict[str, Any] = {}
     carried: Carried | None = None
+    history: CarriedHistory | None = None
 
 
 class StepFailed(Body, kw_only=True):
@@ -348,6 +364,17 @@ class Crashed(Body, kw_only=True):
     error: str
     crashes: int
     retry_in: float | None = None
+
+
+class UpstreamRestarted(Body, kw_only=True):
+    """An upstream server the run's tools call (an MCP gateway's) went away and was started
+    again (`restart`: its count of restarts in that gateway, `at`: when the new connection was
+    made). Written with the step whose call went out first on the new connection (`step_id`),
+    just before that step's outcome: what the server held in memory may be lost."""
+
+    upstream: str
+    restart: int
+    at: float
 
 
 class TicketDecided(Body, kw_only=True):
@@ -544,6 +571,7 @@ KINDS: dict[str, type[Body]] = {
     "approval_given": ApprovalGiven,
     "migrated": Migrated,
     "crashed": Crashed,
+    "upstream_restarted": UpstreamRestarted,
     "cancelled": Cancelled,
     "retried": Retried,
     "taken_over": TakenOver,
@@ -727,6 +755,7 @@ __all__ = [
     "Body",
     "Cancelled",
     "Carried",
+    "CarriedHistory",
     "ChangedEffect",
     "Compensated",
     "CompensationFailed",
@@ -769,6 +798,7 @@ __all__ = [
     "Transition",
     "Uncompensated",
     "UnknownBody",
+    "UpstreamRestarted",
     "Usage",
     "VerificationFailed",
     "Version",

@@ -201,6 +201,7 @@ _STATUS_OF: dict[str, str | None] = {
     "failed": "failed",
     "migrated": None,
     "crashed": None,
+    "upstream_restarted": None,
 }
 # A ticket's decisions that settle it (a later one would be a second verdict).
 FINAL_DECISIONS = frozenset({"approved", "denied", "answered"})
@@ -545,9 +546,7 @@ def run_findings(
     found += head_findings(run, entries)
     start = carried_view(entries[anchor]) if anchor is not None else None
     view = derive(entries[anchor or 0 :], start)
-    found += [
-        Finding("edited", f"seq {seq}: {message}", run.run_id, seq) for seq, message in view.miscarried
-    ]
+    found += [Finding("edited", f"seq {seq}: {message}", run.run_id, seq) for seq, message in view.miscarried]
     by_id = {t.ticket_id: t for t in tickets}
     found += row_findings(run, view, by_id)
     for ticket in tickets:

@@ -50,12 +50,15 @@ from tether import __version__
 from tether.analysis.reach import never_allowed
 from tether.errors import DefinitionError, Forbidden, PolicyFileError, TetherError
 from tether.identity import ROLES, Principal, authorize
-from tether.journal import Journal
+from tether.journal import Entry, Journal
+from tether.journal import bodies as b
 from tether.mcp.client import McpClient, McpError, McpServer, McpServerSpec, McpTool, McpToolError
 from tether.mcp.gateway_config import GatewayConfig, ToolConfig
 from tether.mcp.gateway_lanes import (
     BUDGET,
     CARRY,
+    CARRY_BYTES,
+    CARRY_CALLS,
     ROTATE_EVERY,
     STATE,
     Call,
@@ -67,7 +70,7 @@ from tether.mcp.gateway_lanes import (
 from tether.mcp.secrets_scan import FACT, META, SecretScan, findings_of, seen_after
 from tether.policy import Policy
 from tether.runtime import Runtime
-from tether.tools import Evidence, ToolContext, ValidatedArgs
+from tether.tools import Evidence, Restart, ToolContext, ValidatedArgs
 from tether.workflow import AgentState, Step, Terminal, Workflow
 
 try:
@@ -182,9 +185,12 @@ def _tools_only(policy: Policy) -> Policy:
 
 class Connections:
     """Which connection each upstream is on: a server that went away is started again at the
-    next call (`McpServer`), and the first step after that records the restart (in its
-    result's `_meta`, or its error), so the journal shows where the upstream's state may have
-    been lost."""
+    next call (`McpServer`), and the first step whose call goes out after that records the
+    restart: an `upstream_restarted` entry just before the step's outcome (through
+    `ToolContext.restarts`), so the journal shows where the upstream's state may have been
+    lost. The caller is told too, in the result's `_meta["tether/upstream_restarts"]` (or the
+    error's text): the journal is not the client's to read, and a client that keeps state
+    upstream is the one that must know it may be gone."""
 
     def __init__(self) -> None:
         self._current: dict[str, McpClient] = {}
@@ -258,6 +264,7 @@ class PassThroughTool(McpTool):
         if self.connections is not None:
             source = self.connections.client(self.source)
             restarts = self.connections.take()
+            ctx.restarts.extend(Restart(r["upstream"], r["restart"], r["at"]) for r in restarts)
         said = f" [the upstream was started again before this call: {restarts}]" if restarts else ""
         try:
             result = await source.call_tool(self.remote_name, values, {IDEMPOTENCY_META: ctx.idempotency_key})
@@ -266,7 +273,9 @@ class PassThroughTool(McpTool):
                 raise
             raise McpError(f"{self.server}/{self.remote_name}: {exc}{said}") from None
         if result.is_error:
-            text = " ".join(b.text for b in result.content if isinstance(b, mcp.types.TextContent)).strip()
+            text = " ".join(
+                block.text for block in result.content if isinstance(block, mcp.types.TextContent)
+            ).strip()
             if self.scan is not None:
                 text, _ = self.scan.text(text)
             text = text or "the server reported an error"
@@ -415,10 +424,14 @@ class Gateway:
         rotate_every: int = ROTATE_EVERY,
         secrets: SecretScan | None = None,
         config: GatewayConfig | None = None,
+        carry_calls: int = CARRY_CALLS,
+        carry_bytes: int = CARRY_BYTES,
     ) -> None:
         """`config` (a configuration file, `gateway_config`) adds the policy's resolvers over
         the upstreams' read tools, what the upstreams' tools do, and what a defer does; its
-        upstreams and policy are the ones given here (`config_upstreams(config)`, `config.policy`)."""
+        upstreams and policy are the ones given here (`config_upstreams(config)`, `config.policy`).
+        `carry_calls` and `carry_bytes` bound the session's calls a fresh run of it carries in
+        `history` (tether.mcp.gateway_lanes)."""
         self.config = config
         self.connections = Connections()
         self.upstreams = list(upstreams)
@@ -427,7 +440,7 @@ class Gateway:
         self.journal = journal
         self.approval_timeout = approval_timeout
         self.scan = secrets if secrets is not None else SecretScan()
-        self.runtime = Runtime(journal)
+        self.runtime = Runtime(journal, on_commit=self._committed)
         self.decisions = Decisions(journal)
         self.servers: list[McpServer] = []
         self.tools: list[PassThroughTool] = []
@@ -442,6 +455,8 @@ class Gateway:
             approval_timeout=approval_timeout,
             db_hint=db_hint,
             rotate_every=rotate_every,
+            carry_calls=carry_calls,
+            carry_bytes=carry_bytes,
             describe={
                 "upstreams": [u.describe() for u in self.upstreams],
                 "approval_timeout": approval_timeout,
@@ -553,6 +568,14 @@ class Gateway:
             name: resolver.resolver(name, functools.partial(self.connections.call, by_key[resolver.upstream]))
             for name, resolver in self.config.resolvers.items()
         }
+
+    def _committed(self, entries: list[Entry]) -> None:
+        """Entries of the callers' runs, once committed: each executed call is its session's."""
+        for entry in entries:
+            if entry.kind in b.EXECUTED_KINDS:
+                lane = self._settings.runs.get(entry.run_id)
+                if lane is not None:
+                    lane.executed(entry)
 
     # -- callers ---------------------------------------------------------------------------
 

@@ -20,6 +20,19 @@ the first call. When a detached segment's call establishes facts after a fresh s
 started, the lane retires the fresh one (it ends after the calls already queued in it), so
 the next call starts a segment that carries them.
 
+So do the session's calls, when its policy reads `history`: the lane keeps the calls executed
+in its runs (each as `history` holds it, told by the runtime as its entry is committed), and
+the `carry` step records them in its entry (`step_done`'s `history`: the calls, the run each
+was executed in, and how many earlier ones were left out), ahead of the run's own calls: the
+fresh run's `history` is the session's, on its own record, for replay and the audit. The
+carry is bounded: the session's last `CARRY_CALLS` calls, within `CARRY_BYTES` of their
+entries. Past the bound the older calls are left out and the carry says how many (`cut`);
+a call governed by a rule that reads `history` is then refused (`history_incomplete`,
+tether.policy) for the rest of the session, since the calls left out could change its
+decision. When a call of another segment (one detached on a ticket, then approved) executes
+while a fresh segment is current, the fresh one is retired and the calls queued in it move
+to the next, which carries it.
+
 Waiting for a person does not poll on PostgreSQL: `Decisions` LISTENs to the journal's
 notifications (a decided ticket NOTIFYs in the transaction that decides it), and a decision
 made through this process (the gateway's approval route) wakes the waiting call at once. On
@@ -30,7 +43,9 @@ seen by a bounded poll of the journal, at most 0.2 s later (the store's `wait_fo
 from __future__ import annotations
 
 import asyncio
+import collections
 import contextlib
+import contextvars
 import logging
 import math
 import time
@@ -41,9 +56,11 @@ from typing import Any
 from tether.errors import TicketError
 from tether.external import OPEN_BUDGET
 from tether.identity import Principal
-from tether.journal import Journal, Ticket
+from tether.journal import Entry, Journal, Ticket
+from tether.journal import bodies as b
 from tether.journal.common import SELF_DRIVEN
 from tether.models.protocol import Exchange, ModelContext, ModelReply
+from tether.run import history_item
 from tether.runtime import Runtime
 from tether.workflow import Next, Workflow
 
@@ -68,11 +85,40 @@ ROTATE_EVERY = 200
 BUDGET = OPEN_BUDGET
 PROGRESS_EVERY = 10.0  # seconds between progress notifications while a call waits for a person
 WATCH_SECONDS = 60.0  # the longest a wait for the journal's notifications lasts before it is renewed
+# The bound of the session's calls a fresh run carries in its `history` (when the policy reads
+# it): the last CARRY_CALLS calls, as long as their entries hold at most CARRY_BYTES of JSON.
+CARRY_CALLS = 500
+CARRY_BYTES = 2_000_000
+
+
+@dataclass(frozen=True)
+class CarriedCalls:
+    """What a fresh segment's `carry` step carries into its run's `history`."""
+
+    calls: list[dict[str, Any]]
+    runs: list[str]
+    cut: int
+
+
+NO_CALLS = CarriedCalls([], [], 0)
+# The calls the segment being started carries (set by its lane in the segment's task, read by
+# its `carry` step, which runs first in that task). Unset: the step is not the gateway's.
+CARRYING: contextvars.ContextVar[CarriedCalls | None] = contextvars.ContextVar("carrying", default=None)
 
 
 def carry_facts(data: dict[str, Any]) -> Next:
-    """The `carry` state: the session's facts, carried from its earlier runs, become this run's."""
-    return Next(STATE, facts=dict(data.get("carried_facts") or {}))
+    """The `carry` state: the session's facts, carried from its earlier runs, become this run's,
+    and its calls (when the policy reads `history`) go ahead of the run's own in `history`."""
+    carried = CARRYING.get()
+    if carried is None:  # never silently without the session's calls: the run fails instead
+        raise RuntimeError("the carry step runs only in a run an MCP gateway's lane started")
+    return Next(
+        STATE,
+        facts=dict(data.get("carried_facts") or {}),
+        history=carried.calls,
+        history_runs=carried.runs,
+        history_cut=carried.cut,
+    )
 
 
 @dataclass(eq=False)
@@ -114,6 +160,7 @@ class CallQueue:
     ) -> None:
         self.rotate_every = rotate_every
         self.observed = observed
+        self.started: Callable[[str], None] | None = None  # told the run's id when it starts
         self.current: Call | None = None
         self.run_id: asyncio.Future[str] = asyncio.get_running_loop().create_future()
         self.stopped: dict[str, Any] | None = None
@@ -158,6 +205,8 @@ class CallQueue:
     async def propose(self, ctx: ModelContext) -> ModelReply:
         if not self.run_id.done():
             self.run_id.set_result(ctx.run_id)
+            if self.started is not None:
+                self.started(ctx.run_id)
         if self.current is not None:
             # The runtime asks for the next step only once this call's step is recorded.
             observation = ctx.transcript[-1].content if ctx.transcript else {}
@@ -252,6 +301,10 @@ class LaneSettings:
     db_hint: str = ""  # e.g. " --db PATH", for the commands the log suggests
     rotate_every: int = ROTATE_EVERY
     describe: Mapping[str, Any] = field(default_factory=dict)  # the gateway, for each run's input
+    carry_calls: int = CARRY_CALLS
+    carry_bytes: int = CARRY_BYTES
+    # The lane of each run being driven (its executed calls are the lane's), by run id.
+    runs: dict[str, Lane] = field(default_factory=dict)
 
 
 class Lane:
@@ -274,6 +327,15 @@ class Lane:
         self.segments: set[Segment] = set()
         self.run_ids: list[str] = []
         self._closed = False
+        # The session's executed calls (only when its policy reads `history`): the latest, at
+        # most `carry_calls` of them within `carry_bytes` of their entries, as (call, run id,
+        # size of its entry); how many older ones were dropped; their entries' size.
+        policy = workflows(False)[0].policy
+        self.keeps_history = policy is not None and policy.uses("history")
+        self.calls: collections.deque[tuple[dict[str, Any], str, int]] = collections.deque()
+        self.dropped = 0
+        self._bytes = 0
+        self._segment_of: dict[str, Segment] = {}
 
     def submit(self, call: Call) -> None:
         if self._closed:
@@ -322,14 +384,60 @@ class Lane:
     # -- segments ------------------------------------------------------------------------
 
     def _start(self) -> Segment:
-        workflow, policy_ref = self.workflows(bool(self.facts))
+        carried = self.carried()
+        carrying = bool(self.facts) or bool(carried.calls) or carried.cut > 0
+        workflow, policy_ref = self.workflows(carrying)
         queue = CallQueue(self.settings.rotate_every)
         segment = Segment(queue, workflow)
         queue.observed = lambda observation: self._observed(segment, observation)
-        queue.run_id.add_done_callback(lambda started: self.run_ids.append(started.result()))
+        queue.started = lambda run_id: self._started(segment, run_id)
         self.segments.add(segment)
-        segment.task = asyncio.create_task(self._drive(segment, policy_ref), name="mcp-gateway-run")
+        task = self._drive(segment, policy_ref, carrying)
+        # The segment's task sees the calls it carries (its `carry` step reads them).
+        context = contextvars.copy_context()
+        context.run(CARRYING.set, carried)
+        segment.task = asyncio.create_task(task, name="mcp-gateway-run", context=context)
         return segment
+
+    def _started(self, segment: Segment, run_id: str) -> None:
+        self.run_ids.append(run_id)
+        self._segment_of[run_id] = segment
+        self.settings.runs[run_id] = self
+
+    def carried(self) -> CarriedCalls:
+        """The session's calls a fresh run carries: the latest, within the bound (oldest first),
+        and how many older ones are left out."""
+        if not self.keeps_history:
+            return NO_CALLS
+        return CarriedCalls([c for c, _, _ in self.calls], [r for _, r, _ in self.calls], self.dropped)
+
+    def executed(self, entry: Entry) -> None:
+        """A call of one of this lane's runs executed (its entry is committed): it is the
+        session's, and a fresh segment that started without it is retired (its queued calls
+        go to the next segment, which carries it)."""
+        if not self.keeps_history:
+            return
+        try:
+            record = entry.body
+            if not isinstance(record, b.Executed):
+                return
+            call = history_item(record, entry.step_id, entry.state)
+            size = len(entry.body_json)  # the entry holds the call, and its decision
+            self.calls.append((call, entry.run_id, size))
+            self._bytes += size
+            bound = self.settings
+            while self.calls and (len(self.calls) > bound.carry_calls or self._bytes > bound.carry_bytes):
+                self._bytes -= self.calls.popleft()[2]
+                self.dropped += 1
+        except Exception:  # never a session history that silently lacks a call: count it cut
+            log.exception("the gateway could not keep an executed call of run %s", entry.run_id)
+            self.dropped += 1
+        segment = self._segment_of.get(entry.run_id)
+        current = self.current
+        if current is not None and segment is not current:
+            self.current = None
+            for queued in current.queue.retire(drain=True):
+                self.submit(queued)
 
     def _observed(self, segment: Segment, observation: dict[str, Any]) -> None:
         """A step of a segment was recorded: the facts its verification established are the
@@ -344,7 +452,7 @@ class Lane:
         if segment is not self.current:
             self.retire()
 
-    async def _drive(self, segment: Segment, policy_ref: str | None) -> None:
+    async def _drive(self, segment: Segment, policy_ref: str | None, carrying: bool) -> None:
         runtime, queue = self.settings.runtime, segment.queue
         stopped: dict[str, Any] = {"outcome": "gateway_stopped", "reason": "the gateway's run stopped"}
         try:
@@ -356,7 +464,7 @@ class Lane:
                     "caller": self.principal.principal_id,
                     "policy_for": self.policy_key,
                     "carried_facts": dict(self.facts),
-                    "carried_from": list(self.run_ids) if self.facts else [],
+                    "carried_from": list(self.run_ids) if carrying else [],
                 },
                 workflow_ref=WORKFLOW_REF,
                 policy_ref=policy_ref,
@@ -383,6 +491,9 @@ class Lane:
                 self.current = None
             queue.stop(stopped)
             self.segments.discard(segment)
+            if queue.run_id.done() and not queue.run_id.cancelled():
+                self._segment_of.pop(queue.run_id.result(), None)
+                self.settings.runs.pop(queue.run_id.result(), None)
 
     def _detach(self, segment: Segment) -> None:
         """The segment's run is paused on a ticket: the caller's other calls go elsewhere."""
