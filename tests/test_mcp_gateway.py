@@ -38,7 +38,7 @@ from tether.mcp.client import McpServerSpec
 from tether.mcp.gateway import Gateway, Upstream, parse_upstreams
 from tether.policy import Policy
 
-APPROVAL_TIMEOUT = 6.0
+APPROVAL_TIMEOUT = 12.0  # room for `tether approve` processes on a loaded machine
 POLICY = """\
 version: 1
 rules:

@@ -92,7 +92,7 @@ def mcp_gateway(
             parse_upstreams,
         )
         from tether.mcp.gateway_config import GatewayConfig, load_config
-        from tether.mcp.gateway_serve import serve_http, serve_stdio
+        from tether.mcp.gateway_serve import StopSignals, serve_http, serve_stdio
         from tether.mcp.secrets_scan import SecretPatternError, SecretScan
     except ImportError as exc:
         fail(str(exc))
@@ -123,6 +123,8 @@ def mcp_gateway(
         fail(str(exc))
 
     async def serve() -> None:
+        signals = StopSignals()
+        signals.install()  # before anything starts: a signal during start-up stops it cleanly
         async with open_store(db, create=True) as journal:
             gateway = Gateway(
                 upstreams,
@@ -136,9 +138,9 @@ def mcp_gateway(
             )
             async with gateway:
                 if transport is Transport.http:
-                    await serve_http(gateway, host=host, port=port)
+                    await serve_http(gateway, signals, host=host, port=port)
                 else:
-                    await serve_stdio(gateway)
+                    await serve_stdio(gateway, signals)
 
     run_command(serve)
 

@@ -44,14 +44,14 @@ ASGIApp = Callable[[Scope, Receive, Send], Awaitable[None]]
 # -- stdio -------------------------------------------------------------------------------
 
 
-async def serve_stdio(gateway: Gateway) -> None:
+async def serve_stdio(gateway: Gateway, signals: StopSignals) -> None:
     """Serve one client over stdin/stdout until it closes them or a signal stops us."""
     server = gateway.server()
     await gateway.lane(LOCAL).started()  # the local user's run, open from the start
     stdin = await _StdinLines.open()
     try:
         async with anyio.create_task_group() as group:
-            _on_signals(group.cancel_scope.cancel)
+            signals.on_stop(group.cancel_scope.cancel)
             async with stdio_server(stdin=stdin) as (read, write):  # type: ignore[arg-type]
                 await server.run(read, write, server.create_initialization_options())
             group.cancel_scope.cancel()
@@ -95,12 +95,12 @@ class _StdinLines:
 # -- streamable HTTP ---------------------------------------------------------------------
 
 
-async def serve_http(gateway: Gateway, *, host: str, port: int) -> None:
+async def serve_http(gateway: Gateway, signals: StopSignals, *, host: str, port: int) -> None:
     """Streamable HTTP at /mcp, and the approval routes at /approvals, until a signal."""
     import uvicorn
 
     web = uvicorn.Server(uvicorn.Config(http_app(gateway, host), host=host, port=port, log_level="warning"))
-    _on_signals(lambda: setattr(web, "should_exit", True))
+    signals.on_stop(lambda: setattr(web, "should_exit", True))
     log.info("MCP at http://%s:%d/mcp; approvals at http://%s:%d/approvals", host, port, host, port)
     await web.serve()
 
@@ -218,10 +218,33 @@ async def _decided(
     return 200, decided.model_dump()
 
 
-def _on_signals(stop: Callable[[], None]) -> None:
-    """SIGINT and SIGTERM stop serving; the run then ends and is recorded as such."""
-    loop = asyncio.get_running_loop()
-    for sig in (signal.SIGINT, signal.SIGTERM):
-        # signal.signal, not loop.add_signal_handler: uvicorn swaps handlers and re-raises
-        # what it caught once it stops, which would otherwise kill us before the run ends.
-        signal.signal(sig, lambda *_: loop.call_soon_threadsafe(stop))
+class StopSignals:
+    """SIGINT and SIGTERM stop serving; the runs then end and are recorded as such.
+
+    Caught from the moment the command starts (`install`), not only once serving begins: a
+    signal while the gateway starts (its upstreams listed, the local user's run opened) would
+    otherwise kill the process with that run left open. One received before serving begins
+    stops it as soon as it does (`on_stop`)."""
+
+    def __init__(self) -> None:
+        self.requested = False
+        self._stop: Callable[[], None] | None = None
+
+    def install(self) -> None:
+        loop = asyncio.get_running_loop()
+
+        def caught(*_: object) -> None:
+            self.requested = True
+            if self._stop is not None:
+                loop.call_soon_threadsafe(self._stop)
+
+        for sig in (signal.SIGINT, signal.SIGTERM):
+            # signal.signal, not loop.add_signal_handler: uvicorn swaps handlers and re-raises
+            # what it caught once it stops, which would otherwise kill us before the run ends.
+            signal.signal(sig, caught)
+
+    def on_stop(self, stop: Callable[[], None]) -> None:
+        """Serving has begun: `stop` ends it, now if a signal came already."""
+        self._stop = stop
+        if self.requested:
+            stop()
