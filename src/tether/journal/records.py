@@ -216,7 +216,7 @@ class RunUpdate(msgspec.Struct):
 
     def given(self) -> dict[str, Any]:
         """The fields this update sets."""
-        return {f: v for f in self.__struct_fields__ if (v := getattr(self, f)) is not UNSET}
+        return {f: v for f, v in msgspec.structs.asdict(self).items() if v is not UNSET}
 
 
 class ModelExchange(BaseModel):
