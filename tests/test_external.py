@@ -38,10 +38,10 @@ POLICY = {
 PERSON = Principal(principal_id="person:ana", name="ana", kind="person", role="approver")
 
 
-def governed(journal: Journal, shop: Shop) -> GovernedCalls:
+def governed(journal: Journal, shop: Shop, **options: Any) -> GovernedCalls:
     tools = (shop.read_order, shop.refund, shop.delete_order)
     return GovernedCalls(
-        journal, tools, name="support-bot", policy=Policy.from_dict(POLICY, "p"), source="test"
+        journal, tools, name="support-bot", policy=Policy.from_dict(POLICY, "p"), source="test", **options
     )
 
 
@@ -214,9 +214,13 @@ def test_a_released_conversation_is_taken_by_another_process_at_once(tmp_path: P
     async def go() -> CallOutcome:
         journal = open_journal(str(tmp_path / "j.db"))
         try:
-            async with governed(journal, shop) as first, governed(journal, shop) as second:
+            # Two processes (two runtimes, two worker ids); the first never lets go when idle.
+            async with (
+                governed(journal, shop, idle_release=None) as first,
+                governed(journal, shop, hold_wait=0.3) as second,
+            ):
                 assert (await first.call("conv-1", "read_order", {"order_id": "A1"})).executed
-                with pytest.raises(LeaseHeld):  # held between calls by the first
+                with pytest.raises(LeaseHeld, match=r"held by another process .* not let go within 0\.3 s"):
                     await second.call("conv-1", "read_order", {"order_id": "A1"})
                 await first.release("conv-1")
                 return await second.call("conv-1", "read_order", {"order_id": "A1"})
@@ -225,6 +229,36 @@ def test_a_released_conversation_is_taken_by_another_process_at_once(tmp_path: P
 
     assert run(go()).executed
     assert shop.executed == ["read_order", "read_order"]
+
+
+def test_processes_share_a_conversation_each_waiting_for_the_other_to_let_it_go(
+    tmp_path: Path, shop: Shop
+) -> None:
+    """A web app with several processes: each lets a conversation go when it has been idle a
+    moment; a call that arrives meanwhile in another process waits for it, then goes on."""
+
+    async def go() -> tuple[list[CallOutcome], float]:
+        journal = open_journal(str(tmp_path / "j.db"))
+        try:
+            async with governed(journal, shop, idle_release=0.2) as first, governed(journal, shop) as second:
+                one = await first.call("conv-1", "read_order", {"order_id": "A1"}, call_id="c1")
+                started = time.monotonic()
+                two = await second.call("conv-1", "refund", {"order_id": "A1", "amount": 20.0}, call_id="c2")
+                waited = time.monotonic() - started
+                three = await first.call("conv-1", "read_order", {"order_id": "A1"}, call_id="c3")
+                return [one, two, three], waited
+        finally:
+            await journal.aclose()
+
+    outcomes, waited = run(go())
+    assert [o.outcome for o in outcomes] == ["executed"] * 3
+    assert len({o.run_id for o in outcomes}) == 1  # one conversation, one run
+    assert waited >= 0.15  # the second waited for the first to let the run go
+    assert shop.refunds == [("A1", 20.0)] and shop.executed == ["read_order", "refund", "read_order"]
+    journal = open_journal(str(tmp_path / "j.db"))
+    entries = run(journal.read_entries(outcomes[0].run_id))
+    assert [e.body.call_id for e in entries if e.step_id and e.kind == "executed"] == ["c1", "c2", "c3"]
+    journal.close()
 
 
 def test_editing_the_arguments_of_an_agents_call_is_refused_clearly_and_changes_nothing(

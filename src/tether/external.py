@@ -32,8 +32,10 @@ the hash chain); replay re-decides each call from its entry.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import hashlib
 import json
+import time
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
@@ -43,9 +45,10 @@ from tether.decision import Decision
 from tether.errors import JournalError, RunNotFound, RunStateError
 from tether.hashing import encode_json, value_hash
 from tether.identity import Principal
-from tether.journal import Journal
+from tether.journal import Entry, Journal
 from tether.journal import bodies as b
 from tether.journal.common import SELF_DRIVEN
+from tether.journal.records import LeaseHeld
 from tether.policy import Policy
 from tether.reasons import ReasonCode
 from tether.run import Pending, RunCursor
@@ -60,6 +63,9 @@ STATE = "agent"
 # A call id longer than this is kept as its hash (it still names the call; it costs nothing).
 MAX_CALL_ID = 200
 OPEN_BUDGET = Budget(max_steps=10**9, max_tool_calls=10**9, max_seconds=1e9, max_repeats=10**9)
+# A conversation's run is let go this long after its last call (another process may then take
+# its next one), unless the adapter lets it go sooner (at the end of a framework's run).
+IDLE_RELEASE_SECONDS = 2.0
 
 
 @dataclass(frozen=True)
@@ -113,6 +119,9 @@ class GovernedCalls:
     (`tether.tool`, `Tool`); `policy` decides each call (default: tether's default policy).
     Use as an async context manager, or call `aclose`: the runs held between calls are let go.
     Calls of one conversation are taken one at a time; different conversations run side by side.
+    A conversation's run is held (leased) by one process at a time: this object lets it go
+    `idle_release` seconds after its last call, and a call of a conversation another process
+    holds waits for it (up to `hold_wait` seconds), so processes can share conversations.
     """
 
     def __init__(
@@ -127,6 +136,8 @@ class GovernedCalls:
         escalate_to: str = "operator",
         source: str = "agent",
         runtime: Runtime | None = None,
+        idle_release: float | None = IDLE_RELEASE_SECONDS,
+        hold_wait: float | None = None,
     ) -> None:
         self.journal = journal
         self.source = source  # recorded as the "model" of each call's exchange
@@ -154,6 +165,13 @@ class GovernedCalls:
         self._held: dict[str, RunCursor] = {}
         self._locks: dict[str, asyncio.Lock] = {}
         self._call_steps: dict[str, dict[str, str]] = {}  # run id -> call id -> step id
+        # Held runs are let go `idle_release` seconds after their last call (None: only by
+        # `release`/`aclose`); a run another process holds is waited for up to `hold_wait`
+        # seconds (default: one lease and a little more, so a crashed holder's lease lapses).
+        self.idle_release = idle_release
+        self.hold_wait = self.runtime.lease_seconds + 5.0 if hold_wait is None else hold_wait
+        self._idle: dict[str, asyncio.TimerHandle] = {}
+        self._releasing: set[asyncio.Task[None]] = set()
 
     async def __aenter__(self) -> GovernedCalls:
         return self
@@ -191,6 +209,8 @@ class GovernedCalls:
             finally:
                 if held.released or held.record.status != "running":
                     await self._let_go(run_id)
+                else:
+                    self._release_when_idle(run_id)
 
     async def end(self, conversation: str, summary: str = "") -> CallOutcome:
         """End the conversation's run (it completes); it takes no calls after this."""
@@ -229,8 +249,34 @@ class GovernedCalls:
             await self._let_go(run_id)
 
     async def aclose(self) -> None:
+        for timer in self._idle.values():
+            timer.cancel()
+        self._idle.clear()
+        if self._releasing:
+            await asyncio.gather(*self._releasing, return_exceptions=True)
         for run_id in list(self._held):
             await self._let_go(run_id)
+
+    def _release_when_idle(self, run_id: str) -> None:
+        if self.idle_release is None:
+            return
+        old = self._idle.pop(run_id, None)
+        if old is not None:
+            old.cancel()
+        loop = asyncio.get_running_loop()
+        self._idle[run_id] = loop.call_later(self.idle_release, self._start_idle_release, run_id)
+
+    def _start_idle_release(self, run_id: str) -> None:
+        self._idle.pop(run_id, None)
+        task = asyncio.get_running_loop().create_task(self._idle_release(run_id))
+        self._releasing.add(task)
+        task.add_done_callback(self._releasing.discard)
+
+    async def _idle_release(self, run_id: str) -> None:
+        async with self._locks.setdefault(run_id, asyncio.Lock()):
+            if run_id not in self._idle:  # no call since the timer was set
+                with contextlib.suppress(JournalError):  # the lease lapses on its own then
+                    await self._let_go(run_id)
 
     # -- holding a conversation's run ---------------------------------------------------------
 
@@ -263,7 +309,7 @@ class GovernedCalls:
             if record.status in ("completed", "failed", "cancelled", "escalated", "effect_in_doubt"):
                 return _stopped(run_id, record.status, record.reason_code, record.message)
         try:
-            cursor, doubt = await self.runtime.hold(run_id, self.workflow)
+            cursor, doubt = await self._hold_when_free(run_id)
         except RunStateError as exc:
             return _stopped(run_id, "stopped", None, str(exc))
         self._held[run_id] = cursor
@@ -275,7 +321,31 @@ class GovernedCalls:
                 await step.recover(doubt)
         return cursor
 
+    async def _hold_when_free(self, run_id: str) -> tuple[RunCursor, Entry | None]:
+        """Hold the run, waiting while another process holds it (it lets it go when idle, or
+        its lease lapses if it died), up to `hold_wait` seconds."""
+        deadline = time.monotonic() + self.hold_wait
+        pause = 0.02
+        while True:
+            try:
+                return await self.runtime.hold(run_id, self.workflow)
+            except LeaseHeld as held:
+                if time.monotonic() + pause > deadline:
+                    raise LeaseHeld(
+                        f"run {run_id} (this conversation) is held by another process "
+                        f"({held.holder}) and was not let go within {self.hold_wait:g} s; "
+                        "try the call again",
+                        run_id=run_id,
+                        holder=held.holder,
+                        expires_at=held.expires_at,
+                    ) from None
+            await asyncio.sleep(pause)
+            pause = min(pause * 2, 0.25)
+
     async def _let_go(self, run_id: str) -> None:
+        timer = self._idle.pop(run_id, None)
+        if timer is not None:
+            timer.cancel()
         if self._held.pop(run_id, None) is not None:
             await self.runtime.let_go(run_id)
         self._call_steps.pop(run_id, None)
