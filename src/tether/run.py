@@ -13,7 +13,7 @@ import functools
 import logging
 import time
 from collections.abc import Callable, Iterator, Mapping, Sequence
-from typing import Any, Literal, overload
+from typing import Any, Literal, TypeGuard, overload
 
 import msgspec
 
@@ -102,10 +102,8 @@ class Transcript(Sequence[Message]):
         call; nothing in its runs reads the messages)."""
         for source in reversed(self._sources):
             record, source_step = (source.body, source.step_id) if isinstance(source, Entry) else source
-            if source_step == step_id:
-                made = messages_for(record, source_step)
-                if made and made[-1].role != "proposal" and isinstance(made[-1].content, dict):
-                    return made[-1].content
+            if source_step == step_id and _in_transcript(record):
+                return {"step_id": step_id, **_observed(record)}  # as messages_for makes it
         for message in reversed(self._messages):
             content = message.content
             if message.role != "proposal" and isinstance(content, dict) and content.get("step_id") == step_id:
@@ -177,7 +175,7 @@ def _continues(source: Entry | tuple[b.Body, str | None]) -> bool:
 def messages_for(record: b.Body | b.UnknownBody, step_id: str | None) -> list[Message]:
     """What one step adds to the transcript: the proposal (unless it continues a paused
     step, whose proposal is already there) and what the runtime observed."""
-    if not isinstance(record, b.StepRecord) or b.KIND_OF[type(record)] not in b.STEP_KINDS:
+    if not _in_transcript(record):
         return []
     messages: list[Message] = []
     if not record.continuation:
@@ -187,6 +185,11 @@ def messages_for(record: b.Body | b.UnknownBody, step_id: str | None) -> list[Me
     seen = {"step_id": step_id, **_observed(record)}
     messages.append(Message.model_construct(role=role, content=seen))
     return messages
+
+
+def _in_transcript(record: b.Body | b.UnknownBody) -> TypeGuard[b.StepRecord]:
+    """Whether a record is a step the transcript shows (its proposal and observation)."""
+    return isinstance(record, b.StepRecord) and b.KIND_OF[type(record)] in b.STEP_KINDS
 
 
 def _observed(record: b.StepRecord) -> dict[str, Any]:
