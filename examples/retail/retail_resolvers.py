@@ -15,6 +15,8 @@ from typing import Any
 
 from tether import ToolContext
 
+# The last few files read (a process serving many databases keeps only these parsed).
+_KEEP = 8
 _snapshots: dict[str, tuple[tuple[int, int, int], dict[str, Any], dict[str, dict[str, Any]]]] = {}
 
 
@@ -32,7 +34,10 @@ def _db(ctx: ToolContext) -> tuple[dict[str, Any], dict[str, dict[str, Any]]]:
             for item_id, variant in product["variants"].items()
         }
         cached = (stamp, db, items)
-        _snapshots[path] = cached
+        _snapshots.pop(path, None)
+        _snapshots[path] = cached  # the newest last: the oldest go first
+        while len(_snapshots) > _KEEP:
+            del _snapshots[next(iter(_snapshots))]
     return cached[1], cached[2]
 
 

@@ -29,7 +29,9 @@ at load (the CEL engine's evaluator recurses once per operator and overflows its
 crash of the whole process, at about 12,000 on an 8 MB stack). Tool arguments are bounded
 by the tool's schema (see `tether.tools`). And a decision whose conditions use more CPU time
 than the policy's `evaluation_budget` (checked after each rule: the engine holds the GIL, so
-it cannot be interrupted mid-condition) denies with `policy_error`.
+it cannot be interrupted mid-condition) denies with `policy_error`. Not counted: the lookups'
+time, and the interpreter's garbage collection (a full collection in a process holding much
+data takes longer than the budget, whatever the conditions are).
 
 A resolver may be asynchronous (`async def`, or any callable returning an awaitable: a lookup
 over the network, another MCP server's read tool). CEL evaluation itself is synchronous, so
@@ -46,10 +48,12 @@ from __future__ import annotations
 
 import asyncio
 import functools
+import gc
 import inspect
 import itertools
 import json
 import re
+import threading
 import time
 from collections.abc import Awaitable, Callable, Mapping
 from datetime import UTC, datetime
@@ -188,6 +192,30 @@ MAX_CONDITION_OPERATORS = 500
 # Seconds of CPU time the conditions of one decision may use. This thread's CPU time, not the
 # wall clock: a process waiting for a core under load must not turn allowed steps into denials.
 DEFAULT_EVALUATION_BUDGET = 0.05
+
+# Seconds each thread has spent in the interpreter's garbage collection, which the budget does
+# not count: a collection runs in whichever thread allocates when it is due, and a full one
+# in a process holding much data (a test suite's, a server's) takes longer than the budget.
+# Timed by the wall clock (no system call; a collection holds the GIL, so it is CPU time).
+_GC_SECONDS: dict[int, float] = {}
+_GC_STARTED: dict[int, float] = {}
+
+
+def _time_collections(phase: str, info: dict[str, Any]) -> None:
+    thread = threading.get_ident()
+    if phase == "start":
+        _GC_STARTED[thread] = time.perf_counter()
+    elif thread in _GC_STARTED:
+        elapsed = time.perf_counter() - _GC_STARTED.pop(thread)
+        _GC_SECONDS[thread] = _GC_SECONDS.get(thread, 0.0) + elapsed
+
+
+def _collected() -> float:
+    """Seconds this thread has spent collecting garbage so far."""
+    return _GC_SECONDS.get(threading.get_ident(), 0.0)
+
+
+gc.callbacks.append(_time_collections)
 
 
 class OnExpiryEscalate(BaseModel):
@@ -794,7 +822,7 @@ class Policy:
         # The budget is CPU time (a loaded machine must not deny), read from the thread's CPU
         # clock: a system call. CPU time never exceeds wall time, so after each rule the wall
         # clock (no system call) is read first, and the CPU clock only when it might be over.
-        started, wall_started = time.thread_time(), time.perf_counter()
+        started, wall_started, collected = time.thread_time(), time.perf_counter(), _collected()
         rules = self._governing(kind, name)
         resolved: dict[str, Any] = {}
         resolvers = resolvers or {}
@@ -826,7 +854,7 @@ class Policy:
                     best = c
             if time.perf_counter() - wall_started <= self.evaluation_budget:
                 continue
-            spent = time.thread_time() - started - resolving.seconds
+            spent = time.thread_time() - started - resolving.seconds - (_collected() - collected)
             if spent > self.evaluation_budget:
                 return Decision(
                     decision="deny",

@@ -4,6 +4,7 @@ what really happened."""
 
 from __future__ import annotations
 
+import gc
 import json
 import os
 import subprocess
@@ -216,6 +217,40 @@ def test_a_decision_over_its_evaluation_budget_denies_with_policy_error_naming_t
     assert "over its budget of 1e-06 ms" in decision.reason and "after rule 'big-refunds'" in decision.reason
     with pytest.raises(ValueError, match="positive"):
         Policy.from_dict({}, evaluation_budget=0)
+
+
+def test_a_garbage_collection_during_a_decision_does_not_count_against_the_budget() -> None:
+    """A full collection in a process holding much data takes longer than the budget; it runs
+    in whichever thread allocates when it is due, a decision's included. Here every allocation
+    collects, and each collection takes 30 ms of CPU (a callback of the collector burning it):
+    the conditions themselves take microseconds, and the decision must be theirs."""
+    policy = Policy.from_dict(
+        {
+            "rules": [
+                {"id": "big-refunds", "tool": "refund", "when": "args.amount > 100.0", "decision": "deny"},
+                {"id": "refunds", "tool": "refund", "decision": "allow"},
+            ]
+        },
+    )
+
+    def slow_collection(phase: str, info: dict[str, Any]) -> None:
+        if phase == "start":
+            until = time.thread_time() + 0.03
+            while time.thread_time() < until:
+                pass
+
+    thresholds = gc.get_threshold()
+    gc.callbacks.append(slow_collection)
+    gc.set_threshold(1, 1, 1)
+    try:
+        started = time.thread_time()
+        decision = decide(policy, {"order_id": "A1", "amount": 5.0})
+        spent = time.thread_time() - started
+    finally:
+        gc.set_threshold(*thresholds)
+        gc.callbacks.remove(slow_collection)
+    assert spent > policy.evaluation_budget  # the collections did run, over the budget in all
+    assert (decision.decision, decision.rule_id) == ("allow", "refunds"), decision.reason
 
 
 def test_time_spent_in_resolvers_does_not_count_against_the_budget() -> None:
