@@ -27,6 +27,9 @@ the hash chain); replay re-decides each call from its entry.
   derived from the conversation's key, so a conversation resumed in another process, after a
   restart, continues the same run. The key is the application's: whoever can name a
   conversation can act in it, as whoever can open the journal can (docs/security.md).
+- One process holds a conversation's run (its lease) at a time, between calls too: it lets it
+  go `idle_release` seconds after the last call (or when the adapter says the framework's
+  run is over), and a call of a conversation held elsewhere waits for it (`hold_wait`).
 """
 
 from __future__ import annotations
