@@ -97,9 +97,7 @@ class Row:
         }
 
 
-async def run_row(
-    suite_name: str, person: str, provenance: bool, journal: Journal, quick: bool
-) -> Row:
+async def run_row(suite_name: str, person: str, provenance: bool, journal: Journal, quick: bool) -> Row:
     row = Row(suite_name, person, provenance)
     chosen = pairs(suite_name)
     if quick:  # every user task once, each with the next injection task in turn
@@ -180,8 +178,7 @@ def utility_lost(rows: list[Row]) -> list[str]:
         for user_task, results in lost.items():
             first = results[0]
             stopped = [
-                f"{s.proposed(70)}: {s.describe()}"
-                for s in first.user_steps() if s.outcome != "executed"
+                f"{s.proposed(70)}: {s.describe()}" for s in first.user_steps() if s.outcome != "executed"
             ]
             why = "; ".join(stopped) or "none of the user's calls was stopped (AgentDojo's check failed)"
             lines.append(f"  [{row.person}] {row.suite}/{user_task} in {len(results)} pair(s): {why}")

@@ -275,9 +275,7 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--store", choices=["sqlite", "postgres", "both"], default="both")
     parser.add_argument("--repeat", type=int, default=3)
-    parser.add_argument(
-        "--only", choices=["group", "thread", "latency", "claim", "wrapper"], action="append"
-    )
+    parser.add_argument("--only", choices=["group", "thread", "latency", "claim", "wrapper"], action="append")
     args = parser.parse_args()
     kinds = ["sqlite", "postgres"] if args.store == "both" else [args.store]
     only = set(args.only or ["group", "thread", "latency", "claim", "wrapper"])

@@ -137,7 +137,6 @@ DECLARATIONS: dict[str, dict[str, Declaration]] = {
 }
 
 
-
 def traveller_identifiers(ctx: ToolContext) -> list[str]:
     """The traveller's identity and payment numbers: ID, passport, card and bank account."""
     user = environment_of(ctx.data).user  # type: ignore[attr-defined]

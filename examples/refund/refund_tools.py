@@ -96,7 +96,5 @@ def void_recorded(args: dict[str, Any], result: Any, ctx: ToolContext) -> Eviden
 def void_refund(order_id: str, amount: float, ctx: ToolContext) -> dict[str, Any]:
     """Void a refund of an order (the compensation of `issue_refund`: a rollback runs it)."""
     with _ledger() as db:
-        db.execute(
-            "INSERT OR IGNORE INTO voids VALUES (?, ?, ?)", (ctx.idempotency_key, order_id, amount)
-        )
+        db.execute("INSERT OR IGNORE INTO voids VALUES (?, ?, ?)", (ctx.idempotency_key, order_id, amount))
     return {"voided": amount, "order_id": order_id}

@@ -40,6 +40,7 @@ from tether.workflow import Workflow
 if TYPE_CHECKING:  # the governed step calls into this module, and is handed in
     from tether.step import GovernedStep
 
+
 async def hand_off(step: GovernedStep, proposal: Proposal, decision: Decision, args_hash: str) -> None:
     """Record a handoff to `decision.owner` (else the state's `escalate_to`). An owner the
     state's `handoff_to` routes to an agent state receives it there and then, after reading
