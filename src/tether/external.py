@@ -362,7 +362,7 @@ class GovernedCalls:
         known = self._call_steps[run_id].get(call_id) if call_id else None
         pending = cursor.checkpoint.pending
         if known is not None and (pending is None or pending.step_id != known):
-            seen = _last_seen(cursor, known)
+            seen = cursor.transcript.observation_of(known)
             if seen is not None:  # recorded before: what it came to, never a second run
                 return CallOutcome.observed(run_id, seen)
         if cursor.record.status != "running" and pending is None:
@@ -390,7 +390,7 @@ class GovernedCalls:
             await step.take_external({"kind": "tool_call", "tool": tool, "args": args}, call_id)
         if call_id:
             self._call_steps[run_id][call_id] = step.step_id
-        seen = _last_seen(cursor, step.step_id)
+        seen = cursor.transcript.observation_of(step.step_id)
         assert seen is not None  # every path of a step records what it came to
         return CallOutcome.observed(run_id, seen)
 
@@ -426,7 +426,7 @@ class GovernedCalls:
         step = GovernedStep(cursor, self.state, pending.step_id)
         with step.observed("resume_ticket"):
             await step.resume_ticket(ticket, pending)
-        seen = _last_seen(cursor, pending.step_id)
+        seen = cursor.transcript.observation_of(pending.step_id)
         assert seen is not None
         return CallOutcome.observed(cursor.run_id, seen)
 
@@ -525,11 +525,6 @@ async def recorded_calls(journal: Journal, run_id: str) -> dict[str, str]:
             if isinstance(body, b.StepRecord) and body.call_id:
                 found[body.call_id] = entry.step_id
     return found
-
-
-def _last_seen(cursor: RunCursor, step_id: str) -> Mapping[str, Any] | None:
-    """The last observation the transcript holds of a step (a continuation's, if any)."""
-    return cursor.transcript.observation_of(step_id)
 
 
 def _stopped(run_id: str, status: str, code: str | None, message: str | None) -> CallOutcome:
