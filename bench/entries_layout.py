@@ -5,7 +5,7 @@
 Each row: R runs (random `run_…` ids, as tether makes them) each take S steps, interleaved
 (run 1 step 1, run 2 step 1, …); a step is tether's transaction on a WAL file at
 synchronous=NORMAL: BEGIN IMMEDIATE, the gated UPDATE of the run's row, the INSERT of one
-entry (two 71-byte hashes and a body of B bytes), COMMIT. µs per step, of which the INSERT
+entry (its hash as 32 bytes, schema 9's layout, and a body of B bytes), COMMIT. µs per step, of which the INSERT
 and the COMMIT; bytes per entry: growth of the file (WAL folded back in) ÷ entries; and the
 table's pages from `dbstat`: interior, and unused bytes over all its pages (the primary-key
 index included for the rowid table). No tether code runs: this isolates the layout.
@@ -25,11 +25,12 @@ RUNS = """CREATE TABLE runs (run_id TEXT PRIMARY KEY, status TEXT NOT NULL, last
     last_hash TEXT NOT NULL, checkpoint TEXT NOT NULL, updated_at REAL NOT NULL)"""
 ENTRIES = """CREATE TABLE entries (
     run_id TEXT NOT NULL, seq INTEGER NOT NULL, kind TEXT NOT NULL, step_id TEXT,
-    state TEXT, body TEXT NOT NULL, prev_hash TEXT NOT NULL, hash TEXT NOT NULL,
-    created_at REAL NOT NULL, PRIMARY KEY (run_id, seq))"""
+    state TEXT, body TEXT NOT NULL, hash BLOB NOT NULL, created_at REAL NOT NULL,
+    PRIMARY KEY (run_id, seq))"""
 UPDATE = """UPDATE runs SET last_seq = ?, last_hash = ?, checkpoint = ?, updated_at = ?
     WHERE run_id = ? AND last_seq = ?"""
-HASH = "sha256:" + "a" * 64
+HASH = "a" * 64  # a run's head, as its row keeps it (hex)
+ENTRY_HASH = bytes(32)  # an entry's, as the entries table keeps it (raw)
 # (body bytes, runs, steps per run)
 CASES = ((300, 1, 20000), (300, 20, 1000), (300, 200, 100), (900, 200, 100), (3000, 200, 50))
 
@@ -60,8 +61,8 @@ def measure(tmp: Path, without_rowid: bool, body_len: int, runs: int, steps: int
             db.execute("BEGIN IMMEDIATE")
             db.execute(UPDATE, (seq, HASH, f'{{"steps": {seq}}}', time.time(), run_id, seq - 1))
             a = clock()
-            row = (run_id, seq, "step", f"s{seq}", "work", body, HASH, HASH, time.time())
-            db.execute("INSERT INTO entries VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?)", row)
+            row = (run_id, seq, "step", f"s{seq}", "work", body, ENTRY_HASH, time.time())
+            db.execute("INSERT INTO entries VALUES (?, ?, ?, ?, ?, ?, ?, ?)", row)
             b = clock()
             db.execute("COMMIT")
             insert += b - a

@@ -22,6 +22,7 @@ from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
+import msgspec
 import pytest
 from typer.testing import CliRunner
 
@@ -32,8 +33,8 @@ from tether.audit import AuditKey, Auditor, merkle_root, read_witness, verify_bu
 from tether.cli import app
 from tether.errors import JournalTampered
 from tether.hashing import encode_json
-from tether.journal import Journal
-from tether.journal.records import entry_hash
+from tether.journal import Journal, integrity
+from tether.journal.records import GENESIS_HASH, NewEntry, chain, entry_hash
 from tether.models import ScriptedModel
 
 cli = CliRunner()
@@ -119,35 +120,38 @@ class Scene:
             self.sql("ALTER TABLE entries ENABLE TRIGGER USER")
 
     def entry(self, seq: int) -> tuple[Any, ...]:
+        """The entry at `seq` as (run_id, seq, kind, step_id, state, body, prev_hash, hash,
+        created_at), hashes in hex: the link is the hash of the entry stored before it."""
         rows = self.sql(
-            "SELECT run_id, seq, kind, step_id, state, body, prev_hash, hash, created_at FROM entries "
-            "WHERE run_id = ? AND seq = ?",
+            "SELECT run_id, seq, kind, step_id, state, body, hash, created_at FROM entries "
+            "WHERE run_id = ? AND seq <= ? ORDER BY seq DESC LIMIT 2",
             self.run_id,
             seq,
         )
-        return rows[0]
+        prev = bytes(rows[1][6]).hex() if len(rows) > 1 else GENESIS_HASH
+        *head, hash_, created_at = rows[0]
+        return (*head, prev, bytes(hash_).hex(), created_at)
 
     def rehash_from(self, seq: int, edit: Callable[[str], str] = lambda body: body) -> None:
         """Rewrite the chain consistently from `seq` on (every later hash recomputed) and fix
         the row's head: nothing inside the database can tell."""
         rows = self.sql(
-            "SELECT seq, kind, step_id, state, body, prev_hash, created_at FROM entries "
+            "SELECT seq, kind, step_id, state, body, created_at FROM entries "
             "WHERE run_id = ? AND seq >= ? ORDER BY seq",
             self.run_id,
             seq,
         )
-        prev = rows[0][5]
+        prev = self.entry(seq)[6]
 
         def change() -> None:
             nonlocal prev
-            for s, kind, step_id, state, body, _, created_at in rows:
+            for s, kind, step_id, state, body, created_at in rows:
                 body = edit(body)
                 h = entry_hash(self.run_id, s, kind, step_id, state, body, prev, created_at)
                 self.sql(
-                    "UPDATE entries SET body = ?, prev_hash = ?, hash = ? WHERE run_id = ? AND seq = ?",
+                    "UPDATE entries SET body = ?, hash = ? WHERE run_id = ? AND seq = ?",
                     body,
-                    prev,
-                    h,
+                    bytes.fromhex(h),
                     self.run_id,
                     s,
                 )
@@ -165,24 +169,28 @@ class Scene:
         seq, hash_ = self.sql(
             "SELECT seq, hash FROM entries WHERE run_id = ? ORDER BY seq DESC LIMIT 1", self.run_id
         )[0]
-        self.sql("UPDATE runs SET last_seq = ?, last_hash = ? WHERE run_id = ?", seq, hash_, self.run_id)
+        self.sql(
+            "UPDATE runs SET last_seq = ?, last_hash = ? WHERE run_id = ?",
+            seq,
+            bytes(hash_).hex(),
+            self.run_id,
+        )
 
     def forge(self, seq: int, prev_hash: str, kind: str, body: dict[str, Any]) -> None:
-        """Write an entry with a correct hash for where it is put."""
+        """Write an entry with a correct hash for where it is put, after `prev_hash`."""
         text = encode_json(body)
         at = self.entry(1)[8]
         h = entry_hash(self.run_id, seq, kind, "s9", "shop", text, prev_hash, at)
         self.sql(
-            "INSERT INTO entries (run_id, seq, kind, step_id, state, body, prev_hash, hash, created_at) "
-            "VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?)",
+            "INSERT INTO entries (run_id, seq, kind, step_id, state, body, hash, created_at) "
+            "VALUES (?, ?, ?, ?, ?, ?, ?, ?)",
             self.run_id,
             seq,
             kind,
             "s9",
             "shop",
             text,
-            prev_hash,
-            h,
+            bytes.fromhex(h),
             at,
         )
 
@@ -711,3 +719,74 @@ def refunds(ledger: Path) -> list[tuple[Any, ...]]:
         if db.execute("SELECT 1 FROM sqlite_master WHERE name = 'refunds'").fetchone() is None:
             return []
         return db.execute("SELECT * FROM refunds").fetchall()
+
+
+# -- the chain's diagnostics without a stored link (schema 9), on entries in memory ---------------
+
+
+def chained(count: int) -> list[Any]:
+    return chain("run_x", 0, GENESIS_HASH, [NewEntry("step_done", f'{{"n":{n}}}') for n in range(count)], 1.0)
+
+
+def stored(entries: list[Any]) -> list[Any]:
+    """The entries as a read gives them: renumbered where they sit, each linked to the one
+    stored before it (the link is not stored: a read takes it from there)."""
+    out, prev = [], GENESIS_HASH
+    for e in entries:
+        out.append(msgspec.structs.replace(e, prev_hash=prev))
+        prev = e.hash
+    return out
+
+
+def at(entries: list[Any], seq: int) -> list[Any]:
+    return [msgspec.structs.replace(e, seq=s) for s, e in enumerate(entries, start=seq)]
+
+
+def test_an_entry_replaced_and_rehashed_in_place_is_found_at_the_link_it_breaks() -> None:
+    entries = chained(8)
+    old = entries[4]  # seq 5
+    body = old.body_json.replace("4", "40")
+    forged = msgspec.structs.replace(
+        old,
+        body_json=body,
+        hash=entry_hash("run_x", 5, old.kind, None, None, body, entries[3].hash, old.created_at),
+    )
+    found = integrity.chain_findings("run_x", stored([*entries[:4], forged, *entries[5:]]))
+    # Without a stored link, seq 6 not chaining from seq 5 is all the chain says: one of
+    # the two changed. It names both, at the first entry it cannot place.
+    assert [(f.kind, f.seq) for f in found] == [("edited", 6)]
+    assert "seq 5 before it" in found[0].message
+
+
+def test_an_entry_copied_from_elsewhere_in_the_run_is_found_where_it_was_written() -> None:
+    entries = chained(8)
+    copied = [*entries[:6], msgspec.structs.replace(entries[2], seq=7), *entries[7:]]
+    found = integrity.chain_findings("run_x", stored(copied))
+    assert found[0].kind == "inserted" and "written as seq 3 (now seq 7)" in found[0].message
+    assert ("edited", 8) in [(f.kind, f.seq) for f in found]  # it no longer follows seq 7
+
+
+def test_a_tail_whose_predecessor_is_missing_is_found_deleted() -> None:
+    entries = chained(6)
+    tail = [msgspec.structs.replace(e, prev_hash="" if e.seq == 4 else e.prev_hash) for e in entries[3:]]
+    assert [(f.kind, f.seq) for f in integrity.chain_findings("run_x", tail, whole=False)] == [("deleted", 3)]
+    assert integrity.chain_findings("run_x", entries[3:], whole=False) == []
+
+
+def test_a_long_tail_shifted_by_one_insertion_is_told_in_linear_time(monkeypatch: pytest.MonkeyPatch) -> None:
+    entries = chained(3000)
+    forged = msgspec.structs.replace(entries[10], body_json='{"n":-1}', hash="ab" * 32)
+    shifted = stored([*entries[:10], forged, *at(entries[10:], 12)])
+    calls = 0
+
+    def counting(*args: Any) -> str:
+        nonlocal calls
+        calls += 1
+        return entry_hash(*args)
+
+    monkeypatch.setattr(integrity, "entry_hash", counting)
+    found = integrity.chain_findings("run_x", shifted)
+    assert [(f.kind, f.seq) for f in found] == [("edited", 11), ("inserted", 11)]
+    # The 2,990 entries after it are each placed after the one before it (about one hash
+    # each), not tried at every place they could have been written at.
+    assert calls < 5 * 3000

@@ -37,13 +37,13 @@ from tether.journal import (
     RunRecord,
     RunUpdate,
     Ticket,
+    integrity,
     migrations,
     open_journal,
     upgrade_journal,
     verify_chain,
 )
-from tether.journal.common import ENTRY_COLUMNS, entry_row
-from tether.journal.records import GENESIS_HASH, chain
+from tether.journal.records import GENESIS_HASH, Entry, chain
 
 T = TypeVar("T")
 PG_URL = os.environ.get("TETHER_TEST_PG", "postgresql://postgres@127.0.0.1:5432/test")
@@ -922,9 +922,11 @@ def make_old_journal(store: Store, version: int) -> None:
         store.execute(
             f"INSERT INTO runs ({', '.join(row)}) VALUES ({', '.join([ph] * len(row))})", tuple(row.values())
         )
+        e = entries[0]  # as releases before schema 9 stored it: hex hashes, and the link
         store.execute(
-            f"INSERT INTO entries ({', '.join(ENTRY_COLUMNS)}) VALUES ({', '.join([ph] * 9)})",
-            entry_row(entries[0]),
+            "INSERT INTO entries (run_id, seq, kind, step_id, state, body, prev_hash, hash, created_at) "
+            f"VALUES ({', '.join([ph] * 9)})",
+            (e.run_id, e.seq, e.kind, e.step_id, e.state, e.body_json, e.prev_hash, e.hash, e.created_at),
         )
     t = ticket("t1", "old-paused")
     store.execute(
@@ -990,6 +992,104 @@ def test_an_older_journal_is_upgraded_in_place(store: Store, version: int) -> No
         assert (r.input, r.data, r.facts) == ({"order": "A1"}, {"customer": "c2"}, {"verified": True})
 
     run(scenario())
+
+
+def schema_8(store: Store) -> None:
+    """An empty journal as schema version 8 left it."""
+    if store.kind == "sqlite":
+        with sqlite3.connect(str(store.path)) as db:
+            db.execute(migrations.META_SQL)
+            for migration in migrations.SQLITE[:8]:
+                migrations.apply(db, migration, "?")
+    else:
+        import psycopg
+
+        with psycopg.connect(store.target, autocommit=True) as conn, conn.transaction():
+            conn.execute(migrations.META_SQL)
+            for migration in migrations.POSTGRES[:8]:
+                migrations.apply(conn, migration, "%s")
+
+
+def old_chain(store: Store, run_id: str, count: int) -> list[Entry]:
+    """`count` chained entries of a run, inserted as schema 8 stores them (hex hashes, and
+    each entry's prev_hash), into a journal left at version 8."""
+    entries = chain(
+        run_id, 0, GENESIS_HASH, [raw_entry("step_done", {"n": n}) for n in range(count)], 1_700_000_000.5
+    )
+    for e in entries:
+        store.execute(
+            "INSERT INTO entries (run_id, seq, kind, step_id, state, body, prev_hash, hash, created_at) "
+            f"VALUES ({', '.join([store.ph] * 9)})",
+            (e.run_id, e.seq, e.kind, e.step_id, e.state, e.body_json, e.prev_hash, e.hash, e.created_at),
+        )
+    return entries
+
+
+def entry_columns(store: Store) -> list[str]:
+    if store.kind == "sqlite":
+        return [row[1] for row in store.execute("PRAGMA table_info(entries)")]
+    rows = store.execute(
+        "SELECT column_name FROM information_schema.columns "
+        "WHERE table_name = 'entries' AND table_schema = current_schema() ORDER BY ordinal_position"
+    )
+    return [row[0] for row in rows]
+
+
+def test_schema_9_keeps_every_hash_byte_for_byte_and_the_chain_verifies(store: Store) -> None:
+    schema_8(store)
+    written = old_chain(store, "old-chain", 5)
+    journal = store.open()
+    assert journal.migrated == (8, migrations.LATEST)
+    assert entry_columns(store) == ["run_id", "seq", "kind", "step_id", "state", "body", "hash", "created_at"]
+    # Stored as the 32 bytes of the very hash that was written, nothing recomputed.
+    stored = store.execute(f"SELECT hash FROM entries WHERE run_id = {store.ph} ORDER BY seq", ("old-chain",))
+    assert [bytes(h) for (h,) in stored] == [bytes.fromhex(e.hash) for e in written]
+    read = run(journal.read_entries("old-chain"))
+    assert [(e.seq, e.prev_hash, e.hash, e.body_json) for e in read] == [
+        (e.seq, e.prev_hash, e.hash, e.body_json) for e in written
+    ]
+    assert verify_chain(read) == [] and integrity.chain_findings("old-chain", read) == []
+    tail = run(journal.read_entries("old-chain", 2))
+    assert [(e.prev_hash, e.hash) for e in tail] == [(e.prev_hash, e.hash) for e in written[2:]]
+    last = run(journal.read_last_entries("old-chain", 2))
+    assert [(e.prev_hash, e.hash) for e in last] == [(e.prev_hash, e.hash) for e in written[3:]]
+    # The append-only triggers came through the rebuild: present, and still refusing.
+    assert journal.trigger_problems == []
+    with pytest.raises(Exception, match="append-only"):
+        store.execute(f"UPDATE entries SET body = 'x' WHERE run_id = {store.ph}", ("old-chain",))
+    with pytest.raises(Exception, match="append-only"):
+        store.execute(f"DELETE FROM entries WHERE run_id = {store.ph}", ("old-chain",))
+
+
+@pytest.mark.parametrize(
+    ("damage", "says"),
+    [
+        (
+            "UPDATE entries SET prev_hash = hash WHERE run_id = 'old-chain' AND seq = 3",
+            "its prev_hash is not",
+        ),
+        ("UPDATE entries SET hash = upper(hash) WHERE run_id = 'old-chain' AND seq = 2", "not 64 hex"),
+    ],
+)
+def test_schema_9_refuses_a_chain_it_would_hide_and_leaves_the_journal_as_it_was(
+    store: Store, damage: str, says: str
+) -> None:
+    schema_8(store)
+    old_chain(store, "old-chain", 5)
+    if store.kind == "sqlite":
+        store.execute("DROP TRIGGER entries_no_update")
+    else:
+        store.execute("ALTER TABLE entries DISABLE TRIGGER USER")
+    store.execute(damage)
+    before = store.execute("SELECT * FROM entries ORDER BY run_id, seq")
+    with pytest.raises(
+        JournalError, match=f"cannot upgrade the journal to schema version 9: run old-chain seq .*{says}"
+    ):
+        store.open()
+    # The transaction rolled back: still version 8, prev_hash and the hex hashes as they were.
+    assert dict(store.execute("SELECT key, value FROM meta"))["schema_version"] == "8"
+    assert "prev_hash" in entry_columns(store)
+    assert store.execute("SELECT * FROM entries ORDER BY run_id, seq") == before
 
 
 def test_tether_db_upgrade_says_what_it_did(store: Store) -> None:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import shutil
+import sqlite3
 import sys
 from pathlib import Path
 
@@ -10,7 +11,11 @@ import pytest
 
 from conftest import run
 from tether import Runtime, ScriptedModel, load_workflow, open_journal
-from tether.journal import bodies, verify_chain
+from tether.audit import verify_journal
+from tether.decision import REASON_OF, Decision, runtime_refusal
+from tether.hashing import encode_json
+from tether.journal import bodies, integrity, verify_chain
+from tether.reasons import ReasonCode
 from tether.timeline import timeline
 
 FIXTURE = Path(__file__).parent / "fixtures" / "format1"
@@ -125,3 +130,67 @@ def test_step_done_reads_as_before_without_carried_history_and_with_it_round_tri
     restarted = bodies.UpstreamRestarted(upstream="retail", restart=1, at=1.5)
     assert bodies.decode("upstream_restarted", encode_json(restarted)) == restarted
     assert bodies.KIND_OF[bodies.UpstreamRestarted] == "upstream_restarted"
+
+
+def test_the_schema_9_upgrade_keeps_every_hash_and_link_byte_for_byte(old_journal: Path) -> None:
+    """The fixture is at an older schema, with hex hashes and a prev_hash column: after the
+    upgrade every entry reads back with the same hash and link, every chain verifies."""
+    db = sqlite3.connect(old_journal)
+    before = db.execute("SELECT run_id, seq, prev_hash, hash FROM entries ORDER BY run_id, seq").fetchall()
+    triggers = db.execute(
+        "SELECT name, sql FROM sqlite_master WHERE tbl_name = 'entries' AND type = 'trigger'"
+    )
+    triggers_before = sorted(triggers.fetchall())
+    db.close()
+    assert len(before) == 40 and all(len(h) == 64 for *_, h in before)
+    journal = open_journal(str(old_journal))
+    try:
+        after = []
+        for record in run(journal.list_runs()):
+            entries = run(journal.read_entries(record.run_id))
+            assert verify_chain(entries) == [], record.run_id
+            assert integrity.chain_findings(record.run_id, entries) == []
+            after += [(e.run_id, e.seq, e.prev_hash, e.hash) for e in entries]
+        report = run(verify_journal(journal, None, key=None))
+        assert report.findings == []
+    finally:
+        journal.close()
+    assert sorted(after) == before
+    db = sqlite3.connect(old_journal)
+    stored = db.execute("SELECT hash FROM entries ORDER BY run_id, seq").fetchall()
+    triggers = db.execute(
+        "SELECT name, sql FROM sqlite_master WHERE tbl_name = 'entries' AND type = 'trigger'"
+    )
+    assert sorted(triggers.fetchall()) == triggers_before  # re-created from their very text
+    db.close()
+    assert [h for (h,) in stored] == [bytes.fromhex(h) for *_, h in before]
+
+
+def test_a_decision_leaves_out_only_the_reason_code_its_kind_implies_and_old_bodies_read_the_same() -> None:
+    for kind, code in REASON_OF.items():
+        implied = Decision(kind, "rule-1", code, matched=["rule-1"]).stored()  # type: ignore[arg-type]
+        assert '"reason_code"' not in encode_json(implied)
+        back = bodies.decode("refused", encode_json(bodies.Refused(decision=implied, raw="x")))
+        assert isinstance(back, bodies.Refused) and back.decision.reason_code is code
+        other = Decision(kind, "rule-1", ReasonCode.NOT_DRIVABLE).stored()  # type: ignore[arg-type]
+        assert '"reason_code":"not_drivable"' in encode_json(other)
+    refusal = runtime_refusal("parse", ReasonCode.MALFORMED_OUTPUT, "not JSON").stored()
+    assert '"reason_code":"malformed_output"' in encode_json(refusal)
+    # Bodies written before: every one stores its reason code, and reads it as stored, the
+    # implied ones included, and a code that is not its kind's (a deny by the runtime).
+    old = (
+        '{"args":{"i":0},"decision":{"decision":"allow","matched":["probe-9"],"reason_code":"policy_allowed",'
+        '"rule_id":"probe-9"},"result":{"ok":true},"tool":"probe"}'
+    )
+    executed = bodies.decode("executed", old)
+    assert isinstance(executed, bodies.Executed)
+    assert executed.decision.reason_code is ReasonCode.POLICY_ALLOWED
+    refused = bodies.decode(
+        "refused",
+        '{"decision":{"decision":"deny","reason":"r","reason_code":"budget_exhausted","rule_id":"runtime:budget"},'
+        '"raw":"x"}',
+    )
+    assert isinstance(refused, bodies.Refused) and refused.decision.reason_code is ReasonCode.BUDGET_EXHAUSTED
+    # Re-encoded as stored now, the old body's decision reads back the same.
+    again = bodies.decode("executed", encode_json(executed))
+    assert isinstance(again, bodies.Executed) and again.decision.as_dict() == executed.decision.as_dict()

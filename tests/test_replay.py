@@ -18,7 +18,7 @@ from conftest import Shop, call, run
 from tether import Policy, Runtime, ScriptedModel, Tool
 from tether.errors import JournalError
 from tether.journal import Journal, open_journal, verify_chain
-from tether.journal.records import entry_hash
+from tether.journal.records import GENESIS_HASH, entry_hash
 from tether.replay import ReplayReport, replay_run
 from tether.testing import Collector, load_suite, run_suite, scenarios
 
@@ -175,19 +175,17 @@ def rewrite(db: Path, run_id: str, seq: int, edit: Any) -> None:
     with sqlite3.connect(db) as conn:
         conn.execute("DROP TRIGGER entries_no_update")
         rows = conn.execute(
-            "SELECT seq, kind, step_id, state, body, prev_hash, created_at FROM entries "
-            "WHERE run_id = ? ORDER BY seq",
+            "SELECT seq, kind, step_id, state, body, created_at FROM entries WHERE run_id = ? ORDER BY seq",
             (run_id,),
         ).fetchall()
-        prev = None
-        for number, kind, step_id, state, body, prev_hash, created_at in rows:
+        prev = GENESIS_HASH  # a link is the hash of the entry before it
+        for number, kind, step_id, state, body, created_at in rows:
             if number == seq:
                 body = json.dumps(edit(json.loads(body)), sort_keys=True, separators=(",", ":"))
-            prev = prev_hash if prev is None else prev
             digest = entry_hash(run_id, number, kind, step_id, state, body, prev, created_at)
             conn.execute(
-                "UPDATE entries SET body = ?, prev_hash = ?, hash = ? WHERE run_id = ? AND seq = ?",
-                (body, prev, digest, run_id, number),
+                "UPDATE entries SET body = ?, hash = ? WHERE run_id = ? AND seq = ?",
+                (body, bytes.fromhex(digest), run_id, number),
             )
             prev = digest
         conn.execute("UPDATE runs SET last_hash = ? WHERE run_id = ?", (prev, run_id))

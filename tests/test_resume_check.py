@@ -23,7 +23,7 @@ from test_journal_contract import Store, postgres_url, store  # noqa: F401 (fixt
 from tether import AgentState, Policy, Runtime, Terminal, Workflow
 from tether.audit import verify_journal
 from tether.errors import JournalTampered
-from tether.journal.records import entry_hash
+from tether.journal.records import GENESIS_HASH, entry_hash
 from tether.models import ScriptedModel
 
 
@@ -89,20 +89,22 @@ class TwoVisits:
     def rehash_from(self, seq: int) -> None:
         """Recompute every hash from `seq` on and fix the row's head: a consistent rewrite."""
         rows = self.sql(
-            "SELECT seq, kind, step_id, state, body, prev_hash, created_at FROM entries "
+            "SELECT seq, kind, step_id, state, body, hash, created_at FROM entries "
             "WHERE run_id = ? AND seq >= ? ORDER BY seq",
             self.run_id,
-            seq,
+            seq - 1,
         )
 
         def change() -> None:
-            prev = rows[0][5]
+            # The link of the first entry rewritten: the hash of the entry before it.
+            prev = bytes(rows[0][5]).hex() if rows[0][0] == seq - 1 else GENESIS_HASH
             for s, kind, step_id, state, body, _, created_at in rows:
+                if s < seq:
+                    continue
                 h = entry_hash(self.run_id, s, kind, step_id, state, body, prev, created_at)
                 self.sql(
-                    "UPDATE entries SET prev_hash = ?, hash = ? WHERE run_id = ? AND seq = ?",
-                    prev,
-                    h,
+                    "UPDATE entries SET hash = ? WHERE run_id = ? AND seq = ?",
+                    bytes.fromhex(h),
                     self.run_id,
                     s,
                 )

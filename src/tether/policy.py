@@ -65,7 +65,7 @@ import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
 from tether import cel_engine as cel
-from tether.decision import Decision, DecisionKind
+from tether.decision import REASON_OF, Decision, DecisionKind
 from tether.errors import PolicyFileError
 from tether.hashing import fingerprint
 from tether.provenance import SeenValues, Traced, summary
@@ -85,12 +85,6 @@ DEFAULT_RESOLVE_SECONDS = 10.0
 MAX_LOOKUP_ROUNDS = 8
 MAX_LOOKUPS = 100
 SEVERITY: dict[str, int] = {"allow": 0, "ask": 1, "defer": 2, "deny": 3}
-REASON_OF: dict[str, ReasonCode] = {
-    "allow": ReasonCode.POLICY_ALLOWED,
-    "deny": ReasonCode.POLICY_DENIED,
-    "ask": ReasonCode.APPROVAL_REQUIRED,
-    "defer": ReasonCode.DEFERRED,
-}
 VARIABLES = frozenset({"args", "data", "facts", "history", "tool", "run"})
 # Names computed per decision, on first use: the decision's time (from the store's clock,
 # recorded with the decision as `resolved["now"]`) and the call's subject (`subjects:`, or a

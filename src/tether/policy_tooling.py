@@ -20,7 +20,7 @@ import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
 from tether import cel_engine as cel
-from tether.decision import Decision
+from tether.decision import REASON_OF, Decision
 from tether.errors import PolicyFileError
 from tether.journal import Entry
 from tether.journal import bodies as b
@@ -29,7 +29,6 @@ from tether.policy import (
     BUDGET_RULE_ID,
     HELPERS,
     HISTORY_CUT_RULE_ID,
-    REASON_OF,
     SEVERITY,
     Policy,
     Rule,

@@ -34,8 +34,6 @@ from dataclasses import dataclass, field
 from datetime import datetime
 from typing import Any, Literal
 
-import msgspec
-
 from tether.decision import Decision
 from tether.errors import TetherError
 from tether.hashing import encode_json, value_hash
@@ -519,7 +517,7 @@ class Replayer:
         if self.against is not None:
             same = decision.decision == recorded.decision
             return result(decision, "same" if same else "changed")
-        if encode_json(decision) == encode_json(recorded):
+        if encode_json(decision) == encode_json(recorded.stored()):  # both as an entry holds them
             return result(decision, "same")
         return result(decision, "diverged", "differs in " + ", ".join(_differences(recorded, decision)))
 
@@ -630,7 +628,7 @@ def _hash_of(name: str, args: dict[str, Any], is_tool: bool) -> str:
 
 
 def _differences(recorded: Decision, replayed: Decision) -> list[str]:
-    was, now = msgspec.to_builtins(recorded), msgspec.to_builtins(replayed)
+    was, now = recorded.as_dict(), replayed.as_dict()
     keys = sorted(set(was) | set(now))
     return [
         f"{k} ({_brief(was.get(k))} recorded, {_brief(now.get(k))} replayed)"

@@ -1,6 +1,6 @@
 """The body of every journal entry, typed: the journal's schema (body format 2).
 
-An entry row is (run_id, seq, kind, step_id, state, body, prev_hash, hash, created_at).
+An entry row is (run_id, seq, kind, step_id, state, body, hash, created_at).
 `kind` names the type of the body — one of the records below, the tag of a tagged union —
 and `body` is that record encoded once as canonical JSON (sorted keys, no whitespace,
 fields at their default left out); the hash covers that text. docs/journal.md describes

@@ -17,6 +17,7 @@ from pydantic import BaseModel
 from tether.errors import ConcurrentWriteError
 from tether.hashing import encode_json
 from tether.journal.records import (
+    GENESIS_HASH,
     Commit,
     Entry,
     LeaseHeld,
@@ -36,7 +37,9 @@ RUN_COLUMNS: tuple[str, ...] = tuple(RunRecord.model_fields)
 # and written only when it changes.
 VALUE_NAMES = ("input", "data", "facts")
 TICKET_COLUMNS: tuple[str, ...] = tuple(Ticket.model_fields)
-ENTRY_COLUMNS = ("run_id", "seq", "kind", "step_id", "state", "body", "prev_hash", "hash", "created_at")
+# An entry as stored (schema 9): its hash as 32 raw bytes, and no previous hash (a link is
+# always the hash of the entry before it: reads take it from there).
+ENTRY_COLUMNS = ("run_id", "seq", "kind", "step_id", "state", "body", "hash", "created_at")
 EXCHANGE_COLUMNS = ("run_id", "seq", "step_id", "state", "model", "created_at", "body")
 # What an exchange's JSON body holds: every field but its columns, in declaration order.
 _EXCHANGE_BODY = tuple(f for f in ModelExchange.model_fields if f not in EXCHANGE_COLUMNS)
@@ -53,14 +56,23 @@ RUN_FIELDS_SQL = ", ".join(
 )
 RUN_SELECT = f"SELECT {RUN_FIELDS_SQL} FROM runs"
 TICKET_SELECT = f"SELECT {', '.join(TICKET_COLUMNS)} FROM tickets"
-ENTRY_SELECT = f"SELECT {', '.join(ENTRY_COLUMNS)} FROM entries"
+# A run's entries from seq ? on, in order: the entry at that seq (when it is there) only
+# gives the next its link (`decode_entries`).
+ENTRY_SELECT = f"SELECT {', '.join(ENTRY_COLUMNS)} FROM entries WHERE run_id = ? AND seq >= ? ORDER BY seq"
+# The same, of some kinds only (`AND kind IN (...)` appended): each row with the hash of the
+# entry stored before it (`prev`, NULL for the first row read), the filter applied after.
+_ENTRY_WINDOW = (
+    f"SELECT {', '.join(ENTRY_COLUMNS)}, LAG(hash) OVER (ORDER BY seq) AS prev "
+    "FROM entries WHERE run_id = ? AND seq >= ?"
+)
+ENTRY_SELECT_LINKED = f"SELECT {', '.join(ENTRY_COLUMNS)}, prev FROM ({_ENTRY_WINDOW}) e WHERE seq > ?"
 
 
 def placeholders(n: int) -> str:
     return ", ".join("?" * n)
 
 
-INSERT_ENTRY = f"INSERT INTO entries ({', '.join(ENTRY_COLUMNS)}) VALUES ({placeholders(9)})"
+INSERT_ENTRY = f"INSERT INTO entries ({', '.join(ENTRY_COLUMNS)}) VALUES ({placeholders(len(ENTRY_COLUMNS))})"
 INSERT_VALUE = "INSERT INTO run_values (run_id, name, value) VALUES (?, ?, ?)"
 
 
@@ -99,14 +111,49 @@ def new_ticket_row(ticket: Ticket) -> tuple[Any, ...]:
     return tuple(values)
 
 
-def decode_entry(row: tuple[Any, ...]) -> Entry:
-    run_id, seq, kind, step_id, state, body, prev_hash, hash_, created_at = row
-    return Entry(run_id, seq, kind, step_id, state, body, prev_hash, hash_, created_at)
+def hash_hex(stored: Any) -> str:
+    """A stored hash as the hex the chain and every reader use (a value that is not bytes,
+    written by hand, is kept as its text: it then matches no hash, and the chain says so)."""
+    return bytes(stored).hex() if isinstance(stored, bytes | memoryview) else str(stored)
+
+
+def decode_entries(rows: list[tuple[Any, ...]], after_seq: int) -> list[Entry]:
+    """The entries after `after_seq` of `ENTRY_SELECT`'s rows, each linked to the row before
+    it; the first, when no row is before it, to the chain's start (reading from the
+    beginning) or to "" (the entry at `after_seq` is not in the journal)."""
+    out = []
+    prev = GENESIS_HASH if after_seq == 0 else ""
+    for run_id, seq, kind, step_id, state, body, stored, created_at in rows:
+        hash_ = hash_hex(stored)
+        if seq > after_seq:
+            out.append(Entry(run_id, seq, kind, step_id, state, body, prev, hash_, created_at))
+        prev = hash_
+    return out
+
+
+def decode_linked(rows: list[tuple[Any, ...]], after_seq: int) -> list[Entry]:
+    """The entries of `ENTRY_SELECT_LINKED`'s rows (as `decode_entries` links them)."""
+    first = GENESIS_HASH if after_seq == 0 else ""
+    return [
+        Entry(
+            run_id,
+            seq,
+            kind,
+            step_id,
+            state,
+            body,
+            first if prev is None else hash_hex(prev),
+            hash_hex(h),
+            at,
+        )
+        for run_id, seq, kind, step_id, state, body, h, at, prev in rows
+    ]
 
 
 def entry_row(e: Entry) -> tuple[Any, ...]:
-    """An entry as stored: its body is the canonical JSON text its hash covers."""
-    return (e.run_id, e.seq, e.kind, e.step_id, e.state, e.body_json, e.prev_hash, e.hash, e.created_at)
+    """An entry as stored: its body is the canonical JSON text its hash covers; the hash as
+    its 32 bytes."""
+    return (e.run_id, e.seq, e.kind, e.step_id, e.state, e.body_json, bytes.fromhex(e.hash), e.created_at)
 
 
 def exchange_row(x: ModelExchange) -> tuple[Any, ...]:

@@ -64,7 +64,8 @@ class Finding(msgspec.Struct, frozen=True, omit_defaults=True):
 
 
 def rehashes(e: Entry, seq: int, prev_hash: str | None = None) -> bool:
-    """Whether the entry's hash is what it would be at `seq` after `prev_hash` (its own)."""
+    """Whether the entry's hash is what it would be at `seq` after `prev_hash` (by default
+    the hash of the entry stored before it)."""
     prev_hash = e.prev_hash if prev_hash is None else prev_hash
     return (
         entry_hash(e.run_id, seq, e.kind, e.step_id, e.state, e.body_json, prev_hash, e.created_at) == e.hash
@@ -72,10 +73,10 @@ def rehashes(e: Entry, seq: int, prev_hash: str | None = None) -> bool:
 
 
 def _intact(entries: Sequence[Entry], prev: str, expected: int) -> bool:
-    """Whether every entry is numbered on from `expected`, links to the one before (the first
-    to `prev`) and rehashes: the common case, told in one tight pass."""
+    """Whether every entry is numbered on from `expected` and rehashes after the one before
+    it (the first after `prev`): the common case, told in one tight pass."""
     for e in entries:
-        if e.seq != expected or e.prev_hash != prev:
+        if e.seq != expected:
             return False
         if entry_hash(e.run_id, e.seq, e.kind, e.step_id, e.state, e.body_json, prev, e.created_at) != e.hash:
             return False
@@ -83,63 +84,136 @@ def _intact(entries: Sequence[Entry], prev: str, expected: int) -> bool:
     return True
 
 
+def _written_after(
+    e: Entry, pred: str, at: int | None, placed: Sequence[tuple[str, int]]
+) -> tuple[int, str] | None:
+    """(seq, hash) the entry rehashes at: after the entry stored before it (`pred`, written
+    at `at`) where that one was written, else after one of `placed`."""
+    if pred and at is not None and rehashes(e, at + 1, pred):
+        return at + 1, pred
+    return next(((w + 1, h) for h, w in placed if h != e.hash and rehashes(e, w + 1, h)), None)
+
+
+def _origins(entries: Sequence[Entry], prev: str, expected: int) -> list[tuple[int | None, str | None]]:
+    """Where each entry was written: (its sequence number then, the hash it was written
+    after), by index; (seq, None) when what it was written after is gone (its successor
+    says where it was written), (None, None) when nothing fits (its content was edited).
+
+    No previous hash is stored: an entry that does not rehash after the one stored before
+    it is tried after that one where that one was written, after every hash of the run
+    whose place is known, and after that one at every place (the two moved together).
+    Each hash is tried once per broken entry: O(n) per broken entry, and it runs only once
+    a break was found."""
+    found: list[tuple[int | None, str | None]] = [(None, None)] * len(entries)
+    placed: list[tuple[str, int]] = [(GENESIS_HASH, 0)]  # (hash, the seq it was written at)
+    if prev:
+        placed.append((prev, expected - 1))
+    last = max((e.seq for e in entries), default=0)
+    before = prev
+    broken: dict[int, int] = {}  # index -> how many of `placed` it was tried after
+    for i, e in enumerate(entries):
+        if before and rehashes(e, e.seq, before):
+            found[i] = (e.seq, before)
+            placed.append((e.hash, e.seq))
+        else:
+            broken[i] = 0
+        before = e.hash
+    written = dict(placed)
+    scanned: set[int] = set()
+    progress = True
+    while broken and progress:  # an entry's origin may be placed by a later entry
+        progress = False
+        for i, tried in list(broken.items()):
+            e = entries[i]
+            pred = entries[i - 1].hash if i else prev
+            at = written.get(pred) if pred else None
+            hit = _written_after(e, pred, at, placed[tried:])
+            broken[i] = len(placed)
+            if hit is None and pred and at is None and i not in scanned:
+                scanned.add(i)
+                seq = next((s for s in range(1, last + 2) if rehashes(e, s, pred)), None)
+                if seq is not None:
+                    hit = (seq, pred)
+                    written[pred] = seq - 1  # the entry before it moved with it
+                    placed.append((pred, seq - 1))
+            if hit is not None:
+                found[i] = hit
+                written[e.hash] = hit[0]
+                placed.append((e.hash, hit[0]))
+                del broken[i]
+                progress = True
+    for i in broken:
+        at = written.get(entries[i].hash)
+        if at is not None:
+            found[i] = (at, None)
+    return found
+
+
 def chain_findings(run_id: str, entries: Sequence[Entry], *, whole: bool = True) -> list[Finding]:
     """What is wrong with a run's chain as stored (entries in seq order), first bad first.
 
     Every entry's hash covers its sequence number and its predecessor's hash, so an entry
     moved, removed or put in shows as a link that does not hold; the kind of damage is told
-    from the place the entry does rehash at (where it was written) and what it links to.
-    A damage's consequences (every later entry shifted by one cut) are not repeated.
-    `whole=False`: the entries are the chain's tail from the first one given on (its own
-    link to the entry before it is not judged).
+    from the place the entry does rehash at (where it was written) and the entry it rehashes
+    after. A damage's consequences (every later entry shifted by one cut) are not repeated.
+    `whole=False`: the entries are the chain's tail from the first one given on, linked to
+    the entry stored before it (`Entry.prev_hash`; "" when that one is missing).
     """
     prev, expected = GENESIS_HASH, 1
     if not whole and entries:
-        prev, expected = entries[0].prev_hash, entries[0].seq
+        prev, expected = entries[0].prev_hash, entries[0].seq - (not entries[0].prev_hash)
     if _intact(entries, prev, expected):
         return []
     findings: list[Finding] = []
-    by_hash = {e.hash: e for e in entries}
-    last = entries[-1].seq if entries else 0
+    origins = _origins(entries, prev, expected)
+    seq_of = {e.hash: e.seq for e in entries}
     gap = False
     shift: int | None = None  # how far the entries are displaced after a cut or insertion
     displaced: set[int] = set()  # stored seqs holding an entry written elsewhere
-    for e in entries:
+    for i, e in enumerate(entries):
         if e.seq > expected:
             missing = f"seq {expected}" if e.seq == expected + 1 else f"seqs {expected}-{e.seq - 1}"
             findings.append(Finding("deleted", f"{missing} missing from the chain", run_id, expected))
             gap = True
-        intact = rehashes(e, e.seq, e.prev_hash)
-        linked = e.prev_hash == prev or gap
-        prev, expected, gap = e.hash, e.seq + 1, False
-        if intact:
+        written_at, origin = origins[i]
+        linked = origin == prev or gap
+        after_gap, prev, expected, gap = gap, e.hash, e.seq + 1, False
+        if written_at is None:
+            shift = None
+            if after_gap:
+                continue  # what it was written after is the entry missing: already said
+            findings.append(
+                Finding(
+                    "edited",
+                    f"{e.kind} entry's content does not match its hash after any entry of the run"
+                    + (f" (it, or seq {e.seq - 1} before it, was changed)" if i else ""),
+                    run_id,
+                    e.seq,
+                )
+            )
+            continue
+        if written_at == e.seq:
             shift = None
             if not linked:
-                before = by_hash.get(e.prev_hash)
                 replaced = e.seq - 1
                 findings.append(
                     Finding(
                         "edited",
                         f"seq {replaced} was replaced: seq {e.seq} was written after "
-                        + (f"seq {before.seq}" if before is not None else "an entry no longer in the chain"),
+                        + (
+                            f"seq {seq_of[origin]}" if origin in seq_of else "an entry no longer in the chain"
+                        ),
                         run_id,
                         replaced,
                     )
                 )
             continue
-        written_at = next((s for s in range(1, last + 2) if s != e.seq and rehashes(e, s, e.prev_hash)), None)
-        if written_at is None:
-            shift = None
-            findings.append(
-                Finding("edited", f"{e.kind} entry's content does not match its hash", run_id, e.seq)
-            )
-            continue
         offset = e.seq - written_at
         if linked and shift == offset:
             continue  # displaced by the same cut or insertion as the entry before it
         shift = offset
-        origin = by_hash.get(e.prev_hash)
-        if offset > 0 and origin is not None and origin.seq == written_at - 1 and written_at not in displaced:
+        origin_seq = 0 if origin == GENESIS_HASH else seq_of.get(origin) if origin else None
+        if offset > 0 and origin_seq == written_at - 1 and written_at not in displaced:
             n = offset
             findings.append(
                 Finding(
@@ -150,7 +224,7 @@ def chain_findings(run_id: str, entries: Sequence[Entry], *, whole: bool = True)
                     written_at,
                 )
             )
-        elif offset < 0 and origin is None and e.prev_hash != GENESIS_HASH:
+        elif offset < 0 and origin is None:
             n = -offset
             findings.append(
                 Finding(

@@ -17,6 +17,7 @@ from typing import Any
 
 from tether.errors import JournalError
 from tether.journal.common import pending_ticket_of, when
+from tether.journal.records import GENESIS_HASH
 
 
 @dataclass(frozen=True)
@@ -137,6 +138,73 @@ POSTGRES_AUDIT_TRIGGERS: tuple[str, ...] = tuple(
 _DEFINITIONS = """CREATE TABLE definitions (
     hash TEXT PRIMARY KEY, kind TEXT NOT NULL, body TEXT NOT NULL, created_at {time} NOT NULL)"""
 
+
+# Version 9 (bytes per step), both stores: an entry's hash is stored as its 32 raw bytes, not
+# 64 hex characters, and `prev_hash` is no longer a column: a link is always the hash of the
+# entry before it (64 zeros for the first), which a read takes from there. The chain's
+# formula is unchanged (the previous hash enters it as hex), so every hash ever computed and
+# every signed checkpoint stays valid. Fail closed: a journal where a hash is not 64 hex
+# characters, or where a stored `prev_hash` is not the hash of the entry stored before it
+# (a chain broken there: dropping the column would lose what shows it), is refused, and the
+# transaction leaves it as it was.
+_LINKS_SQL = f"""SELECT run_id, seq, hash FROM (
+    SELECT run_id, seq, hash, prev_hash,
+        LAG(hash, 1, '{GENESIS_HASH}') OVER (PARTITION BY run_id ORDER BY seq) AS before
+    FROM entries) e
+    WHERE {{not_hex}} OR prev_hash <> before ORDER BY run_id, seq LIMIT 1"""
+
+
+def _check_links(not_hex: str) -> Callable[[Any], None]:
+    """The step that refuses to drop `prev_hash` from a journal whose chain it would hide."""
+
+    def check(db: Any) -> None:
+        row = db.execute(_LINKS_SQL.replace("{not_hex}", not_hex)).fetchone()
+        if row is None:
+            return
+        run_id, seq, hash_ = row
+        what = (
+            "its hash is not 64 hex characters"
+            if not isinstance(hash_, str) or len(hash_) != 64 or set(hash_) - set("0123456789abcdef")
+            else "its prev_hash is not the hash of the entry stored before it"
+        )
+        raise JournalError(
+            f"cannot upgrade the journal to schema version 9: run {run_id} seq {seq}: {what}, "
+            "so its chain is broken there and this version, which stores no prev_hash, would lose "
+            "what shows it; nothing was changed. Check it with `tether audit verify` under the "
+            "tether that wrote it"
+        )
+
+    return check
+
+
+def _sqlite_hashes_as_bytes(db: sqlite3.Connection) -> None:
+    """Rebuild `entries` without `prev_hash`, hashes as BLOBs, every rowid kept; the table's
+    triggers are re-created from the very text they had (whatever state they were in: a
+    migration neither restores nor drops a guard)."""
+    triggers = [
+        sql
+        for (sql,) in db.execute(
+            "SELECT sql FROM sqlite_master WHERE type = 'trigger' AND tbl_name = 'entries' ORDER BY name"
+        )
+    ]
+    db.create_function("tether_unhex", 1, bytes.fromhex, deterministic=True)
+    db.execute("ALTER TABLE entries RENAME TO entries_v8")
+    db.execute(SQLITE_ENTRIES)
+    db.execute(
+        "INSERT INTO entries (rowid, run_id, seq, kind, step_id, state, body, hash, created_at) "
+        "SELECT rowid, run_id, seq, kind, step_id, state, body, tether_unhex(hash), created_at "
+        "FROM entries_v8 ORDER BY rowid"
+    )
+    db.execute("DROP TABLE entries_v8")  # its triggers go with it; DROP fires none
+    for sql in triggers:
+        db.execute(sql)
+
+
+SQLITE_ENTRIES = """CREATE TABLE entries (
+    run_id TEXT NOT NULL, seq INTEGER NOT NULL, kind TEXT NOT NULL, step_id TEXT,
+    state TEXT, body TEXT NOT NULL, hash BLOB NOT NULL CHECK (length(hash) = 32),
+    created_at REAL NOT NULL, PRIMARY KEY (run_id, seq))"""
+
 SQLITE: tuple[Migration, ...] = (
     Migration(
         1,
@@ -214,6 +282,14 @@ SQLITE: tuple[Migration, ...] = (
         8,
         "definitions: the workflow descriptions and policy texts runs are pinned to, by hash",
         (_DEFINITIONS.replace("{time}", "REAL"),),
+    ),
+    Migration(
+        9,
+        "entries: hashes as 32 bytes, no prev_hash column (a link is the previous entry's hash)",
+        (
+            _check_links("typeof(hash) <> 'text' OR length(hash) <> 64 OR hash GLOB '*[^0-9a-f]*'"),
+            _sqlite_hashes_as_bytes,
+        ),
     ),
 )
 
@@ -297,6 +373,17 @@ POSTGRES: tuple[Migration, ...] = (
         8,
         "definitions: the workflow descriptions and policy texts runs are pinned to, by hash",
         (_DEFINITIONS.replace("{time}", "DOUBLE PRECISION"),),
+    ),
+    Migration(
+        9,
+        "entries: hashes as 32 bytes, no prev_hash column (a link is the previous entry's hash)",
+        (
+            _check_links("hash !~ '^[0-9a-f]{64}$'"),
+            # Neither statement fires the append-only row triggers, which stay as they are.
+            "ALTER TABLE entries DROP COLUMN prev_hash",
+            "ALTER TABLE entries ALTER COLUMN hash TYPE BYTEA USING decode(hash, 'hex')",
+            "ALTER TABLE entries ADD CONSTRAINT entries_hash_bytes CHECK (octet_length(hash) = 32)",
+        ),
     ),
 )
 

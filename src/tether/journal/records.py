@@ -80,7 +80,11 @@ class NewEntry(msgspec.Struct, frozen=True):
 class Entry(msgspec.Struct):
     """An append-only journal entry; `hash` chains it to the run's previous entry.
 
-    `body_json` is the exact text stored and hashed; `body` decodes it.
+    `body_json` is the exact text stored and hashed; `body` decodes it. `prev_hash` is the
+    hash of the entry stored before it in its run (64 zeros for the first), read with it:
+    since schema 9 it is not a column (a chain's link is always its predecessor's hash),
+    and it is "" when a read starts after a sequence number no entry holds. Hashes are hex
+    here, 32 raw bytes in the store.
     """
 
     run_id: str
@@ -149,17 +153,15 @@ def chain(run_id: str, start_seq: int, prev_hash: str, entries: list[NewEntry], 
 
 
 def verify_chain(entries: list[Entry]) -> list[str]:
-    """Return the problems found in a run's chain (gaps, edits); empty when intact."""
+    """Return the problems found in a run's chain (gaps, edits); empty when intact. Each
+    entry is rehashed after the one before it: an entry edited, moved or linked to another
+    predecessor does not match its hash there."""
     problems: list[str] = []
     prev, expected_seq = GENESIS_HASH, 1
     for e in entries:
         if e.seq != expected_seq:
             problems.append(f"seq {expected_seq} missing (found {e.seq})")
-        if e.prev_hash != prev:
-            problems.append(f"seq {e.seq}: previous-hash link broken")
-        computed = entry_hash(
-            e.run_id, e.seq, e.kind, e.step_id, e.state, e.body_json, e.prev_hash, e.created_at
-        )
+        computed = entry_hash(e.run_id, e.seq, e.kind, e.step_id, e.state, e.body_json, prev, e.created_at)
         if computed != e.hash:
             problems.append(f"seq {e.seq}: content does not match its hash")
         prev, expected_seq = e.hash, e.seq + 1

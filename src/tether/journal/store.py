@@ -50,6 +50,7 @@ from tether.journal.common import (
     ACTIVE_STATUSES,
     ENTRY_COLUMNS,
     ENTRY_SELECT,
+    ENTRY_SELECT_LINKED,
     EXCHANGE_COLUMNS,
     GATED,
     INSERT_ENTRY,
@@ -62,14 +63,16 @@ from tether.journal.common import (
     TICKET_SELECT,
     VALUE_NAMES,
     decided_status,
-    decode_entry,
+    decode_entries,
     decode_exchange,
+    decode_linked,
     decode_run,
     decode_ticket,
     entry_row,
     exchange_row,
     fence_refusal,
     fence_sql,
+    hash_hex,
     lease_held,
     lease_is_live,
     new_ticket_row,
@@ -561,20 +564,22 @@ class SQLStore(OutboxStore):
         self, run_id: str, after_seq: int = 0, *, kinds: Collection[str] | None = None
     ) -> list[Entry]:
         """A run's entries after `after_seq`, in order; only those of `kinds` if given."""
-        sql, params = f"{ENTRY_SELECT} WHERE run_id = ? AND seq > ?", [run_id, after_seq]
-        if kinds is not None:
-            if not kinds:
-                return []
-            sql += f" AND kind IN ({placeholders(len(kinds))})"
-            params += kinds
-        return [decode_entry(r) for r in await self._d.read(sql + " ORDER BY seq", params)]
+        if kinds is None:
+            return decode_entries(await self._d.read(ENTRY_SELECT, (run_id, after_seq)), after_seq)
+        if not kinds:
+            return []
+        sql = f"{ENTRY_SELECT_LINKED} AND kind IN ({placeholders(len(kinds))}) ORDER BY seq"
+        return decode_linked(await self._d.read(sql, (run_id, after_seq, after_seq, *kinds)), after_seq)
 
     async def read_last_entries(self, run_id: str, count: int = 1) -> list[Entry]:
         """A run's last `count` entries, in order (the newest last)."""
+        # One more row than asked: the entry before the first gives it its link.
         rows = await self._d.read(
-            f"{ENTRY_SELECT} WHERE run_id = ? ORDER BY seq DESC LIMIT ?", (run_id, count)
+            f"SELECT {', '.join(ENTRY_COLUMNS)} FROM entries WHERE run_id = ? ORDER BY seq DESC LIMIT ?",
+            (run_id, count + 1),
         )
-        return [decode_entry(r) for r in reversed(rows)]
+        rows.reverse()
+        return decode_entries(rows, rows[0][1] if len(rows) > count else 0)
 
     async def read_exchanges(self, run_id: str) -> list[ModelExchange]:
         rows = await self._d.read(
@@ -1050,9 +1055,9 @@ class SQLStore(OutboxStore):
         """A pending ticket about to be decided is decided nowhere in its run's chain yet: a
         decided ticket set back to pending by hand is refused, not decided twice."""
         rows = await tx.fetch(
-            f"{ENTRY_SELECT} WHERE run_id = ? AND kind = 'ticket_decided' ORDER BY seq", (ticket.run_id,)
+            f"{ENTRY_SELECT_LINKED} AND kind = 'ticket_decided' ORDER BY seq", (ticket.run_id, 0, 0)
         )
-        decided = integrity.derive([decode_entry(r) for r in rows]).decided.get(ticket.ticket_id, [])
+        decided = integrity.derive(decode_linked(rows, 0)).decided.get(ticket.ticket_id, [])
         final = [d for d in decided if d[2].status in integrity.FINAL_DECISIONS]
         if final:
             seq, _, record = final[0]
@@ -1139,7 +1144,7 @@ class SQLStore(OutboxStore):
             "(SELECT run_id, max(seq) AS seq FROM entries GROUP BY run_id) m "
             "ON m.run_id = e.run_id AND m.seq = e.seq ORDER BY e.run_id"
         )
-        return [(r, int(s), h) for r, s, h in rows]
+        return [(r, int(s), hash_hex(h)) for r, s, h in rows]
 
     async def run_ids(self) -> list[str]:
         """Every run's id, in the rows and in the chains."""
