@@ -80,6 +80,13 @@ class Decision(msgspec.Struct, omit_defaults=True):
             values["reason_code"] = code  # the member itself: the default it is compared with
         return implied(**values)
 
+    def checkpointed(self) -> Decision:
+        """The decision as a paused run's checkpoint holds it: as stored, its reason code
+        always written (a checkpoint is decoded and encoded again by later commits, which
+        write it so: one form, not two)."""
+        stored = self.stored()
+        return stored if type(stored) is Decision else Decision(**msgspec.structs.asdict(stored))
+
     def as_dict(self) -> dict[str, Any]:
         """Every field but those at their default, the reason code always (a stored decision
         encodes without it when its kind implies it)."""

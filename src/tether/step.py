@@ -595,7 +595,7 @@ class GovernedStep:
             usage=self.usage,
         )
         pending = as_dict(proposal) if red is None else red.proposal(as_dict(proposal))
-        cursor.checkpoint.pending = Pending(self.step_id, ticket.ticket_id, pending, decision.stored())
+        cursor.checkpoint.pending = Pending(self.step_id, ticket.ticket_id, pending, decision.checkpointed())
         await self.record(
             awaiting,
             status="paused",
