@@ -5,10 +5,10 @@
 Each row: R runs (random `run_…` ids, as tether makes them) each take S steps, interleaved
 (run 1 step 1, run 2 step 1, …); a step is tether's transaction on a WAL file at
 synchronous=NORMAL: BEGIN IMMEDIATE, the gated UPDATE of the run's row, the INSERT of one
-entry (its hash as 32 bytes, schema 9's layout, and a body of B bytes), COMMIT. µs per step, of which the INSERT
-and the COMMIT; bytes per entry: growth of the file (WAL folded back in) ÷ entries; and the
-table's pages from `dbstat`: interior, and unused bytes over all its pages (the primary-key
-index included for the rowid table). No tether code runs: this isolates the layout.
+entry (schema 9's row: its hash as 32 bytes, and a body of B bytes), COMMIT. µs per step,
+of which the INSERT and the COMMIT; bytes per entry: growth of the file (WAL folded back
+in) ÷ entries; and the table's pages from `dbstat`: interior, and unused bytes over all its
+pages (the primary-key index included for the rowid table). No tether code runs: this isolates the layout.
 """
 
 from __future__ import annotations

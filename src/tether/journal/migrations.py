@@ -177,6 +177,12 @@ def _check_links(not_hex: str) -> Callable[[Any], None]:
     return check
 
 
+_SQLITE_ENTRIES = """CREATE TABLE entries (
+    run_id TEXT NOT NULL, seq INTEGER NOT NULL, kind TEXT NOT NULL, step_id TEXT,
+    state TEXT, body TEXT NOT NULL, hash BLOB NOT NULL CHECK (length(hash) = 32),
+    created_at REAL NOT NULL, PRIMARY KEY (run_id, seq))"""
+
+
 def _sqlite_hashes_as_bytes(db: sqlite3.Connection) -> None:
     """Rebuild `entries` without `prev_hash`, hashes as BLOBs, every rowid kept; the table's
     triggers are re-created from the very text they had (whatever state they were in: a
@@ -189,7 +195,7 @@ def _sqlite_hashes_as_bytes(db: sqlite3.Connection) -> None:
     ]
     db.create_function("tether_unhex", 1, bytes.fromhex, deterministic=True)
     db.execute("ALTER TABLE entries RENAME TO entries_v8")
-    db.execute(SQLITE_ENTRIES)
+    db.execute(_SQLITE_ENTRIES)
     db.execute(
         "INSERT INTO entries (rowid, run_id, seq, kind, step_id, state, body, hash, created_at) "
         "SELECT rowid, run_id, seq, kind, step_id, state, body, tether_unhex(hash), created_at "
@@ -199,11 +205,6 @@ def _sqlite_hashes_as_bytes(db: sqlite3.Connection) -> None:
     for sql in triggers:
         db.execute(sql)
 
-
-SQLITE_ENTRIES = """CREATE TABLE entries (
-    run_id TEXT NOT NULL, seq INTEGER NOT NULL, kind TEXT NOT NULL, step_id TEXT,
-    state TEXT, body TEXT NOT NULL, hash BLOB NOT NULL CHECK (length(hash) = 32),
-    created_at REAL NOT NULL, PRIMARY KEY (run_id, seq))"""
 
 SQLITE: tuple[Migration, ...] = (
     Migration(
