@@ -425,6 +425,9 @@ class Policy:
         self.variables: frozenset[str] = frozenset().union(*(p.variables for p in parts))
         self.functions: frozenset[str] = frozenset().union(*(p.functions for p in parts))
         self.reads_now = any(NOW in p.computed for p in parts)
+        # Whether a condition reads a name computed on first use (a definition, `now`,
+        # `subject`): only then is the engine given a lookup to ask for names with.
+        self.computes = bool(self.definitions) or any(p.computed for p in parts)
         # Whether decisions need the run's provenance: a condition traces a value, or the safe
         # defaults are adopted.
         self.uses_provenance = document.provenance is not None or any(
@@ -936,11 +939,12 @@ def _tried(file: Path) -> str:
     return str(file) if file.is_absolute() else f"{file} (looked for {file.absolute()})"
 
 
-# A decision's own values, converted for the engine once per decision (a lookup through the
-# context's resolver instead would convert them again for every condition that reads them:
-# ~35 µs per decision measured with 9 conditions on `args`); every other variable changes
-# between steps, if at all, and is converted again only when it does.
-PER_DECISION = frozenset({"args", "tool"})
+# A decision's own arguments, converted for the engine once per decision (a lookup through
+# the context's resolver instead would convert them again for every condition that reads
+# them: ~35 µs per decision measured with 9 conditions on `args`); every other variable,
+# `tool` included (a tool's `info` is one object), changes between steps, if at all, and is
+# converted again only when it does (converting a tool's 7 fields costs ~10 µs).
+PER_DECISION = frozenset({"args"})
 
 
 class Evaluation:
@@ -981,7 +985,8 @@ class Evaluation:
         # None means "not mine" to the engine); `now` has none: without a time it is unknown.
         fallback = dict.fromkeys([*self._definitions, SUBJECT])
         self._context = cel.Context(fallback, functions=functions)
-        self._context.set_variable_resolver(self._variable)
+        if policy.computes:  # the engine consults a lookup on every read of every variable
+            self._context.set_variable_resolver(self._variable)
 
     def _dispatch(self, name: str, *args: Any) -> Any:
         return self._recorders[name](*args)

@@ -134,19 +134,31 @@ def json_value_problem(value: Any, limits: OutputLimits = DEFAULT_LIMITS) -> str
         seen += 1
         if seen > limits.max_values:
             return f"output holds more than {limits.max_values:,} values"
-        if isinstance(item, dict | list | tuple):
-            if depth > limits.max_depth:
-                return f"output is nested deeper than {limits.max_depth} levels"
-            if isinstance(item, dict):
-                if not all(isinstance(key, str) for key in item):
-                    return "object keys must be strings"
-                stack.extend((child, depth + 1) for child in item.values())
-            else:
-                stack.extend((child, depth + 1) for child in item)
-        else:
-            problem = _scalar_problem(item, limits)
-            if problem is not None:
-                return problem
+        kind = type(item)
+        # Strings and small integers first, by exact type: every step checks its proposal
+        # and its result, and these are most of what they hold.
+        if kind is str and len(item) <= limits.max_bytes:
+            continue
+        if kind is int and -(2**63) <= item < 2**64:
+            continue
+        problem = _nested_problem(item, depth, stack, limits)
+        if problem is not None:
+            return problem
+    return None
+
+
+def _nested_problem(item: Any, depth: int, stack: list[tuple[Any, int]], limits: OutputLimits) -> str | None:
+    """An array's or object's problem (its children pushed on `stack`), or a scalar's."""
+    if not isinstance(item, dict | list | tuple):
+        return _scalar_problem(item, limits)
+    if depth > limits.max_depth:
+        return f"output is nested deeper than {limits.max_depth} levels"
+    if isinstance(item, dict):
+        if not all(isinstance(key, str) for key in item):
+            return "object keys must be strings"
+        stack.extend([(child, depth + 1) for child in item.values()])
+    else:
+        stack.extend([(child, depth + 1) for child in item])
     return None
 
 

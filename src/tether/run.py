@@ -291,6 +291,7 @@ class RunCursor:
         "_exchanges",
         "_run_seen",
         "_since",
+        "_stored_status",
         "checkpoint",
         "clock",
         "history",
@@ -320,6 +321,9 @@ class RunCursor:
         on_commit: Callable[[list[Entry]], None] | None = None,
     ) -> None:
         self.record = record
+        # The status the run's row holds: written again only when it changes (an UPDATE that
+        # names `status` rewrites the two indexes on it: ~6 µs of a step's commit).
+        self._stored_status = record.status
         self.checkpoint = msgspec.convert(record.checkpoint, Checkpoint)
         # Told of every entry once it is committed (progress, tracing); it cannot change them.
         self.on_commit = on_commit
@@ -490,7 +494,10 @@ class RunCursor:
         self._since = time.monotonic()
         checkpoint: dict[str, Any] = msgspec.to_builtins(self.checkpoint)
         self.record.checkpoint = checkpoint
-        fields = {k: getattr(self.record, k) for k in ("state", "checkpoint", "status", *self._dirty)}
+        names = {"state", "checkpoint", *self._dirty}
+        if self.record.status != self._stored_status:
+            names.add("status")
+        fields = {k: getattr(self.record, k) for k in names}
         # The commit that stops the run gives its lease back too: one transaction, not two.
         release = self.lease is not None and self.record.status not in ("running", "queued")
         written = await self.journal.commit(
@@ -510,6 +517,7 @@ class RunCursor:
             )
         )
         self.released = release
+        self._stored_status = self.record.status
         self._buffered, self._dirty, self._exchanges = [], set(), []
         if written:
             self.record.last_seq, self.record.last_hash = written[-1].seq, written[-1].hash

@@ -34,6 +34,7 @@ from dataclasses import dataclass, field
 from types import UnionType
 from typing import Annotated, Any, Literal, NamedTuple, Union, get_args, get_origin, get_type_hints
 
+import msgspec
 import typing_extensions
 from pydantic import BaseModel, ConfigDict, Field, PydanticUserError, ValidationError, create_model
 from pydantic.errors import PydanticSchemaGenerationError
@@ -317,8 +318,15 @@ class Tool:
     def json_schema(self) -> dict[str, Any]:
         """The arguments' schema as the function declares them: what the model is shown and
         the workflow hash covers. The default bounds are enforced by `args_model` but not
-        shown, so that they leave the hash of workflows (and the runs pinned to them) as is."""
-        return self._declared_model.model_json_schema()
+        shown, so that they leave the hash of workflows (and the runs pinned to them) as is.
+        A fresh copy on each call (callers may change theirs), decoded from the schema made
+        once: pydantic takes about 2 ms to make it, and a run's start needs it several times."""
+        schema: dict[str, Any] = msgspec.json.decode(self._schema_json)
+        return schema
+
+    @functools.cached_property
+    def _schema_json(self) -> bytes:
+        return msgspec.json.encode(self._declared_model.model_json_schema())
 
     @functools.cached_property
     def _declared_model(self) -> type[BaseModel]:

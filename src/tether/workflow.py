@@ -8,6 +8,7 @@ definition with a message naming what is wrong, before anything runs.
 
 from __future__ import annotations
 
+import functools
 import inspect
 from collections.abc import Awaitable, Callable, Mapping
 from dataclasses import dataclass, field
@@ -387,9 +388,19 @@ def _ref(fn: Any) -> str:
 
 def _source_hash(fn: Any) -> str | None:
     try:
-        return fingerprint(inspect.getsource(fn))
+        try:
+            return _hash_of_source(fn)
+        except TypeError:  # an unhashable callable: its source is read each time
+            return fingerprint(inspect.getsource(fn))
     except (OSError, TypeError):
         return None
+
+
+@functools.lru_cache(maxsize=4096)
+def _hash_of_source(fn: Any) -> str:
+    """The hash of a function's source as first read in this process: the code it runs does
+    not change after that (reading the file again costs ~100 µs per function per run)."""
+    return fingerprint(inspect.getsource(fn))
 
 
 def _describe_state(state: State) -> dict[str, Any]:
