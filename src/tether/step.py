@@ -179,8 +179,7 @@ class GovernedStep:
             exits=exits,
             data=cursor.record.data,
             facts_from_answers=dict(state.facts_from_answers),
-            budget_left=BudgetLeft.model_construct(
-                set(),
+            budget_left=BudgetLeft(
                 steps=budget.max_steps - visit.steps,
                 tool_calls=budget.max_tool_calls - visit.tool_calls,
                 seconds=budget.max_seconds - seconds,

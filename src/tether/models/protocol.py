@@ -8,6 +8,7 @@ proposal, plus usage. A model never executes anything; vendor adapters implement
 from __future__ import annotations
 
 from collections.abc import Sequence
+from dataclasses import dataclass
 from typing import Any, Literal, Protocol, runtime_checkable
 
 from pydantic import BaseModel, Field
@@ -38,7 +39,11 @@ class ExitSpec(BaseModel):
     target: str
 
 
-class BudgetLeft(BaseModel):
+@dataclass(frozen=True, slots=True)
+class BudgetLeft:
+    """What is left of the state's budget when the model is asked (made for every proposal:
+    a plain dataclass, not a pydantic model, costs a tenth as much to make)."""
+
     steps: int
     tool_calls: int
     seconds: float
