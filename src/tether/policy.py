@@ -985,6 +985,7 @@ class Evaluation:
         # None means "not mine" to the engine); `now` has none: without a time it is unknown.
         fallback = dict.fromkeys([*self._definitions, SUBJECT])
         self._context = cel.Context(fallback, functions=functions)
+        self._computes = policy.computes
         if policy.computes:  # the engine consults a lookup on every read of every variable
             self._context.set_variable_resolver(self._variable)
 
@@ -1021,11 +1022,15 @@ class Evaluation:
 
     def holds(self, c: _CompiledRule, subject: _Expression | None, target: str) -> bool:
         """Whether the rule's condition holds, with `subject` bound to this expression's value."""
-        if c.program is None:
+        program = c.program
+        if program is None:
             return True
-        self._subject, self._target, self._failures = subject, target, []
+        if self._computes:  # read only by the engine's lookup of computed names
+            self._subject, self._target = subject, target
+            if self._failures:
+                self._failures = []
         try:
-            value = c.program.execute(self._context)
+            value = program.execute(self._context)
         except Exception as exc:  # the CEL runtime raises KeyError, TypeError, ValueError...
             if self._failures:
                 raise _ConditionError(f"rule {c.rule.id!r}: {self._failures[0]}") from None
@@ -1033,11 +1038,10 @@ class Evaluation:
             raise _ConditionError(f"rule {c.rule.id!r}: condition could not be evaluated: {detail}") from None
         if self._failures:
             raise _ConditionError(f"rule {c.rule.id!r}: {self._failures[0]}")
-        if not isinstance(value, bool):
-            raise _ConditionError(
-                f"rule {c.rule.id!r}: condition gave {type(value).__name__} {value!r}, not true/false"
-            )
-        return value
+        if value is True or value is False:
+            return value
+        gave = f"{type(value).__name__} {value!r}"
+        raise _ConditionError(f"rule {c.rule.id!r}: condition gave {gave}, not true/false")
 
     def _variable(self, name: str) -> Any:
         """The engine's lookup of a name: `now`, the subject and definitions, on first use.
