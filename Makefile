@@ -93,6 +93,7 @@ $(BENCH_STAMP): pyproject.toml
 
 bench: $(BENCH_STAMP)
 	$(BENCH_VENV)/bin/python bench/step_overhead.py $(BENCH_FLAGS)
+	$(BENCH_VENV)/bin/python bench/step_instructions.py
 	$(BENCH_VENV)/bin/python bench/throughput.py $(BENCH_FLAGS)
 	$(BENCH_VENV)/bin/python bench/resume.py $(BENCH_FLAGS)
 	$(BENCH_VENV)/bin/python bench/expression_languages.py
