@@ -30,7 +30,9 @@ Sections (`--only`), each row on a fresh SQLite file or PostgreSQL schema:
    is completed or in doubt, and how many intents were re-run.
 5. waiting: W runs started at once in ONE process against a model that takes 200 ms per
    proposal, on SQLite and PostgreSQL: memory per waiting run from the RSS high-water mark
-   (VmHWM, reset before the runs) over W, and in a second child (fewer runs: tracing is slow)
+   (VmHWM, reset before the runs) over W, the RSS when the most runs were seen in their model
+   call (their first: what a waiting run holds, without the transient peaks of runs between
+   two calls or queued behind the store), and in a second child (fewer runs: tracing is slow)
    what tracemalloc shows held once every run is in its model call (or has been there once,
    where the PostgreSQL pool keeps them from all waiting at once), by allocation site; and
    the most runs seen inside the model call at once (the goal needs all W waiting together).
@@ -1072,12 +1074,16 @@ async def waiting_runs(store: str, n: int, trace: bool, top: int) -> dict[str, A
             traced_before = tracemalloc.get_traced_memory()[0]
             tracemalloc.reset_peak()
         rss_waiting = 0
+        sampled_waiting = 0
 
         async def watch() -> None:
-            nonlocal rss_waiting
+            nonlocal rss_waiting, sampled_waiting
             while True:
                 await asyncio.sleep(0.05)
-                rss_waiting = max(rss_waiting, proc_status("VmRSS") or 0)
+                # The RSS when the most runs were seen in their model call: what waiting runs
+                # hold, apart from the peaks of runs between two model calls (the high-water mark).
+                if waiting > sampled_waiting:
+                    sampled_waiting, rss_waiting = waiting, proc_status("VmRSS") or 0
                 if trace and "waiting" not in snapshots and max(waiting, len(under_way)) >= 0.95 * n:
                     # Every run is in its model call (or, where they never all are at once, as
                     # the PostgreSQL pool throttles them, every run is under way): what a run in
@@ -1102,6 +1108,7 @@ async def waiting_runs(store: str, n: int, trace: bool, top: int) -> dict[str, A
         if rss_before is not None:
             out["rss_growth_peak"] = (proc_status("VmHWM") or 0) - rss_before
             out["rss_growth_waiting"] = rss_waiting - rss_before
+            out["sampled_waiting"] = sampled_waiting
         if trace:
             tracemalloc.stop()
             if "waiting" in snapshots:
@@ -1425,7 +1432,8 @@ def report_waiting(items: list[Waiting]) -> None:
             print(
                 f"    RSS growth{inflated}: peak (VmHWM){reset} "
                 f"{r['rss_growth_peak'] / n / 1024:,.1f} KB/run; "
-                f"highest sampled while waiting {r['rss_growth_waiting'] / n / 1024:,.1f} KB/run"
+                f"when the most were seen in their model call ({r['sampled_waiting']:,}) "
+                f"{r['rss_growth_waiting'] / n / 1024:,.1f} KB/run"
             )
         if "traced_growth_waiting" in r:
             print(

@@ -466,6 +466,45 @@ def test_an_expired_ticket_cannot_be_decided(journal: Journal) -> None:
 # -- group commit ----------------------------------------------------------------------
 
 
+def test_more_runs_at_once_than_a_batch_or_the_pool_all_start_wait_and_complete(
+    store: Store, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Many runs started at once on two connections, five commits to a transaction: their
+    creates share transactions with the commits, runs past a full queue wait for room, and
+    every run completes, each with its own whole chain."""
+    from tether import AgentState, Runtime, Terminal, Workflow, tool
+    from tether.journal import store as sql_store
+    from tether.models import FunctionModel
+
+    monkeypatch.setattr(sql_store, "MAX_BATCH", 5)
+    journal = store.open(pool_size=2) if store.kind == "postgres" else store.open()
+
+    @tool(effect="read")
+    def look(i: int) -> int:
+        """Looks an item up."""
+        return i * 2
+
+    async def propose(ctx: Any) -> dict[str, Any]:
+        await asyncio.sleep(0.01)  # a model: every run is in its call at once
+        if ctx.proposals_made < 2:
+            return {"kind": "tool_call", "tool": "look", "args": {"i": ctx.proposals_made}}
+        return {"kind": "finish", "update": {"looked": ctx.proposals_made}}
+
+    wf = Workflow("w", "1", "a", [AgentState("a", "Look.", (look,), {"finish": "end"}), Terminal("end")])
+    runtime = Runtime(journal)
+
+    async def scenario() -> list[Any]:
+        return await asyncio.gather(*(runtime.start(wf, FunctionModel(propose)) for _ in range(60)))
+
+    results = run(scenario())
+
+    assert [(r.status, r.data) for r in results] == [("completed", {"looked": 2})] * 60
+    assert len({r.run_id for r in results}) == 60
+    for r in results:
+        entries = run(journal.read_entries(r.run_id))
+        assert [e.kind for e in entries][:1] == ["run_started"] and verify_chain(entries) == []
+
+
 def test_concurrent_commits_of_many_runs_share_transactions_and_keep_each_runs_order(store: Store) -> None:
     journal = store.open(durability="full")  # every commit synced: what group commit is for
 

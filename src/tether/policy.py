@@ -433,6 +433,8 @@ class Policy:
         self.uses_provenance = document.provenance is not None or any(
             PROVENANCE_FUNCTION in (p.program.functions() if p.program else ()) for p in parts
         )
+        # The evaluation runs share, by resolvers and thread (`evaluation`).
+        self._shared: dict[tuple[int, int], tuple[Mapping[str, Callable[..., Any]], Evaluation]] = {}
 
     def _check_rule(self, c: _CompiledRule, source: str) -> None:
         """A rule reading `subject` needs one for each tool it names; a condition's size is
@@ -555,8 +557,19 @@ class Policy:
         return self.reads_now if variable == NOW else variable in self.variables
 
     def evaluation(self, resolvers: Mapping[str, Callable[..., Any]]) -> Evaluation:
-        """A context to decide a run's proposals in (see `Evaluation`)."""
-        return Evaluation(self, resolvers)
+        """A context to decide a run's proposals in (see `Evaluation`).
+
+        When the conditions read only `args` and `tool` (converted per decision anyway), it
+        keeps nothing between a run's decisions: one is shared by the runs of a thread, and a
+        run waiting on its model holds none (2.5 KB each). Each decision binds it afresh and is
+        evaluated without yielding, so decisions of different runs never mix in it."""
+        if self.variables - PER_DECISION:
+            return Evaluation(self, resolvers)
+        key = (id(resolvers), threading.get_ident())
+        shared = self._shared.get(key)
+        if shared is None or shared[0] is not resolvers:
+            shared = self._shared[key] = (resolvers, Evaluation(self, resolvers))
+        return shared[1]
 
     @property
     def rules(self) -> list[Rule]:

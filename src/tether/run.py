@@ -62,12 +62,14 @@ class Transcript(Sequence[Message]):
 
     Entries read back on resume, and records added as steps are taken, become messages only
     when a model reads the transcript: a scripted model never pays for them, and a resume
-    costs a read of the visit's rows, not a rebuild of every message.
+    costs a read of the visit's rows, not a rebuild of every message. A record added is kept
+    as its entry's JSON text (a third of the decoded record: a run waiting on its model holds
+    every step of its visit), decoded when a model reads it, as a resumed run's are.
     """
 
     def __init__(self, entries: Sequence[Entry] = ()) -> None:
         # Not yet turned into messages, oldest first: entries read back, then live records.
-        self._sources: list[Entry | tuple[b.Body, str | None]] = [
+        self._sources: list[Entry | NewEntry] = [
             e for e in entries if e.kind in b.STEP_KINDS or e.kind == "step"
         ]
         self._messages: list[Message] = []
@@ -80,7 +82,7 @@ class Transcript(Sequence[Message]):
 
     def add(self, record: b.Body, step_id: str | None) -> None:
         if isinstance(record, b.StepRecord) and b.KIND_OF[type(record)] in b.STEP_KINDS:
-            self._sources.append((record, step_id))
+            self._sources.append(NewEntry.of(record, step_id=step_id))
 
     def proposals_made(self) -> int:
         """How many proposals the visit holds, without making any message."""
@@ -90,8 +92,7 @@ class Transcript(Sequence[Message]):
     def _settle(self) -> list[Message]:
         if self._sources:
             for source in self._sources:
-                record, step_id = (source.body, source.step_id) if isinstance(source, Entry) else source
-                self._messages.extend(messages_for(record, step_id))
+                self._messages.extend(messages_for(b.decode(source.kind, source.body_json), source.step_id))
                 self._ends.append(len(self._messages))
             self._sources = []
         return self._messages
@@ -101,8 +102,10 @@ class Transcript(Sequence[Message]):
         without turning the steps after it into messages (tether.external asks after each
         call; nothing in its runs reads the messages)."""
         for source in reversed(self._sources):
-            record, source_step = (source.body, source.step_id) if isinstance(source, Entry) else source
-            if source_step == step_id and _in_transcript(record):
+            if source.step_id != step_id:
+                continue
+            record = b.decode(source.kind, source.body_json)
+            if _in_transcript(record):
                 return {"step_id": step_id, **_observed(record)}  # as messages_for makes it
         for message in reversed(self._messages):
             content = message.content
@@ -159,16 +162,13 @@ class TranscriptView(Sequence[Message]):
         return iter(self._transcript[: len(self)])
 
 
-def _continues(source: Entry | tuple[b.Body, str | None]) -> bool:
+def _continues(source: Entry | NewEntry) -> bool:
     """Whether a step continues a paused one (its proposal is already in the transcript)."""
-    if not isinstance(source, Entry):
-        record = source[0]
-        return isinstance(record, b.StepRecord) and record.continuation
     if source.kind in ("answered", "unanswered", "handoff_received", "handoff_returned"):
         return True  # continuations by their kind (the field is at its default, so not stored)
     if '"continuation":true' not in source.body_json:  # the common case, without decoding
         return False
-    decoded = source.body
+    decoded = b.decode(source.kind, source.body_json)
     return isinstance(decoded, b.StepRecord) and decoded.continuation
 
 

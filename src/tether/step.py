@@ -145,7 +145,12 @@ class GovernedStep:
         limits.spend_model_call(cursor.visit, cursor.totals, spent_in + spent_out, cost)
         if spent_in or spent_out or cost:
             self.usage = b.Usage(spent_in, spent_out, cost)
-        await self.take(reply.output)
+        # Many runs answered at once queue behind the store: each waits holding its output
+        # only, not the reply around it nor a step's working state and commit (backpressure).
+        output = reply.output
+        del reply, usage
+        await cursor.journal.wait_for_room()
+        await self.take(output)
 
     async def _observed_propose(self, model: Model, context: ModelContext) -> ModelReply:
         """The model call as the observer's `model` span, with its usage."""

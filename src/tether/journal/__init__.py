@@ -67,6 +67,11 @@ class Journal(Protocol):
         with `release`, the lease is given up in the same transaction."""
         ...
 
+    async def wait_for_room(self) -> None:
+        """Return once the store can take another commit without its queue growing past a
+        transaction's worth (backpressure: a run waits here before preparing its commit)."""
+        ...
+
     async def get_run(self, run_id: str) -> RunRecord: ...
 
     async def list_runs(

@@ -18,7 +18,9 @@ commit is gated by one conditional UPDATE of its run (sequence, lease fence, the
 uses, the tickets it adds): a refused commit writes nothing and fails alone, the others in
 its batch apply. Its other writes run only when its gate passed. A batch that the database
 fails as a whole (a constraint the gate could not foresee) is retried one commit per
-transaction, so that failure too stays with its commit.
+transaction, so that failure too stays with its commit. A new run is queued the same way,
+its insert as its gate; and a run about to take a step waits for room while a whole batch
+is queued (`wait_for_room`: backpressure).
 """
 
 from __future__ import annotations
@@ -54,7 +56,6 @@ from tether.journal.common import (
     EXCHANGE_COLUMNS,
     GATED,
     INSERT_ENTRY,
-    INSERT_VALUE,
     NOW,
     RUN_COLUMNS,
     RUN_FIELDS_SQL,
@@ -115,6 +116,7 @@ def _gated_insert(table: str, columns: Sequence[str]) -> str:
 
 _INSERT_ENTRY_GATED = _gated_insert("entries", ENTRY_COLUMNS)
 _INSERT_EXCHANGE_GATED = _gated_insert("exchanges", EXCHANGE_COLUMNS)
+_INSERT_VALUE_GATED = _gated_insert("run_values", ("run_id", "name", "value"))
 # A new ticket's times are the store's: created now, expiring after the lifetime the step gave.
 _INSERT_TICKET_GATED = (
     f"INSERT INTO tickets ({', '.join(TICKET_COLUMNS)}) SELECT "
@@ -156,10 +158,25 @@ class Write:
 
 
 @dataclass
-class CommitPlan:
-    """A commit as statements: the gate (one UPDATE of the run) and what follows it."""
+class NewRun:
+    """A run to record (`create_run`), queued with the commits: its gate is its insert."""
 
-    commit: Commit
+    run: RunRecord
+    entries: list[NewEntry]
+    lease_seconds: float | None
+    durable = False  # synced as its batch is: at FULL, or with an intent it shares it with
+
+    @property
+    def run_id(self) -> str:
+        return self.run.run_id
+
+
+@dataclass
+class CommitPlan:
+    """A commit as statements: the gate (one UPDATE of the run, or a new run's INSERT) and
+    what follows it."""
+
+    commit: Commit | NewRun
     written: list[Entry]
     gate_sql: str
     gate_params: tuple[Any, ...]
@@ -238,8 +255,10 @@ class StoreStats:
 
 @dataclass
 class _Queue:
-    waiting: list[tuple[Commit, asyncio.Future[list[Entry]]]] = field(default_factory=list)
+    waiting: list[tuple[Commit | NewRun, asyncio.Future[list[Entry]]]] = field(default_factory=list)
     flusher: asyncio.Task[None] | None = None
+    # Runs waiting for room in the queue (`wait_for_room`), woken whenever a batch leaves it.
+    blocked: list[asyncio.Future[None]] = field(default_factory=list)
 
 
 class SQLStore(OutboxStore):
@@ -276,29 +295,11 @@ class SQLStore(OutboxStore):
     ) -> list[Entry]:
         """Record a new run with its first entries. With `lease_seconds` (and the record's
         `lease_owner`) the lease runs that long from the store's clock; without, the
-        record's `lease_expires_at` is stored as given."""
-        self._require_triggers("record a new run")
-        written = chain(run.run_id, 0, run.last_hash, entries, run.created_at)
-        if written:
-            run = run.model_copy(update={"last_seq": written[-1].seq, "last_hash": written[-1].hash})
-        row = run_row(run)
-        values, params = ["?"] * len(row), list(row.values())
-        if lease_seconds is not None and run.lease_owner is not None:
-            lease = list(row).index("lease_expires_at")
-            values[lease], params[lease] = f"{NOW} + ?", lease_seconds
-        async with self._d.transaction() as tx:
-            inserted = await tx.execute(
-                f"INSERT INTO runs ({', '.join(row)}) VALUES ({', '.join(values)}) "
-                "ON CONFLICT (run_id) DO NOTHING",
-                params,
-            )
-            if not inserted:
-                raise JournalError(f"run {run.run_id} already exists in {self._d.where}")
-            await tx.executemany(INSERT_VALUE, value_rows(run))
-            await tx.executemany(INSERT_ENTRY, [entry_row(e) for e in written])
-            if run.status == "queued":
-                await self._d.notify(tx, run.run_id)
-        return written
+        record's `lease_expires_at` is stored as given.
+
+        Queued with the commits (group commit): many runs started at once share transactions,
+        and wait for them holding only their record, not a connection each."""
+        return await self._queued(NewRun(run, entries, lease_seconds))
 
     async def get_run(self, run_id: str) -> RunRecord:
         rows = await self._d.read(f"{RUN_SELECT} WHERE run_id = ?", (run_id,))
@@ -379,8 +380,12 @@ class SQLStore(OutboxStore):
 
     async def commit(self, commit: Commit) -> list[Entry]:
         """Apply `commit` whole or not at all (with whatever else is queued: group commit)."""
+        return await self._queued(commit)
+
+    async def _queued(self, commit: Commit | NewRun) -> list[Entry]:
         if self.trigger_problems:
-            self._require_triggers(f"write to run {commit.run_id}")
+            doing = "record a new run" if isinstance(commit, NewRun) else f"write to run {commit.run_id}"
+            self._require_triggers(doing)
         loop = asyncio.get_running_loop()
         done: asyncio.Future[list[Entry]] = loop.create_future()
         queue = self._queue
@@ -395,11 +400,33 @@ class SQLStore(OutboxStore):
             queue.flusher = loop.create_task(self._flush())
         return await done
 
+    async def wait_for_room(self) -> None:
+        """Return once the commit queue holds fewer than a batch of commits (at once, mostly).
+
+        A run calls it before preparing a commit: when the runs in flight outpace the store,
+        the others wait here holding what they have (a model's reply), not a step's working
+        state and its commit, and the queue stays about one transaction long."""
+        queue = self._queue
+        # A full queue has a flusher, which wakes every waiter as it takes a batch off: each
+        # looks again (a step runs to its commit without yielding, so the first to wake
+        # fill the queue before the next look).
+        while len(queue.waiting) >= MAX_BATCH:
+            room: asyncio.Future[None] = asyncio.get_running_loop().create_future()
+            queue.blocked.append(room)
+            await room
+
+    def _make_room(self) -> None:
+        blocked, self._queue.blocked = self._queue.blocked, []
+        for room in blocked:
+            if not room.done():  # its waiter was cancelled
+                room.set_result(None)
+
     async def _flush(self) -> None:
         queue = self._queue
         try:
             while queue.waiting:
                 batch, queue.waiting = queue.waiting[:MAX_BATCH], queue.waiting[MAX_BATCH:]
+                self._make_room()
                 try:
                     await self._apply_batch(batch)
                 except BaseException as exc:  # cancelled (the loop is closing): nobody waits forever
@@ -410,12 +437,14 @@ class SQLStore(OutboxStore):
         finally:
             # Gone as soon as it stops taking commits: the next commit starts a new flusher.
             queue.flusher = None
+            self._make_room()
 
-    async def _apply_batch(self, batch: list[tuple[Commit, asyncio.Future[list[Entry]]]]) -> None:
+    async def _apply_batch(self, batch: list[tuple[Commit | NewRun, asyncio.Future[list[Entry]]]]) -> None:
         planned: list[tuple[CommitPlan, asyncio.Future[list[Entry]]]] = []
         for commit, done in batch:
             try:
-                planned.append((self._plan(commit), done))
+                plan = self._plan_run(commit) if isinstance(commit, NewRun) else self._plan(commit)
+                planned.append((plan, done))
             except Exception as exc:  # a value that cannot be stored: this commit's problem only
                 _settle(done, exc)
         if not planned:
@@ -423,7 +452,7 @@ class SQLStore(OutboxStore):
         # Runs locked in one order by every batch and by lease renewal: no deadlock between
         # them. The sort is stable: a run's commits keep their order.
         planned.sort(key=lambda item: item[0].commit.run_id)
-        self.stats.commits += len(planned)
+        self.stats.commits += sum(isinstance(p.commit, Commit) for p, _ in planned)  # runs created are not
         plans = [p for p, _ in planned]
         try:
             passed = await self._transact(plans)
@@ -454,6 +483,29 @@ class SQLStore(OutboxStore):
         self.stats.transactions += 1
         self.stats.synced += durable
         return passed
+
+    def _plan_run(self, new: NewRun) -> CommitPlan:
+        """A new run: its row inserted (the gate: refused if the run id is taken), then its
+        values and first entries."""
+        run = new.run
+        written = chain(run.run_id, 0, run.last_hash, new.entries, run.created_at)
+        row = run_row(run)
+        if written:
+            row |= {"last_seq": written[-1].seq, "last_hash": written[-1].hash}
+        values, params = ["?"] * len(row), list(row.values())
+        if new.lease_seconds is not None and run.lease_owner is not None:
+            lease = list(row).index("lease_expires_at")
+            values[lease], params[lease] = f"{NOW} + ?", new.lease_seconds
+        gate = (
+            f"INSERT INTO runs ({', '.join(row)}) VALUES ({', '.join(values)}) "
+            "ON CONFLICT (run_id) DO NOTHING"
+        )
+        writes = [
+            Write(_INSERT_VALUE_GATED, value_rows(run)),
+            Write(_INSERT_ENTRY_GATED, [entry_row(e) for e in written]),
+        ]
+        queued = run.status == "queued"  # a worker may take it on: wake the idle workers
+        return CommitPlan(new, written, gate, tuple(params), [w for w in writes if w.rows], queued)
 
     def _plan(self, commit: Commit) -> CommitPlan:
         written = chain(
@@ -508,8 +560,10 @@ class SQLStore(OutboxStore):
             notify,
         )
 
-    async def _refusal(self, commit: Commit) -> Exception:
+    async def _refusal(self, commit: Commit | NewRun) -> Exception:
         """Why a commit's gate did not pass, read after the fact (a refused commit wrote nothing)."""
+        if isinstance(commit, NewRun):
+            return JournalError(f"run {commit.run_id} already exists in {self._d.where}")
         rows = await self._d.read(
             f"SELECT last_seq, lease_owner, lease_expires_at, {NOW} FROM runs WHERE run_id = ?",
             (commit.run_id,),
