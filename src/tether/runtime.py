@@ -61,6 +61,8 @@ log = logging.getLogger("tether.runtime")
 # retried after a growing pause, then failed for good: never re-claimed in a tight loop.
 MAX_CRASHES = 3
 CRASH_BACKOFF_SECONDS = 5.0
+# A drive nothing observes: one context for all (each run waiting on its model is inside one).
+_NOT_OBSERVED = contextlib.nullcontext(NO_SPAN)
 
 
 @dataclass(frozen=True)
@@ -610,7 +612,7 @@ class Runtime:
     ) -> contextlib.AbstractContextManager[ObservedSpan]:
         """One drive of a run (a start, a resume) as the observer's `run` span."""
         if self.observer is NO_OBSERVER:
-            return contextlib.nullcontext(NO_SPAN)
+            return _NOT_OBSERVED
         attributes = {
             "gen_ai.operation.name": "invoke_workflow",
             "tether.run_id": record.run_id,

@@ -57,6 +57,8 @@ from tether.tools import ArgumentError, Tool, ToolContext, ValidatedArgs
 from tether.workflow import AgentState
 
 QUESTION_SECONDS = 24 * 3600.0
+# The context of a step nothing observes: one for all (a run waiting on its model is inside it).
+NOT_OBSERVED: contextlib.nullcontext[None] = contextlib.nullcontext()
 Stop = Literal["escalate", "fail"]
 
 
@@ -81,14 +83,16 @@ class GovernedStep:
         self.span: ObservedSpan = NO_SPAN  # the step's span while `observed`
         self.call_id: str | None = None  # an agent framework's id for the call (take_external)
 
-    @contextlib.contextmanager
-    def observed(self, how: str) -> Iterator[None]:
+    def observed(self, how: str) -> contextlib.AbstractContextManager[None]:
         """The step as a span of the runtime's observer (tether.observe); `record` adds the
         decision to it."""
+        if self.cursor.observer is NO_OBSERVER:  # nothing observes: no span, nothing made
+            return NOT_OBSERVED
+        return self._span(how)
+
+    @contextlib.contextmanager
+    def _span(self, how: str) -> Iterator[None]:
         cursor = self.cursor
-        if cursor.observer is NO_OBSERVER:  # nothing observes: no span, no attributes made
-            yield
-            return
         attributes = {
             "tether.run_id": cursor.run_id,
             "tether.step_id": self.step_id,
