@@ -419,3 +419,46 @@ def test_a_definition_or_subject_calling_no_resolver_of_the_workflow_is_refused(
         assert where in str(caught.value)
         if "unknown tool" not in where:
             assert "calls unknown function(s) lookup" in str(caught.value)
+
+
+def test_runs_sharing_an_evaluation_get_each_their_own_decision() -> None:
+    """Conditions reading only `args` and `tool` share one engine context between the runs of
+    a thread; decisions of different tools and arguments, interleaved, come out as each would
+    alone."""
+    policy = Policy.from_dict(
+        {
+            "rules": [
+                {
+                    "id": "big-refund",
+                    "tool": "*",
+                    "when": "tool.name == 'refund' && args.amount > 100",
+                    "decision": "deny",
+                },
+                {"id": "writes-asked", "tool": "*", "when": "tool.effect == 'write'", "decision": "ask"},
+                {"id": "rest", "tool": "*", "decision": "allow"},
+            ]
+        }
+    )
+    resolvers: dict[str, Any] = {}
+    shared = policy.evaluation(resolvers)
+    assert policy.evaluation(resolvers) is shared  # one context, not one per run
+    refund = {"name": "refund", "effect": "write"}
+    lookup = {"name": "lookup", "effect": "read"}
+    calls = [(refund, {"amount": 500}), (lookup, {"amount": 500}), (refund, {"amount": 5}), (lookup, {})]
+    for tool, args in calls * 2:
+        variables = {"tool": tool, "args": args}
+        alone = policy.decide(kind="tool", name=tool["name"], effect=tool["effect"], variables=variables)
+        with_shared = policy.decide(
+            kind="tool", name=tool["name"], effect=tool["effect"], variables=variables, evaluation=shared
+        )
+        assert (with_shared.decision, with_shared.rule_id) == (alone.decision, alone.rule_id)
+    assert [
+        policy.decide(
+            kind="tool",
+            name=t["name"],
+            effect=t["effect"],
+            variables={"tool": t, "args": a},
+            evaluation=shared,
+        ).rule_id
+        for t, a in calls
+    ] == ["big-refund", "rest", "writes-asked", "rest"]

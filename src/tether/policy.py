@@ -55,6 +55,7 @@ import json
 import re
 import threading
 import time
+import weakref
 from collections.abc import Awaitable, Callable, Mapping
 from datetime import UTC, datetime
 from pathlib import Path
@@ -433,8 +434,8 @@ class Policy:
         self.uses_provenance = document.provenance is not None or any(
             PROVENANCE_FUNCTION in (p.program.functions() if p.program else ()) for p in parts
         )
-        # The evaluation runs share, by resolvers and thread (`evaluation`).
-        self._shared: dict[tuple[int, int], tuple[Mapping[str, Callable[..., Any]], Evaluation]] = {}
+        # The evaluation runs share, by resolvers and thread (`evaluation`), while any run holds it.
+        self._shared: weakref.WeakValueDictionary[tuple[int, int], Evaluation] = weakref.WeakValueDictionary()
 
     def _check_rule(self, c: _CompiledRule, source: str) -> None:
         """A rule reading `subject` needs one for each tool it names; a condition's size is
@@ -559,17 +560,19 @@ class Policy:
     def evaluation(self, resolvers: Mapping[str, Callable[..., Any]]) -> Evaluation:
         """A context to decide a run's proposals in (see `Evaluation`).
 
-        When the conditions read only `args` and `tool` (converted per decision anyway), it
-        keeps nothing between a run's decisions: one is shared by the runs of a thread, and a
-        run waiting on its model holds none (2.5 KB each). Each decision binds it afresh and is
-        evaluated without yielding, so decisions of different runs never mix in it."""
-        if self.variables - PER_DECISION:
+        When the conditions read only `args` (converted per decision) and `tool` (one object
+        per tool, converted again whenever another is bound), it keeps nothing of one run's
+        between its decisions: one is shared by the runs of a thread, and a run waiting on its
+        model holds none of its own (2.5 KB each). Each decision binds it afresh and is
+        evaluated without yielding, so decisions of different runs never mix in it. It lives
+        as long as a run holds it (a weak mapping: nothing accumulates)."""
+        if self.variables - SHAREABLE:
             return Evaluation(self, resolvers)
         key = (id(resolvers), threading.get_ident())
         shared = self._shared.get(key)
-        if shared is None or shared[0] is not resolvers:
-            shared = self._shared[key] = (resolvers, Evaluation(self, resolvers))
-        return shared[1]
+        if shared is None or shared.resolvers is not resolvers:
+            shared = self._shared[key] = Evaluation(self, resolvers)
+        return shared
 
     @property
     def rules(self) -> list[Rule]:
@@ -958,6 +961,8 @@ def _tried(file: Path) -> str:
 # `tool` included (a tool's `info` is one object), changes between steps, if at all, and is
 # converted again only when it does (converting a tool's 7 fields costs ~10 µs).
 PER_DECISION = frozenset({"args"})
+# What an evaluation shared by runs may be bound to: nothing of one run's is kept in it.
+SHAREABLE = PER_DECISION | {"tool"}
 
 
 class Evaluation:
@@ -976,6 +981,7 @@ class Evaluation:
     """
 
     def __init__(self, policy: Policy, resolvers: Mapping[str, Callable[..., Any]]) -> None:
+        self.resolvers = resolvers
         self._used = policy.variables
         self._definitions = policy.definitions
         self._subject_dependent = policy.subject_dependent
