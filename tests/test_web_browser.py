@@ -86,6 +86,9 @@ def sign_in(page: Any, server: WebServer, who: str) -> None:
     """From the keyboard: the token field has the focus; Enter submits."""
     page.goto(f"{server.url}/inbox")
     assert page.url.startswith(f"{server.url}/login")
+    # The field takes the focus once the page has loaded: keys typed before would be lost
+    # (seen on a loaded machine: the empty, required field was never submitted).
+    page.locator("#token:focus").wait_for()
     page.keyboard.type(server.tokens[who])
     page.keyboard.press("Enter")
     page.wait_for_url(f"{server.url}/inbox")
