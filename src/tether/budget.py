@@ -12,6 +12,8 @@ checkpoint so that a resumed run carries on where it was.
 
 from __future__ import annotations
 
+import functools
+
 import msgspec
 from pydantic import BaseModel, ConfigDict, Field
 
@@ -54,13 +56,19 @@ class Limits(BaseModel):
     max_result_bytes: int = Field(1_000_000, ge=1, description="one tool result, as JSON")
 
     def output(self) -> OutputLimits:
-        return OutputLimits(max_bytes=self.max_output_bytes, max_depth=self.max_depth)
+        return _limits(self.max_output_bytes, self.max_depth)
 
     def input(self) -> OutputLimits:
-        return OutputLimits(max_bytes=self.max_input_bytes, max_depth=self.max_depth)
+        return _limits(self.max_input_bytes, self.max_depth)
 
     def arguments(self) -> OutputLimits:
-        return OutputLimits(max_bytes=self.max_args_bytes, max_depth=self.max_depth)
+        return _limits(self.max_args_bytes, self.max_depth)
+
+
+@functools.lru_cache(maxsize=64)
+def _limits(max_bytes: int, max_depth: int) -> OutputLimits:
+    """One (frozen) OutputLimits per pair: every step checks its proposal and result with one."""
+    return OutputLimits(max_bytes=max_bytes, max_depth=max_depth)
 
 
 class Visit(msgspec.Struct):

@@ -11,6 +11,7 @@ so nothing downstream — hashing, policy, storage — ever meets a value it can
 
 from __future__ import annotations
 
+import itertools
 import math
 from dataclasses import dataclass
 from typing import Any
@@ -153,12 +154,13 @@ def _nested_problem(item: Any, depth: int, stack: list[tuple[Any, int]], limits:
         return _scalar_problem(item, limits)
     if depth > limits.max_depth:
         return f"output is nested deeper than {limits.max_depth} levels"
+    # Iterated by map and zip: no Python frame per key or child.
     if isinstance(item, dict):
-        if not all(isinstance(key, str) for key in item):
+        if not all(map(isinstance, item, itertools.repeat(str))):
             return "object keys must be strings"
-        stack.extend([(child, depth + 1) for child in item.values()])
+        stack.extend(zip(item.values(), itertools.repeat(depth + 1)))
     else:
-        stack.extend([(child, depth + 1) for child in item])
+        stack.extend(zip(item, itertools.repeat(depth + 1)))
     return None
 
 
