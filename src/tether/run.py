@@ -80,9 +80,10 @@ class Transcript(Sequence[Message]):
     def steps(self) -> int:
         return len(self._ends) + len(self._sources)
 
-    def add(self, record: b.Body, step_id: str | None) -> None:
+    def add(self, record: b.Body, step_id: str | None, entry: NewEntry | None = None) -> None:
+        """A committed record; `entry`, when given, is it as written (its text is kept)."""
         if isinstance(record, b.StepRecord) and b.KIND_OF[type(record)] in b.STEP_KINDS:
-            self._sources.append(NewEntry.of(record, step_id=step_id))
+            self._sources.append(entry if entry is not None else NewEntry.of(record, step_id=step_id))
 
     def proposals_made(self) -> int:
         """How many proposals the visit holds, without making any message."""
@@ -446,9 +447,10 @@ class RunCursor:
             seen.add_input(given)
         return seen
 
-    def observe(self, record: b.Body, step_id: str | None) -> None:
-        """What a committed step adds to the transcript and to `history`."""
-        self.transcript.add(record, step_id)
+    def observe(self, record: b.Body, step_id: str | None, entry: NewEntry | None = None) -> None:
+        """What a committed step adds to the transcript and to `history` (`entry`: the
+        record as written, when the caller has it)."""
+        self.transcript.add(record, step_id, entry)
         if self.history is not None and isinstance(record, b.Executed):
             self.history.append(history_item(record, step_id, self.record.state))
         elif isinstance(record, b.StepDone) and record.history is not None:

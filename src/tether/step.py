@@ -681,9 +681,9 @@ class GovernedStep:
             consume=consume,
             durable=durable,
         )
-        for r in records:
-            if observe:
-                self.cursor.observe(r, self.step_id)
+        for r, entry in zip(records, entries, strict=True):
+            if observe:  # the entry as written: the transcript keeps its text, not a copy
+                self.cursor.observe(r, self.step_id, entry)
             if self.span is NO_SPAN:
                 continue
             decision: Decision | None = (
