@@ -246,10 +246,7 @@ def test_a_call_waiting_for_a_person_does_not_hold_up_the_callers_other_calls(tm
                 await asyncio.sleep(0.02)
             async with httpx.AsyncClient() as http:
                 approver = {"Authorization": f"Bearer {s.tokens['olivia']}"}
-                tickets: list[dict[str, Any]] = []
-                while not tickets:
-                    await asyncio.sleep(0.05)
-                    tickets = (await http.get(f"{s.base}/approvals", headers=approver)).json()["tickets"]
+                tickets = await waiting_tickets(s, http, approver)
                 # While the note waits for a person, the same caller's reads go through.
                 echoed = await alpha.call_tool("echo", {"text": "meanwhile"})
                 assert text(echoed) == "meanwhile"
@@ -275,15 +272,23 @@ def test_a_call_waiting_for_a_person_does_not_hold_up_the_callers_other_calls(tm
     asyncio.run(scenario())
 
 
+async def waiting_tickets(
+    s: Served, http: httpx.AsyncClient, approver: dict[str, str]
+) -> list[dict[str, Any]]:
+    """The tickets waiting for `approver`, once there is one (polled over the approval route)."""
+    tickets: list[dict[str, Any]] = []
+    while not tickets:
+        await asyncio.sleep(0.05)
+        tickets = (await http.get(f"{s.base}/approvals", headers=approver)).json()["tickets"]
+    return tickets
+
+
 async def approved(s: Served, alpha: ClientSession, tool: str, args: dict[str, Any]) -> CallToolResult:
     """A call the policy asks a person about, approved by olivia (as over the approval route)."""
     call = asyncio.create_task(alpha.call_tool(tool, args))
     async with httpx.AsyncClient() as http:
         approver = {"Authorization": f"Bearer {s.tokens['olivia']}"}
-        tickets: list[dict[str, Any]] = []
-        while not tickets:
-            await asyncio.sleep(0.05)
-            tickets = (await http.get(f"{s.base}/approvals", headers=approver)).json()["tickets"]
+        tickets = await waiting_tickets(s, http, approver)
         (ticket,) = tickets
         assert ticket["subject"] == tool and ticket["args"] == args
         url = f"{s.base}/approvals/{ticket['ticket_id']}/approve"

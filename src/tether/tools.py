@@ -365,7 +365,7 @@ class Tool:
         if not isinstance(args, ValidatedArgs):
             args = self.validate(args)
         # Iterated, not dict(model): dict() would ask the model for `keys` first, which pydantic
-        # answers by raising AttributeError twice (a tenth of a read step's Python, measured).
+        # answers by raising AttributeError twice (~20,000 machine instructions per call, measured).
         values = dict(iter(args.model)) if args.model is not None else dict(args.values)
         if self._context_param:
             values[self._context_param] = ctx
